@@ -1,0 +1,238 @@
+//! The Block Transformer: lookup embedder -> block decoder over block embeddings ->
+//! expansion layer -> prefix token decoder (arXiv 2406.02657, reference layout).
+//!
+//! Everything here is incremental and batched for serving: the block decoder
+//! prefills a session's prompt blocks into that session's [`KvCache`] and steps
+//! many sessions of different lengths by one block; the token decoder decodes one
+//! block for a batch of context embeddings with a local cache of R+L-1 positions.
+//! The training-path forward is kept for scoring and golden checks.
+
+use candle_core::{Module, Tensor, D};
+use candle_nn::Linear;
+
+use crate::config::BlockTransformerConfig;
+use crate::error::{input_err, Result};
+use crate::gpt_neox::{linear, Cache, GptNeoX};
+use crate::kv_cache::KvCache;
+use crate::weights::Weights;
+
+/// Check that every id is inside the vocabulary before it indexes a table.
+pub(crate) fn check_ids(ids: &[u32], vocab: usize, what: &str) -> Result<()> {
+    match ids.iter().find(|&&i| i as usize >= vocab) {
+        Some(bad) => input_err(format!("{what}: token id {bad} is out of range (vocab size {vocab})")),
+        None => Ok(()),
+    }
+}
+
+/// `[vocab, D_e]` table; a block's L rows are concatenated into `L * D_e`.
+pub struct Embedder {
+    table: Tensor,
+    block_length: usize,
+}
+
+impl Embedder {
+    /// `ids` `[n, L]` (u32) -> block embeddings `[n, L * D_e]`.
+    pub fn embed_blocks(&self, ids: &Tensor) -> Result<Tensor> {
+        let (n, l) = ids.dims2()?;
+        if l != self.block_length {
+            return input_err(format!("a block holds {} tokens, got {l}", self.block_length));
+        }
+        let rows = self.table.embedding(&ids.flatten_all()?)?;
+        Ok(rows.reshape((n, l * self.table.dim(1)?))?)
+    }
+}
+
+/// The GPT-NeoX stack over block embeddings; its output at block b is the context
+/// embedding that conditions block b+1.
+pub struct BlockDecoder {
+    stack: GptNeoX,
+}
+
+impl BlockDecoder {
+    /// An empty block-level cache for one session, with room for `blocks` blocks
+    /// before it first grows.
+    pub fn new_cache(&self, blocks: usize) -> KvCache {
+        self.stack.new_cache(blocks)
+    }
+
+    /// Most blocks (prompt + generated) one session can hold.
+    pub fn max_blocks(&self) -> usize {
+        self.stack.config().max_position_embeddings
+    }
+
+    /// Append a run of one session's blocks `[n, D_b]` to its cache (the whole
+    /// prompt, or a chunk of it) and return their contexts `[n, D_b]`; the last row
+    /// conditions the next block.
+    pub fn prefill(&self, block_embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let x = block_embeds.unsqueeze(0)?;
+        Ok(self.stack.forward(&x, Cache::Shared(cache))?.squeeze(0)?)
+    }
+
+    /// Advance a batch of sessions by one block each: row i of `block_embeds`
+    /// `[b, D_b]` is appended to `caches[i]` (any lengths); returns `[b, D_b]`.
+    pub fn step(&self, block_embeds: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let x = block_embeds.unsqueeze(1)?;
+        Ok(self.stack.forward(&x, Cache::PerRow(caches))?.squeeze(1)?)
+    }
+
+    /// Full causal pass without a cache: `[b, n, D_b]` -> contexts `[b, n, D_b]`.
+    pub fn forward(&self, block_embeds: &Tensor) -> Result<Tensor> {
+        self.stack.forward(block_embeds, Cache::None)
+    }
+}
+
+/// The token decoder: own embedding, GPT-NeoX stack, untied LM head, and the
+/// expansion layer that turns a context into R prefix vectors.
+pub struct TokenDecoder {
+    embed_in: Tensor,
+    stack: GptNeoX,
+    expansion: Linear,
+    lm_head: Linear,
+    ratio: usize,
+    block_length: usize,
+}
+
+impl TokenDecoder {
+    /// Context embeddings `[n, D_b]` -> prefix vectors `[n, R, D_t]`
+    /// (output channels `[0, D_t)` are P1).
+    pub fn prefix(&self, context: &Tensor) -> Result<Tensor> {
+        let n = context.dim(0)?;
+        Ok(self.expansion.forward(context)?.reshape((n, self.ratio, ()))?)
+    }
+
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let shape = ids.dims().to_vec();
+        let rows = self.embed_in.embedding(&ids.flatten_all()?)?;
+        let mut out_shape = shape;
+        out_shape.push(rows.dim(1)?);
+        Ok(rows.reshape(out_shape)?)
+    }
+
+    /// Training-path forward: for each context `[n, D_b]` and the first L-1 tokens
+    /// of the block it conditions `[n, L-1]`, the logits of all L tokens `[n, L, V]`.
+    /// Input `[P1..PR, e(x1)..e(x_{L-1})]` at positions 0..R+L-2; outputs at
+    /// positions R-1..R+L-2.
+    pub fn forward(&self, context: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+        let x = Tensor::cat(&[&self.prefix(context)?, &self.embed(tokens)?], 1)?;
+        let h = self.stack.forward(&x, Cache::None)?;
+        let h = h.narrow(1, self.ratio - 1, self.block_length)?;
+        Ok(self.lm_head.forward(&h)?)
+    }
+
+    /// The local cache for one block of a batch: R+L-1 positions, allocated once.
+    pub fn new_local_cache(&self) -> KvCache {
+        let n = self.ratio + self.block_length - 1;
+        KvCache::new(self.stack.config().num_hidden_layers, n, n)
+    }
+
+    /// Start a block for a batch: feed the prefix of each context `[b, D_b]` into an
+    /// empty local cache and return the logits of each block's first token `[b, V]`.
+    pub fn begin_block(&self, context: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if !cache.is_empty() {
+            return input_err("begin_block needs an empty local cache");
+        }
+        let h = self.stack.forward(&self.prefix(context)?, Cache::Shared(cache))?;
+        let last = h.narrow(1, self.ratio - 1, 1)?.squeeze(1)?;
+        Ok(self.lm_head.forward(&last)?)
+    }
+
+    /// Feed each row's newest token `[b]` (u32) and return the next logits `[b, V]`.
+    /// At most L-1 calls follow one `begin_block`.
+    pub fn next_token(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if cache.len() >= cache.max_len() {
+            return input_err(format!("a block has only {} tokens", self.block_length));
+        }
+        let x = self.embed(&tokens.unsqueeze(1)?)?;
+        let h = self.stack.forward(&x, Cache::Shared(cache))?;
+        Ok(self.lm_head.forward(&h.squeeze(1)?)?)
+    }
+}
+
+pub struct BlockTransformer {
+    pub config: BlockTransformerConfig,
+    pub embedder: Embedder,
+    pub block_decoder: BlockDecoder,
+    pub token_decoder: TokenDecoder,
+}
+
+/// Output of [`BlockTransformer::forward`].
+pub struct ForwardOutput {
+    /// `[b, n_blocks - 1, L, V]`: `logits[:, j, t]` predicts token t of block j+1.
+    pub logits: Tensor,
+    /// `[b, n_blocks, D_b]`.
+    pub context: Tensor,
+}
+
+impl BlockTransformer {
+    /// Load from a reference state dict. The block decoder's `embed_in` is never
+    /// read: the block decoder is fed block embeddings.
+    pub fn load(w: &Weights, config: &BlockTransformerConfig) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let td = &c.token_decoder.stack;
+        let (d_b, d_t) = (c.block_decoder.hidden_size, td.hidden_size);
+        let r = c.token_decoder.expansion_ratio;
+        let ew = w.pp("token_decoder.expansion_layer");
+        let expansion = Linear::new(
+            ew.get("weight", &[r * d_t, d_b, 1])?.squeeze(2)?,
+            Some(ew.get("bias", &[r * d_t])?),
+        );
+        Ok(Self {
+            embedder: Embedder {
+                table: w.get("embedder.embeddings.weight", &[c.vocab_size, c.embedder.hidden_size])?,
+                block_length: c.block_length,
+            },
+            block_decoder: BlockDecoder { stack: GptNeoX::load(&w.pp("block_decoder.gpt_neox"), &c.block_decoder)? },
+            token_decoder: TokenDecoder {
+                embed_in: w.get("token_decoder.gpt_neox.embed_in.weight", &[td.vocab_size, d_t])?,
+                stack: GptNeoX::load(&w.pp("token_decoder.gpt_neox"), td)?,
+                expansion,
+                lm_head: linear(&w.pp("token_decoder.embed_out"), d_t, td.vocab_size, false)?,
+                ratio: r,
+                block_length: c.block_length,
+            },
+            config: config.clone(),
+        })
+    }
+
+    pub fn block_length(&self) -> usize {
+        self.config.block_length
+    }
+
+    /// Embed whole blocks given as flat ids (a multiple of L) -> `[n_blocks, D_b]`.
+    pub fn embed_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        let l = self.block_length();
+        if ids.is_empty() || ids.len() % l != 0 {
+            return input_err(format!("{} ids is not a positive whole number of {l}-token blocks", ids.len()));
+        }
+        check_ids(ids, self.config.vocab_size, "input_ids")?;
+        let t = Tensor::from_slice(ids, (ids.len() / l, l), self.embedder.table.device())?;
+        self.embedder.embed_blocks(&t)
+    }
+
+    /// The reference training forward over rows of whole blocks (`[b, n*L]` ids,
+    /// every row the same length): contexts of all blocks and the logits of
+    /// blocks 1..n, each conditioned on the previous block's context.
+    pub fn forward(&self, rows: &[Vec<u32>]) -> Result<ForwardOutput> {
+        let l = self.block_length();
+        let b = rows.len();
+        let len = rows.first().map_or(0, |r| r.len());
+        if b == 0 || rows.iter().any(|r| r.len() != len) {
+            return input_err("input_ids must be a non-empty batch of rows of equal length");
+        }
+        let nb = len / l;
+        let flat: Vec<u32> = rows.concat();
+        let embeds = self.embed_ids(&flat)?.reshape((b, nb, ()))?;
+        let context = self.block_decoder.forward(&embeds)?;
+        if nb < 2 {
+            return input_err(format!("logits need at least 2 blocks ({} tokens) per row, got {len}", 2 * l));
+        }
+        let d = context.dim(D::Minus1)?;
+        let ctx = context.narrow(1, 0, nb - 1)?.reshape((b * (nb - 1), d))?;
+        let ids = Tensor::from_vec(flat, (b, nb, l), self.embedder.table.device())?;
+        let next = ids.narrow(1, 1, nb - 1)?.narrow(2, 0, l - 1)?.reshape((b * (nb - 1), l - 1))?;
+        let logits = self.token_decoder.forward(&ctx, &next)?;
+        let v = logits.dim(D::Minus1)?;
+        Ok(ForwardOutput { logits: logits.reshape((b, nb - 1, l, v))?, context })
+    }
+}

@@ -1,0 +1,26 @@
+//! Errors of the model crate. Messages name the file, key or field at fault, since
+//! they reach operators verbatim.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    #[error("weights: missing tensor `{key}` (expected shape {expected:?})")]
+    MissingTensor { key: String, expected: Vec<usize> },
+    #[error("weights: tensor `{key}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch { key: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+pub(crate) fn input_err<T>(msg: impl Into<String>) -> Result<T> {
+    Err(ModelError::Input(msg.into()))
+}

@@ -1,0 +1,226 @@
+//! A synchronous driver over the incremental API: runs a set of sessions together,
+//! block-synchronously for the Block Transformer (one block-decoder step, then L
+//! token-decoder steps, for every live session at once) and token-synchronously for
+//! the vanilla LM. It is what the `generate` command and the model tests use; the
+//! serving engine schedules the same calls itself.
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::block_transformer::{check_ids, BlockTransformer};
+use crate::causal_lm::CausalLm;
+use crate::error::{input_err, Result};
+use crate::kv_cache::KvCache;
+use crate::prompt::PaddedPrompt;
+use crate::sampling::{sample, SamplingParams};
+use crate::Model;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model produced its end-of-sequence id (included in the output).
+    Eos,
+    /// `max_new_tokens` were generated.
+    Length,
+    /// A caller-given stop id was produced (included in the output).
+    StopToken,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Eos => "eos",
+            FinishReason::Length => "length",
+            FinishReason::StopToken => "stop_token",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StopCriteria {
+    pub max_new_tokens: usize,
+    /// Usually the model config's eos id; `None` never stops on EOS (benchmarks).
+    pub eos_token_id: Option<u32>,
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl StopCriteria {
+    /// Why a session whose output so far is `generated` stops now, if it does.
+    pub fn check(&self, generated: &[u32]) -> Option<FinishReason> {
+        let last = generated.last().copied();
+        if last.is_some() && last == self.eos_token_id {
+            Some(FinishReason::Eos)
+        } else if last.is_some_and(|t| self.stop_token_ids.contains(&t)) {
+            Some(FinishReason::StopToken)
+        } else if generated.len() >= self.max_new_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub stop: StopCriteria,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationOutput {
+    pub tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    /// Raw logits of every generated token, when asked for.
+    pub logits: Vec<Vec<f32>>,
+}
+
+/// One session's progress inside a driver.
+struct Session<'r> {
+    req: &'r GenerationRequest,
+    /// Prompt followed by generated tokens (the repetition-penalty history).
+    history: Vec<u32>,
+    out: GenerationOutput,
+    done: bool,
+    cache: KvCache,
+}
+
+impl<'r> Session<'r> {
+    fn new(req: &'r GenerationRequest, cache: KvCache) -> Self {
+        Self {
+            req,
+            history: req.prompt.clone(),
+            out: GenerationOutput { tokens: vec![], finish_reason: FinishReason::Length, logits: vec![] },
+            done: false,
+            cache,
+        }
+    }
+
+    /// Pick the next token from `logits`, record it, and settle the stop condition.
+    fn push(&mut self, logits: &[f32], record: bool) -> u32 {
+        let n = self.out.tokens.len() as u64;
+        let tok = sample(&self.req.sampling, logits, &self.history, n);
+        if !self.done {
+            self.history.push(tok);
+            self.out.tokens.push(tok);
+            if record {
+                self.out.logits.push(logits.to_vec());
+            }
+            if let Some(r) = self.req.stop.check(&self.out.tokens) {
+                self.out.finish_reason = r;
+                self.done = true;
+            }
+        }
+        tok
+    }
+}
+
+fn rows_f32(t: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(t.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+fn validate(req: &GenerationRequest, vocab: usize, max_tokens: usize, what: &str) -> Result<()> {
+    req.sampling.validate()?;
+    check_ids(&req.prompt, vocab, "prompt")?;
+    check_ids(&req.stop.stop_token_ids, vocab, "stop_token_ids")?;
+    if req.prompt.len() + req.stop.max_new_tokens > max_tokens {
+        return input_err(format!(
+            "prompt ({} tokens) + max_new_tokens ({}) exceeds the {what} of {max_tokens} tokens",
+            req.prompt.len(),
+            req.stop.max_new_tokens
+        ));
+    }
+    Ok(())
+}
+
+impl Model {
+    /// Generate for every request together; outputs are in request order.
+    pub fn generate(&self, reqs: &[GenerationRequest], record_logits: bool) -> Result<Vec<GenerationOutput>> {
+        match self {
+            Model::Block(m) => generate_blocks(m, reqs, record_logits),
+            Model::Vanilla(m) => generate_tokens(m, reqs, record_logits),
+        }
+    }
+}
+
+fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: bool) -> Result<Vec<GenerationOutput>> {
+    let l = m.block_length();
+    // The block decoder sees prompt blocks plus all but the last generated block;
+    // keeping one block of slack makes the limit easy to state in tokens.
+    let max_tokens = (m.block_decoder.max_blocks() - 1) * l;
+    let mut sessions = Vec::with_capacity(reqs.len());
+    let mut contexts = Vec::with_capacity(reqs.len());
+    for req in reqs {
+        validate(req, m.config.vocab_size, max_tokens, "block decoder's context")?;
+        let padded = PaddedPrompt::new(&req.prompt, l)?;
+        let blocks = padded.num_blocks(l) + req.stop.max_new_tokens.div_ceil(l);
+        let mut s = Session::new(req, m.block_decoder.new_cache(blocks));
+        let ctx = m.block_decoder.prefill(&m.embed_ids(&padded.ids)?, &mut s.cache)?;
+        contexts.push(ctx.get(ctx.dim(0)? - 1)?);
+        if req.stop.max_new_tokens == 0 {
+            s.done = true;
+        }
+        sessions.push(s);
+    }
+    let mut live: Vec<usize> = (0..sessions.len()).filter(|&i| !sessions[i].done).collect();
+    let mut context = if live.is_empty() { None } else { Some(Tensor::stack(&live.iter().map(|&i| &contexts[i]).collect::<Vec<_>>(), 0)?) };
+    while let Some(ctx) = context.take() {
+        // One block for every live session: L token-decoder steps.
+        let mut local = m.token_decoder.new_local_cache();
+        let mut logits = m.token_decoder.begin_block(&ctx, &mut local)?;
+        let mut blocks: Vec<Vec<u32>> = vec![Vec::with_capacity(l); live.len()];
+        for k in 0..l {
+            let rows = rows_f32(&logits)?;
+            let toks: Vec<u32> = live.iter().zip(&rows).map(|(&i, r)| sessions[i].push(r, record)).collect();
+            for (b, t) in blocks.iter_mut().zip(&toks) {
+                b.push(*t);
+            }
+            if k + 1 < l {
+                let t = Tensor::from_vec(toks, live.len(), ctx.device())?;
+                logits = m.token_decoder.next_token(&t, &mut local)?;
+            }
+        }
+        // Sessions still running feed their new block to the block decoder.
+        let keep: Vec<usize> = (0..live.len()).filter(|&j| !sessions[live[j]].done).collect();
+        if keep.is_empty() {
+            break;
+        }
+        let ids: Vec<u32> = keep.iter().flat_map(|&j| blocks[j].iter().copied()).collect();
+        let embeds = m.embed_ids(&ids)?;
+        live = keep.iter().map(|&j| live[j]).collect();
+        let mut caches: Vec<&mut KvCache> =
+            sessions.iter_mut().filter(|s| !s.done).map(|s| &mut s.cache).collect();
+        context = Some(m.block_decoder.step(&embeds, &mut caches)?);
+    }
+    Ok(sessions.into_iter().map(|s| s.out).collect())
+}
+
+fn generate_tokens(m: &CausalLm, reqs: &[GenerationRequest], record: bool) -> Result<Vec<GenerationOutput>> {
+    let vocab = m.config.stack.vocab_size;
+    let mut sessions = Vec::with_capacity(reqs.len());
+    let mut logits = Vec::with_capacity(reqs.len());
+    for req in reqs {
+        validate(req, vocab, m.max_positions(), "model's context")?;
+        let mut s = Session::new(req, m.new_cache(req.prompt.len() + req.stop.max_new_tokens));
+        let out = m.prefill(&req.prompt, &mut s.cache)?;
+        logits.push(out.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        if req.stop.max_new_tokens == 0 {
+            s.done = true;
+        }
+        sessions.push(s);
+    }
+    let mut live: Vec<usize> = (0..sessions.len()).filter(|&i| !sessions[i].done).collect();
+    while !live.is_empty() {
+        let toks: Vec<u32> = live.iter().zip(&logits).map(|(&i, r)| sessions[i].push(r, record)).collect();
+        let keep: Vec<usize> = (0..live.len()).filter(|&j| !sessions[live[j]].done).collect();
+        if keep.is_empty() {
+            break;
+        }
+        let toks: Vec<u32> = keep.iter().map(|&j| toks[j]).collect();
+        live = keep.iter().map(|&j| live[j]).collect();
+        let mut caches: Vec<&mut KvCache> =
+            sessions.iter_mut().filter(|s| !s.done).map(|s| &mut s.cache).collect();
+        logits = rows_f32(&m.step(&toks, &mut caches)?)?;
+    }
+    Ok(sessions.into_iter().map(|s| s.out).collect())
+}

@@ -1,0 +1,116 @@
+//! Key/value caches, owned by the caller.
+//!
+//! A [`KvCache`] holds every layer's keys and values for a group of sequences that
+//! share one length: a single session of the block decoder or vanilla LM, or a
+//! block-synchronous batch of the token decoder. Storage is preallocated with spare
+//! capacity and written in place, so appending one position never copies the
+//! history; it grows geometrically when full.
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+
+/// Keys and values of one layer: `[batch, heads, capacity, head_dim]`, of which
+/// the first `len` positions are filled.
+#[derive(Debug, Clone)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<LayerKv>>,
+    len: usize,
+    /// Capacity to allocate on first use; later growth doubles it.
+    initial_capacity: usize,
+    /// Hard upper bound on `len` (position table size or the local window).
+    max_len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `num_layers` layers that may grow to `max_len` positions,
+    /// first allocating room for `initial_capacity` of them.
+    pub fn new(num_layers: usize, initial_capacity: usize, max_len: usize) -> Self {
+        Self { layers: vec![None; num_layers], len: 0, initial_capacity: initial_capacity.min(max_len).max(1), max_len }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Positions of storage currently allocated (for memory accounting).
+    pub fn capacity(&self) -> usize {
+        self.layers.iter().flatten().next().map_or(0, |l| l.k.dim(2).unwrap_or(0))
+    }
+
+    /// Bytes of device memory held by this cache.
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers.iter().flatten().map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes()).sum()
+    }
+
+    /// Append `k`, `v` (`[batch, heads, t, head_dim]`) to `layer` and return views of
+    /// the whole history `[batch, heads, len + t, head_dim]`. The cache length
+    /// advances once the last layer has been appended to.
+    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let need = self.len + t;
+        if need > self.max_len {
+            return Err(crate::error::ModelError::Input(format!(
+                "sequence of {need} positions exceeds the cache limit of {}",
+                self.max_len
+            )));
+        }
+        let len = self.len;
+        let slot = &mut self.layers[layer];
+        let cap = slot.as_ref().map_or(0, |l| l.k.dim(2).unwrap_or(0));
+        if need > cap {
+            let new_cap = need.max(2 * cap).max(self.initial_capacity).min(self.max_len);
+            let grow = |old: Option<&Tensor>, like: &Tensor| -> Result<Tensor> {
+                let (b, h, _, d) = like.dims4()?;
+                let buf = Tensor::zeros((b, h, new_cap, d), like.dtype(), like.device())?;
+                if let Some(old) = old {
+                    if len > 0 {
+                        buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                    }
+                }
+                Ok(buf)
+            };
+            let nk = grow(slot.as_ref().map(|l| &l.k), k)?;
+            let nv = grow(slot.as_ref().map(|l| &l.v), v)?;
+            *slot = Some(LayerKv { k: nk, v: nv });
+        }
+        let l = slot.as_ref().expect("allocated above");
+        l.k.slice_set(&k.contiguous()?, 2, len)?;
+        l.v.slice_set(&v.contiguous()?, 2, len)?;
+        let out = (l.k.narrow(2, 0, need)?, l.v.narrow(2, 0, need)?);
+        if layer + 1 == self.layers.len() {
+            self.len = need;
+        }
+        Ok(out)
+    }
+
+    /// Keep only the given rows of a batched cache (drop finished sessions).
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        for l in self.layers.iter_mut().flatten() {
+            let idx = Tensor::from_iter(rows.iter().map(|&r| r as u32), l.k.device())?;
+            l.k = l.k.index_select(&idx, 0)?;
+            l.v = l.v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
+
+    /// An empty cache shaped like this one (same limits), for reuse by another group.
+    pub fn empty_like(&self) -> Self {
+        Self::new(self.layers.len(), self.initial_capacity, self.max_len)
+    }
+}
