@@ -16,6 +16,7 @@ use crate::presets::{autofill_heads, block_transformer};
 #[derive(Debug, Default, Deserialize)]
 struct TrainerYaml {
     block_length: Option<usize>,
+    precision: Option<String>,
     #[serde(default)]
     embedder: EmbedderYaml,
     block_decoder: DecoderYaml,
@@ -158,6 +159,12 @@ pub fn parse_trainer_yaml(text: &str) -> Result<BlockTransformerConfig> {
     if let Some(n) = y.embedder.n_embedding_tokens {
         c.embedder.n_embedding_tokens = n;
     }
+    c.dtype = match y.precision.as_deref() {
+        Some("fp32" | "32") => Some("float32".into()),
+        Some("bf16" | "bf16-mixed") => Some("bfloat16".into()),
+        Some("fp16" | "16" | "16-mixed") => Some("float16".into()),
+        _ => None,
+    };
     let t = &y.token_decoder;
     if let Some(m) = &t.expansion_method {
         c.token_decoder.expansion_method = m.clone();
