@@ -1,0 +1,70 @@
+//! `blockserve generate`: one prompt in, token ids out, through the same
+//! incremental API the serving tiers use.
+
+use anyhow::{bail, Result};
+use blockserve_model::{GenerationRequest, SamplingParams, StopCriteria};
+
+use crate::model_args::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt token ids, comma separated (e.g. 1,2,3). The Block Transformer
+    /// left-pads it with id 0 to a whole number of blocks, as the reference does.
+    #[arg(long, value_delimiter = ',', required = true)]
+    prompt_ids: Vec<u32>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample only among the k most likely tokens (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling: smallest set of tokens whose probability reaches p (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Penalty on tokens already in the prompt or output (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Seed of the sampler; the same seed gives the same output.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Extra token ids that end generation (kept in the output), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    stop_token_ids: Vec<u32>,
+    /// Do not stop at the model's end-of-sequence id.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print `{"tokens": [...], "finish_reason": "..."}` instead of plain text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let model = args.model.load()?;
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    };
+    let eos = if args.ignore_eos { None } else { model.config().eos_token_id() };
+    let req = GenerationRequest {
+        prompt: args.prompt_ids,
+        sampling,
+        stop: StopCriteria { max_new_tokens: args.max_new_tokens, eos_token_id: eos, stop_token_ids: args.stop_token_ids },
+    };
+    let Some(out) = model.generate(&[req], false)?.pop() else { bail!("no output") };
+    if args.json {
+        println!("{}", serde_json::json!({ "tokens": out.tokens, "finish_reason": out.finish_reason.as_str() }));
+    } else {
+        let ids: Vec<String> = out.tokens.iter().map(u32::to_string).collect();
+        println!("{}", ids.join(","));
+        eprintln!("finish_reason: {}", out.finish_reason.as_str());
+    }
+    Ok(())
+}

@@ -1,0 +1,3 @@
+pub mod generate;
+pub mod init;
+pub mod logits;
