@@ -18,7 +18,9 @@ struct LayerKv {
     v: Tensor,
 }
 
-#[derive(Debug, Clone)]
+/// Not `Clone`: tensors share storage and appends write in place, so a shallow
+/// copy would alias. Use [`KvCache::deep_clone`] to fork a cache.
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     len: usize,
@@ -97,6 +99,21 @@ impl KvCache {
             self.len = need;
         }
         Ok(out)
+    }
+
+    /// An independent copy (e.g. to fork a shared prompt prefix).
+    pub fn deep_clone(&self) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.as_ref().map(|l| Ok::<_, crate::error::ModelError>(LayerKv { k: l.k.copy()?, v: l.v.copy()? })).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers, len: self.len, initial_capacity: self.initial_capacity, max_len: self.max_len })
+    }
+
+    /// Forget every position from `len` on (the storage stays allocated).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
     }
 
     /// Keep only the given rows of a batched cache (drop finished sessions).
