@@ -115,7 +115,8 @@ impl TokenDecoder {
     pub fn forward(&self, context: &Tensor, tokens: &Tensor) -> Result<Tensor> {
         let x = Tensor::cat(&[&self.prefix(context)?, &self.embed(tokens)?], 1)?;
         let h = self.stack.forward(&x, Cache::None)?;
-        let h = h.narrow(1, self.ratio - 1, self.block_length)?;
+        // Row-strided views are fine for the CPU matmul but not for cuBLAS.
+        let h = h.narrow(1, self.ratio - 1, self.block_length)?.contiguous()?;
         Ok(self.lm_head.forward(&h)?)
     }
 
@@ -132,7 +133,7 @@ impl TokenDecoder {
             return input_err("begin_block needs an empty local cache");
         }
         let h = self.stack.forward(&self.prefix(context)?, Cache::Shared(cache))?;
-        let last = h.narrow(1, self.ratio - 1, 1)?.squeeze(1)?;
+        let last = h.narrow(1, self.ratio - 1, 1)?.squeeze(1)?.contiguous()?;
         Ok(self.lm_head.forward(&last)?)
     }
 

@@ -65,8 +65,8 @@ impl CausalLm {
         }
         let x = self.embed(ids, (1, ids.len()))?;
         let h = self.stack.forward(&x, Cache::Shared(cache))?;
-        let last = h.narrow(1, ids.len() - 1, 1)?.squeeze(1)?.squeeze(0)?;
-        Ok(self.lm_head.forward(&last.unsqueeze(0)?)?.squeeze(0)?)
+        let last = h.narrow(1, ids.len() - 1, 1)?.squeeze(1)?.contiguous()?;
+        Ok(self.lm_head.forward(&last)?.squeeze(0)?)
     }
 
     /// Feed one token per session (`tokens[i]` into `caches[i]`, any lengths);
