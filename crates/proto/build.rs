@@ -1,0 +1,17 @@
+//! Generates the blockserve.v1 types and services from `proto/`, with a vendored
+//! protoc so a fresh machine needs nothing installed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    std::env::set_var("PROTOC", protoc);
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = ["blockserve/v1/generation.proto", "blockserve/v1/internal.proto"].map(|f| root.join(f));
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("blockserve_descriptor.bin"))
+        .compile_protos(&files, &[root.clone()])?;
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    Ok(())
+}
