@@ -1,0 +1,64 @@
+//! Shared state of a blockserve deployment behind one trait: instance leases
+//! (who is alive, how loaded) and session records (state, parameters, tokens).
+//!
+//! [`RedisStore`] is what a multi-process deployment uses; [`MemoryStore`] is the
+//! embedded default for a single process (`blockserve up`) and has the same
+//! semantics, lease expiry included.
+
+mod memory;
+mod redis_store;
+mod types;
+
+use std::time::Duration;
+
+pub use memory::MemoryStore;
+pub use redis_store::RedisStore;
+pub use types::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+    #[error("session store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// How a final state is recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub state: SessionState,
+    pub finish_reason: String,
+    pub error: Option<String>,
+}
+
+#[async_trait::async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Create or renew an instance's lease; it disappears `ttl` after the last call.
+    async fn register(&self, info: &InstanceInfo, ttl: Duration) -> Result<()>;
+    /// Remove an instance now (graceful shutdown).
+    async fn deregister(&self, tier: Tier, id: &str) -> Result<()>;
+    /// Live instances of a tier.
+    async fn instances(&self, tier: Tier) -> Result<Vec<InstanceInfo>>;
+
+    /// Record a new session in state `queued`. Returns false (and changes
+    /// nothing) when a session with this id exists.
+    async fn create_session(&self, spec: &SessionSpec) -> Result<bool>;
+    async fn session(&self, id: &str) -> Result<Option<SessionRecord>>;
+    /// Move a running session to a non-final state (no-op once final).
+    async fn set_progress(&self, id: &str, state: SessionState) -> Result<()>;
+    /// Append generated tokens (in order, once each).
+    async fn append_tokens(&self, id: &str, tokens: &[u32]) -> Result<()>;
+    /// Generated tokens from index `from` on.
+    async fn tokens(&self, id: &str, from: usize) -> Result<Vec<u32>>;
+    /// Record the final state unless one is recorded already; returns whether this
+    /// call set it. Final sessions expire after `ttl`.
+    async fn finish(&self, id: &str, outcome: &Outcome, ttl: Duration) -> Result<bool>;
+}

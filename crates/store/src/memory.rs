@@ -1,0 +1,123 @@
+//! The in-process store: the embedded default when no Redis URL is given. Same
+//! semantics as Redis, lease and session expiry included, for one process.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::{now_ms, InstanceInfo, Outcome, Result, SessionRecord, SessionSpec, SessionState, SessionStore, Tier};
+
+#[derive(Default)]
+struct Inner {
+    instances: HashMap<(Tier, String), (InstanceInfo, Instant)>,
+    sessions: HashMap<String, (SessionRecord, Vec<u32>, Option<Instant>)>,
+}
+
+impl Inner {
+    fn purge(&mut self) {
+        let now = Instant::now();
+        self.instances.retain(|_, (_, exp)| *exp > now);
+        self.sessions.retain(|_, (_, _, exp)| exp.is_none_or(|e| e > now));
+    }
+}
+
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.purge();
+        f(&mut g)
+    }
+}
+
+#[async_trait::async_trait]
+impl SessionStore for MemoryStore {
+    async fn register(&self, info: &InstanceInfo, ttl: Duration) -> Result<()> {
+        self.with(|s| s.instances.insert((info.tier, info.id.clone()), (info.clone(), Instant::now() + ttl)));
+        Ok(())
+    }
+
+    async fn deregister(&self, tier: Tier, id: &str) -> Result<()> {
+        self.with(|s| s.instances.remove(&(tier, id.to_string())));
+        Ok(())
+    }
+
+    async fn instances(&self, tier: Tier) -> Result<Vec<InstanceInfo>> {
+        Ok(self.with(|s| s.instances.values().filter(|(i, _)| i.tier == tier).map(|(i, _)| i.clone()).collect()))
+    }
+
+    async fn create_session(&self, spec: &SessionSpec) -> Result<bool> {
+        Ok(self.with(|s| {
+            if s.sessions.contains_key(&spec.id) {
+                return false;
+            }
+            let rec = SessionRecord {
+                spec: spec.clone(),
+                state: SessionState::Queued,
+                finish_reason: None,
+                error: None,
+                updated_at_ms: now_ms(),
+                first_token_at_ms: None,
+                finished_at_ms: None,
+                generated: 0,
+            };
+            s.sessions.insert(spec.id.clone(), (rec, vec![], None));
+            true
+        }))
+    }
+
+    async fn session(&self, id: &str) -> Result<Option<SessionRecord>> {
+        Ok(self.with(|s| s.sessions.get(id).map(|(r, _, _)| r.clone())))
+    }
+
+    async fn set_progress(&self, id: &str, state: SessionState) -> Result<()> {
+        self.with(|s| {
+            if let Some((r, _, _)) = s.sessions.get_mut(id) {
+                if !r.state.is_final() {
+                    r.state = state;
+                    r.updated_at_ms = now_ms();
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn append_tokens(&self, id: &str, tokens: &[u32]) -> Result<()> {
+        self.with(|s| {
+            if let Some((r, t, _)) = s.sessions.get_mut(id) {
+                t.extend_from_slice(tokens);
+                r.generated = t.len();
+                r.updated_at_ms = now_ms();
+                r.first_token_at_ms.get_or_insert(r.updated_at_ms);
+            }
+        });
+        Ok(())
+    }
+
+    async fn tokens(&self, id: &str, from: usize) -> Result<Vec<u32>> {
+        Ok(self.with(|s| s.sessions.get(id).map(|(_, t, _)| t.get(from..).unwrap_or(&[]).to_vec()).unwrap_or_default()))
+    }
+
+    async fn finish(&self, id: &str, outcome: &Outcome, ttl: Duration) -> Result<bool> {
+        Ok(self.with(|s| match s.sessions.get_mut(id) {
+            Some((r, _, exp)) if !r.state.is_final() => {
+                r.state = outcome.state;
+                r.finish_reason = Some(outcome.finish_reason.clone());
+                r.error = outcome.error.clone();
+                r.updated_at_ms = now_ms();
+                r.finished_at_ms = Some(r.updated_at_ms);
+                *exp = Some(Instant::now() + ttl);
+                true
+            }
+            _ => false,
+        }))
+    }
+}

@@ -1,0 +1,113 @@
+//! What the store holds: live instances of each tier and session records.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    BlockDecoder,
+    TokenDecoder,
+}
+
+impl Tier {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Tier::BlockDecoder => "block_decoder",
+            Tier::TokenDecoder => "token_decoder",
+        }
+    }
+}
+
+/// A registered instance and its load, renewed under a lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    /// Unique per process start (a restarted process registers anew).
+    pub id: String,
+    pub tier: Tier,
+    /// gRPC address others dial (`http://host:port`).
+    pub address: String,
+    pub active_sessions: u32,
+    /// Work waiting for the model (prefills, blocks).
+    pub queued: u32,
+    /// Sessions it can still admit.
+    pub free_capacity: u32,
+    pub updated_at_ms: u64,
+}
+
+impl InstanceInfo {
+    /// Ordering key for "least loaded": most free capacity, then fewest active.
+    pub fn load_key(&self) -> (u32, u32, u32) {
+        (self.active_sessions + self.queued, u32::MAX - self.free_capacity, self.queued)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    Queued,
+    Prefilling,
+    Decoding,
+    Finished,
+    Cancelled,
+    Failed,
+}
+
+impl SessionState {
+    pub fn is_final(&self) -> bool {
+        matches!(self, SessionState::Finished | SessionState::Cancelled | SessionState::Failed)
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SessionState::Queued => "queued",
+            SessionState::Prefilling => "prefilling",
+            SessionState::Decoding => "decoding",
+            SessionState::Finished => "finished",
+            SessionState::Cancelled => "cancelled",
+            SessionState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => SessionState::Queued,
+            "prefilling" => SessionState::Prefilling,
+            "decoding" => SessionState::Decoding,
+            "finished" => SessionState::Finished,
+            "cancelled" => SessionState::Cancelled,
+            "failed" => SessionState::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// The parts of a session fixed at creation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionSpec {
+    pub id: String,
+    pub prompt_ids: Vec<u32>,
+    /// The request's parameters, as the router resolved them (JSON of the proto
+    /// message, so the store stays independent of the wire types).
+    pub parameters: serde_json::Value,
+    pub token_decoder: String,
+    pub block_decoder: String,
+    pub created_at_ms: u64,
+}
+
+/// Everything known about a session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    pub spec: SessionSpec,
+    pub state: SessionState,
+    /// Why it ended (`eos`, `length`, `stop`, `cancelled`, `error`), once final.
+    pub finish_reason: Option<String>,
+    pub error: Option<String>,
+    pub updated_at_ms: u64,
+    pub first_token_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    pub generated: usize,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
