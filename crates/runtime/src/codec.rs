@@ -1,0 +1,47 @@
+//! Context embeddings on the wire: raw little-endian bytes plus dtype and
+//! dimension, checked on receipt.
+
+use blockserve_proto::v1::{DType as WireDType, Embedding};
+use candle_core::{DType, Device, Tensor};
+
+fn wire_dtype(d: DType) -> Result<WireDType, String> {
+    Ok(match d {
+        DType::F32 => WireDType::DtypeF32,
+        DType::BF16 => WireDType::DtypeBf16,
+        DType::F16 => WireDType::DtypeF16,
+        other => return Err(format!("no wire format for {other:?}")),
+    })
+}
+
+/// One vector `[dim]` (any float dtype) -> its wire form.
+pub fn encode(v: &Tensor) -> Result<Embedding, String> {
+    let dim = v.dims1().map_err(|e| e.to_string())?;
+    let dtype = wire_dtype(v.dtype())?;
+    let v = v.to_device(&Device::Cpu).map_err(|e| e.to_string())?;
+    let data: Vec<u8> = match v.dtype() {
+        DType::F32 => v.to_vec1::<f32>().map_err(|e| e.to_string())?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::BF16 => v.to_vec1::<half::bf16>().map_err(|e| e.to_string())?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F16 => v.to_vec1::<half::f16>().map_err(|e| e.to_string())?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        _ => unreachable!("checked by wire_dtype"),
+    };
+    Ok(Embedding { data, dtype: dtype as i32, dim: dim as u32 })
+}
+
+/// Wire form -> `[dim]` tensor in `want` dtype on `device`, after checking that
+/// the dimension and the byte count are what this model expects.
+pub fn decode(e: &Embedding, dim: usize, want: DType, device: &Device) -> Result<Tensor, String> {
+    if e.dim as usize != dim {
+        return Err(format!("context embedding has dim {}, this model expects {dim}", e.dim));
+    }
+    let (elem, dtype) = match WireDType::try_from(e.dtype) {
+        Ok(WireDType::DtypeF32) => (4, DType::F32),
+        Ok(WireDType::DtypeBf16) => (2, DType::BF16),
+        Ok(WireDType::DtypeF16) => (2, DType::F16),
+        _ => return Err(format!("context embedding has unknown dtype {}", e.dtype)),
+    };
+    if e.data.len() != dim * elem {
+        return Err(format!("context embedding has {} bytes, {dim} x {dtype:?} needs {}", e.data.len(), dim * elem));
+    }
+    let t = Tensor::from_raw_buffer(&e.data, dtype, &[dim], &Device::Cpu).map_err(|e| e.to_string())?;
+    t.to_dtype(want).and_then(|t| t.to_device(device)).map_err(|e| e.to_string())
+}
