@@ -2,7 +2,6 @@
 //! (logits, generate, init); the serving tiers join it as subcommands.
 
 mod commands;
-mod model_args;
 
 use clap::{Parser, Subcommand};
 

@@ -1,6 +1,7 @@
 //! Plumbing shared by the three services.
 
 pub mod codec;
+pub mod model_args;
 pub mod lease;
 pub mod server;
 pub mod status;

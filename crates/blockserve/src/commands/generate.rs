@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use blockserve_model::{GenerationRequest, SamplingParams, StopCriteria};
 
-use crate::model_args::ModelArgs;
+use blockserve_runtime::model_args::ModelArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

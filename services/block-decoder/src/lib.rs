@@ -1,0 +1,59 @@
+//! The block-decoder tier: holds the block-level KV cache of every session it
+//! serves and answers each block with the context embedding of the next.
+
+pub mod engine;
+pub mod service;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use blockserve_model::Model;
+use blockserve_proto::v1::block_decoder_server::BlockDecoderServer;
+use blockserve_runtime::lease::{Lease, LoadReport};
+use blockserve_runtime::model_args::ModelArgs;
+use blockserve_runtime::server::{bind, serve, ServeArgs};
+use blockserve_store::{SessionStore, Tier};
+use tokio::sync::watch;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Most sessions (open streams) held at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "BLOCKSERVE_MAX_SESSIONS", default_value_t = 1024)]
+    pub max_sessions: u32,
+}
+
+struct Load(engine::Engine, u32);
+impl LoadReport for Load {
+    fn load(&self) -> (u32, u32, u32) {
+        let a = self.0.active.load(Ordering::Relaxed);
+        (a, self.0.queued.load(Ordering::Relaxed), self.1.saturating_sub(a))
+    }
+}
+
+/// Load the model, serve, register, and run until `stop` turns true.
+pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver<bool>, ready: Option<tokio::sync::oneshot::Sender<String>>) -> Result<()> {
+    let model = match args.model.load()? {
+        Model::Block(m) => Arc::new(m),
+        Model::Vanilla(_) => bail!("the block decoder serves Block Transformers; {} holds a vanilla model", args.model.model.display()),
+    };
+    let engine = engine::Engine::start(model.clone());
+    let (listener, addr) = bind(args.serve.listen).await?;
+    let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+    tracing::info!(%address, "block decoder listening");
+    let service = service::BlockDecoderService::new(engine.clone(), model, args.max_sessions);
+    let router = tonic::transport::Server::builder().add_service(BlockDecoderServer::new(service));
+    let lease = Lease::new(Tier::BlockDecoder, address.clone(), Duration::from_secs(args.serve.lease_ttl_s));
+    let lease_task = tokio::spawn(lease.run(store, Arc::new(Load(engine, args.max_sessions)), stop.clone()));
+    if let Some(r) = ready {
+        let _ = r.send(address);
+    }
+    serve(router, &["blockserve.v1.BlockDecoder"], listener, stop, Duration::from_secs(args.serve.grace_period_s)).await?;
+    let _ = lease_task.await;
+    Ok(())
+}

@@ -1,0 +1,27 @@
+use blockserve_runtime::store::StoreArgs;
+use clap::Parser;
+
+/// blockserve block decoder: prefills prompts and turns each finished block into
+/// the next context embedding, for token decoders that stream to it.
+#[derive(Parser)]
+#[command(name = "blockserve-block-decoder", version)]
+struct Cli {
+    #[command(flatten)]
+    args: blockserve_block_decoder::Args,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    blockserve_runtime::init_tracing();
+    let cli = Cli::parse();
+    let store = cli.store.connect().await?;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        blockserve_runtime::server::shutdown_signal().await;
+        tracing::info!("shutting down: draining");
+        let _ = stop_tx.send(true);
+    });
+    blockserve_block_decoder::run(cli.args, store, stop, None).await
+}
