@@ -2,6 +2,7 @@
 
 pub mod codec;
 pub mod model_args;
+pub mod params;
 pub mod lease;
 pub mod server;
 pub mod status;

@@ -1,0 +1,109 @@
+//! The token-decoder tier: runs sessions. For each it holds one stream to a block
+//! decoder and only the local R+L-1-position cache of the block being decoded.
+
+pub mod engine;
+pub mod service;
+pub mod session;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use blockserve_model::{BlockTransformer, Model};
+use blockserve_proto::v1::token_decoder_server::TokenDecoderServer;
+use blockserve_runtime::lease::{Lease, LoadReport};
+use blockserve_runtime::model_args::{parse_device, parse_dtype, ModelArgs};
+use blockserve_runtime::server::{bind, serve, ServeArgs};
+use blockserve_store::{SessionStore, Tier};
+use blockserve_text::Tokenizer;
+use candle_core::{DType, Device};
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Most sessions running at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "BLOCKSERVE_MAX_SESSIONS", default_value_t = 1024)]
+    pub max_sessions: u32,
+    /// Seconds a finished session stays in the store.
+    #[arg(long, env = "BLOCKSERVE_SESSION_TTL_S", default_value_t = 3600)]
+    pub session_ttl_s: u64,
+}
+
+/// State every session task of this process shares.
+pub struct Shared {
+    pub model: Arc<BlockTransformer>,
+    pub engine: engine::Engine,
+    pub store: Arc<dyn SessionStore>,
+    pub tokenizer: Option<Tokenizer>,
+    pub dtype: DType,
+    pub device: Device,
+    pub session_ttl: Duration,
+    pub max_sessions: u32,
+    /// Running sessions and the switch that cancels each.
+    pub running: Mutex<HashMap<String, watch::Sender<bool>>>,
+    channels: tokio::sync::Mutex<HashMap<String, Channel>>,
+}
+
+impl Shared {
+    /// A (cached, multiplexed) channel to a block decoder.
+    pub async fn channel(&self, address: &str) -> Result<Channel, Status> {
+        let mut map = self.channels.lock().await;
+        if let Some(c) = map.get(address) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(address.to_string())
+            .map_err(|e| Status::invalid_argument(format!("block_decoder address {address:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5));
+        let c = ep.connect().await.map_err(|e| Status::unavailable(format!("block decoder {address} unreachable: {e}")))?;
+        map.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
+struct Load(Arc<Shared>);
+impl LoadReport for Load {
+    fn load(&self) -> (u32, u32, u32) {
+        let active = self.0.running.lock().unwrap_or_else(|p| p.into_inner()).len() as u32;
+        let queued = self.0.engine.queued.load(std::sync::atomic::Ordering::Relaxed);
+        (active, queued, self.0.max_sessions.saturating_sub(active))
+    }
+}
+
+pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver<bool>, ready: Option<tokio::sync::oneshot::Sender<String>>) -> Result<()> {
+    let model = match args.model.load()? {
+        Model::Block(m) => Arc::new(m),
+        Model::Vanilla(_) => bail!("the token decoder serves Block Transformers; {} holds a vanilla model", args.model.model.display()),
+    };
+    let tokenizer = Tokenizer::from_dir(&args.model.model)?;
+    let shared = Arc::new(Shared {
+        engine: engine::Engine::start(model.clone()),
+        model,
+        store: store.clone(),
+        tokenizer,
+        dtype: parse_dtype(&args.model.dtype)?,
+        device: parse_device(&args.model.device)?,
+        session_ttl: Duration::from_secs(args.session_ttl_s),
+        max_sessions: args.max_sessions,
+        running: Mutex::new(HashMap::new()),
+        channels: tokio::sync::Mutex::new(HashMap::new()),
+    });
+    let (listener, addr) = bind(args.serve.listen).await?;
+    let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+    tracing::info!(%address, "token decoder listening");
+    let router = tonic::transport::Server::builder().add_service(TokenDecoderServer::new(service::TokenDecoderService { shared: shared.clone() }));
+    let lease = Lease::new(Tier::TokenDecoder, address.clone(), Duration::from_secs(args.serve.lease_ttl_s));
+    let lease_task = tokio::spawn(lease.run(store, Arc::new(Load(shared)), stop.clone()));
+    if let Some(r) = ready {
+        let _ = r.send(address);
+    }
+    serve(router, &["blockserve.v1.TokenDecoder"], listener, stop, Duration::from_secs(args.serve.grace_period_s)).await?;
+    let _ = lease_task.await;
+    Ok(())
+}

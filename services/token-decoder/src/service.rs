@@ -1,0 +1,85 @@
+//! The `TokenDecoder` gRPC service.
+
+use std::sync::Arc;
+
+use blockserve_model::prompt::PaddedPrompt;
+use blockserve_proto::v1::block_decoder_client::BlockDecoderClient;
+use blockserve_proto::v1::token_decoder_server::TokenDecoder;
+use blockserve_proto::v1::{CancelRequest, CancelResponse, ContextsRequest, RunEvent, RunRequest, ScoreIdsRequest, ScoreResponse, SessionState};
+use blockserve_runtime::{codec, status};
+use candle_core::Tensor;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::{session, Shared};
+
+pub struct TokenDecoderService {
+    pub shared: Arc<Shared>,
+}
+
+/// Removes a session from the running set however its task ends.
+struct Running(Arc<Shared>, String);
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
+    }
+}
+
+#[tonic::async_trait]
+impl TokenDecoder for TokenDecoderService {
+    type RunStream = ReceiverStream<Result<RunEvent, Status>>;
+
+    async fn run(&self, req: Request<RunRequest>) -> Result<Response<Self::RunStream>, Status> {
+        let req = req.into_inner();
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        {
+            let mut running = self.shared.running.lock().unwrap_or_else(|p| p.into_inner());
+            if running.len() as u32 >= self.shared.max_sessions {
+                return Err(Status::resource_exhausted(format!("token decoder is at its limit of {} sessions", self.shared.max_sessions)));
+            }
+            if running.contains_key(&req.session_id) {
+                return Err(Status::already_exists(format!("session {} is already running here", req.session_id)));
+            }
+            running.insert(req.session_id.clone(), cancel_tx);
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let _running = Running(shared.clone(), req.session_id.clone());
+            session::run(shared, req, tx, cancel_rx).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
+        let id = req.into_inner().session_id;
+        let found = self.shared.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|c| c.send(true)).is_some();
+        let state = if found { SessionState::Cancelled } else { SessionState::Unspecified };
+        Ok(Response::new(CancelResponse { state: state as i32 }))
+    }
+
+    async fn score(&self, req: Request<ScoreIdsRequest>) -> Result<Response<ScoreResponse>, Status> {
+        let req = req.into_inner();
+        let m = &self.shared.model;
+        let l = m.block_length();
+        let padded = PaddedPrompt::new(&req.token_ids, l).map_err(status::from_model)?;
+        let n = padded.num_blocks(l);
+        let first_scored = (l - padded.pad) as u32;
+        if n < 2 {
+            let msg = format!("token_ids: scoring needs more than one block ({} tokens), got {}", l, req.token_ids.len());
+            return Err(Status::invalid_argument(msg));
+        }
+        let channel = self.shared.channel(&req.block_decoder).await?;
+        let ctx = BlockDecoderClient::new(channel).contexts(ContextsRequest { token_ids: padded.ids.clone() }).await?.into_inner();
+        let d = m.config.block_decoder.hidden_size;
+        let rows = ctx.contexts[..n - 1]
+            .iter()
+            .map(|e| codec::decode(e, d, self.shared.dtype, &self.shared.device).map_err(Status::internal))
+            .collect::<Result<Vec<_>, _>>()?;
+        let contexts = Tensor::stack(&rows, 0).map_err(|e| Status::internal(e.to_string()))?;
+        let logprobs = self.shared.engine.score(contexts, padded.ids[l..].to_vec()).await.map_err(status::from_model)?;
+        let mean = logprobs.iter().map(|&x| x as f64).sum::<f64>() / logprobs.len() as f64;
+        Ok(Response::new(ScoreResponse { token_ids: req.token_ids, logprobs, first_scored, perplexity: (-mean).exp() }))
+    }
+}
