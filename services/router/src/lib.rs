@@ -1,0 +1,63 @@
+//! The router tier: the public `Generation` API. Stateless apart from live
+//! streams: sessions and instances live in the session store, so any replica can
+//! serve, resume, cancel or inspect any session.
+
+pub mod service;
+pub mod validate;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use blockserve_model::loader::resolve_config;
+use blockserve_model::ModelConfig;
+use blockserve_proto::v1::generation_server::GenerationServer;
+use blockserve_runtime::server::{bind, serve, ServeArgs};
+use blockserve_store::SessionStore;
+use blockserve_text::Tokenizer;
+use tokio::sync::watch;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Model directory (the router reads only its config and tokenizer.json).
+    #[arg(long, env = "BLOCKSERVE_MODEL")]
+    pub model: PathBuf,
+    /// Preset for a model directory without a config file.
+    #[arg(long, env = "BLOCKSERVE_PRESET")]
+    pub preset: Option<String>,
+    /// Largest max_new_tokens a request may ask for.
+    #[arg(long, env = "BLOCKSERVE_MAX_NEW_TOKENS", default_value_t = 1024)]
+    pub max_new_tokens: usize,
+    /// Seconds a finished session stays queryable.
+    #[arg(long, env = "BLOCKSERVE_SESSION_TTL_S", default_value_t = 3600)]
+    pub session_ttl_s: u64,
+}
+
+pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver<bool>, ready: Option<tokio::sync::oneshot::Sender<String>>) -> Result<()> {
+    let (config, _) = resolve_config(&args.model, args.preset.as_deref())?;
+    let ModelConfig::Block(c) = config else {
+        bail!("the serving tiers serve Block Transformers; {} holds a vanilla model", args.model.display());
+    };
+    let facts = service::ModelFacts {
+        name: args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        vocab: c.vocab_size,
+        block_length: c.block_length,
+        // The block decoder sees prompt blocks and all but the last generated one.
+        max_total_tokens: (c.block_decoder.max_position_embeddings - 1) * c.block_length,
+        eos: c.eos_token_id,
+        dtype: c.dtype.clone().unwrap_or_default(),
+    };
+    let tokenizer = Tokenizer::from_dir(&args.model)?;
+    let router = Arc::new(service::Router::new(store, facts, tokenizer, args.max_new_tokens, Duration::from_secs(args.session_ttl_s)));
+    let (listener, addr) = bind(args.serve.listen).await?;
+    let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+    tracing::info!(%address, "router listening");
+    let server = tonic::transport::Server::builder().add_service(GenerationServer::new(service::GenerationService(router)));
+    if let Some(r) = ready {
+        let _ = r.send(address);
+    }
+    serve(server, &["blockserve.v1.Generation"], listener, stop, Duration::from_secs(args.serve.grace_period_s)).await
+}

@@ -1,0 +1,377 @@
+//! The public `Generation` service.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockserve_proto::v1::generation_server::Generation;
+use blockserve_proto::v1::token_decoder_client::TokenDecoderClient;
+use blockserve_proto::v1::*;
+use blockserve_runtime::{params, status};
+use blockserve_store::{now_ms, InstanceInfo, Outcome, SessionRecord, SessionSpec, SessionStore, Tier};
+use blockserve_text::{IncrementalDecoder, Tokenizer};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::validate;
+
+/// What the router knows of the model (from its config and tokenizer; the router
+/// holds no weights).
+pub struct ModelFacts {
+    pub name: String,
+    pub vocab: usize,
+    pub block_length: usize,
+    pub max_total_tokens: usize,
+    pub eos: Option<u32>,
+    pub dtype: String,
+}
+
+pub struct Router {
+    pub store: Arc<dyn SessionStore>,
+    pub model: ModelFacts,
+    pub tokenizer: Option<Tokenizer>,
+    pub max_new_tokens: usize,
+    pub session_ttl: Duration,
+    /// How often Resume looks for new tokens of a session served elsewhere.
+    pub poll: Duration,
+    channels: tokio::sync::Mutex<HashMap<String, Channel>>,
+}
+
+type EventTx = mpsc::Sender<Result<GenerateResponse, Status>>;
+
+fn event(id: &str, e: generate_response::Event) -> Result<GenerateResponse, Status> {
+    Ok(GenerateResponse { session_id: id.to_string(), event: Some(e) })
+}
+
+fn reason_from_name(name: Option<&str>) -> FinishReason {
+    match name {
+        Some("eos") => FinishReason::Eos,
+        Some("length") => FinishReason::Length,
+        Some("stop") => FinishReason::Stop,
+        Some("cancelled") => FinishReason::Cancelled,
+        Some("error") => FinishReason::Error,
+        _ => FinishReason::Unspecified,
+    }
+}
+
+fn wire_state(s: blockserve_store::SessionState) -> SessionState {
+    use blockserve_store::SessionState as S;
+    match s {
+        S::Queued => SessionState::Queued,
+        S::Prefilling => SessionState::Prefilling,
+        S::Decoding => SessionState::Decoding,
+        S::Finished => SessionState::Finished,
+        S::Cancelled => SessionState::Cancelled,
+        S::Failed => SessionState::Failed,
+    }
+}
+
+/// The final message of a stored session.
+fn finished_from_record(r: &SessionRecord) -> Finished {
+    let created = r.spec.created_at_ms;
+    let span = |t: Option<u64>| t.map_or(0.0, |t| t.saturating_sub(created) as f64);
+    let n = r.generated as f64;
+    let (first, last) = (r.first_token_at_ms, r.finished_at_ms);
+    let itl = match (first, last) {
+        (Some(a), Some(b)) if n > 1.0 => b.saturating_sub(a) as f64 / (n - 1.0),
+        _ => 0.0,
+    };
+    Finished {
+        reason: reason_from_name(r.finish_reason.as_deref()) as i32,
+        usage: Some(Usage { prompt_tokens: r.spec.prompt_ids.len() as u32, generated_tokens: r.generated as u32 }),
+        timings: Some(Timings { time_to_first_token_ms: span(first), total_ms: span(last), mean_inter_token_ms: itl }),
+        error: r.error.clone().unwrap_or_default(),
+    }
+}
+
+impl Router {
+    pub fn new(store: Arc<dyn SessionStore>, model: ModelFacts, tokenizer: Option<Tokenizer>, max_new_tokens: usize, session_ttl: Duration) -> Self {
+        Self { store, model, tokenizer, max_new_tokens, session_ttl, poll: Duration::from_millis(20), channels: Default::default() }
+    }
+
+    async fn channel(&self, address: &str) -> Result<Channel, Status> {
+        let mut map = self.channels.lock().await;
+        if let Some(c) = map.get(address) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(address.to_string())
+            .map_err(|e| Status::internal(format!("bad instance address {address:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("instance {address} unreachable: {e}")))?;
+        map.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// The least-loaded live instance of `tier` with room for a session.
+    async fn pick(&self, tier: Tier) -> Result<InstanceInfo, Status> {
+        let all = self.store.instances(tier).await.map_err(status::from_store)?;
+        if all.is_empty() {
+            return Err(Status::unavailable(format!("no live {} instance is registered", tier.as_str().replace('_', " "))));
+        }
+        all.into_iter()
+            .filter(|i| i.free_capacity > 0)
+            .min_by_key(|i| i.load_key())
+            .ok_or_else(|| Status::resource_exhausted(format!("every {} is at capacity; retry later", tier.as_str().replace('_', " "))))
+    }
+
+    async fn record(&self, id: &str) -> Result<SessionRecord, Status> {
+        self.store
+            .session(id)
+            .await
+            .map_err(status::from_store)?
+            .ok_or_else(|| Status::not_found(format!("session {id:?} not found (unknown or expired)")))
+    }
+
+    /// Stream a stored session from `offset` until it is final (it may be running
+    /// on any token decoder, started by any router).
+    async fn follow(self: Arc<Self>, id: String, mut offset: usize, tx: EventTx) {
+        let prefix = if offset > 0 { self.store.tokens(&id, 0).await.ok().map(|t| t[..offset.min(t.len())].to_vec()) } else { Some(vec![]) };
+        let mut text = self.tokenizer.as_ref().map(|t| IncrementalDecoder::with_prefix(t, &prefix.unwrap_or_default()));
+        loop {
+            let rec = match self.record(&id).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let new = match self.store.tokens(&id, offset).await {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = tx.send(Err(status::from_store(e))).await;
+                    return;
+                }
+            };
+            if !new.is_empty() {
+                let delta = text.as_mut().map(|d| d.push(&new)).unwrap_or_default();
+                let chunk = TokenChunk { offset: offset as u64, token_ids: new.clone(), text: delta };
+                if tx.send(event(&id, generate_response::Event::Tokens(chunk))).await.is_err() {
+                    return;
+                }
+                offset += new.len();
+            }
+            if rec.state.is_final() && offset >= rec.generated {
+                let _ = tx.send(event(&id, generate_response::Event::Finished(finished_from_record(&rec)))).await;
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.poll) => {}
+                _ = tx.closed() => return,
+            }
+        }
+    }
+
+    /// Validate, route, record and start a session; events arrive on the receiver.
+    async fn start(self: &Arc<Self>, req: GenerateRequest) -> Result<(String, mpsc::Receiver<Result<GenerateResponse, Status>>), Status> {
+        let (tx, rx) = mpsc::channel(16);
+        if !req.session_id.is_empty() {
+            validate::session_id(&req.session_id)?;
+            if let Some(rec) = self.store.session(&req.session_id).await.map_err(status::from_store)? {
+                // Same id again: attach to the existing session.
+                let started = Started { prompt_tokens: rec.spec.prompt_ids.len() as u32, attached: true };
+                let _ = tx.send(event(&req.session_id, generate_response::Event::Started(started))).await;
+                tokio::spawn(self.clone().follow(req.session_id.clone(), 0, tx));
+                return Ok((req.session_id, rx));
+            }
+        }
+        let m = &self.model;
+        let prompt = validate::generate_prompt(&req, self.tokenizer.as_ref(), m.vocab)?;
+        let parameters = req.parameters.clone().unwrap_or_default();
+        let resolved = params::resolve(&parameters, m.eos, m.vocab)?;
+        validate::lengths(prompt.len(), resolved.stop.max_new_tokens, self.max_new_tokens, m.max_total_tokens)?;
+        let td = self.pick(Tier::TokenDecoder).await?;
+        let bd = self.pick(Tier::BlockDecoder).await?;
+        let id = if req.session_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { req.session_id.clone() };
+        let spec = SessionSpec {
+            id: id.clone(),
+            prompt_ids: prompt.clone(),
+            parameters: serde_json::json!({
+                "max_new_tokens": resolved.stop.max_new_tokens,
+                "temperature": resolved.sampling.temperature,
+                "top_k": resolved.sampling.top_k,
+                "top_p": resolved.sampling.top_p,
+                "repetition_penalty": resolved.sampling.repetition_penalty,
+                "seed": resolved.sampling.seed,
+                "stop": parameters.stop,
+                "stop_token_ids": parameters.stop_token_ids,
+                "ignore_eos": parameters.ignore_eos,
+            }),
+            token_decoder: td.address.clone(),
+            block_decoder: bd.address.clone(),
+            created_at_ms: now_ms(),
+        };
+        if !self.store.create_session(&spec).await.map_err(status::from_store)? {
+            // Lost a race with another request of the same id: attach to it.
+            tokio::spawn(self.clone().follow(id.clone(), 0, tx));
+            return Ok((id, rx));
+        }
+        let run = RunRequest { session_id: id.clone(), prompt_ids: prompt.clone(), parameters: Some(parameters), block_decoder: bd.address, eos_token_id: m.eos };
+        let mut client = TokenDecoderClient::new(self.channel(&td.address).await?);
+        let mut events = match client.run(run).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                let outcome = Outcome { state: blockserve_store::SessionState::Failed, finish_reason: "error".into(), error: Some(e.message().into()) };
+                let _ = self.store.finish(&id, &outcome, self.session_ttl).await;
+                return Err(e);
+            }
+        };
+        let started = Started { prompt_tokens: prompt.len() as u32, attached: false };
+        let _ = tx.send(event(&id, generate_response::Event::Started(started))).await;
+        let sid = id.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    m = events.message() => m,
+                    _ = tx.closed() => {
+                        // The client went away: dropping `events` ends the session's
+                        // stream on the token decoder, which cancels it everywhere.
+                        let _ = client.cancel(CancelRequest { session_id: sid.clone() }).await;
+                        return;
+                    }
+                };
+                let out = match msg {
+                    Ok(Some(RunEvent { kind: Some(run_event::Kind::Tokens(c)) })) => event(&sid, generate_response::Event::Tokens(c)),
+                    Ok(Some(RunEvent { kind: Some(run_event::Kind::Finished(f)) })) => event(&sid, generate_response::Event::Finished(f)),
+                    Ok(Some(RunEvent { kind: None })) => continue,
+                    Ok(None) => return,
+                    Err(e) => Err(e),
+                };
+                let last = !matches!(&out, Ok(GenerateResponse { event: Some(generate_response::Event::Tokens(_)), .. }));
+                if tx.send(out).await.is_err() {
+                    let _ = client.cancel(CancelRequest { session_id: sid.clone() }).await;
+                    return;
+                }
+                if last {
+                    return;
+                }
+            }
+        });
+        Ok((id, rx))
+    }
+}
+
+/// The service object tonic serves (shares the router state).
+pub struct GenerationService(pub Arc<Router>);
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    type GenerateStream = ReceiverStream<Result<GenerateResponse, Status>>;
+    type ResumeStream = ReceiverStream<Result<GenerateResponse, Status>>;
+
+    async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let (_, rx) = self.0.start(req.into_inner()).await?;
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn generate_unary(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateUnaryResponse>, Status> {
+        let (id, mut rx) = self.0.start(req.into_inner()).await?;
+        let mut out = GenerateUnaryResponse { session_id: id, ..Default::default() };
+        while let Some(msg) = rx.recv().await {
+            match msg?.event {
+                Some(generate_response::Event::Tokens(c)) => {
+                    out.token_ids.extend(c.token_ids);
+                    out.text.push_str(&c.text);
+                }
+                Some(generate_response::Event::Finished(f)) => {
+                    out.finished = Some(f);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        Ok(Response::new(out))
+    }
+
+    async fn resume(&self, req: Request<ResumeRequest>) -> Result<Response<Self::ResumeStream>, Status> {
+        let req = req.into_inner();
+        let rec = self.0.record(&req.session_id).await?;
+        let offset = req.offset as usize;
+        if rec.state.is_final() && offset > rec.generated {
+            return Err(Status::invalid_argument(format!("offset {offset} is beyond the {} tokens this session generated", rec.generated)));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(self.0.clone().follow(req.session_id, offset, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
+        let id = req.into_inner().session_id;
+        let rec = self.0.record(&id).await?;
+        if rec.state.is_final() {
+            return Ok(Response::new(CancelResponse { state: wire_state(rec.state) as i32 }));
+        }
+        // Tell the token decoder (best effort: it may be gone), then make it final
+        // in the store whatever happened there.
+        if let Ok(ch) = self.0.channel(&rec.spec.token_decoder).await {
+            let _ = TokenDecoderClient::new(ch).cancel(CancelRequest { session_id: id.clone() }).await;
+        }
+        let outcome = Outcome { state: blockserve_store::SessionState::Cancelled, finish_reason: "cancelled".into(), error: None };
+        self.0.store.finish(&id, &outcome, self.0.session_ttl).await.map_err(status::from_store)?;
+        let rec = self.0.record(&id).await?;
+        Ok(Response::new(CancelResponse { state: wire_state(rec.state) as i32 }))
+    }
+
+    async fn get_session(&self, req: Request<GetSessionRequest>) -> Result<Response<SessionInfo>, Status> {
+        let id = req.into_inner().session_id;
+        let rec = self.0.record(&id).await?;
+        let tokens = self.0.store.tokens(&id, 0).await.map_err(status::from_store)?;
+        let p = &rec.spec.parameters;
+        let parameters = GenerationParameters {
+            max_new_tokens: p["max_new_tokens"].as_u64().map(|v| v as u32),
+            temperature: p["temperature"].as_f64().map(|v| v as f32),
+            top_k: p["top_k"].as_u64().map(|v| v as u32),
+            top_p: p["top_p"].as_f64().map(|v| v as f32),
+            repetition_penalty: p["repetition_penalty"].as_f64().map(|v| v as f32),
+            seed: p["seed"].as_u64(),
+            stop: serde_json::from_value(p["stop"].clone()).unwrap_or_default(),
+            stop_token_ids: serde_json::from_value(p["stop_token_ids"].clone()).unwrap_or_default(),
+            ignore_eos: p["ignore_eos"].as_bool().unwrap_or(false),
+        };
+        Ok(Response::new(SessionInfo {
+            session_id: id,
+            state: wire_state(rec.state) as i32,
+            prompt_ids: rec.spec.prompt_ids.clone(),
+            token_ids: tokens,
+            parameters: Some(parameters),
+            token_decoder: rec.spec.token_decoder.clone(),
+            block_decoder: rec.spec.block_decoder.clone(),
+            finish_reason: reason_from_name(rec.finish_reason.as_deref()) as i32,
+            error: rec.error.clone().unwrap_or_default(),
+            created_at_ms: rec.spec.created_at_ms,
+            updated_at_ms: rec.updated_at_ms,
+            first_token_at_ms: rec.first_token_at_ms.unwrap_or(0),
+            finished_at_ms: rec.finished_at_ms.unwrap_or(0),
+        }))
+    }
+
+    async fn score(&self, req: Request<ScoreRequest>) -> Result<Response<ScoreResponse>, Status> {
+        let r = &self.0;
+        let ids = validate::score_input(&req.into_inner().input, r.tokenizer.as_ref(), r.model.vocab)?;
+        if ids.len() > r.model.max_total_tokens {
+            return Err(Status::invalid_argument(format!("input has {} tokens; the model's context allows {}", ids.len(), r.model.max_total_tokens)));
+        }
+        let td = r.pick(Tier::TokenDecoder).await?;
+        let bd = r.pick(Tier::BlockDecoder).await?;
+        let mut client = TokenDecoderClient::new(r.channel(&td.address).await?);
+        Ok(Response::new(client.score(ScoreIdsRequest { token_ids: ids, block_decoder: bd.address }).await?.into_inner()))
+    }
+
+    async fn model_info(&self, _: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {
+        let m = &self.0.model;
+        Ok(Response::new(ModelInfoResponse {
+            model_type: "block_transformer".into(),
+            model_name: m.name.clone(),
+            vocab_size: m.vocab as u32,
+            block_length: m.block_length as u32,
+            max_total_tokens: m.max_total_tokens as u32,
+            max_new_tokens: self.0.max_new_tokens as u32,
+            eos_token_id: m.eos,
+            dtype: m.dtype.clone(),
+            has_tokenizer: self.0.tokenizer.is_some(),
+        }))
+    }
+}
