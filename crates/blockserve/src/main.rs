@@ -1,5 +1,5 @@
-//! `blockserve`: one command for the whole project. Today it runs models directly
-//! (logits, generate, init); the serving tiers join it as subcommands.
+//! `blockserve`: one command for the whole project: run models directly (logits,
+//! generate, init), run the serving stack (up, or one tier per process), and call it.
 
 mod commands;
 
@@ -14,17 +14,35 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole stack on loopback in one process and print the endpoint.
+    Up(commands::up::Args),
+    /// Call a running router.
+    #[command(subcommand)]
+    Client(commands::client::Command),
+    /// Run the router tier (public Generation API).
+    Router(commands::tiers::RouterArgs),
+    /// Run a block-decoder tier instance.
+    BlockDecoder(commands::tiers::BlockDecoderArgs),
+    /// Run a token-decoder tier instance.
+    TokenDecoder(commands::tiers::TokenDecoderArgs),
     /// Full forward pass over given token ids; writes logits (and contexts) as safetensors.
     Logits(commands::logits::Args),
-    /// Generate a continuation of one prompt and print it.
+    /// Generate a continuation of one prompt in this process and print it.
     Generate(commands::generate::Args),
     /// Write a random-weight model of a named preset (config.json + model.safetensors).
     Init(commands::init::Args),
 }
 
-fn main() {
+#[tokio::main]
+async fn main() {
+    blockserve_runtime::init_tracing();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Up(a) => commands::up::run(a).await,
+        Command::Client(c) => commands::client::run(c).await,
+        Command::Router(a) => commands::tiers::router(a).await,
+        Command::BlockDecoder(a) => commands::tiers::block_decoder(a).await,
+        Command::TokenDecoder(a) => commands::tiers::token_decoder(a).await,
         Command::Logits(a) => commands::logits::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Init(a) => commands::init::run(a),

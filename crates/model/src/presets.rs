@@ -38,7 +38,7 @@ const VANILLA_PRESETS: &[(&str, usize, usize, usize)] = &[
 ];
 
 pub fn preset_names() -> Vec<&'static str> {
-    BLOCK_PRESETS.iter().map(|p| p.0).chain(VANILLA_PRESETS.iter().map(|p| p.0)).collect()
+    BLOCK_PRESETS.iter().map(|p| p.0).chain(VANILLA_PRESETS.iter().map(|p| p.0)).chain(["block_demo_bytes"]).collect()
 }
 
 /// A Pythia-410m-based stack with the given width and depth, heads and MLP autofilled.
@@ -80,7 +80,17 @@ pub fn block_transformer(block_length: usize, embed_dim: usize, block: GptNeoXCo
     }
 }
 
+/// The bundled demo model's shape: a small Block Transformer over the 257-entry
+/// byte-level vocabulary (id 0 = end of text, then the 256 bytes).
+fn demo_bytes() -> ModelConfig {
+    let stack = GptNeoXConfig { vocab_size: 257, ..pythia_stack(128, 2) };
+    ModelConfig::Block(block_transformer(4, 32, stack.clone(), stack))
+}
+
 pub fn preset(name: &str) -> Result<ModelConfig> {
+    if name == "block_demo_bytes" {
+        return Ok(demo_bytes());
+    }
     if let Some(&(_, de, d, layers)) = BLOCK_PRESETS.iter().find(|p| p.0 == name) {
         let stack = pythia_stack(d, layers);
         return Ok(ModelConfig::Block(block_transformer(4, de, stack.clone(), stack)));

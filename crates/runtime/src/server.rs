@@ -36,6 +36,17 @@ pub async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// A stop switch that SIGTERM/SIGINT flips (start draining).
+pub fn stop_on_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: draining");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
 /// A bound listener and the address it got.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
     let l = tokio::net::TcpListener::bind(addr).await?;

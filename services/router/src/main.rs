@@ -17,11 +17,5 @@ async fn main() -> anyhow::Result<()> {
     blockserve_runtime::init_tracing();
     let cli = Cli::parse();
     let store = cli.store.connect().await?;
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        blockserve_runtime::server::shutdown_signal().await;
-        tracing::info!("shutting down: draining");
-        let _ = stop_tx.send(true);
-    });
-    blockserve_router::run(cli.args, store, stop, None).await
+    blockserve_router::run(cli.args, store, blockserve_runtime::server::stop_on_signal(), None).await
 }

@@ -1,0 +1,82 @@
+//! `blockserve up`: the whole stack in one process on loopback (router, one block
+//! decoder, N token decoders), talking gRPC to each other exactly as separate
+//! processes would, with an in-process session store unless --redis-url is given.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use blockserve_runtime::model_args::ModelArgs;
+use blockserve_runtime::server::ServeArgs;
+use blockserve_runtime::store::StoreArgs;
+use tokio::sync::{oneshot, watch};
+
+/// The bundled demo model (random weights, byte-level tokenizer; see README).
+pub fn bundled_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/demo")
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model directory (default: the bundled demo model).
+    #[arg(long, env = "BLOCKSERVE_MODEL")]
+    model: Option<PathBuf>,
+    /// Where to run the decoders: cpu, cuda or cuda:N.
+    #[arg(long, env = "BLOCKSERVE_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Compute dtype of the decoders: f32, bf16 or f16.
+    #[arg(long, env = "BLOCKSERVE_DTYPE", default_value = "f32")]
+    dtype: String,
+    /// Address of the public router endpoint.
+    #[arg(long, env = "BLOCKSERVE_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: std::net::SocketAddr,
+    /// Number of token-decoder instances.
+    #[arg(long, default_value_t = 2)]
+    token_decoders: usize,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+fn serve_args(listen: std::net::SocketAddr) -> ServeArgs {
+    ServeArgs { listen, advertise: None, grace_period_s: 10, lease_ttl_s: 6 }
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let model = args.model.clone().unwrap_or_else(bundled_model);
+    let model_args = || ModelArgs { model: model.clone(), preset: None, device: args.device.clone(), dtype: args.dtype.clone() };
+    let store = args.store.connect().await?;
+    let (stop_tx, stop) = watch::channel(false);
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let (ready, bd_addr) = oneshot::channel();
+    let bd = blockserve_block_decoder::Args { serve: serve_args(loopback), model: model_args(), max_sessions: 1024 };
+    tasks.spawn(blockserve_block_decoder::run(bd, store.clone(), stop.clone(), Some(ready)));
+    eprintln!("block decoder at {}", bd_addr.await?);
+    for i in 0..args.token_decoders {
+        let (ready, addr) = oneshot::channel();
+        let td = blockserve_token_decoder::Args { serve: serve_args(loopback), model: model_args(), max_sessions: 1024, session_ttl_s: 3600 };
+        tasks.spawn(blockserve_token_decoder::run(td, store.clone(), stop.clone(), Some(ready)));
+        eprintln!("token decoder {i} at {}", addr.await?);
+    }
+    let (ready, addr) = oneshot::channel();
+    let router = blockserve_router::Args { serve: serve_args(args.listen), model: model.clone(), preset: None, max_new_tokens: 1024, session_ttl_s: 3600 };
+    tasks.spawn(blockserve_router::run(router, store, stop.clone(), Some(ready)));
+    let endpoint = addr.await?;
+    println!("blockserve is up: router at {endpoint} (model {})", model.display());
+    println!("try: blockserve client generate \"def fibonacci(n):\" --addr {endpoint}");
+
+    tokio::select! {
+        _ = blockserve_runtime::server::shutdown_signal() => eprintln!("shutting down"),
+        Some(r) = tasks.join_next() => {
+            // A tier ended on its own: that is an error (e.g. a bad model dir).
+            let _ = stop_tx.send(true);
+            r??;
+            anyhow::bail!("a tier stopped unexpectedly");
+        }
+    }
+    let _ = stop_tx.send(true);
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}
