@@ -1,0 +1,316 @@
+//! The three tiers as separate processes over loopback gRPC, with a real
+//! redis-server: one block decoder, two token decoders, two routers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blockserve_model::{loader::load_model, GenerationRequest, Model, SamplingParams, StopCriteria};
+use blockserve_proto::v1::generation_client::GenerationClient;
+use blockserve_proto::v1::*;
+use blockserve_store::{RedisStore, SessionStore, Tier};
+use blockserve_testkit::{free_port, wait_for_port, ChildGuard, RedisServer};
+use candle_core::{DType, Device};
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn fixture_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/official-tiny-b4")
+}
+
+fn demo_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/demo")
+}
+
+struct Stack {
+    redis: RedisServer,
+    prefix: String,
+    routers: Vec<String>,
+    _procs: Vec<ChildGuard>,
+}
+
+fn spawn(args: &[&str]) -> ChildGuard {
+    let child = Command::new(env!("CARGO_BIN_EXE_blockserve"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("BLOCKSERVE_MODEL")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    ChildGuard(child)
+}
+
+impl Stack {
+    /// Start every tier for `model`; `router_extra` goes to both routers.
+    async fn start(model: &Path, router_extra: &[&str]) -> Self {
+        let redis = RedisServer::start();
+        let prefix = format!("t{}:", free_port());
+        let url = redis.url();
+        let m = model.to_str().unwrap();
+        let common = |port: u16| vec!["--listen".to_string(), format!("127.0.0.1:{port}"), "--redis-url".into(), url.clone(), "--redis-prefix".into(), prefix.clone(), "--model".into(), m.to_string()];
+        let mut procs = vec![];
+        let mut ports = vec![];
+        for tier in ["block-decoder", "token-decoder", "token-decoder"] {
+            let port = free_port();
+            let mut a = vec![tier.to_string()];
+            a.extend(common(port));
+            procs.push(spawn(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+            ports.push(port);
+        }
+        let mut routers = vec![];
+        for _ in 0..2 {
+            let port = free_port();
+            let mut a = vec!["router".to_string()];
+            a.extend(common(port));
+            a.extend(router_extra.iter().map(|s| s.to_string()));
+            procs.push(spawn(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+            ports.push(port);
+            routers.push(format!("http://127.0.0.1:{port}"));
+        }
+        for p in ports {
+            wait_for_port(p, Duration::from_secs(60));
+        }
+        let stack = Stack { redis, prefix, routers, _procs: procs };
+        let store = stack.store().await;
+        let start = Instant::now();
+        while store.instances(Tier::TokenDecoder).await.unwrap().len() < 2 || store.instances(Tier::BlockDecoder).await.unwrap().is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(30), "instances did not register");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stack
+    }
+
+    async fn store(&self) -> RedisStore {
+        RedisStore::connect(&self.redis.url(), &self.prefix).await.unwrap()
+    }
+
+    async fn client(&self, i: usize) -> GenerationClient<Channel> {
+        GenerationClient::connect(self.routers[i].clone()).await.unwrap()
+    }
+}
+
+fn ids_request(ids: Vec<u32>, params: GenerationParameters) -> GenerateRequest {
+    GenerateRequest { prompt: Some(generate_request::Prompt::TokenIds(TokenIds { ids })), parameters: Some(params), session_id: String::new() }
+}
+
+/// Tokens and finish reason of a whole stream.
+async fn collect(mut s: tonic::Streaming<GenerateResponse>) -> Result<(String, Vec<u32>, Finished), tonic::Status> {
+    let mut tokens = vec![];
+    while let Some(m) = s.message().await? {
+        match m.event {
+            Some(generate_response::Event::Tokens(c)) => {
+                assert_eq!(c.offset as usize, tokens.len(), "chunks are contiguous");
+                tokens.extend(c.token_ids);
+            }
+            Some(generate_response::Event::Finished(f)) => return Ok((m.session_id, tokens, f)),
+            _ => {}
+        }
+    }
+    panic!("stream ended without `finished`")
+}
+
+/// 20 sessions at once, greedy and seeded, against the in-process engine.
+async fn matches_engine(model: &Path) {
+    let stack = Stack::start(model, &[]).await;
+    let engine = load_model(model, None, DType::F32, &Device::Cpu).unwrap();
+    let Model::Block(ref bt) = engine else { panic!() };
+    let vocab = bt.config.vocab_size as u32;
+    let mut cases = vec![];
+    for i in 0..20u32 {
+        let prompt: Vec<u32> = (0..(3 + i * 2)).map(|j| 1 + (i * 31 + j * 17) % (vocab - 1)).collect();
+        let sampled = i % 2 == 1;
+        let params = GenerationParameters {
+            max_new_tokens: Some(5 + i),
+            temperature: Some(if sampled { 0.8 } else { 0.0 }),
+            top_k: Some(if sampled { 40 } else { 0 }),
+            top_p: Some(if sampled { 0.95 } else { 1.0 }),
+            seed: Some(100 + i as u64),
+            ..Default::default()
+        };
+        let want = engine
+            .generate(
+                &[GenerationRequest {
+                    prompt: prompt.clone(),
+                    sampling: SamplingParams { temperature: params.temperature.unwrap(), top_k: params.top_k.unwrap() as usize, top_p: params.top_p.unwrap(), repetition_penalty: 1.0, seed: params.seed.unwrap() },
+                    stop: StopCriteria { max_new_tokens: 5 + i as usize, eos_token_id: bt.config.eos_token_id, stop_token_ids: vec![] },
+                }],
+                false,
+            )
+            .unwrap()
+            .remove(0);
+        cases.push((prompt, params, want));
+    }
+    let mut handles = vec![];
+    for (i, (prompt, params, _)) in cases.iter().enumerate() {
+        let mut c = stack.client(i % 2).await;
+        let req = ids_request(prompt.clone(), params.clone());
+        handles.push(tokio::spawn(async move { collect(c.generate(req).await?.into_inner()).await }));
+    }
+    let store = stack.store().await;
+    for (h, (_, _, want)) in handles.into_iter().zip(&cases) {
+        let (id, tokens, finished) = h.await.unwrap().unwrap();
+        assert_eq!(tokens, want.tokens);
+        let want_reason = match want.finish_reason {
+            blockserve_model::FinishReason::Eos => FinishReason::Eos,
+            blockserve_model::FinishReason::Length => FinishReason::Length,
+            blockserve_model::FinishReason::StopToken => FinishReason::Stop,
+        };
+        assert_eq!(finished.reason, want_reason as i32);
+        assert_eq!(finished.usage.unwrap().generated_tokens as usize, tokens.len());
+        let rec = store.session(&id).await.unwrap().unwrap();
+        assert_eq!(rec.state, blockserve_store::SessionState::Finished);
+        assert_eq!(store.tokens(&id, 0).await.unwrap(), tokens);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stack_matches_engine_on_fixture_model() {
+    matches_engine(&fixture_model()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stack_matches_engine_on_bundled_model() {
+    matches_engine(&demo_model()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resume_from_another_router_and_text_streaming() {
+    let stack = Stack::start(&demo_model(), &[]).await;
+    let mut r0 = stack.client(0).await;
+    let mut r1 = stack.client(1).await;
+    let params = GenerationParameters { max_new_tokens: Some(60), ignore_eos: true, ..Default::default() };
+    let req = GenerateRequest { prompt: Some(generate_request::Prompt::Text("def fibonacci(n):".into())), parameters: Some(params), session_id: "resume-1".into() };
+    let mut s = r0.generate(req.clone()).await.unwrap().into_inner();
+    // Read until at least one chunk has arrived, then resume elsewhere from 5.
+    let mut first = vec![];
+    while first.len() < 8 {
+        if let Some(generate_response::Event::Tokens(c)) = s.message().await.unwrap().unwrap().event {
+            first.extend(c.token_ids);
+        }
+    }
+    let resumed = r1.resume(ResumeRequest { session_id: "resume-1".into(), offset: 5 }).await.unwrap().into_inner();
+    let (_, rest, fin) = collect_from(resumed, 5).await;
+    let (_, all, _) = collect(r1.resume(ResumeRequest { session_id: "resume-1".into(), offset: 0 }).await.unwrap().into_inner()).await.unwrap();
+    assert_eq!(all.len(), 60);
+    assert_eq!(rest, all[5..].to_vec());
+    assert_eq!(&all[..first.len()], &first[..]);
+    assert_eq!(fin.reason, FinishReason::Length as i32);
+    // The same session id again attaches instead of starting another.
+    let again = r1.generate(req).await.unwrap().into_inner();
+    let (id, tokens, _) = collect(again).await.unwrap();
+    assert_eq!((id.as_str(), tokens), ("resume-1", all.clone()));
+    // GetSession from either router.
+    let info = r0.get_session(GetSessionRequest { session_id: "resume-1".into() }).await.unwrap().into_inner();
+    assert_eq!(info.token_ids, all);
+    assert_eq!(info.state, SessionState::Finished as i32);
+    assert_eq!(info.prompt_ids.len(), "def fibonacci(n):".len());
+}
+
+/// Like `collect`, for a stream whose first chunk starts at `offset`.
+async fn collect_from(mut s: tonic::Streaming<GenerateResponse>, offset: usize) -> (String, Vec<u32>, Finished) {
+    let mut tokens = vec![];
+    while let Some(m) = s.message().await.unwrap() {
+        match m.event {
+            Some(generate_response::Event::Tokens(c)) => {
+                assert_eq!(c.offset as usize, offset + tokens.len());
+                tokens.extend(c.token_ids);
+            }
+            Some(generate_response::Event::Finished(f)) => return (m.session_id, tokens, f),
+            _ => {}
+        }
+    }
+    panic!("no finished message")
+}
+
+fn assert_status<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, msg: &str) {
+    let e = r.expect_err("the call must fail");
+    assert_eq!(e.code(), code, "{}", e.message());
+    assert!(e.message().contains(msg), "message {:?} lacks {msg:?}", e.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_status_and_message() {
+    let stack = Stack::start(&fixture_model(), &["--max-new-tokens", "256"]).await;
+    let mut c = stack.client(0).await;
+    let p = GenerationParameters::default;
+    assert_status(c.generate(ids_request(vec![], p())).await, Code::InvalidArgument, "prompt must not be empty");
+    assert_status(c.generate(ids_request(vec![1; 8188], p())).await, Code::InvalidArgument, "prompt has 8188 tokens; the model's context allows at most 8187");
+    assert_status(
+        c.generate(ids_request(vec![1; 8000], GenerationParameters { max_new_tokens: Some(200), ..p() })).await,
+        Code::InvalidArgument,
+        "prompt (8000 tokens) + max_new_tokens (200) exceeds the model's context of 8188 tokens",
+    );
+    assert_status(c.generate(ids_request(vec![1], GenerationParameters { max_new_tokens: Some(300), ..p() })).await, Code::InvalidArgument, "max_new_tokens 300 exceeds the limit of 256");
+    assert_status(c.generate(ids_request(vec![1], GenerationParameters { temperature: Some(-0.5), ..p() })).await, Code::InvalidArgument, "temperature must be finite and >= 0, got -0.5");
+    for top_p in [0.0, 1.5] {
+        assert_status(c.generate(ids_request(vec![1], GenerationParameters { top_p: Some(top_p), ..p() })).await, Code::InvalidArgument, "top_p must be in (0, 1]");
+    }
+    assert_status(c.generate(ids_request(vec![1, 512], p())).await, Code::InvalidArgument, "prompt.token_ids: token id 512 is out of range (vocab size 512)");
+    let text = GenerateRequest { prompt: Some(generate_request::Prompt::Text("hi".into())), ..Default::default() };
+    assert_status(c.generate(text).await, Code::InvalidArgument, "prompt.text needs a tokenizer.json");
+    let bad_id = GenerateRequest { session_id: "a b".into(), ..ids_request(vec![1], p()) };
+    assert_status(c.generate(bad_id).await, Code::InvalidArgument, "session_id must be 1..128 characters");
+    for r in [
+        c.resume(ResumeRequest { session_id: "nope".into(), offset: 0 }).await.map(|_| ()),
+        c.cancel(CancelRequest { session_id: "nope".into() }).await.map(|_| ()),
+        c.get_session(GetSessionRequest { session_id: "nope".into() }).await.map(|_| ()),
+    ] {
+        assert_status(r, Code::NotFound, "session \"nope\" not found");
+    }
+    // No live instance: a router on a prefix where nothing registered.
+    let port = free_port();
+    let m = fixture_model();
+    let _lonely = spawn(&["router", "--listen", &format!("127.0.0.1:{port}"), "--redis-url", &stack.redis.url(), "--redis-prefix", "empty:", "--model", m.to_str().unwrap()]);
+    wait_for_port(port, Duration::from_secs(30));
+    let mut lonely = GenerationClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
+    assert_status(lonely.generate(ids_request(vec![1], p())).await, Code::Unavailable, "no live token decoder instance is registered");
+    // Over capacity: every registered token decoder reports no free capacity.
+    let full = RedisStore::connect(&stack.redis.url(), "empty:").await.unwrap();
+    let inst = blockserve_store::InstanceInfo { id: "full".into(), tier: Tier::TokenDecoder, address: "http://127.0.0.1:1".into(), active_sessions: 8, queued: 0, free_capacity: 0, updated_at_ms: 0 };
+    full.register(&inst, Duration::from_secs(60)).await.unwrap();
+    assert_status(lonely.generate(ids_request(vec![1], p())).await, Code::ResourceExhausted, "every token decoder is at capacity");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancelled_and_disconnected_sessions_are_freed_everywhere() {
+    let stack = Stack::start(&fixture_model(), &[]).await;
+    let store = stack.store().await;
+    let mut streams = vec![];
+    for i in 0..50u32 {
+        let mut c = stack.client((i % 2) as usize).await;
+        let req = GenerateRequest { session_id: format!("c{i}"), ..ids_request(vec![1 + i, 2, 3], GenerationParameters { max_new_tokens: Some(1000), ignore_eos: true, ..Default::default() }) };
+        let mut s = c.generate(req).await.unwrap().into_inner();
+        // Wait for the first tokens: the session is running on every tier.
+        loop {
+            if let Some(generate_response::Event::Tokens(_)) = s.message().await.unwrap().unwrap().event {
+                break;
+            }
+        }
+        streams.push((c, s));
+    }
+    // Half cancelled through the API (via the other router), half by disconnecting.
+    let mut other = stack.client(1).await;
+    for (i, (c, s)) in streams.into_iter().enumerate() {
+        if i % 2 == 0 {
+            let st = other.cancel(CancelRequest { session_id: format!("c{i}") }).await.unwrap().into_inner().state;
+            assert_eq!(st, SessionState::Cancelled as i32);
+        }
+        drop((c, s));
+    }
+    let start = Instant::now();
+    loop {
+        let mut busy = 0;
+        for tier in [Tier::TokenDecoder, Tier::BlockDecoder] {
+            busy += store.instances(tier).await.unwrap().iter().map(|i| i.active_sessions).sum::<u32>();
+        }
+        let mut states = vec![];
+        for i in 0..50 {
+            states.push(store.session(&format!("c{i}")).await.unwrap().unwrap().state);
+        }
+        if busy == 0 && states.iter().all(|s| *s == blockserve_store::SessionState::Cancelled) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "still busy {busy}, states {states:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
