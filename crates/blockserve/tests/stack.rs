@@ -147,7 +147,9 @@ async fn matches_engine(model: &Path) {
         handles.push(tokio::spawn(async move { collect(c.generate(req).await?.into_inner()).await }));
     }
     let store = stack.store().await;
-    for (h, (_, _, want)) in handles.into_iter().zip(&cases) {
+    let (l, d) = (bt.block_length(), bt.config.block_decoder.hidden_size);
+    let (mut wire, mut generated) = (0u64, 0u64);
+    for (h, (prompt, _, want)) in handles.into_iter().zip(&cases) {
         let (id, tokens, finished) = h.await.unwrap().unwrap();
         assert_eq!(tokens, want.tokens);
         let want_reason = match want.finish_reason {
@@ -160,7 +162,40 @@ async fn matches_engine(model: &Path) {
         let rec = store.session(&id).await.unwrap().unwrap();
         assert_eq!(rec.state, blockserve_store::SessionState::Finished);
         assert_eq!(store.tokens(&id, 0).await.unwrap(), tokens);
+        // Only the prompt, block ids and context embeddings cross between the tiers:
+        // the byte count equals those messages' sizes, rebuilt here.
+        let usage = finished.usage.unwrap();
+        assert_eq!(usage.internal_wire_bytes, expected_wire_bytes(&id, prompt, &tokens, l, d));
+        wire += usage.internal_wire_bytes;
+        generated += tokens.len() as u64;
     }
+    eprintln!("{}: {wire} bytes between tiers for {generated} generated tokens = {:.1} bytes/token", model.display(), wire as f64 / generated as f64);
+}
+
+/// Protobuf bytes of one session's block-decoder stream: the padded prompt up,
+/// every generated block but the last up (all its tokens are in the output), and
+/// one f32 context per decoded block down.
+fn expected_wire_bytes(id: &str, prompt: &[u32], tokens: &[u32], l: usize, d: usize) -> u64 {
+    use prost::Message;
+    let pad = (l - prompt.len() % l) % l;
+    let mut ids = vec![0; pad];
+    ids.extend_from_slice(prompt);
+    let nb = (ids.len() / l) as u32;
+    let open = BlockUp { kind: Some(block_up::Kind::Open(OpenBlocks { session_id: id.into(), prompt_ids: ids })) };
+    let decoded = tokens.len().div_ceil(l) as u32;
+    let down: usize = (0..decoded)
+        .map(|k| {
+            let e = Embedding { data: vec![0; 4 * d], dtype: blockserve_proto::v1::DType::DtypeF32 as i32, dim: d as u32 };
+            ContextDown { block_index: nb - 1 + k, context: Some(e) }.encoded_len()
+        })
+        .sum();
+    let up: usize = (0..decoded.saturating_sub(1))
+        .map(|k| {
+            let block = tokens[k as usize * l..(k as usize + 1) * l].to_vec();
+            BlockUp { kind: Some(block_up::Kind::Block(Block { index: nb + k, token_ids: block })) }.encoded_len()
+        })
+        .sum();
+    (open.encoded_len() + down + up) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

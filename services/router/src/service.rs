@@ -80,7 +80,7 @@ fn finished_from_record(r: &SessionRecord) -> Finished {
     };
     Finished {
         reason: reason_from_name(r.finish_reason.as_deref()) as i32,
-        usage: Some(Usage { prompt_tokens: r.spec.prompt_ids.len() as u32, generated_tokens: r.generated as u32 }),
+        usage: Some(Usage { prompt_tokens: r.spec.prompt_ids.len() as u32, generated_tokens: r.generated as u32, ..Default::default() }),
         timings: Some(Timings { time_to_first_token_ms: span(first), total_ms: span(last), mean_inter_token_ms: itl }),
         error: r.error.clone().unwrap_or_default(),
     }

@@ -14,6 +14,7 @@ use blockserve_proto::v1::{
 use blockserve_runtime::{codec, params};
 use blockserve_store::{Outcome, SessionState};
 use blockserve_text::{find_stop, IncrementalDecoder};
+use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
@@ -37,8 +38,9 @@ fn wire_reason(r: &End) -> (FinishReason, &'static str, SessionState) {
     }
 }
 
-async fn next_context(down: &mut Streaming<ContextDown>, want: u32, shared: &Shared) -> Result<candle_core::Tensor, Status> {
+async fn next_context(down: &mut Streaming<ContextDown>, want: u32, shared: &Shared, wire: &mut u64) -> Result<candle_core::Tensor, Status> {
     let msg = down.message().await?.ok_or_else(|| Status::unavailable("block decoder closed the session stream"))?;
+    *wire += msg.encoded_len() as u64;
     if msg.block_index != want {
         return Err(Status::internal(format!("block decoder sent the context of block {}, expected {want}", msg.block_index)));
     }
@@ -51,7 +53,7 @@ async fn next_context(down: &mut Streaming<ContextDown>, want: u32, shared: &Sha
 pub async fn run(shared: Arc<Shared>, req: RunRequest, tx: mpsc::Sender<Result<RunEvent, Status>>, mut cancel: watch::Receiver<bool>) {
     let id = req.session_id.clone();
     let started = Instant::now();
-    let mut gen = Generated { tokens: vec![], first_at: None, last_at: None };
+    let mut gen = Generated { tokens: vec![], wire_bytes: 0, first_at: None, last_at: None };
     let result = tokio::select! {
         r = drive(&shared, &req, &tx, &mut gen) => r,
         _ = cancel.wait_for(|c| *c) => Ok(End::Cancelled),
@@ -73,7 +75,7 @@ pub async fn run(shared: Arc<Shared>, req: RunRequest, tx: mpsc::Sender<Result<R
             };
             let finished = Finished {
                 reason: reason as i32,
-                usage: Some(Usage { prompt_tokens: req.prompt_ids.len() as u32, generated_tokens: n as u32 }),
+                usage: Some(Usage { prompt_tokens: req.prompt_ids.len() as u32, generated_tokens: n as u32, internal_wire_bytes: gen.wire_bytes }),
                 timings: Some(Timings { time_to_first_token_ms: ms(gen.first_at), total_ms: ms(gen.last_at), mean_inter_token_ms: mean_itl }),
                 error: String::new(),
             };
@@ -90,6 +92,8 @@ pub async fn run(shared: Arc<Shared>, req: RunRequest, tx: mpsc::Sender<Result<R
 
 struct Generated {
     tokens: Vec<u32>,
+    /// Protobuf bytes exchanged with the block decoder.
+    wire_bytes: u64,
     first_at: Option<Instant>,
     last_at: Option<Instant>,
 }
@@ -103,12 +107,14 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
 
     let channel = shared.channel(&req.block_decoder).await?;
     let (up, up_rx) = mpsc::channel::<BlockUp>(2);
-    up.send(BlockUp { kind: Some(block_up::Kind::Open(OpenBlocks { session_id: req.session_id.clone(), prompt_ids: padded.ids.clone() })) })
+    let open = BlockUp { kind: Some(block_up::Kind::Open(OpenBlocks { session_id: req.session_id.clone(), prompt_ids: padded.ids.clone() })) };
+    gen.wire_bytes += open.encoded_len() as u64;
+    up.send(open)
         .await
         .map_err(|_| Status::internal("block stream closed"))?;
     shared.store.set_progress(&req.session_id, SessionState::Prefilling).await.map_err(blockserve_runtime::status::from_store)?;
     let mut down = BlockDecoderClient::new(channel).decode(ReceiverStream::new(up_rx)).await?.into_inner();
-    let mut context = next_context(&mut down, prompt_blocks - 1, shared).await?;
+    let mut context = next_context(&mut down, prompt_blocks - 1, shared, &mut gen.wire_bytes).await?;
     shared.store.set_progress(&req.session_id, SessionState::Decoding).await.map_err(blockserve_runtime::status::from_store)?;
 
     let mut history = req.prompt_ids.clone();
@@ -156,10 +162,12 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
             return Ok(end);
         }
         history.extend_from_slice(&new);
-        up.send(BlockUp { kind: Some(block_up::Kind::Block(Block { index: block_index, token_ids: block })) })
+        let msg = BlockUp { kind: Some(block_up::Kind::Block(Block { index: block_index, token_ids: block })) };
+        gen.wire_bytes += msg.encoded_len() as u64;
+        up.send(msg)
             .await
             .map_err(|_| Status::unavailable("block decoder stream closed"))?;
-        context = next_context(&mut down, block_index, shared).await?;
+        context = next_context(&mut down, block_index, shared, &mut gen.wire_bytes).await?;
     }
     unreachable!("the block loop only ends by returning")
 }
