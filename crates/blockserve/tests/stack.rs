@@ -26,7 +26,8 @@ struct Stack {
     redis: RedisServer,
     prefix: String,
     routers: Vec<String>,
-    _procs: Vec<ChildGuard>,
+    /// (tier, port, process) of every service.
+    procs: Vec<(&'static str, u16, ChildGuard)>,
 }
 
 fn spawn(args: &[&str]) -> ChildGuard {
@@ -49,28 +50,21 @@ impl Stack {
         let m = model.to_str().unwrap();
         let common = |port: u16| vec!["--listen".to_string(), format!("127.0.0.1:{port}"), "--redis-url".into(), url.clone(), "--redis-prefix".into(), prefix.clone(), "--model".into(), m.to_string()];
         let mut procs = vec![];
-        let mut ports = vec![];
-        for tier in ["block-decoder", "token-decoder", "token-decoder"] {
+        let mut routers = vec![];
+        for tier in ["block-decoder", "token-decoder", "token-decoder", "router", "router"] {
             let port = free_port();
             let mut a = vec![tier.to_string()];
             a.extend(common(port));
-            procs.push(spawn(&a.iter().map(String::as_str).collect::<Vec<_>>()));
-            ports.push(port);
+            if tier == "router" {
+                a.extend(router_extra.iter().map(|s| s.to_string()));
+                routers.push(format!("http://127.0.0.1:{port}"));
+            }
+            procs.push((tier, port, spawn(&a.iter().map(String::as_str).collect::<Vec<_>>())));
         }
-        let mut routers = vec![];
-        for _ in 0..2 {
-            let port = free_port();
-            let mut a = vec!["router".to_string()];
-            a.extend(common(port));
-            a.extend(router_extra.iter().map(|s| s.to_string()));
-            procs.push(spawn(&a.iter().map(String::as_str).collect::<Vec<_>>()));
-            ports.push(port);
-            routers.push(format!("http://127.0.0.1:{port}"));
+        for (_, port, _) in &procs {
+            wait_for_port(*port, Duration::from_secs(60));
         }
-        for p in ports {
-            wait_for_port(p, Duration::from_secs(60));
-        }
-        let stack = Stack { redis, prefix, routers, _procs: procs };
+        let stack = Stack { redis, prefix, routers, procs };
         let store = stack.store().await;
         let start = Instant::now();
         while store.instances(Tier::TokenDecoder).await.unwrap().len() < 2 || store.instances(Tier::BlockDecoder).await.unwrap().is_empty() {
@@ -347,5 +341,74 @@ async fn cancelled_and_disconnected_sessions_are_freed_everywhere() {
         }
         assert!(start.elapsed() < Duration::from_secs(20), "still busy {busy}, states {states:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_in_flight_sessions_and_deregisters() {
+    let mut stack = Stack::start(&fixture_model(), &["--max-new-tokens", "4096"]).await;
+    let store = stack.store().await;
+    let mut c = stack.client(0).await;
+    let req = GenerateRequest { session_id: "drain".into(), ..ids_request(vec![5, 6, 7], GenerationParameters { max_new_tokens: Some(2000), ignore_eos: true, ..Default::default() }) };
+    let mut s = c.generate(req).await.unwrap().into_inner();
+    let seen = loop {
+        if let Some(generate_response::Event::Tokens(t)) = s.message().await.unwrap().unwrap().event {
+            break t.token_ids.len();
+        }
+    };
+    // SIGTERM the token decoder that runs the session.
+    let serving = store.session("drain").await.unwrap().unwrap().spec.token_decoder;
+    let i = stack.procs.iter().position(|(t, p, _)| *t == "token-decoder" && serving.ends_with(&format!(":{p}"))).unwrap();
+    let pid = stack.procs[i].2 .0.id();
+    let before = store.session("drain").await.unwrap().unwrap();
+    assert!(!before.state.is_final() && before.generated < 1000, "the session must still be running when SIGTERM arrives");
+    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    // It leaves the registry at once, while the session runs to its end.
+    let start = Instant::now();
+    while store.instances(Tier::TokenDecoder).await.unwrap().len() != 1 {
+        assert!(start.elapsed() < Duration::from_secs(10), "did not deregister");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, rest, fin) = collect_from(s, seen).await;
+    assert_eq!(fin.reason, FinishReason::Length as i32);
+    assert_eq!(fin.usage.unwrap().generated_tokens, 2000);
+    assert!(!rest.is_empty());
+    // Then the process exits by itself, successfully.
+    let start = Instant::now();
+    loop {
+        if let Some(st) = stack.procs[i].2 .0.try_wait().unwrap() {
+            assert!(st.success(), "exit status {st}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "token decoder still running after its sessions ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // New sessions go to the remaining token decoder.
+    let (id, tokens, _) = collect(c.generate(ids_request(vec![1, 2], GenerationParameters { max_new_tokens: Some(4), ..Default::default() })).await.unwrap().into_inner()).await.unwrap();
+    assert_eq!(tokens.len(), 4);
+    assert_ne!(store.session(&id).await.unwrap().unwrap().spec.token_decoder, serving);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_and_reflection_are_served() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::{server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest};
+    let stack = Stack::start(&fixture_model(), &[]).await;
+    let expected = [("block-decoder", "blockserve.v1.BlockDecoder"), ("token-decoder", "blockserve.v1.TokenDecoder"), ("router", "blockserve.v1.Generation")];
+    for (tier, service) in expected {
+        let port = stack.procs.iter().find(|(t, _, _)| *t == tier).unwrap().1;
+        let addr = format!("http://127.0.0.1:{port}");
+        let channel = Channel::from_shared(addr).unwrap().connect().await.unwrap();
+        let mut health = HealthClient::new(channel.clone());
+        let st = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
+        assert_eq!(st, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{tier}");
+        let mut refl = ServerReflectionClient::new(channel);
+        let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+        let mut resp = refl.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message().await.unwrap().unwrap().message_response else { panic!("{tier}: no service list") };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.contains(&service.to_string()) && names.contains(&"grpc.health.v1.Health".to_string()), "{tier}: {names:?}");
     }
 }
