@@ -412,3 +412,35 @@ async fn health_and_reflection_are_served() {
         assert!(names.contains(&service.to_string()) && names.contains(&"grpc.health.v1.Health".to_string()), "{tier}: {names:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn score_matches_reference_logits_and_model_info_reports_limits() {
+    let stack = Stack::start(&fixture_model(), &[]).await;
+    let mut c = stack.client(1).await;
+    let g = candle_core::safetensors::load(fixture_model().join("golden.safetensors"), &Device::Cpu).unwrap();
+    // Row 0 of the reference forward: 6 blocks; blocks 1..5 are predicted.
+    let row: Vec<u32> = g["forward.input_ids"].get(0).unwrap().flatten_all().unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect();
+    let req = ScoreRequest { input: Some(score_request::Input::TokenIds(TokenIds { ids: row.clone() })) };
+    let s = c.score(req).await.unwrap().into_inner();
+    assert_eq!(s.token_ids, row);
+    assert_eq!(s.first_scored, 4);
+    let logits = g["forward.logits"].get(0).unwrap().reshape((20, 512)).unwrap();
+    let logp = candle_nn::ops::log_softmax(&logits, 1).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(s.logprobs.len(), 20);
+    for (i, (&lp, &tok)) in s.logprobs.iter().zip(&row[4..]).enumerate() {
+        let want = logp[i][tok as usize];
+        assert!((lp - want).abs() < 1e-4, "token {i}: {lp} vs {want}");
+    }
+    let mean: f64 = s.logprobs.iter().map(|&x| x as f64).sum::<f64>() / 20.0;
+    assert!((s.perplexity - (-mean).exp()).abs() < 1e-9);
+    // A prompt that is not a whole number of blocks is left-padded like a prompt.
+    let req = ScoreRequest { input: Some(score_request::Input::TokenIds(TokenIds { ids: row[1..].to_vec() })) };
+    let s = c.score(req).await.unwrap().into_inner();
+    assert_eq!((s.first_scored, s.logprobs.len()), (3, 20));
+
+    let info = c.model_info(ModelInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (info.model_type.as_str(), info.vocab_size, info.block_length, info.max_total_tokens, info.max_new_tokens, info.eos_token_id, info.has_tokenizer),
+        ("block_transformer", 512, 4, 8188, 1024, Some(0), false)
+    );
+}

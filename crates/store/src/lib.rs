@@ -6,7 +6,7 @@
 //! semantics, lease expiry included.
 
 mod memory;
-mod redis_store;
+pub mod redis_store;
 mod types;
 
 use std::time::Duration;

@@ -19,18 +19,37 @@ use crate::{now_ms, InstanceInfo, Outcome, Result, SessionRecord, SessionSpec, S
 const FINAL: &str = "local s = redis.call('HGET', KEYS[1], 'state') \
     if s == 'finished' or s == 'cancelled' or s == 'failed' or s == false then return 0 end";
 
+/// A small pool of multiplexed, auto-reconnecting connections, used round-robin:
+/// each connection pipelines many concurrent commands, and several keep one slow
+/// reply from delaying everything behind it.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    pool: std::sync::Arc<Vec<ConnectionManager>>,
+    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     prefix: String,
 }
 
+/// Connections per process unless told otherwise.
+pub const DEFAULT_POOL_SIZE: usize = 4;
+
 impl RedisStore {
-    /// Connect (with automatic reconnection) to `url`, e.g. `redis://127.0.0.1:6379`.
+    /// Connect to `url` (e.g. `redis://127.0.0.1:6379`) with the default pool size.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
+        Self::connect_pool(url, prefix, DEFAULT_POOL_SIZE).await
+    }
+
+    pub async fn connect_pool(url: &str, prefix: &str, size: usize) -> Result<Self> {
         let client = redis::Client::open(url).map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
-        let conn = ConnectionManager::new(client).await.map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
-        Ok(Self { conn, prefix: prefix.to_string() })
+        let mut pool = Vec::with_capacity(size.max(1));
+        for _ in 0..size.max(1) {
+            pool.push(ConnectionManager::new(client.clone()).await.map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?);
+        }
+        Ok(Self { pool: std::sync::Arc::new(pool), next: Default::default(), prefix: prefix.to_string() })
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.pool.len();
+        self.pool[i].clone()
     }
 
     fn inst_key(&self, tier: Tier, id: &str) -> String {
@@ -54,7 +73,7 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 #[async_trait::async_trait]
 impl SessionStore for RedisStore {
     async fn register(&self, info: &InstanceInfo, ttl: Duration) -> Result<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let json = serde_json::to_string(info).map_err(corrupt)?;
         redis::pipe()
             .set_options(self.inst_key(info.tier, &info.id), json, redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(ttl.as_millis() as u64)))
@@ -67,13 +86,13 @@ impl SessionStore for RedisStore {
     }
 
     async fn deregister(&self, tier: Tier, id: &str) -> Result<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         redis::pipe().del(self.inst_key(tier, id)).ignore().srem(self.insts_key(tier), id).ignore().query_async::<()>(&mut c).await?;
         Ok(())
     }
 
     async fn instances(&self, tier: Tier) -> Result<Vec<InstanceInfo>> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let ids: Vec<String> = c.smembers(self.insts_key(tier)).await?;
         if ids.is_empty() {
             return Ok(vec![]);
@@ -92,7 +111,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn create_session(&self, spec: &SessionSpec) -> Result<bool> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let json = serde_json::to_string(spec).map_err(corrupt)?;
         let script = redis::Script::new(
             "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end \
@@ -103,7 +122,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn session(&self, id: &str) -> Result<Option<SessionRecord>> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let (h, generated): (std::collections::HashMap<String, String>, usize) =
             redis::pipe().hgetall(self.sess_key(id)).llen(self.tokens_key(id)).query_async(&mut c).await?;
         let Some(spec) = h.get("spec") else { return Ok(None) };
@@ -121,7 +140,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn set_progress(&self, id: &str, state: SessionState) -> Result<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let script = redis::Script::new(&format!(
             "{FINAL} redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at_ms', ARGV[2]) return 1"
         ));
@@ -133,7 +152,7 @@ impl SessionStore for RedisStore {
         if tokens.is_empty() {
             return Ok(());
         }
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let now = now_ms();
         redis::pipe()
             .rpush(self.tokens_key(id), tokens)
@@ -148,12 +167,12 @@ impl SessionStore for RedisStore {
     }
 
     async fn tokens(&self, id: &str, from: usize) -> Result<Vec<u32>> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         Ok(c.lrange(self.tokens_key(id), from as isize, -1).await?)
     }
 
     async fn finish(&self, id: &str, outcome: &Outcome, ttl: Duration) -> Result<bool> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let script = redis::Script::new(&format!(
             "{FINAL} redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finish_reason', ARGV[2], 'error', ARGV[3], \
              'updated_at_ms', ARGV[4], 'finished_at_ms', ARGV[4]) \
