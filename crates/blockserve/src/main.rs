@@ -29,6 +29,8 @@ enum Command {
     Logits(commands::logits::Args),
     /// Generate a continuation of one prompt in this process and print it.
     Generate(commands::generate::Args),
+    /// Benchmark the in-process engine on random weights (prints a table).
+    Bench(commands::bench::Args),
     /// Write a random-weight model of a named preset (config.json + model.safetensors).
     Init(commands::init::Args),
 }
@@ -46,6 +48,7 @@ async fn main() {
         Command::Logits(a) => commands::logits::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Init(a) => commands::init::run(a),
+        Command::Bench(a) => commands::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

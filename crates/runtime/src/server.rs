@@ -47,6 +47,18 @@ pub fn stop_on_signal() -> watch::Receiver<bool> {
     rx
 }
 
+/// Entry point of a standalone service process: logging, the store from flags,
+/// stop on SIGTERM/SIGINT, then `run` until it returns.
+pub async fn run_process<F, Fut>(store: &crate::store::StoreArgs, run: F) -> anyhow::Result<()>
+where
+    F: FnOnce(std::sync::Arc<dyn blockserve_store::SessionStore>, watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    crate::init_tracing();
+    let store = store.connect().await?;
+    run(store, stop_on_signal()).await
+}
+
 /// A bound listener and the address it got.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
     let l = tokio::net::TcpListener::bind(addr).await?;

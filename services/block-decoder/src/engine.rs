@@ -80,12 +80,7 @@ fn last_row(t: Tensor) -> Result<Tensor, ModelError> {
 fn run(model: Arc<BlockTransformer>, mut rx: mpsc::UnboundedReceiver<Command>, active: Arc<AtomicU32>, queued: Arc<AtomicU32>) {
     let mut caches: HashMap<u64, KvCache> = HashMap::new();
     let m = model.as_ref();
-    while let Some(first) = rx.blocking_recv() {
-        let mut cmds = vec![first];
-        while let Ok(c) = rx.try_recv() {
-            cmds.push(c);
-        }
-        queued.fetch_sub(cmds.len() as u32, Ordering::Relaxed);
+    while let Some(cmds) = blockserve_runtime::next_batch(&mut rx, &queued) {
         let mut steps: Vec<(u64, Vec<u32>, Reply)> = vec![];
         for c in cmds {
             match c {

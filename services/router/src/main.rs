@@ -14,8 +14,6 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    blockserve_runtime::init_tracing();
     let cli = Cli::parse();
-    let store = cli.store.connect().await?;
-    blockserve_router::run(cli.args, store, blockserve_runtime::server::stop_on_signal(), None).await
+    blockserve_runtime::server::run_process(&cli.store, |store, stop| blockserve_router::run(cli.args, store, stop, None)).await
 }

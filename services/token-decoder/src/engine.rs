@@ -99,12 +99,7 @@ fn score(m: &BlockTransformer, contexts: &Tensor, blocks: &[u32]) -> Result<Vec<
 
 fn run(model: Arc<BlockTransformer>, mut rx: mpsc::UnboundedReceiver<Command>, queued: Arc<AtomicU32>) {
     let m = model.as_ref();
-    while let Some(first) = rx.blocking_recv() {
-        let mut cmds = vec![first];
-        while let Ok(c) = rx.try_recv() {
-            cmds.push(c);
-        }
-        queued.fetch_sub(cmds.len() as u32, Ordering::Relaxed);
+    while let Some(cmds) = blockserve_runtime::next_batch(&mut rx, &queued) {
         let mut jobs = vec![];
         let mut replies = vec![];
         for c in cmds {

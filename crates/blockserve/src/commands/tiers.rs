@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use blockserve_runtime::store::StoreArgs;
-use blockserve_runtime::server::stop_on_signal;
+use blockserve_runtime::server::run_process;
 
 #[derive(clap::Args, Debug)]
 pub struct RouterArgs {
@@ -30,13 +30,13 @@ pub struct TokenDecoderArgs {
 }
 
 pub async fn router(a: RouterArgs) -> Result<()> {
-    blockserve_router::run(a.args, a.store.connect().await?, stop_on_signal(), None).await
+    run_process(&a.store, |store, stop| blockserve_router::run(a.args, store, stop, None)).await
 }
 
 pub async fn block_decoder(a: BlockDecoderArgs) -> Result<()> {
-    blockserve_block_decoder::run(a.args, a.store.connect().await?, stop_on_signal(), None).await
+    run_process(&a.store, |store, stop| blockserve_block_decoder::run(a.args, store, stop, None)).await
 }
 
 pub async fn token_decoder(a: TokenDecoderArgs) -> Result<()> {
-    blockserve_token_decoder::run(a.args, a.store.connect().await?, stop_on_signal(), None).await
+    run_process(&a.store, |store, stop| blockserve_token_decoder::run(a.args, store, stop, None)).await
 }
