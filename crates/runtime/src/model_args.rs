@@ -14,7 +14,8 @@ pub struct ModelArgs {
     #[arg(long, env = "BLOCKSERVE_MODEL")]
     pub model: PathBuf,
     /// Preset describing a bare reference checkpoint that has no config file
-    /// (block_main_b4_5, _19, _85, _300, _800, _1.2b, vanilla_70, vanilla_160, vanilla_410, vanilla_1b).
+    /// (block_main_b4_5, _19, _85, _300, _800, _1.2b, vanilla_70, vanilla_160, vanilla_410, vanilla_1b,
+    /// block_demo_bytes).
     #[arg(long, env = "BLOCKSERVE_PRESET")]
     pub preset: Option<String>,
     /// Where to run: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
