@@ -54,6 +54,14 @@ pub fn run(a: Args) -> Result<()> {
     let model = build(&config, &weights)?;
     eprintln!("built {} (random weights) on {:?} {:?} in {:.1} s", a.preset, device, dtype, t0.elapsed().as_secs_f64());
     let vocab = config.vocab_size() as u32;
+    // Warm-up: the first call loads device modules and allocates; keep it out of the timings.
+    let warm = GenerationRequest {
+        prompt: vec![1; 8],
+        sampling: SamplingParams::greedy(),
+        stop: StopCriteria { max_new_tokens: 8, eos_token_id: None, stop_token_ids: vec![] },
+    };
+    model.generate(&[warm], false)?;
+    device.synchronize()?;
     println!("| preset | device | dtype | prompt | generate | batch | wall s | tokens/s | first token s |");
     println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
     for &b in &a.batch {
