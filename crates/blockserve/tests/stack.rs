@@ -444,3 +444,27 @@ async fn score_matches_reference_logits_and_model_info_reports_limits() {
         ("block_transformer", 512, 4, 8188, 1024, Some(0), false)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn text_stop_sequences_cut_the_text() {
+    let stack = Stack::start(&demo_model(), &[]).await;
+    let mut c = stack.client(0).await;
+    let text_req = |stop: Vec<String>| GenerateRequest {
+        prompt: Some(generate_request::Prompt::Text("def fibonacci(n):".into())),
+        parameters: Some(GenerationParameters { max_new_tokens: Some(64), ignore_eos: true, stop, ..Default::default() }),
+        session_id: String::new(),
+    };
+    let full = c.generate_unary(text_req(vec![])).await.unwrap().into_inner();
+    // The first two ASCII letters in a row in the (random-model) output make the stop.
+    let chars: Vec<(usize, char)> = full.text.char_indices().collect();
+    let at = chars.windows(2).position(|w| w[0].0 > 0 && w[0].1.is_ascii_alphabetic() && w[1].1.is_ascii_alphabetic()).expect("the demo output has two letters in a row");
+    let (start, _) = chars[at];
+    let stop: String = full.text[start..].chars().take(2).collect();
+    let first = full.text.find(&stop).unwrap();
+    let cut = c.generate_unary(text_req(vec![stop.clone()])).await.unwrap().into_inner();
+    assert_eq!(cut.text, full.text[..first], "text ends right before {stop:?}");
+    assert_eq!(cut.finished.unwrap().reason, FinishReason::Stop as i32);
+    // Token ids run through the end of the block that completed the stop sequence.
+    assert!(cut.token_ids.len() % 4 == 0 && cut.token_ids.len() < full.token_ids.len());
+    assert_eq!(cut.token_ids[..], full.token_ids[..cut.token_ids.len()]);
+}
