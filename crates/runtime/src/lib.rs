@@ -1,5 +1,6 @@
 //! Plumbing shared by the three services.
 
+pub mod channels;
 pub mod codec;
 pub mod model_args;
 pub mod params;

@@ -1,6 +1,5 @@
 //! The public `Generation` service.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use blockserve_store::{now_ms, InstanceInfo, Outcome, SessionRecord, SessionSpec
 use blockserve_text::{IncrementalDecoder, Tokenizer};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::validate;
@@ -36,7 +35,7 @@ pub struct Router {
     pub session_ttl: Duration,
     /// How often Resume looks for new tokens of a session served elsewhere.
     pub poll: Duration,
-    channels: tokio::sync::Mutex<HashMap<String, Channel>>,
+    channels: blockserve_runtime::channels::Channels,
 }
 
 type EventTx = mpsc::Sender<Result<GenerateResponse, Status>>;
@@ -92,18 +91,7 @@ impl Router {
     }
 
     async fn channel(&self, address: &str) -> Result<Channel, Status> {
-        let mut map = self.channels.lock().await;
-        if let Some(c) = map.get(address) {
-            return Ok(c.clone());
-        }
-        let c = Endpoint::from_shared(address.to_string())
-            .map_err(|e| Status::internal(format!("bad instance address {address:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| Status::unavailable(format!("instance {address} unreachable: {e}")))?;
-        map.insert(address.to_string(), c.clone());
-        Ok(c)
+        self.channels.get(address).await
     }
 
     /// The least-loaded live instance of `tier` with room for a session.

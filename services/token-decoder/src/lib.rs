@@ -19,7 +19,7 @@ use blockserve_store::{SessionStore, Tier};
 use blockserve_text::Tokenizer;
 use candle_core::{DType, Device};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Status;
 
 #[derive(clap::Args, Debug)]
@@ -48,22 +48,13 @@ pub struct Shared {
     pub max_sessions: u32,
     /// Running sessions and the switch that cancels each.
     pub running: Mutex<HashMap<String, watch::Sender<bool>>>,
-    channels: tokio::sync::Mutex<HashMap<String, Channel>>,
+    channels: blockserve_runtime::channels::Channels,
 }
 
 impl Shared {
-    /// A (cached, multiplexed) channel to a block decoder.
+    /// The (cached, multiplexed) channel to a block decoder.
     pub async fn channel(&self, address: &str) -> Result<Channel, Status> {
-        let mut map = self.channels.lock().await;
-        if let Some(c) = map.get(address) {
-            return Ok(c.clone());
-        }
-        let ep = Endpoint::from_shared(address.to_string())
-            .map_err(|e| Status::invalid_argument(format!("block_decoder address {address:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5));
-        let c = ep.connect().await.map_err(|e| Status::unavailable(format!("block decoder {address} unreachable: {e}")))?;
-        map.insert(address.to_string(), c.clone());
-        Ok(c)
+        self.channels.get(address).await
     }
 }
 
@@ -92,7 +83,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         session_ttl: Duration::from_secs(args.session_ttl_s),
         max_sessions: args.max_sessions,
         running: Mutex::new(HashMap::new()),
-        channels: tokio::sync::Mutex::new(HashMap::new()),
+        channels: Default::default(),
     });
     let (listener, addr) = bind(args.serve.listen).await?;
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
