@@ -124,6 +124,41 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     Ok(probs.matmul(&v.contiguous()?)?)
 }
 
+/// Attention over keys padded to a common width, with an additive f32 `mask`
+/// `[b, 1, t, width]` (None when every row is full and t = 1).
+fn attend_masked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let mut scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.affine(scale, 0.0)?;
+    if let Some(m) = mask {
+        scores = scores.broadcast_add(m)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    Ok(probs.matmul(&v.contiguous()?)?)
+}
+
+/// Rows of different lengths batched together: the padded key width and the mask
+/// that hides, for row b and query i, every key past position `starts[b] + i`.
+struct RowLayout {
+    width: usize,
+    mask: Option<Tensor>,
+}
+
+impl RowLayout {
+    fn new(starts: &[usize], t: usize, device: &Device) -> Result<Self> {
+        let width = starts.iter().max().copied().unwrap_or(0) + t;
+        if t == 1 && starts.iter().all(|&s| s + 1 == width) {
+            return Ok(Self { width, mask: None });
+        }
+        let mut m = Vec::with_capacity(starts.len() * t * width);
+        for &s in starts {
+            for i in 0..t {
+                m.extend((0..width).map(|j| if j <= s + i { 0f32 } else { f32::NEG_INFINITY }));
+            }
+        }
+        Ok(Self { width, mask: Some(Tensor::from_vec(m, (starts.len(), 1, t, width), device)?) })
+    }
+}
+
 impl Attention {
     fn load(w: &Weights, cfg: &GptNeoXConfig) -> Result<Self> {
         let d = cfg.hidden_size;
@@ -137,7 +172,7 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, rotary: &Rotary, cs: &(Tensor, Tensor), layer: usize, cache: &mut Cache<'_, '_>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rotary: &Rotary, cs: &(Tensor, Tensor), layer: usize, cache: &mut Cache<'_, '_>, rows: Option<&RowLayout>) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let (h, hd) = (self.heads, self.head_dim);
         // [b, t, 3d] viewed per head as [q|k|v], then [b, h, t, hd] each.
@@ -153,12 +188,20 @@ impl Attention {
                 attend(&q, &k, &v, self.scale)?
             }
             Cache::PerRow(caches) => {
-                let mut rows = Vec::with_capacity(b);
+                // Append each row to its own cache, then attend for all rows at
+                // once over views padded to the longest row; `rows.mask` hides
+                // every position a row does not have (and the causal future).
+                let rows = rows.expect("per-row caches come with row lengths");
+                let mut ks = Vec::with_capacity(b);
+                let mut vs = Vec::with_capacity(b);
                 for (i, c) in caches.iter_mut().enumerate() {
-                    let (k, v) = c.append(layer, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
-                    rows.push(attend(&q.narrow(0, i, 1)?, &k, &v, self.scale)?);
+                    c.append(layer, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+                    let (kp, vp) = c.padded(layer, rows.width)?;
+                    ks.push(kp);
+                    vs.push(vp);
                 }
-                Tensor::cat(&rows, 0)?
+                let (k, v) = (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?);
+                attend_masked(&q, &k, &v, self.scale, rows.mask.as_ref())?
             }
         };
         let out = out.transpose(1, 2)?.reshape((b, t, d))?;
@@ -193,8 +236,8 @@ struct Layer {
 }
 
 impl Layer {
-    fn forward(&self, x: &Tensor, rotary: &Rotary, cs: &(Tensor, Tensor), layer: usize, cache: &mut Cache<'_, '_>) -> Result<Tensor> {
-        let attn = self.attn.forward(&self.ln1.forward(x)?, rotary, cs, layer, cache)?;
+    fn forward(&self, x: &Tensor, rotary: &Rotary, cs: &(Tensor, Tensor), layer: usize, cache: &mut Cache<'_, '_>, rows: Option<&RowLayout>) -> Result<Tensor> {
+        let attn = self.attn.forward(&self.ln1.forward(x)?, rotary, cs, layer, cache, rows)?;
         if self.parallel {
             let mlp = self.mlp.forward(&self.ln2.forward(x)?)?;
             Ok(((mlp + attn)? + x)?)
@@ -287,9 +330,13 @@ impl GptNeoX {
             ));
         }
         let cs = self.rotary.tables(&positions)?;
+        let rows = match &positions {
+            Positions::PerRow { starts, len } => Some(RowLayout::new(starts, *len, x.device())?),
+            Positions::Shared { .. } => None,
+        };
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, &self.rotary, &cs, i, &mut cache)?;
+            h = layer.forward(&h, &self.rotary, &cs, i, &mut cache, rows.as_ref())?;
         }
         Ok(self.final_ln.forward(&h)?)
     }

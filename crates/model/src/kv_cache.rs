@@ -73,25 +73,8 @@ impl KvCache {
             )));
         }
         let len = self.len;
-        let slot = &mut self.layers[layer];
-        let cap = slot.as_ref().map_or(0, |l| l.k.dim(2).unwrap_or(0));
-        if need > cap {
-            let new_cap = need.max(2 * cap).max(self.initial_capacity).min(self.max_len);
-            let grow = |old: Option<&Tensor>, like: &Tensor| -> Result<Tensor> {
-                let (b, h, _, d) = like.dims4()?;
-                let buf = Tensor::zeros((b, h, new_cap, d), like.dtype(), like.device())?;
-                if let Some(old) = old {
-                    if len > 0 {
-                        buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-                    }
-                }
-                Ok(buf)
-            };
-            let nk = grow(slot.as_ref().map(|l| &l.k), k)?;
-            let nv = grow(slot.as_ref().map(|l| &l.v), v)?;
-            *slot = Some(LayerKv { k: nk, v: nv });
-        }
-        let l = slot.as_ref().expect("allocated above");
+        self.reserve(layer, need, len, k, v)?;
+        let l = self.layers[layer].as_ref().expect("reserved above");
         l.k.slice_set(&k.contiguous()?, 2, len)?;
         l.v.slice_set(&v.contiguous()?, 2, len)?;
         let out = (l.k.narrow(2, 0, need)?, l.v.narrow(2, 0, need)?);
@@ -99,6 +82,47 @@ impl KvCache {
             self.len = need;
         }
         Ok(out)
+    }
+
+    /// Make `layer`'s storage hold at least `need` positions, keeping the first
+    /// `keep`; shaped like `k`/`v` when first allocated. Grows geometrically.
+    fn reserve(&mut self, layer: usize, need: usize, keep: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let slot = &mut self.layers[layer];
+        let cap = slot.as_ref().map_or(0, |l| l.k.dim(2).unwrap_or(0));
+        if need <= cap {
+            return Ok(());
+        }
+        let new_cap = need.max(2 * cap).max(self.initial_capacity).min(self.max_len.max(need));
+        let grow = |old: Option<&Tensor>, like: &Tensor| -> Result<Tensor> {
+            let (b, h, _, d) = like.dims4()?;
+            let buf = Tensor::zeros((b, h, new_cap, d), like.dtype(), like.device())?;
+            if let Some(old) = old {
+                let keep = keep.min(old.dim(2)?);
+                if keep > 0 {
+                    buf.slice_set(&old.narrow(2, 0, keep)?.contiguous()?, 2, 0)?;
+                }
+            }
+            Ok(buf)
+        };
+        let nk = grow(slot.as_ref().map(|l| &l.k), k)?;
+        let nv = grow(slot.as_ref().map(|l| &l.v), v)?;
+        *slot = Some(LayerKv { k: nk, v: nv });
+        Ok(())
+    }
+
+    /// `layer`'s keys and values over the first `width` positions, which may run
+    /// past the filled length (into zeroed or stale-but-finite storage that the
+    /// caller masks out). Lets rows of different lengths be batched as one tensor.
+    pub(crate) fn padded(&mut self, layer: usize, width: usize) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match &self.layers[layer] {
+            Some(l) => (l.k.clone(), l.v.clone()),
+            None => return Err(crate::error::ModelError::Input("padded view of an empty cache".into())),
+        };
+        // Keep all storage: this layer may already hold a position past `len`.
+        let cap = k.dim(2)?;
+        self.reserve(layer, width, cap, &k, &v)?;
+        let l = self.layers[layer].as_ref().expect("reserved above");
+        Ok((l.k.narrow(2, 0, width)?, l.v.narrow(2, 0, width)?))
     }
 
     /// An independent copy (e.g. to fork a shared prompt prefix).
