@@ -118,6 +118,8 @@ async fn matches_engine(model: &Path) {
             temperature: Some(if sampled { 0.8 } else { 0.0 }),
             top_k: Some(if sampled { 40 } else { 0 }),
             top_p: Some(if sampled { 0.95 } else { 1.0 }),
+            // Every third session also penalises repeats (history-dependent sampling).
+            repetition_penalty: Some(if i % 3 == 0 { 1.3 } else { 1.0 }),
             seed: Some(100 + i as u64),
             ..Default::default()
         };
@@ -125,7 +127,7 @@ async fn matches_engine(model: &Path) {
             .generate(
                 &[GenerationRequest {
                     prompt: prompt.clone(),
-                    sampling: SamplingParams { temperature: params.temperature.unwrap(), top_k: params.top_k.unwrap() as usize, top_p: params.top_p.unwrap(), repetition_penalty: 1.0, seed: params.seed.unwrap() },
+                    sampling: SamplingParams { temperature: params.temperature.unwrap(), top_k: params.top_k.unwrap() as usize, top_p: params.top_p.unwrap(), repetition_penalty: params.repetition_penalty.unwrap(), seed: params.seed.unwrap() },
                     stop: StopCriteria { max_new_tokens: 5 + i as usize, eos_token_id: bt.config.eos_token_id, stop_token_ids: vec![] },
                 }],
                 false,
@@ -134,6 +136,16 @@ async fn matches_engine(model: &Path) {
             .remove(0);
         cases.push((prompt, params, want));
     }
+    // The penalty must matter somewhere, or the history path goes untested.
+    let penalised_differs = cases.iter().filter(|c| c.1.repetition_penalty != Some(1.0)).any(|(prompt, params, want)| {
+        let plain = GenerationRequest {
+            prompt: prompt.clone(),
+            sampling: SamplingParams { temperature: params.temperature.unwrap(), top_k: params.top_k.unwrap() as usize, top_p: params.top_p.unwrap(), repetition_penalty: 1.0, seed: params.seed.unwrap() },
+            stop: StopCriteria { max_new_tokens: params.max_new_tokens.unwrap() as usize, eos_token_id: bt.config.eos_token_id, stop_token_ids: vec![] },
+        };
+        engine.generate(&[plain], false).unwrap()[0].tokens != want.tokens
+    });
+    assert!(penalised_differs, "repetition penalty changed no output");
     let mut handles = vec![];
     for (i, (prompt, params, _)) in cases.iter().enumerate() {
         let mut c = stack.client(i % 2).await;

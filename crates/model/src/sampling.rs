@@ -41,6 +41,12 @@ impl SamplingParams {
         self.temperature == 0.0 || self.top_k == 1
     }
 
+    /// Whether the choice depends on earlier tokens (repetition penalty); callers
+    /// can skip assembling the history when it does not.
+    pub fn uses_history(&self) -> bool {
+        self.repetition_penalty != 1.0
+    }
+
     /// Reject values that have no meaning, naming the field and its range.
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
@@ -70,6 +76,9 @@ pub fn argmax(xs: &[f32]) -> u32 {
 /// Choose the token at output index `n` of a session from its raw `logits`.
 /// `history` is the prompt followed by the tokens generated so far.
 pub fn sample(params: &SamplingParams, logits: &[f32], history: &[u32], n: u64) -> u32 {
+    if params.is_greedy() && !params.uses_history() {
+        return argmax(logits);
+    }
     let mut logits = logits.to_vec();
     if params.repetition_penalty != 1.0 {
         let mut seen = vec![false; logits.len()];

@@ -15,7 +15,8 @@ pub struct BlockJob {
     /// `[D_b]` on the model's device and dtype.
     pub context: Tensor,
     pub sampling: SamplingParams,
-    /// Prompt followed by every token generated so far.
+    /// Prompt followed by every token generated so far (empty when the sampling
+    /// does not use history).
     pub history: Vec<u32>,
     /// Tokens generated so far (index of the first token of this block).
     pub generated: u64,
@@ -73,9 +74,14 @@ fn decode_batch(m: &BlockTransformer, jobs: &[BlockJob]) -> Result<Vec<Vec<u32>>
         let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let mut toks = Vec::with_capacity(jobs.len());
         for ((job, row), block) in jobs.iter().zip(&rows).zip(out.iter_mut()) {
-            let mut history = job.history.clone();
-            history.extend_from_slice(block);
-            let t = sample(&job.sampling, row, &history, job.generated + k as u64);
+            let n = job.generated + k as u64;
+            let t = if job.sampling.uses_history() {
+                let mut history = job.history.clone();
+                history.extend_from_slice(block);
+                sample(&job.sampling, row, &history, n)
+            } else {
+                sample(&job.sampling, row, &[], n)
+            };
             block.push(t);
             toks.push(t);
         }

@@ -117,7 +117,8 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
     let mut context = next_context(&mut down, prompt_blocks - 1, shared, &mut gen.wire_bytes).await?;
     shared.store.set_progress(&req.session_id, SessionState::Decoding).await.map_err(blockserve_runtime::status::from_store)?;
 
-    let mut history = req.prompt_ids.clone();
+    // Prompt + output, kept only for the repetition penalty.
+    let mut history = if p.sampling.uses_history() { req.prompt_ids.clone() } else { vec![] };
     let mut text = shared.tokenizer.as_ref().map(|t| IncrementalDecoder::new(t));
     let mut full_text = String::new();
     for block_index in prompt_blocks.. {
@@ -161,7 +162,9 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
         if let Some(end) = end {
             return Ok(end);
         }
-        history.extend_from_slice(&new);
+        if p.sampling.uses_history() {
+            history.extend_from_slice(&new);
+        }
         let msg = BlockUp { kind: Some(block_up::Kind::Block(Block { index: block_index, token_ids: block })) };
         gen.wire_bytes += msg.encoded_len() as u64;
         up.send(msg)
