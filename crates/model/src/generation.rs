@@ -12,7 +12,7 @@ use crate::causal_lm::CausalLm;
 use crate::error::{input_err, Result};
 use crate::kv_cache::KvCache;
 use crate::prompt::PaddedPrompt;
-use crate::sampling::{sample, SamplingParams};
+use crate::sampling::{read_rows, sample, Row, SamplingParams};
 use crate::Model;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,15 +96,19 @@ impl<'r> Session<'r> {
         }
     }
 
-    /// Pick the next token from `logits`, record it, and settle the stop condition.
-    fn push(&mut self, logits: &[f32], record: bool) -> u32 {
+    /// Take the next token (from the device's argmax, or by sampling the row on
+    /// the host), record it, and settle the stop condition.
+    fn push(&mut self, row: Row, record: bool) -> u32 {
         let n = self.out.tokens.len() as u64;
-        let tok = sample(&self.req.sampling, logits, &self.history, n);
+        let (tok, logits) = match row {
+            Row::Token(t) => (t, None),
+            Row::Logits(l) => (sample(&self.req.sampling, &l, &self.history, n), Some(l)),
+        };
         if !self.done {
             self.history.push(tok);
             self.out.tokens.push(tok);
             if record {
-                self.out.logits.push(logits.to_vec());
+                self.out.logits.push(logits.expect("recording reads every row back"));
             }
             if let Some(r) = self.req.stop.check(&self.out.tokens) {
                 self.out.finish_reason = r;
@@ -112,6 +116,11 @@ impl<'r> Session<'r> {
             }
         }
         tok
+    }
+
+    /// Whether this session needs its logits row on the host.
+    fn on_host(&self, record: bool) -> bool {
+        record || !self.req.sampling.is_plain_greedy()
     }
 }
 
@@ -169,9 +178,10 @@ fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: boo
         let mut local = m.token_decoder.new_local_cache();
         let mut logits = m.token_decoder.begin_block(&ctx, &mut local)?;
         let mut blocks: Vec<Vec<u32>> = vec![Vec::with_capacity(l); live.len()];
+        let on_host: Vec<bool> = live.iter().map(|&i| sessions[i].on_host(record)).collect();
         for k in 0..l {
-            let rows = rows_f32(&logits)?;
-            let toks: Vec<u32> = live.iter().zip(&rows).map(|(&i, r)| sessions[i].push(r, record)).collect();
+            let rows = read_rows(&logits, &on_host)?;
+            let toks: Vec<u32> = live.iter().zip(rows).map(|(&i, r)| sessions[i].push(r, record)).collect();
             for (b, t) in blocks.iter_mut().zip(&toks) {
                 b.push(*t);
             }
@@ -203,7 +213,7 @@ fn generate_tokens(m: &CausalLm, reqs: &[GenerationRequest], record: bool) -> Re
         validate(req, vocab, m.max_positions(), "model's context")?;
         let mut s = Session::new(req, m.new_cache(req.prompt.len() + req.stop.max_new_tokens));
         let out = m.prefill(&req.prompt, &mut s.cache)?;
-        logits.push(out.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        logits.push(Row::Logits(out.to_dtype(DType::F32)?.to_vec1::<f32>()?));
         if req.stop.max_new_tokens == 0 {
             s.done = true;
         }
@@ -211,7 +221,7 @@ fn generate_tokens(m: &CausalLm, reqs: &[GenerationRequest], record: bool) -> Re
     }
     let mut live: Vec<usize> = (0..sessions.len()).filter(|&i| !sessions[i].done).collect();
     while !live.is_empty() {
-        let toks: Vec<u32> = live.iter().zip(&logits).map(|(&i, r)| sessions[i].push(r, record)).collect();
+        let toks: Vec<u32> = live.iter().zip(std::mem::take(&mut logits)).map(|(&i, r)| sessions[i].push(r, record)).collect();
         let keep: Vec<usize> = (0..live.len()).filter(|&j| !sessions[live[j]].done).collect();
         if keep.is_empty() {
             break;
@@ -220,7 +230,7 @@ fn generate_tokens(m: &CausalLm, reqs: &[GenerationRequest], record: bool) -> Re
         live = keep.iter().map(|&j| live[j]).collect();
         let mut caches: Vec<&mut KvCache> =
             sessions.iter_mut().filter(|s| !s.done).map(|s| &mut s.cache).collect();
-        logits = rows_f32(&m.step(&toks, &mut caches)?)?;
+        logits = rows_f32(&m.step(&toks, &mut caches)?)?.into_iter().map(Row::Logits).collect();
     }
     Ok(sessions.into_iter().map(|s| s.out).collect())
 }

@@ -10,6 +10,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use candle_core::{DType, Tensor, D};
+
 use crate::error::{input_err, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +62,41 @@ impl SamplingParams {
         }
         Ok(())
     }
+}
+
+/// One row of a batch's logits as the host sees it.
+pub enum Row {
+    /// The row's argmax, computed on the device (plain greedy rows).
+    Token(u32),
+    /// The whole row, for rows that sample, penalise or record logits.
+    Logits(Vec<f32>),
+}
+
+impl SamplingParams {
+    /// Whether the next token is the plain argmax of the raw logits.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.is_greedy() && !self.uses_history()
+    }
+}
+
+/// Read a batch of logits `[b, V]` back for token selection. Rows with
+/// `on_host[i] == false` only bring back their argmax (one id instead of V floats);
+/// the others bring back the whole row.
+pub fn read_rows(logits: &Tensor, on_host: &[bool]) -> Result<Vec<Row>> {
+    if on_host.iter().all(|&h| h) {
+        let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        return Ok(rows.into_iter().map(Row::Logits).collect());
+    }
+    let ids = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let host: Vec<u32> = (0..on_host.len() as u32).filter(|&i| on_host[i as usize]).collect();
+    let mut full = if host.is_empty() {
+        vec![]
+    } else {
+        let idx = Tensor::new(host.as_slice(), logits.device())?;
+        logits.index_select(&idx, 0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?
+    }
+    .into_iter();
+    Ok(ids.into_iter().zip(on_host).map(|(id, &h)| if h { Row::Logits(full.next().expect("one row per host index")) } else { Row::Token(id) }).collect())
 }
 
 /// Index of the largest value; the first one on ties, as `torch.argmax`.

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use blockserve_model::sampling::sample;
+use blockserve_model::sampling::{read_rows, sample, Row};
 use blockserve_model::{BlockTransformer, ModelError, SamplingParams};
 use candle_core::{DType, Tensor, D};
 use tokio::sync::{mpsc, oneshot};
@@ -70,17 +70,21 @@ fn decode_batch(m: &BlockTransformer, jobs: &[BlockJob]) -> Result<Vec<Vec<u32>>
     let mut local = m.token_decoder.new_local_cache();
     let mut logits = m.token_decoder.begin_block(&ctx, &mut local)?;
     let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(l); jobs.len()];
+    // Plain greedy rows bring back one id per step, not a row of logits.
+    let on_host: Vec<bool> = jobs.iter().map(|j| !j.sampling.is_plain_greedy()).collect();
     for k in 0..l {
-        let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let rows = read_rows(&logits, &on_host)?;
         let mut toks = Vec::with_capacity(jobs.len());
-        for ((job, row), block) in jobs.iter().zip(&rows).zip(out.iter_mut()) {
+        for ((job, row), block) in jobs.iter().zip(rows).zip(out.iter_mut()) {
             let n = job.generated + k as u64;
-            let t = if job.sampling.uses_history() {
-                let mut history = job.history.clone();
-                history.extend_from_slice(block);
-                sample(&job.sampling, row, &history, n)
-            } else {
-                sample(&job.sampling, row, &[], n)
+            let t = match row {
+                Row::Token(t) => t,
+                Row::Logits(row) if job.sampling.uses_history() => {
+                    let mut history = job.history.clone();
+                    history.extend_from_slice(block);
+                    sample(&job.sampling, &row, &history, n)
+                }
+                Row::Logits(row) => sample(&job.sampling, &row, &[], n),
             };
             block.push(t);
             toks.push(t);
