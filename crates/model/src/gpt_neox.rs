@@ -104,29 +104,11 @@ struct Attention {
     scale: f64,
 }
 
-/// Softmax attention of `q` `[b, h, t, d]` over `k`, `v` `[b, h, s, d]` where the
-/// queries are the last `t` of the `s` positions (causal). Scores and softmax run in
-/// f32 whatever the run dtype, as the reference's eager attention does.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (_, _, t, _) = q.dims4()?;
-    let s = k.dim(2)?;
-    let dtype = q.dtype();
-    let mut scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.affine(scale, 0.0)?;
-    if t > 1 {
-        let offset = s - t;
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..s).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, s), q.device())?;
-        scores = scores.broadcast_add(&mask)?;
-    }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-    Ok(probs.matmul(&v.contiguous()?)?)
-}
-
-/// Attention over keys padded to a common width, with an additive f32 `mask`
-/// `[b, 1, t, width]` (None when every row is full and t = 1).
-fn attend_masked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+/// Softmax attention of `q` `[b, h, t, d]` over `k`, `v` `[b, h, width, d]`, with
+/// an additive f32 `mask` broadcastable to `[b, 1, t, width]` (None when nothing is
+/// hidden). Scores and softmax run in f32 whatever the run dtype, as the
+/// reference's eager attention does.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
     let dtype = q.dtype();
     let mut scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.affine(scale, 0.0)?;
     if let Some(m) = mask {
@@ -136,8 +118,9 @@ fn attend_masked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&T
     Ok(probs.matmul(&v.contiguous()?)?)
 }
 
-/// Rows of different lengths batched together: the padded key width and the mask
-/// that hides, for row b and query i, every key past position `starts[b] + i`.
+/// Key width and mask of one forward pass: for row b and query i, every key past
+/// position `starts[b] + i` is hidden (the causal future, and for rows shorter than
+/// the batch's longest, their padding). One start serves every row of a shared cache.
 struct RowLayout {
     width: usize,
     mask: Option<Tensor>,
@@ -172,7 +155,7 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, rotary: &Rotary, cs: &(Tensor, Tensor), layer: usize, cache: &mut Cache<'_, '_>, rows: Option<&RowLayout>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rotary: &Rotary, cs: &(Tensor, Tensor), layer: usize, cache: &mut Cache<'_, '_>, layout: &RowLayout) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let (h, hd) = (self.heads, self.head_dim);
         // [b, t, 3d] viewed per head as [q|k|v], then [b, h, t, hd] each.
@@ -182,26 +165,25 @@ impl Attention {
         let k = rotary.apply(&part(1)?, &cs.0, &cs.1)?;
         let v = part(2)?;
         let out = match cache {
-            Cache::None => attend(&q, &k, &v, self.scale)?,
+            Cache::None => attend(&q, &k, &v, self.scale, layout.mask.as_ref())?,
             Cache::Shared(c) => {
                 let (k, v) = c.append(layer, &k, &v)?;
-                attend(&q, &k, &v, self.scale)?
+                attend(&q, &k, &v, self.scale, layout.mask.as_ref())?
             }
             Cache::PerRow(caches) => {
                 // Append each row to its own cache, then attend for all rows at
-                // once over views padded to the longest row; `rows.mask` hides
+                // once over views padded to the longest row; the layout's mask hides
                 // every position a row does not have (and the causal future).
-                let rows = rows.expect("per-row caches come with row lengths");
                 let mut ks = Vec::with_capacity(b);
                 let mut vs = Vec::with_capacity(b);
                 for (i, c) in caches.iter_mut().enumerate() {
                     c.append(layer, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
-                    let (kp, vp) = c.padded(layer, rows.width)?;
+                    let (kp, vp) = c.padded(layer, layout.width)?;
                     ks.push(kp);
                     vs.push(vp);
                 }
                 let (k, v) = (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?);
-                attend_masked(&q, &k, &v, self.scale, rows.mask.as_ref())?
+                attend(&q, &k, &v, self.scale, layout.mask.as_ref())?
             }
         };
         let out = out.transpose(1, 2)?.reshape((b, t, d))?;
@@ -236,8 +218,8 @@ struct Layer {
 }
 
 impl Layer {
-    fn forward(&self, x: &Tensor, rotary: &Rotary, cs: &(Tensor, Tensor), layer: usize, cache: &mut Cache<'_, '_>, rows: Option<&RowLayout>) -> Result<Tensor> {
-        let attn = self.attn.forward(&self.ln1.forward(x)?, rotary, cs, layer, cache, rows)?;
+    fn forward(&self, x: &Tensor, rotary: &Rotary, cs: &(Tensor, Tensor), layer: usize, cache: &mut Cache<'_, '_>, layout: &RowLayout) -> Result<Tensor> {
+        let attn = self.attn.forward(&self.ln1.forward(x)?, rotary, cs, layer, cache, layout)?;
         if self.parallel {
             let mlp = self.mlp.forward(&self.ln2.forward(x)?)?;
             Ok(((mlp + attn)? + x)?)
@@ -330,13 +312,14 @@ impl GptNeoX {
             ));
         }
         let cs = self.rotary.tables(&positions)?;
-        let rows = match &positions {
-            Positions::PerRow { starts, len } => Some(RowLayout::new(starts, *len, x.device())?),
-            Positions::Shared { .. } => None,
+        // Built once per pass, shared by every layer.
+        let layout = match &positions {
+            Positions::PerRow { starts, len } => RowLayout::new(starts, *len, x.device())?,
+            Positions::Shared { start, len } => RowLayout::new(&[*start], *len, x.device())?,
         };
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, &self.rotary, &cs, i, &mut cache, rows.as_ref())?;
+            h = layer.forward(&h, &self.rotary, &cs, i, &mut cache, &layout)?;
         }
         Ok(self.final_ln.forward(&h)?)
     }

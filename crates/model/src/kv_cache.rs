@@ -50,16 +50,6 @@ impl KvCache {
         self.max_len
     }
 
-    /// Positions of storage currently allocated (for memory accounting).
-    pub fn capacity(&self) -> usize {
-        self.layers.iter().flatten().next().map_or(0, |l| l.k.dim(2).unwrap_or(0))
-    }
-
-    /// Bytes of device memory held by this cache.
-    pub fn allocated_bytes(&self) -> usize {
-        self.layers.iter().flatten().map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes()).sum()
-    }
-
     /// Append `k`, `v` (`[batch, heads, t, head_dim]`) to `layer` and return views of
     /// the whole history `[batch, heads, len + t, head_dim]`. The cache length
     /// advances once the last layer has been appended to.
@@ -138,20 +128,5 @@ impl KvCache {
     /// Forget every position from `len` on (the storage stays allocated).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
-    }
-
-    /// Keep only the given rows of a batched cache (drop finished sessions).
-    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
-        for l in self.layers.iter_mut().flatten() {
-            let idx = Tensor::from_iter(rows.iter().map(|&r| r as u32), l.k.device())?;
-            l.k = l.k.index_select(&idx, 0)?;
-            l.v = l.v.index_select(&idx, 0)?;
-        }
-        Ok(())
-    }
-
-    /// An empty cache shaped like this one (same limits), for reuse by another group.
-    pub fn empty_like(&self) -> Self {
-        Self::new(self.layers.len(), self.initial_capacity, self.max_len)
     }
 }
