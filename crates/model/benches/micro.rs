@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use blockserve_model::init::random_weights;
 use blockserve_model::loader::build;
 use blockserve_model::weights::Weights;
-use blockserve_model::{presets, KvCache, Model};
+use blockserve_model::{presets, Model, SeqKv};
 use candle_core::{DType, Device, Tensor};
 
 fn env(name: &str, default: &str) -> String {
@@ -39,7 +39,7 @@ fn time_per_call(d: &Device, min: Duration, mut f: impl FnMut()) -> f64 {
 
 fn main() {
     let device = match env("BENCH_DEVICE", "cpu").as_str() {
-        "cuda" => Device::new_cuda(0).expect("CUDA device"),
+        "cuda" => blockserve_model::cuda_device(0).expect("CUDA device"),
         _ => Device::Cpu,
     };
     let dtype = match env("BENCH_DTYPE", "f32").as_str() {
@@ -62,20 +62,24 @@ fn main() {
     println!("|---|---:|---:|---:|---:|");
     for &b in &batches {
         // Block decoder: every session holds ctx_blocks blocks, then one step each.
-        let prompt = Tensor::randn(0f32, 1.0, (ctx_blocks, d_b), &device).unwrap().to_dtype(dtype).unwrap();
-        let mut base = m.block_decoder.new_cache(ctx_blocks + 64);
-        m.block_decoder.prefill(&prompt, &mut base).unwrap();
+        let prompt = Tensor::randn(0f32, 1.0, (b * ctx_blocks, d_b), &device).unwrap().to_dtype(dtype).unwrap();
+        let pages = b * (ctx_blocks + 32).div_ceil(16);
+        let mut pool = m.block_decoder.new_pool(pages, 16, dtype, &device).unwrap();
+        let mut seqs: Vec<SeqKv> = (0..b).map(|_| SeqKv::default()).collect();
+        let mut refs: Vec<&mut SeqKv> = seqs.iter_mut().collect();
+        let pass = pool.plan(&mut refs, &vec![ctx_blocks; b], &device).unwrap();
+        m.block_decoder.forward_paged(&prompt, &pool, &pass).unwrap();
         let embeds = Tensor::randn(0f32, 1.0, (b, d_b), &device).unwrap().to_dtype(dtype).unwrap();
-        let mut caches: Vec<KvCache> = (0..b).map(|_| base.deep_clone().unwrap()).collect();
         let mut steps = 0;
         let t = time_per_call(&device, min, || {
             // Keep lengths bounded: rewind to the prefilled state every 32 steps.
             if steps == 32 {
-                caches.iter_mut().for_each(|c| c.truncate(ctx_blocks));
+                seqs.iter_mut().for_each(|c| c.truncate(ctx_blocks));
                 steps = 0;
             }
-            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-            m.block_decoder.step(&embeds, &mut refs).unwrap();
+            let mut refs: Vec<&mut SeqKv> = seqs.iter_mut().collect();
+            let pass = pool.plan(&mut refs, &vec![1; b], &device).unwrap();
+            m.block_decoder.forward_paged(&embeds, &pool, &pass).unwrap();
             steps += 1;
         });
         println!("| block-decoder step | {b} | {:.3} | {:.0} | {:.0} |", t * 1e3, b as f64 / t, (b * l) as f64 / t);
@@ -83,8 +87,8 @@ fn main() {
         // Token decoder: one whole block (prefix + L-1 further steps) per session.
         let ctx = Tensor::randn(0f32, 1.0, (b, d_b), &device).unwrap().to_dtype(dtype).unwrap();
         let toks = Tensor::from_vec(vec![7u32; b], b, &device).unwrap();
+        let mut local = m.token_decoder.new_local(b, dtype, &device).unwrap();
         let t = time_per_call(&device, min, || {
-            let mut local = m.token_decoder.new_local_cache();
             let mut logits = m.token_decoder.begin_block(&ctx, &mut local).unwrap();
             for _ in 1..l {
                 logits = m.token_decoder.next_token(&toks, &mut local).unwrap();

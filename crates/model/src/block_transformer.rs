@@ -2,18 +2,20 @@
 //! expansion layer -> prefix token decoder (arXiv 2406.02657, reference layout).
 //!
 //! Everything here is incremental and batched for serving: the block decoder
-//! prefills a session's prompt blocks into that session's [`KvCache`] and steps
-//! many sessions of different lengths by one block; the token decoder decodes one
-//! block for a batch of context embeddings with a local cache of R+L-1 positions.
+//! appends prompt chunks and single blocks of many sessions, of any lengths, to a
+//! paged block-level cache in one pass; the token decoder decodes one block for a
+//! batch of context embeddings with a local cache of R+L-1 positions per row.
 //! The training-path forward is kept for scoring and golden checks.
 
-use candle_core::{Module, Tensor, D};
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::Linear;
 
 use crate::config::BlockTransformerConfig;
 use crate::error::{input_err, Result};
-use crate::gpt_neox::{linear, Cache, GptNeoX};
-use crate::kv_cache::KvCache;
+use crate::gpt_neox::{linear, GptNeoX};
+use crate::paged::{KvPool, PagedPass, SeqKv};
 use crate::weights::Weights;
 
 /// Check that every id is inside the vocabulary before it indexes a table.
@@ -49,10 +51,14 @@ pub struct BlockDecoder {
 }
 
 impl BlockDecoder {
-    /// An empty block-level cache for one session, with room for `blocks` blocks
-    /// before it first grows.
-    pub fn new_cache(&self, blocks: usize) -> KvCache {
-        self.stack.new_cache(blocks)
+    /// A pool of block-level KV pages for this decoder.
+    pub fn new_pool(&self, num_pages: usize, page_size: usize, dtype: DType, device: &Device) -> Result<KvPool> {
+        self.stack.new_pool(num_pages, page_size, dtype, device)
+    }
+
+    /// Bytes of KV one block position costs.
+    pub fn bytes_per_block(&self, dtype: DType) -> usize {
+        KvPool::bytes_per_position(self.stack.config(), dtype)
     }
 
     /// Most blocks (prompt + generated) one session can hold.
@@ -60,24 +66,17 @@ impl BlockDecoder {
         self.stack.config().max_position_embeddings
     }
 
-    /// Append a run of one session's blocks `[n, D_b]` to its cache (the whole
-    /// prompt, or a chunk of it) and return their contexts `[n, D_b]`; the last row
-    /// conditions the next block.
-    pub fn prefill(&self, block_embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let x = block_embeds.unsqueeze(0)?;
-        Ok(self.stack.forward(&x, Cache::Shared(cache))?.squeeze(0)?)
-    }
-
-    /// Advance a batch of sessions by one block each: row i of `block_embeds`
-    /// `[b, D_b]` is appended to `caches[i]` (any lengths); returns `[b, D_b]`.
-    pub fn step(&self, block_embeds: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        let x = block_embeds.unsqueeze(1)?;
-        Ok(self.stack.forward(&x, Cache::PerRow(caches))?.squeeze(1)?)
+    /// Append blocks to sessions' caches in one pass: `block_embeds` `[n, D_b]`
+    /// holds the new blocks laid out by `pass` (prompt chunks, single blocks of
+    /// running sessions, or both). Returns the context of every new block
+    /// `[n, D_b]`; a session's last one conditions its next block.
+    pub fn forward_paged(&self, block_embeds: &Tensor, pool: &KvPool, pass: &PagedPass) -> Result<Tensor> {
+        self.stack.forward_paged(block_embeds, pool, pass)
     }
 
     /// Full causal pass without a cache: `[b, n, D_b]` -> contexts `[b, n, D_b]`.
     pub fn forward(&self, block_embeds: &Tensor) -> Result<Tensor> {
-        self.stack.forward(block_embeds, Cache::None)
+        self.stack.forward(block_embeds)
     }
 }
 
@@ -114,38 +113,85 @@ impl TokenDecoder {
     /// positions R-1..R+L-2.
     pub fn forward(&self, context: &Tensor, tokens: &Tensor) -> Result<Tensor> {
         let x = Tensor::cat(&[&self.prefix(context)?, &self.embed(tokens)?], 1)?;
-        let h = self.stack.forward(&x, Cache::None)?;
+        let h = self.stack.forward(&x)?;
         // Row-strided views are fine for the CPU matmul but not for cuBLAS.
         let h = h.narrow(1, self.ratio - 1, self.block_length)?.contiguous()?;
         Ok(self.lm_head.forward(&h)?)
     }
 
-    /// The local cache for one block of a batch: R+L-1 positions, allocated once.
-    pub fn new_local_cache(&self) -> KvCache {
-        let n = self.ratio + self.block_length - 1;
-        KvCache::new(self.stack.config().num_hidden_layers, n, n)
+    /// Positions of the local cache: R prefix vectors and L-1 tokens.
+    fn window(&self) -> usize {
+        self.ratio + self.block_length - 1
     }
 
-    /// Start a block for a batch: feed the prefix of each context `[b, D_b]` into an
-    /// empty local cache and return the logits of each block's first token `[b, V]`.
-    pub fn begin_block(&self, context: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        if !cache.is_empty() {
-            return input_err("begin_block needs an empty local cache");
-        }
-        let h = self.stack.forward(&self.prefix(context)?, Cache::Shared(cache))?;
-        let last = h.narrow(1, self.ratio - 1, 1)?.squeeze(1)?.contiguous()?;
+    /// The local cache for blocks of up to `max_batch` rows, allocated once: one
+    /// page of R+L-1 positions per row.
+    pub fn new_local(&self, max_batch: usize, dtype: DType, device: &Device) -> Result<LocalKv> {
+        let pool = self.stack.new_pool(max_batch.max(1), self.window(), dtype, device)?;
+        Ok(LocalKv { pool, passes: HashMap::new(), step: 0, batch: 0 })
+    }
+
+    /// Start a block for a batch: feed the prefix of each context `[b, D_b]` into
+    /// the local cache (rows 0..b) and return the logits of each block's first
+    /// token `[b, V]`.
+    pub fn begin_block(&self, context: &Tensor, local: &mut LocalKv) -> Result<Tensor> {
+        let b = context.dim(0)?;
+        local.start(b, self.ratio, self.block_length)?;
+        let prefix = self.prefix(context)?;
+        let d = prefix.dim(2)?;
+        let h = self.stack.forward_paged(&prefix.reshape((b * self.ratio, d))?, &local.pool, local.pass(0))?;
+        // Each row's last prefix position predicts its first token.
+        let last = h.reshape((b, self.ratio, d))?.narrow(1, self.ratio - 1, 1)?.squeeze(1)?.contiguous()?;
         Ok(self.lm_head.forward(&last)?)
     }
 
     /// Feed each row's newest token `[b]` (u32) and return the next logits `[b, V]`.
     /// At most L-1 calls follow one `begin_block`.
-    pub fn next_token(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        if cache.len() >= cache.max_len() {
+    pub fn next_token(&self, tokens: &Tensor, local: &mut LocalKv) -> Result<Tensor> {
+        if local.step + 1 >= self.block_length {
             return input_err(format!("a block has only {} tokens", self.block_length));
         }
-        let x = self.embed(&tokens.unsqueeze(1)?)?;
-        let h = self.stack.forward(&x, Cache::Shared(cache))?;
-        Ok(self.lm_head.forward(&h.squeeze(1)?)?)
+        if tokens.dim(0)? != local.batch {
+            return input_err(format!("{} tokens for a block of {} rows", tokens.dim(0)?, local.batch));
+        }
+        local.step += 1;
+        let h = self.stack.forward_paged(&self.embed(tokens)?, &local.pool, local.pass(local.step))?;
+        Ok(self.lm_head.forward(&h)?)
+    }
+}
+
+/// The token decoder's local cache: a fixed pool with one page per row, and the
+/// passes of a block (prefix, then one token per step) built once per batch size.
+pub struct LocalKv {
+    pool: KvPool,
+    passes: HashMap<usize, Vec<PagedPass>>,
+    step: usize,
+    batch: usize,
+}
+
+impl LocalKv {
+    fn start(&mut self, batch: usize, ratio: usize, block_length: usize) -> Result<()> {
+        if batch > self.pool.num_pages() {
+            return input_err(format!("a block batch of {batch} rows exceeds the local cache's {}", self.pool.num_pages()));
+        }
+        if !self.passes.contains_key(&batch) {
+            let device = self.pool.layer(0).device().clone();
+            let mut seqs: Vec<SeqKv> = (0..batch as u32).map(|p| SeqKv::on_pages(vec![p])).collect();
+            let mut passes = Vec::with_capacity(block_length);
+            for step in 0..block_length {
+                let count = if step == 0 { ratio } else { 1 };
+                let mut refs: Vec<&mut SeqKv> = seqs.iter_mut().collect();
+                passes.push(self.pool.plan(&mut refs, &vec![count; batch], &device)?);
+            }
+            self.passes.insert(batch, passes);
+        }
+        self.batch = batch;
+        self.step = 0;
+        Ok(())
+    }
+
+    fn pass(&self, step: usize) -> &PagedPass {
+        &self.passes[&self.batch][step]
     }
 }
 
@@ -194,6 +240,15 @@ impl BlockTransformer {
             },
             config: config.clone(),
         })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embedder.table.device()
+    }
+
+    /// The dtype the weights (and so every activation and cache) use.
+    pub fn dtype(&self) -> DType {
+        self.embedder.table.dtype()
     }
 
     pub fn block_length(&self) -> usize {

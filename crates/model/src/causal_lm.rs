@@ -1,16 +1,16 @@
 //! The vanilla baseline: a plain GPT-NeoX causal LM in the Hugging Face Pythia
 //! layout (`gpt_neox.*` + `embed_out`). Same incremental API shape as the block
-//! decoder: prefill one session into its cache, step a batch of sessions of any
-//! lengths by one token.
+//! decoder: one paged pass appends prompt chunks and single tokens of many
+//! sessions, of any lengths.
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
 
 use crate::block_transformer::check_ids;
 use crate::config::CausalLmConfig;
 use crate::error::{input_err, Result};
-use crate::gpt_neox::{linear, Cache, GptNeoX};
-use crate::kv_cache::KvCache;
+use crate::gpt_neox::{linear, GptNeoX};
+use crate::paged::{KvPool, PagedPass};
 use crate::weights::Weights;
 
 pub struct CausalLm {
@@ -39,8 +39,23 @@ impl CausalLm {
         Ok(self.embed_in.embedding(&t)?.reshape((shape.0, shape.1, ()))?)
     }
 
-    pub fn new_cache(&self, initial_capacity: usize) -> KvCache {
-        self.stack.new_cache(initial_capacity)
+    /// A pool of KV pages for this model.
+    pub fn new_pool(&self, num_pages: usize, page_size: usize, dtype: DType, device: &Device) -> Result<KvPool> {
+        self.stack.new_pool(num_pages, page_size, dtype, device)
+    }
+
+    /// Bytes of KV one position costs.
+    pub fn bytes_per_position(&self, dtype: DType) -> usize {
+        KvPool::bytes_per_position(&self.config.stack, dtype)
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_in.device()
+    }
+
+    /// The dtype the weights (and so every activation and cache) use.
+    pub fn dtype(&self) -> DType {
+        self.embed_in.dtype()
     }
 
     pub fn max_positions(&self) -> usize {
@@ -54,26 +69,16 @@ impl CausalLm {
             return input_err("input_ids must be a non-empty batch of non-empty rows of equal length");
         }
         let x = self.embed(&rows.concat(), (rows.len(), t))?;
-        Ok(self.lm_head.forward(&self.stack.forward(&x, Cache::None)?)?)
+        Ok(self.lm_head.forward(&self.stack.forward(&x)?)?)
     }
 
-    /// Append one session's tokens (prompt or a chunk of it) to its cache and return
-    /// the logits after the last one `[V]`.
-    pub fn prefill(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        if ids.is_empty() {
-            return input_err("prompt must hold at least one token");
-        }
-        let x = self.embed(ids, (1, ids.len()))?;
-        let h = self.stack.forward(&x, Cache::Shared(cache))?;
-        let last = h.narrow(1, ids.len() - 1, 1)?.squeeze(1)?.contiguous()?;
-        Ok(self.lm_head.forward(&last)?.squeeze(0)?)
-    }
-
-    /// Feed one token per session (`tokens[i]` into `caches[i]`, any lengths);
-    /// returns the next logits `[b, V]`.
-    pub fn step(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        let x = self.embed(tokens, (tokens.len(), 1))?;
-        let h = self.stack.forward(&x, Cache::PerRow(caches))?;
-        Ok(self.lm_head.forward(&h.squeeze(1)?)?)
+    /// Append tokens to sessions' caches in one pass (`ids` laid out by `pass`:
+    /// prompt chunks and single tokens alike) and return the logits after the
+    /// tokens at positions `rows` of `ids` `[rows.len(), V]`.
+    pub fn forward_paged(&self, ids: &[u32], pool: &KvPool, pass: &PagedPass, rows: &[u32]) -> Result<Tensor> {
+        let x = self.embed(ids, (1, ids.len()))?.squeeze(0)?;
+        let h = self.stack.forward_paged(&x, pool, pass)?;
+        let pick = Tensor::from_slice(rows, rows.len(), h.device())?;
+        Ok(self.lm_head.forward(&h.index_select(&pick, 0)?)?)
     }
 }

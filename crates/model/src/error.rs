@@ -15,6 +15,9 @@ pub enum ModelError {
     ShapeMismatch { key: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("invalid input: {0}")]
     Input(String),
+    /// Not enough KV memory right now; the request may be retried later.
+    #[error("out of capacity: {0}")]
+    Capacity(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::block_transformer::{check_ids, BlockTransformer};
 use crate::causal_lm::CausalLm;
 use crate::error::{input_err, Result};
-use crate::kv_cache::KvCache;
+use crate::paged::SeqKv;
 use crate::prompt::PaddedPrompt;
 use crate::sampling::{read_rows, sample, Row, SamplingParams};
 use crate::Model;
@@ -82,17 +82,17 @@ struct Session<'r> {
     history: Vec<u32>,
     out: GenerationOutput,
     done: bool,
-    cache: KvCache,
+    kv: SeqKv,
 }
 
 impl<'r> Session<'r> {
-    fn new(req: &'r GenerationRequest, cache: KvCache) -> Self {
+    fn new(req: &'r GenerationRequest) -> Self {
         Self {
             req,
             history: req.prompt.clone(),
             out: GenerationOutput { tokens: vec![], finish_reason: FinishReason::Length, logits: vec![] },
             done: false,
-            cache,
+            kv: SeqKv::default(),
         }
     }
 
@@ -152,30 +152,76 @@ impl Model {
     }
 }
 
+/// Positions per page of the driver's pools.
+const PAGE_SIZE: usize = 16;
+/// Most new positions one prefill pass of the driver takes (whole prompts are
+/// packed up to it; a longer prompt goes alone).
+const PREFILL_BUDGET: usize = 4096;
+
+/// Groups of consecutive sessions whose prompt lengths sum to at most the budget.
+fn prefill_groups(lens: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut groups = vec![];
+    let (mut start, mut sum) = (0, 0);
+    for (i, &n) in lens.iter().enumerate() {
+        if i > start && sum + n > PREFILL_BUDGET {
+            groups.push(start..i);
+            (start, sum) = (i, 0);
+        }
+        sum += n;
+    }
+    if start < lens.len() {
+        groups.push(start..lens.len());
+    }
+    groups
+}
+
+/// The row of each group member's last new position in a pass of `lens`.
+fn last_rows(lens: &[usize]) -> Vec<u32> {
+    lens.iter().scan(0u32, |end, &n| {
+        *end += n as u32;
+        Some(*end - 1)
+    }).collect()
+}
+
 fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: bool) -> Result<Vec<GenerationOutput>> {
     let l = m.block_length();
+    let (device, dtype) = (m.device(), m.dtype());
     // The block decoder sees prompt blocks plus all but the last generated block;
     // keeping one block of slack makes the limit easy to state in tokens.
     let max_tokens = (m.block_decoder.max_blocks() - 1) * l;
     let mut sessions = Vec::with_capacity(reqs.len());
-    let mut contexts = Vec::with_capacity(reqs.len());
+    let mut prompts = Vec::with_capacity(reqs.len());
+    let mut pages = 0;
     for req in reqs {
         validate(req, m.config.vocab_size, max_tokens, "block decoder's context")?;
         let padded = PaddedPrompt::new(&req.prompt, l)?;
-        let blocks = padded.num_blocks(l) + req.stop.max_new_tokens.div_ceil(l);
-        let mut s = Session::new(req, m.block_decoder.new_cache(blocks));
-        let ctx = m.block_decoder.prefill(&m.embed_ids(&padded.ids)?, &mut s.cache)?;
-        contexts.push(ctx.get(ctx.dim(0)? - 1)?);
-        if req.stop.max_new_tokens == 0 {
-            s.done = true;
-        }
+        pages += (padded.num_blocks(l) + req.stop.max_new_tokens.div_ceil(l)).div_ceil(PAGE_SIZE);
+        let mut s = Session::new(req);
+        s.done = req.stop.max_new_tokens == 0;
         sessions.push(s);
+        prompts.push(padded.ids);
     }
+    let mut pool = m.block_decoder.new_pool(pages.max(1), PAGE_SIZE, dtype, device)?;
+    // Prefill: whole prompts packed into passes.
+    let lens: Vec<usize> = prompts.iter().map(|p| p.len() / l).collect();
+    let mut contexts = Vec::with_capacity(reqs.len());
+    for g in prefill_groups(&lens) {
+        let ids: Vec<u32> = prompts[g.clone()].concat();
+        let mut seqs: Vec<&mut SeqKv> = sessions[g.clone()].iter_mut().map(|s| &mut s.kv).collect();
+        let pass = pool.plan(&mut seqs, &lens[g.clone()], device)?;
+        let ctx = m.block_decoder.forward_paged(&m.embed_ids(&ids)?, &pool, &pass)?;
+        contexts.push(ctx.index_select(&Tensor::new(last_rows(&lens[g]), device)?, 0)?);
+    }
+    let contexts = Tensor::cat(&contexts, 0)?;
     let mut live: Vec<usize> = (0..sessions.len()).filter(|&i| !sessions[i].done).collect();
-    let mut context = if live.is_empty() { None } else { Some(Tensor::stack(&live.iter().map(|&i| &contexts[i]).collect::<Vec<_>>(), 0)?) };
+    let mut context = if live.is_empty() {
+        None
+    } else {
+        Some(contexts.index_select(&Tensor::new(live.iter().map(|&i| i as u32).collect::<Vec<_>>(), device)?, 0)?)
+    };
+    let mut local = m.token_decoder.new_local(live.len(), dtype, device)?;
     while let Some(ctx) = context.take() {
         // One block for every live session: L token-decoder steps.
-        let mut local = m.token_decoder.new_local_cache();
         let mut logits = m.token_decoder.begin_block(&ctx, &mut local)?;
         let mut blocks: Vec<Vec<u32>> = vec![Vec::with_capacity(l); live.len()];
         let on_host: Vec<bool> = live.iter().map(|&i| sessions[i].on_host(record)).collect();
@@ -186,7 +232,7 @@ fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: boo
                 b.push(*t);
             }
             if k + 1 < l {
-                let t = Tensor::from_vec(toks, live.len(), ctx.device())?;
+                let t = Tensor::from_vec(toks, live.len(), device)?;
                 logits = m.token_decoder.next_token(&t, &mut local)?;
             }
         }
@@ -196,30 +242,41 @@ fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: boo
             break;
         }
         let ids: Vec<u32> = keep.iter().flat_map(|&j| blocks[j].iter().copied()).collect();
-        let embeds = m.embed_ids(&ids)?;
         live = keep.iter().map(|&j| live[j]).collect();
-        let mut caches: Vec<&mut KvCache> =
-            sessions.iter_mut().filter(|s| !s.done).map(|s| &mut s.cache).collect();
-        context = Some(m.block_decoder.step(&embeds, &mut caches)?);
+        let mut seqs: Vec<&mut SeqKv> = sessions.iter_mut().filter(|s| !s.done).map(|s| &mut s.kv).collect();
+        let pass = pool.plan(&mut seqs, &vec![1; live.len()], device)?;
+        context = Some(m.block_decoder.forward_paged(&m.embed_ids(&ids)?, &pool, &pass)?);
     }
     Ok(sessions.into_iter().map(|s| s.out).collect())
 }
 
 fn generate_tokens(m: &CausalLm, reqs: &[GenerationRequest], record: bool) -> Result<Vec<GenerationOutput>> {
     let vocab = m.config.stack.vocab_size;
+    let (device, dtype) = (m.device(), m.dtype());
     let mut sessions = Vec::with_capacity(reqs.len());
-    let mut logits = Vec::with_capacity(reqs.len());
+    let mut pages = 0;
     for req in reqs {
         validate(req, vocab, m.max_positions(), "model's context")?;
-        let mut s = Session::new(req, m.new_cache(req.prompt.len() + req.stop.max_new_tokens));
-        let out = m.prefill(&req.prompt, &mut s.cache)?;
-        logits.push(Row::Logits(out.to_dtype(DType::F32)?.to_vec1::<f32>()?));
-        if req.stop.max_new_tokens == 0 {
-            s.done = true;
+        if req.prompt.is_empty() {
+            return input_err("prompt must hold at least one token");
         }
+        pages += (req.prompt.len() + req.stop.max_new_tokens).div_ceil(PAGE_SIZE);
+        let mut s = Session::new(req);
+        s.done = req.stop.max_new_tokens == 0;
         sessions.push(s);
     }
+    let mut pool = m.new_pool(pages.max(1), PAGE_SIZE, dtype, device)?;
+    let lens: Vec<usize> = reqs.iter().map(|r| r.prompt.len()).collect();
+    let mut logits = Vec::with_capacity(reqs.len());
+    for g in prefill_groups(&lens) {
+        let ids: Vec<u32> = reqs[g.clone()].iter().flat_map(|r| r.prompt.iter().copied()).collect();
+        let mut seqs: Vec<&mut SeqKv> = sessions[g.clone()].iter_mut().map(|s| &mut s.kv).collect();
+        let pass = pool.plan(&mut seqs, &lens[g.clone()], device)?;
+        let out = m.forward_paged(&ids, &pool, &pass, &last_rows(&lens[g]))?;
+        logits.extend(rows_f32(&out)?.into_iter().map(Row::Logits));
+    }
     let mut live: Vec<usize> = (0..sessions.len()).filter(|&i| !sessions[i].done).collect();
+    let mut logits: Vec<Row> = live.iter().map(|&i| std::mem::replace(&mut logits[i], Row::Token(0))).collect();
     while !live.is_empty() {
         let toks: Vec<u32> = live.iter().zip(std::mem::take(&mut logits)).map(|(&i, r)| sessions[i].push(r, record)).collect();
         let keep: Vec<usize> = (0..live.len()).filter(|&j| !sessions[live[j]].done).collect();
@@ -228,9 +285,10 @@ fn generate_tokens(m: &CausalLm, reqs: &[GenerationRequest], record: bool) -> Re
         }
         let toks: Vec<u32> = keep.iter().map(|&j| toks[j]).collect();
         live = keep.iter().map(|&j| live[j]).collect();
-        let mut caches: Vec<&mut KvCache> =
-            sessions.iter_mut().filter(|s| !s.done).map(|s| &mut s.cache).collect();
-        logits = rows_f32(&m.step(&toks, &mut caches)?)?.into_iter().map(Row::Logits).collect();
+        let mut seqs: Vec<&mut SeqKv> = sessions.iter_mut().filter(|s| !s.done).map(|s| &mut s.kv).collect();
+        let pass = pool.plan(&mut seqs, &vec![1; live.len()], device)?;
+        let rows: Vec<u32> = (0..live.len() as u32).collect();
+        logits = rows_f32(&m.forward_paged(&toks, &pool, &pass, &rows)?)?.into_iter().map(Row::Logits).collect();
     }
     Ok(sessions.into_iter().map(|s| s.out).collect())
 }

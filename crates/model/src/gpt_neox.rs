@@ -13,20 +13,9 @@ use candle_nn::{LayerNorm, Linear};
 
 use crate::config::{Activation, GptNeoXConfig};
 use crate::error::Result;
-use crate::kv_cache::KvCache;
+use crate::paged::ops::{attend_paged, HeadShape};
+use crate::paged::{KvPool, PagedPass};
 use crate::weights::Weights;
-
-/// How a forward pass sees earlier positions.
-pub enum Cache<'a, 'b> {
-    /// No history: every row starts at position 0 and nothing is kept.
-    None,
-    /// All rows share this cache (and hence one length): a single session, or a
-    /// block-synchronous batch of the token decoder.
-    Shared(&'a mut KvCache),
-    /// One cache per row; rows may have different lengths. Projections and MLPs run
-    /// batched, attention runs per row over that row's history.
-    PerRow(&'a mut [&'b mut KvCache]),
-}
 
 /// Rotary tables `cos`/`sin` `[max_positions, rotary_dim / 2]`, computed in f32 as
 /// the reference does and stored in the run dtype.
@@ -58,23 +47,12 @@ impl Rotary {
         Ok(Self { cos: t(cos)?, sin: t(sin)?, dim })
     }
 
-    /// Tables for the given positions: `[t, dim/2]` when every row shares them,
-    /// `[b, t, dim/2]` otherwise.
-    fn tables(&self, positions: &Positions) -> Result<(Tensor, Tensor)> {
+    /// Tables for positions `0..len` `[len, dim/2]`.
+    fn tables(&self, len: usize) -> Result<(Tensor, Tensor)> {
         if self.dim == 0 {
             return Ok((self.cos.clone(), self.sin.clone()));
         }
-        match positions {
-            Positions::Shared { start, len } => {
-                Ok((self.cos.narrow(0, *start, *len)?, self.sin.narrow(0, *start, *len)?))
-            }
-            Positions::PerRow { starts, len } => {
-                let idx: Vec<u32> = starts.iter().flat_map(|&s| (s..s + len).map(|p| p as u32)).collect();
-                let idx = Tensor::from_vec(idx, starts.len() * len, self.cos.device())?;
-                let shape = (starts.len(), *len, self.dim / 2);
-                Ok((self.cos.index_select(&idx, 0)?.reshape(shape)?, self.sin.index_select(&idx, 0)?.reshape(shape)?))
-            }
-        }
+        Ok((self.cos.narrow(0, 0, len)?, self.sin.narrow(0, 0, len)?))
     }
 
     /// Rotate the first `dim` channels of `x` `[b, h, t, head_dim]`, pass the rest.
@@ -89,11 +67,6 @@ impl Rotary {
         }
         Ok(Tensor::cat(&[&rot, &x.narrow(D::Minus1, self.dim, hd - self.dim)?], D::Minus1)?)
     }
-}
-
-enum Positions {
-    Shared { start: usize, len: usize },
-    PerRow { starts: Vec<usize>, len: usize },
 }
 
 struct Attention {
@@ -118,28 +91,13 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>)
     Ok(probs.matmul(&v.contiguous()?)?)
 }
 
-/// Key width and mask of one forward pass: for row b and query i, every key past
-/// position `starts[b] + i` is hidden (the causal future, and for rows shorter than
-/// the batch's longest, their padding). One start serves every row of a shared cache.
-struct RowLayout {
-    width: usize,
-    mask: Option<Tensor>,
-}
-
-impl RowLayout {
-    fn new(starts: &[usize], t: usize, device: &Device) -> Result<Self> {
-        let width = starts.iter().max().copied().unwrap_or(0) + t;
-        if t == 1 && starts.iter().all(|&s| s + 1 == width) {
-            return Ok(Self { width, mask: None });
-        }
-        let mut m = Vec::with_capacity(starts.len() * t * width);
-        for &s in starts {
-            for i in 0..t {
-                m.extend((0..width).map(|j| if j <= s + i { 0f32 } else { f32::NEG_INFINITY }));
-            }
-        }
-        Ok(Self { width, mask: Some(Tensor::from_vec(m, (starts.len(), 1, t, width), device)?) })
+/// The causal mask `[t, t]` of a full pass (None for one position).
+fn causal_mask(t: usize, device: &Device) -> Result<Option<Tensor>> {
+    if t == 1 {
+        return Ok(None);
     }
+    let m: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0f32 } else { f32::NEG_INFINITY })).collect();
+    Ok(Some(Tensor::from_vec(m, (t, t), device)?))
 }
 
 impl Attention {
@@ -155,7 +113,8 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, rotary: &Rotary, cs: &(Tensor, Tensor), layer: usize, cache: &mut Cache<'_, '_>, layout: &RowLayout) -> Result<Tensor> {
+    /// Full causal attention over `x` `[b, t, d]` from position 0, no cache.
+    fn forward_full(&self, x: &Tensor, rotary: &Rotary, cs: &(Tensor, Tensor), mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let (h, hd) = (self.heads, self.head_dim);
         // [b, t, 3d] viewed per head as [q|k|v], then [b, h, t, hd] each.
@@ -163,30 +122,14 @@ impl Attention {
         let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(3, i * hd, hd)?.transpose(1, 2)?.contiguous()?) };
         let q = rotary.apply(&part(0)?, &cs.0, &cs.1)?;
         let k = rotary.apply(&part(1)?, &cs.0, &cs.1)?;
-        let v = part(2)?;
-        let out = match cache {
-            Cache::None => attend(&q, &k, &v, self.scale, layout.mask.as_ref())?,
-            Cache::Shared(c) => {
-                let (k, v) = c.append(layer, &k, &v)?;
-                attend(&q, &k, &v, self.scale, layout.mask.as_ref())?
-            }
-            Cache::PerRow(caches) => {
-                // Append each row to its own cache, then attend for all rows at
-                // once over views padded to the longest row; the layout's mask hides
-                // every position a row does not have (and the causal future).
-                let mut ks = Vec::with_capacity(b);
-                let mut vs = Vec::with_capacity(b);
-                for (i, c) in caches.iter_mut().enumerate() {
-                    c.append(layer, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
-                    let (kp, vp) = c.padded(layer, layout.width)?;
-                    ks.push(kp);
-                    vs.push(vp);
-                }
-                let (k, v) = (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?);
-                attend(&q, &k, &v, self.scale, layout.mask.as_ref())?
-            }
-        };
-        let out = out.transpose(1, 2)?.reshape((b, t, d))?;
+        let out = attend(&q, &k, &part(2)?, self.scale, mask)?;
+        Ok(self.dense.forward(&out.transpose(1, 2)?.reshape((b, t, d))?)?)
+    }
+
+    /// Attention of a paged pass's new tokens `x` `[n, d]`: their keys and values
+    /// go into `pool` (this layer's), then each attends over its row in place.
+    fn forward_paged(&self, x: &Tensor, shape: HeadShape, pool: &Tensor, pass: &PagedPass, page_size: usize) -> Result<Tensor> {
+        let out = attend_paged(shape, &self.qkv.forward(x)?, pool, pass, page_size)?;
         Ok(self.dense.forward(&out)?)
     }
 }
@@ -218,8 +161,9 @@ struct Layer {
 }
 
 impl Layer {
-    fn forward(&self, x: &Tensor, rotary: &Rotary, cs: &(Tensor, Tensor), layer: usize, cache: &mut Cache<'_, '_>, layout: &RowLayout) -> Result<Tensor> {
-        let attn = self.attn.forward(&self.ln1.forward(x)?, rotary, cs, layer, cache, layout)?;
+    /// The block around attention: `attn` maps `ln1(x)` to the attention output.
+    fn forward(&self, x: &Tensor, attn: impl FnOnce(&Attention, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let attn = attn(&self.attn, &self.ln1.forward(x)?)?;
         if self.parallel {
             let mlp = self.mlp.forward(&self.ln2.forward(x)?)?;
             Ok(((mlp + attn)? + x)?)
@@ -281,45 +225,50 @@ impl GptNeoX {
         &self.cfg
     }
 
-    /// An empty cache for one session (or one shared-length group) of this stack.
-    pub fn new_cache(&self, initial_capacity: usize) -> KvCache {
-        KvCache::new(self.layers.len(), initial_capacity, self.cfg.max_position_embeddings)
+    /// A pool of `num_pages` pages of `page_size` positions for this stack.
+    pub fn new_pool(&self, num_pages: usize, page_size: usize, dtype: DType, device: &Device) -> Result<KvPool> {
+        KvPool::new(&self.cfg, num_pages, page_size, dtype, device)
     }
 
-    /// Run `x` `[b, t, hidden]` through every layer and the final LayerNorm.
-    /// Positions continue from each cache's length (0 without a cache).
-    pub fn forward(&self, x: &Tensor, mut cache: Cache<'_, '_>) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let positions = match &cache {
-            Cache::None => Positions::Shared { start: 0, len: t },
-            Cache::Shared(c) => Positions::Shared { start: c.len(), len: t },
-            Cache::PerRow(cs) => {
-                if cs.len() != b {
-                    return crate::error::input_err(format!("{} caches for a batch of {b}", cs.len()));
-                }
-                Positions::PerRow { starts: cs.iter().map(|c| c.len()).collect(), len: t }
-            }
-        };
-        let last = match &positions {
-            Positions::Shared { start, len } => start + len,
-            Positions::PerRow { starts, len } => starts.iter().max().copied().unwrap_or(0) + len,
-        };
-        if last > self.cfg.max_position_embeddings {
+    fn head_shape(&self) -> HeadShape {
+        HeadShape {
+            heads: self.cfg.num_attention_heads,
+            head_dim: self.cfg.head_dim(),
+            rot: self.rotary.dim,
+            rope_base: self.cfg.rotary_emb_base as f32,
+        }
+    }
+
+    /// Full causal pass over `x` `[b, t, hidden]` from position 0, no cache: every
+    /// layer and the final LayerNorm.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        if t > self.cfg.max_position_embeddings {
             return crate::error::input_err(format!(
                 "position {} exceeds max_position_embeddings {}",
-                last - 1,
+                t - 1,
                 self.cfg.max_position_embeddings
             ));
         }
-        let cs = self.rotary.tables(&positions)?;
-        // Built once per pass, shared by every layer.
-        let layout = match &positions {
-            Positions::PerRow { starts, len } => RowLayout::new(starts, *len, x.device())?,
-            Positions::Shared { start, len } => RowLayout::new(&[*start], *len, x.device())?,
-        };
+        let cs = self.rotary.tables(t)?;
+        let mask = causal_mask(t, x.device())?;
+        let mut h = x.clone();
+        for layer in &self.layers {
+            h = layer.forward(&h, |a, x| a.forward_full(x, &self.rotary, &cs, mask.as_ref()))?;
+        }
+        Ok(self.final_ln.forward(&h)?)
+    }
+
+    /// A paged pass: `x` `[n, hidden]` holds the new tokens laid out by `pass`
+    /// (planned on `pool`); returns their final hidden states `[n, hidden]`.
+    pub fn forward_paged(&self, x: &Tensor, pool: &KvPool, pass: &PagedPass) -> Result<Tensor> {
+        if x.dim(0)? != pass.tokens() {
+            return crate::error::input_err(format!("{} rows for a pass of {} tokens", x.dim(0)?, pass.tokens()));
+        }
+        let shape = self.head_shape();
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, &self.rotary, &cs, i, &mut cache, &layout)?;
+            h = layer.forward(&h, |a, x| a.forward_paged(x, shape, pool.layer(i), pass, pool.page_size()))?;
         }
         Ok(self.final_ln.forward(&h)?)
     }

@@ -7,8 +7,9 @@
 //! - [`config`], [`presets`], [`reference_yaml`], [`loader`]: what a model is and
 //!   how to find it on disk.
 //! - [`gpt_neox`]: the transformer stack every decoder is made of.
+//! - [`paged`]: the paged KV pool every incremental pass reads and writes.
 //! - [`block_transformer`], [`causal_lm`]: the two model kinds, with incremental,
-//!   batched entry points and caller-owned [`KvCache`]s.
+//!   batched entry points over caller-owned pools.
 //! - [`prompt`], [`sampling`], [`generation`]: prompt layout, token choice, and a
 //!   synchronous multi-session driver.
 
@@ -19,8 +20,8 @@ pub mod error;
 pub mod generation;
 pub mod gpt_neox;
 pub mod init;
-pub mod kv_cache;
 pub mod loader;
+pub mod paged;
 pub mod presets;
 pub mod prompt;
 pub mod reference_yaml;
@@ -32,7 +33,8 @@ pub use causal_lm::CausalLm;
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use generation::{FinishReason, GenerationOutput, GenerationRequest, StopCriteria};
-pub use kv_cache::KvCache;
+pub use paged::{KvPool, PagedPass, SeqKv};
+pub use block_transformer::LocalKv;
 pub use sampling::SamplingParams;
 
 /// A loaded model of either kind.
@@ -48,4 +50,18 @@ impl Model {
             Model::Vanilla(m) => ModelConfig::Vanilla(m.config.clone()),
         }
     }
+}
+
+/// The CUDA device `ordinal`, set up for serving: one stream, so candle's
+/// per-tensor event tracking (a record and a wait per kernel argument) is turned
+/// off before any tensor exists on it.
+pub fn cuda_device(ordinal: usize) -> Result<candle_core::Device> {
+    let device = candle_core::Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = &device {
+        // SAFETY: blockserve uses only this device's default stream, so work on
+        // every tensor is ordered without events.
+        unsafe { d.disable_event_tracking() };
+    }
+    Ok(device)
 }

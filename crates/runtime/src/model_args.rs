@@ -43,7 +43,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 Some(n) => n.parse().with_context(|| format!("--device {s:?}: bad GPU ordinal"))?,
                 None => 0,
             };
-            Device::new_cuda(ordinal).with_context(|| format!("--device {s}: CUDA is not available in this build or machine"))
+            blockserve_model::cuda_device(ordinal).with_context(|| format!("--device {s}: CUDA is not available in this build or machine"))
         }
         other => bail!("--device {other:?}: expected cpu, cuda or cuda:N"),
     }

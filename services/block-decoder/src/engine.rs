@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use blockserve_model::{BlockTransformer, KvCache, ModelError};
+use blockserve_model::{BlockTransformer, KvPool, ModelError, SeqKv};
 use candle_core::Tensor;
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,14 +31,18 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn start(model: Arc<BlockTransformer>) -> Self {
+    /// Start the model thread with a KV pool of `kv_pages` pages of `PAGE_SIZE` blocks.
+    pub fn start(model: Arc<BlockTransformer>, kv_pages: usize) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let active = Arc::new(AtomicU32::new(0));
         let queued = Arc::new(AtomicU32::new(0));
         let (a, q) = (active.clone(), queued.clone());
         std::thread::Builder::new()
             .name("block-decoder-engine".into())
-            .spawn(move || run(model, rx, a, q))
+            .spawn(move || match model.block_decoder.new_pool(kv_pages, PAGE_SIZE, model.dtype(), model.device()) {
+                Ok(pool) => run(model, pool, rx, a, q),
+                Err(e) => tracing::error!("allocating the KV pool: {e}"),
+            })
             .expect("spawn engine thread");
         Self { tx, active, queued }
     }
@@ -77,36 +81,52 @@ fn last_row(t: Tensor) -> Result<Tensor, ModelError> {
     Ok(t.get(n - 1)?)
 }
 
-fn run(model: Arc<BlockTransformer>, mut rx: mpsc::UnboundedReceiver<Command>, active: Arc<AtomicU32>, queued: Arc<AtomicU32>) {
-    let mut caches: HashMap<u64, KvCache> = HashMap::new();
+/// Block positions per KV page.
+pub const PAGE_SIZE: usize = 16;
+
+/// Append `counts[i]` blocks of `ids` to session `keys[i]` in one paged pass and
+/// return the contexts of all new blocks.
+fn pass(m: &BlockTransformer, pool: &mut KvPool, seqs: &mut [&mut SeqKv], counts: &[usize], ids: &[u32]) -> Result<Tensor, ModelError> {
+    let plan = pool.plan(seqs, counts, m.device())?;
+    m.block_decoder.forward_paged(&m.embed_ids(ids)?, pool, &plan)
+}
+
+fn run(model: Arc<BlockTransformer>, mut pool: KvPool, mut rx: mpsc::UnboundedReceiver<Command>, active: Arc<AtomicU32>, queued: Arc<AtomicU32>) {
+    let mut caches: HashMap<u64, SeqKv> = HashMap::new();
     let m = model.as_ref();
+    let l = m.block_length();
     while let Some(cmds) = blockserve_runtime::next_batch(&mut rx, &queued) {
         let mut steps: Vec<(u64, Vec<u32>, Reply)> = vec![];
         for c in cmds {
             match c {
                 Command::Close { key } => {
-                    caches.remove(&key);
+                    if let Some(mut kv) = caches.remove(&key) {
+                        pool.release(&mut kv);
+                    }
                 }
                 Command::Open { key, ids, reply } => {
-                    let mut cache = m.block_decoder.new_cache(ids.len() / m.block_length() + 64);
-                    let r = m.embed_ids(&ids).and_then(|e| m.block_decoder.prefill(&e, &mut cache)).and_then(last_row);
+                    let mut kv = SeqKv::default();
+                    let r = pass(m, &mut pool, &mut [&mut kv], &[ids.len() / l], &ids).and_then(last_row);
                     if r.is_ok() {
-                        caches.insert(key, cache);
+                        caches.insert(key, kv);
+                    } else {
+                        pool.release(&mut kv);
                     }
                     let _ = reply.send(r);
                 }
                 Command::Contexts { ids, reply } => {
-                    let mut cache = m.block_decoder.new_cache(ids.len() / m.block_length());
-                    let _ = reply.send(m.embed_ids(&ids).and_then(|e| m.block_decoder.prefill(&e, &mut cache)));
+                    let mut kv = SeqKv::default();
+                    let _ = reply.send(pass(m, &mut pool, &mut [&mut kv], &[ids.len() / l], &ids));
+                    pool.release(&mut kv);
                 }
                 Command::Step { key, block, reply } => steps.push((key, block, reply)),
             }
         }
         // One batched step over every session that sent a block.
-        let mut batch: Vec<(u64, KvCache, Vec<u32>, Reply)> = vec![];
+        let mut batch: Vec<(u64, SeqKv, Vec<u32>, Reply)> = vec![];
         for (key, block, reply) in steps {
             match caches.remove(&key) {
-                Some(cache) => batch.push((key, cache, block, reply)),
+                Some(kv) => batch.push((key, kv, block, reply)),
                 None => {
                     let _ = reply.send(Err(ModelError::Input("block for a session with no open cache".into())));
                 }
@@ -114,14 +134,15 @@ fn run(model: Arc<BlockTransformer>, mut rx: mpsc::UnboundedReceiver<Command>, a
         }
         if !batch.is_empty() {
             let ids: Vec<u32> = batch.iter().flat_map(|b| b.2.iter().copied()).collect();
-            let mut refs: Vec<&mut KvCache> = batch.iter_mut().map(|b| &mut b.1).collect();
-            let out = m.embed_ids(&ids).and_then(|e| m.block_decoder.step(&e, &mut refs));
-            for (i, (key, cache, _, reply)) in batch.into_iter().enumerate() {
+            let counts = vec![1; batch.len()];
+            let mut refs: Vec<&mut SeqKv> = batch.iter_mut().map(|b| &mut b.1).collect();
+            let out = pass(m, &mut pool, &mut refs, &counts, &ids);
+            for (i, (key, kv, _, reply)) in batch.into_iter().enumerate() {
                 let r = match &out {
                     Ok(ctx) => ctx.get(i).map_err(ModelError::from),
                     Err(e) => Err(ModelError::Input(e.to_string())),
                 };
-                caches.insert(key, cache);
+                caches.insert(key, kv);
                 let _ = reply.send(r);
             }
         }

@@ -26,6 +26,10 @@ pub struct Args {
     /// Most sessions (open streams) held at once; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "BLOCKSERVE_MAX_SESSIONS", default_value_t = 1024)]
     pub max_sessions: u32,
+    /// Memory for the block-level KV cache, in MiB; sessions are admitted while it
+    /// has room for their blocks.
+    #[arg(long, env = "BLOCKSERVE_KV_CACHE_MIB", default_value_t = 1024)]
+    pub kv_cache_mib: usize,
 }
 
 struct Load(engine::Engine, u32);
@@ -42,7 +46,12 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         Model::Block(m) => Arc::new(m),
         Model::Vanilla(_) => bail!("the block decoder serves Block Transformers; {} holds a vanilla model", args.model.model.display()),
     };
-    let engine = engine::Engine::start(model.clone());
+    let page_bytes = model.block_decoder.bytes_per_block(model.dtype()) * engine::PAGE_SIZE;
+    let kv_pages = (args.kv_cache_mib << 20) / page_bytes;
+    if kv_pages == 0 {
+        bail!("--kv-cache-mib {}: less than one KV page ({page_bytes} bytes)", args.kv_cache_mib);
+    }
+    let engine = engine::Engine::start(model.clone(), kv_pages);
     let (listener, addr) = bind(args.serve.listen).await?;
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     tracing::info!(%address, "block decoder listening");

@@ -67,7 +67,7 @@ impl Engine {
 fn decode_batch(m: &BlockTransformer, jobs: &[BlockJob]) -> Result<Vec<Vec<u32>>, ModelError> {
     let l = m.block_length();
     let ctx = Tensor::stack(&jobs.iter().map(|j| &j.context).collect::<Vec<_>>(), 0)?;
-    let mut local = m.token_decoder.new_local_cache();
+    let mut local = m.token_decoder.new_local(jobs.len(), m.dtype(), m.device())?;
     let mut logits = m.token_decoder.begin_block(&ctx, &mut local)?;
     let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(l); jobs.len()];
     // Plain greedy rows bring back one id per step, not a row of logits.

@@ -49,7 +49,7 @@ pub async fn run(args: Args) -> Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
 
     let (ready, bd_addr) = oneshot::channel();
-    let bd = blockserve_block_decoder::Args { serve: serve_args(loopback), model: model_args(), max_sessions: 1024 };
+    let bd = blockserve_block_decoder::Args { serve: serve_args(loopback), model: model_args(), max_sessions: 1024, kv_cache_mib: 1024 };
     tasks.spawn(blockserve_block_decoder::run(bd, store.clone(), stop.clone(), Some(ready)));
     eprintln!("block decoder at {}", bd_addr.await?);
     for i in 0..args.token_decoders {

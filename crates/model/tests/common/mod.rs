@@ -22,7 +22,7 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 /// Device under test: `BLOCKSERVE_TEST_DEVICE=cuda` (with the `cuda` feature) or CPU.
 pub fn device() -> Device {
     match std::env::var("BLOCKSERVE_TEST_DEVICE").as_deref() {
-        Ok("cuda") => Device::new_cuda(0).expect("BLOCKSERVE_TEST_DEVICE=cuda needs a CUDA build and GPU"),
+        Ok("cuda") => blockserve_model::cuda_device(0).expect("BLOCKSERVE_TEST_DEVICE=cuda needs a CUDA build and GPU"),
         _ => Device::Cpu,
     }
 }

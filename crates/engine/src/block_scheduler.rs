@@ -1,0 +1,253 @@
+//! The block decoder's scheduler (continuous batching with chunked prefill).
+//!
+//! A session is submitted with its padded prompt and the most blocks it may
+//! generate. It waits until the KV pool has pages for all of them (admission by
+//! free memory, first come first served, so nothing is preempted or runs out
+//! mid-generation), then its prompt is prefilled in chunks. Each [`iterate`]
+//! is one forward pass: first one block for every running session that sent one
+//! (decode never waits behind a long prompt), then prompt chunks, oldest first,
+//! until the pass holds `token_budget` blocks.
+//!
+//! [`iterate`]: BlockScheduler::iterate
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use blockserve_model::{BlockTransformer, KvPool, ModelError, SeqKv};
+use candle_core::Tensor;
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    /// Pages in the block-level KV pool.
+    pub kv_pages: usize,
+    /// Blocks per page.
+    pub page_size: usize,
+    /// Most new blocks (decode rows plus prompt chunks) in one pass.
+    pub token_budget: usize,
+}
+
+impl SchedulerConfig {
+    /// A pool of `kv_bytes` for `model` with 16-block pages.
+    pub fn for_memory(model: &BlockTransformer, kv_bytes: usize, token_budget: usize) -> Self {
+        let page_size = 16;
+        let page = model.block_decoder.bytes_per_block(model.dtype()) * page_size;
+        Self { kv_pages: (kv_bytes / page).max(1), page_size, token_budget: token_budget.max(1) }
+    }
+}
+
+struct Session {
+    kv: SeqKv,
+    /// The padded prompt's ids (whole blocks).
+    prompt: Vec<u32>,
+    /// Prompt blocks already in the cache.
+    prefilled: usize,
+    /// Blocks to reserve at admission: prompt plus the most it may generate.
+    reserve: usize,
+}
+
+impl Session {
+    fn prompt_blocks(&self, l: usize) -> usize {
+        self.prompt.len() / l
+    }
+}
+
+/// The contexts one iteration produced: row i of `tensor` `[k, D_b]` belongs to
+/// session `rows[i].0` and is the output at its block `rows[i].1` (so it
+/// conditions block `rows[i].1 + 1`).
+pub struct Contexts {
+    pub tensor: Tensor,
+    pub rows: Vec<(u64, u32)>,
+    /// New blocks the pass held: decode rows and prompt blocks.
+    pub decode_rows: usize,
+    pub prefill_blocks: usize,
+}
+
+pub struct BlockScheduler {
+    model: Arc<BlockTransformer>,
+    pool: KvPool,
+    config: SchedulerConfig,
+    sessions: HashMap<u64, Session>,
+    /// Submitted, waiting for pages.
+    waiting: VecDeque<u64>,
+    /// Admitted, prompt not wholly in the cache yet.
+    prefilling: VecDeque<u64>,
+    /// One block per running session, for the next pass.
+    pending: Vec<(u64, Vec<u32>)>,
+}
+
+impl BlockScheduler {
+    pub fn new(model: Arc<BlockTransformer>, config: SchedulerConfig) -> Result<Self> {
+        let pool = model.block_decoder.new_pool(config.kv_pages, config.page_size, model.dtype(), model.device())?;
+        Ok(Self {
+            model,
+            pool,
+            config,
+            sessions: HashMap::new(),
+            waiting: VecDeque::new(),
+            prefilling: VecDeque::new(),
+            pending: vec![],
+        })
+    }
+
+    pub fn model(&self) -> &Arc<BlockTransformer> {
+        &self.model
+    }
+
+    /// Sessions holding KV pages or waiting for them.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn free_pages(&self) -> usize {
+        self.pool.free_pages()
+    }
+
+    pub fn config(&self) -> SchedulerConfig {
+        self.config
+    }
+
+    /// Whether an iteration would do anything.
+    pub fn has_work(&self) -> bool {
+        !self.pending.is_empty() || !self.prefilling.is_empty() || (!self.waiting.is_empty() && self.can_admit_head())
+    }
+
+    /// Queue a session: `prompt` is the padded prompt (whole blocks) and
+    /// `max_new_blocks` the most blocks it will send after it.
+    pub fn submit(&mut self, key: u64, prompt: Vec<u32>, max_new_blocks: usize) -> Result<()> {
+        let l = self.model.block_length();
+        if prompt.is_empty() || prompt.len() % l != 0 {
+            return Err(ModelError::Input(format!("prompt_ids: {} ids is not a positive whole number of {l}-token blocks", prompt.len())));
+        }
+        if self.sessions.contains_key(&key) {
+            return Err(ModelError::Input(format!("session key {key} is already open")));
+        }
+        let reserve = prompt.len() / l + max_new_blocks;
+        let max_blocks = self.model.block_decoder.max_blocks();
+        if reserve > max_blocks {
+            return Err(ModelError::Input(format!(
+                "prompt ({} blocks) + max_new_blocks ({max_new_blocks}) exceeds the block decoder's {max_blocks} blocks",
+                prompt.len() / l
+            )));
+        }
+        if self.pool.pages_for(reserve) > self.pool.num_pages() {
+            return Err(ModelError::Capacity(format!(
+                "a session of {reserve} blocks needs {} KV pages; the pool has {}",
+                self.pool.pages_for(reserve),
+                self.pool.num_pages()
+            )));
+        }
+        self.sessions.insert(key, Session { kv: SeqKv::default(), prompt, prefilled: 0, reserve });
+        self.waiting.push_back(key);
+        Ok(())
+    }
+
+    /// Queue the next block (L ids) of a running session for the next pass.
+    pub fn push_block(&mut self, key: u64, ids: Vec<u32>) -> Result<()> {
+        let l = self.model.block_length();
+        let s = self.sessions.get(&key).ok_or_else(|| ModelError::Input(format!("no open session {key}")))?;
+        if s.prefilled < s.prompt_blocks(l) {
+            return Err(ModelError::Input(format!("session {key} is still prefilling")));
+        }
+        if ids.len() != l {
+            return Err(ModelError::Input(format!("a block holds {l} ids, got {}", ids.len())));
+        }
+        if s.kv.len() >= s.reserve {
+            return Err(ModelError::Input(format!("session {key} already sent the {} blocks it reserved", s.reserve)));
+        }
+        self.pending.push((key, ids));
+        Ok(())
+    }
+
+    /// End a session wherever it is and return its pages (idempotent).
+    pub fn close(&mut self, key: u64) {
+        if let Some(mut s) = self.sessions.remove(&key) {
+            self.pool.release(&mut s.kv);
+            self.waiting.retain(|&k| k != key);
+            self.prefilling.retain(|&k| k != key);
+            self.pending.retain(|(k, _)| *k != key);
+        }
+    }
+
+    fn can_admit_head(&self) -> bool {
+        self.waiting.front().is_some_and(|k| self.pool.pages_for(self.sessions[k].reserve) <= self.pool.free_pages())
+    }
+
+    /// Admit waiting sessions in order while their reservations fit.
+    fn admit(&mut self) {
+        while self.can_admit_head() {
+            let key = self.waiting.pop_front().expect("head checked");
+            let s = self.sessions.get_mut(&key).expect("waiting sessions exist");
+            let ok = self.pool.reserve(&mut s.kv, s.reserve);
+            debug_assert!(ok, "admission checked the free pages");
+            self.prefilling.push_back(key);
+        }
+    }
+
+    /// One pass: pending blocks, then prompt chunks up to the budget. Returns the
+    /// contexts that sessions are waiting for (one per decode row, one per prompt
+    /// finished), or None when there was nothing to do.
+    pub fn iterate(&mut self) -> Result<Option<Contexts>> {
+        self.admit();
+        let l = self.model.block_length();
+        // (key, new blocks, emits a context)
+        let mut rows: Vec<(u64, usize, bool)> = Vec::with_capacity(self.pending.len() + self.prefilling.len());
+        let mut ids: Vec<u32> = Vec::with_capacity((self.pending.len() + self.config.token_budget) * l);
+        let decode_rows = self.pending.len();
+        for (key, block) in self.pending.drain(..) {
+            ids.extend_from_slice(&block);
+            rows.push((key, 1, true));
+        }
+        let mut left = self.config.token_budget.saturating_sub(decode_rows);
+        let mut prefill_blocks = 0;
+        for &key in &self.prefilling {
+            if left == 0 {
+                break;
+            }
+            let s = &self.sessions[&key];
+            let n = (s.prompt_blocks(l) - s.prefilled).min(left);
+            ids.extend_from_slice(&s.prompt[s.prefilled * l..(s.prefilled + n) * l]);
+            rows.push((key, n, s.prefilled + n == s.prompt_blocks(l)));
+            left -= n;
+            prefill_blocks += n;
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        // Borrow every row's sequence out of the map for the plan.
+        let mut seqs: Vec<SeqKv> = rows.iter().map(|(k, _, _)| std::mem::take(&mut self.sessions.get_mut(k).expect("row of a live session").kv)).collect();
+        let counts: Vec<usize> = rows.iter().map(|r| r.1).collect();
+        let planned = {
+            let mut refs: Vec<&mut SeqKv> = seqs.iter_mut().collect();
+            self.pool.plan(&mut refs, &counts, self.model.device())
+        };
+        let mut out_rows = vec![];
+        let mut picks = vec![];
+        let mut end = 0u32;
+        for ((key, n, emits), kv) in rows.iter().zip(seqs) {
+            end += *n as u32;
+            let s = self.sessions.get_mut(key).expect("row of a live session");
+            s.kv = kv;
+            if *emits {
+                out_rows.push((*key, s.kv.len() as u32 - 1));
+                picks.push(end - 1);
+            }
+        }
+        let pass = planned?;
+        for (key, n, _) in &rows[decode_rows..] {
+            let s = self.sessions.get_mut(key).expect("row of a live session");
+            s.prefilled += n;
+        }
+        let sessions = &self.sessions;
+        self.prefilling.retain(|k| sessions[k].prefilled < sessions[k].prompt_blocks(l));
+        let m = &self.model;
+        let contexts = m.block_decoder.forward_paged(&m.embed_ids(&ids)?, &self.pool, &pass)?;
+        let tensor = contexts.index_select(&Tensor::new(picks, m.device())?, 0)?;
+        Ok(Some(Contexts { tensor, rows: out_rows, decode_rows, prefill_blocks }))
+    }
+}

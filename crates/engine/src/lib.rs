@@ -1,0 +1,19 @@
+//! blockserve's engines: the schedulers between the model math and the services.
+//! Synchronous, no async runtime: each runs on a model thread that a service (or
+//! the bench) drives.
+//!
+//! - [`block_scheduler`]: the block decoder's continuous batching. Every
+//!   iteration is one paged pass holding one block of every running session plus
+//!   prompt chunks of new sessions, up to a token budget. Sessions are admitted
+//!   by free KV pages.
+//! - [`token_batcher`]: the token decoder's block-synchronous batches over a
+//!   preallocated local cache, with per-row sampling.
+//! - [`pipeline`]: both in one process, driving requests to completion with
+//!   per-session timings (what `blockserve bench` measures).
+
+pub mod block_scheduler;
+pub mod pipeline;
+pub mod token_batcher;
+
+pub use block_scheduler::{BlockScheduler, Contexts, SchedulerConfig};
+pub use token_batcher::{BlockJob, TokenBatcher};

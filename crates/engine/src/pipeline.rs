@@ -1,0 +1,136 @@
+//! Both tiers in one process, no gRPC: the block scheduler's passes feed the
+//! token batcher, whose blocks go back to the scheduler, until every request
+//! has finished. This is the engine `blockserve bench` measures.
+
+use std::time::Instant;
+
+use blockserve_model::prompt::PaddedPrompt;
+use blockserve_model::{FinishReason, GenerationRequest, ModelError};
+
+use crate::block_scheduler::BlockScheduler;
+use crate::token_batcher::{BlockJob, TokenBatcher};
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// One request's result and timings (seconds from the start of the run).
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub first_token_s: f64,
+    pub finished_s: f64,
+}
+
+/// Where a run's time went, as seen from the host.
+#[derive(Debug, Clone, Default)]
+pub struct RunStats {
+    pub wall_s: f64,
+    /// Block-decoder passes (host time; the GPU queue drains during the token phase).
+    pub passes: usize,
+    pub block_phase_s: f64,
+    /// Token-decoder blocks, including waiting for the device to finish.
+    pub token_phase_s: f64,
+    pub decode_rows: usize,
+    pub prefill_blocks: usize,
+    /// Sum over passes of the blocks every decode row attended over.
+    pub attended_blocks: u64,
+    /// Token-decoder rows decoded (each is L tokens).
+    pub token_rows: usize,
+    pub peak_memory_bytes: Option<usize>,
+}
+
+struct Live<'r> {
+    req: &'r GenerationRequest,
+    out: Option<Outcome>,
+    tokens: Vec<u32>,
+    history: Vec<u32>,
+    first_token_s: Option<f64>,
+}
+
+/// Run `reqs` to completion; outcomes are in request order. `memory` samples
+/// the device's used memory after each pass (for the peak).
+pub fn run(
+    sched: &mut BlockScheduler,
+    batcher: &mut TokenBatcher,
+    reqs: &[GenerationRequest],
+    memory: &dyn Fn() -> Option<usize>,
+) -> Result<(Vec<Outcome>, RunStats)> {
+    let model = sched.model().clone();
+    let l = model.block_length();
+    let t0 = Instant::now();
+    let mut stats = RunStats::default();
+    let mut live: Vec<Live> = Vec::with_capacity(reqs.len());
+    for (i, req) in reqs.iter().enumerate() {
+        let padded = PaddedPrompt::new(&req.prompt, l)?;
+        let history = if req.sampling.uses_history() { req.prompt.clone() } else { vec![] };
+        live.push(Live { req, out: None, tokens: vec![], history, first_token_s: None });
+        if req.stop.max_new_tokens == 0 {
+            live[i].out = Some(Outcome { tokens: vec![], finish_reason: FinishReason::Length, first_token_s: 0.0, finished_s: 0.0 });
+            continue;
+        }
+        sched.submit(i as u64, padded.ids, req.stop.max_new_tokens.div_ceil(l))?;
+    }
+    while sched.has_work() {
+        let t = Instant::now();
+        let Some(ctx) = sched.iterate()? else { break };
+        stats.passes += 1;
+        stats.decode_rows += ctx.decode_rows;
+        stats.prefill_blocks += ctx.prefill_blocks;
+        stats.attended_blocks += ctx.rows.iter().map(|r| r.1 as u64 + 1).sum::<u64>();
+        stats.block_phase_s += t.elapsed().as_secs_f64();
+        if ctx.rows.is_empty() {
+            continue;
+        }
+        let t = Instant::now();
+        let jobs: Vec<BlockJob> = ctx
+            .rows
+            .iter()
+            .map(|&(key, _)| {
+                let s = &live[key as usize];
+                BlockJob { sampling: s.req.sampling.clone(), history: s.history.clone(), generated: s.tokens.len() as u64 }
+            })
+            .collect();
+        let blocks = batcher.decode(&ctx.tensor, &jobs)?;
+        stats.token_rows += blocks.len();
+        let now = t0.elapsed().as_secs_f64();
+        stats.token_phase_s += t.elapsed().as_secs_f64();
+        for (&(key, _), block) in ctx.rows.iter().zip(blocks) {
+            let s = &mut live[key as usize];
+            s.first_token_s.get_or_insert(now);
+            let mut finish = None;
+            for &tok in &block {
+                s.tokens.push(tok);
+                if let Some(r) = s.req.stop.check(&s.tokens) {
+                    finish = Some(r);
+                    break;
+                }
+            }
+            match finish {
+                Some(reason) => {
+                    s.out = Some(Outcome {
+                        tokens: std::mem::take(&mut s.tokens),
+                        finish_reason: reason,
+                        first_token_s: s.first_token_s.unwrap_or(now),
+                        finished_s: now,
+                    });
+                    sched.close(key);
+                }
+                None => {
+                    if s.req.sampling.uses_history() {
+                        s.history.extend_from_slice(&block);
+                    }
+                    sched.push_block(key, block)?;
+                }
+            }
+        }
+        if let Some(used) = memory() {
+            stats.peak_memory_bytes = Some(stats.peak_memory_bytes.unwrap_or(0).max(used));
+        }
+    }
+    stats.wall_s = t0.elapsed().as_secs_f64();
+    let outcomes = live
+        .into_iter()
+        .map(|s| s.out.ok_or_else(|| ModelError::Input("a request never finished (KV pool too small for it?)".into())))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((outcomes, stats))
+}

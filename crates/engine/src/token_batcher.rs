@@ -1,0 +1,94 @@
+//! The token decoder's batches: every session whose context has arrived decodes
+//! its next block together, block-synchronously (the prefix pass, then L-1 token
+//! steps), in batches of at most `max_batch` rows over one preallocated local
+//! cache. Plain greedy rows take their argmax on the device; other rows read
+//! their logits back and sample on the host with their own seed stream.
+
+use std::sync::Arc;
+
+use blockserve_model::sampling::{read_rows, sample, Row};
+use blockserve_model::{BlockTransformer, LocalKv, ModelError, SamplingParams};
+use candle_core::Tensor;
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// One row of a block batch: how its tokens are chosen.
+#[derive(Debug, Clone)]
+pub struct BlockJob {
+    pub sampling: SamplingParams,
+    /// Prompt followed by every token generated so far (empty unless the
+    /// sampling uses history).
+    pub history: Vec<u32>,
+    /// Tokens generated before this block (the index of its first draw).
+    pub generated: u64,
+}
+
+impl BlockJob {
+    pub fn greedy(generated: u64) -> Self {
+        Self { sampling: SamplingParams::greedy(), history: vec![], generated }
+    }
+}
+
+pub struct TokenBatcher {
+    model: Arc<BlockTransformer>,
+    local: LocalKv,
+    max_batch: usize,
+}
+
+impl TokenBatcher {
+    pub fn new(model: Arc<BlockTransformer>, max_batch: usize) -> Result<Self> {
+        let max_batch = max_batch.max(1);
+        let local = model.token_decoder.new_local(max_batch, model.dtype(), model.device())?;
+        Ok(Self { model, local, max_batch })
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// The L tokens of the next block of every row: `contexts` `[b, D_b]`, one
+    /// job per row.
+    pub fn decode(&mut self, contexts: &Tensor, jobs: &[BlockJob]) -> Result<Vec<Vec<u32>>> {
+        let b = contexts.dim(0)?;
+        if b != jobs.len() {
+            return Err(ModelError::Input(format!("{b} contexts for {} jobs", jobs.len())));
+        }
+        let mut out = Vec::with_capacity(b);
+        for start in (0..b).step_by(self.max_batch) {
+            let n = self.max_batch.min(b - start);
+            out.extend(self.decode_chunk(&contexts.narrow(0, start, n)?, &jobs[start..start + n])?);
+        }
+        Ok(out)
+    }
+
+    fn decode_chunk(&mut self, ctx: &Tensor, jobs: &[BlockJob]) -> Result<Vec<Vec<u32>>> {
+        let m = &self.model;
+        let l = m.block_length();
+        let mut logits = m.token_decoder.begin_block(ctx, &mut self.local)?;
+        let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(l); jobs.len()];
+        let on_host: Vec<bool> = jobs.iter().map(|j| !j.sampling.is_plain_greedy()).collect();
+        for k in 0..l {
+            let rows = read_rows(&logits, &on_host)?;
+            let mut toks = Vec::with_capacity(jobs.len());
+            for ((job, row), block) in jobs.iter().zip(rows).zip(out.iter_mut()) {
+                let n = job.generated + k as u64;
+                let t = match row {
+                    Row::Token(t) => t,
+                    Row::Logits(row) if job.sampling.uses_history() => {
+                        let mut history = job.history.clone();
+                        history.extend_from_slice(block);
+                        sample(&job.sampling, &row, &history, n)
+                    }
+                    Row::Logits(row) => sample(&job.sampling, &row, &[], n),
+                };
+                block.push(t);
+                toks.push(t);
+            }
+            if k + 1 < l {
+                let t = Tensor::from_vec(toks, jobs.len(), ctx.device())?;
+                logits = m.token_decoder.next_token(&t, &mut self.local)?;
+            }
+        }
+        Ok(out)
+    }
+}

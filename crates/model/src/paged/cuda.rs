@@ -1,0 +1,113 @@
+//! Launches of the kernels in `kernels/paged_attention.cu` (compiled to PTX by
+//! build.rs and loaded by candle on first use).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaStorage, DType, Layout, Result, Shape};
+
+use super::ops::{KvWrite, PagedAttention};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
+const MODULE: &str = "blockserve_paged_attention";
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        d => candle_core::bail!("paged kernels do not support {d:?}"),
+    })
+}
+
+fn offsets(l: &Layout) -> Result<(usize, usize)> {
+    l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("paged kernels need contiguous inputs".into()))
+}
+
+pub(super) fn kv_write(op: &KvWrite, pool: &mut CudaStorage, pl: &Layout, qkv: &CudaStorage, ql: &Layout, index: &CudaStorage, il: &Layout) -> Result<()> {
+    fn go<T: CudaDType + DeviceRepr + candle_core::WithDType>(op: &KvWrite, pool: &mut CudaStorage, qkv: &CudaStorage, ql: &Layout, index: &CudaStorage, il: &Layout) -> Result<()> {
+        let s = op.shape;
+        let dev = qkv.device().clone();
+        let func = dev.get_or_load_custom_func(&format!("kv_write_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+        let (qa, qb) = offsets(ql)?;
+        let n = (qb - qa) / (3 * s.heads * s.head_dim);
+        if n == 0 {
+            return Ok(());
+        }
+        let (ia, ib) = offsets(il)?;
+        let q = qkv.as_cuda_slice::<T>()?.slice(qa..qb);
+        let idx = index.as_cuda_slice::<u32>()?.slice(ia..ib);
+        let p = pool.as_cuda_slice_mut::<T>()?;
+        let mut b = func.builder();
+        b.arg(p);
+        b.arg(&q);
+        b.arg(&idx);
+        candle_core::builder_arg!(b, s.heads as i32, s.head_dim as i32, s.rot as i32, s.rope_base);
+        let cfg = LaunchConfig { grid_dim: (n as u32, s.heads as u32, 1), block_dim: (s.head_dim as u32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the kernel reads n tokens of qkv and n meta triples, and writes
+        // the slots those triples name, all inside the pool (planned by KvPool).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+    if pl.start_offset() != 0 {
+        candle_core::bail!("the KV pool must be a whole tensor");
+    }
+    match qkv.dtype() {
+        DType::F32 => go::<f32>(op, pool, qkv, ql, index, il),
+        DType::BF16 => go::<half::bf16>(op, pool, qkv, ql, index, il),
+        DType::F16 => go::<half::f16>(op, pool, qkv, ql, index, il),
+        d => candle_core::bail!("paged kernels do not support {d:?}"),
+    }
+}
+
+pub(super) fn attend(op: &PagedAttention, qkv: &CudaStorage, ql: &Layout, pool: &CudaStorage, pl: &Layout, index: &CudaStorage, il: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn go<T: CudaDType + DeviceRepr + candle_core::WithDType>(op: &PagedAttention, qkv: &CudaStorage, ql: &Layout, pool: &CudaStorage, pl: &Layout, index: &CudaStorage, il: &Layout) -> Result<CudaStorage> {
+        let s = op.shape;
+        let dev = qkv.device().clone();
+        if !matches!(s.head_dim, 16 | 32 | 64 | 128 | 256) {
+            candle_core::bail!("paged attention supports head_dim 16, 32, 64, 128 or 256, not {}", s.head_dim);
+        }
+        let func = dev.get_or_load_custom_func(&format!("paged_attn_{}_{}", suffix(T::DTYPE)?, s.head_dim), MODULE, PTX)?;
+        let (qa, qb) = offsets(ql)?;
+        let (pa, pb) = offsets(pl)?;
+        let (ia, ib) = offsets(il)?;
+        let q = qkv.as_cuda_slice::<T>()?.slice(qa..qb);
+        let p = pool.as_cuda_slice::<T>()?.slice(pa..pb);
+        let idx = index.as_cuda_slice::<u32>()?.slice(ia..ib);
+        let n = op.tokens;
+        let out = unsafe { dev.alloc::<T>(n * s.heads * s.head_dim)? };
+        if n == 0 {
+            return Ok(CudaStorage::wrap_cuda_slice(out, dev));
+        }
+        // One warp covers 32 / (head_dim / 8) keys per round; up to 4 warps.
+        let keys_per_warp = 32 / (s.head_dim / 8);
+        let warps = op.max_keys.div_ceil(keys_per_warp).clamp(1, 4);
+        let mut b = func.builder();
+        b.arg(&out);
+        b.arg(&q);
+        b.arg(&p);
+        b.arg(&idx);
+        candle_core::builder_arg!(
+            b,
+            n as i32,
+            s.heads as i32,
+            s.rot as i32,
+            s.rope_base,
+            op.page_size as i32,
+            op.max_pages as i32,
+            op.scale
+        );
+        let cfg = LaunchConfig { grid_dim: (n as u32, s.heads as u32, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: every token's keys lie in pages its row's table names, which the
+        // pool planned; the output holds n * heads * head_dim elements.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+    let out = match qkv.dtype() {
+        DType::F32 => go::<f32>(op, qkv, ql, pool, pl, index, il)?,
+        DType::BF16 => go::<half::bf16>(op, qkv, ql, pool, pl, index, il)?,
+        DType::F16 => go::<half::f16>(op, qkv, ql, pool, pl, index, il)?,
+        d => candle_core::bail!("paged kernels do not support {d:?}"),
+    };
+    Ok((out, Shape::from((op.tokens, op.shape.heads * op.shape.head_dim))))
+}

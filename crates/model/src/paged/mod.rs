@@ -1,0 +1,187 @@
+//! Paged key/value storage shared by every GPT-NeoX stack of a model.
+//!
+//! One [`KvPool`] holds, per layer, a preallocated tensor of `pages * page_size`
+//! slots; each slot is one position's keys and values for all heads. A sequence
+//! owns a list of pages ([`SeqKv`]) taken from the pool's free list and returned
+//! when it ends, so admission is a question of free pages, a step writes only
+//! the new positions, and attention reads every row's history in place, whatever
+//! its length (no padding to the longest row, no copies of old positions).
+//!
+//! A forward pass is described once by a [`PagedPass`]: for each new token its
+//! slot, its position and its row, and for each row its page table. Its index is
+//! uploaded to the device once and read by every layer's two kernels
+//! ([`ops`]): write the rotated key and the value of each new token into its
+//! slot, then attend for each new token over its row's positions `0..=pos`.
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub(crate) mod ops;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::GptNeoXConfig;
+use crate::error::{ModelError, Result};
+
+/// Pages of KV storage for one GPT-NeoX stack.
+pub struct KvPool {
+    /// Per layer `[pages * page_size, 2, heads, head_dim]`: keys then values.
+    layers: Vec<Tensor>,
+    page_size: usize,
+    num_pages: usize,
+    free: Vec<u32>,
+    max_positions: usize,
+}
+
+/// One sequence's pages (in order) and how many positions it holds. Owned by the
+/// caller; give the pages back with [`KvPool::release`].
+#[derive(Debug, Default)]
+pub struct SeqKv {
+    pages: Vec<u32>,
+    len: usize,
+}
+
+impl SeqKv {
+    /// A sequence over fixed pages (e.g. one page per row of a local cache).
+    pub fn on_pages(pages: Vec<u32>) -> Self {
+        Self { pages, len: 0 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forget every position from `len` on (the pages stay with the sequence).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
+/// The layout of one forward pass over a pool (see the module docs).
+pub struct PagedPass {
+    /// u32: `[n, 3]` (slot, position, row) then `[rows, max_pages]` page tables.
+    pub(crate) index: Tensor,
+    pub(crate) tokens: usize,
+    pub(crate) max_pages: usize,
+    /// Longest history any new token attends over.
+    pub(crate) max_keys: usize,
+}
+
+impl PagedPass {
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+}
+
+impl KvPool {
+    /// Bytes one position costs across all layers of `cfg` in `dtype`.
+    pub fn bytes_per_position(cfg: &GptNeoXConfig, dtype: DType) -> usize {
+        cfg.num_hidden_layers * 2 * cfg.hidden_size * dtype.size_in_bytes()
+    }
+
+    /// Preallocate `num_pages` pages of `page_size` positions for a stack.
+    pub fn new(cfg: &GptNeoXConfig, num_pages: usize, page_size: usize, dtype: DType, device: &Device) -> Result<Self> {
+        if page_size == 0 || num_pages == 0 {
+            return crate::error::input_err("a KV pool needs at least one page of at least one position");
+        }
+        let shape = (num_pages * page_size, 2, cfg.num_attention_heads, cfg.head_dim());
+        let layers = (0..cfg.num_hidden_layers).map(|_| Tensor::zeros(shape, dtype, device)).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            page_size,
+            num_pages,
+            free: (0..num_pages as u32).rev().collect(),
+            max_positions: cfg.max_position_embeddings,
+        })
+    }
+
+    pub(crate) fn layer(&self, i: usize) -> &Tensor {
+        &self.layers[i]
+    }
+
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    pub fn num_pages(&self) -> usize {
+        self.num_pages
+    }
+
+    pub fn free_pages(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Pages a sequence of `positions` positions needs.
+    pub fn pages_for(&self, positions: usize) -> usize {
+        positions.div_ceil(self.page_size)
+    }
+
+    /// Make `seq` able to hold `positions` positions. Returns false, taking
+    /// nothing, when the pool has too few free pages.
+    pub fn reserve(&mut self, seq: &mut SeqKv, positions: usize) -> bool {
+        let need = self.pages_for(positions).saturating_sub(seq.pages.len());
+        if need > self.free.len() {
+            return false;
+        }
+        let at = self.free.len() - need;
+        seq.pages.extend(self.free.drain(at..));
+        true
+    }
+
+    /// Give a sequence's pages back; the sequence is empty afterwards.
+    pub fn release(&mut self, seq: &mut SeqKv) {
+        self.free.append(&mut seq.pages);
+        seq.len = 0;
+    }
+
+    /// Lay out a pass in which row `i` appends `counts[i]` positions to `seqs[i]`
+    /// (tokens in row order, each row's in position order). Takes pages as needed
+    /// and advances every sequence's length.
+    pub fn plan(&mut self, seqs: &mut [&mut SeqKv], counts: &[usize], device: &Device) -> Result<PagedPass> {
+        if seqs.len() != counts.len() {
+            return crate::error::input_err(format!("{} sequences but {} counts", seqs.len(), counts.len()));
+        }
+        let mut max_keys = 0;
+        for (s, &c) in seqs.iter_mut().zip(counts) {
+            let end = s.len + c;
+            if end > self.max_positions {
+                return crate::error::input_err(format!(
+                    "position {} exceeds max_position_embeddings {}",
+                    end - 1,
+                    self.max_positions
+                ));
+            }
+            if !self.reserve(s, end) {
+                return Err(ModelError::Capacity(format!(
+                    "KV pool is full: {} more pages needed, {} free of {}",
+                    self.pages_for(end) - s.pages.len(),
+                    self.free.len(),
+                    self.num_pages
+                )));
+            }
+            max_keys = max_keys.max(end);
+        }
+        let tokens: usize = counts.iter().sum();
+        let max_pages = seqs.iter().map(|s| s.pages.len()).max().unwrap_or(0).max(1);
+        let ps = self.page_size;
+        let mut index = Vec::with_capacity(3 * tokens + seqs.len() * max_pages);
+        for (row, (s, &c)) in seqs.iter().zip(counts).enumerate() {
+            for p in s.len..s.len + c {
+                index.extend([s.pages[p / ps] * ps as u32 + (p % ps) as u32, p as u32, row as u32]);
+            }
+        }
+        for s in seqs.iter() {
+            index.extend_from_slice(&s.pages);
+            index.extend(std::iter::repeat_n(0, max_pages - s.pages.len()));
+        }
+        for (s, &c) in seqs.iter_mut().zip(counts) {
+            s.len += c;
+        }
+        let n = index.len();
+        Ok(PagedPass { index: Tensor::from_vec(index, n, device)?, tokens, max_pages, max_keys })
+    }
+}

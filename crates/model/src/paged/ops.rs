@@ -1,0 +1,121 @@
+//! The two per-layer operations of a paged pass as candle ops: one writes into
+//! the pool in place, the other returns the attention output. Each has a CPU
+//! implementation ([`super::cpu`]) and, with the `cuda` feature, a kernel
+//! ([`super::cuda`]).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, InplaceOp3, Layout, Result, Shape, Tensor};
+
+use super::PagedPass;
+
+/// The per-stack constants both kernels need.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeadShape {
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Rotated channels per head (rotate-half over the first `rot`).
+    pub rot: usize,
+    pub rope_base: f32,
+}
+
+/// Write the rotated keys and the values of a pass's new tokens into their slots.
+pub(crate) struct KvWrite {
+    pub shape: HeadShape,
+}
+
+/// Attention of each new token over its row's positions `0..=pos` in the pool.
+pub(crate) struct PagedAttention {
+    pub shape: HeadShape,
+    pub tokens: usize,
+    pub page_size: usize,
+    pub max_pages: usize,
+    pub max_keys: usize,
+    pub scale: f32,
+}
+
+/// `qkv` `[n, heads * 3 * head_dim]`: store keys/values in `pool` (one layer's
+/// pool tensor), then return the attention output `[n, heads * head_dim]`.
+pub(crate) fn attend_paged(shape: HeadShape, qkv: &Tensor, pool: &Tensor, pass: &PagedPass, page_size: usize) -> Result<Tensor> {
+    let qkv = qkv.contiguous()?;
+    pool.inplace_op3(&qkv, &pass.index, &KvWrite { shape })?;
+    let op = PagedAttention {
+        shape,
+        tokens: pass.tokens,
+        page_size,
+        max_pages: pass.max_pages,
+        max_keys: pass.max_keys,
+        scale: (shape.head_dim as f32).powf(-0.5),
+    };
+    qkv.apply_op3_no_bwd(pool, &pass.index, &op)
+}
+
+/// The contiguous elements of a CPU storage as a slice of `T`.
+fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("paged kernels need contiguous inputs"),
+    }
+}
+
+impl InplaceOp3 for KvWrite {
+    fn name(&self) -> &'static str {
+        "paged-kv-write"
+    }
+
+    fn cpu_fwd(&self, pool: &mut CpuStorage, pl: &Layout, qkv: &CpuStorage, ql: &Layout, index: &CpuStorage, il: &Layout) -> Result<()> {
+        let index = slice::<u32>(index, il)?;
+        if pl.start_offset() != 0 || !pl.is_contiguous() {
+            candle_core::bail!("the KV pool must be a whole contiguous tensor");
+        }
+        match (pool, qkv) {
+            (CpuStorage::F32(p), q) => super::cpu::kv_write(&self.shape, p, slice(q, ql)?, index),
+            (CpuStorage::BF16(p), q) => super::cpu::kv_write(&self.shape, p, slice(q, ql)?, index),
+            (CpuStorage::F16(p), q) => super::cpu::kv_write(&self.shape, p, slice(q, ql)?, index),
+            (p, _) => candle_core::bail!("paged KV pool of dtype {:?} is not supported", p.dtype()),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        pool: &mut candle_core::CudaStorage,
+        pl: &Layout,
+        qkv: &candle_core::CudaStorage,
+        ql: &Layout,
+        index: &candle_core::CudaStorage,
+        il: &Layout,
+    ) -> Result<()> {
+        super::cuda::kv_write(self, pool, pl, qkv, ql, index, il)
+    }
+}
+
+impl CustomOp3 for PagedAttention {
+    fn name(&self) -> &'static str {
+        "paged-attention"
+    }
+
+    fn cpu_fwd(&self, qkv: &CpuStorage, ql: &Layout, pool: &CpuStorage, pl: &Layout, index: &CpuStorage, il: &Layout) -> Result<(CpuStorage, Shape)> {
+        let index = slice::<u32>(index, il)?;
+        let out = match qkv {
+            CpuStorage::F32(_) => CpuStorage::F32(super::cpu::attend(self, slice(qkv, ql)?, slice(pool, pl)?, index)),
+            CpuStorage::BF16(_) => CpuStorage::BF16(super::cpu::attend(self, slice(qkv, ql)?, slice(pool, pl)?, index)),
+            CpuStorage::F16(_) => CpuStorage::F16(super::cpu::attend(self, slice(qkv, ql)?, slice(pool, pl)?, index)),
+            s => candle_core::bail!("paged attention in dtype {:?} is not supported", s.dtype()),
+        };
+        Ok((out, Shape::from((self.tokens, self.shape.heads * self.shape.head_dim))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qkv: &candle_core::CudaStorage,
+        ql: &Layout,
+        pool: &candle_core::CudaStorage,
+        pl: &Layout,
+        index: &candle_core::CudaStorage,
+        il: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::attend(self, qkv, ql, pool, pl, index, il)
+    }
+}
