@@ -1,15 +1,35 @@
 #!/usr/bin/env bash
-# One device call: the transformers baseline and blockserve's in-process engine on
-# the same card. The CUDA build of `blockserve` travels xz-compressed in .dev/bin.
+# One device call: the CUDA fixture checks, the transformers baseline and
+# blockserve's in-process engine on the same card. The CUDA builds of
+# `blockserve` and the test binaries travel xz-compressed in .dev/bin.
+#
+#   bash bench/device-bench.sh           # everything (about 4 minutes)
+#   QUICK=1 bash bench/device-bench.sh   # no transformers baseline, no vanilla runs
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-python3 -c "import lzma; open('.dev/bin/blockserve','wb').write(lzma.open('.dev/bin/blockserve.xz').read())" && chmod +x .dev/bin/blockserve
+export BLOCKSERVE_FIXTURES=$PWD/crates/model/tests/fixtures
+for f in .dev/bin/*.xz; do python3 -c "import lzma,sys; open(sys.argv[1][:-3],'wb').write(lzma.open(sys.argv[1]).read())" "$f"; chmod +x "${f%.xz}"; done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+date -u
 BS=.dev/bin/blockserve
-echo "== transformers baseline"
-python3 bench/hf_baseline.py --preset vanilla_160 --setting prefill-heavy --batch 64
-python3 bench/hf_baseline.py --preset vanilla_160 --setting decode-heavy --batch 256
-echo "== blockserve engine (model crate driver, no gRPC)"
-$BS bench --preset block_main_b4_85 --setting decode-heavy --batch 64,256 --device cuda --dtype bf16
-$BS bench --preset block_main_b4_85 --setting prefill-heavy --batch 64 --device cuda --dtype bf16
-$BS bench --preset vanilla_160 --setting decode-heavy --gen-len 256 --batch 64 --device cuda --dtype bf16
+status=0
+echo "== numerical checks: fixture tests in f32, greedy agreement in bf16/f16 (CUDA)"
+for t in golden batching; do
+  [ -x .dev/bin/$t ] && { BLOCKSERVE_TEST_DEVICE=cuda .dev/bin/$t --test-threads 1 2>&1 | grep -E "^test |test result" || status=1; }
+done
+if [ -x .dev/bin/golden_report ]; then
+  for dt in f32 bf16; do BLOCKSERVE_TEST_DEVICE=cuda .dev/bin/golden_report $dt || status=1; done
+fi
+if [ -z "${QUICK:-}" ]; then
+  echo "== transformers baseline (GPTNeoXForCausalLM, sdpa, bf16, generate())"
+  python3 bench/hf_baseline.py --preset vanilla_160 --setting prefill-heavy --batch 64
+  python3 bench/hf_baseline.py --preset vanilla_160 --setting decode-heavy --batch 256
+fi
+echo "== blockserve engine in process (continuous batching, no gRPC), bf16"
+$BS bench --preset block_main_b4_85 --setting decode-heavy --batch ${DECODE_BATCHES:-1024,2048} --device cuda --dtype bf16 --ceilings
+$BS bench --preset block_main_b4_85 --setting prefill-heavy --batch ${PREFILL_BATCHES:-256,1024} --device cuda --dtype bf16
+if [ -z "${QUICK:-}" ]; then
+  $BS bench --preset vanilla_160 --setting prefill-heavy --batch 64 --device cuda --dtype bf16
+  $BS bench --preset vanilla_160 --setting decode-heavy --batch 256 --device cuda --dtype bf16
+fi
+exit $status

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use blockserve_model::argmax::argmax_rows;
 use blockserve_model::sampling::{read_rows, sample, Row};
 use blockserve_model::{BlockTransformer, LocalKv, ModelError, SamplingParams};
 use candle_core::Tensor;
@@ -62,6 +63,9 @@ impl TokenBatcher {
     }
 
     fn decode_chunk(&mut self, ctx: &Tensor, jobs: &[BlockJob]) -> Result<Vec<Vec<u32>>> {
+        if jobs.iter().all(|j| j.sampling.is_plain_greedy()) {
+            return self.decode_greedy(ctx);
+        }
         let m = &self.model;
         let l = m.block_length();
         let mut logits = m.token_decoder.begin_block(ctx, &mut self.local)?;
@@ -90,5 +94,21 @@ impl TokenBatcher {
             }
         }
         Ok(out)
+    }
+
+    /// All rows plain greedy: each step's argmax stays on the device and feeds
+    /// the next step, and the block's `[b, L]` ids come back in one read, so the
+    /// host queues the whole block without waiting for the device in between.
+    fn decode_greedy(&mut self, ctx: &Tensor) -> Result<Vec<Vec<u32>>> {
+        let m = &self.model;
+        let l = m.block_length();
+        let mut ids = Vec::with_capacity(l);
+        let logits = m.token_decoder.begin_block(ctx, &mut self.local)?;
+        ids.push(argmax_rows(&logits)?);
+        for _ in 1..l {
+            let logits = m.token_decoder.next_token(ids.last().expect("one step done"), &mut self.local)?;
+            ids.push(argmax_rows(&logits)?);
+        }
+        Ok(Tensor::stack(&ids, 1)?.to_vec2::<u32>()?)
     }
 }

@@ -6,7 +6,9 @@
 //   qkv   [n, heads, 3, head_dim]   the fused projection, per head [q|k|v]
 //   pool  [slots, 2, heads, head_dim] slot = page * page_size + offset; K then V
 //   index u32: meta [n, 3] = (slot, position, table row) of each new token,
-//         then tables [rows, max_pages] = each row's pages in order
+//         then tables [rows, max_pages] = each row's pages in order,
+//         then query groups [groups, 2] = (first token, count <= QB): runs of
+//         consecutive tokens of one row, attended together
 //   out   [n, heads * head_dim]
 // Rotary (rotate-half over the first `rot` channels) is applied to q and k here,
 // with the angles computed in f32 exactly as the host's table is.
@@ -60,94 +62,126 @@ __device__ void kv_write(T* pool, const T* qkv, const uint32_t* meta, int heads,
 }
 
 #define MAX_WARPS 4
+// QB queries per CTA: consecutive new tokens of one row share every key and
+// value load (prefill chunks use QB = 4; decode rows, groups of one, use QB = 1
+// for its lower register count).
 
-// Grid (n, heads), block 32 * warps threads. Softmax attention of token i's
-// rotated, scaled query over keys 0..=pos of its row. Lanes work in groups of
-// G = HD / 8, one key per group and eight channels per lane; each group keeps an
-// online softmax, merged across groups by shuffles and across warps in shared
-// memory. Scores and softmax in f32.
-template <typename T, int HD>
+// Grid (query groups, heads), block 32 * warps threads. Softmax attention of each
+// token's rotated, scaled query over keys 0..=pos of its row. Lanes work in
+// groups of G = HD / 8, one key per group and eight channels per lane; each group
+// keeps an online softmax per query, merged across groups by shuffles and across
+// warps in shared memory. Scores and softmax in f32.
+template <typename T, int HD, int QB>
 __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads,
-                           int rot, float base, int page_size, int max_pages, float scale) {
+                           int rot, float base, int page_size, int max_pages, int rows, float scale) {
   constexpr int G = HD / 8;
   constexpr int KP = 32 / G;
-  const int i = blockIdx.x, h = blockIdx.y;
+  const int h = blockIdx.y;
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / G, gl = lane % G;
-  const uint32_t pos = index[3 * i + 1], row = index[3 * i + 2];
+  const uint32_t* groups = index + 3 * (size_t)n + (size_t)rows * max_pages;
+  const int first = groups[2 * blockIdx.x], count = groups[2 * blockIdx.x + 1];
+  const uint32_t pos0 = index[3 * first + 1], row = index[3 * first + 2];
   const uint32_t* table = index + 3 * (size_t)n + (size_t)row * max_pages;
-  const int nkeys = pos + 1;
+  const int nkeys = pos0 + count;  // keys of the last query in the group
 
-  __shared__ float qs[HD];
-  __shared__ float sm[MAX_WARPS], sl[MAX_WARPS];
-  __shared__ float sacc[MAX_WARPS][HD];
-  const T* q = qkv + ((size_t)i * heads + h) * 3 * HD;
-  for (int c = threadIdx.x; c < HD; c += blockDim.x) qs[c] = rope_at(q, c, rot, pos, base) * scale;
+  __shared__ float qs[QB][HD];
+  __shared__ float sm[MAX_WARPS][QB], sl[MAX_WARPS][QB];
+  __shared__ float sacc[MAX_WARPS][QB][HD];
+  for (int e = threadIdx.x; e < QB * HD; e += blockDim.x) {
+    int j = e / HD, c = e % HD;
+    const T* q = qkv + ((size_t)(first + j) * heads + h) * 3 * HD;
+    qs[j][c] = j < count ? rope_at(q, c, rot, pos0 + j, base) * scale : 0.f;
+  }
   __syncthreads();
-  float qr[8];
+  float qr[QB][8];
 #pragma unroll
-  for (int j = 0; j < 8; j++) qr[j] = qs[gl * 8 + j];
+  for (int j = 0; j < QB; j++)
+#pragma unroll
+    for (int c = 0; c < 8; c++) qr[j][c] = qs[j][gl * 8 + c];
 
-  float m = -INFINITY, l = 0.f, acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float m[QB], l[QB], acc[QB][8];
+#pragma unroll
+  for (int j = 0; j < QB; j++) {
+    m[j] = -INFINITY;
+    l[j] = 0.f;
+#pragma unroll
+    for (int c = 0; c < 8; c++) acc[j][c] = 0.f;
+  }
   for (int base_key = warp * KP; base_key < nkeys; base_key += warps * KP) {
     const int key = base_key + g;
     const bool valid = key < nkeys;
-    float s = 0.f;
-    const T* kp = nullptr;
+    float s[QB];
+    float kf[8], vf[8];
     if (valid) {
       uint32_t slot = table[key / page_size] * (uint32_t)page_size + key % page_size;
-      kp = pool + ((size_t)slot * 2 * heads + h) * HD + gl * 8;
-      float kf[8];
+      const T* kp = pool + ((size_t)slot * 2 * heads + h) * HD + gl * 8;
       load8(kp, kf);
-#pragma unroll
-      for (int j = 0; j < 8; j++) s += qr[j] * kf[j];
+      load8(kp + (size_t)heads * HD, vf);
     }
 #pragma unroll
-    for (int o = G / 2; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffff, s, o);
-    if (valid) {
-      float vf[8];
-      load8(kp + (size_t)heads * HD, vf);
-      float mn = fmaxf(m, s);
-      float corr = __expf(m - mn), p = __expf(s - mn);
-      l = l * corr + p;
+    for (int j = 0; j < QB; j++) {
+      s[j] = 0.f;
+      if (valid) {
 #pragma unroll
-      for (int j = 0; j < 8; j++) acc[j] = acc[j] * corr + p * vf[j];
-      m = mn;
+        for (int c = 0; c < 8; c++) s[j] += qr[j][c] * kf[c];
+      }
+#pragma unroll
+      for (int o = G / 2; o > 0; o /= 2) s[j] += __shfl_xor_sync(0xffffffff, s[j], o);
+    }
+#pragma unroll
+    for (int j = 0; j < QB; j++) {
+      // Query j (position pos0 + j) sees keys 0..=pos0 + j.
+      if (valid && j < count && key <= (int)pos0 + j) {
+        float mn = fmaxf(m[j], s[j]);
+        float corr = __expf(m[j] - mn), p = __expf(s[j] - mn);
+        l[j] = l[j] * corr + p;
+#pragma unroll
+        for (int c = 0; c < 8; c++) acc[j][c] = acc[j][c] * corr + p * vf[c];
+        m[j] = mn;
+      }
     }
   }
   // Merge the groups of this warp (same channels, different keys).
 #pragma unroll
   for (int o = G; o < 32; o *= 2) {
-    float m2 = __shfl_xor_sync(0xffffffff, m, o), l2 = __shfl_xor_sync(0xffffffff, l, o);
-    float a2[8];
 #pragma unroll
-    for (int j = 0; j < 8; j++) a2[j] = __shfl_xor_sync(0xffffffff, acc[j], o);
-    float mn = fmaxf(m, m2);
-    if (mn != -INFINITY) {
-      float c1 = __expf(m - mn), c2 = __expf(m2 - mn);
-      l = l * c1 + l2 * c2;
+    for (int j = 0; j < QB; j++) {
+      float m2 = __shfl_xor_sync(0xffffffff, m[j], o), l2 = __shfl_xor_sync(0xffffffff, l[j], o);
+      float a2[8];
 #pragma unroll
-      for (int j = 0; j < 8; j++) acc[j] = acc[j] * c1 + a2[j] * c2;
-      m = mn;
+      for (int c = 0; c < 8; c++) a2[c] = __shfl_xor_sync(0xffffffff, acc[j][c], o);
+      float mn = fmaxf(m[j], m2);
+      if (mn != -INFINITY) {
+        float c1 = __expf(m[j] - mn), c2 = __expf(m2 - mn);
+        l[j] = l[j] * c1 + l2 * c2;
+#pragma unroll
+        for (int c = 0; c < 8; c++) acc[j][c] = acc[j][c] * c1 + a2[c] * c2;
+        m[j] = mn;
+      }
     }
   }
   if (g == 0) {
 #pragma unroll
-    for (int j = 0; j < 8; j++) sacc[warp][gl * 8 + j] = acc[j];
-    if (gl == 0) { sm[warp] = m; sl[warp] = l; }
+    for (int j = 0; j < QB; j++) {
+#pragma unroll
+      for (int c = 0; c < 8; c++) sacc[warp][j][gl * 8 + c] = acc[j][c];
+      if (gl == 0) { sm[warp][j] = m[j]; sl[warp][j] = l[j]; }
+    }
   }
   __syncthreads();
-  for (int c = threadIdx.x; c < HD; c += blockDim.x) {
+  for (int e = threadIdx.x; e < count * HD; e += blockDim.x) {
+    int j = e / HD, c = e % HD;
     float mx = -INFINITY;
-    for (int w = 0; w < warps; w++) mx = fmaxf(mx, sm[w]);
+    for (int w = 0; w < warps; w++) mx = fmaxf(mx, sm[w][j]);
     float num = 0.f, den = 0.f;
     for (int w = 0; w < warps; w++) {
-      if (sm[w] == -INFINITY) continue;
-      float f = __expf(sm[w] - mx);
-      num += sacc[w][c] * f;
-      den += sl[w] * f;
+      if (sm[w][j] == -INFINITY) continue;
+      float f = __expf(sm[w][j] - mx);
+      num += sacc[w][j][c] * f;
+      den += sl[w][j] * f;
     }
-    out[((size_t)i * heads + h) * HD + c] = from_f<T>(num / den);
+    out[((size_t)(first + j) * heads + h) * HD + c] = from_f<T>(num / den);
   }
 }
 
@@ -160,16 +194,20 @@ KV_WRITE(kv_write_f32, float)
 KV_WRITE(kv_write_bf16, __nv_bfloat16)
 KV_WRITE(kv_write_f16, __half)
 
-#define ATTN(NAME, T, HD)                                                                           \
+#define ATTN(NAME, T, HD, QB)                                                                       \
   extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, \
                                   int heads, int rot, float base, int page_size, int max_pages,     \
-                                  float scale) {                                                    \
-    paged_attn<T, HD>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, scale);    \
+                                  int rows, float scale) {                                          \
+    paged_attn<T, HD, QB>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, rows,       \
+                      scale);                                                                       \
   }
-#define ATTN_ALL(HD)                            \
-  ATTN(paged_attn_f32_##HD, float, HD)          \
-  ATTN(paged_attn_bf16_##HD, __nv_bfloat16, HD) \
-  ATTN(paged_attn_f16_##HD, __half, HD)
+#define ATTN_ALL(HD)                                  \
+  ATTN(paged_attn1_f32_##HD, float, HD, 1)            \
+  ATTN(paged_attn1_bf16_##HD, __nv_bfloat16, HD, 1)   \
+  ATTN(paged_attn1_f16_##HD, __half, HD, 1)           \
+  ATTN(paged_attn4_f32_##HD, float, HD, 4)            \
+  ATTN(paged_attn4_bf16_##HD, __nv_bfloat16, HD, 4)   \
+  ATTN(paged_attn4_f16_##HD, __half, HD, 4)
 ATTN_ALL(16)
 ATTN_ALL(32)
 ATTN_ALL(64)

@@ -13,6 +13,7 @@ use candle_nn::{LayerNorm, Linear};
 
 use crate::config::{Activation, GptNeoXConfig};
 use crate::error::Result;
+use crate::fused::{self, Epilogue};
 use crate::paged::ops::{attend_paged, HeadShape};
 use crate::paged::{KvPool, PagedPass};
 use crate::weights::Weights;
@@ -129,8 +130,8 @@ impl Attention {
     /// Attention of a paged pass's new tokens `x` `[n, d]`: their keys and values
     /// go into `pool` (this layer's), then each attends over its row in place.
     fn forward_paged(&self, x: &Tensor, shape: HeadShape, pool: &Tensor, pass: &PagedPass, page_size: usize) -> Result<Tensor> {
-        let out = attend_paged(shape, &self.qkv.forward(x)?, pool, pass, page_size)?;
-        Ok(self.dense.forward(&out)?)
+        let out = attend_paged(shape, &fused::linear(&self.qkv, x, Epilogue::Bias)?, pool, pass, page_size)?;
+        fused::linear(&self.dense, &out, Epilogue::Bias)
     }
 }
 
@@ -142,6 +143,11 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.act == Activation::GeluErf {
+            // One kernel for bias + GELU on CUDA.
+            let h = fused::linear(&self.up, x, Epilogue::BiasGelu)?;
+            return fused::linear(&self.down, &h, Epilogue::Bias);
+        }
         let h = self.up.forward(x)?;
         let h = match self.act {
             Activation::GeluErf => h.gelu_erf()?,
@@ -166,7 +172,7 @@ impl Layer {
         let attn = attn(&self.attn, &self.ln1.forward(x)?)?;
         if self.parallel {
             let mlp = self.mlp.forward(&self.ln2.forward(x)?)?;
-            Ok(((mlp + attn)? + x)?)
+            fused::add3(&mlp, &attn, x)
         } else {
             let h = (attn + x)?;
             Ok((self.mlp.forward(&self.ln2.forward(&h)?)? + h)?)

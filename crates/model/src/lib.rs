@@ -13,10 +13,12 @@
 //! - [`prompt`], [`sampling`], [`generation`]: prompt layout, token choice, and a
 //!   synchronous multi-session driver.
 
+pub mod argmax;
 pub mod block_transformer;
 pub mod causal_lm;
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod generation;
 pub mod gpt_neox;
 pub mod init;
@@ -64,4 +66,14 @@ pub fn cuda_device(ordinal: usize) -> Result<candle_core::Device> {
         unsafe { d.disable_event_tracking() };
     }
     Ok(device)
+}
+
+/// Free and total memory of `device` in bytes (None on the CPU).
+pub fn device_memory(device: &candle_core::Device) -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        return d.cuda_stream().context().mem_get_info().ok();
+    }
+    let _ = device;
+    None
 }

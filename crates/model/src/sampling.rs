@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 use crate::error::{input_err, Result};
 
@@ -87,7 +87,7 @@ pub fn read_rows(logits: &Tensor, on_host: &[bool]) -> Result<Vec<Row>> {
         let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         return Ok(rows.into_iter().map(Row::Logits).collect());
     }
-    let ids = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let ids = crate::argmax::argmax_rows(logits)?.to_vec1::<u32>()?;
     let host: Vec<u32> = (0..on_host.len() as u32).filter(|&i| on_host[i as usize]).collect();
     let mut full = if host.is_empty() {
         vec![]

@@ -1,32 +1,42 @@
-//! `blockserve bench`: the model engine in this process (no gRPC) on random
-//! weights of any preset, in the reference's two benchmark settings, EOS disabled.
-//! Prints one table row per run; throughput counts generated tokens only.
+//! `blockserve bench`: the serving engine in this process (no gRPC) on random
+//! weights of any preset, in the reference's two settings, EOS disabled.
+//!
+//! Block Transformers run through the engine's continuous batching (block
+//! scheduler with chunked prefill + token batcher); vanilla presets through the
+//! model's paged driver. Prints one table row per batch: generated tokens/s,
+//! time to first token, peak device memory, and the model's FLOP and byte counts
+//! over the wall time against the card's measured ceilings.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
+use blockserve_engine::pipeline::{self, RunStats};
+use blockserve_engine::{BlockScheduler, SchedulerConfig, TokenBatcher};
 use blockserve_model::init::random_weights;
 use blockserve_model::loader::build;
 use blockserve_model::weights::Weights;
-use blockserve_model::{presets, GenerationRequest, SamplingParams, StopCriteria};
+use blockserve_model::{device_memory, presets, BlockTransformer, GenerationRequest, Model, ModelConfig, SamplingParams, StopCriteria};
 use blockserve_runtime::model_args::{parse_device, parse_dtype};
-use candle_core::DType;
+use candle_core::{DType, Device, Tensor};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Model shape (random weights): block_main_b4_* or vanilla_* presets.
-    #[arg(long, default_value = "block_main_b4_5")]
+    #[arg(long, env = "BENCH_PRESET", default_value = "block_main_b4_5")]
     preset: String,
     /// prefill-heavy (prompt 2048, generate 128) or decode-heavy (prompt 128,
     /// generate 2048); --prompt-len/--gen-len override either.
-    #[arg(long, default_value = "decode-heavy")]
+    #[arg(long, env = "BENCH_SETTING", default_value = "decode-heavy")]
     setting: String,
+    /// Prompt tokens per request (overrides the setting's).
     #[arg(long)]
     prompt_len: Option<usize>,
+    /// Tokens generated per request (overrides the setting's).
     #[arg(long)]
     gen_len: Option<usize>,
-    /// Batch sizes to run, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    /// Batch sizes (requests submitted at once), comma separated.
+    #[arg(long, env = "BENCH_BATCH", value_delimiter = ',', default_value = "1")]
     batch: Vec<usize>,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "BLOCKSERVE_DEVICE", default_value = "cpu")]
@@ -37,6 +47,102 @@ pub struct Args {
     /// Seed of the random weights and prompts.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Most new blocks (decode rows + prompt chunks) in one block-decoder pass.
+    #[arg(long, env = "BLOCKSERVE_TOKEN_BUDGET", default_value_t = 16384)]
+    token_budget: usize,
+    /// Most rows in one token-decoder batch (0: the whole batch).
+    #[arg(long, env = "BLOCKSERVE_TOKEN_BATCH", default_value_t = 0)]
+    token_batch: usize,
+    /// Block-level KV pool in GiB (0: exactly what the batch needs).
+    #[arg(long, env = "BLOCKSERVE_KV_CACHE_GIB", default_value_t = 0.0)]
+    kv_cache_gib: f64,
+    /// Also measure the card's copy bandwidth and bf16 matmul rate, and report
+    /// achieved rates against them.
+    #[arg(long)]
+    ceilings: bool,
+}
+
+/// Measured device ceilings: bytes/s of a large device-to-device copy (read +
+/// write) and FLOP/s of a large bf16 matmul.
+struct Ceilings {
+    bytes_per_s: f64,
+    flop_per_s: f64,
+}
+
+fn time_it(device: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    device.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    device.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / reps as f64)
+}
+
+fn measure_ceilings(device: &Device) -> Result<Ceilings> {
+    let n = 1usize << 29; // 1 GiB of bf16
+    let src = Tensor::randn(0f32, 1.0, n / 1024, device)?.to_dtype(DType::BF16)?.repeat(1024)?;
+    let copy = time_it(device, 10, || {
+        src.copy()?;
+        Ok(())
+    })?;
+    let k = 8192;
+    let a = Tensor::randn(0f32, 1.0, (k, k), device)?.to_dtype(DType::BF16)?;
+    let b = Tensor::randn(0f32, 1.0, (k, k), device)?.to_dtype(DType::BF16)?;
+    let mm = time_it(device, 10, || {
+        a.matmul(&b)?;
+        Ok(())
+    })?;
+    Ok(Ceilings { bytes_per_s: (4 * n) as f64 / copy, flop_per_s: 2.0 * (k * k * k) as f64 / mm })
+}
+
+fn requests(b: usize, prompt_len: usize, gen_len: usize, vocab: u32, seed: u64) -> Vec<GenerationRequest> {
+    (0..b)
+        .map(|i| GenerationRequest {
+            prompt: (0..prompt_len).map(|j| 1 + ((i * 7919 + j * 104729 + seed as usize) as u32 % (vocab - 1))).collect(),
+            sampling: SamplingParams::greedy(),
+            stop: StopCriteria { max_new_tokens: gen_len, eos_token_id: None, stop_token_ids: vec![] },
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Parameters of a GPT-NeoX stack's layers (no embeddings).
+fn stack_params(c: &blockserve_model::config::GptNeoXConfig) -> f64 {
+    let d = c.hidden_size as f64;
+    c.num_hidden_layers as f64 * (4.0 * d * d + 2.0 * d * c.intermediate_size as f64)
+}
+
+/// FLOPs and device bytes a Block Transformer run must at least spend: every
+/// matmul once, every block's attention over its history, weights read once per
+/// pass, KV written once and read by every later position.
+fn block_work(m: &BlockTransformer, b: usize, prompt: usize, gen: usize, stats: &RunStats, dtype: DType) -> (f64, f64) {
+    let c = &m.config;
+    let l = c.block_length as f64;
+    let e = dtype.size_in_bytes() as f64;
+    let (pb, gb) = ((prompt as f64 / l).ceil(), (gen as f64 / l).ceil());
+    let (bd, td) = (&c.block_decoder, &c.token_decoder.stack);
+    let bd_params = stack_params(bd);
+    let td_params = stack_params(td) + (td.hidden_size * td.vocab_size) as f64;
+    let blocks = b as f64 * (pb + gb - 1.0);
+    // Keys attended: sum over a session's blocks of its position + 1.
+    let keys = b as f64 * ((pb + gb - 1.0) * (pb + gb) / 2.0);
+    let bd_layers = bd.num_hidden_layers as f64;
+    let kv_row = 2.0 * bd.hidden_size as f64 * bd_layers; // elements per block position
+    let block_flops = 2.0 * bd_params * blocks + 4.0 * bd.hidden_size as f64 * bd_layers * keys;
+    let tokens = b as f64 * gb * l;
+    let token_flops = 2.0 * td_params * tokens;
+    let flops = block_flops + token_flops;
+    let weight_reads = (bd_params * stats.passes as f64 + td_params * (stats.token_rows as f64 / b as f64).max(1.0) * l) * e;
+    let kv = (keys + blocks) * kv_row * e;
+    (flops, weight_reads + kv)
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -52,31 +158,81 @@ pub fn run(a: Args) -> Result<()> {
     let t0 = Instant::now();
     let weights = Weights::from_tensors(random_weights(&config, a.seed, DType::F32)?, dtype, &device);
     let model = build(&config, &weights)?;
+    drop(weights);
     eprintln!("built {} (random weights) on {:?} {:?} in {:.1} s", a.preset, device, dtype, t0.elapsed().as_secs_f64());
+    let ceilings = if a.ceilings { Some(measure_ceilings(&device)?) } else { None };
+    if let Some(c) = &ceilings {
+        println!("ceilings: copy {:.0} GB/s (read + write), bf16 matmul {:.0} TFLOP/s", c.bytes_per_s / 1e9, c.flop_per_s / 1e12);
+    }
     let vocab = config.vocab_size() as u32;
-    // Warm-up: the first call loads device modules and allocates; keep it out of the timings.
-    let warm = GenerationRequest {
-        prompt: vec![1; 8],
-        sampling: SamplingParams::greedy(),
-        stop: StopCriteria { max_new_tokens: 8, eos_token_id: None, stop_token_ids: vec![] },
+    println!("| preset | setting | batch | wall s | tokens/s | TTFT mean s | TTFT p50 s | TTFT p99 s | peak GiB | TFLOP/s (% ceil) | GB/s (% ceil) |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let model = match model {
+        Model::Block(m) => Arc::new(m),
+        Model::Vanilla(_) => return bench_vanilla(&a, &model, &device, prompt_len, gen_len, vocab),
     };
-    model.generate(&[warm], false)?;
-    device.synchronize()?;
-    println!("| preset | device | dtype | prompt | generate | batch | wall s | tokens/s | first token s |");
-    println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
     for &b in &a.batch {
-        let reqs: Vec<GenerationRequest> = (0..b)
-            .map(|i| GenerationRequest {
-                prompt: (0..prompt_len).map(|j| 1 + ((i * 7919 + j * 104729 + a.seed as usize) as u32 % (vocab - 1))).collect(),
-                sampling: SamplingParams::greedy(),
-                stop: StopCriteria { max_new_tokens: gen_len, eos_token_id: None, stop_token_ids: vec![] },
-            })
-            .collect();
-        // Time to first token: the same batch asked for one block only.
-        let first_reqs: Vec<GenerationRequest> =
+        let kv_bytes = if a.kv_cache_gib > 0.0 {
+            (a.kv_cache_gib * (1u64 << 30) as f64) as usize
+        } else {
+            let blocks = (prompt_len + gen_len).div_ceil(model.block_length()) + 16;
+            b * blocks * model.block_decoder.bytes_per_block(dtype)
+        };
+        let mut sched = BlockScheduler::new(model.clone(), SchedulerConfig::for_memory(&model, kv_bytes, a.token_budget))?;
+        let token_batch = if a.token_batch == 0 { b } else { a.token_batch };
+        let mut batcher = TokenBatcher::new(model.clone(), token_batch)?;
+        // Warm-up: module loads, cuBLAS handles and the batch's local passes.
+        pipeline::run(&mut sched, &mut batcher, &requests(b.min(token_batch), 8, 8, vocab, a.seed), &|| None)?;
+        device.synchronize()?;
+        let reqs = requests(b, prompt_len, gen_len, vocab, a.seed);
+        let memory = || device_memory(&device).map(|(free, total)| total - free);
+        let (outs, stats) = pipeline::run(&mut sched, &mut batcher, &reqs, &memory)?;
+        device.synchronize()?;
+        let generated: usize = outs.iter().map(|o| o.tokens.len()).sum();
+        if generated != b * gen_len {
+            bail!("generated {generated} tokens, expected {}", b * gen_len);
+        }
+        let mut ttft: Vec<f64> = outs.iter().map(|o| o.first_token_s).collect();
+        ttft.sort_by(f64::total_cmp);
+        let (flops, bytes) = block_work(&model, b, prompt_len, gen_len, &stats, dtype);
+        let rates = match &ceilings {
+            Some(c) => (
+                format!("{:.1} ({:.0}%)", flops / stats.wall_s / 1e12, 100.0 * flops / stats.wall_s / c.flop_per_s),
+                format!("{:.0} ({:.0}%)", bytes / stats.wall_s / 1e9, 100.0 * bytes / stats.wall_s / c.bytes_per_s),
+            ),
+            None => (format!("{:.1}", flops / stats.wall_s / 1e12), format!("{:.0}", bytes / stats.wall_s / 1e9)),
+        };
+        println!(
+            "| {} | {prompt_len}/{gen_len} | {b} | {:.2} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} |",
+            a.preset,
+            stats.wall_s,
+            generated as f64 / stats.wall_s,
+            ttft.iter().sum::<f64>() / ttft.len() as f64,
+            percentile(&ttft, 0.5),
+            percentile(&ttft, 0.99),
+            stats.peak_memory_bytes.map_or("-".into(), |m| format!("{:.1}", m as f64 / (1u64 << 30) as f64)),
+            rates.0,
+            rates.1,
+        );
+        eprintln!(
+            "  passes {} (decode rows {}, prompt blocks {}), host time in block passes {:.2} s, in token blocks (incl. device wait) {:.2} s",
+            stats.passes, stats.decode_rows, stats.prefill_blocks, stats.block_phase_s, stats.token_phase_s
+        );
+    }
+    Ok(())
+}
+
+/// Vanilla presets: the model's paged driver (all requests together).
+fn bench_vanilla(a: &Args, model: &Model, device: &Device, prompt_len: usize, gen_len: usize, vocab: u32) -> Result<()> {
+    model.generate(&requests(1, 8, 8, vocab, a.seed), false)?;
+    device.synchronize()?;
+    for &b in &a.batch {
+        let reqs = requests(b, prompt_len, gen_len, vocab, a.seed);
+        // Time to first token: the same batch asked for one token only.
+        let first: Vec<GenerationRequest> =
             reqs.iter().map(|r| GenerationRequest { stop: StopCriteria { max_new_tokens: 1, ..r.stop.clone() }, ..r.clone() }).collect();
         let t = Instant::now();
-        model.generate(&first_reqs, false)?;
+        model.generate(&first, false)?;
         device.synchronize()?;
         let ttft = t.elapsed().as_secs_f64();
         let t = Instant::now();
@@ -84,9 +240,12 @@ pub fn run(a: Args) -> Result<()> {
         device.synchronize()?;
         let wall = t.elapsed().as_secs_f64();
         let generated: usize = out.iter().map(|o| o.tokens.len()).sum();
+        let peak = device_memory(device).map_or("-".into(), |(f, t)| format!("{:.1}", (t - f) as f64 / (1u64 << 30) as f64));
+        let ModelConfig::Vanilla(_) = model.config() else { unreachable!() };
         println!(
-            "| {} | {} | {} | {prompt_len} | {gen_len} | {b} | {wall:.2} | {:.0} | {ttft:.3} |",
-            a.preset, a.device, a.dtype, generated as f64 / wall
+            "| {} | {prompt_len}/{gen_len} | {b} | {wall:.2} | {:.0} | {ttft:.3} (whole batch) | - | - | {peak} (end) | - | - |",
+            a.preset,
+            generated as f64 / wall
         );
     }
     Ok(())

@@ -67,7 +67,8 @@ pub(super) fn attend(op: &PagedAttention, qkv: &CudaStorage, ql: &Layout, pool: 
         if !matches!(s.head_dim, 16 | 32 | 64 | 128 | 256) {
             candle_core::bail!("paged attention supports head_dim 16, 32, 64, 128 or 256, not {}", s.head_dim);
         }
-        let func = dev.get_or_load_custom_func(&format!("paged_attn_{}_{}", suffix(T::DTYPE)?, s.head_dim), MODULE, PTX)?;
+        let qb = if op.max_group > 1 { 4 } else { 1 };
+        let func = dev.get_or_load_custom_func(&format!("paged_attn{qb}_{}_{}", suffix(T::DTYPE)?, s.head_dim), MODULE, PTX)?;
         let (qa, qb) = offsets(ql)?;
         let (pa, pb) = offsets(pl)?;
         let (ia, ib) = offsets(il)?;
@@ -95,9 +96,10 @@ pub(super) fn attend(op: &PagedAttention, qkv: &CudaStorage, ql: &Layout, pool: 
             s.rope_base,
             op.page_size as i32,
             op.max_pages as i32,
+            op.rows as i32,
             op.scale
         );
-        let cfg = LaunchConfig { grid_dim: (n as u32, s.heads as u32, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (op.groups as u32, s.heads as u32, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: every token's keys lie in pages its row's table names, which the
         // pool planned; the output holds n * heads * head_dim elements.
         unsafe { b.launch(cfg) }.w()?;

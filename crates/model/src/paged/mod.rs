@@ -16,12 +16,15 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
-pub(crate) mod ops;
+pub mod ops;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::GptNeoXConfig;
 use crate::error::{ModelError, Result};
+
+/// Most consecutive tokens of one row that the attention kernel takes together.
+const QUERY_GROUP: usize = 4;
 
 /// Pages of KV storage for one GPT-NeoX stack.
 pub struct KvPool {
@@ -69,6 +72,11 @@ pub struct PagedPass {
     pub(crate) max_pages: usize,
     /// Longest history any new token attends over.
     pub(crate) max_keys: usize,
+    /// Rows of the page tables, and the query groups after them.
+    pub(crate) rows: usize,
+    pub(crate) groups: usize,
+    /// Largest query group (1 when every row adds one token).
+    pub(crate) max_group: usize,
 }
 
 impl PagedPass {
@@ -99,7 +107,8 @@ impl KvPool {
         })
     }
 
-    pub(crate) fn layer(&self, i: usize) -> &Tensor {
+    /// Layer `i`'s storage `[pages * page_size, 2, heads, head_dim]`.
+    pub fn layer(&self, i: usize) -> &Tensor {
         &self.layers[i]
     }
 
@@ -178,10 +187,21 @@ impl KvPool {
             index.extend_from_slice(&s.pages);
             index.extend(std::iter::repeat_n(0, max_pages - s.pages.len()));
         }
+        // Query groups: each row's new tokens in runs of up to QUERY_GROUP.
+        let max_group = counts.iter().copied().max().unwrap_or(1).clamp(1, QUERY_GROUP);
+        let mut groups = 0;
+        let mut first = 0u32;
+        for &c in counts {
+            for start in (0..c).step_by(max_group) {
+                index.extend([first + start as u32, (max_group.min(c - start)) as u32]);
+                groups += 1;
+            }
+            first += c as u32;
+        }
         for (s, &c) in seqs.iter_mut().zip(counts) {
             s.len += c;
         }
         let n = index.len();
-        Ok(PagedPass { index: Tensor::from_vec(index, n, device)?, tokens, max_pages, max_keys })
+        Ok(PagedPass { index: Tensor::from_vec(index, n, device)?, tokens, max_pages, max_keys, rows: seqs.len(), groups, max_group })
     }
 }

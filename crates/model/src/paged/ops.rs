@@ -10,7 +10,7 @@ use super::PagedPass;
 
 /// The per-stack constants both kernels need.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct HeadShape {
+pub struct HeadShape {
     pub heads: usize,
     pub head_dim: usize,
     /// Rotated channels per head (rotate-half over the first `rot`).
@@ -24,18 +24,22 @@ pub(crate) struct KvWrite {
 }
 
 /// Attention of each new token over its row's positions `0..=pos` in the pool.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) struct PagedAttention {
     pub shape: HeadShape,
     pub tokens: usize,
     pub page_size: usize,
     pub max_pages: usize,
     pub max_keys: usize,
+    pub rows: usize,
+    pub groups: usize,
+    pub max_group: usize,
     pub scale: f32,
 }
 
 /// `qkv` `[n, heads * 3 * head_dim]`: store keys/values in `pool` (one layer's
 /// pool tensor), then return the attention output `[n, heads * head_dim]`.
-pub(crate) fn attend_paged(shape: HeadShape, qkv: &Tensor, pool: &Tensor, pass: &PagedPass, page_size: usize) -> Result<Tensor> {
+pub fn attend_paged(shape: HeadShape, qkv: &Tensor, pool: &Tensor, pass: &PagedPass, page_size: usize) -> Result<Tensor> {
     let qkv = qkv.contiguous()?;
     pool.inplace_op3(&qkv, &pass.index, &KvWrite { shape })?;
     let op = PagedAttention {
@@ -44,6 +48,9 @@ pub(crate) fn attend_paged(shape: HeadShape, qkv: &Tensor, pool: &Tensor, pass: 
         page_size,
         max_pages: pass.max_pages,
         max_keys: pass.max_keys,
+        rows: pass.rows,
+        groups: pass.groups,
+        max_group: pass.max_group,
         scale: (shape.head_dim as f32).powf(-0.5),
     };
     qkv.apply_op3_no_bwd(pool, &pass.index, &op)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Build the CUDA binaries here (no GPU needed) and pack them, stripped and
+# xz-compressed, into the git-ignored .dev/bin that device calls carry.
+#   bash scripts/pack-cuda.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(../shared/tools/cuda-env.sh)"
+export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-/work/target-cuda}
+cargo build --release -p blockserve --features cuda
+cargo build --release -p blockserve-model --features cuda --example golden_report --example step_profile
+tests=$(cargo test --release -p blockserve-model --features cuda --no-run --message-format=json 2>/dev/null |
+  python3 -c "import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get('reason') == 'compiler-artifact' and m.get('executable') and m['target']['name'] in ('golden', 'batching'):
+        print(m['target']['name'], m['executable'])")
+mkdir -p .dev/bin && rm -f .dev/bin/*
+strip -o .dev/bin/blockserve "$CARGO_TARGET_DIR/release/blockserve"
+for e in golden_report step_profile; do strip -o .dev/bin/$e "$CARGO_TARGET_DIR/release/examples/$e"; done
+while read -r name exe; do strip -o ".dev/bin/$name" "$exe"; done <<< "$tests"
+for f in .dev/bin/*; do xz -T2 -6 "$f" & done
+wait
+ls -la .dev/bin
