@@ -14,7 +14,7 @@ date -u
 BS=.dev/bin/blockserve
 status=0
 echo "== numerical checks: fixture tests in f32, greedy agreement in bf16/f16 (CUDA)"
-for t in golden batching; do
+for t in golden batching paged_attention; do
   [ -x .dev/bin/$t ] && { BLOCKSERVE_TEST_DEVICE=cuda .dev/bin/$t --test-threads 1 2>&1 | grep -E "^test |test result" || status=1; }
 done
 if [ -x .dev/bin/golden_report ]; then

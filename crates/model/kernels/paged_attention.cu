@@ -73,14 +73,17 @@ __device__ void kv_write(T* pool, const T* qkv, const uint32_t* meta, int heads,
 // warps in shared memory. Scores and softmax in f32.
 template <typename T, int HD, int QB>
 __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads,
-                           int rot, float base, int page_size, int max_pages, int rows, float scale) {
+                           int rot, float base, int page_size, int max_pages, int rows, float scale, int subs) {
   constexpr int G = HD / 8;
   constexpr int KP = 32 / G;
   const int h = blockIdx.y;
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / G, gl = lane % G;
   const uint32_t* groups = index + 3 * (size_t)n + (size_t)rows * max_pages;
-  const int first = groups[2 * blockIdx.x], count = groups[2 * blockIdx.x + 1];
+  // A group of up to 16 tokens spans `subs` CTAs of QB tokens each.
+  const int gi = blockIdx.x / subs, sub = blockIdx.x % subs;
+  const int first = groups[2 * gi] + sub * QB, count = min(QB, (int)groups[2 * gi + 1] - sub * QB);
+  if (count <= 0) return;
   const uint32_t pos0 = index[3 * first + 1], row = index[3 * first + 2];
   const uint32_t* table = index + 3 * (size_t)n + (size_t)row * max_pages;
   const int nkeys = pos0 + count;  // keys of the last query in the group
@@ -185,6 +188,113 @@ __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
   }
 }
 
+// Tensor-core attention for prefill groups (bf16/f16, 16-position pages): one
+// warp per (group of up to 16 consecutive tokens of one row, head). For each
+// 16-key page: S = Q K^T with WMMA (K loaded straight from the page), causal
+// mask and online softmax on S in shared memory, then O += P V with WMMA.
+#include <mma.h>
+template <typename T, int HD>
+__device__ void paged_attn_tc(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads, int rot,
+                              float base, int max_pages, int rows, float scale) {
+  using namespace nvcuda;
+  const int h = blockIdx.y, lane = threadIdx.x;
+  const uint32_t* groups = index + 3 * (size_t)n + (size_t)rows * max_pages;
+  const int first = groups[2 * blockIdx.x], count = groups[2 * blockIdx.x + 1];
+  const int pos0 = index[3 * first + 1], row = index[3 * first + 2];
+  const uint32_t* table = index + 3 * (size_t)n + (size_t)row * max_pages;
+  const int ld = 2 * heads * HD;  // elements between consecutive slots
+
+  __shared__ __align__(32) T qs[16 * HD];
+  __shared__ __align__(32) float ss[16 * 16];
+  __shared__ __align__(32) T ps[16 * 16];
+  __shared__ __align__(32) float os[16 * HD];
+  __shared__ float ms[16], ls[16], cs[16];
+  for (int e = lane; e < 16 * HD; e += 32) {
+    int j = e / HD, c = e % HD;
+    const T* q = qkv + ((size_t)(first + j) * heads + h) * 3 * HD;
+    qs[e] = from_f<T>(j < count ? rope_at(q, c, rot, pos0 + j, base) * scale : 0.f);
+    os[e] = 0.f;
+  }
+  if (lane < 16) { ms[lane] = -INFINITY; ls[lane] = 0.f; }
+  __syncwarp();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qa[HD / 16];
+#pragma unroll
+  for (int k = 0; k < HD / 16; k++) wmma::load_matrix_sync(qa[k], qs + k * 16, HD);
+
+  const int last = pos0 + count - 1;
+  for (int page = 0; page * 16 <= last; page++) {
+    const T* kp = pool + ((size_t)table[page] * 16 * 2 * heads + h) * HD;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
+    wmma::fill_fragment(sf, 0.f);
+#pragma unroll
+    for (int k = 0; k < HD / 16; k++) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kb;
+      wmma::load_matrix_sync(kb, kp + k * 16, ld);
+      wmma::mma_sync(sf, qa[k], kb, sf);
+    }
+    wmma::store_matrix_sync(ss, sf, 16, wmma::mem_row_major);
+    __syncwarp();
+    // Two lanes per query row, eight keys each.
+    {
+      const int r = lane / 2, c0 = (lane % 2) * 8;
+      float v[8], mx = -INFINITY;
+#pragma unroll
+      for (int c = 0; c < 8; c++) {
+        int key = page * 16 + c0 + c;
+        v[c] = (r < count && key <= pos0 + r) ? ss[r * 16 + c0 + c] : -INFINITY;
+        mx = fmaxf(mx, v[c]);
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      float m_old = ms[r], m_new = fmaxf(m_old, mx);
+      float sum = 0.f;
+#pragma unroll
+      for (int c = 0; c < 8; c++) {
+        float p = m_new == -INFINITY ? 0.f : __expf(v[c] - m_new);
+        sum += p;
+        ps[r * 16 + c0 + c] = from_f<T>(p);
+      }
+      sum += __shfl_xor_sync(0xffffffff, sum, 1);
+      __syncwarp();
+      if (lane % 2 == 0) {
+        float corr = m_old == -INFINITY ? 0.f : __expf(m_old - m_new);
+        ls[r] = ls[r] * corr + sum;
+        ms[r] = m_new;
+        cs[r] = corr;
+      }
+    }
+    __syncwarp();
+    for (int e = lane; e < 16 * HD; e += 32) os[e] *= cs[e / HD];
+    __syncwarp();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa;
+    wmma::load_matrix_sync(pa, ps, 16);
+#pragma unroll
+    for (int t = 0; t < HD / 16; t++) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> of;
+      wmma::load_matrix_sync(vb, kp + (size_t)heads * HD + t * 16, ld);
+      wmma::load_matrix_sync(of, os + t * 16, HD, wmma::mem_row_major);
+      wmma::mma_sync(of, pa, vb, of);
+      wmma::store_matrix_sync(os + t * 16, of, HD, wmma::mem_row_major);
+    }
+    __syncwarp();
+  }
+  for (int e = lane; e < count * HD; e += 32) {
+    int j = e / HD, c = e % HD;
+    out[((size_t)(first + j) * heads + h) * HD + c] = from_f<T>(os[e] / ls[j]);
+  }
+}
+
+#define ATTN_TC(NAME, T, HD)                                                                             \
+  extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n,     \
+                                  int heads, int rot, float base, int page_size, int max_pages, int rows, \
+                                  float scale, int subs) {                                               \
+    paged_attn_tc<T, HD>(out, qkv, pool, index, n, heads, rot, base, max_pages, rows, scale);            \
+  }
+ATTN_TC(paged_attn_tc_bf16_64, __nv_bfloat16, 64)
+ATTN_TC(paged_attn_tc_f16_64, __half, 64)
+ATTN_TC(paged_attn_tc_bf16_128, __nv_bfloat16, 128)
+ATTN_TC(paged_attn_tc_f16_128, __half, 128)
+
 #define KV_WRITE(NAME, T)                                                                          \
   extern "C" __global__ void NAME(T* pool, const T* qkv, const uint32_t* meta, int heads, int hd, \
                                   int rot, float base) {                                           \
@@ -197,9 +307,9 @@ KV_WRITE(kv_write_f16, __half)
 #define ATTN(NAME, T, HD, QB)                                                                       \
   extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, \
                                   int heads, int rot, float base, int page_size, int max_pages,     \
-                                  int rows, float scale) {                                          \
-    paged_attn<T, HD, QB>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, rows,       \
-                      scale);                                                                       \
+                                  int rows, float scale, int subs) {                                \
+    paged_attn<T, HD, QB>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, rows,   \
+                          scale, subs);                                                             \
   }
 #define ATTN_ALL(HD)                                  \
   ATTN(paged_attn1_f32_##HD, float, HD, 1)            \

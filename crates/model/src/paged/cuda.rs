@@ -67,8 +67,17 @@ pub(super) fn attend(op: &PagedAttention, qkv: &CudaStorage, ql: &Layout, pool: 
         if !matches!(s.head_dim, 16 | 32 | 64 | 128 | 256) {
             candle_core::bail!("paged attention supports head_dim 16, 32, 64, 128 or 256, not {}", s.head_dim);
         }
-        let qb = if op.max_group > 1 { 4 } else { 1 };
-        let func = dev.get_or_load_custom_func(&format!("paged_attn{qb}_{}_{}", suffix(T::DTYPE)?, s.head_dim), MODULE, PTX)?;
+        // Prefill groups in 2-byte dtypes over 16-position pages take the
+        // tensor-core kernel (one warp per group); otherwise CUDA cores, with
+        // groups split into CTAs of `group_cta` tokens.
+        let tensor_cores = op.max_group > 1 && T::DTYPE != DType::F32 && op.page_size == 16 && matches!(s.head_dim, 64 | 128);
+        let group_cta = if op.max_group > 1 { 4 } else { 1 };
+        let name = if tensor_cores {
+            format!("paged_attn_tc_{}_{}", suffix(T::DTYPE)?, s.head_dim)
+        } else {
+            format!("paged_attn{group_cta}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
+        };
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let (qa, qb) = offsets(ql)?;
         let (pa, pb) = offsets(pl)?;
         let (ia, ib) = offsets(il)?;
@@ -82,7 +91,9 @@ pub(super) fn attend(op: &PagedAttention, qkv: &CudaStorage, ql: &Layout, pool: 
         }
         // One warp covers 32 / (head_dim / 8) keys per round; up to 4 warps.
         let keys_per_warp = 32 / (s.head_dim / 8);
-        let warps = op.max_keys.div_ceil(keys_per_warp).clamp(1, 4);
+        let warps = if tensor_cores { 1 } else { op.max_keys.div_ceil(keys_per_warp).clamp(1, 4) };
+        let subs = if tensor_cores { 1 } else { op.max_group.div_ceil(group_cta) };
+        let ctas = op.groups * subs;
         let mut b = func.builder();
         b.arg(&out);
         b.arg(&q);
@@ -97,9 +108,10 @@ pub(super) fn attend(op: &PagedAttention, qkv: &CudaStorage, ql: &Layout, pool: 
             op.page_size as i32,
             op.max_pages as i32,
             op.rows as i32,
-            op.scale
+            op.scale,
+            subs as i32
         );
-        let cfg = LaunchConfig { grid_dim: (op.groups as u32, s.heads as u32, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (ctas as u32, s.heads as u32, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: every token's keys lie in pages its row's table names, which the
         // pool planned; the output holds n * heads * head_dim elements.
         unsafe { b.launch(cfg) }.w()?;

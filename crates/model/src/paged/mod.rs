@@ -23,8 +23,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::GptNeoXConfig;
 use crate::error::{ModelError, Result};
 
-/// Most consecutive tokens of one row that the attention kernel takes together.
-const QUERY_GROUP: usize = 4;
+/// Most consecutive tokens of one row that the attention kernels take together
+/// (one tensor-core tile of queries).
+const QUERY_GROUP: usize = 16;
 
 /// Pages of KV storage for one GPT-NeoX stack.
 pub struct KvPool {
@@ -34,6 +35,15 @@ pub struct KvPool {
     num_pages: usize,
     free: Vec<u32>,
     max_positions: usize,
+}
+
+/// What a pool's storage is shaped by.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolShape {
+    pub layers: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub max_positions: usize,
 }
 
 /// One sequence's pages (in order) and how many positions it holds. Owned by the
@@ -93,18 +103,18 @@ impl KvPool {
 
     /// Preallocate `num_pages` pages of `page_size` positions for a stack.
     pub fn new(cfg: &GptNeoXConfig, num_pages: usize, page_size: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let shape = PoolShape { layers: cfg.num_hidden_layers, heads: cfg.num_attention_heads, head_dim: cfg.head_dim(), max_positions: cfg.max_position_embeddings };
+        Self::with_shape(shape, num_pages, page_size, dtype, device)
+    }
+
+    /// A pool for any stack shape (kernel tests use it without a model).
+    pub fn with_shape(shape: PoolShape, num_pages: usize, page_size: usize, dtype: DType, device: &Device) -> Result<Self> {
         if page_size == 0 || num_pages == 0 {
             return crate::error::input_err("a KV pool needs at least one page of at least one position");
         }
-        let shape = (num_pages * page_size, 2, cfg.num_attention_heads, cfg.head_dim());
-        let layers = (0..cfg.num_hidden_layers).map(|_| Tensor::zeros(shape, dtype, device)).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self {
-            layers,
-            page_size,
-            num_pages,
-            free: (0..num_pages as u32).rev().collect(),
-            max_positions: cfg.max_position_embeddings,
-        })
+        let dims = (num_pages * page_size, 2, shape.heads, shape.head_dim);
+        let layers = (0..shape.layers).map(|_| Tensor::zeros(dims, dtype, device)).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { layers, page_size, num_pages, free: (0..num_pages as u32).rev().collect(), max_positions: shape.max_positions })
     }
 
     /// Layer `i`'s storage `[pages * page_size, 2, heads, head_dim]`.
