@@ -124,10 +124,6 @@ impl<'r> Session<'r> {
     }
 }
 
-fn rows_f32(t: &Tensor) -> Result<Vec<Vec<f32>>> {
-    Ok(t.to_dtype(DType::F32)?.to_vec2::<f32>()?)
-}
-
 fn validate(req: &GenerationRequest, vocab: usize, max_tokens: usize, what: &str) -> Result<()> {
     req.sampling.validate()?;
     check_ids(&req.prompt, vocab, "prompt")?;
@@ -272,8 +268,9 @@ fn generate_tokens(m: &CausalLm, reqs: &[GenerationRequest], record: bool) -> Re
         let ids: Vec<u32> = reqs[g.clone()].iter().flat_map(|r| r.prompt.iter().copied()).collect();
         let mut seqs: Vec<&mut SeqKv> = sessions[g.clone()].iter_mut().map(|s| &mut s.kv).collect();
         let pass = pool.plan(&mut seqs, &lens[g.clone()], device)?;
-        let out = m.forward_paged(&ids, &pool, &pass, &last_rows(&lens[g]))?;
-        logits.extend(rows_f32(&out)?.into_iter().map(Row::Logits));
+        let out = m.forward_paged(&ids, &pool, &pass, &last_rows(&lens[g.clone()]))?;
+        let on_host: Vec<bool> = sessions[g].iter().map(|s| s.on_host(record)).collect();
+        logits.extend(read_rows(&out, &on_host)?);
     }
     let mut live: Vec<usize> = (0..sessions.len()).filter(|&i| !sessions[i].done).collect();
     let mut logits: Vec<Row> = live.iter().map(|&i| std::mem::replace(&mut logits[i], Row::Token(0))).collect();
@@ -288,7 +285,8 @@ fn generate_tokens(m: &CausalLm, reqs: &[GenerationRequest], record: bool) -> Re
         let mut seqs: Vec<&mut SeqKv> = sessions.iter_mut().filter(|s| !s.done).map(|s| &mut s.kv).collect();
         let pass = pool.plan(&mut seqs, &vec![1; live.len()], device)?;
         let rows: Vec<u32> = (0..live.len() as u32).collect();
-        logits = rows_f32(&m.forward_paged(&toks, &pool, &pass, &rows)?)?.into_iter().map(Row::Logits).collect();
+        let on_host: Vec<bool> = live.iter().map(|&i| sessions[i].on_host(record)).collect();
+        logits = read_rows(&m.forward_paged(&toks, &pool, &pass, &rows)?, &on_host)?;
     }
     Ok(sessions.into_iter().map(|s| s.out).collect())
 }
