@@ -155,7 +155,7 @@ async fn matches_engine(model: &Path) {
     let store = stack.store().await;
     let (l, d) = (bt.block_length(), bt.config.block_decoder.hidden_size);
     let (mut wire, mut generated) = (0u64, 0u64);
-    for (h, (prompt, _, want)) in handles.into_iter().zip(&cases) {
+    for (h, (prompt, params, want)) in handles.into_iter().zip(&cases) {
         let (id, tokens, finished) = h.await.unwrap().unwrap();
         assert_eq!(tokens, want.tokens);
         let want_reason = match want.finish_reason {
@@ -171,7 +171,8 @@ async fn matches_engine(model: &Path) {
         // Only the prompt, block ids and context embeddings cross between the tiers:
         // the byte count equals those messages' sizes, rebuilt here.
         let usage = finished.usage.unwrap();
-        assert_eq!(usage.internal_wire_bytes, expected_wire_bytes(&id, prompt, &tokens, l, d));
+        let max_new = params.max_new_tokens.unwrap() as usize;
+        assert_eq!(usage.internal_wire_bytes, expected_wire_bytes(&id, prompt, &tokens, max_new, l, d));
         wire += usage.internal_wire_bytes;
         generated += tokens.len() as u64;
     }
@@ -181,13 +182,13 @@ async fn matches_engine(model: &Path) {
 /// Protobuf bytes of one session's block-decoder stream: the padded prompt up,
 /// every generated block but the last up (all its tokens are in the output), and
 /// one f32 context per decoded block down.
-fn expected_wire_bytes(id: &str, prompt: &[u32], tokens: &[u32], l: usize, d: usize) -> u64 {
+fn expected_wire_bytes(id: &str, prompt: &[u32], tokens: &[u32], max_new_tokens: usize, l: usize, d: usize) -> u64 {
     use prost::Message;
     let pad = (l - prompt.len() % l) % l;
     let mut ids = vec![0; pad];
     ids.extend_from_slice(prompt);
     let nb = (ids.len() / l) as u32;
-    let open = BlockUp { kind: Some(block_up::Kind::Open(OpenBlocks { session_id: id.into(), prompt_ids: ids })) };
+    let open = BlockUp { kind: Some(block_up::Kind::Open(OpenBlocks { session_id: id.into(), prompt_ids: ids, max_new_blocks: max_new_tokens.div_ceil(l) as u32 })) };
     let decoded = tokens.len().div_ceil(l) as u32;
     let down: usize = (0..decoded)
         .map(|k| {

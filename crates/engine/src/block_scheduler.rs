@@ -157,9 +157,8 @@ impl BlockScheduler {
         if ids.len() != l {
             return Err(ModelError::Input(format!("a block holds {l} ids, got {}", ids.len())));
         }
-        if s.kv.len() >= s.reserve {
-            return Err(ModelError::Input(format!("session {key} already sent the {} blocks it reserved", s.reserve)));
-        }
+        // Past its reservation a session's cache grows page by page while the
+        // pool has free pages; the pass fails with a capacity error if not.
         self.pending.push((key, ids));
         Ok(())
     }
@@ -172,6 +171,22 @@ impl BlockScheduler {
             self.prefilling.retain(|&k| k != key);
             self.pending.retain(|(k, _)| *k != key);
         }
+    }
+
+    /// Contexts of every block of `ids` (whole blocks) in a pass of their own,
+    /// keeping nothing (scoring). Needs free pages for them.
+    pub fn contexts(&mut self, ids: &[u32]) -> Result<Tensor> {
+        let l = self.model.block_length();
+        if ids.is_empty() || ids.len() % l != 0 {
+            return Err(ModelError::Input(format!("token_ids: {} ids is not a positive whole number of {l}-token blocks", ids.len())));
+        }
+        let mut kv = SeqKv::default();
+        let out = self.pool.plan(&mut [&mut kv], &[ids.len() / l], self.model.device()).and_then(|pass| {
+            let m = &self.model;
+            m.block_decoder.forward_paged(&m.embed_ids(ids)?, &self.pool, &pass)
+        });
+        self.pool.release(&mut kv);
+        out
     }
 
     fn can_admit_head(&self) -> bool {

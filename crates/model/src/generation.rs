@@ -4,7 +4,7 @@
 //! the vanilla LM. It is what the `generate` command and the model tests use; the
 //! serving engine schedules the same calls itself.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::block_transformer::{check_ids, BlockTransformer};

@@ -1,151 +1,174 @@
-//! The block decoder's model thread. It owns the model and every session's
-//! block-level KV cache; async handlers talk to it through a queue. Each
-//! iteration takes everything queued: closes, then prefills, then one batched
-//! block step for all sessions that sent a block (of whatever cache lengths).
+//! The block decoder's model thread: it owns the [`BlockScheduler`] (paged KV
+//! pool, admission, chunked prefill) and runs one scheduler iteration after
+//! another while there is work. Async handlers talk to it through a queue; each
+//! waits for its session's next context, which comes back already in wire
+//! form (one device-to-host copy per iteration, not per session).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use blockserve_model::{BlockTransformer, KvPool, ModelError, SeqKv};
-use candle_core::Tensor;
+use blockserve_engine::{BlockScheduler, SchedulerConfig};
+use blockserve_model::{BlockTransformer, ModelError};
+use blockserve_proto::v1::Embedding;
+use blockserve_runtime::codec;
 use tokio::sync::{mpsc, oneshot};
 
-type Reply = oneshot::Sender<Result<Tensor, ModelError>>;
+type Reply = oneshot::Sender<Result<Embedding, ModelError>>;
 
 enum Command {
-    Open { key: u64, ids: Vec<u32>, reply: Reply },
+    Open { key: u64, ids: Vec<u32>, max_new_blocks: usize, reply: Reply },
     Step { key: u64, block: Vec<u32>, reply: Reply },
     Close { key: u64 },
-    Contexts { ids: Vec<u32>, reply: Reply },
+    Contexts { ids: Vec<u32>, reply: oneshot::Sender<Result<Vec<Embedding>, ModelError>> },
 }
 
 /// Handle to the model thread; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
     tx: mpsc::UnboundedSender<Command>,
-    /// Sessions holding a cache.
+    /// Sessions holding KV pages or waiting for them.
     pub active: Arc<AtomicU32>,
     /// Commands waiting for the model thread.
     pub queued: Arc<AtomicU32>,
 }
 
+fn stopped() -> ModelError {
+    ModelError::Input("block decoder engine stopped".into())
+}
+
 impl Engine {
-    /// Start the model thread with a KV pool of `kv_pages` pages of `PAGE_SIZE` blocks.
-    pub fn start(model: Arc<BlockTransformer>, kv_pages: usize) -> Self {
+    pub fn start(model: Arc<BlockTransformer>, config: SchedulerConfig) -> Result<Self, ModelError> {
+        let sched = BlockScheduler::new(model, config)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let active = Arc::new(AtomicU32::new(0));
         let queued = Arc::new(AtomicU32::new(0));
         let (a, q) = (active.clone(), queued.clone());
-        std::thread::Builder::new()
-            .name("block-decoder-engine".into())
-            .spawn(move || match model.block_decoder.new_pool(kv_pages, PAGE_SIZE, model.dtype(), model.device()) {
-                Ok(pool) => run(model, pool, rx, a, q),
-                Err(e) => tracing::error!("allocating the KV pool: {e}"),
-            })
-            .expect("spawn engine thread");
-        Self { tx, active, queued }
+        std::thread::Builder::new().name("block-decoder-engine".into()).spawn(move || run(sched, rx, a, q)).expect("spawn engine thread");
+        Ok(Self { tx, active, queued })
     }
 
-    async fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<Tensor, ModelError> {
-        let (reply, rx) = oneshot::channel();
+    fn send(&self, c: Command) -> Result<(), ModelError> {
         self.queued.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(make(reply)).map_err(|_| ModelError::Input("block decoder engine stopped".into()))?;
-        rx.await.map_err(|_| ModelError::Input("block decoder engine stopped".into()))?
+        self.tx.send(c).map_err(|_| stopped())
     }
 
-    /// Prefill a session's padded prompt; returns the last block's context `[D_b]`.
-    pub async fn open(&self, key: u64, ids: Vec<u32>) -> Result<Tensor, ModelError> {
-        self.call(|reply| Command::Open { key, ids, reply }).await
+    async fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<Embedding, ModelError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(make(reply))?;
+        rx.await.map_err(|_| stopped())?
     }
 
-    /// Append one block; returns its context `[D_b]`.
-    pub async fn step(&self, key: u64, block: Vec<u32>) -> Result<Tensor, ModelError> {
+    /// Queue a session's padded prompt; resolves with the last prompt block's
+    /// context once the session was admitted and prefilled.
+    pub async fn open(&self, key: u64, ids: Vec<u32>, max_new_blocks: usize) -> Result<Embedding, ModelError> {
+        self.call(|reply| Command::Open { key, ids, max_new_blocks, reply }).await
+    }
+
+    /// Append one block; resolves with its context.
+    pub async fn step(&self, key: u64, block: Vec<u32>) -> Result<Embedding, ModelError> {
         self.call(|reply| Command::Step { key, block, reply }).await
     }
 
-    /// Contexts of every block of whole-block ids, `[n, D_b]`, no session kept.
-    pub async fn contexts(&self, ids: Vec<u32>) -> Result<Tensor, ModelError> {
-        self.call(|reply| Command::Contexts { ids, reply }).await
+    /// Contexts of every block of whole-block ids, no session kept.
+    pub async fn contexts(&self, ids: Vec<u32>) -> Result<Vec<Embedding>, ModelError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Contexts { ids, reply })?;
+        rx.await.map_err(|_| stopped())?
     }
 
-    /// Free a session's cache (idempotent).
+    /// End a session and free its pages (idempotent).
     pub fn close(&self, key: u64) {
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        let _ = self.tx.send(Command::Close { key });
+        let _ = self.send(Command::Close { key });
     }
 }
 
-fn last_row(t: Tensor) -> Result<Tensor, ModelError> {
-    let n = t.dim(0)?;
-    Ok(t.get(n - 1)?)
+/// Share of wall time the engine spent in passes, logged every interval.
+struct Busy {
+    since: Instant,
+    busy: Duration,
 }
 
-/// Block positions per KV page.
-pub const PAGE_SIZE: usize = 16;
-
-/// Append `counts[i]` blocks of `ids` to session `keys[i]` in one paged pass and
-/// return the contexts of all new blocks.
-fn pass(m: &BlockTransformer, pool: &mut KvPool, seqs: &mut [&mut SeqKv], counts: &[usize], ids: &[u32]) -> Result<Tensor, ModelError> {
-    let plan = pool.plan(seqs, counts, m.device())?;
-    m.block_decoder.forward_paged(&m.embed_ids(ids)?, pool, &plan)
+impl Busy {
+    fn tick(&mut self, worked: Duration) {
+        self.busy += worked;
+        let wall = self.since.elapsed();
+        if wall >= Duration::from_secs(10) {
+            if !self.busy.is_zero() {
+                tracing::info!(busy_percent = format!("{:.1}", 100.0 * self.busy.as_secs_f64() / wall.as_secs_f64()), "block decoder engine");
+            }
+            *self = Busy { since: Instant::now(), busy: Duration::ZERO };
+        }
+    }
 }
 
-fn run(model: Arc<BlockTransformer>, mut pool: KvPool, mut rx: mpsc::UnboundedReceiver<Command>, active: Arc<AtomicU32>, queued: Arc<AtomicU32>) {
-    let mut caches: HashMap<u64, SeqKv> = HashMap::new();
-    let m = model.as_ref();
-    let l = m.block_length();
-    while let Some(cmds) = blockserve_runtime::next_batch(&mut rx, &queued) {
-        let mut steps: Vec<(u64, Vec<u32>, Reply)> = vec![];
+fn run(mut sched: BlockScheduler, mut rx: mpsc::UnboundedReceiver<Command>, active: Arc<AtomicU32>, queued: Arc<AtomicU32>) {
+    let mut replies: HashMap<u64, Reply> = HashMap::new();
+    let mut busy = Busy { since: Instant::now(), busy: Duration::ZERO };
+    loop {
+        // Block for commands only when there is nothing to compute.
+        let mut cmds = vec![];
+        if !sched.has_work() {
+            match rx.blocking_recv() {
+                Some(c) => cmds.push(c),
+                None => return,
+            }
+        }
+        while let Ok(c) = rx.try_recv() {
+            cmds.push(c);
+        }
+        queued.fetch_sub(cmds.len() as u32, Ordering::Relaxed);
+        let t = Instant::now();
         for c in cmds {
             match c {
                 Command::Close { key } => {
-                    if let Some(mut kv) = caches.remove(&key) {
-                        pool.release(&mut kv);
-                    }
+                    sched.close(key);
+                    replies.remove(&key);
                 }
-                Command::Open { key, ids, reply } => {
-                    let mut kv = SeqKv::default();
-                    let r = pass(m, &mut pool, &mut [&mut kv], &[ids.len() / l], &ids).and_then(last_row);
-                    if r.is_ok() {
-                        caches.insert(key, kv);
-                    } else {
-                        pool.release(&mut kv);
+                Command::Open { key, ids, max_new_blocks, reply } => match sched.submit(key, ids, max_new_blocks) {
+                    Ok(()) => {
+                        replies.insert(key, reply);
                     }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Command::Step { key, block, reply } => match sched.push_block(key, block) {
+                    Ok(()) => {
+                        replies.insert(key, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Command::Contexts { ids, reply } => {
+                    let r = sched.contexts(&ids).and_then(|t| codec::encode_rows(&t).map_err(ModelError::Input));
                     let _ = reply.send(r);
                 }
-                Command::Contexts { ids, reply } => {
-                    let mut kv = SeqKv::default();
-                    let _ = reply.send(pass(m, &mut pool, &mut [&mut kv], &[ids.len() / l], &ids));
-                    pool.release(&mut kv);
+            }
+        }
+        if sched.has_work() {
+            match sched.iterate().and_then(|out| out.map(|c| codec::encode_rows(&c.tensor).map(|e| (c.rows, e)).map_err(ModelError::Input)).transpose()) {
+                Ok(Some((rows, embeddings))) => {
+                    for ((key, _), e) in rows.into_iter().zip(embeddings) {
+                        if let Some(r) = replies.remove(&key) {
+                            let _ = r.send(Ok(e));
+                        }
+                    }
                 }
-                Command::Step { key, block, reply } => steps.push((key, block, reply)),
-            }
-        }
-        // One batched step over every session that sent a block.
-        let mut batch: Vec<(u64, SeqKv, Vec<u32>, Reply)> = vec![];
-        for (key, block, reply) in steps {
-            match caches.remove(&key) {
-                Some(kv) => batch.push((key, kv, block, reply)),
-                None => {
-                    let _ = reply.send(Err(ModelError::Input("block for a session with no open cache".into())));
+                Ok(None) => {}
+                Err(e) => {
+                    // A failed pass fails every session waiting on it.
+                    tracing::error!(error = %e, "block decoder pass failed");
+                    for (key, r) in replies.drain() {
+                        sched.close(key);
+                        let _ = r.send(Err(ModelError::Input(format!("block decoder pass failed: {e}"))));
+                    }
                 }
             }
+            busy.tick(t.elapsed());
         }
-        if !batch.is_empty() {
-            let ids: Vec<u32> = batch.iter().flat_map(|b| b.2.iter().copied()).collect();
-            let counts = vec![1; batch.len()];
-            let mut refs: Vec<&mut SeqKv> = batch.iter_mut().map(|b| &mut b.1).collect();
-            let out = pass(m, &mut pool, &mut refs, &counts, &ids);
-            for (i, (key, kv, _, reply)) in batch.into_iter().enumerate() {
-                let r = match &out {
-                    Ok(ctx) => ctx.get(i).map_err(ModelError::from),
-                    Err(e) => Err(ModelError::Input(e.to_string())),
-                };
-                caches.insert(key, kv);
-                let _ = reply.send(r);
-            }
-        }
-        active.store(caches.len() as u32, Ordering::Relaxed);
+        active.store(sched.sessions() as u32, Ordering::Relaxed);
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use blockserve_engine::SchedulerConfig;
 use blockserve_model::Model;
 use blockserve_proto::v1::block_decoder_server::BlockDecoderServer;
 use blockserve_runtime::lease::{Lease, LoadReport};
@@ -27,9 +28,13 @@ pub struct Args {
     #[arg(long, env = "BLOCKSERVE_MAX_SESSIONS", default_value_t = 1024)]
     pub max_sessions: u32,
     /// Memory for the block-level KV cache, in MiB; sessions are admitted while it
-    /// has room for their blocks.
+    /// has room for their prompt and the blocks they may generate.
     #[arg(long, env = "BLOCKSERVE_KV_CACHE_MIB", default_value_t = 1024)]
     pub kv_cache_mib: usize,
+    /// Most new blocks (one per running session plus prompt chunks) in one
+    /// forward pass; prompts longer than what is left are prefilled in chunks.
+    #[arg(long, env = "BLOCKSERVE_TOKEN_BUDGET", default_value_t = 8192)]
+    pub token_budget: usize,
 }
 
 struct Load(engine::Engine, u32);
@@ -46,12 +51,9 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         Model::Block(m) => Arc::new(m),
         Model::Vanilla(_) => bail!("the block decoder serves Block Transformers; {} holds a vanilla model", args.model.model.display()),
     };
-    let page_bytes = model.block_decoder.bytes_per_block(model.dtype()) * engine::PAGE_SIZE;
-    let kv_pages = (args.kv_cache_mib << 20) / page_bytes;
-    if kv_pages == 0 {
-        bail!("--kv-cache-mib {}: less than one KV page ({page_bytes} bytes)", args.kv_cache_mib);
-    }
-    let engine = engine::Engine::start(model.clone(), kv_pages);
+    let config = SchedulerConfig::for_memory(&model, args.kv_cache_mib << 20, args.token_budget);
+    tracing::info!(kv_pages = config.kv_pages, page_blocks = config.page_size, token_budget = config.token_budget, "block-level KV pool");
+    let engine = engine::Engine::start(model.clone(), config)?;
     let (listener, addr) = bind(args.serve.listen).await?;
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     tracing::info!(%address, "block decoder listening");

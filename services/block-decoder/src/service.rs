@@ -6,7 +6,7 @@ use std::sync::Arc;
 use blockserve_model::BlockTransformer;
 use blockserve_proto::v1::block_decoder_server::BlockDecoder;
 use blockserve_proto::v1::{block_up, BlockUp, ContextDown, ContextsRequest, ContextsResponse};
-use blockserve_runtime::{codec, status};
+use blockserve_runtime::status;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -41,8 +41,8 @@ fn check_ids(ids: &[u32], vocab: usize, field: &str) -> Result<(), Status> {
     }
 }
 
-fn context_msg(index: u32, t: &candle_core::Tensor) -> Result<ContextDown, Status> {
-    Ok(ContextDown { block_index: index, context: Some(codec::encode(t).map_err(Status::internal)?) })
+fn context_msg(index: u32, e: blockserve_proto::v1::Embedding) -> ContextDown {
+    ContextDown { block_index: index, context: Some(e) }
 }
 
 /// Serve one session stream: `open`, then blocks, one context back for each.
@@ -72,8 +72,8 @@ async fn session(
     if next as usize > max_blocks {
         return Err(Status::invalid_argument(format!("open.prompt_ids: {next} blocks exceed the limit of {max_blocks}")));
     }
-    let ctx = engine.open(key, open.prompt_ids).await.map_err(status::from_model)?;
-    tx.send(Ok(context_msg(next - 1, &ctx)?)).await.map_err(|_| Status::cancelled("receiver gone"))?;
+    let ctx = engine.open(key, open.prompt_ids, open.max_new_blocks as usize).await.map_err(status::from_model)?;
+    tx.send(Ok(context_msg(next - 1, ctx))).await.map_err(|_| Status::cancelled("receiver gone"))?;
     loop {
         let msg = tokio::select! {
             m = inbound.message() => m?,
@@ -95,7 +95,7 @@ async fn session(
             return Err(Status::out_of_range(format!("session reached the limit of {max_blocks} blocks")));
         }
         let ctx = engine.step(key, block.token_ids).await.map_err(status::from_model)?;
-        if tx.send(Ok(context_msg(next, &ctx)?)).await.is_err() {
+        if tx.send(Ok(context_msg(next, ctx))).await.is_err() {
             return Ok(());
         }
         next += 1;
@@ -130,11 +130,7 @@ impl BlockDecoder for BlockDecoderService {
             return Err(Status::invalid_argument(format!("token_ids: {} ids is not a positive whole number of {l}-token blocks", ids.len())));
         }
         check_ids(&ids, self.model.config.vocab_size, "token_ids")?;
-        let ctx = self.engine.contexts(ids).await.map_err(status::from_model)?;
-        let n = ctx.dim(0).map_err(|e| Status::internal(e.to_string()))?;
-        let contexts = (0..n)
-            .map(|i| codec::encode(&ctx.get(i).map_err(|e| Status::internal(e.to_string()))?).map_err(Status::internal))
-            .collect::<Result<Vec<_>, _>>()?;
+        let contexts = self.engine.contexts(ids).await.map_err(status::from_model)?;
         Ok(Response::new(ContextsResponse { contexts }))
     }
 }

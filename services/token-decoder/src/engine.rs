@@ -1,25 +1,23 @@
 //! The token decoder's model thread: every session whose context embedding has
-//! arrived is decoded together, block-synchronously (one prefix pass and L-1
-//! token steps for the whole batch), each row with its own sampling.
+//! arrived is decoded together by the engine's [`TokenBatcher`] (block-
+//! synchronous, fixed-size batches over one preallocated local cache), each row
+//! with its own sampling. The contexts of a batch reach the device in one copy.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use blockserve_model::sampling::{read_rows, sample, Row};
-use blockserve_model::{BlockTransformer, ModelError, SamplingParams};
+use blockserve_engine::TokenBatcher;
+use blockserve_model::{BlockTransformer, ModelError};
+use blockserve_proto::v1::Embedding;
+use blockserve_runtime::codec;
 use candle_core::{DType, Tensor, D};
 use tokio::sync::{mpsc, oneshot};
 
 /// One session's request for its next block.
 pub struct BlockJob {
-    /// `[D_b]` on the model's device and dtype.
-    pub context: Tensor,
-    pub sampling: SamplingParams,
-    /// Prompt followed by every token generated so far (empty when the sampling
-    /// does not use history).
-    pub history: Vec<u32>,
-    /// Tokens generated so far (index of the first token of this block).
-    pub generated: u64,
+    /// The context embedding as it came from the block decoder (checked).
+    pub context: Embedding,
+    pub job: blockserve_engine::BlockJob,
 }
 
 enum Command {
@@ -34,12 +32,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn start(model: Arc<BlockTransformer>) -> Self {
+    /// Start the model thread; blocks are decoded in batches of at most `max_batch`.
+    pub fn start(model: Arc<BlockTransformer>, max_batch: usize) -> Result<Self, ModelError> {
+        let batcher = TokenBatcher::new(model.clone(), max_batch)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicU32::new(0));
         let q = queued.clone();
-        std::thread::Builder::new().name("token-decoder-engine".into()).spawn(move || run(model, rx, q)).expect("spawn engine thread");
-        Self { tx, queued }
+        std::thread::Builder::new().name("token-decoder-engine".into()).spawn(move || run(model, batcher, rx, q)).expect("spawn engine thread");
+        Ok(Self { tx, queued })
     }
 
     fn stopped() -> ModelError {
@@ -64,37 +64,11 @@ impl Engine {
     }
 }
 
-fn decode_batch(m: &BlockTransformer, jobs: &[BlockJob]) -> Result<Vec<Vec<u32>>, ModelError> {
-    let l = m.block_length();
-    let ctx = Tensor::stack(&jobs.iter().map(|j| &j.context).collect::<Vec<_>>(), 0)?;
-    let mut local = m.token_decoder.new_local(jobs.len(), m.dtype(), m.device())?;
-    let mut logits = m.token_decoder.begin_block(&ctx, &mut local)?;
-    let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(l); jobs.len()];
-    // Plain greedy rows bring back one id per step, not a row of logits.
-    let on_host: Vec<bool> = jobs.iter().map(|j| !j.sampling.is_plain_greedy()).collect();
-    for k in 0..l {
-        let rows = read_rows(&logits, &on_host)?;
-        let mut toks = Vec::with_capacity(jobs.len());
-        for ((job, row), block) in jobs.iter().zip(rows).zip(out.iter_mut()) {
-            let n = job.generated + k as u64;
-            let t = match row {
-                Row::Token(t) => t,
-                Row::Logits(row) if job.sampling.uses_history() => {
-                    let mut history = job.history.clone();
-                    history.extend_from_slice(block);
-                    sample(&job.sampling, &row, &history, n)
-                }
-                Row::Logits(row) => sample(&job.sampling, &row, &[], n),
-            };
-            block.push(t);
-            toks.push(t);
-        }
-        if k + 1 < l {
-            let t = Tensor::from_vec(toks, jobs.len(), ctx.device())?;
-            logits = m.token_decoder.next_token(&t, &mut local)?;
-        }
-    }
-    Ok(out)
+fn decode_batch(batcher: &mut TokenBatcher, m: &BlockTransformer, jobs: &[BlockJob]) -> Result<Vec<Vec<u32>>, ModelError> {
+    let contexts: Vec<&Embedding> = jobs.iter().map(|j| &j.context).collect();
+    let ctx = codec::decode_rows(&contexts, m.config.block_decoder.hidden_size, m.dtype(), m.device()).map_err(ModelError::Input)?;
+    let rows: Vec<blockserve_engine::BlockJob> = jobs.iter().map(|j| j.job.clone()).collect();
+    batcher.decode(&ctx, &rows)
 }
 
 fn score(m: &BlockTransformer, contexts: &Tensor, blocks: &[u32]) -> Result<Vec<f32>, ModelError> {
@@ -107,7 +81,7 @@ fn score(m: &BlockTransformer, contexts: &Tensor, blocks: &[u32]) -> Result<Vec<
     Ok(picked.flatten_all()?.to_vec1::<f32>()?)
 }
 
-fn run(model: Arc<BlockTransformer>, mut rx: mpsc::UnboundedReceiver<Command>, queued: Arc<AtomicU32>) {
+fn run(model: Arc<BlockTransformer>, mut batcher: TokenBatcher, mut rx: mpsc::UnboundedReceiver<Command>, queued: Arc<AtomicU32>) {
     let m = model.as_ref();
     while let Some(cmds) = blockserve_runtime::next_batch(&mut rx, &queued) {
         let mut jobs = vec![];
@@ -126,7 +100,7 @@ fn run(model: Arc<BlockTransformer>, mut rx: mpsc::UnboundedReceiver<Command>, q
         if jobs.is_empty() {
             continue;
         }
-        match decode_batch(m, &jobs) {
+        match decode_batch(&mut batcher, m, &jobs) {
             Ok(blocks) => {
                 for (b, r) in blocks.into_iter().zip(replies) {
                     let _ = r.send(Ok(b));

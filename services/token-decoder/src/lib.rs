@@ -31,6 +31,10 @@ pub struct Args {
     /// Most sessions running at once; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "BLOCKSERVE_MAX_SESSIONS", default_value_t = 1024)]
     pub max_sessions: u32,
+    /// Most sessions decoded together in one token-decoder batch (the local
+    /// cache is preallocated for this many rows).
+    #[arg(long, env = "BLOCKSERVE_MAX_BATCH", default_value_t = 1024)]
+    pub max_batch: usize,
     /// Seconds a finished session stays in the store.
     #[arg(long, env = "BLOCKSERVE_SESSION_TTL_S", default_value_t = 3600)]
     pub session_ttl_s: u64,
@@ -74,7 +78,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     };
     let tokenizer = Tokenizer::from_dir(&args.model.model)?;
     let shared = Arc::new(Shared {
-        engine: engine::Engine::start(model.clone()),
+        engine: engine::Engine::start(model.clone(), args.max_batch)?,
         model,
         store: store.clone(),
         tokenizer,

@@ -9,7 +9,7 @@ use blockserve_model::prompt::PaddedPrompt;
 use blockserve_model::FinishReason as ModelFinish;
 use blockserve_proto::v1::block_decoder_client::BlockDecoderClient;
 use blockserve_proto::v1::{
-    block_up, run_event, Block, BlockUp, ContextDown, FinishReason, Finished, OpenBlocks, RunEvent, RunRequest, Timings, TokenChunk, Usage,
+    block_up, run_event, Block, BlockUp, ContextDown, Embedding, FinishReason, Finished, OpenBlocks, RunEvent, RunRequest, Timings, TokenChunk, Usage,
 };
 use blockserve_runtime::{codec, params};
 use blockserve_store::{Outcome, SessionState};
@@ -38,15 +38,15 @@ fn wire_reason(r: &End) -> (FinishReason, &'static str, SessionState) {
     }
 }
 
-async fn next_context(down: &mut Streaming<ContextDown>, want: u32, shared: &Shared, wire: &mut u64) -> Result<candle_core::Tensor, Status> {
+async fn next_context(down: &mut Streaming<ContextDown>, want: u32, shared: &Shared, wire: &mut u64) -> Result<Embedding, Status> {
     let msg = down.message().await?.ok_or_else(|| Status::unavailable("block decoder closed the session stream"))?;
     *wire += msg.encoded_len() as u64;
     if msg.block_index != want {
         return Err(Status::internal(format!("block decoder sent the context of block {}, expected {want}", msg.block_index)));
     }
     let e = msg.context.ok_or_else(|| Status::internal("context message without an embedding"))?;
-    let m = &shared.model;
-    codec::decode(&e, m.config.block_decoder.hidden_size, shared.dtype, &shared.device).map_err(|e| Status::internal(format!("from block decoder: {e}")))
+    codec::check(&e, shared.model.config.block_decoder.hidden_size).map_err(|e| Status::internal(format!("from block decoder: {e}")))?;
+    Ok(e)
 }
 
 /// Drive the session; events go to `tx`. Returns when the session is final.
@@ -107,7 +107,11 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
 
     let channel = shared.channel(&req.block_decoder).await?;
     let (up, up_rx) = mpsc::channel::<BlockUp>(2);
-    let open = BlockUp { kind: Some(block_up::Kind::Open(OpenBlocks { session_id: req.session_id.clone(), prompt_ids: padded.ids.clone() })) };
+    let open = BlockUp { kind: Some(block_up::Kind::Open(OpenBlocks {
+        session_id: req.session_id.clone(),
+        prompt_ids: padded.ids.clone(),
+        max_new_blocks: p.stop.max_new_tokens.div_ceil(l) as u32,
+    })) };
     gen.wire_bytes += open.encoded_len() as u64;
     up.send(open)
         .await
@@ -122,7 +126,10 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
     let mut text = shared.tokenizer.as_ref().map(|t| IncrementalDecoder::new(t));
     let mut full_text = String::new();
     for block_index in prompt_blocks.. {
-        let job = BlockJob { context, sampling: p.sampling.clone(), history: history.clone(), generated: gen.tokens.len() as u64 };
+        let job = BlockJob {
+            context,
+            job: blockserve_engine::BlockJob { sampling: p.sampling.clone(), history: history.clone(), generated: gen.tokens.len() as u64 },
+        };
         let block = shared.engine.decode_block(job).await.map_err(blockserve_runtime::status::from_model)?;
         let offset = gen.tokens.len() as u64;
         let mut end = None;
