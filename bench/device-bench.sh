@@ -32,4 +32,12 @@ if [ -z "${QUICK:-}" ]; then
   $BS bench --preset vanilla_160 --setting prefill-heavy --batch 64 --device cuda --dtype bf16
   $BS bench --preset vanilla_160 --setting decode-heavy --batch 256 --device cuda --dtype bf16
 fi
+if [ -z "${NO_STACK:-}" ]; then
+  echo "== full stack over gRPC: router, block decoder and ${TOKEN_DECODERS:-2} token decoders as separate processes, all on this GPU, bf16"
+  export BS=$PWD/.dev/bin/blockserve LT=$PWD/.dev/bin/blockserve-loadtest REDIS_SERVER=$PWD/.dev/bin/redis-server
+  export PRESET=block_main_b4_85 DEVICE=cuda DTYPE=bf16 TOKEN_DECODERS=${TOKEN_DECODERS:-2} KV_MIB=${KV_MIB:-40000} MAX_BATCH=${MAX_BATCH:-2048} LOGS=${OUT:-/tmp}/stack-logs
+  for c in ${STACK_DECODE:-1024}; do bash loadtest/run-stack.sh --setting decode-heavy --concurrency $c || status=1; done
+  for c in ${STACK_PREFILL:-1024}; do bash loadtest/run-stack.sh --setting prefill-heavy --concurrency $c || status=1; done
+  grep -h "busy" $LOGS/*.log | tail -4
+fi
 exit $status

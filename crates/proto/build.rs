@@ -9,9 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = ["blockserve/v1/generation.proto", "blockserve/v1/internal.proto"].map(|f| root.join(f));
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("blockserve_descriptor.bin"))
-        .compile_protos(&files, &[root.clone()])?;
+    tonic_prost_build::configure().file_descriptor_set_path(out.join("blockserve_descriptor.bin")).compile_protos(&files, &[root.clone()])?;
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -31,13 +31,8 @@ struct Stack {
 }
 
 fn spawn(args: &[&str]) -> ChildGuard {
-    let child = Command::new(env!("CARGO_BIN_EXE_blockserve"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .env_remove("BLOCKSERVE_MODEL")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child =
+        Command::new(env!("CARGO_BIN_EXE_blockserve")).args(args).env("RUST_LOG", "warn").env_remove("BLOCKSERVE_MODEL").stdout(Stdio::null()).spawn().unwrap();
     ChildGuard(child)
 }
 
@@ -48,7 +43,18 @@ impl Stack {
         let prefix = format!("t{}:", free_port());
         let url = redis.url();
         let m = model.to_str().unwrap();
-        let common = |port: u16| vec!["--listen".to_string(), format!("127.0.0.1:{port}"), "--redis-url".into(), url.clone(), "--redis-prefix".into(), prefix.clone(), "--model".into(), m.to_string()];
+        let common = |port: u16| {
+            vec![
+                "--listen".to_string(),
+                format!("127.0.0.1:{port}"),
+                "--redis-url".into(),
+                url.clone(),
+                "--redis-prefix".into(),
+                prefix.clone(),
+                "--model".into(),
+                m.to_string(),
+            ]
+        };
         let mut procs = vec![];
         let mut routers = vec![];
         for tier in ["block-decoder", "token-decoder", "token-decoder", "router", "router"] {
@@ -127,7 +133,13 @@ async fn matches_engine(model: &Path) {
             .generate(
                 &[GenerationRequest {
                     prompt: prompt.clone(),
-                    sampling: SamplingParams { temperature: params.temperature.unwrap(), top_k: params.top_k.unwrap() as usize, top_p: params.top_p.unwrap(), repetition_penalty: params.repetition_penalty.unwrap(), seed: params.seed.unwrap() },
+                    sampling: SamplingParams {
+                        temperature: params.temperature.unwrap(),
+                        top_k: params.top_k.unwrap() as usize,
+                        top_p: params.top_p.unwrap(),
+                        repetition_penalty: params.repetition_penalty.unwrap(),
+                        seed: params.seed.unwrap(),
+                    },
                     stop: StopCriteria { max_new_tokens: 5 + i as usize, eos_token_id: bt.config.eos_token_id, stop_token_ids: vec![] },
                 }],
                 false,
@@ -140,7 +152,13 @@ async fn matches_engine(model: &Path) {
     let penalised_differs = cases.iter().filter(|c| c.1.repetition_penalty != Some(1.0)).any(|(prompt, params, want)| {
         let plain = GenerationRequest {
             prompt: prompt.clone(),
-            sampling: SamplingParams { temperature: params.temperature.unwrap(), top_k: params.top_k.unwrap() as usize, top_p: params.top_p.unwrap(), repetition_penalty: 1.0, seed: params.seed.unwrap() },
+            sampling: SamplingParams {
+                temperature: params.temperature.unwrap(),
+                top_k: params.top_k.unwrap() as usize,
+                top_p: params.top_p.unwrap(),
+                repetition_penalty: 1.0,
+                seed: params.seed.unwrap(),
+            },
             stop: StopCriteria { max_new_tokens: params.max_new_tokens.unwrap() as usize, eos_token_id: bt.config.eos_token_id, stop_token_ids: vec![] },
         };
         engine.generate(&[plain], false).unwrap()[0].tokens != want.tokens
@@ -188,7 +206,8 @@ fn expected_wire_bytes(id: &str, prompt: &[u32], tokens: &[u32], max_new_tokens:
     let mut ids = vec![0; pad];
     ids.extend_from_slice(prompt);
     let nb = (ids.len() / l) as u32;
-    let open = BlockUp { kind: Some(block_up::Kind::Open(OpenBlocks { session_id: id.into(), prompt_ids: ids, max_new_blocks: max_new_tokens.div_ceil(l) as u32 })) };
+    let open =
+        BlockUp { kind: Some(block_up::Kind::Open(OpenBlocks { session_id: id.into(), prompt_ids: ids, max_new_blocks: max_new_tokens.div_ceil(l) as u32 })) };
     let decoded = tokens.len().div_ceil(l) as u32;
     let down: usize = (0..decoded)
         .map(|k| {
@@ -221,7 +240,8 @@ async fn resume_from_another_router_and_text_streaming() {
     let mut r0 = stack.client(0).await;
     let mut r1 = stack.client(1).await;
     let params = GenerationParameters { max_new_tokens: Some(60), ignore_eos: true, ..Default::default() };
-    let req = GenerateRequest { prompt: Some(generate_request::Prompt::Text("def fibonacci(n):".into())), parameters: Some(params), session_id: "resume-1".into() };
+    let req =
+        GenerateRequest { prompt: Some(generate_request::Prompt::Text("def fibonacci(n):".into())), parameters: Some(params), session_id: "resume-1".into() };
     let mut s = r0.generate(req.clone()).await.unwrap().into_inner();
     // Read until at least one chunk has arrived, then resume elsewhere from 5.
     let mut first = vec![];
@@ -282,10 +302,22 @@ async fn bad_input_gets_status_and_message() {
         Code::InvalidArgument,
         "prompt (8000 tokens) + max_new_tokens (200) exceeds the model's context of 8188 tokens",
     );
-    assert_status(c.generate(ids_request(vec![1], GenerationParameters { max_new_tokens: Some(300), ..p() })).await, Code::InvalidArgument, "max_new_tokens 300 exceeds the limit of 256");
-    assert_status(c.generate(ids_request(vec![1], GenerationParameters { temperature: Some(-0.5), ..p() })).await, Code::InvalidArgument, "temperature must be finite and >= 0, got -0.5");
+    assert_status(
+        c.generate(ids_request(vec![1], GenerationParameters { max_new_tokens: Some(300), ..p() })).await,
+        Code::InvalidArgument,
+        "max_new_tokens 300 exceeds the limit of 256",
+    );
+    assert_status(
+        c.generate(ids_request(vec![1], GenerationParameters { temperature: Some(-0.5), ..p() })).await,
+        Code::InvalidArgument,
+        "temperature must be finite and >= 0, got -0.5",
+    );
     for top_p in [0.0, 1.5] {
-        assert_status(c.generate(ids_request(vec![1], GenerationParameters { top_p: Some(top_p), ..p() })).await, Code::InvalidArgument, "top_p must be in (0, 1]");
+        assert_status(
+            c.generate(ids_request(vec![1], GenerationParameters { top_p: Some(top_p), ..p() })).await,
+            Code::InvalidArgument,
+            "top_p must be in (0, 1]",
+        );
     }
     assert_status(c.generate(ids_request(vec![1, 512], p())).await, Code::InvalidArgument, "prompt.token_ids: token id 512 is out of range (vocab size 512)");
     let text = GenerateRequest { prompt: Some(generate_request::Prompt::Text("hi".into())), ..Default::default() };
@@ -302,13 +334,31 @@ async fn bad_input_gets_status_and_message() {
     // No live instance: a router on a prefix where nothing registered.
     let port = free_port();
     let m = fixture_model();
-    let _lonely = spawn(&["router", "--listen", &format!("127.0.0.1:{port}"), "--redis-url", &stack.redis.url(), "--redis-prefix", "empty:", "--model", m.to_str().unwrap()]);
+    let _lonely = spawn(&[
+        "router",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--redis-url",
+        &stack.redis.url(),
+        "--redis-prefix",
+        "empty:",
+        "--model",
+        m.to_str().unwrap(),
+    ]);
     wait_for_port(port, Duration::from_secs(30));
     let mut lonely = GenerationClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
     assert_status(lonely.generate(ids_request(vec![1], p())).await, Code::Unavailable, "no live token decoder instance is registered");
     // Over capacity: every registered token decoder reports no free capacity.
     let full = RedisStore::connect(&stack.redis.url(), "empty:").await.unwrap();
-    let inst = blockserve_store::InstanceInfo { id: "full".into(), tier: Tier::TokenDecoder, address: "http://127.0.0.1:1".into(), active_sessions: 8, queued: 0, free_capacity: 0, updated_at_ms: 0 };
+    let inst = blockserve_store::InstanceInfo {
+        id: "full".into(),
+        tier: Tier::TokenDecoder,
+        address: "http://127.0.0.1:1".into(),
+        active_sessions: 8,
+        queued: 0,
+        free_capacity: 0,
+        updated_at_ms: 0,
+    };
     full.register(&inst, Duration::from_secs(60)).await.unwrap();
     assert_status(lonely.generate(ids_request(vec![1], p())).await, Code::ResourceExhausted, "every token decoder is at capacity");
 }
@@ -320,7 +370,10 @@ async fn cancelled_and_disconnected_sessions_are_freed_everywhere() {
     let mut streams = vec![];
     for i in 0..50u32 {
         let mut c = stack.client((i % 2) as usize).await;
-        let req = GenerateRequest { session_id: format!("c{i}"), ..ids_request(vec![1 + i, 2, 3], GenerationParameters { max_new_tokens: Some(1000), ignore_eos: true, ..Default::default() }) };
+        let req = GenerateRequest {
+            session_id: format!("c{i}"),
+            ..ids_request(vec![1 + i, 2, 3], GenerationParameters { max_new_tokens: Some(1000), ignore_eos: true, ..Default::default() })
+        };
         let mut s = c.generate(req).await.unwrap().into_inner();
         // Wait for the first tokens: the session is running on every tier.
         loop {
@@ -362,7 +415,10 @@ async fn sigterm_drains_in_flight_sessions_and_deregisters() {
     let mut stack = Stack::start(&fixture_model(), &["--max-new-tokens", "4096"]).await;
     let store = stack.store().await;
     let mut c = stack.client(0).await;
-    let req = GenerateRequest { session_id: "drain".into(), ..ids_request(vec![5, 6, 7], GenerationParameters { max_new_tokens: Some(2000), ignore_eos: true, ..Default::default() }) };
+    let req = GenerateRequest {
+        session_id: "drain".into(),
+        ..ids_request(vec![5, 6, 7], GenerationParameters { max_new_tokens: Some(2000), ignore_eos: true, ..Default::default() })
+    };
     let mut s = c.generate(req).await.unwrap().into_inner();
     let seen = loop {
         if let Some(generate_response::Event::Tokens(t)) = s.message().await.unwrap().unwrap().event {
@@ -397,7 +453,10 @@ async fn sigterm_drains_in_flight_sessions_and_deregisters() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // New sessions go to the remaining token decoder.
-    let (id, tokens, _) = collect(c.generate(ids_request(vec![1, 2], GenerationParameters { max_new_tokens: Some(4), ..Default::default() })).await.unwrap().into_inner()).await.unwrap();
+    let (id, tokens, _) =
+        collect(c.generate(ids_request(vec![1, 2], GenerationParameters { max_new_tokens: Some(4), ..Default::default() })).await.unwrap().into_inner())
+            .await
+            .unwrap();
     assert_eq!(tokens.len(), 4);
     assert_ne!(store.session(&id).await.unwrap().unwrap().spec.token_decoder, serving);
 }
@@ -420,7 +479,9 @@ async fn health_and_reflection_are_served() {
         let mut refl = ServerReflectionClient::new(channel);
         let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
         let mut resp = refl.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
-        let Some(MessageResponse::ListServicesResponse(list)) = resp.message().await.unwrap().unwrap().message_response else { panic!("{tier}: no service list") };
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message().await.unwrap().unwrap().message_response else {
+            panic!("{tier}: no service list")
+        };
         let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
         assert!(names.contains(&service.to_string()) && names.contains(&"grpc.health.v1.Health".to_string()), "{tier}: {names:?}");
     }
@@ -470,7 +531,10 @@ async fn text_stop_sequences_cut_the_text() {
     let full = c.generate_unary(text_req(vec![])).await.unwrap().into_inner();
     // The first two ASCII letters in a row in the (random-model) output make the stop.
     let chars: Vec<(usize, char)> = full.text.char_indices().collect();
-    let at = chars.windows(2).position(|w| w[0].0 > 0 && w[0].1.is_ascii_alphabetic() && w[1].1.is_ascii_alphabetic()).expect("the demo output has two letters in a row");
+    let at = chars
+        .windows(2)
+        .position(|w| w[0].0 > 0 && w[0].1.is_ascii_alphabetic() && w[1].1.is_ascii_alphabetic())
+        .expect("the demo output has two letters in a row");
     let (start, _) = chars[at];
     let stop: String = full.text[start..].chars().take(2).collect();
     let first = full.text.find(&stop).unwrap();

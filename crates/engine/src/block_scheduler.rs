@@ -80,15 +80,7 @@ pub struct BlockScheduler {
 impl BlockScheduler {
     pub fn new(model: Arc<BlockTransformer>, config: SchedulerConfig) -> Result<Self> {
         let pool = model.block_decoder.new_pool(config.kv_pages, config.page_size, model.dtype(), model.device())?;
-        Ok(Self {
-            model,
-            pool,
-            config,
-            sessions: HashMap::new(),
-            waiting: VecDeque::new(),
-            prefilling: VecDeque::new(),
-            pending: vec![],
-        })
+        Ok(Self { model, pool, config, sessions: HashMap::new(), waiting: VecDeque::new(), prefilling: VecDeque::new(), pending: vec![] })
     }
 
     pub fn model(&self) -> &Arc<BlockTransformer> {
@@ -98,6 +90,21 @@ impl BlockScheduler {
     /// Sessions holding KV pages or waiting for them.
     pub fn sessions(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Sessions whose prompt is in the cache (they send blocks).
+    pub fn decoding(&self) -> usize {
+        self.sessions.len() - self.waiting.len() - self.prefilling.len()
+    }
+
+    /// Blocks queued for the next pass.
+    pub fn pending_blocks(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether the next pass has prompt work (admission or prefill chunks).
+    pub fn has_prefill(&self) -> bool {
+        !self.prefilling.is_empty() || (!self.waiting.is_empty() && self.can_admit_head())
     }
 
     pub fn waiting(&self) -> usize {

@@ -56,11 +56,7 @@ fn main() {
             };
             // Logits are comparable up to the first divergence only.
             let n = out.tokens.iter().zip(&want).take_while(|(a, b)| a == b).count().min(out.logits.len());
-            let err = if n > 0 {
-                rows_diff(&out.logits[..n], &g[&format!("greedy.{p}.logits")].narrow(0, 0, n).unwrap())
-            } else {
-                f32::NAN
-            };
+            let err = if n > 0 { rows_diff(&out.logits[..n], &g[&format!("greedy.{p}.logits")].narrow(0, 0, n).unwrap()) } else { f32::NAN };
             println!("{name} {p}: {verdict}; step logits max |diff| {err:.3e} over {n} steps");
         }
     }

@@ -220,15 +220,9 @@ impl BlockTransformer {
         let (d_b, d_t) = (c.block_decoder.hidden_size, td.hidden_size);
         let r = c.token_decoder.expansion_ratio;
         let ew = w.pp("token_decoder.expansion_layer");
-        let expansion = Linear::new(
-            ew.get("weight", &[r * d_t, d_b, 1])?.squeeze(2)?,
-            Some(ew.get("bias", &[r * d_t])?),
-        );
+        let expansion = Linear::new(ew.get("weight", &[r * d_t, d_b, 1])?.squeeze(2)?, Some(ew.get("bias", &[r * d_t])?));
         Ok(Self {
-            embedder: Embedder {
-                table: w.get("embedder.embeddings.weight", &[c.vocab_size, c.embedder.hidden_size])?,
-                block_length: c.block_length,
-            },
+            embedder: Embedder { table: w.get("embedder.embeddings.weight", &[c.vocab_size, c.embedder.hidden_size])?, block_length: c.block_length },
             block_decoder: BlockDecoder { stack: GptNeoX::load(&w.pp("block_decoder.gpt_neox"), &c.block_decoder)? },
             token_decoder: TokenDecoder {
                 embed_in: w.get("token_decoder.gpt_neox.embed_in.weight", &[td.vocab_size, d_t])?,

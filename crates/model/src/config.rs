@@ -79,10 +79,7 @@ impl GptNeoXConfig {
             return bad("hidden_size, num_attention_heads and num_hidden_layers must be > 0".into());
         }
         if self.hidden_size % self.num_attention_heads != 0 {
-            return bad(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            ));
+            return bad(format!("hidden_size {} is not a multiple of num_attention_heads {}", self.hidden_size, self.num_attention_heads));
         }
         if !(0.0..=1.0).contains(&self.rotary_pct) {
             return bad(format!("rotary_pct {} is outside 0..=1", self.rotary_pct));
@@ -215,10 +212,7 @@ impl BlockTransformerConfig {
             ));
         }
         if self.vocab_size != td.stack.vocab_size {
-            return bad(format!(
-                "vocab_size {} differs from token_decoder.vocab_size {}",
-                self.vocab_size, td.stack.vocab_size
-            ));
+            return bad(format!("vocab_size {} differs from token_decoder.vocab_size {}", self.vocab_size, td.stack.vocab_size));
         }
         Ok(())
     }

@@ -127,7 +127,14 @@ mod cuda {
         }
 
         fn cuda_fwd(&self, a: &CudaStorage, al: &Layout, b: &CudaStorage, bl: &Layout, c: &CudaStorage, cl: &Layout) -> Result<(CudaStorage, Shape)> {
-            fn go<T: CudaDType + DeviceRepr + WithDType>(a: &CudaStorage, al: &Layout, b: &CudaStorage, bl: &Layout, c: &CudaStorage, cl: &Layout) -> Result<CudaStorage> {
+            fn go<T: CudaDType + DeviceRepr + WithDType>(
+                a: &CudaStorage,
+                al: &Layout,
+                b: &CudaStorage,
+                bl: &Layout,
+                c: &CudaStorage,
+                cl: &Layout,
+            ) -> Result<CudaStorage> {
                 let (aa, ab) = range(al)?;
                 let (ba, bb) = range(bl)?;
                 let (ca, cb) = range(cl)?;

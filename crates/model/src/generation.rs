@@ -173,10 +173,12 @@ fn prefill_groups(lens: &[usize]) -> Vec<std::ops::Range<usize>> {
 
 /// The row of each group member's last new position in a pass of `lens`.
 fn last_rows(lens: &[usize]) -> Vec<u32> {
-    lens.iter().scan(0u32, |end, &n| {
-        *end += n as u32;
-        Some(*end - 1)
-    }).collect()
+    lens.iter()
+        .scan(0u32, |end, &n| {
+            *end += n as u32;
+            Some(*end - 1)
+        })
+        .collect()
 }
 
 fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: bool) -> Result<Vec<GenerationOutput>> {
@@ -210,11 +212,8 @@ fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: boo
     }
     let contexts = Tensor::cat(&contexts, 0)?;
     let mut live: Vec<usize> = (0..sessions.len()).filter(|&i| !sessions[i].done).collect();
-    let mut context = if live.is_empty() {
-        None
-    } else {
-        Some(contexts.index_select(&Tensor::new(live.iter().map(|&i| i as u32).collect::<Vec<_>>(), device)?, 0)?)
-    };
+    let mut context =
+        if live.is_empty() { None } else { Some(contexts.index_select(&Tensor::new(live.iter().map(|&i| i as u32).collect::<Vec<_>>(), device)?, 0)?) };
     let mut local = m.token_decoder.new_local(live.len(), dtype, device)?;
     while let Some(ctx) = context.take() {
         // One block for every live session: L token-decoder steps.

@@ -31,8 +31,7 @@ impl Rotary {
         let dim = cfg.rotary_dim();
         let half = dim / 2;
         let n = cfg.max_position_embeddings;
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| 1.0 / (cfg.rotary_emb_base as f32).powf((2 * i) as f32 / dim as f32)).collect();
+        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / (cfg.rotary_emb_base as f32).powf((2 * i) as f32 / dim as f32)).collect();
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for p in 0..n {
@@ -42,9 +41,7 @@ impl Rotary {
                 sin.push(a.sin());
             }
         }
-        let t = |v: Vec<f32>| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, (n, half), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
-        };
+        let t = |v: Vec<f32>| -> Result<Tensor> { Ok(Tensor::from_vec(v, (n, half), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?) };
         Ok(Self { cos: t(cos)?, sin: t(sin)?, dim })
     }
 
@@ -237,12 +234,7 @@ impl GptNeoX {
     }
 
     fn head_shape(&self) -> HeadShape {
-        HeadShape {
-            heads: self.cfg.num_attention_heads,
-            head_dim: self.cfg.head_dim(),
-            rot: self.rotary.dim,
-            rope_base: self.cfg.rotary_emb_base as f32,
-        }
+        HeadShape { heads: self.cfg.num_attention_heads, head_dim: self.cfg.head_dim(), rot: self.rotary.dim, rope_base: self.cfg.rotary_emb_base as f32 }
     }
 
     /// Full causal pass over `x` `[b, t, hidden]` from position 0, no cache: every
@@ -250,11 +242,7 @@ impl GptNeoX {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let t = x.dim(1)?;
         if t > self.cfg.max_position_embeddings {
-            return crate::error::input_err(format!(
-                "position {} exceeds max_position_embeddings {}",
-                t - 1,
-                self.cfg.max_position_embeddings
-            ));
+            return crate::error::input_err(format!("position {} exceeds max_position_embeddings {}", t - 1, self.cfg.max_position_embeddings));
         }
         let cs = self.rotary.tables(t)?;
         let mask = causal_mask(t, x.device())?;

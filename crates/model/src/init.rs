@@ -47,12 +47,7 @@ fn stack(out: &mut HashMap<String, Tensor>, rng: &mut Normal, prefix: &str, c: &
             put(format!("{p}.{ln}.weight"), &[d], 0.02, 1.0)?;
             put(format!("{p}.{ln}.bias"), &[d], 0.02, 0.0)?;
         }
-        for (name, o, i_) in [
-            ("attention.query_key_value", 3 * d, d),
-            ("attention.dense", d, d),
-            ("mlp.dense_h_to_4h", f, d),
-            ("mlp.dense_4h_to_h", d, f),
-        ] {
+        for (name, o, i_) in [("attention.query_key_value", 3 * d, d), ("attention.dense", d, d), ("mlp.dense_h_to_4h", f, d), ("mlp.dense_4h_to_h", d, f)] {
             put(format!("{p}.{name}.weight"), &[o, i_], 0.02, 0.0)?;
             put(format!("{p}.{name}.bias"), &[o], 0.02, 0.0)?;
         }

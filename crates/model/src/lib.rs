@@ -31,12 +31,12 @@ pub mod sampling;
 pub mod weights;
 
 pub use block_transformer::BlockTransformer;
+pub use block_transformer::LocalKv;
 pub use causal_lm::CausalLm;
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use generation::{FinishReason, GenerationOutput, GenerationRequest, StopCriteria};
 pub use paged::{KvPool, PagedPass, SeqKv};
-pub use block_transformer::LocalKv;
 pub use sampling::SamplingParams;
 
 /// A loaded model of either kind.

@@ -44,9 +44,7 @@ pub fn parse_config_json(path: &Path) -> Result<ModelConfig> {
             c.stack.validate("gpt_neox")?;
             Ok(ModelConfig::Vanilla(c))
         }
-        other => Err(file_err(format!(
-            "model_type is {other:?}; expected \"{BLOCK_TRANSFORMER_TYPE}\" or \"gpt_neox\""
-        ))),
+        other => Err(file_err(format!("model_type is {other:?}; expected \"{BLOCK_TRANSFORMER_TYPE}\" or \"gpt_neox\""))),
     }
 }
 
@@ -58,10 +56,7 @@ pub fn resolve_config(dir: &Path, preset: Option<&str>) -> Result<(ModelConfig, 
     let yaml = dir.join("config.yaml");
     if let Some(name) = preset {
         if let Some(existing) = [&json, &yaml].into_iter().find(|p| p.exists()) {
-            return Err(ModelError::File {
-                path: existing.clone(),
-                msg: format!("the directory has its own config; drop the preset {name:?} or the file"),
-            });
+            return Err(ModelError::File { path: existing.clone(), msg: format!("the directory has its own config; drop the preset {name:?} or the file") });
         }
         return Ok((presets::preset(name)?, ConfigSource::Preset(name.into())));
     }
@@ -69,16 +64,12 @@ pub fn resolve_config(dir: &Path, preset: Option<&str>) -> Result<(ModelConfig, 
         return Ok((parse_config_json(&json)?, ConfigSource::ConfigJson(json)));
     }
     if yaml.exists() {
-        let c = reference_yaml::parse_trainer_yaml(&read(&yaml)?)
-            .map_err(|e| ModelError::File { path: yaml.clone(), msg: e.to_string() })?;
+        let c = reference_yaml::parse_trainer_yaml(&read(&yaml)?).map_err(|e| ModelError::File { path: yaml.clone(), msg: e.to_string() })?;
         return Ok((ModelConfig::Block(c), ConfigSource::TrainerYaml(yaml)));
     }
     Err(ModelError::File {
         path: dir.to_path_buf(),
-        msg: format!(
-            "no config.json or config.yaml; for a bare reference checkpoint name its preset ({})",
-            presets::preset_names().join(", ")
-        ),
+        msg: format!("no config.json or config.yaml; for a bare reference checkpoint name its preset ({})", presets::preset_names().join(", ")),
     })
 }
 

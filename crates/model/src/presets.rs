@@ -1,10 +1,7 @@
 //! Named model shapes: the reference's `block_main_b4_*` trainer presets (with the
 //! reference's autofill applied) and Pythia shapes for the vanilla baselines.
 
-use crate::config::{
-    BlockTransformerConfig, CausalLmConfig, EmbedderConfig, GptNeoXConfig, ModelConfig, TokenDecoderConfig,
-    BLOCK_TRANSFORMER_TYPE,
-};
+use crate::config::{BlockTransformerConfig, CausalLmConfig, EmbedderConfig, GptNeoXConfig, ModelConfig, TokenDecoderConfig, BLOCK_TRANSFORMER_TYPE};
 use crate::error::{ModelError, Result};
 
 /// The reference's `util/config.py::preprocess_config` rule for a stack whose yaml
@@ -30,12 +27,8 @@ const BLOCK_PRESETS: &[(&str, usize, usize, usize)] = &[
 ];
 
 /// Pythia shapes served as vanilla models: (name, hidden, layers, heads).
-const VANILLA_PRESETS: &[(&str, usize, usize, usize)] = &[
-    ("vanilla_70", 512, 6, 8),
-    ("vanilla_160", 768, 12, 12),
-    ("vanilla_410", 1024, 24, 16),
-    ("vanilla_1b", 2048, 16, 8),
-];
+const VANILLA_PRESETS: &[(&str, usize, usize, usize)] =
+    &[("vanilla_70", 512, 6, 8), ("vanilla_160", 768, 12, 12), ("vanilla_410", 1024, 24, 16), ("vanilla_1b", 2048, 16, 8)];
 
 pub fn preset_names() -> Vec<&'static str> {
     BLOCK_PRESETS.iter().map(|p| p.0).chain(VANILLA_PRESETS.iter().map(|p| p.0)).chain(["block_demo_bytes"]).collect()
@@ -59,20 +52,9 @@ pub fn block_transformer(block_length: usize, embed_dim: usize, block: GptNeoXCo
         model_type: BLOCK_TRANSFORMER_TYPE.into(),
         block_length,
         vocab_size: token.vocab_size,
-        embedder: EmbedderConfig {
-            kind: "lookup".into(),
-            hidden_size: embed_dim,
-            projection: "concat".into(),
-            n_embedding_tokens: 1,
-            pad_token_id: None,
-        },
+        embedder: EmbedderConfig { kind: "lookup".into(), hidden_size: embed_dim, projection: "concat".into(), n_embedding_tokens: 1, pad_token_id: None },
         block_decoder: block,
-        token_decoder: TokenDecoderConfig {
-            stack: token,
-            expansion_method: "expansion_layer".into(),
-            expansion_ratio: 2,
-            decoding_strategy: "prefix".into(),
-        },
+        token_decoder: TokenDecoderConfig { stack: token, expansion_method: "expansion_layer".into(), expansion_ratio: 2, decoding_strategy: "prefix".into() },
         eos_token_id: Some(0),
         bos_token_id: Some(0),
         pad_token_id: Some(0),
@@ -97,17 +79,9 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
     }
     if let Some(&(_, d, layers, heads)) = VANILLA_PRESETS.iter().find(|p| p.0 == name) {
         let stack = GptNeoXConfig { num_attention_heads: heads, ..pythia_stack(d, layers) };
-        return Ok(ModelConfig::Vanilla(CausalLmConfig {
-            stack,
-            tie_word_embeddings: false,
-            eos_token_id: Some(0),
-            bos_token_id: Some(0),
-        }));
+        return Ok(ModelConfig::Vanilla(CausalLmConfig { stack, tie_word_embeddings: false, eos_token_id: Some(0), bos_token_id: Some(0) }));
     }
-    Err(ModelError::Config(format!(
-        "unknown preset {name:?}; known presets: {}",
-        preset_names().join(", ")
-    )))
+    Err(ModelError::Config(format!("unknown preset {name:?}; known presets: {}", preset_names().join(", "))))
 }
 
 #[cfg(test)]

@@ -92,11 +92,8 @@ fn decoder_config(part: &str, y: &DecoderYaml) -> Result<GptNeoXConfig> {
         }
     }
     let name = y.model_name_or_path.as_deref().unwrap_or("EleutherAI/pythia-410m-deduped");
-    let mut c = pythia_base(name).ok_or_else(|| {
-        ModelError::Config(format!(
-            "{part}.model_name_or_path {name:?} is not a known EleutherAI Pythia config (pythia-14m .. pythia-12b)"
-        ))
-    })?;
+    let mut c = pythia_base(name)
+        .ok_or_else(|| ModelError::Config(format!("{part}.model_name_or_path {name:?} is not a known EleutherAI Pythia config (pythia-14m .. pythia-12b)")))?;
     let o = &y.config;
     if let Some(v) = o.hidden_size {
         c.hidden_size = v;
@@ -127,16 +124,14 @@ fn decoder_config(part: &str, y: &DecoderYaml) -> Result<GptNeoXConfig> {
         c.max_position_embeddings = v;
     }
     if let Some(v) = &o.hidden_act {
-        c.hidden_act = serde_yaml::from_value(v.clone())
-            .map_err(|e| ModelError::Config(format!("{part}.config.hidden_act: {e}")))?;
+        c.hidden_act = serde_yaml::from_value(v.clone()).map_err(|e| ModelError::Config(format!("{part}.config.hidden_act: {e}")))?;
     }
     Ok(c)
 }
 
 /// Parse a reference trainer yaml into the project's config.
 pub fn parse_trainer_yaml(text: &str) -> Result<BlockTransformerConfig> {
-    let y: TrainerYaml =
-        serde_yaml::from_str(text).map_err(|e| ModelError::Config(format!("reference trainer yaml: {e}")))?;
+    let y: TrainerYaml = serde_yaml::from_str(text).map_err(|e| ModelError::Config(format!("reference trainer yaml: {e}")))?;
     let block_length = y.block_length.unwrap_or(4);
     let block = decoder_config("block_decoder", &y.block_decoder)?;
     let token = decoder_config("token_decoder", &y.token_decoder)?;
@@ -144,10 +139,7 @@ pub fn parse_trainer_yaml(text: &str) -> Result<BlockTransformerConfig> {
     let mut c = block_transformer(block_length, embed_dim, block, token);
     if let Some(v) = y.embedder.config.vocab_size {
         if v != c.vocab_size {
-            return Err(ModelError::Config(format!(
-                "embedder.config.vocab_size {v} differs from token_decoder vocab {}",
-                c.vocab_size
-            )));
+            return Err(ModelError::Config(format!("embedder.config.vocab_size {v} differs from token_decoder vocab {}", c.vocab_size)));
         }
     }
     if let Some(cls) = y.embedder.cls {

@@ -34,10 +34,8 @@ impl Weights {
         }
         // SAFETY: the files are treated as read-only; a checkpoint rewritten under a
         // running server is the operator's error, as with every mmap-based loader.
-        let st = unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| ModelError::File {
-            path: paths.first().cloned().unwrap_or_default(),
-            msg: format!("not a readable safetensors file: {e}"),
-        })?;
+        let st = unsafe { MmapedSafetensors::multi(paths) }
+            .map_err(|e| ModelError::File { path: paths.first().cloned().unwrap_or_default(), msg: format!("not a readable safetensors file: {e}") })?;
         Ok(Self::new(Source::Mmap(st), dtype, device))
     }
 
@@ -64,7 +62,11 @@ impl Weights {
     }
 
     fn key(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -103,21 +105,13 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index)
-            .map_err(|e| ModelError::File { path: index.clone(), msg: e.to_string() })?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::File { path: index.clone(), msg: format!("invalid JSON: {e}") })?;
-        let map = v["weight_map"].as_object().ok_or_else(|| ModelError::File {
-            path: index.clone(),
-            msg: "no `weight_map` object".into(),
-        })?;
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::File { path: index.clone(), msg: e.to_string() })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::File { path: index.clone(), msg: format!("invalid JSON: {e}") })?;
+        let map = v["weight_map"].as_object().ok_or_else(|| ModelError::File { path: index.clone(), msg: "no `weight_map` object".into() })?;
         let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
         files.sort();
         files.dedup();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
-    Err(ModelError::File {
-        path: dir.to_path_buf(),
-        msg: "no model.safetensors or model.safetensors.index.json in this directory".into(),
-    })
+    Err(ModelError::File { path: dir.to_path_buf(), msg: "no model.safetensors or model.safetensors.index.json in this directory".into() })
 }

@@ -8,11 +8,7 @@ use candle_core::DType;
 use common::*;
 
 fn greedy(prompt: Vec<u32>, n: usize) -> GenerationRequest {
-    GenerationRequest {
-        prompt,
-        sampling: SamplingParams::greedy(),
-        stop: StopCriteria { max_new_tokens: n, eos_token_id: Some(0), stop_token_ids: vec![] },
-    }
+    GenerationRequest { prompt, sampling: SamplingParams::greedy(), stop: StopCriteria { max_new_tokens: n, eos_token_id: Some(0), stop_token_ids: vec![] } }
 }
 
 #[test]
@@ -90,7 +86,7 @@ fn stops_on_eos_and_stop_ids_with_reason() {
     let g = golden(BLOCK);
     let prompt = ids(&g["greedy.p2.prompt"]);
     let want = ids(&g["greedy.p2.tokens"]); // 363, 290, 55, 229, 202, ...
-    // Pretend 55 is EOS: generation stops after it, mid-block, and keeps it.
+                                            // Pretend 55 is EOS: generation stops after it, mid-block, and keeps it.
     let mut req = greedy(prompt.clone(), 20);
     req.stop.eos_token_id = Some(55);
     let out = model.generate(&[req], false).unwrap().remove(0);

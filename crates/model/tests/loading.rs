@@ -34,8 +34,7 @@ fn block_logits(dir: &Path, preset: Option<&str>) -> Tensor {
 
 #[test]
 fn reference_trainer_yaml_gives_the_same_model_as_config_json() {
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture_dir(BLOCK).join("config.json")).unwrap()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture_dir(BLOCK).join("config.json")).unwrap()).unwrap();
     let dir = tempdir("yaml");
     std::fs::write(dir.join("config.yaml"), json["official_yaml"].as_str().unwrap()).unwrap();
     std::fs::copy(fixture_dir(BLOCK).join("model.safetensors"), dir.join("model.safetensors")).unwrap();
@@ -136,8 +135,7 @@ fn sharded_hugging_face_checkpoint_loads() {
 #[test]
 fn config_errors_name_the_field() {
     let dir = tempdir("badcfg");
-    let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture_dir(BLOCK).join("config.json")).unwrap()).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture_dir(BLOCK).join("config.json")).unwrap()).unwrap();
     json["embedder"]["hidden_size"] = 15.into();
     std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
     let e = resolve_config(&dir, None).unwrap_err().to_string();

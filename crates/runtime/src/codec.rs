@@ -62,7 +62,9 @@ pub fn check(e: &Embedding, dim: usize) -> Result<DType, String> {
 /// Checked embeddings of one dtype -> `[k, dim]` in `want` on `device`, with one
 /// host-to-device copy.
 pub fn decode_rows(es: &[&Embedding], dim: usize, want: DType, device: &Device) -> Result<Tensor, String> {
-    let Some(first) = es.first() else { return Err("no context embeddings".into()) };
+    let Some(first) = es.first() else {
+        return Err("no context embeddings".into());
+    };
     let dtype = check(first, dim)?;
     let mut bytes = Vec::with_capacity(es.len() * first.data.len());
     for e in es {

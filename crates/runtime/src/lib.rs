@@ -1,10 +1,11 @@
 //! Plumbing shared by the three services.
 
+pub mod busy;
 pub mod channels;
 pub mod codec;
+pub mod lease;
 pub mod model_args;
 pub mod params;
-pub mod lease;
 pub mod server;
 pub mod status;
 pub mod store;

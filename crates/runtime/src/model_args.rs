@@ -53,7 +53,6 @@ impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         let dtype = parse_dtype(&self.dtype)?;
         let device = parse_device(&self.device)?;
-        load_model(&self.model, self.preset.as_deref(), dtype, &device)
-            .with_context(|| format!("loading model from {}", self.model.display()))
+        load_model(&self.model, self.preset.as_deref(), dtype, &device).with_context(|| format!("loading model from {}", self.model.display()))
     }
 }

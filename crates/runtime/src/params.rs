@@ -34,11 +34,7 @@ pub fn resolve(p: &GenerationParameters, eos: Option<u32>, vocab: usize) -> Resu
     }
     Ok(Resolved {
         sampling,
-        stop: StopCriteria {
-            max_new_tokens: max_new as usize,
-            eos_token_id: if p.ignore_eos { None } else { eos },
-            stop_token_ids: p.stop_token_ids.clone(),
-        },
+        stop: StopCriteria { max_new_tokens: max_new as usize, eos_token_id: if p.ignore_eos { None } else { eos }, stop_token_ids: p.stop_token_ids.clone() },
         stop_sequences: p.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
     })
 }

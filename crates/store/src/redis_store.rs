@@ -125,7 +125,9 @@ impl SessionStore for RedisStore {
         let mut c = self.conn();
         let (h, generated): (std::collections::HashMap<String, String>, usize) =
             redis::pipe().hgetall(self.sess_key(id)).llen(self.tokens_key(id)).query_async(&mut c).await?;
-        let Some(spec) = h.get("spec") else { return Ok(None) };
+        let Some(spec) = h.get("spec") else {
+            return Ok(None);
+        };
         let num = |k: &str| h.get(k).and_then(|v| v.parse::<u64>().ok());
         Ok(Some(SessionRecord {
             spec: serde_json::from_str(spec).map_err(corrupt)?,
@@ -141,9 +143,7 @@ impl SessionStore for RedisStore {
 
     async fn set_progress(&self, id: &str, state: SessionState) -> Result<()> {
         let mut c = self.conn();
-        let script = redis::Script::new(&format!(
-            "{FINAL} redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at_ms', ARGV[2]) return 1"
-        ));
+        let script = redis::Script::new(&format!("{FINAL} redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at_ms', ARGV[2]) return 1"));
         script.key(self.sess_key(id)).arg(state.as_str()).arg(now_ms()).invoke_async::<i32>(&mut c).await?;
         Ok(())
     }

@@ -23,8 +23,7 @@ impl Tokenizer {
         if !path.exists() {
             return Ok(None);
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| TextError::Load { path: path.display().to_string(), msg: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| TextError::Load { path: path.display().to_string(), msg: e.to_string() })?;
         Ok(Some(Self { inner }))
     }
 

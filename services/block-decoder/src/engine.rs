@@ -39,13 +39,15 @@ fn stopped() -> ModelError {
 }
 
 impl Engine {
-    pub fn start(model: Arc<BlockTransformer>, config: SchedulerConfig) -> Result<Self, ModelError> {
+    /// Start the model thread. Decode blocks wait up to `max_wait` for more to
+    /// join their pass (see `ready`).
+    pub fn start(model: Arc<BlockTransformer>, config: SchedulerConfig, max_wait: Duration) -> Result<Self, ModelError> {
         let sched = BlockScheduler::new(model, config)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let active = Arc::new(AtomicU32::new(0));
         let queued = Arc::new(AtomicU32::new(0));
         let (a, q) = (active.clone(), queued.clone());
-        std::thread::Builder::new().name("block-decoder-engine".into()).spawn(move || run(sched, rx, a, q)).expect("spawn engine thread");
+        std::thread::Builder::new().name("block-decoder-engine".into()).spawn(move || run(sched, rx, a, q, max_wait)).expect("spawn engine thread");
         Ok(Self { tx, active, queued })
     }
 
@@ -84,28 +86,17 @@ impl Engine {
     }
 }
 
-/// Share of wall time the engine spent in passes, logged every interval.
-struct Busy {
-    since: Instant,
-    busy: Duration,
+/// Whether to run a pass now: prompt work never waits; decode blocks wait
+/// (up to `max_wait`) until at least half of the decoding sessions sent theirs,
+/// so passes stay large and the sessions settle into about two groups that
+/// alternate between this tier and the token decoders.
+fn ready(sched: &BlockScheduler, waited: Duration, max_wait: Duration) -> bool {
+    sched.has_prefill() || (sched.pending_blocks() > 0 && (2 * sched.pending_blocks() >= sched.decoding() || waited >= max_wait))
 }
 
-impl Busy {
-    fn tick(&mut self, worked: Duration) {
-        self.busy += worked;
-        let wall = self.since.elapsed();
-        if wall >= Duration::from_secs(10) {
-            if !self.busy.is_zero() {
-                tracing::info!(busy_percent = format!("{:.1}", 100.0 * self.busy.as_secs_f64() / wall.as_secs_f64()), "block decoder engine");
-            }
-            *self = Busy { since: Instant::now(), busy: Duration::ZERO };
-        }
-    }
-}
-
-fn run(mut sched: BlockScheduler, mut rx: mpsc::UnboundedReceiver<Command>, active: Arc<AtomicU32>, queued: Arc<AtomicU32>) {
+fn run(mut sched: BlockScheduler, mut rx: mpsc::UnboundedReceiver<Command>, active: Arc<AtomicU32>, queued: Arc<AtomicU32>, max_wait: Duration) {
     let mut replies: HashMap<u64, Reply> = HashMap::new();
-    let mut busy = Busy { since: Instant::now(), busy: Duration::ZERO };
+    let mut busy = blockserve_runtime::busy::Busy::new("block-decoder");
     loop {
         // Block for commands only when there is nothing to compute.
         let mut cmds = vec![];
@@ -119,35 +110,15 @@ fn run(mut sched: BlockScheduler, mut rx: mpsc::UnboundedReceiver<Command>, acti
             cmds.push(c);
         }
         queued.fetch_sub(cmds.len() as u32, Ordering::Relaxed);
-        let t = Instant::now();
-        for c in cmds {
-            match c {
-                Command::Close { key } => {
-                    sched.close(key);
-                    replies.remove(&key);
-                }
-                Command::Open { key, ids, max_new_blocks, reply } => match sched.submit(key, ids, max_new_blocks) {
-                    Ok(()) => {
-                        replies.insert(key, reply);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                },
-                Command::Step { key, block, reply } => match sched.push_block(key, block) {
-                    Ok(()) => {
-                        replies.insert(key, reply);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                },
-                Command::Contexts { ids, reply } => {
-                    let r = sched.contexts(&ids).and_then(|t| codec::encode_rows(&t).map_err(ModelError::Input));
-                    let _ = reply.send(r);
-                }
-            }
+        apply(&mut sched, &mut replies, cmds);
+        let started = Instant::now();
+        while !ready(&sched, started.elapsed(), max_wait) && sched.has_work() {
+            std::thread::sleep(Duration::from_micros(50));
+            let cmds: Vec<Command> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+            queued.fetch_sub(cmds.len() as u32, Ordering::Relaxed);
+            apply(&mut sched, &mut replies, cmds);
         }
+        let t = Instant::now();
         if sched.has_work() {
             match sched.iterate().and_then(|out| out.map(|c| codec::encode_rows(&c.tensor).map(|e| (c.rows, e)).map_err(ModelError::Input)).transpose()) {
                 Ok(Some((rows, embeddings))) => {
@@ -167,8 +138,40 @@ fn run(mut sched: BlockScheduler, mut rx: mpsc::UnboundedReceiver<Command>, acti
                     }
                 }
             }
-            busy.tick(t.elapsed());
+            busy.add(t.elapsed());
         }
         active.store(sched.sessions() as u32, Ordering::Relaxed);
+    }
+}
+
+/// Apply queued commands to the scheduler.
+fn apply(sched: &mut BlockScheduler, replies: &mut HashMap<u64, Reply>, cmds: Vec<Command>) {
+    for c in cmds {
+        match c {
+            Command::Close { key } => {
+                sched.close(key);
+                replies.remove(&key);
+            }
+            Command::Open { key, ids, max_new_blocks, reply } => match sched.submit(key, ids, max_new_blocks) {
+                Ok(()) => {
+                    replies.insert(key, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::Step { key, block, reply } => match sched.push_block(key, block) {
+                Ok(()) => {
+                    replies.insert(key, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::Contexts { ids, reply } => {
+                let r = sched.contexts(&ids).and_then(|t| codec::encode_rows(&t).map_err(ModelError::Input));
+                let _ = reply.send(r);
+            }
+        }
     }
 }

@@ -35,6 +35,11 @@ pub struct Args {
     /// forward pass; prompts longer than what is left are prefilled in chunks.
     #[arg(long, env = "BLOCKSERVE_TOKEN_BUDGET", default_value_t = 8192)]
     pub token_budget: usize,
+    /// Microseconds a pass of decode blocks may wait for more sessions' blocks
+    /// (it runs at once when half the decoding sessions have sent theirs, or
+    /// when prompt work is queued).
+    #[arg(long, env = "BLOCKSERVE_MAX_BATCH_WAIT_US", default_value_t = 2000)]
+    pub max_batch_wait_us: u64,
 }
 
 struct Load(engine::Engine, u32);
@@ -53,7 +58,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     };
     let config = SchedulerConfig::for_memory(&model, args.kv_cache_mib << 20, args.token_budget);
     tracing::info!(kv_pages = config.kv_pages, page_blocks = config.page_size, token_budget = config.token_budget, "block-level KV pool");
-    let engine = engine::Engine::start(model.clone(), config)?;
+    let engine = engine::Engine::start(model.clone(), config, Duration::from_micros(args.max_batch_wait_us))?;
     let (listener, addr) = bind(args.serve.listen).await?;
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     tracing::info!(%address, "block decoder listening");

@@ -62,10 +62,7 @@ async fn session(
         _ => return Err(Status::invalid_argument("the first message of a Decode stream must be `open`")),
     };
     if open.prompt_ids.is_empty() || open.prompt_ids.len() % l != 0 {
-        return Err(Status::invalid_argument(format!(
-            "open.prompt_ids: {} ids is not a positive whole number of {l}-token blocks",
-            open.prompt_ids.len()
-        )));
+        return Err(Status::invalid_argument(format!("open.prompt_ids: {} ids is not a positive whole number of {l}-token blocks", open.prompt_ids.len())));
     }
     check_ids(&open.prompt_ids, vocab, "open.prompt_ids")?;
     let mut next = (open.prompt_ids.len() / l) as u32;

@@ -107,11 +107,7 @@ impl Router {
     }
 
     async fn record(&self, id: &str) -> Result<SessionRecord, Status> {
-        self.store
-            .session(id)
-            .await
-            .map_err(status::from_store)?
-            .ok_or_else(|| Status::not_found(format!("session {id:?} not found (unknown or expired)")))
+        self.store.session(id).await.map_err(status::from_store)?.ok_or_else(|| Status::not_found(format!("session {id:?} not found (unknown or expired)")))
     }
 
     /// Stream a stored session from `offset` until it is final (it may be running
@@ -197,7 +193,8 @@ impl Router {
             tokio::spawn(self.clone().follow(id.clone(), 0, tx));
             return Ok((id, rx));
         }
-        let run = RunRequest { session_id: id.clone(), prompt_ids: prompt.clone(), parameters: Some(parameters), block_decoder: bd.address, eos_token_id: m.eos };
+        let run =
+            RunRequest { session_id: id.clone(), prompt_ids: prompt.clone(), parameters: Some(parameters), block_decoder: bd.address, eos_token_id: m.eos };
         let mut client = TokenDecoderClient::new(self.channel(&td.address).await?);
         let mut events = match client.run(run).await {
             Ok(r) => r.into_inner(),

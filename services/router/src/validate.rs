@@ -8,9 +8,7 @@ pub const MAX_SESSION_ID_LEN: usize = 128;
 
 pub fn session_id(id: &str) -> Result<(), Status> {
     if id.len() > MAX_SESSION_ID_LEN || !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-        return Err(Status::invalid_argument(format!(
-            "session_id must be 1..{MAX_SESSION_ID_LEN} characters of [A-Za-z0-9._-], got {id:?}"
-        )));
+        return Err(Status::invalid_argument(format!("session_id must be 1..{MAX_SESSION_ID_LEN} characters of [A-Za-z0-9._-], got {id:?}")));
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use blockserve_engine::TokenBatcher;
 use blockserve_model::{BlockTransformer, ModelError};
@@ -33,12 +34,12 @@ pub struct Engine {
 
 impl Engine {
     /// Start the model thread; blocks are decoded in batches of at most `max_batch`.
-    pub fn start(model: Arc<BlockTransformer>, max_batch: usize) -> Result<Self, ModelError> {
+    pub fn start(model: Arc<BlockTransformer>, max_batch: usize, max_wait: Duration) -> Result<Self, ModelError> {
         let batcher = TokenBatcher::new(model.clone(), max_batch)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicU32::new(0));
         let q = queued.clone();
-        std::thread::Builder::new().name("token-decoder-engine".into()).spawn(move || run(model, batcher, rx, q)).expect("spawn engine thread");
+        std::thread::Builder::new().name("token-decoder-engine".into()).spawn(move || run(model, batcher, rx, q, max_wait)).expect("spawn engine thread");
         Ok(Self { tx, queued })
     }
 
@@ -81,9 +82,30 @@ fn score(m: &BlockTransformer, contexts: &Tensor, blocks: &[u32]) -> Result<Vec<
     Ok(picked.flatten_all()?.to_vec1::<f32>()?)
 }
 
-fn run(model: Arc<BlockTransformer>, mut batcher: TokenBatcher, mut rx: mpsc::UnboundedReceiver<Command>, queued: Arc<AtomicU32>) {
+/// The first command, then whatever follows while commands keep coming: until a
+/// gap of a tenth of `max_wait`, or `max_wait` after the first.
+fn gather(rx: &mut mpsc::UnboundedReceiver<Command>, queued: &AtomicU32, max_wait: Duration) -> Option<Vec<Command>> {
+    let mut cmds = vec![rx.blocking_recv()?];
+    let (start, gap) = (Instant::now(), max_wait / 10);
+    let mut last = Instant::now();
+    loop {
+        while let Ok(c) = rx.try_recv() {
+            cmds.push(c);
+            last = Instant::now();
+        }
+        if start.elapsed() >= max_wait || last.elapsed() >= gap {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(20));
+    }
+    queued.fetch_sub(cmds.len() as u32, Ordering::Relaxed);
+    Some(cmds)
+}
+
+fn run(model: Arc<BlockTransformer>, mut batcher: TokenBatcher, mut rx: mpsc::UnboundedReceiver<Command>, queued: Arc<AtomicU32>, max_wait: Duration) {
     let m = model.as_ref();
-    while let Some(cmds) = blockserve_runtime::next_batch(&mut rx, &queued) {
+    let mut busy = blockserve_runtime::busy::Busy::new("token-decoder");
+    while let Some(cmds) = gather(&mut rx, &queued, max_wait) {
         let mut jobs = vec![];
         let mut replies = vec![];
         for c in cmds {
@@ -100,7 +122,10 @@ fn run(model: Arc<BlockTransformer>, mut batcher: TokenBatcher, mut rx: mpsc::Un
         if jobs.is_empty() {
             continue;
         }
-        match decode_batch(&mut batcher, m, &jobs) {
+        let t = Instant::now();
+        let decoded = decode_batch(&mut batcher, m, &jobs);
+        busy.add(t.elapsed());
+        match decoded {
             Ok(blocks) => {
                 for (b, r) in blocks.into_iter().zip(replies) {
                     let _ = r.send(Ok(b));

@@ -35,6 +35,10 @@ pub struct Args {
     /// cache is preallocated for this many rows).
     #[arg(long, env = "BLOCKSERVE_MAX_BATCH", default_value_t = 1024)]
     pub max_batch: usize,
+    /// Microseconds a batch keeps gathering contexts while more keep arriving
+    /// (at most this long after the first; a gap of a tenth of it ends it).
+    #[arg(long, env = "BLOCKSERVE_MAX_BATCH_WAIT_US", default_value_t = 2000)]
+    pub max_batch_wait_us: u64,
     /// Seconds a finished session stays in the store.
     #[arg(long, env = "BLOCKSERVE_SESSION_TTL_S", default_value_t = 3600)]
     pub session_ttl_s: u64,
@@ -78,7 +82,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     };
     let tokenizer = Tokenizer::from_dir(&args.model.model)?;
     let shared = Arc::new(Shared {
-        engine: engine::Engine::start(model.clone(), args.max_batch)?,
+        engine: engine::Engine::start(model.clone(), args.max_batch, Duration::from_micros(args.max_batch_wait_us))?,
         model,
         store: store.clone(),
         tokenizer,

@@ -107,15 +107,15 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
 
     let channel = shared.channel(&req.block_decoder).await?;
     let (up, up_rx) = mpsc::channel::<BlockUp>(2);
-    let open = BlockUp { kind: Some(block_up::Kind::Open(OpenBlocks {
-        session_id: req.session_id.clone(),
-        prompt_ids: padded.ids.clone(),
-        max_new_blocks: p.stop.max_new_tokens.div_ceil(l) as u32,
-    })) };
+    let open = BlockUp {
+        kind: Some(block_up::Kind::Open(OpenBlocks {
+            session_id: req.session_id.clone(),
+            prompt_ids: padded.ids.clone(),
+            max_new_blocks: p.stop.max_new_tokens.div_ceil(l) as u32,
+        })),
+    };
     gen.wire_bytes += open.encoded_len() as u64;
-    up.send(open)
-        .await
-        .map_err(|_| Status::internal("block stream closed"))?;
+    up.send(open).await.map_err(|_| Status::internal("block stream closed"))?;
     shared.store.set_progress(&req.session_id, SessionState::Prefilling).await.map_err(blockserve_runtime::status::from_store)?;
     let mut down = BlockDecoderClient::new(channel).decode(ReceiverStream::new(up_rx)).await?.into_inner();
     let mut context = next_context(&mut down, prompt_blocks - 1, shared, &mut gen.wire_bytes).await?;
@@ -174,9 +174,7 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
         }
         let msg = BlockUp { kind: Some(block_up::Kind::Block(Block { index: block_index, token_ids: block })) };
         gen.wire_bytes += msg.encoded_len() as u64;
-        up.send(msg)
-            .await
-            .map_err(|_| Status::unavailable("block decoder stream closed"))?;
+        up.send(msg).await.map_err(|_| Status::unavailable("block decoder stream closed"))?;
         context = next_context(&mut down, block_index, shared, &mut gen.wire_bytes).await?;
     }
     unreachable!("the block loop only ends by returning")

@@ -45,13 +45,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let model = args.model.load()?;
-    let sampling = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        repetition_penalty: args.repetition_penalty,
-        seed: args.seed,
-    };
+    let sampling =
+        SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, repetition_penalty: args.repetition_penalty, seed: args.seed };
     let eos = if args.ignore_eos { None } else { model.config().eos_token_id() };
     let req = GenerationRequest {
         prompt: args.prompt_ids,

@@ -33,8 +33,7 @@ struct Input {
 
 pub fn run(args: Args) -> Result<()> {
     let text = std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
-    let input: Input = serde_json::from_str(&text)
-        .with_context(|| format!("{}: expected {{\"input_ids\": [[ids...], ...]}}", args.input.display()))?;
+    let input: Input = serde_json::from_str(&text).with_context(|| format!("{}: expected {{\"input_ids\": [[ids...], ...]}}", args.input.display()))?;
     let model = args.model.load()?;
     let mut out = HashMap::new();
     match &model {

@@ -2,8 +2,8 @@
 //! the same as the standalone service binaries.
 
 use anyhow::Result;
-use blockserve_runtime::store::StoreArgs;
 use blockserve_runtime::server::run_process;
+use blockserve_runtime::store::StoreArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct RouterArgs {

@@ -49,12 +49,26 @@ pub async fn run(args: Args) -> Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
 
     let (ready, bd_addr) = oneshot::channel();
-    let bd = blockserve_block_decoder::Args { serve: serve_args(loopback), model: model_args(), max_sessions: 1024, kv_cache_mib: 1024, token_budget: 8192 };
+    let bd = blockserve_block_decoder::Args {
+        serve: serve_args(loopback),
+        model: model_args(),
+        max_sessions: 1024,
+        kv_cache_mib: 1024,
+        token_budget: 8192,
+        max_batch_wait_us: 2000,
+    };
     tasks.spawn(blockserve_block_decoder::run(bd, store.clone(), stop.clone(), Some(ready)));
     eprintln!("block decoder at {}", bd_addr.await?);
     for i in 0..args.token_decoders {
         let (ready, addr) = oneshot::channel();
-        let td = blockserve_token_decoder::Args { serve: serve_args(loopback), model: model_args(), max_sessions: 1024, max_batch: 1024, session_ttl_s: 3600 };
+        let td = blockserve_token_decoder::Args {
+            serve: serve_args(loopback),
+            model: model_args(),
+            max_sessions: 1024,
+            max_batch: 1024,
+            max_batch_wait_us: 2000,
+            session_ttl_s: 3600,
+        };
         tasks.spawn(blockserve_token_decoder::run(td, store.clone(), stop.clone(), Some(ready)));
         eprintln!("token decoder {i} at {}", addr.await?);
     }

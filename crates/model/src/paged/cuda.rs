@@ -25,7 +25,14 @@ fn offsets(l: &Layout) -> Result<(usize, usize)> {
 }
 
 pub(super) fn kv_write(op: &KvWrite, pool: &mut CudaStorage, pl: &Layout, qkv: &CudaStorage, ql: &Layout, index: &CudaStorage, il: &Layout) -> Result<()> {
-    fn go<T: CudaDType + DeviceRepr + candle_core::WithDType>(op: &KvWrite, pool: &mut CudaStorage, qkv: &CudaStorage, ql: &Layout, index: &CudaStorage, il: &Layout) -> Result<()> {
+    fn go<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+        op: &KvWrite,
+        pool: &mut CudaStorage,
+        qkv: &CudaStorage,
+        ql: &Layout,
+        index: &CudaStorage,
+        il: &Layout,
+    ) -> Result<()> {
         let s = op.shape;
         let dev = qkv.device().clone();
         let func = dev.get_or_load_custom_func(&format!("kv_write_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
@@ -60,8 +67,24 @@ pub(super) fn kv_write(op: &KvWrite, pool: &mut CudaStorage, pl: &Layout, qkv: &
     }
 }
 
-pub(super) fn attend(op: &PagedAttention, qkv: &CudaStorage, ql: &Layout, pool: &CudaStorage, pl: &Layout, index: &CudaStorage, il: &Layout) -> Result<(CudaStorage, Shape)> {
-    fn go<T: CudaDType + DeviceRepr + candle_core::WithDType>(op: &PagedAttention, qkv: &CudaStorage, ql: &Layout, pool: &CudaStorage, pl: &Layout, index: &CudaStorage, il: &Layout) -> Result<CudaStorage> {
+pub(super) fn attend(
+    op: &PagedAttention,
+    qkv: &CudaStorage,
+    ql: &Layout,
+    pool: &CudaStorage,
+    pl: &Layout,
+    index: &CudaStorage,
+    il: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    fn go<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+        op: &PagedAttention,
+        qkv: &CudaStorage,
+        ql: &Layout,
+        pool: &CudaStorage,
+        pl: &Layout,
+        index: &CudaStorage,
+        il: &Layout,
+    ) -> Result<CudaStorage> {
         let s = op.shape;
         let dev = qkv.device().clone();
         if !matches!(s.head_dim, 16 | 32 | 64 | 128 | 256) {

@@ -103,7 +103,8 @@ impl KvPool {
 
     /// Preallocate `num_pages` pages of `page_size` positions for a stack.
     pub fn new(cfg: &GptNeoXConfig, num_pages: usize, page_size: usize, dtype: DType, device: &Device) -> Result<Self> {
-        let shape = PoolShape { layers: cfg.num_hidden_layers, heads: cfg.num_attention_heads, head_dim: cfg.head_dim(), max_positions: cfg.max_position_embeddings };
+        let shape =
+            PoolShape { layers: cfg.num_hidden_layers, heads: cfg.num_attention_heads, head_dim: cfg.head_dim(), max_positions: cfg.max_position_embeddings };
         Self::with_shape(shape, num_pages, page_size, dtype, device)
     }
 
@@ -168,11 +169,7 @@ impl KvPool {
         for (s, &c) in seqs.iter_mut().zip(counts) {
             let end = s.len + c;
             if end > self.max_positions {
-                return crate::error::input_err(format!(
-                    "position {} exceeds max_position_embeddings {}",
-                    end - 1,
-                    self.max_positions
-                ));
+                return crate::error::input_err(format!("position {} exceeds max_position_embeddings {}", end - 1, self.max_positions));
             }
             if !self.reserve(s, end) {
                 return Err(ModelError::Capacity(format!(

@@ -13,9 +13,7 @@ pub const PYTHIA: &str = "pythia-tiny";
 
 /// `tests/fixtures/NAME` of this crate (`BLOCKSERVE_FIXTURES` overrides the parent).
 pub fn fixture_dir(name: &str) -> PathBuf {
-    let root = std::env::var_os("BLOCKSERVE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"));
+    let root = std::env::var_os("BLOCKSERVE_FIXTURES").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"));
     root.join(name)
 }
 
@@ -54,5 +52,9 @@ pub fn rows_diff(a: &[Vec<f32>], b: &Tensor) -> f32 {
 
 /// Prompt names of a fixture's greedy goldens.
 pub fn prompts(name: &str) -> &'static [&'static str] {
-    if name == BLOCK { &["p0", "p1", "p2"] } else { &["p0", "p1"] }
+    if name == BLOCK {
+        &["p0", "p1", "p2"]
+    } else {
+        &["p0", "p1"]
+    }
 }

@@ -1,0 +1,48 @@
+//! How much of the wall time an engine thread spends computing, logged every
+//! ten seconds and when the engine stops: the idle fraction of a tier.
+
+use std::time::{Duration, Instant};
+
+pub struct Busy {
+    name: &'static str,
+    since: Instant,
+    busy: Duration,
+    total_since: Instant,
+    total_busy: Duration,
+}
+
+impl Busy {
+    pub fn new(name: &'static str) -> Self {
+        let now = Instant::now();
+        Self { name, since: now, busy: Duration::ZERO, total_since: now, total_busy: Duration::ZERO }
+    }
+
+    /// Count `worked` as busy; log the last window's share when it is over.
+    pub fn add(&mut self, worked: Duration) {
+        self.busy += worked;
+        self.total_busy += worked;
+        let wall = self.since.elapsed();
+        if wall >= Duration::from_secs(10) {
+            tracing::info!(engine = self.name, busy_percent = format!("{:.1}", percent(self.busy, wall)), "engine load over the last 10 s");
+            self.since = Instant::now();
+            self.busy = Duration::ZERO;
+        }
+    }
+}
+
+fn percent(busy: Duration, wall: Duration) -> f64 {
+    100.0 * busy.as_secs_f64() / wall.as_secs_f64().max(1e-9)
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let wall = self.total_since.elapsed();
+        tracing::info!(
+            engine = self.name,
+            busy_percent = format!("{:.1}", percent(self.total_busy, wall)),
+            busy_s = format!("{:.2}", self.total_busy.as_secs_f64()),
+            wall_s = format!("{:.2}", wall.as_secs_f64()),
+            "engine load over its lifetime"
+        );
+    }
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Start the whole stack as separate processes on this machine (Redis, one block
+# decoder, TOKEN_DECODERS token decoders, one router), run blockserve-loadtest
+# against the router with the given arguments, then stop everything.
+#
+#   loadtest/run-stack.sh --setting decode-heavy --concurrency 256
+#
+# Environment (defaults in brackets): BS [target/release/blockserve],
+# LT [target/release/blockserve-loadtest], REDIS_SERVER [redis-server],
+# PRESET [block_main_b4_5], MODEL_DIR [/tmp/blockserve-loadtest-$PRESET, written
+# with random weights by `blockserve init` when missing], DEVICE [cpu], DTYPE
+# [f32], TOKEN_DECODERS [1], TD_DEVICE [$DEVICE], KV_MIB [1024], MAX_BATCH [1024],
+# MAX_SESSIONS [4096], TOKEN_BUDGET [8192], LOGS [/tmp/blockserve-loadtest-logs].
+set -euo pipefail
+BS=${BS:-target/release/blockserve}
+LT=${LT:-target/release/blockserve-loadtest}
+REDIS_SERVER=${REDIS_SERVER:-redis-server}
+PRESET=${PRESET:-block_main_b4_5}
+MODEL_DIR=${MODEL_DIR:-/tmp/blockserve-loadtest-$PRESET}
+DEVICE=${DEVICE:-cpu}
+DTYPE=${DTYPE:-f32}
+TD_DEVICE=${TD_DEVICE:-$DEVICE}
+TOKEN_DECODERS=${TOKEN_DECODERS:-1}
+LOGS=${LOGS:-/tmp/blockserve-loadtest-logs}
+mkdir -p "$LOGS"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 600); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.2; done
+  echo "port $1 never opened; logs in $LOGS" >&2; return 1
+}
+
+[ -e "$MODEL_DIR/config.json" ] || "$BS" init --preset "$PRESET" --out "$MODEL_DIR" --dtype "$([ "$DTYPE" = f32 ] && echo f32 || echo bf16)" >/dev/null
+rp=$(free_port)
+"$REDIS_SERVER" --port "$rp" --save "" --appendonly no >"$LOGS/redis.log" 2>&1 &
+pids+=($!)
+wait_port "$rp"
+export BLOCKSERVE_REDIS_URL=redis://127.0.0.1:$rp BLOCKSERVE_MODEL=$MODEL_DIR BLOCKSERVE_DTYPE=$DTYPE
+bdp=$(free_port)
+"$BS" block-decoder --listen 127.0.0.1:$bdp --device "$DEVICE" --kv-cache-mib "${KV_MIB:-1024}" \
+  --max-sessions "${MAX_SESSIONS:-4096}" --token-budget "${TOKEN_BUDGET:-8192}" >"$LOGS/block-decoder.log" 2>&1 &
+pids+=($!)
+wait_port "$bdp"
+for i in $(seq 1 "$TOKEN_DECODERS"); do
+  tdp=$(free_port)
+  "$BS" token-decoder --listen 127.0.0.1:$tdp --device "$TD_DEVICE" --max-batch "${MAX_BATCH:-1024}" \
+    --max-sessions "${MAX_SESSIONS:-4096}" >"$LOGS/token-decoder-$i.log" 2>&1 &
+  pids+=($!)
+  wait_port "$tdp"
+done
+rtp=$(free_port)
+"$BS" router --listen 127.0.0.1:$rtp --max-new-tokens 4096 >"$LOGS/router.log" 2>&1 &
+pids+=($!)
+wait_port "$rtp"
+sleep 1
+echo "stack: router :$rtp, block decoder :$bdp ($DEVICE), $TOKEN_DECODERS token decoder(s) ($TD_DEVICE), redis :$rp, model $MODEL_DIR ($DTYPE)" >&2
+"$LT" --target "http://127.0.0.1:$rtp" "$@"

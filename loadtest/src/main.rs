@@ -1,0 +1,176 @@
+//! `blockserve-loadtest`: drive a running stack (router, block decoder, token
+//! decoders) over gRPC with `--concurrency` streams at once, in the benchmark
+//! settings of `blockserve bench` (EOS ignored, greedy), and print generated
+//! tokens/s with time-to-first-token and inter-token-latency percentiles.
+//!
+//!   blockserve-loadtest --target http://127.0.0.1:50051 --setting decode-heavy --concurrency 256
+//!
+//! Tokens arrive a block at a time; a token's inter-token latency is the gap
+//! since the previous chunk divided by the tokens in its chunk.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use blockserve_proto::v1::generation_client::GenerationClient;
+use blockserve_proto::v1::{generate_request, generate_response, GenerateRequest, GenerationParameters, ModelInfoRequest, TokenIds};
+use clap::Parser;
+use tokio::sync::Mutex;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Load generator for a blockserve stack (talks to the router over gRPC).")]
+struct Args {
+    /// Router address.
+    #[arg(long, env = "LOADTEST_TARGET", default_value = "http://127.0.0.1:50051")]
+    target: String,
+    /// Streams open at once.
+    #[arg(long, env = "LOADTEST_CONCURRENCY", default_value_t = 64)]
+    concurrency: usize,
+    /// Requests in all (0: one per stream).
+    #[arg(long, env = "LOADTEST_REQUESTS", default_value_t = 0)]
+    requests: usize,
+    /// prefill-heavy (prompt 2048, generate 128) or decode-heavy (prompt 128, generate 2048).
+    #[arg(long, env = "LOADTEST_SETTING", default_value = "decode-heavy")]
+    setting: String,
+    /// Prompt tokens per request (overrides the setting's).
+    #[arg(long)]
+    prompt_len: Option<usize>,
+    /// Tokens generated per request (overrides the setting's).
+    #[arg(long)]
+    gen_len: Option<usize>,
+    /// HTTP/2 connections to the router; streams are spread over them.
+    #[arg(long, env = "LOADTEST_CONNECTIONS", default_value_t = 8)]
+    connections: usize,
+    /// Seed of the random prompts.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Default)]
+struct Samples {
+    ttft: Vec<f64>,
+    itl: Vec<f64>,
+    tokens: usize,
+    ok: usize,
+    errors: Vec<String>,
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// One request, start to finish; records its latencies into `samples`.
+async fn one(mut client: GenerationClient<Channel>, prompt: Vec<u32>, gen_len: usize, samples: &Mutex<Samples>) -> Result<()> {
+    let req = GenerateRequest {
+        prompt: Some(generate_request::Prompt::TokenIds(TokenIds { ids: prompt })),
+        parameters: Some(GenerationParameters { max_new_tokens: Some(gen_len as u32), ignore_eos: true, temperature: Some(0.0), ..Default::default() }),
+        session_id: String::new(),
+    };
+    let start = Instant::now();
+    let mut stream = client.generate(req).await?.into_inner();
+    let (mut last, mut ttft, mut itl, mut tokens) = (start, None, vec![], 0usize);
+    while let Some(msg) = stream.message().await? {
+        match msg.event {
+            Some(generate_response::Event::Tokens(chunk)) if !chunk.token_ids.is_empty() => {
+                let now = Instant::now();
+                let n = chunk.token_ids.len();
+                match ttft {
+                    None => ttft = Some((now - start).as_secs_f64()),
+                    Some(_) => itl.extend(std::iter::repeat_n((now - last).as_secs_f64() / n as f64, n)),
+                }
+                last = now;
+                tokens += n;
+            }
+            Some(generate_response::Event::Finished(f)) if !f.error.is_empty() => {
+                bail!("finished with error: {}", f.error)
+            }
+            _ => {}
+        }
+    }
+    if tokens != gen_len {
+        bail!("got {tokens} tokens, asked for {gen_len}");
+    }
+    let mut s = samples.lock().await;
+    s.ttft.push(ttft.unwrap_or(f64::NAN));
+    s.itl.extend(itl);
+    s.tokens += tokens;
+    s.ok += 1;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = Args::parse();
+    let (p, g) = match a.setting.as_str() {
+        "prefill-heavy" => (2048, 128),
+        "decode-heavy" => (128, 2048),
+        other => bail!("--setting {other:?}: expected prefill-heavy or decode-heavy"),
+    };
+    let (prompt_len, gen_len) = (a.prompt_len.unwrap_or(p), a.gen_len.unwrap_or(g));
+    let requests = if a.requests == 0 { a.concurrency } else { a.requests };
+    let mut channels = vec![];
+    for _ in 0..a.connections.max(1) {
+        let ch = Endpoint::from_shared(a.target.clone())?
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", a.target))?;
+        channels.push(ch);
+    }
+    let info = GenerationClient::new(channels[0].clone()).model_info(ModelInfoRequest {}).await?.into_inner();
+    let vocab = info.vocab_size.max(2);
+    eprintln!("target {} serves {} (vocab {vocab}, block length {})", a.target, info.model_name, info.block_length);
+    let samples = Arc::new(Mutex::new(Samples::default()));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut workers = vec![];
+    for w in 0..a.concurrency {
+        let (client, samples, next) = (GenerationClient::new(channels[w % channels.len()].clone()), samples.clone(), next.clone());
+        let seed = a.seed as usize;
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= requests {
+                    break;
+                }
+                let prompt: Vec<u32> = (0..prompt_len).map(|j| 1 + ((i * 7919 + j * 104729 + seed) as u32 % (vocab - 1))).collect();
+                if let Err(e) = one(client.clone(), prompt, gen_len, &samples).await {
+                    samples.lock().await.errors.push(format!("{e:#}"));
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await?;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let mut s = samples.lock().await;
+    let ms = |x: f64| x * 1e3;
+    println!("| setting | concurrency | requests | ok | errors | wall s | tokens/s | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---|---|");
+    let (t50, t90, t99) = (percentile(&mut s.ttft, 0.5), percentile(&mut s.ttft, 0.9), percentile(&mut s.ttft, 0.99));
+    let (i50, i90, i99) = (percentile(&mut s.itl, 0.5), percentile(&mut s.itl, 0.9), percentile(&mut s.itl, 0.99));
+    println!(
+        "| {prompt_len}/{gen_len} | {} | {requests} | {} | {} | {wall:.2} | {:.0} | {:.0} / {:.0} / {:.0} | {:.2} / {:.2} / {:.2} |",
+        a.concurrency,
+        s.ok,
+        s.errors.len(),
+        s.tokens as f64 / wall,
+        ms(t50),
+        ms(t90),
+        ms(t99),
+        ms(i50),
+        ms(i90),
+        ms(i99)
+    );
+    if let Some(e) = s.errors.first() {
+        eprintln!("first error: {e}");
+        bail!("{} of {requests} requests failed", s.errors.len());
+    }
+    Ok(())
+}
