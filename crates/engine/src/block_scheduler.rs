@@ -180,6 +180,23 @@ impl BlockScheduler {
         }
     }
 
+    /// Run a two-block prompt and one decode block through the pool and free
+    /// them again, so device modules are loaded (and JIT-compiled) before the
+    /// first request instead of during it.
+    pub fn warm_up(&mut self) -> Result<()> {
+        let l = self.model.block_length();
+        let key = u64::MAX;
+        self.submit(key, vec![0; 2 * l], 1)?;
+        let out = (|| {
+            while self.iterate()?.is_some_and(|c| c.rows.is_empty()) {}
+            self.push_block(key, vec![0; l])?;
+            self.iterate()?;
+            Ok(())
+        })();
+        self.close(key);
+        out
+    }
+
     /// Contexts of every block of `ids` (whole blocks) in a pass of their own,
     /// keeping nothing (scoring). Needs free pages for them.
     pub fn contexts(&mut self, ids: &[u32]) -> Result<Tensor> {

@@ -43,6 +43,17 @@ impl TokenBatcher {
         Ok(Self { model, local, max_batch })
     }
 
+    /// Decode one block for a greedy row and a sampled row from a zero context,
+    /// so device modules are loaded before the first request.
+    pub fn warm_up(&mut self) -> Result<()> {
+        let m = &self.model;
+        let ctx = Tensor::zeros((1, m.config.block_decoder.hidden_size), m.dtype(), m.device())?;
+        let sampled = BlockJob { sampling: SamplingParams { temperature: 0.8, top_k: 5, ..SamplingParams::greedy() }, history: vec![], generated: 0 };
+        self.decode(&ctx, &[BlockJob::greedy(0)])?;
+        self.decode(&ctx, &[sampled])?;
+        Ok(())
+    }
+
     pub fn max_batch(&self) -> usize {
         self.max_batch
     }

@@ -42,7 +42,8 @@ impl Engine {
     /// Start the model thread. Decode blocks wait up to `max_wait` for more to
     /// join their pass (see `ready`).
     pub fn start(model: Arc<BlockTransformer>, config: SchedulerConfig, max_wait: Duration) -> Result<Self, ModelError> {
-        let sched = BlockScheduler::new(model, config)?;
+        let mut sched = BlockScheduler::new(model, config)?;
+        sched.warm_up()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let active = Arc::new(AtomicU32::new(0));
         let queued = Arc::new(AtomicU32::new(0));

@@ -36,6 +36,33 @@ pub struct Router {
     /// How often Resume looks for new tokens of a session served elsewhere.
     pub poll: Duration,
     channels: blockserve_runtime::channels::Channels,
+    /// Sessions this router started on each instance (by address) that are still
+    /// running. Reported loads lag by a lease period; this spreads a burst.
+    routed: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
+}
+
+/// Counts a session against its instances while it runs.
+struct Routed(Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>, Vec<String>);
+
+impl Routed {
+    fn new(map: &Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>, addresses: &[&str]) -> Self {
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        for a in addresses {
+            *m.entry(a.to_string()).or_default() += 1;
+        }
+        Self(map.clone(), addresses.iter().map(|a| a.to_string()).collect())
+    }
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for a in &self.1 {
+            if let Some(n) = m.get_mut(a) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
 }
 
 type EventTx = mpsc::Sender<Result<GenerateResponse, Status>>;
@@ -87,7 +114,7 @@ fn finished_from_record(r: &SessionRecord) -> Finished {
 
 impl Router {
     pub fn new(store: Arc<dyn SessionStore>, model: ModelFacts, tokenizer: Option<Tokenizer>, max_new_tokens: usize, session_ttl: Duration) -> Self {
-        Self { store, model, tokenizer, max_new_tokens, session_ttl, poll: Duration::from_millis(20), channels: Default::default() }
+        Self { store, model, tokenizer, max_new_tokens, session_ttl, poll: Duration::from_millis(20), channels: Default::default(), routed: Default::default() }
     }
 
     async fn channel(&self, address: &str) -> Result<Channel, Status> {
@@ -100,9 +127,12 @@ impl Router {
         if all.is_empty() {
             return Err(Status::unavailable(format!("no live {} instance is registered", tier.as_str().replace('_', " "))));
         }
+        let routed = self.routed.lock().unwrap_or_else(|p| p.into_inner()).clone();
         all.into_iter()
             .filter(|i| i.free_capacity > 0)
-            .min_by_key(|i| i.load_key())
+            // Reported load plus what this router sent since (it may double count
+            // for a lease period, alike for every instance).
+            .min_by_key(|i| (i.load_key().0 + routed.get(&i.address).copied().unwrap_or(0), i.load_key()))
             .ok_or_else(|| Status::resource_exhausted(format!("every {} is at capacity; retry later", tier.as_str().replace('_', " "))))
     }
 
@@ -169,6 +199,7 @@ impl Router {
         validate::lengths(prompt.len(), resolved.stop.max_new_tokens, self.max_new_tokens, m.max_total_tokens)?;
         let td = self.pick(Tier::TokenDecoder).await?;
         let bd = self.pick(Tier::BlockDecoder).await?;
+        let routed = Routed::new(&self.routed, &[&td.address, &bd.address]);
         let id = if req.session_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { req.session_id.clone() };
         let spec = SessionSpec {
             id: id.clone(),
@@ -208,6 +239,7 @@ impl Router {
         let _ = tx.send(event(&id, generate_response::Event::Started(started))).await;
         let sid = id.clone();
         tokio::spawn(async move {
+            let _routed = routed;
             loop {
                 let msg = tokio::select! {
                     m = events.message() => m,

@@ -35,7 +35,8 @@ pub struct Engine {
 impl Engine {
     /// Start the model thread; blocks are decoded in batches of at most `max_batch`.
     pub fn start(model: Arc<BlockTransformer>, max_batch: usize, max_wait: Duration) -> Result<Self, ModelError> {
-        let batcher = TokenBatcher::new(model.clone(), max_batch)?;
+        let mut batcher = TokenBatcher::new(model.clone(), max_batch)?;
+        batcher.warm_up()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicU32::new(0));
         let q = queued.clone();
