@@ -3,7 +3,7 @@
 # blockserve's in-process engine on the same card. The CUDA builds of
 # `blockserve` and the test binaries travel xz-compressed in .dev/bin.
 #
-#   bash bench/device-bench.sh           # everything (about 4 minutes)
+#   bash bench/device-bench.sh           # everything (about 7 minutes)
 #   QUICK=1 bash bench/device-bench.sh   # no transformers baseline, no vanilla runs
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -26,18 +26,23 @@ if [ -z "${QUICK:-}" ]; then
   python3 bench/hf_baseline.py --preset vanilla_160 --setting decode-heavy --batch 256
 fi
 echo "== blockserve engine in process (continuous batching, no gRPC), bf16"
-$BS bench --preset block_main_b4_85 --setting decode-heavy --batch ${DECODE_BATCHES:-1024,2048} --device cuda --dtype bf16 --ceilings
-$BS bench --preset block_main_b4_85 --setting prefill-heavy --batch ${PREFILL_BATCHES:-256,1024} --device cuda --dtype bf16
+$BS bench --preset block_main_b4_85 --setting decode-heavy --batch ${DECODE_BATCHES:-1024,2048,4096,0} --device cuda --dtype bf16 --ceilings
+$BS bench --preset block_main_b4_85 --setting prefill-heavy --batch ${PREFILL_BATCHES:-1024,2048} --device cuda --dtype bf16
 if [ -z "${QUICK:-}" ]; then
   $BS bench --preset vanilla_160 --setting prefill-heavy --batch 64 --device cuda --dtype bf16
   $BS bench --preset vanilla_160 --setting decode-heavy --batch 256 --device cuda --dtype bf16
 fi
 if [ -z "${NO_STACK:-}" ]; then
-  echo "== full stack over gRPC: router, block decoder and ${TOKEN_DECODERS:-2} token decoders as separate processes, all on this GPU, bf16"
+  echo "== full stack over gRPC: router, block decoder and token decoder(s) as separate processes, all on this GPU, bf16"
   export BS=$PWD/.dev/bin/blockserve LT=$PWD/.dev/bin/blockserve-loadtest REDIS_SERVER=$PWD/.dev/bin/redis-server
-  export PRESET=block_main_b4_85 DEVICE=cuda DTYPE=bf16 TOKEN_DECODERS=${TOKEN_DECODERS:-2} KV_MIB=${KV_MIB:-40000} MAX_BATCH=${MAX_BATCH:-2048} LOGS=${OUT:-/tmp}/stack-logs
-  for c in ${STACK_DECODE:-1024}; do bash loadtest/run-stack.sh --setting decode-heavy --concurrency $c || status=1; done
-  for c in ${STACK_PREFILL:-1024}; do bash loadtest/run-stack.sh --setting prefill-heavy --concurrency $c || status=1; done
-  grep -h "busy" $LOGS/*.log | tail -4
+  export PRESET=block_main_b4_85 DEVICE=cuda DTYPE=bf16 KV_MIB=${KV_MIB:-40000} MAX_BATCH=${MAX_BATCH:-2048}
+  # token decoders:setting:concurrency
+  for run in ${STACK_RUNS:-1:decode-heavy:1024 2:decode-heavy:2048 1:prefill-heavy:1024}; do
+    IFS=: read -r td setting c <<< "$run"
+    export TOKEN_DECODERS=$td LOGS=${OUT:-/tmp}/stack-$td-$setting-$c
+    echo "-- $td token decoder(s), $setting, concurrency $c"
+    bash loadtest/run-stack.sh --setting "$setting" --concurrency "$c" || status=1
+    grep -h "lifetime" "$LOGS"/*.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/.*engine=/  engine=/'
+  done
 fi
 exit $status

@@ -35,7 +35,9 @@ pub struct Args {
     /// Tokens generated per request (overrides the setting's).
     #[arg(long)]
     gen_len: Option<usize>,
-    /// Batch sizes (requests submitted at once), comma separated.
+    /// Batch sizes (requests submitted at once), comma separated; 0 means the
+    /// largest batch whose block-level KV cache fits in 80% of the free device
+    /// memory (capped at 8192).
     #[arg(long, env = "BENCH_BATCH", value_delimiter = ',', default_value = "1")]
     batch: Vec<usize>,
     /// cpu, cuda or cuda:N.
@@ -172,6 +174,15 @@ pub fn run(a: Args) -> Result<()> {
         Model::Vanilla(_) => return bench_vanilla(&a, &model, &device, prompt_len, gen_len, vocab),
     };
     for &b in &a.batch {
+        let b = if b > 0 {
+            b
+        } else {
+            let per_session = ((prompt_len + gen_len).div_ceil(model.block_length()) + 16) * model.block_decoder.bytes_per_block(dtype);
+            let free = device_memory(&device).map_or(1 << 30, |(free, _)| free);
+            let fit = (free as f64 * 0.8) as usize / per_session;
+            eprintln!("batch 0: {fit} sessions of {per_session} KV bytes fit in 80% of {free} free bytes; running {}", fit.min(8192));
+            fit.clamp(1, 8192)
+        };
         let kv_bytes = if a.kv_cache_gib > 0.0 {
             (a.kv_cache_gib * (1u64 << 30) as f64) as usize
         } else {
