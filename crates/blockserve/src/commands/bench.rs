@@ -156,7 +156,12 @@ pub fn run(a: Args) -> Result<()> {
     let (prompt_len, gen_len) = (a.prompt_len.unwrap_or(p), a.gen_len.unwrap_or(g));
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype)?;
-    let config = presets::preset(&a.preset)?;
+    let mut config = presets::preset(&a.preset)?;
+    if let ModelConfig::Vanilla(c) = &mut config {
+        // Pythia's table stops at 2048 positions; like the transformers baseline,
+        // give random-weight benchmarks room for prompt + generation.
+        c.stack.max_position_embeddings = c.stack.max_position_embeddings.max(prompt_len + gen_len);
+    }
     let t0 = Instant::now();
     let weights = Weights::from_tensors(random_weights(&config, a.seed, DType::F32)?, dtype, &device);
     let model = build(&config, &weights)?;
