@@ -27,7 +27,7 @@ if [ -z "${QUICK:-}" ]; then
 fi
 echo "== blockserve engine in process (continuous batching, no gRPC), bf16"
 $BS bench --preset block_main_b4_85 --setting decode-heavy --batch ${DECODE_BATCHES:-1024,2048,4096,0} --device cuda --dtype bf16 --ceilings
-$BS bench --preset block_main_b4_85 --setting prefill-heavy --batch ${PREFILL_BATCHES:-1024,2048} --device cuda --dtype bf16
+$BS bench --preset block_main_b4_85 --setting prefill-heavy --batch ${PREFILL_BATCHES:-2048,3072} --device cuda --dtype bf16
 if [ -z "${QUICK:-}" ]; then
   $BS bench --preset vanilla_160 --setting prefill-heavy --batch 64 --device cuda --dtype bf16
   $BS bench --preset vanilla_160 --setting decode-heavy --batch 256 --device cuda --dtype bf16

@@ -50,7 +50,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Most new blocks (decode rows + prompt chunks) in one block-decoder pass.
-    #[arg(long, env = "BLOCKSERVE_TOKEN_BUDGET", default_value_t = 16384)]
+    #[arg(long, env = "BLOCKSERVE_TOKEN_BUDGET", default_value_t = 32768)]
     token_budget: usize,
     /// Most rows in one token-decoder batch (0: the whole batch).
     #[arg(long, env = "BLOCKSERVE_TOKEN_BATCH", default_value_t = 0)]
