@@ -1,13 +1,7 @@
 // Row-wise argmax of logits [rows, n] -> u32 [rows], first index on ties (as
 // torch.argmax and the CPU `sampling::argmax`). One CTA per row; each thread
 // scans a strided slice with 16-byte loads, then warps and the block reduce.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+#include "common.cuh"
 
 // Keep (v, i) if it beats (bv, bi): larger value, or equal value and smaller index.
 __device__ __forceinline__ void better(float v, uint32_t i, float& bv, uint32_t& bi) {

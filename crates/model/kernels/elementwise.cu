@@ -2,17 +2,8 @@
 // add indexes every element through the strides of a generic layout, which made
 // bias and residual adds over half of a token step's device time at batch 2048.
 // These take contiguous rows and round once per op, as candle's bf16 ops do.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
 // y[r, c] += bias[c], in place; then GELU (exact erf) when `gelu` is set, on the
 // rounded sum, as candle's separate add and gelu_erf compute it.

@@ -12,17 +12,8 @@
 //   out   [n, heads * head_dim]
 // Rotary (rotate-half over the first `rot` channels) is applied to q and k here,
 // with the angles computed in f32 exactly as the host's table is.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
 // Eight consecutive elements as floats; p is 16-byte aligned for 2-byte types.
 __device__ __forceinline__ void load8(const float* p, float* o) {

@@ -50,14 +50,15 @@ impl CustomOp1 for ArgmaxRows {
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::{CudaDType, WrapErr};
-        use candle_core::{CudaStorage, DType};
+        use candle_core::CudaStorage;
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/argmax.ptx"));
 
-        fn go<T: CudaDType + DeviceRepr + WithDType>(s: &CudaStorage, l: &Layout, name: &str) -> candle_core::Result<CudaStorage> {
+        fn go<T: CudaDType + DeviceRepr + WithDType>(s: &CudaStorage, l: &Layout) -> candle_core::Result<CudaStorage> {
             let (b, n) = l.shape().dims2()?;
             let Some((o1, o2)) = l.contiguous_offsets() else { candle_core::bail!("argmax-rows needs contiguous logits") };
             let dev = s.device().clone();
-            let func = dev.get_or_load_custom_func(name, "blockserve_argmax", PTX)?;
+            let name = format!("argmax_{}", crate::cuda_util::suffix(T::DTYPE)?);
+            let func = dev.get_or_load_custom_func(&name, "blockserve_argmax", PTX)?;
             let x = s.as_cuda_slice::<T>()?.slice(o1..o2);
             let out = dev.alloc_zeros::<u32>(b)?;
             if b > 0 {
@@ -72,12 +73,7 @@ impl CustomOp1 for ArgmaxRows {
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
         let (b, _) = l.shape().dims2()?;
-        let out = match s.dtype() {
-            DType::F32 => go::<f32>(s, l, "argmax_f32")?,
-            DType::BF16 => go::<half::bf16>(s, l, "argmax_bf16")?,
-            DType::F16 => go::<half::f16>(s, l, "argmax_f16")?,
-            d => candle_core::bail!("argmax-rows: unsupported dtype {d:?}"),
-        };
+        let out = crate::cuda_util::dispatch_float!(s.dtype(), go(s, l))?;
         Ok((out, Shape::from(b)))
     }
 }

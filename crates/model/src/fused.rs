@@ -46,23 +46,12 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, InplaceOp2, Layout, Result, Shape, WithDType};
+    use candle_core::{CpuStorage, CudaStorage, CustomOp3, InplaceOp2, Layout, Result, Shape, WithDType};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
     const MODULE: &str = "blockserve_elementwise";
 
-    fn suffix(d: DType) -> Result<&'static str> {
-        Ok(match d {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            d => candle_core::bail!("fused kernels do not support {d:?}"),
-        })
-    }
-
-    fn range(l: &Layout) -> Result<(usize, usize)> {
-        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("fused kernels need contiguous inputs".into()))
-    }
+    use crate::cuda_util::{dispatch_float, range, suffix};
 
     fn cfg(n: usize) -> LaunchConfig {
         let blocks = n.div_ceil(256).min(132 * 16) as u32;
@@ -106,12 +95,7 @@ mod cuda {
             if yl.dims().last() != bl.dims().last() || bl.dims().len() != 1 {
                 candle_core::bail!("bias-act: bias {:?} does not match rows of {:?}", bl.dims(), yl.dims());
             }
-            match y.dtype() {
-                DType::F32 => go::<f32>(self.gelu, y, yl, bias, bl),
-                DType::BF16 => go::<half::bf16>(self.gelu, y, yl, bias, bl),
-                DType::F16 => go::<half::f16>(self.gelu, y, yl, bias, bl),
-                d => candle_core::bail!("bias-act does not support {d:?}"),
-            }
+            dispatch_float!(y.dtype(), go(self.gelu, y, yl, bias, bl))
         }
     }
 
@@ -158,12 +142,7 @@ mod cuda {
             if al.shape() != bl.shape() || al.shape() != cl.shape() {
                 candle_core::bail!("add3: shapes {:?}, {:?}, {:?} differ", al.dims(), bl.dims(), cl.dims());
             }
-            let out = match a.dtype() {
-                DType::F32 => go::<f32>(a, al, b, bl, c, cl)?,
-                DType::BF16 => go::<half::bf16>(a, al, b, bl, c, cl)?,
-                DType::F16 => go::<half::f16>(a, al, b, bl, c, cl)?,
-                d => candle_core::bail!("add3 does not support {d:?}"),
-            };
+            let out = dispatch_float!(a.dtype(), go(a, al, b, bl, c, cl))?;
             Ok((out, al.shape().clone()))
         }
     }

@@ -17,6 +17,8 @@ pub mod argmax;
 pub mod block_transformer;
 pub mod causal_lm;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda_util;
 pub mod error;
 pub mod fused;
 pub mod generation;

@@ -7,22 +7,10 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Shape};
 
 use super::ops::{KvWrite, PagedAttention};
+use crate::cuda_util::{dispatch_float, range as offsets, suffix};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 const MODULE: &str = "blockserve_paged_attention";
-
-fn suffix(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        d => candle_core::bail!("paged kernels do not support {d:?}"),
-    })
-}
-
-fn offsets(l: &Layout) -> Result<(usize, usize)> {
-    l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("paged kernels need contiguous inputs".into()))
-}
 
 pub(super) fn kv_write(op: &KvWrite, pool: &mut CudaStorage, pl: &Layout, qkv: &CudaStorage, ql: &Layout, index: &CudaStorage, il: &Layout) -> Result<()> {
     fn go<T: CudaDType + DeviceRepr + candle_core::WithDType>(
@@ -59,12 +47,7 @@ pub(super) fn kv_write(op: &KvWrite, pool: &mut CudaStorage, pl: &Layout, qkv: &
     if pl.start_offset() != 0 {
         candle_core::bail!("the KV pool must be a whole tensor");
     }
-    match qkv.dtype() {
-        DType::F32 => go::<f32>(op, pool, qkv, ql, index, il),
-        DType::BF16 => go::<half::bf16>(op, pool, qkv, ql, index, il),
-        DType::F16 => go::<half::f16>(op, pool, qkv, ql, index, il),
-        d => candle_core::bail!("paged kernels do not support {d:?}"),
-    }
+    dispatch_float!(qkv.dtype(), go(op, pool, qkv, ql, index, il))
 }
 
 pub(super) fn attend(
@@ -140,11 +123,6 @@ pub(super) fn attend(
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
-    let out = match qkv.dtype() {
-        DType::F32 => go::<f32>(op, qkv, ql, pool, pl, index, il)?,
-        DType::BF16 => go::<half::bf16>(op, qkv, ql, pool, pl, index, il)?,
-        DType::F16 => go::<half::f16>(op, qkv, ql, pool, pl, index, il)?,
-        d => candle_core::bail!("paged kernels do not support {d:?}"),
-    };
+    let out = dispatch_float!(qkv.dtype(), go(op, qkv, ql, pool, pl, index, il))?;
     Ok((out, Shape::from((op.tokens, op.shape.heads * op.shape.head_dim))))
 }

@@ -1,0 +1,33 @@
+//! What every kernel launch of this crate needs (CUDA builds only): the kernel
+//! name suffix of a dtype, the element range of a contiguous input, and a
+//! dispatch from a float dtype to a generic launch function.
+
+use candle_core::{DType, Layout, Result};
+
+/// `f32`, `bf16` or `f16`: the suffix of the kernels built for a dtype.
+pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        d => candle_core::bail!("blockserve's CUDA kernels do not support {d:?}"),
+    })
+}
+
+/// Start and end element of a contiguous input.
+pub(crate) fn range(l: &Layout) -> Result<(usize, usize)> {
+    l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("blockserve's CUDA kernels need contiguous inputs".into()))
+}
+
+/// `$go::<T>($args)` with T the Rust type of the float dtype `$dtype`.
+macro_rules! dispatch_float {
+    ($dtype:expr, $go:ident($($arg:expr),*)) => {
+        match $dtype {
+            candle_core::DType::F32 => $go::<f32>($($arg),*),
+            candle_core::DType::BF16 => $go::<half::bf16>($($arg),*),
+            candle_core::DType::F16 => $go::<half::f16>($($arg),*),
+            d => candle_core::bail!("blockserve's CUDA kernels do not support {d:?}"),
+        }
+    };
+}
+pub(crate) use dispatch_float;
