@@ -32,6 +32,18 @@ pub struct Args {
     /// Number of token-decoder instances.
     #[arg(long, default_value_t = 2)]
     token_decoders: usize,
+    /// Memory of the block decoder's KV cache, in MiB.
+    #[arg(long, env = "BLOCKSERVE_KV_CACHE_MIB", default_value_t = 1024)]
+    kv_cache_mib: usize,
+    /// Most sessions each decoder tier instance holds.
+    #[arg(long, env = "BLOCKSERVE_MAX_SESSIONS", default_value_t = 1024)]
+    max_sessions: u32,
+    /// Most rows in one token-decoder batch.
+    #[arg(long, env = "BLOCKSERVE_MAX_BATCH", default_value_t = 1024)]
+    max_batch: usize,
+    /// Largest max_new_tokens a request may ask for.
+    #[arg(long, env = "BLOCKSERVE_MAX_NEW_TOKENS", default_value_t = 1024)]
+    max_new_tokens: usize,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -52,8 +64,8 @@ pub async fn run(args: Args) -> Result<()> {
     let bd = blockserve_block_decoder::Args {
         serve: serve_args(loopback),
         model: model_args(),
-        max_sessions: 1024,
-        kv_cache_mib: 1024,
+        max_sessions: args.max_sessions,
+        kv_cache_mib: args.kv_cache_mib,
         token_budget: 8192,
         max_batch_wait_us: 2000,
     };
@@ -64,8 +76,8 @@ pub async fn run(args: Args) -> Result<()> {
         let td = blockserve_token_decoder::Args {
             serve: serve_args(loopback),
             model: model_args(),
-            max_sessions: 1024,
-            max_batch: 1024,
+            max_sessions: args.max_sessions,
+            max_batch: args.max_batch,
             max_batch_wait_us: 2000,
             session_ttl_s: 3600,
         };
@@ -73,7 +85,7 @@ pub async fn run(args: Args) -> Result<()> {
         eprintln!("token decoder {i} at {}", addr.await?);
     }
     let (ready, addr) = oneshot::channel();
-    let router = blockserve_router::Args { serve: serve_args(args.listen), model: model.clone(), preset: None, max_new_tokens: 1024, session_ttl_s: 3600 };
+    let router = blockserve_router::Args { serve: serve_args(args.listen), model: model.clone(), preset: None, max_new_tokens: args.max_new_tokens, session_ttl_s: 3600 };
     tasks.spawn(blockserve_router::run(router, store, stop.clone(), Some(ready)));
     let endpoint = addr.await?;
     println!("blockserve is up: router at {endpoint} (model {})", model.display());
