@@ -30,6 +30,25 @@ enum Command {
 pub struct Engine {
     tx: mpsc::UnboundedSender<Command>,
     pub queued: Arc<AtomicU32>,
+    /// Sessions in their block loop (each has a block here or a context on
+    /// its way); a batch waits for half of them.
+    pub decoding: Arc<AtomicU32>,
+}
+
+/// Counts a session as decoding while it lives.
+pub struct Decoding(Arc<AtomicU32>);
+
+impl Decoding {
+    pub fn new(engine: &Engine) -> Self {
+        engine.decoding.fetch_add(1, Ordering::Relaxed);
+        Self(engine.decoding.clone())
+    }
+}
+
+impl Drop for Decoding {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Engine {
@@ -39,9 +58,10 @@ impl Engine {
         batcher.warm_up()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicU32::new(0));
-        let q = queued.clone();
-        std::thread::Builder::new().name("token-decoder-engine".into()).spawn(move || run(model, batcher, rx, q, max_wait)).expect("spawn engine thread");
-        Ok(Self { tx, queued })
+        let decoding = Arc::new(AtomicU32::new(0));
+        let (q, d) = (queued.clone(), decoding.clone());
+        std::thread::Builder::new().name("token-decoder-engine".into()).spawn(move || run(model, batcher, rx, q, d, max_wait)).expect("spawn engine thread");
+        Ok(Self { tx, queued, decoding })
     }
 
     fn stopped() -> ModelError {
@@ -83,18 +103,18 @@ fn score(m: &BlockTransformer, contexts: &Tensor, blocks: &[u32]) -> Result<Vec<
     Ok(picked.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// The first command, then whatever follows while commands keep coming: until a
-/// gap of a tenth of `max_wait`, or `max_wait` after the first.
-fn gather(rx: &mut mpsc::UnboundedReceiver<Command>, queued: &AtomicU32, max_wait: Duration) -> Option<Vec<Command>> {
+/// The first command, then more until half of the decoding sessions have a
+/// block queued (contexts of one block-decoder pass arrive spread over a few
+/// milliseconds), or `max_wait` after the first.
+fn gather(rx: &mut mpsc::UnboundedReceiver<Command>, queued: &AtomicU32, decoding: &AtomicU32, max_wait: Duration) -> Option<Vec<Command>> {
     let mut cmds = vec![rx.blocking_recv()?];
-    let (start, gap) = (Instant::now(), max_wait / 10);
-    let mut last = Instant::now();
+    let start = Instant::now();
+    let blocks = |cmds: &[Command]| cmds.iter().filter(|c| matches!(c, Command::Block(..))).count() as u32;
     loop {
         while let Ok(c) = rx.try_recv() {
             cmds.push(c);
-            last = Instant::now();
         }
-        if start.elapsed() >= max_wait || last.elapsed() >= gap {
+        if 2 * blocks(&cmds) >= decoding.load(Ordering::Relaxed) || start.elapsed() >= max_wait {
             break;
         }
         std::thread::sleep(Duration::from_micros(20));
@@ -103,10 +123,17 @@ fn gather(rx: &mut mpsc::UnboundedReceiver<Command>, queued: &AtomicU32, max_wai
     Some(cmds)
 }
 
-fn run(model: Arc<BlockTransformer>, mut batcher: TokenBatcher, mut rx: mpsc::UnboundedReceiver<Command>, queued: Arc<AtomicU32>, max_wait: Duration) {
+fn run(
+    model: Arc<BlockTransformer>,
+    mut batcher: TokenBatcher,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    queued: Arc<AtomicU32>,
+    decoding: Arc<AtomicU32>,
+    max_wait: Duration,
+) {
     let m = model.as_ref();
     let mut busy = blockserve_runtime::busy::Busy::new("token-decoder");
-    while let Some(cmds) = gather(&mut rx, &queued, max_wait) {
+    while let Some(cmds) = gather(&mut rx, &queued, &decoding, max_wait) {
         let mut jobs = vec![];
         let mut replies = vec![];
         for c in cmds {

@@ -35,8 +35,8 @@ pub struct Args {
     /// cache is preallocated for this many rows).
     #[arg(long, env = "BLOCKSERVE_MAX_BATCH", default_value_t = 1024)]
     pub max_batch: usize,
-    /// Microseconds a batch keeps gathering contexts while more keep arriving
-    /// (at most this long after the first; a gap of a tenth of it ends it).
+    /// Microseconds a batch may keep gathering contexts after the first; it
+    /// starts earlier once half of the decoding sessions have one queued.
     #[arg(long, env = "BLOCKSERVE_MAX_BATCH_WAIT_US", default_value_t = 2000)]
     pub max_batch_wait_us: u64,
     /// Seconds a finished session stays in the store.

@@ -125,6 +125,7 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
     let mut history = if p.sampling.uses_history() { req.prompt_ids.clone() } else { vec![] };
     let mut text = shared.tokenizer.as_ref().map(|t| IncrementalDecoder::new(t));
     let mut full_text = String::new();
+    let _decoding = crate::engine::Decoding::new(&shared.engine);
     for block_index in prompt_blocks.. {
         let job = BlockJob {
             context,
