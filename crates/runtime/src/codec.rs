@@ -13,20 +13,6 @@ fn wire_dtype(d: DType) -> Result<WireDType, String> {
     })
 }
 
-/// One vector `[dim]` (any float dtype) -> its wire form.
-pub fn encode(v: &Tensor) -> Result<Embedding, String> {
-    let dim = v.dims1().map_err(|e| e.to_string())?;
-    let dtype = wire_dtype(v.dtype())?;
-    let v = v.to_device(&Device::Cpu).map_err(|e| e.to_string())?;
-    let data: Vec<u8> = match v.dtype() {
-        DType::F32 => v.to_vec1::<f32>().map_err(|e| e.to_string())?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DType::BF16 => v.to_vec1::<half::bf16>().map_err(|e| e.to_string())?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DType::F16 => v.to_vec1::<half::f16>().map_err(|e| e.to_string())?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        _ => unreachable!("checked by wire_dtype"),
-    };
-    Ok(Embedding { data, dtype: dtype as i32, dim: dim as u32 })
-}
-
 /// Every row of `rows` `[k, dim]` in wire form, with one device-to-host copy.
 pub fn encode_rows(rows: &Tensor) -> Result<Vec<Embedding>, String> {
     let (k, dim) = rows.dims2().map_err(|e| e.to_string())?;

@@ -257,7 +257,6 @@ fn bench_vanilla(a: &Args, model: &Model, device: &Device, prompt_len: usize, ge
         let wall = t.elapsed().as_secs_f64();
         let generated: usize = out.iter().map(|o| o.tokens.len()).sum();
         let peak = device_memory(device).map_or("-".into(), |(f, t)| format!("{:.1}", (t - f) as f64 / (1u64 << 30) as f64));
-        let ModelConfig::Vanilla(_) = model.config() else { unreachable!() };
         println!(
             "| {} | {prompt_len}/{gen_len} | {b} | {wall:.2} | {:.0} | {ttft:.3} (whole batch) | - | - | {peak} (end) | - | - |",
             a.preset,
