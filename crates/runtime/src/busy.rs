@@ -9,16 +9,22 @@ pub struct Busy {
     busy: Duration,
     total_since: Instant,
     total_busy: Duration,
+    /// Iterations and the rows they held (mean batch size at exit).
+    calls: u64,
+    rows: u64,
 }
 
 impl Busy {
     pub fn new(name: &'static str) -> Self {
         let now = Instant::now();
-        Self { name, since: now, busy: Duration::ZERO, total_since: now, total_busy: Duration::ZERO }
+        Self { name, since: now, busy: Duration::ZERO, total_since: now, total_busy: Duration::ZERO, calls: 0, rows: 0 }
     }
 
-    /// Count `worked` as busy; log the last window's share when it is over.
-    pub fn add(&mut self, worked: Duration) {
+    /// Count one iteration of `rows` rows that took `worked`; log the last
+    /// window's busy share when it is over.
+    pub fn add(&mut self, worked: Duration, rows: usize) {
+        self.calls += 1;
+        self.rows += rows as u64;
         self.busy += worked;
         self.total_busy += worked;
         let wall = self.since.elapsed();

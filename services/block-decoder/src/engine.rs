@@ -121,8 +121,10 @@ fn run(mut sched: BlockScheduler, mut rx: mpsc::UnboundedReceiver<Command>, acti
         }
         let t = Instant::now();
         if sched.has_work() {
+            let mut pass_rows = 0;
             match sched.iterate().and_then(|out| out.map(|c| codec::encode_rows(&c.tensor).map(|e| (c.rows, e)).map_err(ModelError::Input)).transpose()) {
                 Ok(Some((rows, embeddings))) => {
+                    pass_rows = rows.len();
                     for ((key, _), e) in rows.into_iter().zip(embeddings) {
                         if let Some(r) = replies.remove(&key) {
                             let _ = r.send(Ok(e));
@@ -139,7 +141,7 @@ fn run(mut sched: BlockScheduler, mut rx: mpsc::UnboundedReceiver<Command>, acti
                     }
                 }
             }
-            busy.add(t.elapsed());
+            busy.add(t.elapsed(), pass_rows);
         }
         active.store(sched.sessions() as u32, Ordering::Relaxed);
     }

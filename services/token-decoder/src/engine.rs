@@ -152,7 +152,7 @@ fn run(
         }
         let t = Instant::now();
         let decoded = decode_batch(&mut batcher, m, &jobs);
-        busy.add(t.elapsed());
+        busy.add(t.elapsed(), jobs.len());
         match decoded {
             Ok(blocks) => {
                 for (b, r) in blocks.into_iter().zip(replies) {
