@@ -48,6 +48,8 @@ impl Drop for Busy {
             busy_percent = format!("{:.1}", percent(self.total_busy, wall)),
             busy_s = format!("{:.2}", self.total_busy.as_secs_f64()),
             wall_s = format!("{:.2}", wall.as_secs_f64()),
+            iterations = self.calls,
+            mean_rows = format!("{:.1}", self.rows as f64 / self.calls.max(1) as f64),
             "engine load over its lifetime"
         );
     }
