@@ -162,6 +162,13 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
         let now = Instant::now();
         gen.first_at.get_or_insert(now);
         gen.last_at = Some(now);
+        if end.is_none() {
+            // The next context is the critical path: send the block up first, so
+            // the block decoder's pass overlaps with recording and relaying it.
+            let msg = BlockUp { kind: Some(block_up::Kind::Block(Block { index: block_index, token_ids: block })) };
+            gen.wire_bytes += msg.encoded_len() as u64;
+            up.send(msg).await.map_err(|_| Status::unavailable("block decoder stream closed"))?;
+        }
         shared.store.append_tokens(&req.session_id, &new).await.map_err(blockserve_runtime::status::from_store)?;
         let chunk = TokenChunk { offset, token_ids: new.clone(), text: delta };
         if tx.send(Ok(RunEvent { kind: Some(run_event::Kind::Tokens(chunk)) })).await.is_err() {
@@ -173,9 +180,6 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
         if p.sampling.uses_history() {
             history.extend_from_slice(&new);
         }
-        let msg = BlockUp { kind: Some(block_up::Kind::Block(Block { index: block_index, token_ids: block })) };
-        gen.wire_bytes += msg.encoded_len() as u64;
-        up.send(msg).await.map_err(|_| Status::unavailable("block decoder stream closed"))?;
         context = next_context(&mut down, block_index, shared, &mut gen.wire_bytes).await?;
     }
     unreachable!("the block loop only ends by returning")
