@@ -117,8 +117,6 @@ async fn main() -> Result<()> {
     for _ in 0..a.connections.max(1) {
         let ch = Endpoint::from_shared(a.target.clone())?
             .connect_timeout(Duration::from_secs(10))
-            .initial_connection_window_size(64 << 20)
-            .initial_stream_window_size(1 << 20)
             .connect()
             .await
             .with_context(|| format!("connecting to {}", a.target))?;

@@ -20,8 +20,6 @@ impl Channels {
         let c = Endpoint::from_shared(address.to_string())
             .map_err(|e| Status::invalid_argument(format!("instance address {address:?}: {e}")))?
             .connect_timeout(Duration::from_secs(5))
-            .initial_connection_window_size(crate::server::CONNECTION_WINDOW)
-            .initial_stream_window_size(crate::server::STREAM_WINDOW)
             .connect()
             .await
             .map_err(|e| Status::unavailable(format!("instance {address} unreachable: {e}")))?;

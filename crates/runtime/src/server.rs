@@ -103,17 +103,3 @@ pub async fn serve(
     }
     Ok(())
 }
-
-/// HTTP/2 flow-control windows for the links between tiers. h2's defaults (64 KiB
-/// per connection) let only a few dozen context embeddings of a connection's
-/// many session streams be in flight at once; a connection carries up to
-/// thousands of sessions here.
-pub const CONNECTION_WINDOW: u32 = 64 << 20;
-pub const STREAM_WINDOW: u32 = 1 << 20;
-
-/// A tonic server builder with the windows above.
-pub fn server_builder() -> tonic::transport::Server {
-    tonic::transport::Server::builder()
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .initial_stream_window_size(STREAM_WINDOW)
-}

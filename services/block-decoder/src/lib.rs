@@ -63,7 +63,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     tracing::info!(%address, "block decoder listening");
     let service = service::BlockDecoderService::new(engine.clone(), model, args.max_sessions);
-    let router = blockserve_runtime::server::server_builder().add_service(BlockDecoderServer::new(service));
+    let router = tonic::transport::Server::builder().add_service(BlockDecoderServer::new(service));
     let lease = Lease::new(Tier::BlockDecoder, address.clone(), Duration::from_secs(args.serve.lease_ttl_s));
     let lease_task = tokio::spawn(lease.run(store, Arc::new(Load(engine, args.max_sessions)), stop.clone()));
     if let Some(r) = ready {

@@ -55,7 +55,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     let (listener, addr) = bind(args.serve.listen).await?;
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     tracing::info!(%address, "router listening");
-    let server = blockserve_runtime::server::server_builder().add_service(GenerationServer::new(service::GenerationService(router)));
+    let server = tonic::transport::Server::builder().add_service(GenerationServer::new(service::GenerationService(router)));
     if let Some(r) = ready {
         let _ = r.send(address);
     }

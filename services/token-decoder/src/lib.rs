@@ -96,7 +96,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     let (listener, addr) = bind(args.serve.listen).await?;
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     tracing::info!(%address, "token decoder listening");
-    let router = blockserve_runtime::server::server_builder().add_service(TokenDecoderServer::new(service::TokenDecoderService { shared: shared.clone() }));
+    let router = tonic::transport::Server::builder().add_service(TokenDecoderServer::new(service::TokenDecoderService { shared: shared.clone() }));
     let lease = Lease::new(Tier::TokenDecoder, address.clone(), Duration::from_secs(args.serve.lease_ttl_s));
     let lease_task = tokio::spawn(lease.run(store, Arc::new(Load(shared)), stop.clone()));
     if let Some(r) = ready {
