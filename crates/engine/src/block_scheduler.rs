@@ -107,18 +107,6 @@ impl BlockScheduler {
         !self.prefilling.is_empty() || (!self.waiting.is_empty() && self.can_admit_head())
     }
 
-    pub fn waiting(&self) -> usize {
-        self.waiting.len()
-    }
-
-    pub fn free_pages(&self) -> usize {
-        self.pool.free_pages()
-    }
-
-    pub fn config(&self) -> SchedulerConfig {
-        self.config
-    }
-
     /// Whether an iteration would do anything.
     pub fn has_work(&self) -> bool {
         !self.pending.is_empty() || !self.prefilling.is_empty() || (!self.waiting.is_empty() && self.can_admit_head())

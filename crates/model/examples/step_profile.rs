@@ -87,7 +87,7 @@ fn main() {
     let qkv = rnd(&[b, 3 * d]);
     let pass = step(&mut pool, &mut seqs);
     let t = median_ms(&device, || {
-        attend_paged(shape, &qkv, pool.layer(0), &pass, 16).unwrap();
+        attend_paged(shape, &qkv, pool.layer(0), &pass).unwrap();
     });
     let bytes = (b * (keys + 1) * 2 * d * dtype.size_in_bytes()) as f64;
     println!("| paged attention, one layer ({:.0} GB/s of KV) | {t:.3} |", bytes / t / 1e6);
@@ -153,7 +153,7 @@ fn main() {
     }
     let pass = plan(&mut ppool);
     let t = median_ms(&device, || {
-        attend_paged(shape, &pqkv, ppool.layer(0), &pass, 16).unwrap();
+        attend_paged(shape, &pqkv, ppool.layer(0), &pass).unwrap();
     });
     println!("| prefill paged attention, one layer | {t:.3} |");
 

@@ -126,8 +126,8 @@ impl Attention {
 
     /// Attention of a paged pass's new tokens `x` `[n, d]`: their keys and values
     /// go into `pool` (this layer's), then each attends over its row in place.
-    fn forward_paged(&self, x: &Tensor, shape: HeadShape, pool: &Tensor, pass: &PagedPass, page_size: usize) -> Result<Tensor> {
-        let out = attend_paged(shape, &fused::linear(&self.qkv, x, Epilogue::Bias)?, pool, pass, page_size)?;
+    fn forward_paged(&self, x: &Tensor, shape: HeadShape, pool: &Tensor, pass: &PagedPass) -> Result<Tensor> {
+        let out = attend_paged(shape, &fused::linear(&self.qkv, x, Epilogue::Bias)?, pool, pass)?;
         fused::linear(&self.dense, &out, Epilogue::Bias)
     }
 }
@@ -262,7 +262,7 @@ impl GptNeoX {
         let shape = self.head_shape();
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, |a, x| a.forward_paged(x, shape, pool.layer(i), pass, pool.page_size()))?;
+            h = layer.forward(&h, |a, x| a.forward_paged(x, shape, pool.layer(i), pass))?;
         }
         Ok(self.final_ln.forward(&h)?)
     }

@@ -76,7 +76,7 @@ fn check(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32
         let qkv: Vec<f32> = rounded.iter().zip(&starts).zip(&counts).flat_map(|((r, &s), &c)| r[s * width..(s + c) * width].to_vec()).collect();
         let n = qkv.len() / width;
         let qkv = Tensor::from_vec(qkv, (n, width), &device).unwrap().to_dtype(dtype).unwrap();
-        let out = attend_paged(shape, &qkv, pool.layer(0), &pass, page_size).unwrap();
+        let out = attend_paged(shape, &qkv, pool.layer(0), &pass).unwrap();
         let out: Vec<Vec<f32>> = out.to_dtype(DType::F32).unwrap().to_vec2().unwrap();
         let mut i = 0;
         for (r, (&s, &c)) in starts.iter().zip(&counts).enumerate() {

@@ -86,10 +86,10 @@ impl Engine {
     }
 }
 
-fn decode_batch(batcher: &mut TokenBatcher, m: &BlockTransformer, jobs: &[BlockJob]) -> Result<Vec<Vec<u32>>, ModelError> {
-    let contexts: Vec<&Embedding> = jobs.iter().map(|j| &j.context).collect();
+fn decode_batch(batcher: &mut TokenBatcher, m: &BlockTransformer, jobs: Vec<BlockJob>) -> Result<Vec<Vec<u32>>, ModelError> {
+    let (contexts, rows): (Vec<Embedding>, Vec<blockserve_engine::BlockJob>) = jobs.into_iter().map(|j| (j.context, j.job)).unzip();
+    let contexts: Vec<&Embedding> = contexts.iter().collect();
     let ctx = codec::decode_rows(&contexts, m.config.block_decoder.hidden_size, m.dtype(), m.device()).map_err(ModelError::Input)?;
-    let rows: Vec<blockserve_engine::BlockJob> = jobs.iter().map(|j| j.job.clone()).collect();
     batcher.decode(&ctx, &rows)
 }
 
@@ -150,9 +150,9 @@ fn run(
         if jobs.is_empty() {
             continue;
         }
-        let t = Instant::now();
-        let decoded = decode_batch(&mut batcher, m, &jobs);
-        busy.add(t.elapsed(), jobs.len());
+        let (t, rows) = (Instant::now(), jobs.len());
+        let decoded = decode_batch(&mut batcher, m, jobs);
+        busy.add(t.elapsed(), rows);
         match decoded {
             Ok(blocks) => {
                 for (b, r) in blocks.into_iter().zip(replies) {

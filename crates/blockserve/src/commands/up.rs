@@ -85,7 +85,13 @@ pub async fn run(args: Args) -> Result<()> {
         eprintln!("token decoder {i} at {}", addr.await?);
     }
     let (ready, addr) = oneshot::channel();
-    let router = blockserve_router::Args { serve: serve_args(args.listen), model: model.clone(), preset: None, max_new_tokens: args.max_new_tokens, session_ttl_s: 3600 };
+    let router = blockserve_router::Args {
+        serve: serve_args(args.listen),
+        model: model.clone(),
+        preset: None,
+        max_new_tokens: args.max_new_tokens,
+        session_ttl_s: 3600,
+    };
     tasks.spawn(blockserve_router::run(router, store, stop.clone(), Some(ready)));
     let endpoint = addr.await?;
     println!("blockserve is up: router at {endpoint} (model {})", model.display());

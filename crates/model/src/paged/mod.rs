@@ -85,6 +85,8 @@ pub struct PagedPass {
     /// Rows of the page tables, and the query groups after them.
     pub(crate) rows: usize,
     pub(crate) groups: usize,
+    /// Positions per page of the pool the pass was planned on.
+    pub(crate) page_size: usize,
     /// Largest query group (1 when every row adds one token).
     pub(crate) max_group: usize,
 }
@@ -209,6 +211,6 @@ impl KvPool {
             s.len += c;
         }
         let n = index.len();
-        Ok(PagedPass { index: Tensor::from_vec(index, n, device)?, tokens, max_pages, max_keys, rows: seqs.len(), groups, max_group })
+        Ok(PagedPass { index: Tensor::from_vec(index, n, device)?, tokens, max_pages, max_keys, rows: seqs.len(), groups, page_size: ps, max_group })
     }
 }

@@ -39,13 +39,13 @@ pub(crate) struct PagedAttention {
 
 /// `qkv` `[n, heads * 3 * head_dim]`: store keys/values in `pool` (one layer's
 /// pool tensor), then return the attention output `[n, heads * head_dim]`.
-pub fn attend_paged(shape: HeadShape, qkv: &Tensor, pool: &Tensor, pass: &PagedPass, page_size: usize) -> Result<Tensor> {
+pub fn attend_paged(shape: HeadShape, qkv: &Tensor, pool: &Tensor, pass: &PagedPass) -> Result<Tensor> {
     let qkv = qkv.contiguous()?;
     pool.inplace_op3(&qkv, &pass.index, &KvWrite { shape })?;
     let op = PagedAttention {
         shape,
         tokens: pass.tokens,
-        page_size,
+        page_size: pass.page_size,
         max_pages: pass.max_pages,
         max_keys: pass.max_keys,
         rows: pass.rows,
