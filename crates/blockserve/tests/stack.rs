@@ -173,7 +173,7 @@ async fn matches_engine(model: &Path) {
     let store = stack.store().await;
     let (l, d) = (bt.block_length(), bt.config.block_decoder.hidden_size);
     let (mut wire, mut generated) = (0u64, 0u64);
-    for (h, (prompt, params, want)) in handles.into_iter().zip(&cases) {
+    for (h, (prompt, _, want)) in handles.into_iter().zip(&cases) {
         let (id, tokens, finished) = h.await.unwrap().unwrap();
         assert_eq!(tokens, want.tokens);
         let want_reason = match want.finish_reason {
@@ -189,39 +189,20 @@ async fn matches_engine(model: &Path) {
         // Only the prompt, block ids and context embeddings cross between the tiers:
         // the byte count equals those messages' sizes, rebuilt here.
         let usage = finished.usage.unwrap();
-        let max_new = params.max_new_tokens.unwrap() as usize;
-        assert_eq!(usage.internal_wire_bytes, expected_wire_bytes(&id, prompt, &tokens, max_new, l, d));
+        assert_eq!(usage.internal_wire_bytes, expected_wire_bytes(prompt, &tokens, l, d));
         wire += usage.internal_wire_bytes;
         generated += tokens.len() as u64;
     }
     eprintln!("{}: {wire} bytes between tiers for {generated} generated tokens = {:.1} bytes/token", model.display(), wire as f64 / generated as f64);
 }
 
-/// Protobuf bytes of one session's block-decoder stream: the padded prompt up,
-/// every generated block but the last up (all its tokens are in the output), and
-/// one f32 context per decoded block down.
-fn expected_wire_bytes(id: &str, prompt: &[u32], tokens: &[u32], max_new_tokens: usize, l: usize, d: usize) -> u64 {
-    use prost::Message;
-    let pad = (l - prompt.len() % l) % l;
-    let mut ids = vec![0; pad];
-    ids.extend_from_slice(prompt);
-    let nb = (ids.len() / l) as u32;
-    let open =
-        BlockUp { kind: Some(block_up::Kind::Open(OpenBlocks { session_id: id.into(), prompt_ids: ids, max_new_blocks: max_new_tokens.div_ceil(l) as u32 })) };
-    let decoded = tokens.len().div_ceil(l) as u32;
-    let down: usize = (0..decoded)
-        .map(|k| {
-            let e = Embedding { data: vec![0; 4 * d], dtype: blockserve_proto::v1::DType::DtypeF32 as i32, dim: d as u32 };
-            ContextDown { block_index: nb - 1 + k, context: Some(e) }.encoded_len()
-        })
-        .sum();
-    let up: usize = (0..decoded.saturating_sub(1))
-        .map(|k| {
-            let block = tokens[k as usize * l..(k as usize + 1) * l].to_vec();
-            BlockUp { kind: Some(block_up::Kind::Block(Block { index: nb + k, token_ids: block })) }.encoded_len()
-        })
-        .sum();
-    (open.encoded_len() + down + up) as u64
+/// Payload bytes of one session on the link: the padded prompt up, every
+/// generated block but the last up (the session ends with it), 4 bytes per id,
+/// and one f32 context per decoded block down.
+fn expected_wire_bytes(prompt: &[u32], tokens: &[u32], l: usize, d: usize) -> u64 {
+    let padded = prompt.len().div_ceil(l) * l;
+    let decoded = tokens.len().div_ceil(l);
+    (4 * padded + decoded * 4 * d + decoded.saturating_sub(1) * 4 * l) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -365,14 +346,16 @@ async fn bad_input_gets_status_and_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancelled_and_disconnected_sessions_are_freed_everywhere() {
-    let stack = Stack::start(&fixture_model(), &[]).await;
+    // Sessions long enough (8000 tokens, near the model's 2048 blocks) to be
+    // running on every tier when they are cancelled.
+    let stack = Stack::start(&fixture_model(), &["--max-new-tokens", "8000"]).await;
     let store = stack.store().await;
     let mut streams = vec![];
     for i in 0..50u32 {
         let mut c = stack.client((i % 2) as usize).await;
         let req = GenerateRequest {
             session_id: format!("c{i}"),
-            ..ids_request(vec![1 + i, 2, 3], GenerationParameters { max_new_tokens: Some(1000), ignore_eos: true, ..Default::default() })
+            ..ids_request(vec![1 + i, 2, 3], GenerationParameters { max_new_tokens: Some(8000), ignore_eos: true, ..Default::default() })
         };
         let mut s = c.generate(req).await.unwrap().into_inner();
         // Wait for the first tokens: the session is running on every tier.

@@ -1,7 +1,9 @@
-//! Context embeddings on the wire: raw little-endian bytes plus dtype and
-//! dimension, checked on receipt.
+//! Context embeddings on the wire: a row-major matrix of raw little-endian
+//! bytes plus dtype, dimension and row count, checked on receipt. One pass's
+//! contexts travel as one matrix, with one device-to-host copy to build it and
+//! one host-to-device copy to use it.
 
-use blockserve_proto::v1::{DType as WireDType, Embedding};
+use blockserve_proto::v1::{DType as WireDType, Embeddings};
 use candle_core::{DType, Device, Tensor};
 
 fn wire_dtype(d: DType) -> Result<WireDType, String> {
@@ -13,60 +15,89 @@ fn wire_dtype(d: DType) -> Result<WireDType, String> {
     })
 }
 
-/// Every row of `rows` `[k, dim]` in wire form, with one device-to-host copy.
-pub fn encode_rows(rows: &Tensor) -> Result<Vec<Embedding>, String> {
+/// `rows` `[k, dim]` in wire form.
+pub fn encode(rows: &Tensor) -> Result<Embeddings, String> {
     let (k, dim) = rows.dims2().map_err(|e| e.to_string())?;
     let dtype = wire_dtype(rows.dtype())?;
-    let host = rows.to_device(&Device::Cpu).map_err(|e| e.to_string())?;
-    let bytes: Vec<u8> = match rows.dtype() {
-        DType::F32 => host.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DType::BF16 => host.flatten_all().and_then(|t| t.to_vec1::<half::bf16>()).map_err(|e| e.to_string())?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DType::F16 => host.flatten_all().and_then(|t| t.to_vec1::<half::f16>()).map_err(|e| e.to_string())?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    let flat = rows.flatten_all().and_then(|t| t.to_device(&Device::Cpu)).map_err(|e| e.to_string())?;
+    let err = |e: candle_core::Error| e.to_string();
+    // The wire is little-endian, as are the hosts we build for.
+    let data: Vec<u8> = match rows.dtype() {
+        DType::F32 => bytemuck::cast_slice(&flat.to_vec1::<f32>().map_err(err)?).to_vec(),
+        DType::BF16 => bytemuck::cast_slice(&flat.to_vec1::<half::bf16>().map_err(err)?).to_vec(),
+        DType::F16 => bytemuck::cast_slice(&flat.to_vec1::<half::f16>().map_err(err)?).to_vec(),
         _ => unreachable!("checked by wire_dtype"),
     };
-    let row = bytes.len() / k.max(1);
-    Ok(bytes.chunks(row.max(1)).take(k).map(|c| Embedding { data: c.to_vec(), dtype: dtype as i32, dim: dim as u32 }).collect())
+    Ok(Embeddings { data, dtype: dtype as i32, dim: dim as u32, rows: k as u32 })
 }
 
-/// Check one embedding's dtype, dimension and byte count; returns its dtype.
-pub fn check(e: &Embedding, dim: usize) -> Result<DType, String> {
+/// Check a matrix's dtype, dimension and byte count; returns its dtype.
+pub fn check(e: &Embeddings, dim: usize) -> Result<DType, String> {
     if e.dim as usize != dim {
-        return Err(format!("context embedding has dim {}, this model expects {dim}", e.dim));
+        return Err(format!("context embeddings have dim {}, this model expects {dim}", e.dim));
     }
-    let (elem, dtype) = match WireDType::try_from(e.dtype) {
-        Ok(WireDType::DtypeF32) => (4, DType::F32),
-        Ok(WireDType::DtypeBf16) => (2, DType::BF16),
-        Ok(WireDType::DtypeF16) => (2, DType::F16),
-        _ => return Err(format!("context embedding has unknown dtype {}", e.dtype)),
+    let dtype = match WireDType::try_from(e.dtype) {
+        Ok(WireDType::DtypeF32) => DType::F32,
+        Ok(WireDType::DtypeBf16) => DType::BF16,
+        Ok(WireDType::DtypeF16) => DType::F16,
+        _ => return Err(format!("context embeddings have unknown dtype {}", e.dtype)),
     };
-    if e.data.len() != dim * elem {
-        return Err(format!("context embedding has {} bytes, {dim} x {dtype:?} needs {}", e.data.len(), dim * elem));
+    let want = e.rows as usize * dim * dtype.size_in_bytes();
+    if e.data.len() != want {
+        return Err(format!("context embeddings have {} bytes, {} rows of {dim} x {dtype:?} need {want}", e.data.len(), e.rows));
     }
     Ok(dtype)
 }
 
-/// Checked embeddings of one dtype -> `[k, dim]` in `want` on `device`, with one
-/// host-to-device copy.
-pub fn decode_rows(es: &[&Embedding], dim: usize, want: DType, device: &Device) -> Result<Tensor, String> {
-    let Some(first) = es.first() else {
-        return Err("no context embeddings".into());
-    };
-    let dtype = check(first, dim)?;
-    let mut bytes = Vec::with_capacity(es.len() * first.data.len());
-    for e in es {
-        if check(e, dim)? != dtype {
-            return Err("context embeddings of one batch have different dtypes".into());
-        }
-        bytes.extend_from_slice(&e.data);
+/// Bytes of one row of a checked matrix.
+pub fn row_bytes(e: &Embeddings) -> usize {
+    e.data.len() / (e.rows as usize).max(1)
+}
+
+/// The rows `pick` of a checked matrix, in that order.
+pub fn select(e: &Embeddings, pick: &[usize]) -> Embeddings {
+    let n = row_bytes(e);
+    let mut data = Vec::with_capacity(pick.len() * n);
+    for &r in pick {
+        data.extend_from_slice(&e.data[r * n..(r + 1) * n]);
     }
-    let t = Tensor::from_raw_buffer(&bytes, dtype, &[es.len(), dim], &Device::Cpu).map_err(|e| e.to_string())?;
+    Embeddings { data, dtype: e.dtype, dim: e.dim, rows: pick.len() as u32 }
+}
+
+/// A checked matrix -> `[rows, dim]` in `want` on `device`.
+pub fn decode(e: &Embeddings, dim: usize, want: DType, device: &Device) -> Result<Tensor, String> {
+    let dtype = check(e, dim)?;
+    let t = Tensor::from_raw_buffer(&e.data, dtype, &[e.rows as usize, dim], &Device::Cpu).map_err(|e| e.to_string())?;
     t.to_dtype(want).and_then(|t| t.to_device(device)).map_err(|e| e.to_string())
 }
 
-/// Wire form -> `[dim]` tensor in `want` dtype on `device`, after checking that
-/// the dimension and the byte count are what this model expects.
-pub fn decode(e: &Embedding, dim: usize, want: DType, device: &Device) -> Result<Tensor, String> {
-    let dtype = check(e, dim)?;
-    let t = Tensor::from_raw_buffer(&e.data, dtype, &[dim], &Device::Cpu).map_err(|e| e.to_string())?;
-    t.to_dtype(want).and_then(|t| t.to_device(device)).map_err(|e| e.to_string())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_select() {
+        let t = Tensor::from_vec((0..12).map(|x| x as f32).collect::<Vec<_>>(), (3, 4), &Device::Cpu).unwrap();
+        let e = encode(&t).unwrap();
+        assert_eq!((e.rows, e.dim, e.data.len()), (3, 4, 48));
+        let back = decode(&e, 4, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
+        let picked = decode(&select(&e, &[2, 0]), 4, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(picked.to_vec2::<f32>().unwrap(), vec![vec![8., 9., 10., 11.], vec![0., 1., 2., 3.]]);
+        let bf = encode(&t.to_dtype(DType::BF16).unwrap()).unwrap();
+        assert_eq!(bf.data.len(), 24);
+        assert_eq!(decode(&bf, 4, DType::F32, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn bad_matrices_name_the_problem() {
+        let t = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+        let mut e = encode(&t).unwrap();
+        assert_eq!(check(&e, 5).unwrap_err(), "context embeddings have dim 4, this model expects 5");
+        e.rows = 3;
+        assert_eq!(check(&e, 4).unwrap_err(), "context embeddings have 32 bytes, 3 rows of 4 x F32 need 48");
+        e.rows = 2;
+        e.dtype = 9;
+        assert_eq!(check(&e, 4).unwrap_err(), "context embeddings have unknown dtype 9");
+    }
 }

@@ -7,6 +7,7 @@ use tonic::Status;
 pub fn from_model(e: ModelError) -> Status {
     match e {
         ModelError::Input(m) => Status::invalid_argument(m),
+        ModelError::Capacity(m) => Status::resource_exhausted(m),
         other => Status::internal(other.to_string()),
     }
 }

@@ -1,8 +1,8 @@
 //! The block decoder's model thread: it owns the [`BlockScheduler`] (paged KV
 //! pool, admission, chunked prefill) and runs one scheduler iteration after
-//! another while there is work. Async handlers talk to it through a queue; each
-//! waits for its session's next context, which comes back already in wire
-//! form (one device-to-host copy per iteration, not per session).
+//! another while there is work. Link handlers hand it batches of opens, blocks
+//! and closes; after each pass it sends every link one message with the
+//! contexts of its sessions (one device-to-host copy per pass).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -11,17 +11,33 @@ use std::time::{Duration, Instant};
 
 use blockserve_engine::{BlockScheduler, SchedulerConfig};
 use blockserve_model::{BlockTransformer, ModelError};
-use blockserve_proto::v1::Embedding;
-use blockserve_runtime::codec;
+use blockserve_proto::v1::{Embeddings, LinkDown, SessionError};
+use blockserve_runtime::{codec, status};
 use tokio::sync::{mpsc, oneshot};
 
-type Reply = oneshot::Sender<Result<Embedding, ModelError>>;
+/// A token decoder's link; its sessions' keys are its own.
+pub type LinkId = u64;
+
+/// A checked `open`.
+pub struct Open {
+    pub key: u64,
+    pub ids: Vec<u32>,
+    pub max_new_blocks: usize,
+}
+
+/// One link message's checked work.
+#[derive(Default)]
+pub struct Up {
+    pub opens: Vec<Open>,
+    pub blocks: Vec<(u64, Vec<u32>)>,
+    pub closes: Vec<u64>,
+}
 
 enum Command {
-    Open { key: u64, ids: Vec<u32>, max_new_blocks: usize, reply: Reply },
-    Step { key: u64, block: Vec<u32>, reply: Reply },
-    Close { key: u64 },
-    Contexts { ids: Vec<u32>, reply: oneshot::Sender<Result<Vec<Embedding>, ModelError>> },
+    Attach { link: LinkId, down: mpsc::UnboundedSender<LinkDown> },
+    Up { link: LinkId, up: Up },
+    Detach { link: LinkId },
+    Contexts { ids: Vec<u32>, reply: oneshot::Sender<Result<Embeddings, ModelError>> },
 }
 
 /// Handle to the model thread; cheap to clone.
@@ -38,6 +54,11 @@ fn stopped() -> ModelError {
     ModelError::Input("block decoder engine stopped".into())
 }
 
+/// A session's failure in wire form.
+pub fn session_error(key: u64, st: &tonic::Status) -> SessionError {
+    SessionError { key, code: st.code() as i32, message: st.message().to_string() }
+}
+
 impl Engine {
     /// Start the model thread. Decode blocks wait up to `max_wait` for more to
     /// join their pass (see `ready`).
@@ -48,7 +69,10 @@ impl Engine {
         let active = Arc::new(AtomicU32::new(0));
         let queued = Arc::new(AtomicU32::new(0));
         let (a, q) = (active.clone(), queued.clone());
-        std::thread::Builder::new().name("block-decoder-engine".into()).spawn(move || run(sched, rx, a, q, max_wait)).expect("spawn engine thread");
+        std::thread::Builder::new()
+            .name("block-decoder-engine".into())
+            .spawn(move || Thread { sched, links: Links::default(), active: a, queued: q, max_wait }.run(rx))
+            .expect("spawn engine thread");
         Ok(Self { tx, active, queued })
     }
 
@@ -57,34 +81,66 @@ impl Engine {
         self.tx.send(c).map_err(|_| stopped())
     }
 
-    async fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<Embedding, ModelError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(make(reply))?;
-        rx.await.map_err(|_| stopped())?
+    /// Start sending contexts of `link`'s sessions to `down`.
+    pub fn attach(&self, link: LinkId, down: mpsc::UnboundedSender<LinkDown>) -> Result<(), ModelError> {
+        self.send(Command::Attach { link, down })
     }
 
-    /// Queue a session's padded prompt; resolves with the last prompt block's
-    /// context once the session was admitted and prefilled.
-    pub async fn open(&self, key: u64, ids: Vec<u32>, max_new_blocks: usize) -> Result<Embedding, ModelError> {
-        self.call(|reply| Command::Open { key, ids, max_new_blocks, reply }).await
+    /// Apply one link message's checked work.
+    pub fn up(&self, link: LinkId, up: Up) -> Result<(), ModelError> {
+        self.send(Command::Up { link, up })
     }
 
-    /// Append one block; resolves with its context.
-    pub async fn step(&self, key: u64, block: Vec<u32>) -> Result<Embedding, ModelError> {
-        self.call(|reply| Command::Step { key, block, reply }).await
+    /// The link is gone: free all of its sessions.
+    pub fn detach(&self, link: LinkId) {
+        let _ = self.send(Command::Detach { link });
     }
 
     /// Contexts of every block of whole-block ids, no session kept.
-    pub async fn contexts(&self, ids: Vec<u32>) -> Result<Vec<Embedding>, ModelError> {
+    pub async fn contexts(&self, ids: Vec<u32>) -> Result<Embeddings, ModelError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Contexts { ids, reply })?;
         rx.await.map_err(|_| stopped())?
     }
+}
 
-    /// End a session and free its pages (idempotent).
-    pub fn close(&self, key: u64) {
-        let _ = self.send(Command::Close { key });
+/// Which link and key each scheduler session belongs to, and the way back.
+#[derive(Default)]
+struct Links {
+    down: HashMap<LinkId, mpsc::UnboundedSender<LinkDown>>,
+    owner: HashMap<u64, (LinkId, u64)>,
+    session: HashMap<(LinkId, u64), u64>,
+    next: u64,
+    /// Failures to report, per link, sent after the commands are applied.
+    errors: HashMap<LinkId, Vec<SessionError>>,
+}
+
+impl Links {
+    fn fail(&mut self, link: LinkId, key: u64, st: tonic::Status) {
+        self.errors.entry(link).or_default().push(session_error(key, &st));
     }
+
+    fn remove(&mut self, link: LinkId, key: u64) -> Option<u64> {
+        let s = self.session.remove(&(link, key))?;
+        self.owner.remove(&s);
+        Some(s)
+    }
+
+    fn flush_errors(&mut self) {
+        for (link, errors) in self.errors.drain() {
+            if let Some(d) = self.down.get(&link) {
+                let _ = d.send(LinkDown { errors, ..Default::default() });
+            }
+        }
+    }
+}
+
+struct Thread {
+    sched: BlockScheduler,
+    links: Links,
+    active: Arc<AtomicU32>,
+    queued: Arc<AtomicU32>,
+    max_wait: Duration,
 }
 
 /// Whether to run a pass now: prompt work never waits; decode blocks wait
@@ -95,85 +151,128 @@ fn ready(sched: &BlockScheduler, waited: Duration, max_wait: Duration) -> bool {
     sched.has_prefill() || (sched.pending_blocks() > 0 && (2 * sched.pending_blocks() >= sched.decoding() || waited >= max_wait))
 }
 
-fn run(mut sched: BlockScheduler, mut rx: mpsc::UnboundedReceiver<Command>, active: Arc<AtomicU32>, queued: Arc<AtomicU32>, max_wait: Duration) {
-    let mut replies: HashMap<u64, Reply> = HashMap::new();
-    let mut busy = blockserve_runtime::busy::Busy::new("block-decoder");
-    loop {
-        // Block for commands only when there is nothing to compute.
-        let mut cmds = vec![];
-        if !sched.has_work() {
-            match rx.blocking_recv() {
-                Some(c) => cmds.push(c),
-                None => return,
+impl Thread {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        let mut busy = blockserve_runtime::busy::Busy::new("block-decoder");
+        loop {
+            // Block for commands only when there is nothing to compute.
+            if !self.sched.has_work() {
+                match rx.blocking_recv() {
+                    Some(c) => self.apply(vec![c]),
+                    None => return,
+                }
             }
+            self.drain(&mut rx);
+            let started = Instant::now();
+            while !ready(&self.sched, started.elapsed(), self.max_wait) && self.sched.has_work() {
+                std::thread::sleep(Duration::from_micros(50));
+                self.drain(&mut rx);
+            }
+            if self.sched.has_work() {
+                let t = Instant::now();
+                let rows = self.pass();
+                busy.add(t.elapsed(), rows);
+            }
+            self.active.store(self.sched.sessions() as u32, Ordering::Relaxed);
         }
-        while let Ok(c) = rx.try_recv() {
-            cmds.push(c);
-        }
-        queued.fetch_sub(cmds.len() as u32, Ordering::Relaxed);
-        apply(&mut sched, &mut replies, cmds);
-        let started = Instant::now();
-        while !ready(&sched, started.elapsed(), max_wait) && sched.has_work() {
-            std::thread::sleep(Duration::from_micros(50));
-            let cmds: Vec<Command> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
-            queued.fetch_sub(cmds.len() as u32, Ordering::Relaxed);
-            apply(&mut sched, &mut replies, cmds);
-        }
-        let t = Instant::now();
-        if sched.has_work() {
-            let mut pass_rows = 0;
-            match sched.iterate().and_then(|out| out.map(|c| codec::encode_rows(&c.tensor).map(|e| (c.rows, e)).map_err(ModelError::Input)).transpose()) {
-                Ok(Some((rows, embeddings))) => {
-                    pass_rows = rows.len();
-                    for ((key, _), e) in rows.into_iter().zip(embeddings) {
-                        if let Some(r) = replies.remove(&key) {
-                            let _ = r.send(Ok(e));
+    }
+
+    fn drain(&mut self, rx: &mut mpsc::UnboundedReceiver<Command>) {
+        let cmds: Vec<Command> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        self.apply(cmds);
+    }
+
+    /// Apply queued commands to the scheduler.
+    fn apply(&mut self, cmds: Vec<Command>) {
+        self.queued.fetch_sub(cmds.len() as u32, Ordering::Relaxed);
+        for c in cmds {
+            match c {
+                Command::Attach { link, down } => {
+                    self.links.down.insert(link, down);
+                }
+                Command::Up { link, up } => self.apply_up(link, up),
+                Command::Detach { link } => {
+                    let keys: Vec<u64> = self.links.session.keys().filter(|(l, _)| *l == link).map(|(_, k)| *k).collect();
+                    for key in keys {
+                        if let Some(s) = self.links.remove(link, key) {
+                            self.sched.close(s);
                         }
                     }
+                    self.links.down.remove(&link);
+                    self.links.errors.remove(&link);
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    // A failed pass fails every session waiting on it.
-                    tracing::error!(error = %e, "block decoder pass failed");
-                    for (key, r) in replies.drain() {
-                        sched.close(key);
-                        let _ = r.send(Err(ModelError::Input(format!("block decoder pass failed: {e}"))));
+                Command::Contexts { ids, reply } => {
+                    let r = self.sched.contexts(&ids).and_then(|t| codec::encode(&t).map_err(ModelError::Input));
+                    let _ = reply.send(r);
+                }
+            }
+        }
+        self.links.flush_errors();
+    }
+
+    fn apply_up(&mut self, link: LinkId, up: Up) {
+        let links = &mut self.links;
+        for o in up.opens {
+            let s = links.next;
+            links.next += 1;
+            match self.sched.submit(s, o.ids, o.max_new_blocks) {
+                Ok(()) => {
+                    links.session.insert((link, o.key), s);
+                    links.owner.insert(s, (link, o.key));
+                }
+                Err(e) => links.fail(link, o.key, status::from_model(e)),
+            }
+        }
+        for (key, block) in up.blocks {
+            // A session the engine already ended (its error is on the way) is skipped.
+            let Some(&s) = links.session.get(&(link, key)) else { continue };
+            if let Err(e) = self.sched.push_block(s, block) {
+                links.remove(link, key);
+                self.sched.close(s);
+                links.fail(link, key, status::from_model(e));
+            }
+        }
+        for key in up.closes {
+            if let Some(s) = links.remove(link, key) {
+                self.sched.close(s);
+            }
+        }
+    }
+
+    /// One scheduler iteration; each link gets the contexts of its sessions.
+    /// Returns the rows computed.
+    fn pass(&mut self) -> usize {
+        let out = self.sched.iterate().and_then(|out| out.map(|c| codec::encode(&c.tensor).map(|e| (c.rows, e)).map_err(ModelError::Input)).transpose());
+        match out {
+            Ok(Some((rows, contexts))) => {
+                let mut per_link: HashMap<LinkId, (Vec<u64>, Vec<u32>, Vec<usize>)> = HashMap::new();
+                for (i, (s, block)) in rows.iter().enumerate() {
+                    if let Some(&(link, key)) = self.links.owner.get(s) {
+                        let e = per_link.entry(link).or_default();
+                        e.0.push(key);
+                        e.1.push(*block);
+                        e.2.push(i);
                     }
                 }
+                for (link, (keys, block_indices, pick)) in per_link {
+                    if let Some(d) = self.links.down.get(&link) {
+                        let _ = d.send(LinkDown { keys, block_indices, contexts: Some(codec::select(&contexts, &pick)), errors: vec![] });
+                    }
+                }
+                rows.len()
             }
-            busy.add(t.elapsed(), pass_rows);
-        }
-        active.store(sched.sessions() as u32, Ordering::Relaxed);
-    }
-}
-
-/// Apply queued commands to the scheduler.
-fn apply(sched: &mut BlockScheduler, replies: &mut HashMap<u64, Reply>, cmds: Vec<Command>) {
-    for c in cmds {
-        match c {
-            Command::Close { key } => {
-                sched.close(key);
-                replies.remove(&key);
-            }
-            Command::Open { key, ids, max_new_blocks, reply } => match sched.submit(key, ids, max_new_blocks) {
-                Ok(()) => {
-                    replies.insert(key, reply);
+            Ok(None) => 0,
+            Err(e) => {
+                // A failed pass fails every session: their caches may be half written.
+                tracing::error!(error = %e, "block decoder pass failed");
+                let st = tonic::Status::internal(format!("block decoder pass failed: {e}"));
+                for (s, (link, key)) in std::mem::take(&mut self.links.owner) {
+                    self.sched.close(s);
+                    self.links.fail(link, key, st.clone());
                 }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
-            Command::Step { key, block, reply } => match sched.push_block(key, block) {
-                Ok(()) => {
-                    replies.insert(key, reply);
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
-            Command::Contexts { ids, reply } => {
-                let r = sched.contexts(&ids).and_then(|t| codec::encode_rows(&t).map_err(ModelError::Input));
-                let _ = reply.send(r);
+                self.links.session.clear();
+                self.links.flush_errors();
+                0
             }
         }
     }

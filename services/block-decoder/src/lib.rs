@@ -24,7 +24,7 @@ pub struct Args {
     pub serve: ServeArgs,
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Most sessions (open streams) held at once; more get RESOURCE_EXHAUSTED.
+    /// Most sessions held at once (over all links); more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "BLOCKSERVE_MAX_SESSIONS", default_value_t = 1024)]
     pub max_sessions: u32,
     /// Memory for the block-level KV cache, in MiB; sessions are admitted while it
@@ -63,7 +63,14 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     tracing::info!(%address, "block decoder listening");
     let service = service::BlockDecoderService::new(engine.clone(), model, args.max_sessions);
-    let router = tonic::transport::Server::builder().add_service(BlockDecoderServer::new(service));
+    // Link messages carry a pass's contexts for thousands of sessions (or their
+    // prompts): large windows and no 4 MiB message limit.
+    let server = BlockDecoderServer::new(service).max_decoding_message_size(usize::MAX);
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(blockserve_runtime::LINK_STREAM_WINDOW)
+        .initial_connection_window_size(blockserve_runtime::LINK_CONNECTION_WINDOW)
+        .add_service(server);
     let lease = Lease::new(Tier::BlockDecoder, address.clone(), Duration::from_secs(args.serve.lease_ttl_s));
     let lease_task = tokio::spawn(lease.run(store, Arc::new(Load(engine, args.max_sessions)), stop.clone()));
     if let Some(r) = ready {

@@ -1,36 +1,35 @@
-//! The `BlockDecoder` gRPC service: one bidirectional stream per session.
+//! The `BlockDecoder` gRPC service: one link stream per token decoder. The
+//! link handler checks every open, block and close against what the link has
+//! open and hands the checked work to the engine in one piece per message;
+//! what fails a check goes straight back as that session's error.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use blockserve_model::BlockTransformer;
 use blockserve_proto::v1::block_decoder_server::BlockDecoder;
-use blockserve_proto::v1::{block_up, BlockUp, ContextDown, ContextsRequest, ContextsResponse};
+use blockserve_proto::v1::{ContextsRequest, ContextsResponse, LinkDown, LinkUp, OpenBlocks, SessionError};
 use blockserve_runtime::status;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::Engine;
+use crate::engine::{session_error, Engine, LinkId, Open, Up};
 
 pub struct BlockDecoderService {
     pub engine: Engine,
     pub model: Arc<BlockTransformer>,
     pub max_sessions: u32,
-    next_key: AtomicU64,
+    /// Sessions open on all links.
+    open: Arc<AtomicU32>,
+    next_link: AtomicU64,
 }
 
 impl BlockDecoderService {
     pub fn new(engine: Engine, model: Arc<BlockTransformer>, max_sessions: u32) -> Self {
-        Self { engine, model, max_sessions, next_key: AtomicU64::new(1) }
-    }
-}
-
-/// Frees the session's cache however the stream ends.
-struct CloseOnDrop(Engine, u64);
-impl Drop for CloseOnDrop {
-    fn drop(&mut self) {
-        self.0.close(self.1);
+        Self { engine, model, max_sessions, open: Arc::new(AtomicU32::new(0)), next_link: AtomicU64::new(1) }
     }
 }
 
@@ -41,83 +40,150 @@ fn check_ids(ids: &[u32], vocab: usize, field: &str) -> Result<(), Status> {
     }
 }
 
-fn context_msg(index: u32, e: blockserve_proto::v1::Embedding) -> ContextDown {
-    ContextDown { block_index: index, context: Some(e) }
+/// What one link has open: the index each session's next block must carry.
+struct LinkState {
+    model: Arc<BlockTransformer>,
+    next: HashMap<u64, u32>,
+    open: Arc<AtomicU32>,
+    max_sessions: u32,
 }
 
-/// Serve one session stream: `open`, then blocks, one context back for each.
-async fn session(
-    engine: Engine,
-    model: Arc<BlockTransformer>,
-    key: u64,
-    mut inbound: Streaming<BlockUp>,
-    tx: mpsc::Sender<Result<ContextDown, Status>>,
-) -> Result<(), Status> {
-    let _close = CloseOnDrop(engine.clone(), key);
-    let l = model.block_length();
-    let vocab = model.config.vocab_size;
-    let max_blocks = model.block_decoder.max_blocks();
-    let open = match inbound.message().await? {
-        Some(BlockUp { kind: Some(block_up::Kind::Open(o)) }) => o,
-        _ => return Err(Status::invalid_argument("the first message of a Decode stream must be `open`")),
-    };
-    if open.prompt_ids.is_empty() || open.prompt_ids.len() % l != 0 {
-        return Err(Status::invalid_argument(format!("open.prompt_ids: {} ids is not a positive whole number of {l}-token blocks", open.prompt_ids.len())));
-    }
-    check_ids(&open.prompt_ids, vocab, "open.prompt_ids")?;
-    let mut next = (open.prompt_ids.len() / l) as u32;
-    if next as usize > max_blocks {
-        return Err(Status::invalid_argument(format!("open.prompt_ids: {next} blocks exceed the limit of {max_blocks}")));
-    }
-    let ctx = engine.open(key, open.prompt_ids, open.max_new_blocks as usize).await.map_err(status::from_model)?;
-    tx.send(Ok(context_msg(next - 1, ctx))).await.map_err(|_| Status::cancelled("receiver gone"))?;
-    loop {
-        let msg = tokio::select! {
-            m = inbound.message() => m?,
-            _ = tx.closed() => return Ok(()),
-        };
-        let block = match msg {
-            None => return Ok(()),
-            Some(BlockUp { kind: Some(block_up::Kind::Block(b)) }) => b,
-            Some(_) => return Err(Status::invalid_argument("only `block` messages may follow `open`")),
-        };
-        if block.index != next {
-            return Err(Status::invalid_argument(format!("block.index is {}, expected {next}", block.index)));
+impl LinkState {
+    fn check_open(&self, o: &OpenBlocks) -> Result<u32, Status> {
+        let l = self.model.block_length();
+        if self.next.contains_key(&o.key) {
+            return Err(Status::already_exists(format!("opens.key {} is already open on this link", o.key)));
         }
-        if block.token_ids.len() != l {
-            return Err(Status::invalid_argument(format!("block.token_ids has {} ids, a block holds {l}", block.token_ids.len())));
+        if o.prompt_ids.is_empty() || o.prompt_ids.len() % l != 0 {
+            return Err(Status::invalid_argument(format!("opens.prompt_ids: {} ids is not a positive whole number of {l}-token blocks", o.prompt_ids.len())));
         }
-        check_ids(&block.token_ids, vocab, "block.token_ids")?;
+        check_ids(&o.prompt_ids, self.model.config.vocab_size, "opens.prompt_ids")?;
+        let blocks = o.prompt_ids.len() / l;
+        let max_blocks = self.model.block_decoder.max_blocks();
+        if blocks > max_blocks {
+            return Err(Status::invalid_argument(format!("opens.prompt_ids: {blocks} blocks exceed the limit of {max_blocks}")));
+        }
+        if self.open.load(Ordering::Relaxed) >= self.max_sessions {
+            return Err(Status::resource_exhausted(format!("block decoder is at its limit of {} sessions", self.max_sessions)));
+        }
+        Ok(blocks as u32)
+    }
+
+    fn check_block(&self, key: u64, index: u32, ids: &[u32]) -> Result<(), Status> {
+        let Some(&next) = self.next.get(&key) else {
+            return Err(Status::not_found(format!("blocks.keys: session key {key} is not open on this link")));
+        };
+        if index != next {
+            return Err(Status::invalid_argument(format!("blocks.indices: block index is {index}, expected {next}")));
+        }
+        check_ids(ids, self.model.config.vocab_size, "blocks.token_ids")?;
+        let max_blocks = self.model.block_decoder.max_blocks();
         if next as usize >= max_blocks {
             return Err(Status::out_of_range(format!("session reached the limit of {max_blocks} blocks")));
         }
-        let ctx = engine.step(key, block.token_ids).await.map_err(status::from_model)?;
-        if tx.send(Ok(context_msg(next, ctx))).await.is_err() {
-            return Ok(());
+        Ok(())
+    }
+
+    fn forget(&mut self, key: u64) -> bool {
+        let had = self.next.remove(&key).is_some();
+        if had {
+            self.open.fetch_sub(1, Ordering::Relaxed);
         }
-        next += 1;
+        had
+    }
+
+    /// Check one message: the work to do, and the failures to report (whose
+    /// sessions are closed as part of the work).
+    fn check(&mut self, msg: LinkUp) -> (Up, Vec<SessionError>) {
+        let l = self.model.block_length();
+        let (mut up, mut errors) = (Up::default(), vec![]);
+        for o in msg.opens {
+            match self.check_open(&o) {
+                Ok(blocks) => {
+                    self.next.insert(o.key, blocks);
+                    self.open.fetch_add(1, Ordering::Relaxed);
+                    up.opens.push(Open { key: o.key, ids: o.prompt_ids, max_new_blocks: o.max_new_blocks as usize });
+                }
+                Err(st) => errors.push(session_error(o.key, &st)),
+            }
+        }
+        let b = msg.blocks.unwrap_or_default();
+        let shape_ok = b.indices.len() == b.keys.len() && b.token_ids.len() == b.keys.len() * l;
+        for (i, &key) in b.keys.iter().enumerate() {
+            let checked = if shape_ok {
+                self.check_block(key, b.indices[i], &b.token_ids[i * l..(i + 1) * l])
+            } else {
+                Err(Status::invalid_argument(format!(
+                    "blocks: {} keys need as many indices and {} token_ids ({l} per block); got {} and {}",
+                    b.keys.len(),
+                    b.keys.len() * l,
+                    b.indices.len(),
+                    b.token_ids.len()
+                )))
+            };
+            match checked {
+                Ok(()) => {
+                    *self.next.get_mut(&key).expect("checked") += 1;
+                    up.blocks.push((key, b.token_ids[i * l..(i + 1) * l].to_vec()));
+                }
+                Err(st) => {
+                    if self.forget(key) {
+                        up.closes.push(key);
+                    }
+                    errors.push(session_error(key, &st));
+                }
+            }
+        }
+        for key in msg.closes {
+            if self.forget(key) {
+                up.closes.push(key);
+            }
+        }
+        (up, errors)
     }
 }
 
+/// Serve one link until the token decoder closes it; then free what it left open.
+async fn serve_link(engine: Engine, mut state: LinkState, link: LinkId, mut inbound: Streaming<LinkUp>, down: mpsc::UnboundedSender<LinkDown>) {
+    loop {
+        let msg = tokio::select! {
+            m = inbound.message() => m,
+            _ = down.closed() => break,
+        };
+        let msg = match msg {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(st) => {
+                tracing::debug!(link, error = %st, "link stream ended");
+                break;
+            }
+        };
+        let (up, errors) = state.check(msg);
+        if !errors.is_empty() {
+            let _ = down.send(LinkDown { errors, ..Default::default() });
+        }
+        if engine.up(link, up).is_err() {
+            break;
+        }
+    }
+    state.open.fetch_sub(state.next.len() as u32, Ordering::Relaxed);
+    engine.detach(link);
+}
+
+type LinkStream = tokio_stream::adapters::Map<UnboundedReceiverStream<LinkDown>, fn(LinkDown) -> Result<LinkDown, Status>>;
+
 #[tonic::async_trait]
 impl BlockDecoder for BlockDecoderService {
-    type DecodeStream = ReceiverStream<Result<ContextDown, Status>>;
+    type LinkStream = LinkStream;
 
-    async fn decode(&self, req: Request<Streaming<BlockUp>>) -> Result<Response<Self::DecodeStream>, Status> {
-        let active = self.engine.active.load(Ordering::Relaxed) + self.engine.queued.load(Ordering::Relaxed);
-        if active >= self.max_sessions {
-            return Err(Status::resource_exhausted(format!("block decoder is at its limit of {} sessions", self.max_sessions)));
-        }
-        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(4);
-        let (engine, model) = (self.engine.clone(), self.model.clone());
-        let inbound = req.into_inner();
-        tokio::spawn(async move {
-            if let Err(st) = session(engine, model, key, inbound, tx.clone()).await {
-                let _ = tx.send(Err(st)).await;
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+    async fn link(&self, req: Request<Streaming<LinkUp>>) -> Result<Response<Self::LinkStream>, Status> {
+        let link = self.next_link.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.engine.attach(link, tx.clone()).map_err(status::from_model)?;
+        let state = LinkState { model: self.model.clone(), next: HashMap::new(), open: self.open.clone(), max_sessions: self.max_sessions };
+        tokio::spawn(serve_link(self.engine.clone(), state, link, req.into_inner(), tx));
+        let ok: fn(LinkDown) -> Result<LinkDown, Status> = Ok;
+        Ok(Response::new(UnboundedReceiverStream::new(rx).map(ok)))
     }
 
     async fn contexts(&self, req: Request<ContextsRequest>) -> Result<Response<ContextsResponse>, Status> {
@@ -128,6 +194,6 @@ impl BlockDecoder for BlockDecoderService {
         }
         check_ids(&ids, self.model.config.vocab_size, "token_ids")?;
         let contexts = self.engine.contexts(ids).await.map_err(status::from_model)?;
-        Ok(Response::new(ContextsResponse { contexts }))
+        Ok(Response::new(ContextsResponse { contexts: Some(contexts) }))
     }
 }

@@ -1,28 +1,69 @@
-//! The token decoder's model thread: every session whose context embedding has
-//! arrived is decoded together by the engine's [`TokenBatcher`] (block-
-//! synchronous, fixed-size batches over one preallocated local cache), each row
-//! with its own sampling. The contexts of a batch reach the device in one copy.
+//! The token decoder's model thread. It holds every running session's decoding
+//! state (sampling, stop criteria, tokens so far) and sits on the critical
+//! path between block-decoder passes: the contexts of one pass arrive as one
+//! link message, are decoded together by the engine's [`TokenBatcher`]
+//! (block-synchronous, fixed-size batches over one preallocated local cache),
+//! and the new blocks of the sessions that go on leave in one link message.
+//! Session tasks only see the result (to record and relay it), so neither a
+//! session task nor a per-session message stands between two passes.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use blockserve_engine::TokenBatcher;
-use blockserve_model::{BlockTransformer, ModelError};
-use blockserve_proto::v1::Embedding;
+use blockserve_engine::{BlockJob, TokenBatcher};
+use blockserve_model::{BlockTransformer, FinishReason, ModelError, SamplingParams, StopCriteria};
+use blockserve_proto::v1::{BlockBatch, LinkDown, LinkUp, OpenBlocks};
 use blockserve_runtime::codec;
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use tokio::sync::{mpsc, oneshot};
+use tonic::{Code, Status};
 
-/// One session's request for its next block.
-pub struct BlockJob {
-    /// The context embedding as it came from the block decoder (checked).
-    pub context: Embedding,
-    pub job: blockserve_engine::BlockJob,
+use crate::link::Link;
+
+/// How a session decodes.
+pub struct Spec {
+    pub sampling: SamplingParams,
+    pub stop: StopCriteria,
+    /// The prompt, when the sampling uses history (repetition penalty).
+    pub history: Vec<u32>,
 }
 
+/// What a session task hears from the engine.
+pub enum Event {
+    /// The tokens of one block, up to the first stop (then `finish` is set and
+    /// the session is over here and on the block decoder).
+    Block { tokens: Vec<u32>, finish: Option<FinishReason>, wire_bytes: u64 },
+    /// The session ended with an error; nothing of it is left.
+    Failed(Status),
+}
+
+pub struct OpenRequest {
+    pub key: u64,
+    pub session_id: String,
+    pub link: Arc<Link>,
+    /// Padded to whole blocks.
+    pub prompt: Vec<u32>,
+    pub max_new_blocks: u32,
+    pub spec: Spec,
+    /// Never full: the engine stops a session at [`MAX_UNREAD`] unread blocks
+    /// instead of waiting for it.
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+/// Blocks a session may have decoded that its task has not yet consumed
+/// (recorded and handed to its client). A session whose client reads slowly
+/// stops here with its next block held back from the block decoder, so a slow
+/// client never holds up the others and its buffer stays bounded.
+pub const MAX_UNREAD: u32 = 4;
+
 enum Command {
-    Block(BlockJob, oneshot::Sender<Result<Vec<u32>, ModelError>>),
+    Open(OpenRequest, Arc<AtomicU32>),
+    Close { key: u64 },
+    Resume { key: u64 },
+    Down { link: u64, msg: LinkDown },
+    LinkLost { link: u64, status: Status },
     Score { contexts: Tensor, blocks: Vec<u32>, reply: oneshot::Sender<Result<Vec<f32>, ModelError>> },
 }
 
@@ -30,67 +71,295 @@ enum Command {
 pub struct Engine {
     tx: mpsc::UnboundedSender<Command>,
     pub queued: Arc<AtomicU32>,
-    /// Sessions in their block loop (each has a block here or a context on
-    /// its way); a batch waits for half of them.
-    pub decoding: Arc<AtomicU32>,
 }
 
-/// Counts a session as decoding while it lives.
-pub struct Decoding(Arc<AtomicU32>);
+/// Closes its session on the engine (and so on the block decoder) when dropped,
+/// however the session task ends.
+pub struct OpenSession {
+    engine: Engine,
+    key: u64,
+    unread: Arc<AtomicU32>,
+}
 
-impl Decoding {
-    pub fn new(engine: &Engine) -> Self {
-        engine.decoding.fetch_add(1, Ordering::Relaxed);
-        Self(engine.decoding.clone())
+impl OpenSession {
+    /// The task consumed one event; a session held back at the limit goes on.
+    pub fn consumed(&self) {
+        if self.unread.fetch_sub(1, Ordering::SeqCst) == MAX_UNREAD {
+            self.engine.send(Command::Resume { key: self.key });
+        }
     }
 }
 
-impl Drop for Decoding {
+impl Drop for OpenSession {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.engine.send(Command::Close { key: self.key });
     }
 }
 
 impl Engine {
     /// Start the model thread; blocks are decoded in batches of at most `max_batch`.
-    pub fn start(model: Arc<BlockTransformer>, max_batch: usize, max_wait: Duration) -> Result<Self, ModelError> {
+    pub fn start(model: Arc<BlockTransformer>, max_batch: usize) -> Result<Self, ModelError> {
         let mut batcher = TokenBatcher::new(model.clone(), max_batch)?;
         batcher.warm_up()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicU32::new(0));
-        let decoding = Arc::new(AtomicU32::new(0));
-        let (q, d) = (queued.clone(), decoding.clone());
-        std::thread::Builder::new().name("token-decoder-engine".into()).spawn(move || run(model, batcher, rx, q, d, max_wait)).expect("spawn engine thread");
-        Ok(Self { tx, queued, decoding })
+        let q = queued.clone();
+        let thread = Thread { model, batcher, sessions: HashMap::new(), outbox: HashMap::new(), queued: q };
+        std::thread::Builder::new().name("token-decoder-engine".into()).spawn(move || thread.run(rx)).expect("spawn engine thread");
+        Ok(Self { tx, queued })
     }
 
-    fn stopped() -> ModelError {
-        ModelError::Input("token decoder engine stopped".into())
-    }
-
-    /// The L tokens of this session's next block.
-    pub async fn decode_block(&self, job: BlockJob) -> Result<Vec<u32>, ModelError> {
-        let (reply, rx) = oneshot::channel();
+    fn send(&self, c: Command) -> bool {
         self.queued.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(Command::Block(job, reply)).map_err(|_| Self::stopped())?;
-        rx.await.map_err(|_| Self::stopped())?
+        self.tx.send(c).is_ok()
+    }
+
+    /// Open a session on its link; its blocks come back as [`Event`]s until
+    /// the returned guard is dropped or the session ends.
+    pub fn open(&self, req: OpenRequest) -> Result<OpenSession, Status> {
+        let (key, unread) = (req.key, Arc::new(AtomicU32::new(0)));
+        if !self.send(Command::Open(req, unread.clone())) {
+            return Err(Status::unavailable("token decoder engine stopped"));
+        }
+        Ok(OpenSession { engine: self.clone(), key, unread })
+    }
+
+    /// A message from a link.
+    pub fn down(&self, link: u64, msg: LinkDown) {
+        self.send(Command::Down { link, msg });
+    }
+
+    /// A link's stream ended: its sessions fail with `status`.
+    pub fn link_lost(&self, link: u64, status: Status) {
+        self.send(Command::LinkLost { link, status });
     }
 
     /// log p of each token of blocks 1..n given `contexts` `[n-1, D_b]` of blocks
     /// 0..n-2 and the flat ids of blocks 1..n-1.
     pub async fn score(&self, contexts: Tensor, blocks: Vec<u32>) -> Result<Vec<f32>, ModelError> {
         let (reply, rx) = oneshot::channel();
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(Command::Score { contexts, blocks, reply }).map_err(|_| Self::stopped())?;
-        rx.await.map_err(|_| Self::stopped())?
+        let stopped = || ModelError::Input("token decoder engine stopped".into());
+        if !self.send(Command::Score { contexts, blocks, reply }) {
+            return Err(stopped());
+        }
+        rx.await.map_err(|_| stopped())?
     }
 }
 
-fn decode_batch(batcher: &mut TokenBatcher, m: &BlockTransformer, jobs: Vec<BlockJob>) -> Result<Vec<Vec<u32>>, ModelError> {
-    let (contexts, rows): (Vec<Embedding>, Vec<blockserve_engine::BlockJob>) = jobs.into_iter().map(|j| (j.context, j.job)).unzip();
-    let contexts: Vec<&Embedding> = contexts.iter().collect();
-    let ctx = codec::decode_rows(&contexts, m.config.block_decoder.hidden_size, m.dtype(), m.device()).map_err(ModelError::Input)?;
-    batcher.decode(&ctx, &rows)
+struct Session {
+    link: Arc<Link>,
+    spec: Spec,
+    tokens: Vec<u32>,
+    /// Index of the block whose context comes next.
+    next_context: u32,
+    events: mpsc::UnboundedSender<Event>,
+    unread: Arc<AtomicU32>,
+    /// The next block (index, ids), held back while the task is behind.
+    parked: Option<(u32, Vec<u32>)>,
+}
+
+/// Contexts that arrived for live sessions, in one host buffer.
+#[derive(Default)]
+struct Rows {
+    keys: Vec<u64>,
+    bytes: Vec<u8>,
+    dtype: Option<DType>,
+    row_bytes: u64,
+}
+
+struct Thread {
+    model: Arc<BlockTransformer>,
+    batcher: TokenBatcher,
+    sessions: HashMap<u64, Session>,
+    /// Messages to send up, one per link, flushed after each round.
+    outbox: HashMap<u64, (Arc<Link>, LinkUp)>,
+    queued: Arc<AtomicU32>,
+}
+
+impl Thread {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        let mut busy = blockserve_runtime::busy::Busy::new("token-decoder");
+        // Take everything that is queued, decode what arrived, send the blocks up.
+        while let Some(first) = rx.blocking_recv() {
+            let cmds: Vec<Command> = std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())).collect();
+            self.queued.fetch_sub(cmds.len() as u32, Ordering::Relaxed);
+            let mut rows = Rows::default();
+            for c in cmds {
+                self.apply(c, &mut rows);
+            }
+            if !rows.keys.is_empty() {
+                let (t, n) = (Instant::now(), rows.keys.len());
+                self.decode(rows);
+                busy.add(t.elapsed(), n);
+            }
+            for (_, (link, msg)) in self.outbox.drain() {
+                link.send(msg);
+            }
+        }
+    }
+
+    fn up(&mut self, link: &Arc<Link>) -> &mut LinkUp {
+        &mut self.outbox.entry(link.id).or_insert_with(|| (link.clone(), LinkUp::default())).1
+    }
+
+    fn fail(&mut self, key: u64, status: Status) {
+        if let Some(s) = self.sessions.remove(&key) {
+            let _ = s.events.send(Event::Failed(status));
+        }
+    }
+
+    fn apply(&mut self, c: Command, rows: &mut Rows) {
+        match c {
+            Command::Open(o, unread) => {
+                let prompt_blocks = (o.prompt.len() / self.model.block_length()) as u32;
+                let open = OpenBlocks { key: o.key, session_id: o.session_id, prompt_ids: o.prompt, max_new_blocks: o.max_new_blocks };
+                self.up(&o.link).opens.push(open);
+                let s = Session { link: o.link, spec: o.spec, tokens: vec![], next_context: prompt_blocks - 1, events: o.events, unread, parked: None };
+                self.sessions.insert(o.key, s);
+            }
+            Command::Close { key } => {
+                if let Some(s) = self.sessions.remove(&key) {
+                    self.up(&s.link).closes.push(key);
+                }
+            }
+            Command::Resume { key } => {
+                if let Some((link, (index, block))) = self.sessions.get_mut(&key).and_then(|s| Some((s.link.clone(), s.parked.take()?))) {
+                    self.send_block(&link, key, index, &block);
+                }
+            }
+            Command::Down { link, msg } => self.receive(link, msg, rows),
+            Command::LinkLost { link, status } => {
+                let keys: Vec<u64> = self.sessions.iter().filter(|(_, s)| s.link.id == link).map(|(k, _)| *k).collect();
+                for k in keys {
+                    self.fail(k, status.clone());
+                }
+            }
+            Command::Score { contexts, blocks, reply } => {
+                let _ = reply.send(score(&self.model, &contexts, &blocks));
+            }
+        }
+    }
+
+    /// Sort one link message: failures end their sessions, contexts of live
+    /// sessions join this round's batch (a session that ended meanwhile is skipped).
+    fn receive(&mut self, link: u64, msg: LinkDown, rows: &mut Rows) {
+        for e in msg.errors {
+            self.fail(e.key, Status::new(Code::from_i32(e.code), format!("block decoder: {}", e.message)));
+        }
+        let Some(ctx) = msg.contexts else { return };
+        let d = self.model.config.block_decoder.hidden_size;
+        let checked = codec::check(&ctx, d).and_then(|dt| {
+            if msg.keys.len() != ctx.rows as usize || msg.block_indices.len() != msg.keys.len() {
+                return Err(format!("{} keys, {} block indices and {} context rows differ", msg.keys.len(), msg.block_indices.len(), ctx.rows));
+            }
+            match rows.dtype {
+                Some(have) if have != dt => Err(format!("contexts in {dt:?} after contexts in {have:?}")),
+                _ => Ok(dt),
+            }
+        });
+        let dtype = match checked {
+            Ok(dt) => dt,
+            Err(e) => {
+                let st = Status::internal(format!("from block decoder: {e}"));
+                let mine: Vec<u64> = msg.keys.iter().copied().filter(|k| self.sessions.get(k).is_some_and(|s| s.link.id == link)).collect();
+                for k in mine {
+                    self.fail(k, st.clone());
+                }
+                return;
+            }
+        };
+        rows.dtype = Some(dtype);
+        let n = codec::row_bytes(&ctx);
+        rows.row_bytes = n as u64;
+        for (i, (&key, &block)) in msg.keys.iter().zip(&msg.block_indices).enumerate() {
+            let Some(s) = self.sessions.get(&key).filter(|s| s.link.id == link) else { continue };
+            if block != s.next_context {
+                let st = Status::internal(format!("block decoder sent the context of block {block}, expected {}", s.next_context));
+                self.fail(key, st);
+                continue;
+            }
+            rows.keys.push(key);
+            rows.bytes.extend_from_slice(&ctx.data[i * n..(i + 1) * n]);
+        }
+    }
+
+    fn decode(&mut self, rows: Rows) {
+        let m = &self.model;
+        let (k, d) = (rows.keys.len(), m.config.block_decoder.hidden_size);
+        // A session closed later in the same round still has its row in the
+        // buffer; it is decoded as a greedy row and its block dropped.
+        let jobs: Vec<BlockJob> = rows
+            .keys
+            .iter()
+            .map(|key| match self.sessions.get(key) {
+                Some(s) => BlockJob { sampling: s.spec.sampling.clone(), history: s.spec.history.clone(), generated: s.tokens.len() as u64 },
+                None => BlockJob::greedy(0),
+            })
+            .collect();
+        let dtype = rows.dtype.expect("set with the first row");
+        let decoded = Tensor::from_raw_buffer(&rows.bytes, dtype, &[k, d], &Device::Cpu)
+            .and_then(|t| t.to_dtype(m.dtype()))
+            .and_then(|t| t.to_device(m.device()))
+            .map_err(ModelError::from)
+            .and_then(|ctx| self.batcher.decode(&ctx, &jobs));
+        let blocks = match decoded {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "token decoder batch failed");
+                let st = Status::internal(format!("token decoder batch failed: {e}"));
+                for key in rows.keys {
+                    if let Some(s) = self.sessions.remove(&key) {
+                        self.up(&s.link).closes.push(key);
+                        let _ = s.events.send(Event::Failed(st.clone()));
+                    }
+                }
+                return;
+            }
+        };
+        let l = m.block_length() as u64;
+        for (key, block) in rows.keys.into_iter().zip(blocks) {
+            let Some(s) = self.sessions.get_mut(&key) else { continue };
+            let start = s.tokens.len();
+            let mut finish = None;
+            for &t in &block {
+                s.tokens.push(t);
+                if let Some(r) = s.spec.stop.check(&s.tokens) {
+                    finish = Some(r);
+                    break;
+                }
+            }
+            let new = s.tokens[start..].to_vec();
+            let mut wire_bytes = rows.row_bytes;
+            if finish.is_none() {
+                if s.spec.sampling.uses_history() {
+                    s.spec.history.extend_from_slice(&block);
+                }
+                s.next_context += 1;
+                wire_bytes += 4 * l;
+            }
+            // Counted before it is sent, so the task's count never goes below
+            // zero; a task that catches up after this sees the limit and
+            // resumes the session (see `consumed`), after this round parks it.
+            let behind = s.unread.fetch_add(1, Ordering::SeqCst) + 1 >= MAX_UNREAD;
+            let _ = s.events.send(Event::Block { tokens: new, finish, wire_bytes });
+            let (link, index) = (s.link.clone(), s.next_context);
+            if finish.is_some() {
+                self.sessions.remove(&key);
+                self.up(&link).closes.push(key);
+            } else if behind {
+                s.parked = Some((index, block));
+            } else {
+                self.send_block(&link, key, index, &block);
+            }
+        }
+    }
+
+    fn send_block(&mut self, link: &Arc<Link>, key: u64, index: u32, block: &[u32]) {
+        let b = self.up(link).blocks.get_or_insert_with(BlockBatch::default);
+        b.keys.push(key);
+        b.indices.push(index);
+        b.token_ids.extend_from_slice(block);
+    }
 }
 
 fn score(m: &BlockTransformer, contexts: &Tensor, blocks: &[u32]) -> Result<Vec<f32>, ModelError> {
@@ -103,67 +372,73 @@ fn score(m: &BlockTransformer, contexts: &Tensor, blocks: &[u32]) -> Result<Vec<
     Ok(picked.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// The first command, then more until half of the decoding sessions have a
-/// block queued (contexts of one block-decoder pass arrive spread over a few
-/// milliseconds), or `max_wait` after the first.
-fn gather(rx: &mut mpsc::UnboundedReceiver<Command>, queued: &AtomicU32, decoding: &AtomicU32, max_wait: Duration) -> Option<Vec<Command>> {
-    let mut cmds = vec![rx.blocking_recv()?];
-    let start = Instant::now();
-    let blocks = |cmds: &[Command]| cmds.iter().filter(|c| matches!(c, Command::Block(..))).count() as u32;
-    loop {
-        while let Ok(c) = rx.try_recv() {
-            cmds.push(c);
-        }
-        if 2 * blocks(&cmds) >= decoding.load(Ordering::Relaxed) || start.elapsed() >= max_wait {
-            break;
-        }
-        std::thread::sleep(Duration::from_micros(20));
-    }
-    queued.fetch_sub(cmds.len() as u32, Ordering::Relaxed);
-    Some(cmds)
-}
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
 
-fn run(
-    model: Arc<BlockTransformer>,
-    mut batcher: TokenBatcher,
-    mut rx: mpsc::UnboundedReceiver<Command>,
-    queued: Arc<AtomicU32>,
-    decoding: Arc<AtomicU32>,
-    max_wait: Duration,
-) {
-    let m = model.as_ref();
-    let mut busy = blockserve_runtime::busy::Busy::new("token-decoder");
-    while let Some(cmds) = gather(&mut rx, &queued, &decoding, max_wait) {
-        let mut jobs = vec![];
-        let mut replies = vec![];
-        for c in cmds {
-            match c {
-                Command::Block(job, reply) => {
-                    jobs.push(job);
-                    replies.push(reply);
-                }
-                Command::Score { contexts, blocks, reply } => {
-                    let _ = reply.send(score(m, &contexts, &blocks));
-                }
+    use blockserve_model::{loader::load_model, Model};
+    use blockserve_proto::v1::{DType as WireDType, Embeddings};
+
+    use super::*;
+
+    fn fixture() -> Arc<BlockTransformer> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crates/model/tests/fixtures/official-tiny-b4");
+        match load_model(&dir, None, DType::F32, &Device::Cpu).unwrap() {
+            Model::Block(m) => Arc::new(m),
+            Model::Vanilla(_) => unreachable!("a block fixture"),
+        }
+    }
+
+    async fn next_up(rx: &mut mpsc::UnboundedReceiver<LinkUp>) -> LinkUp {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("a message up").expect("link open")
+    }
+
+    /// A session whose task does not consume its blocks stops at MAX_UNREAD
+    /// with its next block held back, and goes on once the task catches up.
+    #[tokio::test]
+    async fn a_session_that_falls_behind_is_held_back_and_resumed() {
+        let m = fixture();
+        let d = m.config.block_decoder.hidden_size;
+        let zero = Tensor::zeros((1, d), DType::F32, &Device::Cpu).unwrap();
+        let want = TokenBatcher::new(m.clone(), 1).unwrap().decode(&zero, &[BlockJob::greedy(0)]).unwrap().remove(0);
+        let engine = Engine::start(m.clone(), 4).unwrap();
+        let (up_tx, mut up) = mpsc::unbounded_channel();
+        let link = Arc::new(Link::new(7, "test".into(), up_tx));
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let spec = Spec {
+            sampling: SamplingParams::greedy(),
+            stop: StopCriteria { max_new_tokens: 1000, eos_token_id: None, stop_token_ids: vec![] },
+            history: vec![],
+        };
+        let guard =
+            engine.open(OpenRequest { key: 3, session_id: "s".into(), link, prompt: vec![1, 2, 3, 4], max_new_blocks: 250, spec, events: events_tx }).unwrap();
+        let open = next_up(&mut up).await;
+        assert_eq!((open.opens.len(), open.opens[0].key, open.opens[0].prompt_ids.clone()), (1, 3, vec![1, 2, 3, 4]));
+        // The context of block b (a zero vector: every block decodes alike).
+        let context = |b: u32| LinkDown {
+            keys: vec![3],
+            block_indices: vec![b],
+            contexts: Some(Embeddings { data: vec![0; 4 * d], dtype: WireDType::DtypeF32 as i32, dim: d as u32, rows: 1 }),
+            errors: vec![],
+        };
+        for b in 0..MAX_UNREAD - 1 {
+            engine.down(7, context(b));
+            let msg = next_up(&mut up).await;
+            let blocks = msg.blocks.expect("a block up");
+            assert_eq!((blocks.keys, blocks.indices, blocks.token_ids), (vec![3], vec![b + 1], want.clone()));
+        }
+        engine.down(7, context(MAX_UNREAD - 1));
+        assert!(tokio::time::timeout(Duration::from_millis(300), up.recv()).await.is_err(), "the block after the limit is held back");
+        for _ in 0..MAX_UNREAD {
+            match events.recv().await.unwrap() {
+                Event::Block { tokens, finish, wire_bytes } => assert_eq!((tokens, finish, wire_bytes), (want.clone(), None, (4 * d + 4 * 4) as u64)),
+                Event::Failed(st) => panic!("{st}"),
             }
         }
-        if jobs.is_empty() {
-            continue;
-        }
-        let (t, rows) = (Instant::now(), jobs.len());
-        let decoded = decode_batch(&mut batcher, m, jobs);
-        busy.add(t.elapsed(), rows);
-        match decoded {
-            Ok(blocks) => {
-                for (b, r) in blocks.into_iter().zip(replies) {
-                    let _ = r.send(Ok(b));
-                }
-            }
-            Err(e) => {
-                for r in replies {
-                    let _ = r.send(Err(ModelError::Input(e.to_string())));
-                }
-            }
-        }
+        guard.consumed();
+        let blocks = next_up(&mut up).await.blocks.expect("the held block goes up");
+        assert_eq!((blocks.keys, blocks.indices), (vec![3], vec![MAX_UNREAD]));
+        drop(guard);
+        assert_eq!(next_up(&mut up).await.closes, vec![3]);
     }
 }

@@ -1,7 +1,9 @@
-//! The token-decoder tier: runs sessions. For each it holds one stream to a block
-//! decoder and only the local R+L-1-position cache of the block being decoded.
+//! The token-decoder tier: runs sessions. It shares one link stream per block
+//! decoder among its sessions and holds only the local R+L-1-position cache of
+//! the blocks being decoded.
 
 pub mod engine;
+pub mod link;
 pub mod service;
 pub mod session;
 
@@ -35,10 +37,6 @@ pub struct Args {
     /// cache is preallocated for this many rows).
     #[arg(long, env = "BLOCKSERVE_MAX_BATCH", default_value_t = 1024)]
     pub max_batch: usize,
-    /// Microseconds a batch may keep gathering contexts after the first; it
-    /// starts earlier once half of the decoding sessions have one queued.
-    #[arg(long, env = "BLOCKSERVE_MAX_BATCH_WAIT_US", default_value_t = 2000)]
-    pub max_batch_wait_us: u64,
     /// Seconds a finished session stays in the store.
     #[arg(long, env = "BLOCKSERVE_SESSION_TTL_S", default_value_t = 3600)]
     pub session_ttl_s: u64,
@@ -57,10 +55,14 @@ pub struct Shared {
     /// Running sessions and the switch that cancels each.
     pub running: Mutex<HashMap<String, watch::Sender<bool>>>,
     channels: blockserve_runtime::channels::Channels,
+    /// Links to block decoders, shared by the sessions.
+    pub links: link::Links,
+    /// Engine key of the next session.
+    pub next_key: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
-    /// The (cached, multiplexed) channel to a block decoder.
+    /// The (cached, multiplexed) channel to a block decoder, for unary calls.
     pub async fn channel(&self, address: &str) -> Result<Channel, Status> {
         self.channels.get(address).await
     }
@@ -82,7 +84,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     };
     let tokenizer = Tokenizer::from_dir(&args.model.model)?;
     let shared = Arc::new(Shared {
-        engine: engine::Engine::start(model.clone(), args.max_batch, Duration::from_micros(args.max_batch_wait_us))?,
+        engine: engine::Engine::start(model.clone(), args.max_batch)?,
         model,
         store: store.clone(),
         tokenizer,
@@ -92,6 +94,8 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         max_sessions: args.max_sessions,
         running: Mutex::new(HashMap::new()),
         channels: Default::default(),
+        links: Default::default(),
+        next_key: Default::default(),
     });
     let (listener, addr) = bind(args.serve.listen).await?;
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));

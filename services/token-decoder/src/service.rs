@@ -7,7 +7,6 @@ use blockserve_proto::v1::block_decoder_client::BlockDecoderClient;
 use blockserve_proto::v1::token_decoder_server::TokenDecoder;
 use blockserve_proto::v1::{CancelRequest, CancelResponse, ContextsRequest, RunEvent, RunRequest, ScoreIdsRequest, ScoreResponse, SessionState};
 use blockserve_runtime::{codec, status};
-use candle_core::Tensor;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -73,11 +72,12 @@ impl TokenDecoder for TokenDecoderService {
         let channel = self.shared.channel(&req.block_decoder).await?;
         let ctx = BlockDecoderClient::new(channel).contexts(ContextsRequest { token_ids: padded.ids.clone() }).await?.into_inner();
         let d = m.config.block_decoder.hidden_size;
-        let rows = ctx.contexts[..n - 1]
-            .iter()
-            .map(|e| codec::decode(e, d, self.shared.dtype, &self.shared.device).map_err(Status::internal))
-            .collect::<Result<Vec<_>, _>>()?;
-        let contexts = Tensor::stack(&rows, 0).map_err(|e| Status::internal(e.to_string()))?;
+        let e = ctx.contexts.ok_or_else(|| Status::internal("block decoder sent no contexts"))?;
+        if e.rows as usize != n {
+            return Err(Status::internal(format!("block decoder sent {} contexts for {n} blocks", e.rows)));
+        }
+        let all = codec::decode(&e, d, self.shared.dtype, &self.shared.device).map_err(|e| Status::internal(format!("from block decoder: {e}")))?;
+        let contexts = all.narrow(0, 0, n - 1).map_err(|e| Status::internal(e.to_string()))?;
         let logprobs = self.shared.engine.score(contexts, padded.ids[l..].to_vec()).await.map_err(status::from_model)?;
         let mean = logprobs.iter().map(|&x| x as f64).sum::<f64>() / logprobs.len() as f64;
         Ok(Response::new(ScoreResponse { token_ids: req.token_ids, logprobs, first_scored, perplexity: (-mean).exp() }))

@@ -1,25 +1,23 @@
-//! One session, start to end: stream the prompt to a block decoder, decode each
-//! block locally as its context arrives, publish the tokens (store + stream), send
-//! the block back up, until a stop condition, a cancel or an error.
+//! One session, start to end: open it on the engine (which sends the prompt to
+//! a block decoder over the shared link and decodes each block as its context
+//! arrives), then record and relay each block's tokens (store + stream) until
+//! a stop condition, a cancel or an error. Dropping the engine guard closes
+//! the session on both tiers however this task ends.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockserve_model::prompt::PaddedPrompt;
 use blockserve_model::FinishReason as ModelFinish;
-use blockserve_proto::v1::block_decoder_client::BlockDecoderClient;
-use blockserve_proto::v1::{
-    block_up, run_event, Block, BlockUp, ContextDown, Embedding, FinishReason, Finished, OpenBlocks, RunEvent, RunRequest, Timings, TokenChunk, Usage,
-};
-use blockserve_runtime::{codec, params};
+use blockserve_proto::v1::{run_event, FinishReason, Finished, RunEvent, RunRequest, Timings, TokenChunk, Usage};
+use blockserve_runtime::params;
 use blockserve_store::{Outcome, SessionState};
 use blockserve_text::{find_stop, IncrementalDecoder};
-use prost::Message;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
-use crate::engine::BlockJob;
+use crate::engine::{Event, OpenRequest, Spec};
 use crate::Shared;
 
 /// How a session ended.
@@ -36,17 +34,6 @@ fn wire_reason(r: &End) -> (FinishReason, &'static str, SessionState) {
         End::Done(ModelFinish::StopToken) | End::StopSequence => (FinishReason::Stop, "stop", SessionState::Finished),
         End::Cancelled => (FinishReason::Cancelled, "cancelled", SessionState::Cancelled),
     }
-}
-
-async fn next_context(down: &mut Streaming<ContextDown>, want: u32, shared: &Shared, wire: &mut u64) -> Result<Embedding, Status> {
-    let msg = down.message().await?.ok_or_else(|| Status::unavailable("block decoder closed the session stream"))?;
-    *wire += msg.encoded_len() as u64;
-    if msg.block_index != want {
-        return Err(Status::internal(format!("block decoder sent the context of block {}, expected {want}", msg.block_index)));
-    }
-    let e = msg.context.ok_or_else(|| Status::internal("context message without an embedding"))?;
-    codec::check(&e, shared.model.config.block_decoder.hidden_size).map_err(|e| Status::internal(format!("from block decoder: {e}")))?;
-    Ok(e)
 }
 
 /// Drive the session; events go to `tx`. Returns when the session is final.
@@ -103,46 +90,37 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
     let l = m.block_length();
     let p = params::resolve(&req.parameters.clone().unwrap_or_default(), req.eos_token_id, m.config.vocab_size)?;
     let padded = PaddedPrompt::new(&req.prompt_ids, l).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let prompt_blocks = padded.num_blocks(l) as u32;
 
-    let channel = shared.channel(&req.block_decoder).await?;
-    let (up, up_rx) = mpsc::channel::<BlockUp>(2);
-    let open = BlockUp {
-        kind: Some(block_up::Kind::Open(OpenBlocks {
-            session_id: req.session_id.clone(),
-            prompt_ids: padded.ids.clone(),
-            max_new_blocks: p.stop.max_new_tokens.div_ceil(l) as u32,
-        })),
-    };
-    gen.wire_bytes += open.encoded_len() as u64;
-    up.send(open).await.map_err(|_| Status::internal("block stream closed"))?;
+    let link = shared.links.get(&req.block_decoder, &shared.engine).await?;
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    gen.wire_bytes += 4 * padded.ids.len() as u64;
+    let history = if p.sampling.uses_history() { req.prompt_ids.clone() } else { vec![] };
+    let open = shared.engine.open(OpenRequest {
+        key: shared.next_key.fetch_add(1, Ordering::Relaxed),
+        session_id: req.session_id.clone(),
+        link,
+        prompt: padded.ids,
+        max_new_blocks: p.stop.max_new_tokens.div_ceil(l) as u32,
+        spec: Spec { sampling: p.sampling.clone(), stop: p.stop.clone(), history },
+        events: events_tx,
+    })?;
     shared.store.set_progress(&req.session_id, SessionState::Prefilling).await.map_err(blockserve_runtime::status::from_store)?;
-    let mut down = BlockDecoderClient::new(channel).decode(ReceiverStream::new(up_rx)).await?.into_inner();
-    let mut context = next_context(&mut down, prompt_blocks - 1, shared, &mut gen.wire_bytes).await?;
-    shared.store.set_progress(&req.session_id, SessionState::Decoding).await.map_err(blockserve_runtime::status::from_store)?;
 
-    // Prompt + output, kept only for the repetition penalty.
-    let mut history = if p.sampling.uses_history() { req.prompt_ids.clone() } else { vec![] };
     let mut text = shared.tokenizer.as_ref().map(|t| IncrementalDecoder::new(t));
     let mut full_text = String::new();
-    let _decoding = crate::engine::Decoding::new(&shared.engine);
-    for block_index in prompt_blocks.. {
-        let job = BlockJob {
-            context,
-            job: blockserve_engine::BlockJob { sampling: p.sampling.clone(), history: history.clone(), generated: gen.tokens.len() as u64 },
+    loop {
+        let (new, finish, wire_bytes) = match events.recv().await {
+            Some(Event::Block { tokens, finish, wire_bytes }) => (tokens, finish, wire_bytes),
+            Some(Event::Failed(st)) => return Err(st),
+            None => return Err(Status::internal("token decoder engine dropped the session")),
         };
-        let block = shared.engine.decode_block(job).await.map_err(blockserve_runtime::status::from_model)?;
-        let offset = gen.tokens.len() as u64;
-        let mut end = None;
-        let mut new = vec![];
-        for &t in &block {
-            gen.tokens.push(t);
-            new.push(t);
-            if let Some(r) = p.stop.check(&gen.tokens) {
-                end = Some(End::Done(r));
-                break;
-            }
+        if gen.first_at.is_none() {
+            shared.store.set_progress(&req.session_id, SessionState::Decoding).await.map_err(blockserve_runtime::status::from_store)?;
         }
+        gen.wire_bytes += wire_bytes;
+        let offset = gen.tokens.len() as u64;
+        gen.tokens.extend_from_slice(&new);
+        let mut end = finish.map(End::Done);
         let mut delta = text.as_mut().map(|d| d.push(&new)).unwrap_or_default();
         if !p.stop_sequences.is_empty() {
             let before = full_text.len();
@@ -152,37 +130,24 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
                 end = Some(End::StopSequence);
             }
         }
-        if end.is_some() {
+        if end.is_some() && !matches!(end, Some(End::StopSequence)) {
             if let Some(d) = text.as_mut() {
-                if !matches!(end, Some(End::StopSequence)) {
-                    delta.push_str(&d.finish());
-                }
+                delta.push_str(&d.finish());
             }
         }
         let now = Instant::now();
         gen.first_at.get_or_insert(now);
         gen.last_at = Some(now);
-        if end.is_none() {
-            // The next context is the critical path: send the block up first, so
-            // the block decoder's pass overlaps with recording and relaying it.
-            let msg = BlockUp { kind: Some(block_up::Kind::Block(Block { index: block_index, token_ids: block })) };
-            gen.wire_bytes += msg.encoded_len() as u64;
-            up.send(msg).await.map_err(|_| Status::unavailable("block decoder stream closed"))?;
-        }
         shared.store.append_tokens(&req.session_id, &new).await.map_err(blockserve_runtime::status::from_store)?;
-        let chunk = TokenChunk { offset, token_ids: new.clone(), text: delta };
+        let chunk = TokenChunk { offset, token_ids: new, text: delta };
         if tx.send(Ok(RunEvent { kind: Some(run_event::Kind::Tokens(chunk)) })).await.is_err() {
             return Ok(End::Cancelled);
         }
+        open.consumed();
         if let Some(end) = end {
             return Ok(end);
         }
-        if p.sampling.uses_history() {
-            history.extend_from_slice(&new);
-        }
-        context = next_context(&mut down, block_index, shared, &mut gen.wire_bytes).await?;
     }
-    unreachable!("the block loop only ends by returning")
 }
 
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(3600);

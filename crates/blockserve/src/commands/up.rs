@@ -78,7 +78,6 @@ pub async fn run(args: Args) -> Result<()> {
             model: model_args(),
             max_sessions: args.max_sessions,
             max_batch: args.max_batch,
-            max_batch_wait_us: 2000,
             session_ttl_s: 3600,
         };
         tasks.spawn(blockserve_token_decoder::run(td, store.clone(), stop.clone(), Some(ready)));

@@ -1,0 +1,81 @@
+//! This token decoder's links: one long-lived `BlockDecoder.Link` stream per
+//! block decoder, on its own connection, shared by every session that uses
+//! that block decoder. Whatever comes down goes to the engine as is; when the
+//! stream ends, the engine fails the link's sessions and the next session
+//! connects a new link.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockserve_proto::v1::block_decoder_client::BlockDecoderClient;
+use blockserve_proto::v1::LinkUp;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::Endpoint;
+use tonic::Status;
+
+use crate::engine::Engine;
+
+pub struct Link {
+    pub id: u64,
+    pub address: String,
+    up: mpsc::UnboundedSender<LinkUp>,
+    alive: AtomicBool,
+}
+
+impl Link {
+    /// A link whose messages up go to `up`.
+    pub fn new(id: u64, address: String, up: mpsc::UnboundedSender<LinkUp>) -> Self {
+        Self { id, address, up, alive: AtomicBool::new(true) }
+    }
+
+    /// Queue a message up; false once the link is gone.
+    pub fn send(&self, m: LinkUp) -> bool {
+        self.up.send(m).is_ok()
+    }
+}
+
+#[derive(Default)]
+pub struct Links {
+    map: tokio::sync::Mutex<HashMap<String, Arc<Link>>>,
+    next: AtomicU64,
+}
+
+impl Links {
+    /// The live link to `address`, connecting it on first use.
+    pub async fn get(&self, address: &str, engine: &Engine) -> Result<Arc<Link>, Status> {
+        let mut map = self.map.lock().await;
+        if let Some(l) = map.get(address).filter(|l| l.alive.load(Ordering::Relaxed)) {
+            return Ok(l.clone());
+        }
+        let channel = Endpoint::from_shared(address.to_string())
+            .map_err(|e| Status::invalid_argument(format!("block decoder address {address:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .initial_stream_window_size(blockserve_runtime::LINK_STREAM_WINDOW)
+            .initial_connection_window_size(blockserve_runtime::LINK_CONNECTION_WINDOW)
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("block decoder {address} unreachable: {e}")))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut down = BlockDecoderClient::new(channel).max_decoding_message_size(usize::MAX).link(UnboundedReceiverStream::new(rx)).await?.into_inner();
+        let link = Arc::new(Link::new(self.next.fetch_add(1, Ordering::Relaxed), address.to_string(), tx));
+        let (l, engine) = (link.clone(), engine.clone());
+        tokio::spawn(async move {
+            let end = loop {
+                match down.message().await {
+                    Ok(Some(m)) => engine.down(l.id, m),
+                    Ok(None) => break Status::unavailable(format!("block decoder {} closed the link", l.address)),
+                    Err(st) => break Status::unavailable(format!("link to block decoder {} lost: {}", l.address, st.message())),
+                }
+            };
+            l.alive.store(false, Ordering::Relaxed);
+            tracing::warn!(block_decoder = %l.address, error = %end.message(), "link ended");
+            engine.link_lost(l.id, end);
+        });
+        map.insert(address.to_string(), link.clone());
+        Ok(link)
+    }
+}
