@@ -187,13 +187,19 @@ impl Thread {
             for c in cmds {
                 self.apply(c, &mut rows);
             }
+            let mut events = vec![];
             if !rows.keys.is_empty() {
                 let (t, n) = (Instant::now(), rows.keys.len());
-                self.decode(rows);
+                events = self.decode(rows);
                 busy.add(t.elapsed(), n);
             }
+            // The blocks up are the critical path; waking the session tasks
+            // (thousands of them) comes after.
             for (_, (link, msg)) in self.outbox.drain() {
                 link.send(msg);
+            }
+            for (to, e) in events {
+                let _ = to.send(e);
             }
         }
     }
@@ -283,7 +289,9 @@ impl Thread {
         }
     }
 
-    fn decode(&mut self, rows: Rows) {
+    /// Decode this round's rows; returns each session's event, to be sent
+    /// once the blocks are on their way up.
+    fn decode(&mut self, rows: Rows) -> Vec<(mpsc::UnboundedSender<Event>, Event)> {
         let m = &self.model;
         let (k, d) = (rows.keys.len(), m.config.block_decoder.hidden_size);
         // A session closed later in the same round still has its row in the
@@ -313,9 +321,10 @@ impl Thread {
                         let _ = s.events.send(Event::Failed(st.clone()));
                     }
                 }
-                return;
+                return vec![];
             }
         };
+        let mut events = Vec::with_capacity(blocks.len());
         let l = m.block_length() as u64;
         for (key, block) in rows.keys.into_iter().zip(blocks) {
             let Some(s) = self.sessions.get_mut(&key) else { continue };
@@ -341,7 +350,7 @@ impl Thread {
             // zero; a task that catches up after this sees the limit and
             // resumes the session (see `consumed`), after this round parks it.
             let behind = s.unread.fetch_add(1, Ordering::SeqCst) + 1 >= MAX_UNREAD;
-            let _ = s.events.send(Event::Block { tokens: new, finish, wire_bytes });
+            events.push((s.events.clone(), Event::Block { tokens: new, finish, wire_bytes }));
             let (link, index) = (s.link.clone(), s.next_context);
             if finish.is_some() {
                 self.sessions.remove(&key);
@@ -352,6 +361,7 @@ impl Thread {
                 self.send_block(&link, key, index, &block);
             }
         }
+        events
     }
 
     fn send_block(&mut self, link: &Arc<Link>, key: u64, index: u32, block: &[u32]) {

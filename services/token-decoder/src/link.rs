@@ -3,6 +3,10 @@
 //! that block decoder. Whatever comes down goes to the engine as is; when the
 //! stream ends, the engine fails the link's sessions and the next session
 //! connects a new link.
+//!
+//! The links' connections and tasks run on a runtime of their own: they are the
+//! critical path between two passes, and on the main runtime each message would
+//! queue behind the thousands of session tasks that one batch wakes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,10 +41,27 @@ impl Link {
     }
 }
 
-#[derive(Default)]
 pub struct Links {
     map: tokio::sync::Mutex<HashMap<String, Arc<Link>>>,
     next: AtomicU64,
+    io: tokio::runtime::Handle,
+}
+
+impl Default for Links {
+    fn default() -> Self {
+        // A thread that runs the links' runtime for the life of the process
+        // (a runtime cannot be dropped from async code, so it is never dropped).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("link-io".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("link runtime");
+                let _ = tx.send(rt.handle().clone());
+                rt.block_on(std::future::pending::<()>());
+            })
+            .expect("spawn link thread");
+        Self { map: Default::default(), next: AtomicU64::new(0), io: rx.recv().expect("link runtime starts") }
+    }
 }
 
 impl Links {
@@ -50,32 +71,39 @@ impl Links {
         if let Some(l) = map.get(address).filter(|l| l.alive.load(Ordering::Relaxed)) {
             return Ok(l.clone());
         }
-        let channel = Endpoint::from_shared(address.to_string())
-            .map_err(|e| Status::invalid_argument(format!("block decoder address {address:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .initial_stream_window_size(blockserve_runtime::LINK_STREAM_WINDOW)
-            .initial_connection_window_size(blockserve_runtime::LINK_CONNECTION_WINDOW)
-            .connect()
-            .await
-            .map_err(|e| Status::unavailable(format!("block decoder {address} unreachable: {e}")))?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut down = BlockDecoderClient::new(channel).max_decoding_message_size(usize::MAX).link(UnboundedReceiverStream::new(rx)).await?.into_inner();
-        let link = Arc::new(Link::new(self.next.fetch_add(1, Ordering::Relaxed), address.to_string(), tx));
-        let (l, engine) = (link.clone(), engine.clone());
-        tokio::spawn(async move {
-            let end = loop {
-                match down.message().await {
-                    Ok(Some(m)) => engine.down(l.id, m),
-                    Ok(None) => break Status::unavailable(format!("block decoder {} closed the link", l.address)),
-                    Err(st) => break Status::unavailable(format!("link to block decoder {} lost: {}", l.address, st.message())),
-                }
-            };
-            l.alive.store(false, Ordering::Relaxed);
-            tracing::warn!(block_decoder = %l.address, error = %end.message(), "link ended");
-            engine.link_lost(l.id, end);
-        });
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let link = self.io.spawn(connect(id, address.to_string(), engine.clone())).await.map_err(|e| Status::internal(format!("link task: {e}")))??;
         map.insert(address.to_string(), link.clone());
         Ok(link)
     }
+}
+
+/// Open a link and start the task that hands what comes down to the engine.
+async fn connect(id: u64, address: String, engine: Engine) -> Result<Arc<Link>, Status> {
+    let channel = Endpoint::from_shared(address.clone())
+        .map_err(|e| Status::invalid_argument(format!("block decoder address {address:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(blockserve_runtime::LINK_STREAM_WINDOW)
+        .initial_connection_window_size(blockserve_runtime::LINK_CONNECTION_WINDOW)
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("block decoder {address} unreachable: {e}")))?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut down = BlockDecoderClient::new(channel).max_decoding_message_size(usize::MAX).link(UnboundedReceiverStream::new(rx)).await?.into_inner();
+    let link = Arc::new(Link::new(id, address, tx));
+    let l = link.clone();
+    tokio::spawn(async move {
+        let end = loop {
+            match down.message().await {
+                Ok(Some(m)) => engine.down(l.id, m),
+                Ok(None) => break Status::unavailable(format!("block decoder {} closed the link", l.address)),
+                Err(st) => break Status::unavailable(format!("link to block decoder {} lost: {}", l.address, st.message())),
+            }
+        };
+        l.alive.store(false, Ordering::Relaxed);
+        tracing::warn!(block_decoder = %l.address, error = %end.message(), "link ended");
+        engine.link_lost(l.id, end);
+    });
+    Ok(link)
 }
