@@ -10,7 +10,9 @@
 # PRESET [block_main_b4_5], MODEL_DIR [/tmp/blockserve-loadtest-$PRESET, written
 # with random weights by `blockserve init` when missing], DEVICE [cpu], DTYPE
 # [f32], TOKEN_DECODERS [1], TD_DEVICE [$DEVICE], KV_MIB [1024], MAX_BATCH [1024],
-# MAX_SESSIONS [4096], TOKEN_BUDGET [8192], LOGS [/tmp/blockserve-loadtest-logs].
+# MAX_SESSIONS [4096], TOKEN_BUDGET [8192], BATCH_FILL [50], LOGS
+# [/tmp/blockserve-loadtest-logs], UP [unset; set: every tier in one
+# `blockserve up` process instead, with the same Redis].
 set -euo pipefail
 BS=${BS:-target/release/blockserve}
 LT=${LT:-target/release/blockserve-loadtest}
@@ -39,9 +41,23 @@ rp=$(free_port)
 pids+=($!)
 wait_port "$rp"
 export BLOCKSERVE_REDIS_URL=redis://127.0.0.1:$rp BLOCKSERVE_MODEL=$MODEL_DIR BLOCKSERVE_DTYPE=$DTYPE
+if [ -n "${UP:-}" ]; then
+  # The same tiers in one process (`blockserve up`, still gRPC over loopback):
+  # one CUDA context, so the tiers' kernels share the GPU without time-slicing.
+  rtp=$(free_port)
+  "$BS" up --device "$DEVICE" --token-decoders "$TOKEN_DECODERS" --kv-cache-mib "${KV_MIB:-1024}" \
+    --max-sessions "${MAX_SESSIONS:-4096}" --max-batch "${MAX_BATCH:-1024}" --max-new-tokens 4096 \
+    --batch-fill "${BATCH_FILL:-50}" --redis-url "$BLOCKSERVE_REDIS_URL" --listen 127.0.0.1:$rtp >"$LOGS/up.log" 2>&1 &
+  pids+=($!)
+  wait_port "$rtp"
+  sleep 1
+  echo "stack (one process): router :$rtp, $TOKEN_DECODERS token decoder(s), $DEVICE, redis :$rp, model $MODEL_DIR ($DTYPE)" >&2
+  "$LT" --target "http://127.0.0.1:$rtp" "$@"
+  exit
+fi
 bdp=$(free_port)
 "$BS" block-decoder --listen 127.0.0.1:$bdp --device "$DEVICE" --kv-cache-mib "${KV_MIB:-1024}" \
-  --max-sessions "${MAX_SESSIONS:-4096}" --token-budget "${TOKEN_BUDGET:-8192}" >"$LOGS/block-decoder.log" 2>&1 &
+  --max-sessions "${MAX_SESSIONS:-4096}" --token-budget "${TOKEN_BUDGET:-8192}" --batch-fill "${BATCH_FILL:-50}" >"$LOGS/block-decoder.log" 2>&1 &
 pids+=($!)
 wait_port "$bdp"
 for i in $(seq 1 "$TOKEN_DECODERS"); do

@@ -40,6 +40,14 @@ enum Command {
     Contexts { ids: Vec<u32>, reply: oneshot::Sender<Result<Embeddings, ModelError>> },
 }
 
+/// How long a decode pass gathers blocks: until `fill_percent` of the
+/// decoding sessions sent theirs, or `max_wait`.
+#[derive(Clone, Copy, Debug)]
+pub struct Gather {
+    pub max_wait: Duration,
+    pub fill_percent: u32,
+}
+
 /// Handle to the model thread; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -60,9 +68,8 @@ pub fn session_error(key: u64, st: &tonic::Status) -> SessionError {
 }
 
 impl Engine {
-    /// Start the model thread. Decode blocks wait up to `max_wait` for more to
-    /// join their pass (see `ready`).
-    pub fn start(model: Arc<BlockTransformer>, config: SchedulerConfig, max_wait: Duration) -> Result<Self, ModelError> {
+    /// Start the model thread. Decode blocks gather as `gather` says (see `ready`).
+    pub fn start(model: Arc<BlockTransformer>, config: SchedulerConfig, gather: Gather) -> Result<Self, ModelError> {
         let mut sched = BlockScheduler::new(model, config)?;
         sched.warm_up()?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -71,7 +78,7 @@ impl Engine {
         let (a, q) = (active.clone(), queued.clone());
         std::thread::Builder::new()
             .name("block-decoder-engine".into())
-            .spawn(move || Thread { sched, links: Links::default(), active: a, queued: q, max_wait }.run(rx))
+            .spawn(move || Thread { sched, links: Links::default(), active: a, queued: q, gather }.run(rx))
             .expect("spawn engine thread");
         Ok(Self { tx, active, queued })
     }
@@ -140,15 +147,16 @@ struct Thread {
     links: Links,
     active: Arc<AtomicU32>,
     queued: Arc<AtomicU32>,
-    max_wait: Duration,
+    gather: Gather,
 }
 
 /// Whether to run a pass now: prompt work never waits; decode blocks wait
-/// (up to `max_wait`) until at least half of the decoding sessions sent theirs,
-/// so passes stay large and the sessions settle into about two groups that
-/// alternate between this tier and the token decoders.
-fn ready(sched: &BlockScheduler, waited: Duration, max_wait: Duration) -> bool {
-    sched.has_prefill() || (sched.pending_blocks() > 0 && (2 * sched.pending_blocks() >= sched.decoding() || waited >= max_wait))
+/// (up to `max_wait`) until `fill_percent` of the decoding sessions sent
+/// theirs, so passes stay large. At 50 the sessions settle into about two
+/// groups that alternate between this tier and the token decoders.
+fn ready(sched: &BlockScheduler, waited: Duration, g: Gather) -> bool {
+    let filled = 100 * sched.pending_blocks() >= g.fill_percent as usize * sched.decoding();
+    sched.has_prefill() || (sched.pending_blocks() > 0 && (filled || waited >= g.max_wait))
 }
 
 impl Thread {
@@ -164,7 +172,7 @@ impl Thread {
             }
             self.drain(&mut rx);
             let started = Instant::now();
-            while !ready(&self.sched, started.elapsed(), self.max_wait) && self.sched.has_work() {
+            while !ready(&self.sched, started.elapsed(), self.gather) && self.sched.has_work() {
                 std::thread::sleep(Duration::from_micros(50));
                 self.drain(&mut rx);
             }

@@ -36,10 +36,16 @@ pub struct Args {
     #[arg(long, env = "BLOCKSERVE_TOKEN_BUDGET", default_value_t = 8192)]
     pub token_budget: usize,
     /// Microseconds a pass of decode blocks may wait for more sessions' blocks
-    /// (it runs at once when half the decoding sessions have sent theirs, or
-    /// when prompt work is queued).
+    /// (it runs at once when --batch-fill percent of the decoding sessions
+    /// have sent theirs, or when prompt work is queued).
     #[arg(long, env = "BLOCKSERVE_MAX_BATCH_WAIT_US", default_value_t = 2000)]
     pub max_batch_wait_us: u64,
+    /// Percent of the decoding sessions whose blocks a decode pass waits for
+    /// (up to --max-batch-wait-us). 50 lets the sessions settle into two groups
+    /// that alternate between the tiers; 100 keeps them in one group, so each
+    /// tier runs one large batch per block.
+    #[arg(long, env = "BLOCKSERVE_BATCH_FILL", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub batch_fill: u32,
 }
 
 struct Load(engine::Engine, u32);
@@ -58,7 +64,11 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     };
     let config = SchedulerConfig::for_memory(&model, args.kv_cache_mib << 20, args.token_budget);
     tracing::info!(kv_pages = config.kv_pages, page_blocks = config.page_size, token_budget = config.token_budget, "block-level KV pool");
-    let engine = engine::Engine::start(model.clone(), config, Duration::from_micros(args.max_batch_wait_us))?;
+    let engine = engine::Engine::start(
+        model.clone(),
+        config,
+        engine::Gather { max_wait: Duration::from_micros(args.max_batch_wait_us), fill_percent: args.batch_fill },
+    )?;
     let (listener, addr) = bind(args.serve.listen).await?;
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     tracing::info!(%address, "block decoder listening");

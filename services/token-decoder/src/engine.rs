@@ -65,6 +65,7 @@ enum Command {
     Down { link: u64, msg: LinkDown },
     LinkLost { link: u64, status: Status },
     Score { contexts: Tensor, blocks: Vec<u32>, reply: oneshot::Sender<Result<Vec<f32>, ModelError>> },
+    Stop,
 }
 
 #[derive(Clone)]
@@ -122,6 +123,11 @@ impl Engine {
             return Err(Status::unavailable("token decoder engine stopped"));
         }
         Ok(OpenSession { engine: self.clone(), key, unread })
+    }
+
+    /// End the model thread (after the server drained); it logs its load.
+    pub fn stop(&self) {
+        self.send(Command::Stop);
     }
 
     /// A message from a link.
@@ -183,6 +189,9 @@ impl Thread {
         while let Some(first) = rx.blocking_recv() {
             let cmds: Vec<Command> = std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())).collect();
             self.queued.fetch_sub(cmds.len() as u32, Ordering::Relaxed);
+            if cmds.iter().any(|c| matches!(c, Command::Stop)) {
+                return;
+            }
             let mut rows = Rows::default();
             for c in cmds {
                 self.apply(c, &mut rows);
@@ -243,6 +252,7 @@ impl Thread {
             Command::Score { contexts, blocks, reply } => {
                 let _ = reply.send(score(&self.model, &contexts, &blocks));
             }
+            Command::Stop => {}
         }
     }
 

@@ -83,8 +83,9 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         Model::Vanilla(_) => bail!("the token decoder serves Block Transformers; {} holds a vanilla model", args.model.model.display()),
     };
     let tokenizer = Tokenizer::from_dir(&args.model.model)?;
+    let engine = engine::Engine::start(model.clone(), args.max_batch)?;
     let shared = Arc::new(Shared {
-        engine: engine::Engine::start(model.clone(), args.max_batch)?,
+        engine: engine.clone(),
         model,
         store: store.clone(),
         tokenizer,
@@ -106,7 +107,9 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     if let Some(r) = ready {
         let _ = r.send(address);
     }
-    serve(router, &["blockserve.v1.TokenDecoder"], listener, stop, Duration::from_secs(args.serve.grace_period_s)).await?;
+    let served = serve(router, &["blockserve.v1.TokenDecoder"], listener, stop, Duration::from_secs(args.serve.grace_period_s)).await;
+    engine.stop();
+    served?;
     let _ = lease_task.await;
     Ok(())
 }
