@@ -12,7 +12,7 @@
 # [f32], TOKEN_DECODERS [1], TD_DEVICE [$DEVICE], KV_MIB [1024], MAX_BATCH [1024],
 # MAX_SESSIONS [4096], TOKEN_BUDGET [8192], BATCH_FILL [50], LOGS
 # [/tmp/blockserve-loadtest-logs], UP [unset; set: every tier in one
-# `blockserve up` process instead, with the same Redis].
+# `blockserve up` process instead, with the same Redis], PLUMBING_NICE [unset].
 set -euo pipefail
 BS=${BS:-target/release/blockserve}
 LT=${LT:-target/release/blockserve-loadtest}
@@ -26,6 +26,10 @@ TOKEN_DECODERS=${TOKEN_DECODERS:-1}
 LOGS=${LOGS:-/tmp/blockserve-loadtest-logs}
 mkdir -p "$LOGS"
 pids=()
+names=()
+# PLUMBING_NICE=n runs the router and the load generator at that nice value:
+# on one host they stand in for machines of their own.
+NICE=""; [ -n "${PLUMBING_NICE:-}" ] && NICE="nice -n $PLUMBING_NICE"
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
@@ -38,7 +42,7 @@ wait_port() {
 [ -e "$MODEL_DIR/config.json" ] || "$BS" init --preset "$PRESET" --out "$MODEL_DIR" --dtype "$([ "$DTYPE" = f32 ] && echo f32 || echo bf16)" >/dev/null
 rp=$(free_port)
 "$REDIS_SERVER" --port "$rp" --save "" --appendonly no >"$LOGS/redis.log" 2>&1 &
-pids+=($!)
+pids+=($!); names+=(redis)
 wait_port "$rp"
 export BLOCKSERVE_REDIS_URL=redis://127.0.0.1:$rp BLOCKSERVE_MODEL=$MODEL_DIR BLOCKSERVE_DTYPE=$DTYPE
 if [ -n "${UP:-}" ]; then
@@ -48,29 +52,35 @@ if [ -n "${UP:-}" ]; then
   "$BS" up --device "$DEVICE" --token-decoders "$TOKEN_DECODERS" --kv-cache-mib "${KV_MIB:-1024}" \
     --max-sessions "${MAX_SESSIONS:-4096}" --max-batch "${MAX_BATCH:-1024}" --max-new-tokens 4096 \
     --batch-fill "${BATCH_FILL:-50}" --redis-url "$BLOCKSERVE_REDIS_URL" --listen 127.0.0.1:$rtp >"$LOGS/up.log" 2>&1 &
-  pids+=($!)
+  pids+=($!); names+=(up)
   wait_port "$rtp"
   sleep 1
   echo "stack (one process): router :$rtp, $TOKEN_DECODERS token decoder(s), $DEVICE, redis :$rp, model $MODEL_DIR ($DTYPE)" >&2
-  "$LT" --target "http://127.0.0.1:$rtp" "$@"
-  exit
-fi
+else
 bdp=$(free_port)
 "$BS" block-decoder --listen 127.0.0.1:$bdp --device "$DEVICE" --kv-cache-mib "${KV_MIB:-1024}" \
   --max-sessions "${MAX_SESSIONS:-4096}" --token-budget "${TOKEN_BUDGET:-8192}" --batch-fill "${BATCH_FILL:-50}" >"$LOGS/block-decoder.log" 2>&1 &
-pids+=($!)
+pids+=($!); names+=(block-decoder)
 wait_port "$bdp"
 for i in $(seq 1 "$TOKEN_DECODERS"); do
   tdp=$(free_port)
   "$BS" token-decoder --listen 127.0.0.1:$tdp --device "$TD_DEVICE" --max-batch "${MAX_BATCH:-1024}" \
     --max-sessions "${MAX_SESSIONS:-4096}" >"$LOGS/token-decoder-$i.log" 2>&1 &
-  pids+=($!)
+  pids+=($!); names+=(token-decoder-$i)
   wait_port "$tdp"
 done
 rtp=$(free_port)
-"$BS" router --listen 127.0.0.1:$rtp --max-new-tokens 4096 >"$LOGS/router.log" 2>&1 &
-pids+=($!)
+$NICE "$BS" router --listen 127.0.0.1:$rtp --max-new-tokens 4096 >"$LOGS/router.log" 2>&1 &
+pids+=($!); names+=(router)
 wait_port "$rtp"
 sleep 1
 echo "stack: router :$rtp, block decoder :$bdp ($DEVICE), $TOKEN_DECODERS token decoder(s) ($TD_DEVICE), redis :$rp, model $MODEL_DIR ($DTYPE)" >&2
-"$LT" --target "http://127.0.0.1:$rtp" "$@"
+fi
+# CPU seconds each process used (the machine's load is part of the result:
+# every tier, Redis and the load generator share its cores here).
+cpu_of() { awk -v t="$(getconf CLK_TCK)" '{ printf "%.1f", ($14 + $15) / t }' "/proc/$1/stat" 2>/dev/null; }
+TIMEFORMAT="load generator: %R s wall, %U s user + %S s system CPU"
+time $NICE "$LT" --target "http://127.0.0.1:$rtp" "$@"
+echo -n "CPU seconds:"
+for i in "${!pids[@]}"; do echo -n " ${names[$i]} $(cpu_of "${pids[$i]}")"; done
+echo " (of $(nproc) cores)"

@@ -9,6 +9,7 @@ pub mod params;
 pub mod server;
 pub mod status;
 pub mod store;
+pub mod thread;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing() {

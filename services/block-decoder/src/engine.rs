@@ -161,6 +161,7 @@ fn ready(sched: &BlockScheduler, waited: Duration, g: Gather) -> bool {
 
 impl Thread {
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        blockserve_runtime::thread::make_critical("block-decoder-engine");
         let mut busy = blockserve_runtime::busy::Busy::new("block-decoder");
         loop {
             // Block for commands only when there is nothing to compute.

@@ -263,6 +263,12 @@ impl Router {
                     return;
                 }
                 if last {
+                    // Read the token decoder's stream to its end (it ends right
+                    // after `finished`): dropping it open would reset it, and h2
+                    // treats a burst of over 1024 local resets (thousands of
+                    // sessions finishing together) as an error of the connection.
+                    drop(tx);
+                    while let Ok(Some(_)) = events.message().await {}
                     return;
                 }
             }

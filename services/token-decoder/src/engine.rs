@@ -184,6 +184,7 @@ struct Thread {
 
 impl Thread {
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        blockserve_runtime::thread::make_critical("token-decoder-engine");
         let mut busy = blockserve_runtime::busy::Busy::new("token-decoder");
         // Take everything that is queued, decode what arrived, send the blocks up.
         while let Some(first) = rx.blocking_recv() {

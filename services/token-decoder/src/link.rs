@@ -55,6 +55,7 @@ impl Default for Links {
         std::thread::Builder::new()
             .name("link-io".into())
             .spawn(move || {
+                blockserve_runtime::thread::make_critical("link-io");
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("link runtime");
                 let _ = tx.send(rt.handle().clone());
                 rt.block_on(std::future::pending::<()>());
