@@ -4,7 +4,6 @@
 
 pub mod engine;
 pub mod link;
-pub mod recorder;
 pub mod service;
 pub mod session;
 
@@ -48,8 +47,6 @@ pub struct Shared {
     pub model: Arc<BlockTransformer>,
     pub engine: engine::Engine,
     pub store: Arc<dyn SessionStore>,
-    /// Batches the sessions' token appends.
-    pub recorder: recorder::Recorder,
     pub tokenizer: Option<Tokenizer>,
     pub dtype: DType,
     pub device: Device,
@@ -91,7 +88,6 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         engine: engine.clone(),
         model,
         store: store.clone(),
-        recorder: recorder::Recorder::start(store.clone()),
         tokenizer,
         dtype: parse_dtype(&args.model.dtype)?,
         device: parse_device(&args.model.device)?,
