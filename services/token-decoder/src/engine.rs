@@ -47,15 +47,16 @@ pub struct OpenRequest {
     pub prompt: Vec<u32>,
     pub max_new_blocks: u32,
     pub spec: Spec,
-    /// Never full: the engine stops a session at [`MAX_UNREAD`] unread blocks
+    /// Never full: the engine stops a session at `max_unread` unread blocks
     /// instead of waiting for it.
     pub events: mpsc::UnboundedSender<Event>,
 }
 
-/// Blocks a session may have decoded that its task has not yet consumed
-/// (recorded and handed to its client). A session whose client reads slowly
-/// stops here with its next block held back from the block decoder, so a slow
-/// client never holds up the others and its buffer stays bounded.
+/// Default of how many blocks a session may have decoded that its task has not
+/// yet consumed (recorded and handed to its client). A session whose client
+/// reads slowly stops there with its next block held back from the block
+/// decoder, so a slow client never holds up the others and its buffer stays
+/// bounded.
 pub const MAX_UNREAD: u32 = 4;
 
 enum Command {
@@ -72,6 +73,7 @@ enum Command {
 pub struct Engine {
     tx: mpsc::UnboundedSender<Command>,
     pub queued: Arc<AtomicU32>,
+    max_unread: u32,
 }
 
 /// Closes its session on the engine (and so on the block decoder) when dropped,
@@ -85,7 +87,7 @@ pub struct OpenSession {
 impl OpenSession {
     /// The task consumed one event; a session held back at the limit goes on.
     pub fn consumed(&self) {
-        if self.unread.fetch_sub(1, Ordering::SeqCst) == MAX_UNREAD {
+        if self.unread.fetch_sub(1, Ordering::SeqCst) == self.engine.max_unread {
             self.engine.send(Command::Resume { key: self.key });
         }
     }
@@ -98,16 +100,18 @@ impl Drop for OpenSession {
 }
 
 impl Engine {
-    /// Start the model thread; blocks are decoded in batches of at most `max_batch`.
-    pub fn start(model: Arc<BlockTransformer>, max_batch: usize) -> Result<Self, ModelError> {
+    /// Start the model thread; blocks are decoded in batches of at most
+    /// `max_batch`, and a session is held back at `max_unread` unread blocks.
+    pub fn start(model: Arc<BlockTransformer>, max_batch: usize, max_unread: u32) -> Result<Self, ModelError> {
+        let max_unread = max_unread.max(1);
         let mut batcher = TokenBatcher::new(model.clone(), max_batch)?;
         batcher.warm_up()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicU32::new(0));
         let q = queued.clone();
-        let thread = Thread { model, batcher, sessions: HashMap::new(), outbox: HashMap::new(), queued: q };
+        let thread = Thread { model, batcher, sessions: HashMap::new(), outbox: HashMap::new(), queued: q, max_unread, held_back: 0 };
         std::thread::Builder::new().name("token-decoder-engine".into()).spawn(move || thread.run(rx)).expect("spawn engine thread");
-        Ok(Self { tx, queued })
+        Ok(Self { tx, queued, max_unread })
     }
 
     fn send(&self, c: Command) -> bool {
@@ -180,6 +184,9 @@ struct Thread {
     /// Messages to send up, one per link, flushed after each round.
     outbox: HashMap<u64, (Arc<Link>, LinkUp)>,
     queued: Arc<AtomicU32>,
+    max_unread: u32,
+    /// Blocks held back because their session's task was behind.
+    held_back: u64,
 }
 
 impl Thread {
@@ -191,6 +198,7 @@ impl Thread {
             let cmds: Vec<Command> = std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())).collect();
             self.queued.fetch_sub(cmds.len() as u32, Ordering::Relaxed);
             if cmds.iter().any(|c| matches!(c, Command::Stop)) {
+                tracing::info!(held_back = self.held_back, max_unread = self.max_unread, "blocks held back for sessions whose task was behind");
                 return;
             }
             let mut rows = Rows::default();
@@ -360,7 +368,7 @@ impl Thread {
             // Counted before it is sent, so the task's count never goes below
             // zero; a task that catches up after this sees the limit and
             // resumes the session (see `consumed`), after this round parks it.
-            let behind = s.unread.fetch_add(1, Ordering::SeqCst) + 1 >= MAX_UNREAD;
+            let behind = s.unread.fetch_add(1, Ordering::SeqCst) + 1 >= self.max_unread;
             events.push((s.events.clone(), Event::Block { tokens: new, finish, wire_bytes }));
             let (link, index) = (s.link.clone(), s.next_context);
             if finish.is_some() {
@@ -368,6 +376,7 @@ impl Thread {
                 self.up(&link).closes.push(key);
             } else if behind {
                 s.parked = Some((index, block));
+                self.held_back += 1;
             } else {
                 self.send_block(&link, key, index, &block);
             }
@@ -422,7 +431,7 @@ mod tests {
         let d = m.config.block_decoder.hidden_size;
         let zero = Tensor::zeros((1, d), DType::F32, &Device::Cpu).unwrap();
         let want = TokenBatcher::new(m.clone(), 1).unwrap().decode(&zero, &[BlockJob::greedy(0)]).unwrap().remove(0);
-        let engine = Engine::start(m.clone(), 4).unwrap();
+        let engine = Engine::start(m.clone(), 4, MAX_UNREAD).unwrap();
         let (up_tx, mut up) = mpsc::unbounded_channel();
         let link = Arc::new(Link::new(7, "test".into(), up_tx));
         let (events_tx, mut events) = mpsc::unbounded_channel();

@@ -37,6 +37,10 @@ pub struct Args {
     /// cache is preallocated for this many rows).
     #[arg(long, env = "BLOCKSERVE_MAX_BATCH", default_value_t = 1024)]
     pub max_batch: usize,
+    /// Blocks a session may run ahead of its own recording and relaying; at the
+    /// limit its next block waits (a slow client holds up only itself).
+    #[arg(long, env = "BLOCKSERVE_MAX_UNREAD_BLOCKS", default_value_t = engine::MAX_UNREAD)]
+    pub max_unread_blocks: u32,
     /// Seconds a finished session stays in the store.
     #[arg(long, env = "BLOCKSERVE_SESSION_TTL_S", default_value_t = 3600)]
     pub session_ttl_s: u64,
@@ -83,7 +87,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         Model::Vanilla(_) => bail!("the token decoder serves Block Transformers; {} holds a vanilla model", args.model.model.display()),
     };
     let tokenizer = Tokenizer::from_dir(&args.model.model)?;
-    let engine = engine::Engine::start(model.clone(), args.max_batch)?;
+    let engine = engine::Engine::start(model.clone(), args.max_batch, args.max_unread_blocks)?;
     let shared = Arc::new(Shared {
         engine: engine.clone(),
         model,
