@@ -15,7 +15,7 @@ pub use memory::MemoryStore;
 pub use redis_store::RedisStore;
 pub use types::*;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("session store unavailable: {0}")]
     Unavailable(String),
@@ -56,6 +56,14 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn set_progress(&self, id: &str, state: SessionState) -> Result<()>;
     /// Append generated tokens (in order, once each).
     async fn append_tokens(&self, id: &str, tokens: &[u32]) -> Result<()>;
+    /// `append_tokens` for many sessions at once (one round trip where the
+    /// store allows it); entries of one session apply in order.
+    async fn append_many(&self, batch: &[(String, Vec<u32>)]) -> Result<()> {
+        for (id, tokens) in batch {
+            self.append_tokens(id, tokens).await?;
+        }
+        Ok(())
+    }
     /// Generated tokens from index `from` on.
     async fn tokens(&self, id: &str, from: usize) -> Result<Vec<u32>>;
     /// Record the final state unless one is recorded already; returns whether this

@@ -166,6 +166,24 @@ impl SessionStore for RedisStore {
         Ok(())
     }
 
+    async fn append_many(&self, batch: &[(String, Vec<u32>)]) -> Result<()> {
+        if batch.iter().all(|(_, t)| t.is_empty()) {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut pipe = redis::pipe();
+        for (id, tokens) in batch.iter().filter(|(_, t)| !t.is_empty()) {
+            pipe.rpush(self.tokens_key(id), tokens)
+                .ignore()
+                .hset(self.sess_key(id), "updated_at_ms", now)
+                .ignore()
+                .hset_nx(self.sess_key(id), "first_token_at_ms", now)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn()).await?;
+        Ok(())
+    }
+
     async fn tokens(&self, id: &str, from: usize) -> Result<Vec<u32>> {
         let mut c = self.conn();
         Ok(c.lrange(self.tokens_key(id), from as isize, -1).await?)

@@ -45,10 +45,16 @@ async fn contract(store: Arc<dyn SessionStore>) {
     store.append_tokens("s1", &[5, 6, 7, 8]).await.unwrap();
     store.append_tokens("s1", &[9]).await.unwrap();
     assert_eq!(store.tokens("s1", 0).await.unwrap(), vec![5, 6, 7, 8, 9]);
-    assert_eq!(store.tokens("s1", 3).await.unwrap(), vec![8, 9]);
+    assert!(store.create_session(&spec("s2")).await.unwrap());
+    store.append_many(&[("s2".into(), vec![1, 2]), ("s1".into(), vec![10]), ("s2".into(), vec![3]), ("s2".into(), vec![])]).await.unwrap();
+    assert_eq!(store.tokens("s2", 0).await.unwrap(), vec![1, 2, 3]);
+    assert_eq!(store.session("s2").await.unwrap().unwrap().generated, 3);
+    assert_eq!(store.tokens("s1", 0).await.unwrap(), vec![5, 6, 7, 8, 9, 10]);
+    store.append_many(&[]).await.unwrap();
+    assert_eq!(store.tokens("s1", 3).await.unwrap(), vec![8, 9, 10]);
     assert_eq!(store.tokens("s1", 9).await.unwrap(), Vec::<u32>::new());
     let r = store.session("s1").await.unwrap().unwrap();
-    assert_eq!((r.state, r.generated), (SessionState::Decoding, 5));
+    assert_eq!((r.state, r.generated), (SessionState::Decoding, 6));
     assert!(r.first_token_at_ms.is_some());
 
     let cancelled = Outcome { state: SessionState::Cancelled, finish_reason: "cancelled".into(), error: None };

@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod link;
+pub mod recorder;
 pub mod service;
 pub mod session;
 
@@ -51,6 +52,8 @@ pub struct Shared {
     pub model: Arc<BlockTransformer>,
     pub engine: engine::Engine,
     pub store: Arc<dyn SessionStore>,
+    /// Batches the sessions' token appends.
+    pub recorder: recorder::Recorder,
     pub tokenizer: Option<Tokenizer>,
     pub dtype: DType,
     pub device: Device,
@@ -92,6 +95,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         engine: engine.clone(),
         model,
         store: store.clone(),
+        recorder: recorder::Recorder::start(store.clone()),
         tokenizer,
         dtype: parse_dtype(&args.model.dtype)?,
         device: parse_device(&args.model.device)?,

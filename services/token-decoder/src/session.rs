@@ -138,7 +138,7 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
         let now = Instant::now();
         gen.first_at.get_or_insert(now);
         gen.last_at = Some(now);
-        shared.store.append_tokens(&req.session_id, &new).await.map_err(blockserve_runtime::status::from_store)?;
+        shared.recorder.append(&req.session_id, &new).await.map_err(blockserve_runtime::status::from_store)?;
         let chunk = TokenChunk { offset, token_ids: new, text: delta };
         if tx.send(Ok(RunEvent { kind: Some(run_event::Kind::Tokens(chunk)) })).await.is_err() {
             return Ok(End::Cancelled);
