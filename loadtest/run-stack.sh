@@ -10,7 +10,7 @@
 # PRESET [block_main_b4_5], MODEL_DIR [/tmp/blockserve-loadtest-$PRESET, written
 # with random weights by `blockserve init` when missing], DEVICE [cpu], DTYPE
 # [f32], TOKEN_DECODERS [1], TD_DEVICE [$DEVICE], KV_MIB [1024], MAX_BATCH [1024],
-# MAX_SESSIONS [4096], TOKEN_BUDGET [8192], BATCH_FILL [50], LOGS
+# MAX_SESSIONS [4096], TOKEN_BUDGET [8192], MICRO_BATCHES [2], LOGS
 # [/tmp/blockserve-loadtest-logs], MAX_UNREAD [4], UP [unset; set: every tier in one
 # `blockserve up` process instead, with the same Redis], PLUMBING_NICE [unset].
 set -euo pipefail
@@ -51,7 +51,7 @@ if [ -n "${UP:-}" ]; then
   rtp=$(free_port)
   "$BS" up --device "$DEVICE" --token-decoders "$TOKEN_DECODERS" --kv-cache-mib "${KV_MIB:-1024}" \
     --max-sessions "${MAX_SESSIONS:-4096}" --max-batch "${MAX_BATCH:-1024}" --max-new-tokens 4096 \
-    --batch-fill "${BATCH_FILL:-50}" --redis-url "$BLOCKSERVE_REDIS_URL" --listen 127.0.0.1:$rtp >"$LOGS/up.log" 2>&1 &
+    --micro-batches "${MICRO_BATCHES:-2}" --redis-url "$BLOCKSERVE_REDIS_URL" --listen 127.0.0.1:$rtp >"$LOGS/up.log" 2>&1 &
   pids+=($!); names+=(up)
   wait_port "$rtp"
   sleep 1
@@ -59,7 +59,7 @@ if [ -n "${UP:-}" ]; then
 else
 bdp=$(free_port)
 "$BS" block-decoder --listen 127.0.0.1:$bdp --device "$DEVICE" --kv-cache-mib "${KV_MIB:-1024}" \
-  --max-sessions "${MAX_SESSIONS:-4096}" --token-budget "${TOKEN_BUDGET:-8192}" --batch-fill "${BATCH_FILL:-50}" >"$LOGS/block-decoder.log" 2>&1 &
+  --max-sessions "${MAX_SESSIONS:-4096}" --token-budget "${TOKEN_BUDGET:-8192}" --micro-batches "${MICRO_BATCHES:-2}" >"$LOGS/block-decoder.log" 2>&1 &
 pids+=($!); names+=(block-decoder)
 wait_port "$bdp"
 for i in $(seq 1 "$TOKEN_DECODERS"); do

@@ -35,10 +35,26 @@ enum Command {
     Init(commands::init::Args),
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     blockserve_runtime::init_tracing();
     let cli = Cli::parse();
+    // The block decoder does no per-session work on its runtime: only its
+    // links, which are the critical path between passes, so its workers run
+    // at the engine's priority.
+    let critical = matches!(cli.command, Command::BlockDecoder(_));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(move || {
+            if critical {
+                blockserve_runtime::thread::make_critical("block-decoder-worker");
+            }
+        })
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(run(cli));
+}
+
+async fn run(cli: Cli) {
     let result = match cli.command {
         Command::Up(a) => commands::up::run(a).await,
         Command::Client(c) => commands::client::run(c).await,

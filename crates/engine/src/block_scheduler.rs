@@ -220,13 +220,20 @@ impl BlockScheduler {
     /// contexts that sessions are waiting for (one per decode row, one per prompt
     /// finished), or None when there was nothing to do.
     pub fn iterate(&mut self) -> Result<Option<Contexts>> {
+        self.iterate_with(usize::MAX)
+    }
+
+    /// [`iterate`](Self::iterate) with at most `max_decode_rows` pending blocks,
+    /// the longest waiting first; the rest wait for the next pass (a serving
+    /// tier splits its sessions into micro-batches this way).
+    pub fn iterate_with(&mut self, max_decode_rows: usize) -> Result<Option<Contexts>> {
         self.admit();
         let l = self.model.block_length();
+        let decode_rows = self.pending.len().min(max_decode_rows);
         // (key, new blocks, emits a context)
-        let mut rows: Vec<(u64, usize, bool)> = Vec::with_capacity(self.pending.len() + self.prefilling.len());
-        let mut ids: Vec<u32> = Vec::with_capacity((self.pending.len() + self.config.token_budget) * l);
-        let decode_rows = self.pending.len();
-        for (key, block) in self.pending.drain(..) {
+        let mut rows: Vec<(u64, usize, bool)> = Vec::with_capacity(decode_rows + self.prefilling.len());
+        let mut ids: Vec<u32> = Vec::with_capacity((decode_rows + self.config.token_budget) * l);
+        for (key, block) in self.pending.drain(..decode_rows) {
             ids.extend_from_slice(&block);
             rows.push((key, 1, true));
         }

@@ -40,12 +40,22 @@ enum Command {
     Contexts { ids: Vec<u32>, reply: oneshot::Sender<Result<Embeddings, ModelError>> },
 }
 
-/// How long a decode pass gathers blocks: until `fill_percent` of the
-/// decoding sessions sent theirs, or `max_wait`.
+/// How decode passes are formed: the decoding sessions are split into
+/// `micro_batches` groups of about equal size; a pass takes one group's
+/// blocks, waiting for them up to `max_wait`. With two, one group's blocks are
+/// on their way through the token decoders while the other's pass runs, so
+/// neither tier waits for the round trip.
 #[derive(Clone, Copy, Debug)]
 pub struct Gather {
     pub max_wait: Duration,
-    pub fill_percent: u32,
+    pub micro_batches: usize,
+}
+
+impl Gather {
+    /// Decode rows of one pass: a micro-batch of the decoding sessions.
+    fn rows(&self, sched: &BlockScheduler) -> usize {
+        sched.decoding().div_ceil(self.micro_batches.max(1)).max(1)
+    }
 }
 
 /// Handle to the model thread; cheap to clone.
@@ -151,12 +161,9 @@ struct Thread {
 }
 
 /// Whether to run a pass now: prompt work never waits; decode blocks wait
-/// (up to `max_wait`) until `fill_percent` of the decoding sessions sent
-/// theirs, so passes stay large. At 50 the sessions settle into about two
-/// groups that alternate between this tier and the token decoders.
+/// (up to `max_wait`) until a micro-batch of them is there.
 fn ready(sched: &BlockScheduler, waited: Duration, g: Gather) -> bool {
-    let filled = 100 * sched.pending_blocks() >= g.fill_percent as usize * sched.decoding();
-    sched.has_prefill() || (sched.pending_blocks() > 0 && (filled || waited >= g.max_wait))
+    sched.has_prefill() || (sched.pending_blocks() > 0 && (sched.pending_blocks() >= g.rows(sched) || waited >= g.max_wait))
 }
 
 impl Thread {
@@ -251,7 +258,10 @@ impl Thread {
     /// One scheduler iteration; each link gets the contexts of its sessions.
     /// Returns the rows computed.
     fn pass(&mut self) -> usize {
-        let out = self.sched.iterate().and_then(|out| out.map(|c| codec::encode(&c.tensor).map(|e| (c.rows, e)).map_err(ModelError::Input)).transpose());
+        let out = self
+            .sched
+            .iterate_with(self.gather.rows(&self.sched))
+            .and_then(|out| out.map(|c| codec::encode(&c.tensor).map(|e| (c.rows, e)).map_err(ModelError::Input)).transpose());
         match out {
             Ok(Some((rows, contexts))) => {
                 let mut per_link: HashMap<LinkId, (Vec<u64>, Vec<u32>, Vec<usize>)> = HashMap::new();

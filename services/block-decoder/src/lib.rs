@@ -35,17 +35,16 @@ pub struct Args {
     /// forward pass; prompts longer than what is left are prefilled in chunks.
     #[arg(long, env = "BLOCKSERVE_TOKEN_BUDGET", default_value_t = 8192)]
     pub token_budget: usize,
-    /// Microseconds a pass of decode blocks may wait for more sessions' blocks
-    /// (it runs at once when --batch-fill percent of the decoding sessions
-    /// have sent theirs, or when prompt work is queued).
+    /// Microseconds a pass of decode blocks may wait for the rest of its
+    /// micro-batch (it runs at once when prompt work is queued).
     #[arg(long, env = "BLOCKSERVE_MAX_BATCH_WAIT_US", default_value_t = 2000)]
     pub max_batch_wait_us: u64,
-    /// Percent of the decoding sessions whose blocks a decode pass waits for
-    /// (up to --max-batch-wait-us). 50 lets the sessions settle into two groups
-    /// that alternate between the tiers; 100 keeps them in one group, so each
-    /// tier runs one large batch per block.
-    #[arg(long, env = "BLOCKSERVE_BATCH_FILL", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100))]
-    pub batch_fill: u32,
+    /// Micro-batches the decoding sessions are split into; a decode pass takes
+    /// one. With 2, one micro-batch is decoded by the token decoders (and its
+    /// blocks travel) while the other's pass runs; 1 runs every session in one
+    /// pass and then waits for the round trip.
+    #[arg(long, env = "BLOCKSERVE_MICRO_BATCHES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub micro_batches: u32,
 }
 
 struct Load(engine::Engine, u32);
@@ -67,7 +66,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     let engine = engine::Engine::start(
         model.clone(),
         config,
-        engine::Gather { max_wait: Duration::from_micros(args.max_batch_wait_us), fill_percent: args.batch_fill },
+        engine::Gather { max_wait: Duration::from_micros(args.max_batch_wait_us), micro_batches: args.micro_batches as usize },
     )?;
     let (listener, addr) = bind(args.serve.listen).await?;
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));

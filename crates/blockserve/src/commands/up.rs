@@ -41,10 +41,10 @@ pub struct Args {
     /// Most rows in one token-decoder batch.
     #[arg(long, env = "BLOCKSERVE_MAX_BATCH", default_value_t = 1024)]
     max_batch: usize,
-    /// Percent of the decoding sessions whose blocks a block-decoder pass
-    /// waits for (see `blockserve block-decoder --help`).
-    #[arg(long, env = "BLOCKSERVE_BATCH_FILL", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100))]
-    batch_fill: u32,
+    /// Micro-batches the block decoder splits the decoding sessions into (see
+    /// `blockserve block-decoder --help`).
+    #[arg(long, env = "BLOCKSERVE_MICRO_BATCHES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    micro_batches: u32,
     /// Largest max_new_tokens a request may ask for.
     #[arg(long, env = "BLOCKSERVE_MAX_NEW_TOKENS", default_value_t = 1024)]
     max_new_tokens: usize,
@@ -72,7 +72,7 @@ pub async fn run(args: Args) -> Result<()> {
         kv_cache_mib: args.kv_cache_mib,
         token_budget: 8192,
         max_batch_wait_us: 2000,
-        batch_fill: args.batch_fill,
+        micro_batches: args.micro_batches,
     };
     tasks.spawn(blockserve_block_decoder::run(bd, store.clone(), stop.clone(), Some(ready)));
     eprintln!("block decoder at {}", bd_addr.await?);
