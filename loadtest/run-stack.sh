@@ -11,7 +11,7 @@
 # with random weights by `blockserve init` when missing], DEVICE [cpu], DTYPE
 # [f32], TOKEN_DECODERS [1], TD_DEVICE [$DEVICE], KV_MIB [1024], MAX_BATCH [1024],
 # MAX_SESSIONS [4096], TOKEN_BUDGET [8192], MICRO_BATCHES [2], LOGS
-# [/tmp/blockserve-loadtest-logs], MAX_UNREAD [4], UP [unset; set: every tier in one
+# [/tmp/blockserve-loadtest-logs], MAX_UNREAD [8], UP [unset; set: every tier in one
 # `blockserve up` process instead, with the same Redis], PLUMBING_NICE [unset].
 set -euo pipefail
 BS=${BS:-target/release/blockserve}
@@ -65,7 +65,7 @@ wait_port "$bdp"
 for i in $(seq 1 "$TOKEN_DECODERS"); do
   tdp=$(free_port)
   "$BS" token-decoder --listen 127.0.0.1:$tdp --device "$TD_DEVICE" --max-batch "${MAX_BATCH:-1024}" \
-    --max-sessions "${MAX_SESSIONS:-4096}" --max-unread-blocks "${MAX_UNREAD:-4}" >"$LOGS/token-decoder-$i.log" 2>&1 &
+    --max-sessions "${MAX_SESSIONS:-4096}" --max-unread-blocks "${MAX_UNREAD:-8}" >"$LOGS/token-decoder-$i.log" 2>&1 &
   pids+=($!); names+=(token-decoder-$i)
   wait_port "$tdp"
 done

@@ -57,7 +57,7 @@ pub struct OpenRequest {
 /// reads slowly stops there with its next block held back from the block
 /// decoder, so a slow client never holds up the others and its buffer stays
 /// bounded.
-pub const MAX_UNREAD: u32 = 4;
+pub const MAX_UNREAD: u32 = 8;
 
 enum Command {
     Open(OpenRequest, Arc<AtomicU32>),
@@ -85,9 +85,11 @@ pub struct OpenSession {
 }
 
 impl OpenSession {
-    /// The task consumed one event; a session held back at the limit goes on.
-    pub fn consumed(&self) {
-        if self.unread.fetch_sub(1, Ordering::SeqCst) == self.engine.max_unread {
+    /// The task consumed `n` block events; a session held back at the limit
+    /// goes on.
+    pub fn consumed(&self, n: u32) {
+        let before = self.unread.fetch_sub(n, Ordering::SeqCst);
+        if before >= self.engine.max_unread && before - n < self.engine.max_unread {
             self.engine.send(Command::Resume { key: self.key });
         }
     }
@@ -465,7 +467,7 @@ mod tests {
                 Event::Failed(st) => panic!("{st}"),
             }
         }
-        guard.consumed();
+        guard.consumed(1);
         let blocks = next_up(&mut up).await.blocks.expect("the held block goes up");
         assert_eq!((blocks.keys, blocks.indices), (vec![3], vec![MAX_UNREAD]));
         drop(guard);

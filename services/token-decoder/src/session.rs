@@ -109,11 +109,24 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
     let mut text = shared.tokenizer.as_ref().map(|t| IncrementalDecoder::new(t));
     let mut full_text = String::new();
     loop {
-        let (new, finish, wire_bytes) = match events.recv().await {
+        let (mut new, mut finish, mut wire_bytes) = match events.recv().await {
             Some(Event::Block { tokens, finish, wire_bytes }) => (tokens, finish, wire_bytes),
             Some(Event::Failed(st)) => return Err(st),
             None => return Err(Status::internal("token decoder engine dropped the session")),
         };
+        // Blocks that arrived meanwhile join this one: a task that fell behind
+        // catches up with one record and one message instead of one per block.
+        let mut blocks = 1;
+        while finish.is_none() {
+            match events.try_recv() {
+                Ok(Event::Block { tokens, finish: f, wire_bytes: w }) => {
+                    new.extend_from_slice(&tokens);
+                    (finish, wire_bytes, blocks) = (f, wire_bytes + w, blocks + 1);
+                }
+                Ok(Event::Failed(st)) => return Err(st),
+                Err(_) => break,
+            }
+        }
         if gen.first_at.is_none() {
             shared.store.set_progress(&req.session_id, SessionState::Decoding).await.map_err(blockserve_runtime::status::from_store)?;
         }
@@ -143,7 +156,7 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
         if tx.send(Ok(RunEvent { kind: Some(run_event::Kind::Tokens(chunk)) })).await.is_err() {
             return Ok(End::Cancelled);
         }
-        open.consumed();
+        open.consumed(blocks);
         if let Some(end) = end {
             return Ok(end);
         }
