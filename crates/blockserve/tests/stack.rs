@@ -528,3 +528,77 @@ async fn text_stop_sequences_cut_the_text() {
     assert!(cut.token_ids.len() % 4 == 0 && cut.token_ids.len() < full.token_ids.len());
     assert_eq!(cut.token_ids[..], full.token_ids[..cut.token_ids.len()]);
 }
+
+/// The block decoder's link, driven directly: every bad open, block or close
+/// gets an error naming its session key, the field and the limit; good
+/// sessions on the same link go on, and their contexts equal the unary
+/// `Contexts` path's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_decoder_link_checks_every_message() {
+    use blockserve_proto::v1::block_decoder_client::BlockDecoderClient;
+
+    let port = free_port();
+    let model = fixture_model();
+    let _bd = spawn(&["block-decoder", "--listen", &format!("127.0.0.1:{port}"), "--model", model.to_str().unwrap()]);
+    wait_for_port(port, Duration::from_secs(60));
+    let mut client = BlockDecoderClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
+    let (up, rx) = tokio::sync::mpsc::unbounded_channel::<LinkUp>();
+    let mut down = client.link(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
+    let open = |key: u64, ids: Vec<u32>| OpenBlocks { key, session_id: format!("s{key}"), prompt_ids: ids, max_new_blocks: 4 };
+    let blocks = |keys: Vec<u64>, indices: Vec<u32>, token_ids: Vec<u32>| Some(BlockBatch { keys, indices, token_ids });
+    let errors = |m: LinkDown| m.errors.into_iter().map(|e| (e.key, Code::from_i32(e.code), e.message)).collect::<Vec<_>>();
+    let invalid = Code::InvalidArgument;
+    // Contexts of the same ids through the unary path: the expected rows.
+    let prompt: Vec<u32> = vec![5, 6, 7, 8, 9, 10, 11, 12];
+    let want = client.contexts(ContextsRequest { token_ids: [prompt.clone(), vec![1, 2, 3, 4]].concat() }).await.unwrap().into_inner().contexts.unwrap();
+    let row = |e: &Embeddings, i: usize| -> Vec<f32> {
+        let n = e.dim as usize * 4;
+        e.data[i * n..(i + 1) * n].chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let close_to = |a: Vec<f32>, b: Vec<f32>| assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-4), "{a:?} vs {b:?}");
+
+    up.send(LinkUp {
+        opens: vec![open(1, prompt.clone()), open(2, vec![1, 2, 3]), open(3, vec![1, 2, 3, 99999])],
+        blocks: blocks(vec![9], vec![0], vec![1, 2, 3, 4]),
+        closes: vec![],
+    })
+    .unwrap();
+    assert_eq!(
+        errors(down.message().await.unwrap().unwrap()),
+        vec![
+            (2, invalid, "opens.prompt_ids: 3 ids is not a positive whole number of 4-token blocks".to_string()),
+            (3, invalid, "opens.prompt_ids: token id 99999 is out of range (vocab size 512)".to_string()),
+            (9, Code::NotFound, "blocks.keys: session key 9 is not open on this link".to_string()),
+        ]
+    );
+    let m = down.message().await.unwrap().unwrap();
+    assert_eq!((m.keys.clone(), m.block_indices.clone(), m.contexts.as_ref().unwrap().rows), (vec![1], vec![1], 1));
+    close_to(row(m.contexts.as_ref().unwrap(), 0), row(&want, 1));
+
+    // The next block of session 1, then its context; then a wrong index ends it.
+    up.send(LinkUp { blocks: blocks(vec![1], vec![2], vec![1, 2, 3, 4]), ..Default::default() }).unwrap();
+    let m = down.message().await.unwrap().unwrap();
+    assert_eq!((m.keys.clone(), m.block_indices.clone()), (vec![1], vec![2]));
+    close_to(row(m.contexts.as_ref().unwrap(), 0), row(&want, 2));
+    up.send(LinkUp { blocks: blocks(vec![1], vec![5], vec![1, 2, 3, 4]), ..Default::default() }).unwrap();
+    assert_eq!(errors(down.message().await.unwrap().unwrap()), vec![(1, invalid, "blocks.indices: block index is 5, expected 3".to_string())]);
+    up.send(LinkUp { blocks: blocks(vec![1], vec![3], vec![1, 2, 3, 4]), ..Default::default() }).unwrap();
+    assert_eq!(errors(down.message().await.unwrap().unwrap()), vec![(1, Code::NotFound, "blocks.keys: session key 1 is not open on this link".to_string())]);
+
+    // A key may be opened again once closed; a batch whose shape is wrong fails
+    // each of its sessions; a second open of a key ends that session.
+    up.send(LinkUp { opens: vec![open(1, vec![1, 2, 3, 4])], ..Default::default() }).unwrap();
+    assert_eq!(down.message().await.unwrap().unwrap().keys, vec![1]);
+    up.send(LinkUp { blocks: blocks(vec![1], vec![1, 2], vec![1, 2, 3, 4]), ..Default::default() }).unwrap();
+    let shape = "blocks: 1 keys need as many indices and 4 token_ids (4 per block); got 2 and 4".to_string();
+    assert_eq!(errors(down.message().await.unwrap().unwrap()), vec![(1, invalid, shape)]);
+    up.send(LinkUp { opens: vec![open(4, vec![1, 2, 3, 4]), open(4, vec![1, 2, 3, 4])], ..Default::default() }).unwrap();
+    assert_eq!(errors(down.message().await.unwrap().unwrap()), vec![(4, Code::AlreadyExists, "opens.key 4 is already open on this link".to_string())]);
+    up.send(LinkUp { opens: vec![open(5, vec![1, 2, 3, 4])], closes: vec![5], ..Default::default() }).unwrap();
+    up.send(LinkUp { blocks: blocks(vec![5, 4], vec![1, 1], vec![1, 2, 3, 4, 1, 2, 3, 4]), ..Default::default() }).unwrap();
+    let e = errors(down.message().await.unwrap().unwrap());
+    assert_eq!(e.iter().map(|(k, c, _)| (*k, *c)).collect::<Vec<_>>(), vec![(5, Code::NotFound), (4, Code::NotFound)]);
+    // Ending the link frees what it left open: the stream closes cleanly.
+    drop(up);
+    assert!(down.message().await.unwrap().is_none());
+}

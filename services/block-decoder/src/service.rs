@@ -104,7 +104,14 @@ impl LinkState {
                     self.open.fetch_add(1, Ordering::Relaxed);
                     up.opens.push(Open { key: o.key, ids: o.prompt_ids, max_new_blocks: o.max_new_blocks as usize });
                 }
-                Err(st) => errors.push(session_error(o.key, &st)),
+                Err(st) => {
+                    // A second open of a key leaves its session's state in doubt:
+                    // that session ends too (the error names its key).
+                    if st.code() == tonic::Code::AlreadyExists && self.forget(o.key) {
+                        up.closes.push(o.key);
+                    }
+                    errors.push(session_error(o.key, &st));
+                }
             }
         }
         let b = msg.blocks.unwrap_or_default();
