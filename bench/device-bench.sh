@@ -31,7 +31,7 @@ if [ -z "${QUICK:-}" ]; then
 fi
 echo "== blockserve engine in process (continuous batching, no gRPC), bf16"
 $BS bench --preset block_main_b4_85 --setting decode-heavy --batch ${DECODE_BATCHES:-1024,2048,4096,0} --device cuda --dtype bf16 --ceilings
-$BS bench --preset block_main_b4_85 --setting prefill-heavy --batch ${PREFILL_BATCHES:-2048,3072} --device cuda --dtype bf16
+$BS bench --preset block_main_b4_85 --setting prefill-heavy --batch ${PREFILL_BATCHES:-1024,2048,3072} --device cuda --dtype bf16
 if [ -z "${QUICK:-}" ]; then
   $BS bench --preset vanilla_160 --setting prefill-heavy --batch 64 --device cuda --dtype bf16
   $BS bench --preset vanilla_160 --setting decode-heavy --batch 256 --device cuda --dtype bf16
@@ -39,14 +39,15 @@ fi
 if [ -z "${NO_STACK:-}" ]; then
   echo "== full stack over gRPC: router, block decoder and token decoder(s) as separate processes, all on this GPU, bf16"
   export BS=$PWD/.dev/bin/blockserve LT=$PWD/.dev/bin/blockserve-loadtest REDIS_SERVER=$PWD/.dev/bin/redis-server
-  export PRESET=block_main_b4_85 DEVICE=cuda DTYPE=bf16 KV_MIB=${KV_MIB:-40000} MAX_BATCH=${MAX_BATCH:-2048}
+  # The same token budget as the in-process bench above.
+  export PRESET=block_main_b4_85 DEVICE=cuda DTYPE=bf16 KV_MIB=${KV_MIB:-40000} MAX_BATCH=${MAX_BATCH:-2048} TOKEN_BUDGET=${TOKEN_BUDGET:-32768}
   # token decoders:setting:concurrency
-  for run in ${STACK_RUNS:-1:decode-heavy:1024 2:decode-heavy:2048 1:prefill-heavy:1024}; do
+  for run in ${STACK_RUNS:-1:decode-heavy:1024 1:decode-heavy:2048 1:prefill-heavy:1024 1:prefill-heavy:2048}; do
     IFS=: read -r td setting c <<< "$run"
     export TOKEN_DECODERS=$td LOGS=${OUT:-/tmp}/stack-$td-$setting-$c
     echo "-- $td token decoder(s), $setting, concurrency $c"
     bash loadtest/run-stack.sh --setting "$setting" --concurrency "$c" || status=1
-    grep -h "lifetime" "$LOGS"/*.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/.*engine=/  engine=/'
+    grep -h "lifetime\|held_back" "$LOGS"/*.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/.*engine=/  engine=/;s/.*held_back=/  held_back=/'
   done
 fi
 exit $status
