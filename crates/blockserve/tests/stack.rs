@@ -602,3 +602,51 @@ async fn block_decoder_link_checks_every_message() {
     drop(up);
     assert!(down.message().await.unwrap().is_none());
 }
+
+/// When the block decoder dies, its sessions end at once with UNAVAILABLE
+/// (none waits forever) and are recorded as failed; a block decoder that comes
+/// back on the same address serves new sessions over a new link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_block_decoder_fails_its_sessions_and_a_new_one_serves() {
+    let mut stack = Stack::start(&fixture_model(), &["--max-new-tokens", "8000"]).await;
+    let store = stack.store().await;
+    let mut c = stack.client(0).await;
+    let long = GenerationParameters { max_new_tokens: Some(8000), ignore_eos: true, ..Default::default() };
+    let mut s = c.generate(GenerateRequest { session_id: "orphan".into(), ..ids_request(vec![5, 6, 7], long) }).await.unwrap().into_inner();
+    loop {
+        if let Some(generate_response::Event::Tokens(_)) = s.message().await.unwrap().unwrap().event {
+            break;
+        }
+    }
+    let i = stack.procs.iter().position(|(t, _, _)| *t == "block-decoder").unwrap();
+    let port = stack.procs[i].1;
+    stack.procs[i].2 .0.kill().unwrap();
+    stack.procs[i].2 .0.wait().unwrap();
+    let start = Instant::now();
+    let err = loop {
+        match s.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(st) => break st,
+        }
+    };
+    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains(&format!("block decoder http://127.0.0.1:{port}")), "{}", err.message());
+    let start = Instant::now();
+    while store.session("orphan").await.unwrap().unwrap().state != blockserve_store::SessionState::Failed {
+        assert!(start.elapsed() < Duration::from_secs(10), "the session was not recorded as failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The same block decoder again: new sessions run over a new link.
+    let url = stack.redis.url();
+    let (listen, model) = (format!("127.0.0.1:{port}"), fixture_model());
+    let args = ["block-decoder", "--listen", &listen, "--redis-url", &url, "--redis-prefix", &stack.prefix, "--model", model.to_str().unwrap()];
+    stack.procs[i].2 = spawn(&args);
+    wait_for_port(port, Duration::from_secs(60));
+    let (_, tokens, fin) =
+        collect(c.generate(ids_request(vec![1, 2], GenerationParameters { max_new_tokens: Some(6), ..Default::default() })).await.unwrap().into_inner())
+            .await
+            .unwrap();
+    assert_eq!((tokens.len(), fin.reason), (6, FinishReason::Length as i32));
+}

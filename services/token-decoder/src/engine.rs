@@ -215,8 +215,13 @@ impl Thread {
             }
             // The blocks up are the critical path; waking the session tasks
             // (thousands of them) comes after.
-            for (_, (link, msg)) in self.outbox.drain() {
-                link.send(msg);
+            let outbox: Vec<_> = self.outbox.drain().collect();
+            for (id, (link, msg)) in outbox {
+                if !link.send(msg) {
+                    // The link ended (its loss may have been handled before these
+                    // sessions joined it): they fail instead of waiting forever.
+                    self.fail_link(id, Status::unavailable(format!("link to block decoder {} is closed", link.address)));
+                }
             }
             for (to, e) in events {
                 let _ = to.send(e);
@@ -231,6 +236,13 @@ impl Thread {
     fn fail(&mut self, key: u64, status: Status) {
         if let Some(s) = self.sessions.remove(&key) {
             let _ = s.events.send(Event::Failed(status));
+        }
+    }
+
+    fn fail_link(&mut self, link: u64, status: Status) {
+        let keys: Vec<u64> = self.sessions.iter().filter(|(_, s)| s.link.id == link).map(|(k, _)| *k).collect();
+        for k in keys {
+            self.fail(k, status.clone());
         }
     }
 
@@ -254,12 +266,7 @@ impl Thread {
                 }
             }
             Command::Down { link, msg } => self.receive(link, msg, rows),
-            Command::LinkLost { link, status } => {
-                let keys: Vec<u64> = self.sessions.iter().filter(|(_, s)| s.link.id == link).map(|(k, _)| *k).collect();
-                for k in keys {
-                    self.fail(k, status.clone());
-                }
-            }
+            Command::LinkLost { link, status } => self.fail_link(link, status),
             Command::Score { contexts, blocks, reply } => {
                 let _ = reply.send(score(&self.model, &contexts, &blocks));
             }
@@ -423,6 +430,25 @@ mod tests {
 
     async fn next_up(rx: &mut mpsc::UnboundedReceiver<LinkUp>) -> LinkUp {
         tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("a message up").expect("link open")
+    }
+
+    /// A session opened on a link that has already ended fails at once with
+    /// UNAVAILABLE instead of waiting for a context that never comes.
+    #[tokio::test]
+    async fn a_session_on_a_closed_link_fails() {
+        let engine = Engine::start(fixture(), 4, MAX_UNREAD).unwrap();
+        let (up_tx, up) = mpsc::unbounded_channel();
+        drop(up);
+        let link = Arc::new(Link::new(1, "http://gone:1".into(), up_tx));
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let spec =
+            Spec { sampling: SamplingParams::greedy(), stop: StopCriteria { max_new_tokens: 8, eos_token_id: None, stop_token_ids: vec![] }, history: vec![] };
+        let _guard =
+            engine.open(OpenRequest { key: 1, session_id: "s".into(), link, prompt: vec![1, 2, 3, 4], max_new_blocks: 2, spec, events: events_tx }).unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("an event").expect("open") {
+            Event::Failed(st) => assert_eq!((st.code(), st.message()), (Code::Unavailable, "link to block decoder http://gone:1 is closed")),
+            Event::Block { .. } => panic!("no block without a block decoder"),
+        }
     }
 
     /// A session whose task does not consume its blocks stops at MAX_UNREAD
