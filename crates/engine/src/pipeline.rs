@@ -97,14 +97,7 @@ pub fn run(
         for (&(key, _), block) in ctx.rows.iter().zip(blocks) {
             let s = &mut live[key as usize];
             s.first_token_s.get_or_insert(now);
-            let mut finish = None;
-            for &tok in &block {
-                s.tokens.push(tok);
-                if let Some(r) = s.req.stop.check(&s.tokens) {
-                    finish = Some(r);
-                    break;
-                }
-            }
+            let finish = s.req.stop.extend(&mut s.tokens, &block);
             match finish {
                 Some(reason) => {
                     s.out = Some(Outcome {

@@ -45,6 +45,18 @@ pub struct StopCriteria {
 }
 
 impl StopCriteria {
+    /// Append a decoded block to `generated` token by token, up to and
+    /// including the first one that stops the session; returns why it stopped.
+    pub fn extend(&self, generated: &mut Vec<u32>, block: &[u32]) -> Option<FinishReason> {
+        for &t in block {
+            generated.push(t);
+            if let Some(r) = self.check(generated) {
+                return Some(r);
+            }
+        }
+        None
+    }
+
     /// Why a session whose output so far is `generated` stops now, if it does.
     pub fn check(&self, generated: &[u32]) -> Option<FinishReason> {
         let last = generated.last().copied();
@@ -288,4 +300,26 @@ fn generate_tokens(m: &CausalLm, reqs: &[GenerationRequest], record: bool) -> Re
         logits = read_rows(&m.forward_paged(&toks, &pool, &pass, &rows)?, &on_host)?;
     }
     Ok(sessions.into_iter().map(|s| s.out).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extend_stops_at_the_first_stopping_token() {
+        let stop = StopCriteria { max_new_tokens: 6, eos_token_id: Some(0), stop_token_ids: vec![7] };
+        let mut out = vec![1, 2];
+        assert_eq!(stop.extend(&mut out, &[3, 7, 4, 5]), Some(FinishReason::StopToken));
+        assert_eq!(out, vec![1, 2, 3, 7]);
+        let mut out = vec![];
+        assert_eq!(stop.extend(&mut out, &[1, 0, 4]), Some(FinishReason::Eos));
+        assert_eq!(out, vec![1, 0]);
+        let mut out = vec![1, 2, 3];
+        assert_eq!(stop.extend(&mut out, &[4, 5, 6, 8]), Some(FinishReason::Length));
+        assert_eq!(out, vec![1, 2, 3, 4, 5, 6]);
+        let mut out = vec![];
+        assert_eq!(stop.extend(&mut out, &[4, 5]), None);
+        assert_eq!(out, vec![4, 5]);
+    }
 }

@@ -357,14 +357,7 @@ impl Thread {
         for (key, block) in rows.keys.into_iter().zip(blocks) {
             let Some(s) = self.sessions.get_mut(&key) else { continue };
             let start = s.tokens.len();
-            let mut finish = None;
-            for &t in &block {
-                s.tokens.push(t);
-                if let Some(r) = s.spec.stop.check(&s.tokens) {
-                    finish = Some(r);
-                    break;
-                }
-            }
+            let finish = s.spec.stop.extend(&mut s.tokens, &block);
             let new = s.tokens[start..].to_vec();
             let mut wire_bytes = rows.row_bytes;
             if finish.is_none() {
