@@ -116,8 +116,9 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
         };
         // Blocks that arrived meanwhile join this one: a task that fell behind
         // catches up with one record and one message instead of one per block.
+        // (Not with stop sequences, which cut the output at a block's end.)
         let mut blocks = 1;
-        while finish.is_none() {
+        while finish.is_none() && p.stop_sequences.is_empty() {
             match events.try_recv() {
                 Ok(Event::Block { tokens, finish: f, wire_bytes: w }) => {
                     new.extend_from_slice(&tokens);
