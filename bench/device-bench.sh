@@ -47,7 +47,7 @@ if [ -z "${NO_STACK:-}" ]; then
     export TOKEN_DECODERS=$td LOGS=${OUT:-/tmp}/stack-$td-$setting-$c
     echo "-- $td token decoder(s), $setting, concurrency $c"
     bash loadtest/run-stack.sh --setting "$setting" --concurrency "$c" || status=1
-    grep -h "lifetime\|held_back" "$LOGS"/*.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/.*engine=/  engine=/;s/.*held_back=/  held_back=/'
+    grep -h "lifetime\|held_back\|phases" "$LOGS"/*.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/.*engine=/  engine=/;s/.*held_back=/  held_back=/;s/.* engine phases /  phases: /'
   done
 fi
 exit $status

@@ -88,7 +88,7 @@ impl Engine {
         let (a, q) = (active.clone(), queued.clone());
         std::thread::Builder::new()
             .name("block-decoder-engine".into())
-            .spawn(move || Thread { sched, links: Links::default(), active: a, queued: q, gather }.run(rx))
+            .spawn(move || Thread { sched, links: Links::default(), active: a, queued: q, gather, phases: Phases::default() }.run(rx))
             .expect("spawn engine thread");
         Ok(Self { tx, active, queued })
     }
@@ -158,6 +158,18 @@ struct Thread {
     active: Arc<AtomicU32>,
     queued: Arc<AtomicU32>,
     gather: Gather,
+    phases: Phases,
+}
+
+/// Where the engine thread's pass time goes, logged when it stops.
+#[derive(Default, Debug)]
+struct Phases {
+    /// Planning the pass and launching its kernels (host time).
+    launch: Duration,
+    /// Waiting for the device and copying the contexts to the host.
+    finish: Duration,
+    /// Handing each link its contexts.
+    send: Duration,
 }
 
 /// Whether to run a pass now: prompt work never waits; decode blocks wait
@@ -175,7 +187,12 @@ impl Thread {
             if !self.sched.has_work() {
                 match rx.blocking_recv() {
                     Some(c) => self.apply(vec![c]),
-                    None => return,
+                    None => {
+                        let p = &self.phases;
+                        let s = |d: Duration| format!("{:.2}", d.as_secs_f64());
+                        tracing::info!(launch_s = s(p.launch), finish_and_copy_s = s(p.finish), send_s = s(p.send), "block-decoder engine phases");
+                        return;
+                    }
                 }
             }
             self.drain(&mut rx);
@@ -258,10 +275,20 @@ impl Thread {
     /// One scheduler iteration; each link gets the contexts of its sessions.
     /// Returns the rows computed.
     fn pass(&mut self) -> usize {
-        let out = self
-            .sched
-            .iterate_with(self.gather.rows(&self.sched))
-            .and_then(|out| out.map(|c| codec::encode(&c.tensor).map(|e| (c.rows, e)).map_err(ModelError::Input)).transpose());
+        let t = Instant::now();
+        let iterated = self.sched.iterate_with(self.gather.rows(&self.sched));
+        self.phases.launch += t.elapsed();
+        let t = Instant::now();
+        let out = iterated.and_then(|out| out.map(|c| codec::encode(&c.tensor).map(|e| (c.rows, e)).map_err(ModelError::Input)).transpose());
+        self.phases.finish += t.elapsed();
+        let t = Instant::now();
+        let rows = self.deliver(out);
+        self.phases.send += t.elapsed();
+        rows
+    }
+
+    /// Send each link the contexts of its sessions (or fail them all).
+    fn deliver(&mut self, out: Result<Option<(Vec<(u64, u32)>, Embeddings)>, ModelError>) -> usize {
         match out {
             Ok(Some((rows, contexts))) => {
                 let mut per_link: HashMap<LinkId, (Vec<u64>, Vec<u32>, Vec<usize>)> = HashMap::new();

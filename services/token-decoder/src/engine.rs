@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use blockserve_engine::{BlockJob, TokenBatcher};
 use blockserve_model::{BlockTransformer, FinishReason, ModelError, SamplingParams, StopCriteria};
@@ -111,7 +111,8 @@ impl Engine {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicU32::new(0));
         let q = queued.clone();
-        let thread = Thread { model, batcher, sessions: HashMap::new(), outbox: HashMap::new(), queued: q, max_unread, held_back: 0 };
+        let thread =
+            Thread { model, batcher, sessions: HashMap::new(), outbox: HashMap::new(), queued: q, max_unread, held_back: 0, phases: Phases::default() };
         std::thread::Builder::new().name("token-decoder-engine".into()).spawn(move || thread.run(rx)).expect("spawn engine thread");
         Ok(Self { tx, queued, max_unread })
     }
@@ -189,6 +190,18 @@ struct Thread {
     max_unread: u32,
     /// Blocks held back because their session's task was behind.
     held_back: u64,
+    phases: Phases,
+}
+
+/// Where the engine thread's busy time goes, logged when it stops.
+#[derive(Default, Debug)]
+struct Phases {
+    /// Contexts to the device (one host-to-device copy per batch).
+    upload: Duration,
+    /// The token decoder's forward passes and the read of the tokens.
+    compute: Duration,
+    /// Stop checks, events and the blocks going up.
+    bookkeeping: Duration,
 }
 
 impl Thread {
@@ -201,6 +214,9 @@ impl Thread {
             self.queued.fetch_sub(cmds.len() as u32, Ordering::Relaxed);
             if cmds.iter().any(|c| matches!(c, Command::Stop)) {
                 tracing::info!(held_back = self.held_back, max_unread = self.max_unread, "blocks held back for sessions whose task was behind");
+                let p = &self.phases;
+                let s = |d: Duration| format!("{:.2}", d.as_secs_f64());
+                tracing::info!(upload_s = s(p.upload), compute_s = s(p.compute), bookkeeping_s = s(p.bookkeeping), "token-decoder engine phases");
                 return;
             }
             let mut rows = Rows::default();
@@ -333,11 +349,14 @@ impl Thread {
             })
             .collect();
         let dtype = rows.dtype.expect("set with the first row");
-        let decoded = Tensor::from_raw_buffer(&rows.bytes, dtype, &[k, d], &Device::Cpu)
-            .and_then(|t| t.to_dtype(m.dtype()))
-            .and_then(|t| t.to_device(m.device()))
-            .map_err(ModelError::from)
-            .and_then(|ctx| self.batcher.decode(&ctx, &jobs));
+        let t = Instant::now();
+        let uploaded =
+            Tensor::from_raw_buffer(&rows.bytes, dtype, &[k, d], &Device::Cpu).and_then(|t| t.to_dtype(m.dtype())).and_then(|t| t.to_device(m.device()));
+        self.phases.upload += t.elapsed();
+        let t = Instant::now();
+        let decoded = uploaded.map_err(ModelError::from).and_then(|ctx| self.batcher.decode(&ctx, &jobs));
+        self.phases.compute += t.elapsed();
+        let t = Instant::now();
         let blocks = match decoded {
             Ok(b) => b,
             Err(e) => {
@@ -383,6 +402,7 @@ impl Thread {
                 self.send_block(&link, key, index, &block);
             }
         }
+        self.phases.bookkeeping += t.elapsed();
         events
     }
 
