@@ -300,10 +300,16 @@ impl Thread {
                         e.2.push(i);
                     }
                 }
+                // The usual case, one link with every row (in order), takes the
+                // matrix as it is; otherwise each link gets a copy of its rows.
+                let mut whole = Some(contexts);
                 for (link, (keys, block_indices, pick)) in per_link {
-                    if let Some(d) = self.links.down.get(&link) {
-                        let _ = d.send(LinkDown { keys, block_indices, contexts: Some(codec::select(&contexts, &pick)), errors: vec![] });
-                    }
+                    let Some(d) = self.links.down.get(&link) else { continue };
+                    let mine = match whole.take_if(|_| pick.len() == rows.len()) {
+                        Some(all) => all,
+                        None => codec::select(whole.as_ref().expect("only a link with every row takes the matrix"), &pick),
+                    };
+                    let _ = d.send(LinkDown { keys, block_indices, contexts: Some(mine), errors: vec![] });
                 }
                 rows.len()
             }
