@@ -17,7 +17,7 @@ BS=.dev/bin/blockserve
 status=0
 if [ -z "${NO_CHECKS:-}" ]; then
 echo "== numerical checks: fixture tests in f32, greedy agreement in bf16/f16 (CUDA)"
-for t in golden batching paged_attention; do
+for t in golden batching paged_attention cuda_graph; do
   [ -x .dev/bin/$t ] && { BLOCKSERVE_TEST_DEVICE=cuda .dev/bin/$t --test-threads 1 2>&1 | grep -E "^test |test result" || status=1; }
 done
 fi
@@ -31,6 +31,7 @@ if [ -z "${QUICK:-}" ]; then
 fi
 echo "== blockserve engine in process (continuous batching, no gRPC), bf16"
 $BS bench --preset block_main_b4_85 --setting decode-heavy --batch ${DECODE_BATCHES:-1024,2048,4096,0} --device cuda --dtype bf16 --ceilings
+[ -n "${GRAPHS_OFF_TOO:-}" ] && $BS bench --preset block_main_b4_85 --setting decode-heavy --batch ${DECODE_BATCHES:-1024,2048,4096,0} --device cuda --dtype bf16 --cuda-graphs false
 $BS bench --preset block_main_b4_85 --setting prefill-heavy --batch ${PREFILL_BATCHES:-1024,2048,3072} --device cuda --dtype bf16
 if [ -z "${QUICK:-}" ]; then
   $BS bench --preset vanilla_160 --setting prefill-heavy --batch 64 --device cuda --dtype bf16

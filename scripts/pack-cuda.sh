@@ -8,11 +8,11 @@ eval "$(../shared/tools/cuda-env.sh)"
 export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-/work/target-cuda}
 cargo build --release -p blockserve --features cuda
 cargo build --release -p blockserve-model --features cuda --example golden_report --example step_profile
-tests=$(cargo test --release -p blockserve-model --features cuda --no-run --message-format=json 2>/dev/null |
+tests=$(cargo test --release -p blockserve-model -p blockserve-engine --features cuda --no-run --message-format=json 2>/dev/null |
   python3 -c "import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get('reason') == 'compiler-artifact' and m.get('executable') and m['target']['name'] in ('golden', 'batching', 'paged_attention'):
+    if m.get('reason') == 'compiler-artifact' and m.get('executable') and m['target']['name'] in ('golden', 'batching', 'paged_attention', 'cuda_graph'):
         print(m['target']['name'], m['executable'])")
 mkdir -p .dev/bin && rm -f .dev/bin/*
 strip -o .dev/bin/blockserve "$CARGO_TARGET_DIR/release/blockserve"

@@ -8,10 +8,14 @@
 //!   by free KV pages.
 //! - [`token_batcher`]: the token decoder's block-synchronous batches over a
 //!   preallocated local cache, with per-row sampling.
+//! - `cuda_graph` (CUDA builds): the token batcher's greedy blocks captured
+//!   once per batch shape and replayed as CUDA graphs.
 //! - [`pipeline`]: both in one process, driving requests to completion with
 //!   per-session timings (what `blockserve bench` measures).
 
 pub mod block_scheduler;
+#[cfg(feature = "cuda")]
+pub mod cuda_graph;
 pub mod pipeline;
 pub mod token_batcher;
 

@@ -34,13 +34,34 @@ pub struct TokenBatcher {
     model: Arc<BlockTransformer>,
     local: LocalKv,
     max_batch: usize,
+    /// Greedy blocks replayed from CUDA graphs (None: launched op by op).
+    #[cfg(feature = "cuda")]
+    graphs: Option<crate::cuda_graph::GreedyGraphs>,
 }
 
 impl TokenBatcher {
     pub fn new(model: Arc<BlockTransformer>, max_batch: usize) -> Result<Self> {
         let max_batch = max_batch.max(1);
         let local = model.token_decoder.new_local(max_batch, model.dtype(), model.device())?;
-        Ok(Self { model, local, max_batch })
+        #[cfg(feature = "cuda")]
+        let graphs = model.device().is_cuda().then(Default::default);
+        Ok(Self {
+            model,
+            local,
+            max_batch,
+            #[cfg(feature = "cuda")]
+            graphs,
+        })
+    }
+
+    /// Replay greedy blocks from CUDA graphs (the default on CUDA) or launch
+    /// them op by op. Without CUDA this does nothing.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        #[cfg(feature = "cuda")]
+        if on != self.graphs.is_some() {
+            self.graphs = (on && self.model.device().is_cuda()).then(Default::default);
+        }
+        let _ = on;
     }
 
     /// Decode one block for a greedy row and a sampled row from a zero context,
@@ -111,15 +132,47 @@ impl TokenBatcher {
     /// the next step, and the block's `[b, L]` ids come back in one read, so the
     /// host queues the whole block without waiting for the device in between.
     fn decode_greedy(&mut self, ctx: &Tensor) -> Result<Vec<Vec<u32>>> {
-        let m = &self.model;
-        let l = m.block_length();
-        let mut ids = Vec::with_capacity(l);
-        let logits = m.token_decoder.begin_block(ctx, &mut self.local)?;
-        ids.push(argmax_rows(&logits)?);
-        for _ in 1..l {
-            let logits = m.token_decoder.next_token(ids.last().expect("one step done"), &mut self.local)?;
-            ids.push(argmax_rows(&logits)?);
+        let (model, local) = (&self.model, &mut self.local);
+        #[cfg(feature = "cuda")]
+        if let Some(graphs) = &mut self.graphs {
+            return graphs.decode(ctx, self.max_batch, &mut |ctx| greedy_block(model, local, ctx));
         }
-        Ok(Tensor::stack(&ids, 1)?.to_vec2::<u32>()?)
+        Ok(greedy_block(model, local, ctx)?.to_vec2::<u32>()?)
+    }
+}
+
+/// The `[b, L]` ids of a plain greedy block over `ctx` `[b, D_b]`, left on the
+/// device. A fixed sequence of kernels with no host reads, so that it can be
+/// captured as a CUDA graph.
+fn greedy_block(m: &BlockTransformer, local: &mut LocalKv, ctx: &Tensor) -> Result<Tensor> {
+    let l = m.block_length();
+    let mut ids = Vec::with_capacity(l);
+    let logits = m.token_decoder.begin_block(ctx, local)?;
+    ids.push(argmax_rows(&logits)?);
+    for _ in 1..l {
+        let logits = m.token_decoder.next_token(ids.last().expect("one step done"), local)?;
+        ids.push(argmax_rows(&logits)?);
+    }
+    Ok(Tensor::stack(&ids, 1)?)
+}
+
+/// The row count a batch of `rows` is padded to: powers of two up to 512, then
+/// multiples of 256, never above `max` (the local cache's rows). Greedy
+/// blocks replayed from CUDA graphs run at these row counts.
+pub fn bucket(rows: usize, max: usize) -> usize {
+    let b = if rows <= 512 { rows.next_power_of_two().max(8) } else { rows.div_ceil(256) * 256 };
+    b.min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bucket;
+
+    #[test]
+    fn buckets_pad_to_few_sizes_within_the_cache() {
+        let got: Vec<usize> = [1, 8, 9, 100, 512, 513, 1019, 1024, 1025, 2048].iter().map(|&r| bucket(r, 2048)).collect();
+        assert_eq!(got, [8, 8, 16, 128, 512, 768, 1024, 1024, 1280, 2048]);
+        assert_eq!(bucket(1000, 1000), 1000);
+        assert_eq!(bucket(3, 4), 4);
     }
 }

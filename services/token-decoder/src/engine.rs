@@ -103,17 +103,33 @@ impl Drop for OpenSession {
 
 impl Engine {
     /// Start the model thread; blocks are decoded in batches of at most
-    /// `max_batch`, and a session is held back at `max_unread` unread blocks.
-    pub fn start(model: Arc<BlockTransformer>, max_batch: usize, max_unread: u32) -> Result<Self, ModelError> {
+    /// `max_batch` (greedy ones replayed from CUDA graphs when `cuda_graphs`),
+    /// and a session is held back at `max_unread` unread blocks.
+    pub fn start(model: Arc<BlockTransformer>, max_batch: usize, max_unread: u32, cuda_graphs: bool) -> Result<Self, ModelError> {
         let max_unread = max_unread.max(1);
-        let mut batcher = TokenBatcher::new(model.clone(), max_batch)?;
-        batcher.warm_up()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicU32::new(0));
         let q = queued.clone();
-        let thread =
-            Thread { model, batcher, sessions: HashMap::new(), outbox: HashMap::new(), queued: q, max_unread, held_back: 0, phases: Phases::default() };
-        std::thread::Builder::new().name("token-decoder-engine".into()).spawn(move || thread.run(rx)).expect("spawn engine thread");
+        // The batcher lives on the engine thread: CUDA graphs are not Send.
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("token-decoder-engine".into())
+            .spawn(move || {
+                let batcher = TokenBatcher::new(model.clone(), max_batch).and_then(|mut b| {
+                    b.set_cuda_graphs(cuda_graphs);
+                    b.warm_up()?;
+                    Ok(b)
+                });
+                let batcher = match batcher {
+                    Ok(b) => b,
+                    Err(e) => return drop(ready_tx.send(Err(e))),
+                };
+                let _ = ready_tx.send(Ok(()));
+                let phases = Phases::default();
+                Thread { model, batcher, sessions: HashMap::new(), outbox: HashMap::new(), queued: q, max_unread, held_back: 0, phases }.run(rx)
+            })
+            .expect("spawn engine thread");
+        ready_rx.recv().map_err(|_| ModelError::Input("the token-decoder engine thread ended while starting".into()))??;
         Ok(Self { tx, queued, max_unread })
     }
 
@@ -449,7 +465,7 @@ mod tests {
     /// UNAVAILABLE instead of waiting for a context that never comes.
     #[tokio::test]
     async fn a_session_on_a_closed_link_fails() {
-        let engine = Engine::start(fixture(), 4, MAX_UNREAD).unwrap();
+        let engine = Engine::start(fixture(), 4, MAX_UNREAD, true).unwrap();
         let (up_tx, up) = mpsc::unbounded_channel();
         drop(up);
         let link = Arc::new(Link::new(1, "http://gone:1".into(), up_tx));
@@ -472,7 +488,7 @@ mod tests {
         let d = m.config.block_decoder.hidden_size;
         let zero = Tensor::zeros((1, d), DType::F32, &Device::Cpu).unwrap();
         let want = TokenBatcher::new(m.clone(), 1).unwrap().decode(&zero, &[BlockJob::greedy(0)]).unwrap().remove(0);
-        let engine = Engine::start(m.clone(), 4, MAX_UNREAD).unwrap();
+        let engine = Engine::start(m.clone(), 4, MAX_UNREAD, true).unwrap();
         let (up_tx, mut up) = mpsc::unbounded_channel();
         let link = Arc::new(Link::new(7, "test".into(), up_tx));
         let (events_tx, mut events) = mpsc::unbounded_channel();

@@ -42,6 +42,10 @@ pub struct Args {
     /// limit its next block waits (a slow client holds up only itself).
     #[arg(long, env = "BLOCKSERVE_MAX_UNREAD_BLOCKS", default_value_t = engine::MAX_UNREAD)]
     pub max_unread_blocks: u32,
+    /// Replay greedy blocks from CUDA graphs captured once per batch shape
+    /// (CUDA only; `false` launches every kernel, e.g. to compare).
+    #[arg(long, env = "BLOCKSERVE_CUDA_GRAPHS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cuda_graphs: bool,
     /// Seconds a finished session stays in the store.
     #[arg(long, env = "BLOCKSERVE_SESSION_TTL_S", default_value_t = 3600)]
     pub session_ttl_s: u64,
@@ -90,7 +94,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         Model::Vanilla(_) => bail!("the token decoder serves Block Transformers; {} holds a vanilla model", args.model.model.display()),
     };
     let tokenizer = Tokenizer::from_dir(&args.model.model)?;
-    let engine = engine::Engine::start(model.clone(), args.max_batch, args.max_unread_blocks)?;
+    let engine = engine::Engine::start(model.clone(), args.max_batch, args.max_unread_blocks, args.cuda_graphs)?;
     let shared = Arc::new(Shared {
         engine: engine.clone(),
         model,

@@ -55,6 +55,9 @@ pub struct Args {
     /// Most rows in one token-decoder batch (0: the whole batch).
     #[arg(long, env = "BLOCKSERVE_TOKEN_BATCH", default_value_t = 0)]
     token_batch: usize,
+    /// Replay the token decoder's greedy blocks from CUDA graphs (CUDA only).
+    #[arg(long, env = "BLOCKSERVE_CUDA_GRAPHS", default_value_t = true, action = clap::ArgAction::Set)]
+    cuda_graphs: bool,
     /// Block-level KV pool in GiB (0: exactly what the batch needs).
     #[arg(long, env = "BLOCKSERVE_KV_CACHE_GIB", default_value_t = 0.0)]
     kv_cache_gib: f64,
@@ -197,6 +200,7 @@ pub fn run(a: Args) -> Result<()> {
         let mut sched = BlockScheduler::new(model.clone(), SchedulerConfig::for_memory(&model, kv_bytes, a.token_budget))?;
         let token_batch = if a.token_batch == 0 { b } else { a.token_batch };
         let mut batcher = TokenBatcher::new(model.clone(), token_batch)?;
+        batcher.set_cuda_graphs(a.cuda_graphs);
         // Warm-up: module loads, cuBLAS handles and the batch's local passes.
         pipeline::run(&mut sched, &mut batcher, &requests(b.min(token_batch), 8, 8, vocab, a.seed), &|| None)?;
         device.synchronize()?;

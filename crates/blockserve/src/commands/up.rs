@@ -84,6 +84,7 @@ pub async fn run(args: Args) -> Result<()> {
             max_sessions: args.max_sessions,
             max_batch: args.max_batch,
             max_unread_blocks: blockserve_token_decoder::engine::MAX_UNREAD,
+            cuda_graphs: true,
             session_ttl_s: 3600,
         };
         tasks.spawn(blockserve_token_decoder::run(td, store.clone(), stop.clone(), Some(ready)));

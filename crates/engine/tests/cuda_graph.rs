@@ -1,0 +1,57 @@
+//! CUDA graphs replay exactly what op-by-op launches compute: the greedy blocks
+//! of the tiny Block Transformer fixture, decoded by a batcher that replays
+//! graphs and by one that launches every kernel, agree token for token at batch
+//! sizes that hit several buckets, over repeated replays with new contexts. A
+//! graph runs its bucket's row count, so the launches get the same count
+//! (padding rows of their own): cuBLAS may pick another algorithm for another
+//! shape, which would change the rounding, not the graph's correctness. Run by `bench/device-bench.sh` with BLOCKSERVE_TEST_DEVICE=cuda;
+//! it needs a GPU, so it is compiled only with the `cuda` feature.
+#![cfg(feature = "cuda")]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use blockserve_engine::token_batcher::bucket;
+use blockserve_engine::{BlockJob, TokenBatcher};
+use blockserve_model::loader::load_model;
+use blockserve_model::Model;
+use candle_core::{DType, Tensor};
+
+fn fixture() -> PathBuf {
+    let root = std::env::var_os("BLOCKSERVE_FIXTURES").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures"));
+    root.join("official-tiny-b4")
+}
+
+fn graphs_match_launches(dtype: DType) {
+    let device = blockserve_model::cuda_device(0).expect("a CUDA device");
+    let Model::Block(m) = load_model(&fixture(), None, dtype, &device).expect("fixture loads") else { panic!("a block model") };
+    let m = Arc::new(m);
+    let d = m.config.block_decoder.hidden_size;
+    let mut graphs = TokenBatcher::new(m.clone(), 1024).unwrap();
+    let mut launches = TokenBatcher::new(m.clone(), 1024).unwrap();
+    launches.set_cuda_graphs(false);
+    for (round, b) in [3usize, 37, 600, 3, 1024, 600].into_iter().enumerate() {
+        // Contexts of the scale the block decoder produces (after its final norm).
+        let ctx = Tensor::randn(0f32, 1.0, (b, d), &device).unwrap().to_dtype(dtype).unwrap();
+        let jobs = vec![BlockJob::greedy(0); b];
+        let rows = bucket(b, 1024);
+        let padding = Tensor::randn(0f32, 1.0, (rows - b, d), &device).unwrap().to_dtype(dtype).unwrap();
+        let padded = Tensor::cat(&[&ctx, &padding], 0).unwrap();
+        let mut want = launches.decode(&padded, &vec![BlockJob::greedy(0); rows]).unwrap();
+        want.truncate(b);
+        let got = graphs.decode(&ctx, &jobs).unwrap();
+        assert_eq!(got.len(), b);
+        let differ = got.iter().zip(&want).filter(|(g, w)| g != w).count();
+        assert_eq!(differ, 0, "round {round}, batch {b}: {differ} rows differ, e.g. {:?} vs {:?}", got[0], want[0]);
+    }
+}
+
+#[test]
+fn graphs_match_launches_f32() {
+    graphs_match_launches(DType::F32);
+}
+
+#[test]
+fn graphs_match_launches_bf16() {
+    graphs_match_launches(DType::BF16);
+}
