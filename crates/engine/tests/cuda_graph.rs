@@ -35,8 +35,12 @@ fn graphs_match_launches(dtype: DType) {
         let ctx = Tensor::randn(0f32, 1.0, (b, d), &device).unwrap().to_dtype(dtype).unwrap();
         let jobs = vec![BlockJob::greedy(0); b];
         let rows = bucket(b, 1024);
-        let padding = Tensor::randn(0f32, 1.0, (rows - b, d), &device).unwrap().to_dtype(dtype).unwrap();
-        let padded = Tensor::cat(&[&ctx, &padding], 0).unwrap();
+        let padded = if rows > b {
+            let padding = Tensor::randn(0f32, 1.0, (rows - b, d), &device).unwrap().to_dtype(dtype).unwrap();
+            Tensor::cat(&[&ctx, &padding], 0).unwrap()
+        } else {
+            ctx.clone()
+        };
         let mut want = launches.decode(&padded, &vec![BlockJob::greedy(0); rows]).unwrap();
         want.truncate(b);
         let got = graphs.decode(&ctx, &jobs).unwrap();
