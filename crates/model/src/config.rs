@@ -253,6 +253,25 @@ impl ModelConfig {
         }
     }
 
+    /// Parse a `config.json`'s text: the project's Block Transformer format or
+    /// Hugging Face GPT-NeoX, told apart by `model_type`, then validated.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| ModelError::Config(format!("invalid JSON: {e}")))?;
+        match v.get("model_type").and_then(|t| t.as_str()) {
+            Some(BLOCK_TRANSFORMER_TYPE) => {
+                let c: BlockTransformerConfig = serde_json::from_value(v).map_err(|e| ModelError::Config(e.to_string()))?;
+                c.validate()?;
+                Ok(ModelConfig::Block(c))
+            }
+            Some("gpt_neox") => {
+                let c: CausalLmConfig = serde_json::from_value(v).map_err(|e| ModelError::Config(e.to_string()))?;
+                c.stack.validate("gpt_neox")?;
+                Ok(ModelConfig::Vanilla(c))
+            }
+            other => Err(ModelError::Config(format!("model_type is {other:?}; expected \"{BLOCK_TRANSFORMER_TYPE}\" or \"gpt_neox\""))),
+        }
+    }
+
     pub fn to_json(&self) -> String {
         match self {
             ModelConfig::Block(c) => serde_json::to_string_pretty(c),

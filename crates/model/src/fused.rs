@@ -1,12 +1,15 @@
 //! Fused layer pieces: bias (+ GELU) on a matmul's output in place, and the
 //! three-way parallel residual. On CUDA they are single kernels
 //! (`kernels/elementwise.cu`); elsewhere they are candle's ops, which define
-//! the result (the CUDA f32 fixture tests hold the kernels to it).
+//! the result (the CUDA f32 fixture tests hold the kernels to it). Training
+//! takes candle's ops everywhere, since the kernels have no backward pass.
 
 use candle_core::{Module, Tensor};
 use candle_nn::Linear;
 
 use crate::error::Result;
+#[cfg(feature = "cuda")]
+use crate::gpt_neox::differentiable;
 
 /// What follows a linear layer's matmul.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,7 +21,7 @@ pub enum Epilogue {
 /// `x W^T + b`, then GELU (exact) for [`Epilogue::BiasGelu`].
 pub fn linear(lin: &Linear, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if x.device().is_cuda() && x.rank() == 2 {
+    if x.device().is_cuda() && x.rank() == 2 && !differentiable(x) && !differentiable(lin.weight()) {
         if let Some(bias) = lin.bias() {
             let y = x.matmul(&lin.weight().t()?)?;
             y.inplace_op2(bias, &cuda::BiasAct { gelu: epilogue == Epilogue::BiasGelu })?;
@@ -35,7 +38,7 @@ pub fn linear(lin: &Linear, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
 /// `(a + b) + c`.
 pub fn add3(a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if a.device().is_cuda() {
+    if a.device().is_cuda() && ![a, b, c].iter().any(|t| differentiable(t)) {
         return Ok(a.contiguous()?.apply_op3_no_bwd(&b.contiguous()?, &c.contiguous()?, &cuda::Add3)?);
     }
     Ok(((a + b)? + c)?)

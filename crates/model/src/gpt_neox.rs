@@ -59,12 +59,29 @@ impl Rotary {
             return Ok(x.clone());
         }
         let hd = x.dim(D::Minus1)?;
-        let rot = candle_nn::rotary_emb::rope(&x.narrow(D::Minus1, 0, self.dim)?.contiguous()?, cos, sin)?;
+        let x_rot = x.narrow(D::Minus1, 0, self.dim)?.contiguous()?;
+        let rot = if differentiable(x) { candle_nn::rotary_emb::rope_slow(&x_rot, cos, sin)? } else { candle_nn::rotary_emb::rope(&x_rot, cos, sin)? };
         if self.dim == hd {
             return Ok(rot);
         }
         Ok(Tensor::cat(&[&rot, &x.narrow(D::Minus1, self.dim, hd - self.dim)?], D::Minus1)?)
     }
+}
+
+/// Whether `x` is part of a gradient graph (training). Then the stack takes
+/// candle's composite ops, which have backward passes, instead of the fused
+/// kernels (softmax, rotary, LayerNorm, bias epilogues), which do not.
+pub(crate) fn differentiable(x: &Tensor) -> bool {
+    x.track_op()
+}
+
+/// LayerNorm, fused unless `x` needs gradients.
+fn norm(ln: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+    // candle's fused LayerNorm has no f64 kernel (gradient checks run in f64).
+    if differentiable(x) || x.dtype() == DType::F64 {
+        return Ok(candle_nn::ops::layer_norm_slow(x, ln.weight(), ln.bias().expect("GPT-NeoX norms have a bias"), ln.eps() as f32)?);
+    }
+    Ok(ln.forward(x)?)
 }
 
 struct Attention {
@@ -81,11 +98,14 @@ struct Attention {
 /// reference's eager attention does.
 fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
     let dtype = q.dtype();
-    let mut scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.affine(scale, 0.0)?;
+    // f64 stays f64 (the gradient checks run in it).
+    let acc = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let mut scores = q.matmul(&k.t()?)?.to_dtype(acc)?.affine(scale, 0.0)?;
     if let Some(m) = mask {
-        scores = scores.broadcast_add(m)?;
+        scores = scores.broadcast_add(&m.to_dtype(acc)?)?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    let probs = if differentiable(&scores) { candle_nn::ops::softmax(&scores, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&scores)? };
+    let probs = probs.to_dtype(dtype)?;
     Ok(probs.matmul(&v.contiguous()?)?)
 }
 
@@ -166,13 +186,13 @@ struct Layer {
 impl Layer {
     /// The block around attention: `attn` maps `ln1(x)` to the attention output.
     fn forward(&self, x: &Tensor, attn: impl FnOnce(&Attention, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
-        let attn = attn(&self.attn, &self.ln1.forward(x)?)?;
+        let attn = attn(&self.attn, &norm(&self.ln1, x)?)?;
         if self.parallel {
-            let mlp = self.mlp.forward(&self.ln2.forward(x)?)?;
+            let mlp = self.mlp.forward(&norm(&self.ln2, x)?)?;
             fused::add3(&mlp, &attn, x)
         } else {
             let h = (attn + x)?;
-            Ok((self.mlp.forward(&self.ln2.forward(&h)?)? + h)?)
+            Ok((self.mlp.forward(&norm(&self.ln2, &h)?)? + h)?)
         }
     }
 }
@@ -250,7 +270,7 @@ impl GptNeoX {
         for layer in &self.layers {
             h = layer.forward(&h, |a, x| a.forward_full(x, &self.rotary, &cs, mask.as_ref()))?;
         }
-        Ok(self.final_ln.forward(&h)?)
+        norm(&self.final_ln, &h)
     }
 
     /// A paged pass: `x` `[n, hidden]` holds the new tokens laid out by `pass`

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use crate::config::{BlockTransformerConfig, CausalLmConfig, ModelConfig, BLOCK_TRANSFORMER_TYPE};
+use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::weights::{safetensors_files, Weights};
 use crate::{presets, reference_yaml, BlockTransformer, CausalLm, Model};
@@ -30,22 +30,7 @@ fn read(path: &Path) -> Result<String> {
 
 /// Parse a `config.json`: the project's Block Transformer format or HF GPT-NeoX.
 pub fn parse_config_json(path: &Path) -> Result<ModelConfig> {
-    let text = read(path)?;
-    let file_err = |msg: String| ModelError::File { path: path.to_path_buf(), msg };
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| file_err(format!("invalid JSON: {e}")))?;
-    match v.get("model_type").and_then(|t| t.as_str()) {
-        Some(BLOCK_TRANSFORMER_TYPE) => {
-            let c: BlockTransformerConfig = serde_json::from_value(v).map_err(|e| file_err(e.to_string()))?;
-            c.validate()?;
-            Ok(ModelConfig::Block(c))
-        }
-        Some("gpt_neox") => {
-            let c: CausalLmConfig = serde_json::from_value(v).map_err(|e| file_err(e.to_string()))?;
-            c.stack.validate("gpt_neox")?;
-            Ok(ModelConfig::Vanilla(c))
-        }
-        other => Err(file_err(format!("model_type is {other:?}; expected \"{BLOCK_TRANSFORMER_TYPE}\" or \"gpt_neox\""))),
-    }
+    ModelConfig::from_json(&read(path)?).map_err(|e| ModelError::File { path: path.to_path_buf(), msg: e.to_string() })
 }
 
 /// Decide the config of `dir`. A preset, when given, describes a checkpoint that
