@@ -33,6 +33,12 @@ enum Command {
     Bench(commands::bench::Args),
     /// Write a random-weight model of a named preset (config.json + model.safetensors).
     Init(commands::init::Args),
+    /// Prepare a training corpus: collect .py files, train a BPE tokenizer, write token files.
+    Corpus(commands::train::CorpusArgs),
+    /// Train a Block Transformer or vanilla model on a prepared corpus (resumable).
+    Train(commands::train::TrainArgs),
+    /// Held-out perplexity of a model over a token file (the Score RPC's scoring code).
+    Perplexity(commands::perplexity::Args),
 }
 
 fn main() {
@@ -62,6 +68,9 @@ async fn run(cli: Cli) {
         Command::BlockDecoder(a) => commands::tiers::block_decoder(a).await,
         Command::TokenDecoder(a) => commands::tiers::token_decoder(a).await,
         Command::Logits(a) => commands::logits::run(a),
+        Command::Corpus(a) => commands::train::corpus(a),
+        Command::Train(a) => commands::train::train(a),
+        Command::Perplexity(a) => commands::perplexity::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Init(a) => commands::init::run(a),
         Command::Bench(a) => commands::bench::run(a),

@@ -260,6 +260,40 @@ impl BlockTransformer {
         self.embedder.embed_blocks(&t)
     }
 
+    /// What the Score RPC computes: log p of each token of blocks 1..n given
+    /// `contexts` `[n, D_b]` (each the context of the block before) and those
+    /// blocks' flat ids (`n * L`, in the same order). Rows may come from any
+    /// sequences.
+    pub fn score_blocks(&self, contexts: &Tensor, blocks: &[u32]) -> Result<Vec<f32>> {
+        let l = self.block_length();
+        let n = contexts.dim(0)?;
+        if blocks.len() != n * l {
+            return input_err(format!("{} ids for {n} blocks of {l}", blocks.len()));
+        }
+        let ids = Tensor::from_slice(blocks, (n, l), contexts.device())?;
+        let logits = self.token_decoder.forward(contexts, &ids.narrow(1, 0, l - 1)?.contiguous()?)?;
+        Ok(crate::sampling::logprobs_of(&logits, &ids)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Score rows of whole blocks (equal lengths, at least 2 blocks): the
+    /// block decoder's contexts, then [`Self::score_blocks`]. Row r's log
+    /// probs cover its tokens from position L on.
+    pub fn score_rows(&self, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let l = self.block_length();
+        let len = rows.first().map_or(0, |r| r.len());
+        if rows.iter().any(|r| r.len() != len) || len % l != 0 || len < 2 * l {
+            return input_err(format!("scoring takes rows of equal length holding at least 2 whole blocks of {l}"));
+        }
+        let (b, nb) = (rows.len(), len / l);
+        let embeds = self.embed_ids(&rows.concat())?.reshape((b, nb, ()))?;
+        let context = self.block_decoder.forward(&embeds)?;
+        let d = context.dim(D::Minus1)?;
+        let ctx = context.narrow(1, 0, nb - 1)?.reshape((b * (nb - 1), d))?;
+        let blocks: Vec<u32> = rows.iter().flat_map(|r| r[l..].iter().copied()).collect();
+        let flat = self.score_blocks(&ctx, &blocks)?;
+        Ok(flat.chunks(len - l).map(|c| c.to_vec()).collect())
+    }
+
     /// The reference training forward over rows of whole blocks (`[b, n*L]` ids,
     /// every row the same length): contexts of all blocks and the logits of
     /// blocks 1..n, each conditioned on the previous block's context.

@@ -72,6 +72,19 @@ impl CausalLm {
         Ok(self.lm_head.forward(&self.stack.forward(&x)?)?)
     }
 
+    /// log p of each token from position 1 on, per row (equal lengths).
+    pub fn score_rows(&self, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let t = rows.first().map_or(0, |r| r.len());
+        if t < 2 {
+            return input_err("scoring takes rows of at least 2 tokens");
+        }
+        let logits = self.forward(rows)?.narrow(1, 0, t - 1)?;
+        let next: Vec<u32> = rows.iter().flat_map(|r| r[1..].iter().copied()).collect();
+        let ids = Tensor::from_vec(next, (rows.len(), t - 1), logits.device())?;
+        let lp = crate::sampling::logprobs_of(&logits, &ids)?.to_vec2::<f32>()?;
+        Ok(lp)
+    }
+
     /// Append tokens to sessions' caches in one pass (`ids` laid out by `pass`:
     /// prompt chunks and single tokens alike) and return the logits after the
     /// tokens at positions `rows` of `ids` `[rows.len(), V]`.

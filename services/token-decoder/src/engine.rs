@@ -16,7 +16,7 @@ use blockserve_engine::{BlockJob, TokenBatcher};
 use blockserve_model::{BlockTransformer, FinishReason, ModelError, SamplingParams, StopCriteria};
 use blockserve_proto::v1::{BlockBatch, LinkDown, LinkUp, OpenBlocks};
 use blockserve_runtime::codec;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Status};
 
@@ -300,7 +300,7 @@ impl Thread {
             Command::Down { link, msg } => self.receive(link, msg, rows),
             Command::LinkLost { link, status } => self.fail_link(link, status),
             Command::Score { contexts, blocks, reply } => {
-                let _ = reply.send(score(&self.model, &contexts, &blocks));
+                let _ = reply.send(self.model.score_blocks(&contexts, &blocks));
             }
             Command::Stop => {}
         }
@@ -428,16 +428,6 @@ impl Thread {
         b.indices.push(index);
         b.token_ids.extend_from_slice(block);
     }
-}
-
-fn score(m: &BlockTransformer, contexts: &Tensor, blocks: &[u32]) -> Result<Vec<f32>, ModelError> {
-    let l = m.block_length();
-    let n = contexts.dim(0)?;
-    let ids = Tensor::from_slice(blocks, (n, l), contexts.device())?;
-    let logits = m.token_decoder.forward(contexts, &ids.narrow(1, 0, l - 1)?.contiguous()?)?;
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let picked = logp.gather(&ids.unsqueeze(2)?, 2)?.squeeze(2)?;
-    Ok(picked.flatten_all()?.to_vec1::<f32>()?)
 }
 
 #[cfg(test)]

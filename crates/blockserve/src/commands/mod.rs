@@ -3,5 +3,7 @@ pub mod client;
 pub mod generate;
 pub mod init;
 pub mod logits;
+pub mod perplexity;
 pub mod tiers;
+pub mod train;
 pub mod up;
