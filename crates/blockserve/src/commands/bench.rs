@@ -25,6 +25,10 @@ pub struct Args {
     /// Model shape (random weights): block_main_b4_* or vanilla_* presets.
     #[arg(long, env = "BENCH_PRESET", default_value = "block_main_b4_5")]
     preset: String,
+    /// Benchmark this model directory (its config and weights, e.g. a trained
+    /// model) instead of a preset with random weights.
+    #[arg(long, env = "BENCH_MODEL")]
+    model: Option<std::path::PathBuf>,
     /// prefill-heavy (prompt 2048, generate 128) or decode-heavy (prompt 128,
     /// generate 2048); --prompt-len/--gen-len override either.
     #[arg(long, env = "BENCH_SETTING", default_value = "decode-heavy")]
@@ -159,17 +163,24 @@ pub fn run(a: Args) -> Result<()> {
     let (prompt_len, gen_len) = (a.prompt_len.unwrap_or(p), a.gen_len.unwrap_or(g));
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype)?;
-    let mut config = presets::preset(&a.preset)?;
+    let (mut config, name) = match &a.model {
+        Some(dir) => (blockserve_model::loader::resolve_config(dir, None)?.0, dir.display().to_string()),
+        None => (presets::preset(&a.preset)?, a.preset.clone()),
+    };
     if let ModelConfig::Vanilla(c) = &mut config {
         // Pythia's table stops at 2048 positions; like the transformers baseline,
         // give random-weight benchmarks room for prompt + generation.
         c.stack.max_position_embeddings = c.stack.max_position_embeddings.max(prompt_len + gen_len);
     }
     let t0 = Instant::now();
-    let weights = Weights::from_tensors(random_weights(&config, a.seed, DType::F32)?, dtype, &device);
+    let weights = match &a.model {
+        Some(dir) => Weights::from_files(&blockserve_model::weights::safetensors_files(dir)?, dtype, &device)?,
+        None => Weights::from_tensors(random_weights(&config, a.seed, DType::F32)?, dtype, &device),
+    };
     let model = build(&config, &weights)?;
     drop(weights);
-    eprintln!("built {} (random weights) on {:?} {:?} in {:.1} s", a.preset, device, dtype, t0.elapsed().as_secs_f64());
+    let source = if a.model.is_some() { "its weights" } else { "random weights" };
+    eprintln!("built {name} ({source}) on {:?} {:?} in {:.1} s", device, dtype, t0.elapsed().as_secs_f64());
     let ceilings = if a.ceilings { Some(measure_ceilings(&device)?) } else { None };
     if let Some(c) = &ceilings {
         println!("ceilings: copy {:.0} GB/s (read + write), bf16 matmul {:.0} TFLOP/s", c.bytes_per_s / 1e9, c.flop_per_s / 1e12);
@@ -179,7 +190,7 @@ pub fn run(a: Args) -> Result<()> {
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let model = match model {
         Model::Block(m) => Arc::new(m),
-        Model::Vanilla(_) => return bench_vanilla(&a, &model, &device, prompt_len, gen_len, vocab),
+        Model::Vanilla(_) => return bench_vanilla(&a, &name, &model, &device, prompt_len, gen_len, vocab),
     };
     for &b in &a.batch {
         let b = if b > 0 {
@@ -224,7 +235,7 @@ pub fn run(a: Args) -> Result<()> {
         };
         println!(
             "| {} | {prompt_len}/{gen_len} | {b} | {:.2} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} |",
-            a.preset,
+            name,
             stats.wall_s,
             generated as f64 / stats.wall_s,
             ttft.iter().sum::<f64>() / ttft.len() as f64,
@@ -243,7 +254,7 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// Vanilla presets: the model's paged driver (all requests together).
-fn bench_vanilla(a: &Args, model: &Model, device: &Device, prompt_len: usize, gen_len: usize, vocab: u32) -> Result<()> {
+fn bench_vanilla(a: &Args, name: &str, model: &Model, device: &Device, prompt_len: usize, gen_len: usize, vocab: u32) -> Result<()> {
     model.generate(&requests(1, 8, 8, vocab, a.seed), false)?;
     device.synchronize()?;
     for &b in &a.batch {
@@ -262,8 +273,7 @@ fn bench_vanilla(a: &Args, model: &Model, device: &Device, prompt_len: usize, ge
         let generated: usize = out.iter().map(|o| o.tokens.len()).sum();
         let peak = device_memory(device).map_or("-".into(), |(f, t)| format!("{:.1}", (t - f) as f64 / (1u64 << 30) as f64));
         println!(
-            "| {} | {prompt_len}/{gen_len} | {b} | {wall:.2} | {:.0} | {ttft:.3} (whole batch) | - | - | {peak} (end) | - | - |",
-            a.preset,
+            "| {name} | {prompt_len}/{gen_len} | {b} | {wall:.2} | {:.0} | {ttft:.3} (whole batch) | - | - | {peak} (end) | - | - |",
             generated as f64 / wall
         );
     }
