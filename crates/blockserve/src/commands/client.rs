@@ -22,10 +22,23 @@ pub struct GenerateArgs {
     /// Router endpoint.
     #[arg(long, env = "BLOCKSERVE_ADDR", default_value = "http://127.0.0.1:50051")]
     addr: String,
+    /// Most tokens to generate.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: u32,
+    /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// Sample from the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    /// Sample from the smallest set of tokens whose probability reaches p (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Divide the logits of tokens already in the prompt or output by this
+    /// (1: off); applies to greedy decoding too.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Seed of the sampler (the same seed gives the same text).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Print token ids (one chunk a line) instead of text.
@@ -46,6 +59,9 @@ pub async fn run(cmd: Command) -> Result<()> {
         parameters: Some(GenerationParameters {
             max_new_tokens: Some(a.max_new_tokens),
             temperature: Some(a.temperature),
+            top_k: (a.top_k > 0).then_some(a.top_k),
+            top_p: (a.top_p < 1.0).then_some(a.top_p),
+            repetition_penalty: (a.repetition_penalty != 1.0).then_some(a.repetition_penalty),
             seed: Some(a.seed),
             ..Default::default()
         }),

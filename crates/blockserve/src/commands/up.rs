@@ -10,14 +10,15 @@ use blockserve_runtime::server::ServeArgs;
 use blockserve_runtime::store::StoreArgs;
 use tokio::sync::{oneshot, watch};
 
-/// The bundled demo model (random weights, byte-level tokenizer; see README).
+/// The bundled model: a Block Transformer trained on the Python standard
+/// library (`models/code-block`; see docs/models.md).
 pub fn bundled_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/demo")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/code-block")
 }
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model directory (default: the bundled demo model).
+    /// Model directory (default: the bundled code model, models/code-block).
     #[arg(long, env = "BLOCKSERVE_MODEL")]
     model: Option<PathBuf>,
     /// Where to run the decoders: cpu, cuda or cuda:N.
