@@ -25,22 +25,8 @@ pub struct GenerateArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: u32,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Sample from the k most likely tokens only (0: all).
-    #[arg(long, default_value_t = 0)]
-    top_k: u32,
-    /// Sample from the smallest set of tokens whose probability reaches p (1: all).
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Divide the logits of tokens already in the prompt or output by this
-    /// (1: off); applies to greedy decoding too.
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f32,
-    /// Seed of the sampler (the same seed gives the same text).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: super::sampling::SamplingArgs,
     /// Print token ids (one chunk a line) instead of text.
     #[arg(long)]
     ids: bool,
@@ -58,11 +44,11 @@ pub async fn run(cmd: Command) -> Result<()> {
         prompt: Some(prompt),
         parameters: Some(GenerationParameters {
             max_new_tokens: Some(a.max_new_tokens),
-            temperature: Some(a.temperature),
-            top_k: (a.top_k > 0).then_some(a.top_k),
-            top_p: (a.top_p < 1.0).then_some(a.top_p),
-            repetition_penalty: (a.repetition_penalty != 1.0).then_some(a.repetition_penalty),
-            seed: Some(a.seed),
+            temperature: Some(a.sampling.temperature),
+            top_k: (a.sampling.top_k > 0).then_some(a.sampling.top_k),
+            top_p: (a.sampling.top_p < 1.0).then_some(a.sampling.top_p),
+            repetition_penalty: (a.sampling.repetition_penalty != 1.0).then_some(a.sampling.repetition_penalty),
+            seed: Some(a.sampling.seed),
             ..Default::default()
         }),
         session_id: String::new(),

@@ -2,7 +2,7 @@
 //! incremental API the serving tiers use.
 
 use anyhow::{bail, Result};
-use blockserve_model::{GenerationRequest, SamplingParams, StopCriteria};
+use blockserve_model::{GenerationRequest, StopCriteria};
 
 use blockserve_runtime::model_args::ModelArgs;
 
@@ -17,21 +17,8 @@ pub struct Args {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Sample only among the k most likely tokens (0 = no limit).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Nucleus sampling: smallest set of tokens whose probability reaches p (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Penalty on tokens already in the prompt or output (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f32,
-    /// Seed of the sampler; the same seed gives the same output.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: super::sampling::SamplingArgs,
     /// Extra token ids that end generation (kept in the output), comma separated.
     #[arg(long, value_delimiter = ',')]
     stop_token_ids: Vec<u32>,
@@ -45,8 +32,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let model = args.model.load()?;
-    let sampling =
-        SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, repetition_penalty: args.repetition_penalty, seed: args.seed };
+    let sampling = args.sampling.params();
     let eos = if args.ignore_eos { None } else { model.config().eos_token_id() };
     let req = GenerationRequest {
         prompt: args.prompt_ids,

@@ -4,6 +4,7 @@ pub mod generate;
 pub mod init;
 pub mod logits;
 pub mod perplexity;
+pub mod sampling;
 pub mod tiers;
 pub mod train;
 pub mod up;
