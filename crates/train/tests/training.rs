@@ -48,7 +48,7 @@ fn gradients_match_finite_differences() {
         let (config, model) = run_config(shape_name, vocab as usize, 8, 2, 10, "f64");
         let trainer = Trainer::new(config, model, tokens.clone(), &tokens, &Device::Cpu).unwrap();
         let rows = data::Batches::new(tokens, 8, 2, 3).unwrap().batch(0, 0);
-        let (_, grads) = trainer.gradients(&[rows.clone()]).unwrap();
+        let (_, grads) = trainer.gradients(std::slice::from_ref(&rows)).unwrap();
         let mut checked = 0;
         for (i, (name, var)) in trainer.params().iter().enumerate() {
             let g = grads[i].flatten_all().unwrap().to_vec1::<f32>().unwrap();
