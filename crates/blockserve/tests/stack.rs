@@ -28,6 +28,8 @@ struct Stack {
     routers: Vec<String>,
     /// (tier, port, process) of every service.
     procs: Vec<(&'static str, u16, ChildGuard)>,
+    /// (tier, metrics port) of every service, in the order of `procs`.
+    metrics: Vec<(&'static str, u16)>,
 }
 
 fn spawn(args: &[&str]) -> ChildGuard {
@@ -57,10 +59,14 @@ impl Stack {
         };
         let mut procs = vec![];
         let mut routers = vec![];
+        let mut metrics = vec![];
         for tier in ["block-decoder", "token-decoder", "token-decoder", "router", "router"] {
             let port = free_port();
             let mut a = vec![tier.to_string()];
             a.extend(common(port));
+            let metrics_port = free_port();
+            a.extend(["--metrics-listen".to_string(), format!("127.0.0.1:{metrics_port}")]);
+            metrics.push((tier, metrics_port));
             if tier == "router" {
                 a.extend(router_extra.iter().map(|s| s.to_string()));
                 routers.push(format!("http://127.0.0.1:{port}"));
@@ -70,7 +76,7 @@ impl Stack {
         for (_, port, _) in &procs {
             wait_for_port(*port, Duration::from_secs(60));
         }
-        let stack = Stack { redis, prefix, routers, procs };
+        let stack = Stack { redis, prefix, routers, procs, metrics };
         let store = stack.store().await;
         let start = Instant::now();
         while store.instances(Tier::TokenDecoder).await.unwrap().len() < 2 || store.instances(Tier::BlockDecoder).await.unwrap().is_empty() {
@@ -649,4 +655,91 @@ async fn a_dead_block_decoder_fails_its_sessions_and_a_new_one_serves() {
             .await
             .unwrap();
     assert_eq!((tokens.len(), fin.reason), (6, FinishReason::Length as i32));
+}
+
+/// `GET /metrics` of a process.
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    conn.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// The sum of the samples of `name` whose labels include every `labels` pair.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))).then(|| value.parse::<f64>().unwrap())
+        })
+        .sum()
+}
+
+/// Every tier's `/metrics` against what the clients saw: requests by method
+/// and code, tokens, time-to-first-token and inter-token samples, sessions
+/// back to zero, and the context bytes the block decoder sent equal to those
+/// the token decoders received.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_of_every_tier_agree_with_what_clients_saw() {
+    let stack = Stack::start(&demo_model(), &[]).await;
+    let mut client = stack.client(0).await;
+    let (mut tokens, mut later_tokens) = (0usize, 0usize);
+    for i in 0..6u32 {
+        let params = GenerationParameters { max_new_tokens: Some(9 + i), ignore_eos: true, ..Default::default() };
+        let mut s = client.generate(ids_request(vec![1 + i, 2, 3, 4, 5], params)).await.unwrap().into_inner();
+        let mut chunks = 0;
+        while let Some(m) = s.message().await.unwrap() {
+            if let Some(generate_response::Event::Tokens(c)) = m.event {
+                tokens += c.token_ids.len();
+                if chunks > 0 {
+                    later_tokens += c.token_ids.len();
+                }
+                chunks += 1;
+            }
+        }
+    }
+    assert_eq!(tokens, (9..15).sum::<usize>());
+    let bad = client.generate(ids_request(vec![], GenerationParameters::default())).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    let text = |tier: &str| {
+        let ports: Vec<u16> = stack.metrics.iter().filter(|(t, _)| *t == tier).map(|(_, p)| *p).collect();
+        async move {
+            let mut all = String::new();
+            for p in ports {
+                all += &scrape(p).await;
+            }
+            all
+        }
+    };
+    // Sessions end on every tier shortly after their last chunk.
+    let start = Instant::now();
+    loop {
+        let (r, t) = (text("router").await, text("token-decoder").await);
+        if sample(&r, "blockserve_active_sessions", &[]) == 0.0 && sample(&t, "blockserve_active_sessions", &[]) == 0.0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "sessions still active:\n{r}\n{t}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (router, td, bd) = (text("router").await, text("token-decoder").await, text("block-decoder").await);
+    let ok = [("tier", "router"), ("method", "Generate"), ("code", "OK")];
+    assert_eq!(sample(&router, "blockserve_requests_total", &ok), 6.0);
+    assert_eq!(sample(&router, "blockserve_requests_total", &[("method", "Generate"), ("code", "INVALID_ARGUMENT")]), 1.0);
+    assert_eq!(sample(&router, "blockserve_generated_tokens_total", &[("tier", "router")]), tokens as f64);
+    assert_eq!(sample(&router, "blockserve_time_to_first_token_seconds_count", &[]), 6.0);
+    assert_eq!(sample(&router, "blockserve_inter_token_latency_seconds_count", &[]), later_tokens as f64);
+    assert_eq!(sample(&td, "blockserve_requests_total", &[("method", "Run"), ("code", "OK")]), 6.0);
+    assert_eq!(sample(&td, "blockserve_generated_tokens_total", &[("tier", "token_decoder")]), tokens as f64);
+    assert!(sample(&td, "blockserve_engine_iterations_total", &[("tier", "token_decoder")]) >= 1.0, "{td}");
+    assert!(sample(&bd, "blockserve_engine_iterations_total", &[("tier", "block_decoder")]) >= 1.0, "{bd}");
+    assert!(sample(&bd, "blockserve_kv_cache_pages", &[("state", "free")]) > 0.0, "{bd}");
+    let sent = sample(&bd, "blockserve_context_embedding_bytes_total", &[("direction", "sent")]);
+    assert!(sent > 0.0);
+    assert_eq!(sample(&td, "blockserve_context_embedding_bytes_total", &[("direction", "received")]), sent);
 }

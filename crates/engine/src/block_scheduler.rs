@@ -83,6 +83,12 @@ impl BlockScheduler {
         Ok(Self { model, pool, config, sessions: HashMap::new(), waiting: VecDeque::new(), prefilling: VecDeque::new(), pending: vec![] })
     }
 
+    /// KV pages in use and free.
+    pub fn kv_pages(&self) -> (usize, usize) {
+        let free = self.pool.free_pages();
+        (self.pool.num_pages() - free, free)
+    }
+
     pub fn model(&self) -> &Arc<BlockTransformer> {
         &self.model
     }

@@ -18,7 +18,8 @@ use blockserve_model::Model;
 use candle_core::{DType, Tensor};
 
 fn fixture() -> PathBuf {
-    let root = std::env::var_os("BLOCKSERVE_FIXTURES").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures"));
+    let root =
+        std::env::var_os("BLOCKSERVE_FIXTURES").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures"));
     root.join("official-tiny-b4")
 }
 

@@ -1,5 +1,7 @@
 //! How much of the wall time an engine thread spends computing, logged every
-//! ten seconds and when the engine stops: the idle fraction of a tier.
+//! ten seconds and when the engine stops: the idle fraction of a tier. Each
+//! iteration also counts in the `blockserve_engine_iterations_total` and
+//! `blockserve_batch_rows` metrics.
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,9 @@ impl Busy {
     /// Count one iteration of `rows` rows that took `worked`; log the last
     /// window's busy share when it is over.
     pub fn add(&mut self, worked: Duration, rows: usize) {
+        let tier = self.tier();
+        crate::metrics::METRICS.iterations.with_label_values(&[tier]).inc();
+        crate::metrics::METRICS.batch_rows.with_label_values(&[tier]).observe(rows as f64);
         self.calls += 1;
         self.rows += rows as u64;
         self.busy += worked;
@@ -32,6 +37,17 @@ impl Busy {
             tracing::info!(engine = self.name, busy_percent = format!("{:.1}", percent(self.busy, wall)), "engine load over the last 10 s");
             self.since = Instant::now();
             self.busy = Duration::ZERO;
+        }
+    }
+}
+
+impl Busy {
+    /// The metrics' `tier` label of this engine.
+    fn tier(&self) -> &'static str {
+        match self.name {
+            "block-decoder" => "block_decoder",
+            "token-decoder" => "token_decoder",
+            other => other,
         }
     }
 }

@@ -4,6 +4,7 @@ pub mod busy;
 pub mod channels;
 pub mod codec;
 pub mod lease;
+pub mod metrics;
 pub mod model_args;
 pub mod params;
 pub mod server;

@@ -19,6 +19,10 @@ pub struct ServeArgs {
     /// Seconds to finish in-flight work after SIGTERM before exiting.
     #[arg(long, env = "BLOCKSERVE_GRACE_PERIOD_S", default_value_t = 30)]
     pub grace_period_s: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (host:port; port 0
+    /// picks a free one). Off when not given.
+    #[arg(long, env = "BLOCKSERVE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Seconds an instance stays registered without renewing its lease.
     #[arg(long, env = "BLOCKSERVE_LEASE_TTL_S", default_value_t = 6)]
     pub lease_ttl_s: u64,

@@ -94,8 +94,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 pub fn collect(root: &Path) -> Result<Collected> {
     let mut paths = Vec::new();
     walk(root, &mut paths)?;
-    let mut rel: Vec<(String, PathBuf)> =
-        paths.into_iter().map(|p| (p.strip_prefix(root).unwrap_or(&p).to_string_lossy().replace('\\', "/"), p)).collect();
+    let mut rel: Vec<(String, PathBuf)> = paths.into_iter().map(|p| (p.strip_prefix(root).unwrap_or(&p).to_string_lossy().replace('\\', "/"), p)).collect();
     rel.sort();
     let mut seen = HashSet::new();
     let mut out = Collected::default();

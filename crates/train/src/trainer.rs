@@ -218,7 +218,8 @@ impl Trainer {
         let update = self.opt.update(&self.params, &grads, self.step)?;
         self.step += 1;
         let tokens = (self.config.accum as usize * self.config.batch * self.config.seq_len) as f64;
-        let line = LogLine { step: self.step, loss, lr: update.lr, grad_norm: update.grad_norm, tokens_per_s: tokens / t0.elapsed().as_secs_f64(), valid_loss: None };
+        let line =
+            LogLine { step: self.step, loss, lr: update.lr, grad_norm: update.grad_norm, tokens_per_s: tokens / t0.elapsed().as_secs_f64(), valid_loss: None };
         self.log.push(line.clone());
         Ok(line)
     }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use blockserve_engine::{BlockScheduler, SchedulerConfig};
 use blockserve_model::{BlockTransformer, ModelError};
 use blockserve_proto::v1::{Embeddings, LinkDown, SessionError};
+use blockserve_runtime::metrics::METRICS;
 use blockserve_runtime::{codec, status};
 use tokio::sync::{mpsc, oneshot};
 
@@ -281,6 +282,12 @@ impl Thread {
         let t = Instant::now();
         let out = iterated.and_then(|out| out.map(|c| codec::encode(&c.tensor).map(|e| (c.rows, e)).map_err(ModelError::Input)).transpose());
         self.phases.finish += t.elapsed();
+        if let Ok(Some((_, e))) = &out {
+            METRICS.context_bytes.with_label_values(&["block_decoder", "sent"]).inc_by(e.data.len() as u64);
+        }
+        let (used, free) = self.sched.kv_pages();
+        METRICS.kv_pages.with_label_values(&["used"]).set(used as i64);
+        METRICS.kv_pages.with_label_values(&["free"]).set(free as i64);
         let t = Instant::now();
         let rows = self.deliver(out);
         self.phases.send += t.elapsed();

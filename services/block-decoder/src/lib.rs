@@ -69,6 +69,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         engine::Gather { max_wait: Duration::from_micros(args.max_batch_wait_us), micro_batches: args.micro_batches as usize },
     )?;
     let (listener, addr) = bind(args.serve.listen).await?;
+    blockserve_runtime::metrics::start(args.serve.metrics_listen, stop.clone()).await?;
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     tracing::info!(%address, "block decoder listening");
     let service = service::BlockDecoderService::new(engine.clone(), model, args.max_sessions);

@@ -184,23 +184,29 @@ impl BlockDecoder for BlockDecoderService {
     type LinkStream = LinkStream;
 
     async fn link(&self, req: Request<Streaming<LinkUp>>) -> Result<Response<Self::LinkStream>, Status> {
-        let link = self.next_link.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.engine.attach(link, tx.clone()).map_err(status::from_model)?;
-        let state = LinkState { model: self.model.clone(), next: HashMap::new(), open: self.open.clone(), max_sessions: self.max_sessions };
-        tokio::spawn(serve_link(self.engine.clone(), state, link, req.into_inner(), tx));
-        let ok: fn(LinkDown) -> Result<LinkDown, Status> = Ok;
-        Ok(Response::new(UnboundedReceiverStream::new(rx).map(ok)))
+        blockserve_runtime::metrics::rpc("block_decoder", "Link", async move {
+            let link = self.next_link.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.engine.attach(link, tx.clone()).map_err(status::from_model)?;
+            let state = LinkState { model: self.model.clone(), next: HashMap::new(), open: self.open.clone(), max_sessions: self.max_sessions };
+            tokio::spawn(serve_link(self.engine.clone(), state, link, req.into_inner(), tx));
+            let ok: fn(LinkDown) -> Result<LinkDown, Status> = Ok;
+            Ok(Response::new(UnboundedReceiverStream::new(rx).map(ok)))
+        })
+        .await
     }
 
     async fn contexts(&self, req: Request<ContextsRequest>) -> Result<Response<ContextsResponse>, Status> {
-        let ids = req.into_inner().token_ids;
-        let l = self.model.block_length();
-        if ids.is_empty() || ids.len() % l != 0 {
-            return Err(Status::invalid_argument(format!("token_ids: {} ids is not a positive whole number of {l}-token blocks", ids.len())));
-        }
-        check_ids(&ids, self.model.config.vocab_size, "token_ids")?;
-        let contexts = self.engine.contexts(ids).await.map_err(status::from_model)?;
-        Ok(Response::new(ContextsResponse { contexts: Some(contexts) }))
+        blockserve_runtime::metrics::rpc("block_decoder", "Contexts", async move {
+            let ids = req.into_inner().token_ids;
+            let l = self.model.block_length();
+            if ids.is_empty() || ids.len() % l != 0 {
+                return Err(Status::invalid_argument(format!("token_ids: {} ids is not a positive whole number of {l}-token blocks", ids.len())));
+            }
+            check_ids(&ids, self.model.config.vocab_size, "token_ids")?;
+            let contexts = self.engine.contexts(ids).await.map_err(status::from_model)?;
+            Ok(Response::new(ContextsResponse { contexts: Some(contexts) }))
+        })
+        .await
     }
 }

@@ -53,6 +53,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     let tokenizer = Tokenizer::from_dir(&args.model)?;
     let router = Arc::new(service::Router::new(store, facts, tokenizer, args.max_new_tokens, Duration::from_secs(args.session_ttl_s)));
     let (listener, addr) = bind(args.serve.listen).await?;
+    blockserve_runtime::metrics::start(args.serve.metrics_listen, stop.clone()).await?;
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     tracing::info!(%address, "router listening");
     let server = tonic::transport::Server::builder().add_service(GenerationServer::new(service::GenerationService(router)));

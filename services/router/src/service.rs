@@ -1,11 +1,12 @@
 //! The public `Generation` service.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blockserve_proto::v1::generation_server::Generation;
 use blockserve_proto::v1::token_decoder_client::TokenDecoderClient;
 use blockserve_proto::v1::*;
+use blockserve_runtime::metrics::{self, ActiveSession, METRICS};
 use blockserve_runtime::{params, status};
 use blockserve_store::{now_ms, InstanceInfo, Outcome, SessionRecord, SessionSpec, SessionStore, Tier};
 use blockserve_text::{IncrementalDecoder, Tokenizer};
@@ -15,6 +16,9 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::validate;
+
+/// The `tier` label of this service's metrics.
+const TIER: &str = "router";
 
 /// What the router knows of the model (from its config and tokenizer; the router
 /// holds no weights).
@@ -181,6 +185,7 @@ impl Router {
 
     /// Validate, route, record and start a session; events arrive on the receiver.
     async fn start(self: &Arc<Self>, req: GenerateRequest) -> Result<(String, mpsc::Receiver<Result<GenerateResponse, Status>>), Status> {
+        let arrived = Instant::now();
         let (tx, rx) = mpsc::channel(16);
         if !req.session_id.is_empty() {
             validate::session_id(&req.session_id)?;
@@ -240,6 +245,8 @@ impl Router {
         let sid = id.clone();
         tokio::spawn(async move {
             let _routed = routed;
+            let _active = ActiveSession::new(TIER);
+            let mut last_chunk: Option<Instant> = None;
             loop {
                 let msg = tokio::select! {
                     m = events.message() => m,
@@ -251,7 +258,22 @@ impl Router {
                     }
                 };
                 let out = match msg {
-                    Ok(Some(RunEvent { kind: Some(run_event::Kind::Tokens(c)) })) => event(&sid, generate_response::Event::Tokens(c)),
+                    Ok(Some(RunEvent { kind: Some(run_event::Kind::Tokens(c)) })) => {
+                        // As the load generator counts it: the first chunk's
+                        // delay is the time to first token; a later chunk's
+                        // gap is shared by its tokens (one ITL sample each).
+                        let (now, n) = (Instant::now(), c.token_ids.len());
+                        match last_chunk.replace(now) {
+                            None => METRICS.time_to_first_token.observe((now - arrived).as_secs_f64()),
+                            Some(prev) => {
+                                for _ in 0..n {
+                                    METRICS.inter_token_latency.observe((now - prev).as_secs_f64() / n as f64);
+                                }
+                            }
+                        }
+                        METRICS.generated_tokens.with_label_values(&[TIER]).inc_by(n as u64);
+                        event(&sid, generate_response::Event::Tokens(c))
+                    }
                     Ok(Some(RunEvent { kind: Some(run_event::Kind::Finished(f)) })) => event(&sid, generate_response::Event::Finished(f)),
                     Ok(Some(RunEvent { kind: None })) => continue,
                     Ok(None) => return,
@@ -286,115 +308,136 @@ impl Generation for GenerationService {
     type ResumeStream = ReceiverStream<Result<GenerateResponse, Status>>;
 
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        let (_, rx) = self.0.start(req.into_inner()).await?;
-        Ok(Response::new(ReceiverStream::new(rx)))
+        metrics::rpc(TIER, "Generate", async move {
+            let (_, rx) = self.0.start(req.into_inner()).await?;
+            Ok(Response::new(ReceiverStream::new(rx)))
+        })
+        .await
     }
 
     async fn generate_unary(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateUnaryResponse>, Status> {
-        let (id, mut rx) = self.0.start(req.into_inner()).await?;
-        let mut out = GenerateUnaryResponse { session_id: id, ..Default::default() };
-        while let Some(msg) = rx.recv().await {
-            match msg?.event {
-                Some(generate_response::Event::Tokens(c)) => {
-                    out.token_ids.extend(c.token_ids);
-                    out.text.push_str(&c.text);
+        metrics::rpc(TIER, "GenerateUnary", async move {
+            let (id, mut rx) = self.0.start(req.into_inner()).await?;
+            let mut out = GenerateUnaryResponse { session_id: id, ..Default::default() };
+            while let Some(msg) = rx.recv().await {
+                match msg?.event {
+                    Some(generate_response::Event::Tokens(c)) => {
+                        out.token_ids.extend(c.token_ids);
+                        out.text.push_str(&c.text);
+                    }
+                    Some(generate_response::Event::Finished(f)) => {
+                        out.finished = Some(f);
+                        break;
+                    }
+                    _ => {}
                 }
-                Some(generate_response::Event::Finished(f)) => {
-                    out.finished = Some(f);
-                    break;
-                }
-                _ => {}
             }
-        }
-        Ok(Response::new(out))
+            Ok(Response::new(out))
+        })
+        .await
     }
 
     async fn resume(&self, req: Request<ResumeRequest>) -> Result<Response<Self::ResumeStream>, Status> {
-        let req = req.into_inner();
-        let rec = self.0.record(&req.session_id).await?;
-        let offset = req.offset as usize;
-        if rec.state.is_final() && offset > rec.generated {
-            return Err(Status::invalid_argument(format!("offset {offset} is beyond the {} tokens this session generated", rec.generated)));
-        }
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(self.0.clone().follow(req.session_id, offset, tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        metrics::rpc(TIER, "Resume", async move {
+            let req = req.into_inner();
+            let rec = self.0.record(&req.session_id).await?;
+            let offset = req.offset as usize;
+            if rec.state.is_final() && offset > rec.generated {
+                return Err(Status::invalid_argument(format!("offset {offset} is beyond the {} tokens this session generated", rec.generated)));
+            }
+            let (tx, rx) = mpsc::channel(16);
+            tokio::spawn(self.0.clone().follow(req.session_id, offset, tx));
+            Ok(Response::new(ReceiverStream::new(rx)))
+        })
+        .await
     }
 
     async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
-        let id = req.into_inner().session_id;
-        let rec = self.0.record(&id).await?;
-        if rec.state.is_final() {
-            return Ok(Response::new(CancelResponse { state: wire_state(rec.state) as i32 }));
-        }
-        // Tell the token decoder (best effort: it may be gone), then make it final
-        // in the store whatever happened there.
-        if let Ok(ch) = self.0.channel(&rec.spec.token_decoder).await {
-            let _ = TokenDecoderClient::new(ch).cancel(CancelRequest { session_id: id.clone() }).await;
-        }
-        let outcome = Outcome { state: blockserve_store::SessionState::Cancelled, finish_reason: "cancelled".into(), error: None };
-        self.0.store.finish(&id, &outcome, self.0.session_ttl).await.map_err(status::from_store)?;
-        let rec = self.0.record(&id).await?;
-        Ok(Response::new(CancelResponse { state: wire_state(rec.state) as i32 }))
+        metrics::rpc(TIER, "Cancel", async move {
+            let id = req.into_inner().session_id;
+            let rec = self.0.record(&id).await?;
+            if rec.state.is_final() {
+                return Ok(Response::new(CancelResponse { state: wire_state(rec.state) as i32 }));
+            }
+            // Tell the token decoder (best effort: it may be gone), then make it final
+            // in the store whatever happened there.
+            if let Ok(ch) = self.0.channel(&rec.spec.token_decoder).await {
+                let _ = TokenDecoderClient::new(ch).cancel(CancelRequest { session_id: id.clone() }).await;
+            }
+            let outcome = Outcome { state: blockserve_store::SessionState::Cancelled, finish_reason: "cancelled".into(), error: None };
+            self.0.store.finish(&id, &outcome, self.0.session_ttl).await.map_err(status::from_store)?;
+            let rec = self.0.record(&id).await?;
+            Ok(Response::new(CancelResponse { state: wire_state(rec.state) as i32 }))
+        })
+        .await
     }
 
     async fn get_session(&self, req: Request<GetSessionRequest>) -> Result<Response<SessionInfo>, Status> {
-        let id = req.into_inner().session_id;
-        let rec = self.0.record(&id).await?;
-        let tokens = self.0.store.tokens(&id, 0).await.map_err(status::from_store)?;
-        let p = &rec.spec.parameters;
-        let parameters = GenerationParameters {
-            max_new_tokens: p["max_new_tokens"].as_u64().map(|v| v as u32),
-            temperature: p["temperature"].as_f64().map(|v| v as f32),
-            top_k: p["top_k"].as_u64().map(|v| v as u32),
-            top_p: p["top_p"].as_f64().map(|v| v as f32),
-            repetition_penalty: p["repetition_penalty"].as_f64().map(|v| v as f32),
-            seed: p["seed"].as_u64(),
-            stop: serde_json::from_value(p["stop"].clone()).unwrap_or_default(),
-            stop_token_ids: serde_json::from_value(p["stop_token_ids"].clone()).unwrap_or_default(),
-            ignore_eos: p["ignore_eos"].as_bool().unwrap_or(false),
-        };
-        Ok(Response::new(SessionInfo {
-            session_id: id,
-            state: wire_state(rec.state) as i32,
-            prompt_ids: rec.spec.prompt_ids.clone(),
-            token_ids: tokens,
-            parameters: Some(parameters),
-            token_decoder: rec.spec.token_decoder.clone(),
-            block_decoder: rec.spec.block_decoder.clone(),
-            finish_reason: reason_from_name(rec.finish_reason.as_deref()) as i32,
-            error: rec.error.clone().unwrap_or_default(),
-            created_at_ms: rec.spec.created_at_ms,
-            updated_at_ms: rec.updated_at_ms,
-            first_token_at_ms: rec.first_token_at_ms.unwrap_or(0),
-            finished_at_ms: rec.finished_at_ms.unwrap_or(0),
-        }))
+        metrics::rpc(TIER, "GetSession", async move {
+            let id = req.into_inner().session_id;
+            let rec = self.0.record(&id).await?;
+            let tokens = self.0.store.tokens(&id, 0).await.map_err(status::from_store)?;
+            let p = &rec.spec.parameters;
+            let parameters = GenerationParameters {
+                max_new_tokens: p["max_new_tokens"].as_u64().map(|v| v as u32),
+                temperature: p["temperature"].as_f64().map(|v| v as f32),
+                top_k: p["top_k"].as_u64().map(|v| v as u32),
+                top_p: p["top_p"].as_f64().map(|v| v as f32),
+                repetition_penalty: p["repetition_penalty"].as_f64().map(|v| v as f32),
+                seed: p["seed"].as_u64(),
+                stop: serde_json::from_value(p["stop"].clone()).unwrap_or_default(),
+                stop_token_ids: serde_json::from_value(p["stop_token_ids"].clone()).unwrap_or_default(),
+                ignore_eos: p["ignore_eos"].as_bool().unwrap_or(false),
+            };
+            Ok(Response::new(SessionInfo {
+                session_id: id,
+                state: wire_state(rec.state) as i32,
+                prompt_ids: rec.spec.prompt_ids.clone(),
+                token_ids: tokens,
+                parameters: Some(parameters),
+                token_decoder: rec.spec.token_decoder.clone(),
+                block_decoder: rec.spec.block_decoder.clone(),
+                finish_reason: reason_from_name(rec.finish_reason.as_deref()) as i32,
+                error: rec.error.clone().unwrap_or_default(),
+                created_at_ms: rec.spec.created_at_ms,
+                updated_at_ms: rec.updated_at_ms,
+                first_token_at_ms: rec.first_token_at_ms.unwrap_or(0),
+                finished_at_ms: rec.finished_at_ms.unwrap_or(0),
+            }))
+        })
+        .await
     }
 
     async fn score(&self, req: Request<ScoreRequest>) -> Result<Response<ScoreResponse>, Status> {
-        let r = &self.0;
-        let ids = validate::score_input(&req.into_inner().input, r.tokenizer.as_ref(), r.model.vocab)?;
-        if ids.len() > r.model.max_total_tokens {
-            return Err(Status::invalid_argument(format!("input has {} tokens; the model's context allows {}", ids.len(), r.model.max_total_tokens)));
-        }
-        let td = r.pick(Tier::TokenDecoder).await?;
-        let bd = r.pick(Tier::BlockDecoder).await?;
-        let mut client = TokenDecoderClient::new(r.channel(&td.address).await?);
-        Ok(Response::new(client.score(ScoreIdsRequest { token_ids: ids, block_decoder: bd.address }).await?.into_inner()))
+        metrics::rpc(TIER, "Score", async move {
+            let r = &self.0;
+            let ids = validate::score_input(&req.into_inner().input, r.tokenizer.as_ref(), r.model.vocab)?;
+            if ids.len() > r.model.max_total_tokens {
+                return Err(Status::invalid_argument(format!("input has {} tokens; the model's context allows {}", ids.len(), r.model.max_total_tokens)));
+            }
+            let td = r.pick(Tier::TokenDecoder).await?;
+            let bd = r.pick(Tier::BlockDecoder).await?;
+            let mut client = TokenDecoderClient::new(r.channel(&td.address).await?);
+            Ok(Response::new(client.score(ScoreIdsRequest { token_ids: ids, block_decoder: bd.address }).await?.into_inner()))
+        })
+        .await
     }
 
     async fn model_info(&self, _: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {
-        let m = &self.0.model;
-        Ok(Response::new(ModelInfoResponse {
-            model_type: "block_transformer".into(),
-            model_name: m.name.clone(),
-            vocab_size: m.vocab as u32,
-            block_length: m.block_length as u32,
-            max_total_tokens: m.max_total_tokens as u32,
-            max_new_tokens: self.0.max_new_tokens as u32,
-            eos_token_id: m.eos,
-            dtype: m.dtype.clone(),
-            has_tokenizer: self.0.tokenizer.is_some(),
-        }))
+        metrics::rpc(TIER, "ModelInfo", async move {
+            let m = &self.0.model;
+            Ok(Response::new(ModelInfoResponse {
+                model_type: "block_transformer".into(),
+                model_name: m.name.clone(),
+                vocab_size: m.vocab as u32,
+                block_length: m.block_length as u32,
+                max_total_tokens: m.max_total_tokens as u32,
+                max_new_tokens: self.0.max_new_tokens as u32,
+                eos_token_id: m.eos,
+                dtype: m.dtype.clone(),
+                has_tokenizer: self.0.tokenizer.is_some(),
+            }))
+        })
+        .await
     }
 }

@@ -16,6 +16,7 @@ use blockserve_engine::{BlockJob, TokenBatcher};
 use blockserve_model::{BlockTransformer, FinishReason, ModelError, SamplingParams, StopCriteria};
 use blockserve_proto::v1::{BlockBatch, LinkDown, LinkUp, OpenBlocks};
 use blockserve_runtime::codec;
+use blockserve_runtime::metrics::METRICS;
 use candle_core::{DType, Device, Tensor};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Status};
@@ -58,6 +59,9 @@ pub struct OpenRequest {
 /// decoder, so a slow client never holds up the others and its buffer stays
 /// bounded.
 pub const MAX_UNREAD: u32 = 8;
+
+/// The `tier` label of this service's metrics.
+pub const TIER: &str = "token_decoder";
 
 enum Command {
     Open(OpenRequest, Arc<AtomicU32>),
@@ -346,6 +350,7 @@ impl Thread {
             }
             rows.keys.push(key);
             rows.bytes.extend_from_slice(&ctx.data[i * n..(i + 1) * n]);
+            METRICS.context_bytes.with_label_values(&[TIER, "received"]).inc_by(n as u64);
         }
     }
 
@@ -394,6 +399,7 @@ impl Thread {
             let start = s.tokens.len();
             let finish = s.spec.stop.extend(&mut s.tokens, &block);
             let new = s.tokens[start..].to_vec();
+            METRICS.generated_tokens.with_label_values(&[TIER]).inc_by(new.len() as u64);
             let mut wire_bytes = rows.row_bytes;
             if finish.is_none() {
                 if s.spec.sampling.uses_history() {

@@ -111,6 +111,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         next_key: Default::default(),
     });
     let (listener, addr) = bind(args.serve.listen).await?;
+    blockserve_runtime::metrics::start(args.serve.metrics_listen, stop.clone()).await?;
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     tracing::info!(%address, "token decoder listening");
     let router = tonic::transport::Server::builder().add_service(TokenDecoderServer::new(service::TokenDecoderService { shared: shared.clone() }));

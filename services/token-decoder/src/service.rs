@@ -30,56 +30,66 @@ impl TokenDecoder for TokenDecoderService {
     type RunStream = ReceiverStream<Result<RunEvent, Status>>;
 
     async fn run(&self, req: Request<RunRequest>) -> Result<Response<Self::RunStream>, Status> {
-        let req = req.into_inner();
-        let (cancel_tx, cancel_rx) = watch::channel(false);
-        {
-            let mut running = self.shared.running.lock().unwrap_or_else(|p| p.into_inner());
-            if running.len() as u32 >= self.shared.max_sessions {
-                return Err(Status::resource_exhausted(format!("token decoder is at its limit of {} sessions", self.shared.max_sessions)));
+        blockserve_runtime::metrics::rpc(crate::engine::TIER, "Run", async move {
+            let req = req.into_inner();
+            let (cancel_tx, cancel_rx) = watch::channel(false);
+            {
+                let mut running = self.shared.running.lock().unwrap_or_else(|p| p.into_inner());
+                if running.len() as u32 >= self.shared.max_sessions {
+                    return Err(Status::resource_exhausted(format!("token decoder is at its limit of {} sessions", self.shared.max_sessions)));
+                }
+                if running.contains_key(&req.session_id) {
+                    return Err(Status::already_exists(format!("session {} is already running here", req.session_id)));
+                }
+                running.insert(req.session_id.clone(), cancel_tx);
             }
-            if running.contains_key(&req.session_id) {
-                return Err(Status::already_exists(format!("session {} is already running here", req.session_id)));
-            }
-            running.insert(req.session_id.clone(), cancel_tx);
-        }
-        let (tx, rx) = mpsc::channel(16);
-        let shared = self.shared.clone();
-        tokio::spawn(async move {
-            let _running = Running(shared.clone(), req.session_id.clone());
-            session::run(shared, req, tx, cancel_rx).await;
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+            let (tx, rx) = mpsc::channel(16);
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                let _running = Running(shared.clone(), req.session_id.clone());
+                let _active = blockserve_runtime::metrics::ActiveSession::new(crate::engine::TIER);
+                session::run(shared, req, tx, cancel_rx).await;
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        })
+        .await
     }
 
     async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
-        let id = req.into_inner().session_id;
-        let found = self.shared.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|c| c.send(true)).is_some();
-        let state = if found { SessionState::Cancelled } else { SessionState::Unspecified };
-        Ok(Response::new(CancelResponse { state: state as i32 }))
+        blockserve_runtime::metrics::rpc(crate::engine::TIER, "Cancel", async move {
+            let id = req.into_inner().session_id;
+            let found = self.shared.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|c| c.send(true)).is_some();
+            let state = if found { SessionState::Cancelled } else { SessionState::Unspecified };
+            Ok(Response::new(CancelResponse { state: state as i32 }))
+        })
+        .await
     }
 
     async fn score(&self, req: Request<ScoreIdsRequest>) -> Result<Response<ScoreResponse>, Status> {
-        let req = req.into_inner();
-        let m = &self.shared.model;
-        let l = m.block_length();
-        let padded = PaddedPrompt::new(&req.token_ids, l).map_err(status::from_model)?;
-        let n = padded.num_blocks(l);
-        let first_scored = (l - padded.pad) as u32;
-        if n < 2 {
-            let msg = format!("token_ids: scoring needs more than one block ({} tokens), got {}", l, req.token_ids.len());
-            return Err(Status::invalid_argument(msg));
-        }
-        let channel = self.shared.channel(&req.block_decoder).await?;
-        let ctx = BlockDecoderClient::new(channel).contexts(ContextsRequest { token_ids: padded.ids.clone() }).await?.into_inner();
-        let d = m.config.block_decoder.hidden_size;
-        let e = ctx.contexts.ok_or_else(|| Status::internal("block decoder sent no contexts"))?;
-        if e.rows as usize != n {
-            return Err(Status::internal(format!("block decoder sent {} contexts for {n} blocks", e.rows)));
-        }
-        let all = codec::decode(&e, d, self.shared.dtype, &self.shared.device).map_err(|e| Status::internal(format!("from block decoder: {e}")))?;
-        let contexts = all.narrow(0, 0, n - 1).map_err(|e| Status::internal(e.to_string()))?;
-        let logprobs = self.shared.engine.score(contexts, padded.ids[l..].to_vec()).await.map_err(status::from_model)?;
-        let mean = logprobs.iter().map(|&x| x as f64).sum::<f64>() / logprobs.len() as f64;
-        Ok(Response::new(ScoreResponse { token_ids: req.token_ids, logprobs, first_scored, perplexity: (-mean).exp() }))
+        blockserve_runtime::metrics::rpc(crate::engine::TIER, "Score", async move {
+            let req = req.into_inner();
+            let m = &self.shared.model;
+            let l = m.block_length();
+            let padded = PaddedPrompt::new(&req.token_ids, l).map_err(status::from_model)?;
+            let n = padded.num_blocks(l);
+            let first_scored = (l - padded.pad) as u32;
+            if n < 2 {
+                let msg = format!("token_ids: scoring needs more than one block ({} tokens), got {}", l, req.token_ids.len());
+                return Err(Status::invalid_argument(msg));
+            }
+            let channel = self.shared.channel(&req.block_decoder).await?;
+            let ctx = BlockDecoderClient::new(channel).contexts(ContextsRequest { token_ids: padded.ids.clone() }).await?.into_inner();
+            let d = m.config.block_decoder.hidden_size;
+            let e = ctx.contexts.ok_or_else(|| Status::internal("block decoder sent no contexts"))?;
+            if e.rows as usize != n {
+                return Err(Status::internal(format!("block decoder sent {} contexts for {n} blocks", e.rows)));
+            }
+            let all = codec::decode(&e, d, self.shared.dtype, &self.shared.device).map_err(|e| Status::internal(format!("from block decoder: {e}")))?;
+            let contexts = all.narrow(0, 0, n - 1).map_err(|e| Status::internal(e.to_string()))?;
+            let logprobs = self.shared.engine.score(contexts, padded.ids[l..].to_vec()).await.map_err(status::from_model)?;
+            let mean = logprobs.iter().map(|&x| x as f64).sum::<f64>() / logprobs.len() as f64;
+            Ok(Response::new(ScoreResponse { token_ids: req.token_ids, logprobs, first_scored, perplexity: (-mean).exp() }))
+        })
+        .await
     }
 }

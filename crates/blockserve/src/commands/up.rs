@@ -49,12 +49,16 @@ pub struct Args {
     /// Largest max_new_tokens a request may ask for.
     #[arg(long, env = "BLOCKSERVE_MAX_NEW_TOKENS", default_value_t = 1024)]
     max_new_tokens: usize,
+    /// Serve Prometheus metrics of every tier (one process, `tier` label) at
+    /// http://ADDR/metrics. Off when not given.
+    #[arg(long, env = "BLOCKSERVE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     store: StoreArgs,
 }
 
 fn serve_args(listen: std::net::SocketAddr) -> ServeArgs {
-    ServeArgs { listen, advertise: None, grace_period_s: 10, lease_ttl_s: 6 }
+    ServeArgs { listen, advertise: None, grace_period_s: 10, lease_ttl_s: 6, metrics_listen: None }
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -64,6 +68,9 @@ pub async fn run(args: Args) -> Result<()> {
     let (stop_tx, stop) = watch::channel(false);
     let loopback = "127.0.0.1:0".parse().unwrap();
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = blockserve_runtime::metrics::start(args.metrics_listen, stop.clone()).await? {
+        eprintln!("metrics at http://{addr}/metrics");
+    }
 
     let (ready, bd_addr) = oneshot::channel();
     let bd = blockserve_block_decoder::Args {
