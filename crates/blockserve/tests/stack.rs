@@ -681,9 +681,9 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// Every tier's `/metrics` against what the clients saw: requests by method
-/// and code, tokens, time-to-first-token and inter-token samples, sessions
-/// back to zero, and the context bytes the block decoder sent equal to those
-/// the token decoders received.
+/// and code, tokens, time-to-first-token and inter-token samples, Redis round
+/// trips, sessions back to zero, and the context bytes the block decoder sent
+/// equal to those the token decoders received.
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_of_every_tier_agree_with_what_clients_saw() {
     let stack = Stack::start(&demo_model(), &[]).await;
@@ -734,6 +734,9 @@ async fn metrics_of_every_tier_agree_with_what_clients_saw() {
     assert_eq!(sample(&router, "blockserve_generated_tokens_total", &[("tier", "router")]), tokens as f64);
     assert_eq!(sample(&router, "blockserve_time_to_first_token_seconds_count", &[]), 6.0);
     assert_eq!(sample(&router, "blockserve_inter_token_latency_seconds_count", &[]), later_tokens as f64);
+    // One Redis round trip creates each session (the bad request never got there).
+    assert_eq!(sample(&router, "blockserve_store_round_trip_seconds_count", &[("op", "create_session"), ("outcome", "ok")]), 6.0);
+    assert!(sample(&td, "blockserve_store_round_trip_seconds_count", &[("op", "append_many")]) >= 1.0, "{td}");
     assert_eq!(sample(&td, "blockserve_requests_total", &[("method", "Run"), ("code", "OK")]), 6.0);
     assert_eq!(sample(&td, "blockserve_generated_tokens_total", &[("tier", "token_decoder")]), tokens as f64);
     assert!(sample(&td, "blockserve_engine_iterations_total", &[("tier", "token_decoder")]) >= 1.0, "{td}");

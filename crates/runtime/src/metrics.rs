@@ -40,6 +40,8 @@ pub struct Metrics {
     pub local_kv_rows: IntGaugeVec,
     /// Context-embedding payload bytes, by tier and direction (sent, received).
     pub context_bytes: IntCounterVec,
+    /// Session-store calls (Redis round trips), by operation and outcome.
+    pub store_seconds: HistogramVec,
 }
 
 fn seconds_buckets() -> Vec<f64> {
@@ -88,6 +90,12 @@ impl Metrics {
             kv_pages: gauge("blockserve_kv_cache_pages", "Block decoder: KV-cache pages by state.", &["state"]),
             local_kv_rows: gauge("blockserve_local_kv_rows", "Token decoder: rows of the local cache by state.", &["state"]),
             context_bytes: counter("blockserve_context_embedding_bytes_total", "Context-embedding payload bytes.", &["tier", "direction"]),
+            store_seconds: histogram_vec(
+                "blockserve_store_round_trip_seconds",
+                "Session-store calls (Redis round trips), by operation and outcome.",
+                &["op", "outcome"],
+                seconds_buckets(),
+            ),
             registry,
         }
     }

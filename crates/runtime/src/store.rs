@@ -1,8 +1,10 @@
-//! Choosing the session store from flags.
+//! Choosing the session store from flags. A Redis store's calls are timed in
+//! the `blockserve_store_round_trip_seconds` metric.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use blockserve_store::{MemoryStore, RedisStore, SessionStore};
+use blockserve_store::{InstanceInfo, MemoryStore, Outcome, RedisStore, SessionRecord, SessionSpec, SessionState, SessionStore, Tier};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct StoreArgs {
@@ -22,11 +24,56 @@ pub struct StoreArgs {
 impl StoreArgs {
     pub async fn connect(&self) -> anyhow::Result<Arc<dyn SessionStore>> {
         Ok(match &self.redis_url {
-            Some(url) => Arc::new(RedisStore::connect_pool(url, &self.redis_prefix, self.redis_connections).await?),
+            Some(url) => Arc::new(Timed(RedisStore::connect_pool(url, &self.redis_prefix, self.redis_connections).await?)),
             None => {
                 tracing::warn!("no --redis-url: using an in-process session store (single-process deployments only)");
                 Arc::new(MemoryStore::new())
             }
         })
+    }
+}
+
+/// A store whose every call is timed in `blockserve_store_round_trip_seconds`.
+struct Timed<S>(S);
+
+async fn timed<T>(op: &str, call: impl std::future::Future<Output = blockserve_store::Result<T>>) -> blockserve_store::Result<T> {
+    let t0 = std::time::Instant::now();
+    let out = call.await;
+    let outcome = if out.is_ok() { "ok" } else { "error" };
+    crate::metrics::METRICS.store_seconds.with_label_values(&[op, outcome]).observe(t0.elapsed().as_secs_f64());
+    out
+}
+
+#[async_trait::async_trait]
+impl<S: SessionStore> SessionStore for Timed<S> {
+    async fn register(&self, info: &InstanceInfo, ttl: Duration) -> blockserve_store::Result<()> {
+        timed("register", self.0.register(info, ttl)).await
+    }
+    async fn deregister(&self, tier: Tier, id: &str) -> blockserve_store::Result<()> {
+        timed("deregister", self.0.deregister(tier, id)).await
+    }
+    async fn instances(&self, tier: Tier) -> blockserve_store::Result<Vec<InstanceInfo>> {
+        timed("instances", self.0.instances(tier)).await
+    }
+    async fn create_session(&self, spec: &SessionSpec) -> blockserve_store::Result<bool> {
+        timed("create_session", self.0.create_session(spec)).await
+    }
+    async fn session(&self, id: &str) -> blockserve_store::Result<Option<SessionRecord>> {
+        timed("session", self.0.session(id)).await
+    }
+    async fn set_progress(&self, id: &str, state: SessionState) -> blockserve_store::Result<()> {
+        timed("set_progress", self.0.set_progress(id, state)).await
+    }
+    async fn append_tokens(&self, id: &str, tokens: &[u32]) -> blockserve_store::Result<()> {
+        timed("append_tokens", self.0.append_tokens(id, tokens)).await
+    }
+    async fn append_many(&self, batch: &[(String, Vec<u32>)]) -> blockserve_store::Result<()> {
+        timed("append_many", self.0.append_many(batch)).await
+    }
+    async fn tokens(&self, id: &str, from: usize) -> blockserve_store::Result<Vec<u32>> {
+        timed("tokens", self.0.tokens(id, from)).await
+    }
+    async fn finish(&self, id: &str, outcome: &Outcome, ttl: Duration) -> blockserve_store::Result<bool> {
+        timed("finish", self.0.finish(id, outcome, ttl)).await
     }
 }

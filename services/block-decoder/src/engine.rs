@@ -208,6 +208,8 @@ impl Thread {
                 busy.add(t.elapsed(), rows);
             }
             self.active.store(self.sched.sessions() as u32, Ordering::Relaxed);
+            METRICS.queue_depth.with_label_values(&["block_decoder"]).set(self.queued.load(Ordering::Relaxed) as i64);
+            METRICS.active_sessions.with_label_values(&["block_decoder"]).set(self.sched.sessions() as i64);
         }
     }
 

@@ -246,9 +246,14 @@ impl Thread {
             let mut events = vec![];
             if !rows.keys.is_empty() {
                 let (t, n) = (Instant::now(), rows.keys.len());
+                // A batch of n rows holds min(n, max_batch) rows of the local cache.
+                let used = n.min(self.batcher.max_batch());
+                METRICS.local_kv_rows.with_label_values(&["used"]).set(used as i64);
+                METRICS.local_kv_rows.with_label_values(&["free"]).set((self.batcher.max_batch() - used) as i64);
                 events = self.decode(rows);
                 busy.add(t.elapsed(), n);
             }
+            METRICS.queue_depth.with_label_values(&[TIER]).set(self.queued.load(Ordering::Relaxed) as i64);
             // The blocks up are the critical path; waking the session tasks
             // (thousands of them) comes after.
             let outbox: Vec<_> = self.outbox.drain().collect();
