@@ -7,6 +7,14 @@
 //!
 //! Tokens arrive a block at a time; a token's inter-token latency is the gap
 //! since the previous chunk divided by the tokens in its chunk.
+//!
+//! With `--config FILE` it runs a ghz JSON config instead (see `ghz.rs`) and
+//! prints a ghz-style summary (`--format json` for JSON):
+//!
+//!   blockserve-loadtest --config loadtest/ghz/generate.json --target 127.0.0.1:50051
+
+mod ghz;
+mod ghz_run;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +53,14 @@ struct Args {
     /// Seed of the random prompts.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Run a ghz JSON config (call, host, total, concurrency, rps, duration,
+    /// data, metadata, load-schedule ...) instead of a setting. --target, when
+    /// given, overrides its host.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// With --config: summary (ghz-style text) or json.
+    #[arg(long, default_value = "summary")]
+    format: String,
 }
 
 #[derive(Default)]
@@ -106,6 +122,18 @@ async fn one(mut client: GenerationClient<Channel>, prompt: Vec<u32>, gen_len: u
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = Args::parse();
+    if let Some(path) = &a.config {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let config = ghz::Config::parse(&text).with_context(|| path.display().to_string())?;
+        let target = std::env::args().any(|x| x == "--target" || x.starts_with("--target=")).then(|| a.target.clone());
+        let report = ghz_run::run(config, target).await?;
+        match a.format.as_str() {
+            "json" => println!("{}", serde_json::to_string_pretty(&report)?),
+            "summary" => ghz_run::print_summary(&report),
+            other => bail!("--format {other:?}: expected summary or json"),
+        }
+        return Ok(());
+    }
     let (p, g) = match a.setting.as_str() {
         "prefill-heavy" => (2048, 128),
         "decode-heavy" => (128, 2048),

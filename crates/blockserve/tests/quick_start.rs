@@ -32,3 +32,61 @@ fn up_then_client_generate_prints_the_bundled_models_continuation() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "\n    \"\"\"Test a bogus-in-in-in-in-in-in-in-in-in-in-in-in-\n");
     assert!(stderr.starts_with("[FINISH_REASON_LENGTH | 9 prompt + 32 generated tokens |"), "{stderr}");
 }
+
+/// `GET /metrics` of a process.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    conn.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// The value of the sample `series` (name and labels exactly as rendered).
+fn value(text: &str, series: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// The load generator runs a ghz config against `blockserve up`; its JSON
+/// report and every tier's metrics agree on requests and tokens.
+#[test]
+fn the_load_generator_runs_a_ghz_config_and_the_metrics_agree() {
+    let (port, metrics_port) = (free_port(), free_port());
+    let listen = format!("127.0.0.1:{port}");
+    let _up = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_blockserve"))
+            .args(["up", "--listen", &listen, "--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .env_remove("BLOCKSERVE_MODEL")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(port, Duration::from_secs(60));
+    let dir = std::env::temp_dir().join(format!("blockserve-ghz-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("generate.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"call": "blockserve.v1.Generation.Generate", "host": "{listen}", "insecure": true, "total": 12, "concurrency": 3,
+                "data": {{"text": "def f(x):", "parameters": {{"max_new_tokens": 8, "ignore_eos": true}}}}}}"#
+        ),
+    )
+    .unwrap();
+    let loadtest = std::path::Path::new(env!("CARGO_BIN_EXE_blockserve")).with_file_name("blockserve-loadtest");
+    let out = Command::new(loadtest).args(["--config", config.to_str().unwrap(), "--format", "json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["count"], 12);
+    assert_eq!(report["status_code_distribution"], serde_json::json!({"OK": 12}));
+    assert_eq!(report["tokens"], 96);
+    let m = scrape(metrics_port);
+    assert_eq!(value(&m, r#"blockserve_requests_total{code="OK",method="Generate",tier="router"}"#), 12.0);
+    assert_eq!(value(&m, r#"blockserve_generated_tokens_total{tier="router"}"#), 96.0);
+    assert_eq!(value(&m, r#"blockserve_generated_tokens_total{tier="token_decoder"}"#), 96.0);
+    assert_eq!(value(&m, "blockserve_time_to_first_token_seconds_count"), 12.0);
+    let _ = std::fs::remove_dir_all(dir);
+}
