@@ -746,3 +746,74 @@ async fn metrics_of_every_tier_agree_with_what_clients_saw() {
     assert!(sent > 0.0);
     assert_eq!(sample(&td, "blockserve_context_embedding_bytes_total", &[("direction", "received")]), sent);
 }
+
+/// SIGTERM to a token decoder under load: 20 sessions run over both token
+/// decoders; the one serving the most is stopped while every session is still
+/// generating. It leaves the registry, finishes each of its sessions, and
+/// exits successfully within its grace period; no session loses a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_under_load_loses_no_session_and_exits_within_the_grace_period() {
+    const SESSIONS: usize = 20;
+    const TOKENS: u32 = 2000;
+    let mut stack = Stack::start(&fixture_model(), &["--max-new-tokens", "4096"]).await;
+    let store = stack.store().await;
+    let mut streams = vec![];
+    for i in 0..SESSIONS {
+        let mut c = stack.client(i % 2).await;
+        let req = GenerateRequest {
+            session_id: format!("load-{i}"),
+            ..ids_request(vec![5, 6, 7 + i as u32], GenerationParameters { max_new_tokens: Some(TOKENS), ignore_eos: true, ..Default::default() })
+        };
+        streams.push(c.generate(req).await.unwrap().into_inner());
+    }
+    // Every session has produced its first chunk.
+    let mut seen = vec![];
+    for s in &mut streams {
+        seen.push(loop {
+            if let Some(generate_response::Event::Tokens(t)) = s.message().await.unwrap().unwrap().event {
+                break t.token_ids.len();
+            }
+        });
+    }
+    let mut by_td: std::collections::HashMap<String, usize> = Default::default();
+    for i in 0..SESSIONS {
+        *by_td.entry(store.session(&format!("load-{i}")).await.unwrap().unwrap().spec.token_decoder).or_default() += 1;
+    }
+    let (serving, n) = by_td.into_iter().max_by_key(|(_, n)| *n).unwrap();
+    let i = stack.procs.iter().position(|(t, p, _)| *t == "token-decoder" && serving.ends_with(&format!(":{p}"))).unwrap();
+    let pid = stack.procs[i].2 .0.id();
+    let sigterm = Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    let unfinished = unfinished_sessions(&store, SESSIONS).await;
+    assert!(unfinished >= n, "{unfinished} sessions running at SIGTERM, {n} of them on the stopped token decoder");
+    // Every session, on either token decoder, runs to its end with all its tokens.
+    for (k, s) in streams.into_iter().enumerate() {
+        let (_, rest, fin) = collect_from(s, seen[k]).await;
+        assert_eq!(fin.reason, FinishReason::Length as i32, "session {k}: {}", fin.error);
+        assert_eq!(seen[k] + rest.len(), TOKENS as usize, "session {k}");
+        let rec = store.session(&format!("load-{k}")).await.unwrap().unwrap();
+        assert_eq!(rec.generated, TOKENS as usize, "session {k} in the store");
+    }
+    // The stopped instance exits by itself, successfully, within its grace
+    // period (the default, 30 s).
+    loop {
+        if let Some(st) = stack.procs[i].2 .0.try_wait().unwrap() {
+            assert!(st.success(), "exit status {st}");
+            break;
+        }
+        assert!(sigterm.elapsed() < Duration::from_secs(30), "token decoder still running 30 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(store.instances(Tier::TokenDecoder).await.unwrap().len(), 1);
+}
+
+/// Sessions `load-0..n` not yet final.
+async fn unfinished_sessions(store: &RedisStore, n: usize) -> usize {
+    let mut running = 0;
+    for i in 0..n {
+        if !store.session(&format!("load-{i}")).await.unwrap().unwrap().state.is_final() {
+            running += 1;
+        }
+    }
+    running
+}
