@@ -42,8 +42,15 @@ enum Command {
 }
 
 fn main() {
-    blockserve_runtime::init_tracing();
     let cli = Cli::parse();
+    let service = match &cli.command {
+        Command::Router(_) => "blockserve-router",
+        Command::BlockDecoder(_) => "blockserve-block-decoder",
+        Command::TokenDecoder(_) => "blockserve-token-decoder",
+        Command::Up(_) => "blockserve-up",
+        _ => "blockserve",
+    };
+    blockserve_runtime::telemetry::init(service);
     // The block decoder does no per-session work on its runtime: only its
     // links, which are the critical path between passes, so its workers run
     // at the engine's priority.
@@ -75,6 +82,7 @@ async fn run(cli: Cli) {
         Command::Init(a) => commands::init::run(a),
         Command::Bench(a) => commands::bench::run(a),
     };
+    blockserve_runtime::telemetry::shutdown();
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

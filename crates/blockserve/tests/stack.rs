@@ -32,15 +32,26 @@ struct Stack {
     metrics: Vec<(&'static str, u16)>,
 }
 
-fn spawn(args: &[&str]) -> ChildGuard {
-    let child =
-        Command::new(env!("CARGO_BIN_EXE_blockserve")).args(args).env("RUST_LOG", "warn").env_remove("BLOCKSERVE_MODEL").stdout(Stdio::null()).spawn().unwrap();
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> ChildGuard {
+    let child = Command::new(env!("CARGO_BIN_EXE_blockserve"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .env_remove("BLOCKSERVE_MODEL")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     ChildGuard(child)
 }
 
 impl Stack {
     /// Start every tier for `model`; `router_extra` goes to both routers.
     async fn start(model: &Path, router_extra: &[&str]) -> Self {
+        Self::start_with_env(model, router_extra, &[]).await
+    }
+
+    /// `start`, with extra environment variables for every process.
+    async fn start_with_env(model: &Path, router_extra: &[&str], env: &[(&str, &str)]) -> Self {
         let redis = RedisServer::start();
         let prefix = format!("t{}:", free_port());
         let url = redis.url();
@@ -71,7 +82,7 @@ impl Stack {
                 a.extend(router_extra.iter().map(|s| s.to_string()));
                 routers.push(format!("http://127.0.0.1:{port}"));
             }
-            procs.push((tier, port, spawn(&a.iter().map(String::as_str).collect::<Vec<_>>())));
+            procs.push((tier, port, spawn(&a.iter().map(String::as_str).collect::<Vec<_>>(), env)));
         }
         for (_, port, _) in &procs {
             wait_for_port(*port, Duration::from_secs(60));
@@ -321,17 +332,10 @@ async fn bad_input_gets_status_and_message() {
     // No live instance: a router on a prefix where nothing registered.
     let port = free_port();
     let m = fixture_model();
-    let _lonely = spawn(&[
-        "router",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--redis-url",
-        &stack.redis.url(),
-        "--redis-prefix",
-        "empty:",
-        "--model",
-        m.to_str().unwrap(),
-    ]);
+    let _lonely = spawn(
+        &["router", "--listen", &format!("127.0.0.1:{port}"), "--redis-url", &stack.redis.url(), "--redis-prefix", "empty:", "--model", m.to_str().unwrap()],
+        &[],
+    );
     wait_for_port(port, Duration::from_secs(30));
     let mut lonely = GenerationClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
     assert_status(lonely.generate(ids_request(vec![1], p())).await, Code::Unavailable, "no live token decoder instance is registered");
@@ -545,12 +549,12 @@ async fn block_decoder_link_checks_every_message() {
 
     let port = free_port();
     let model = fixture_model();
-    let _bd = spawn(&["block-decoder", "--listen", &format!("127.0.0.1:{port}"), "--model", model.to_str().unwrap()]);
+    let _bd = spawn(&["block-decoder", "--listen", &format!("127.0.0.1:{port}"), "--model", model.to_str().unwrap()], &[]);
     wait_for_port(port, Duration::from_secs(60));
     let mut client = BlockDecoderClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
     let (up, rx) = tokio::sync::mpsc::unbounded_channel::<LinkUp>();
     let mut down = client.link(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
-    let open = |key: u64, ids: Vec<u32>| OpenBlocks { key, session_id: format!("s{key}"), prompt_ids: ids, max_new_blocks: 4 };
+    let open = |key: u64, ids: Vec<u32>| OpenBlocks { key, session_id: format!("s{key}"), prompt_ids: ids, max_new_blocks: 4, traceparent: String::new() };
     let blocks = |keys: Vec<u64>, indices: Vec<u32>, token_ids: Vec<u32>| Some(BlockBatch { keys, indices, token_ids });
     let errors = |m: LinkDown| m.errors.into_iter().map(|e| (e.key, Code::from_i32(e.code), e.message)).collect::<Vec<_>>();
     let invalid = Code::InvalidArgument;
@@ -648,7 +652,7 @@ async fn a_dead_block_decoder_fails_its_sessions_and_a_new_one_serves() {
     let url = stack.redis.url();
     let (listen, model) = (format!("127.0.0.1:{port}"), fixture_model());
     let args = ["block-decoder", "--listen", &listen, "--redis-url", &url, "--redis-prefix", &stack.prefix, "--model", model.to_str().unwrap()];
-    stack.procs[i].2 = spawn(&args);
+    stack.procs[i].2 = spawn(&args, &[]);
     wait_for_port(port, Duration::from_secs(60));
     let (_, tokens, fin) =
         collect(c.generate(ids_request(vec![1, 2], GenerationParameters { max_new_tokens: Some(6), ..Default::default() })).await.unwrap().into_inner())
@@ -816,4 +820,102 @@ async fn unfinished_sessions(store: &RedisStore, n: usize) -> usize {
         }
     }
     running
+}
+
+/// An OTLP/HTTP trace receiver: `POST /v1/traces` bodies, decoded.
+async fn otlp_receiver() -> (u16, std::sync::Arc<tokio::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::ResourceSpans>>>) {
+    use prost::Message;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = std::sync::Arc::new(tokio::sync::Mutex::new(vec![]));
+    let sink = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let (conn, _) = listener.accept().await.unwrap();
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let mut conn = BufReader::new(conn);
+                // Requests on a kept-alive connection, one after another.
+                loop {
+                    let mut len = None;
+                    loop {
+                        let mut line = String::new();
+                        if conn.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((k, v)) = line.split_once(':') {
+                            if k.eq_ignore_ascii_case("content-length") {
+                                len = v.trim().parse::<usize>().ok();
+                            }
+                        }
+                    }
+                    let mut body = vec![0; len.expect("the exporter sends a content-length")];
+                    conn.read_exact(&mut body).await.unwrap();
+                    let req = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(&body[..]).unwrap();
+                    sink.lock().await.extend(req.resource_spans);
+                    let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    conn.get_mut().write_all(reply.as_bytes()).await.unwrap();
+                }
+            });
+        }
+    });
+    (port, got)
+}
+
+/// One Generate makes one trace: the router's span, the token decoder's span
+/// as its child, and the block decoder's span as the token decoder's child,
+/// each exported by its own process (service.name) over OTLP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_generate_is_one_trace_across_the_tiers() {
+    let (port, got) = otlp_receiver().await;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    let stack = Stack::start_with_env(&fixture_model(), &[], &env).await;
+    let mut c = stack.client(0).await;
+    let (id, tokens, _) =
+        collect(c.generate(ids_request(vec![1, 2, 3], GenerationParameters { max_new_tokens: Some(8), ..Default::default() })).await.unwrap().into_inner())
+            .await
+            .unwrap();
+    assert_eq!(tokens.len(), 8);
+    // (service, span name, trace id, span id, parent span id) of every span.
+    let start = Instant::now();
+    let spans = loop {
+        let mut spans = vec![];
+        for rs in got.lock().await.iter() {
+            let service = rs
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                .and_then(|a| a.value.as_ref())
+                .map(|v| format!("{:?}", v.value))
+                .unwrap_or_default();
+            for ss in &rs.scope_spans {
+                for sp in &ss.spans {
+                    spans.push((service.clone(), sp.name.clone(), sp.trace_id.clone(), sp.span_id.clone(), sp.parent_span_id.clone()));
+                }
+            }
+        }
+        let names: Vec<&str> = spans.iter().map(|s| s.1.as_str()).collect();
+        if ["router.generate", "token_decoder.run", "block_decoder.open"].iter().all(|n| names.contains(n)) {
+            break spans;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "spans so far: {spans:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let find = |name: &str| spans.iter().find(|s| s.1 == name).unwrap_or_else(|| panic!("no {name} in {spans:?}")).clone();
+    let (router, td, bd) = (find("router.generate"), find("token_decoder.run"), find("block_decoder.open"));
+    assert!(router.0.contains("blockserve-router") && td.0.contains("blockserve-token-decoder") && bd.0.contains("blockserve-block-decoder"), "{spans:?}");
+    assert_eq!(router.2.len(), 16);
+    assert!(router.4.is_empty(), "the router's span is the root: {router:?}");
+    assert_eq!((&td.2, &td.4), (&router.2, &router.3), "token decoder under the router");
+    assert_eq!((&bd.2, &bd.4), (&td.2, &td.3), "block decoder under the token decoder");
+    // Block spans are sampled: 8 tokens in 2 chunks give one, under the session's span.
+    let blocks: Vec<_> = spans.iter().filter(|s| s.1 == "token_decoder.block").collect();
+    assert_eq!(blocks.len(), 1, "{spans:?}");
+    assert_eq!((&blocks[0].2, &blocks[0].4), (&td.2, &td.3));
+    assert!(!id.is_empty());
 }

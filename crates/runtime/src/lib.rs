@@ -10,12 +10,13 @@ pub mod params;
 pub mod server;
 pub mod status;
 pub mod store;
+pub mod telemetry;
 pub mod thread;
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), and OTLP trace
+/// export when the `OTEL_*` variables ask for it (see [`telemetry`]).
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    telemetry::init("blockserve");
 }
 
 /// HTTP/2 flow-control windows of the link between a token decoder and a block

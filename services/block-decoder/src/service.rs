@@ -98,6 +98,11 @@ impl LinkState {
         let l = self.model.block_length();
         let (mut up, mut errors) = (Up::default(), vec![]);
         for o in msg.opens {
+            // The session's span on this tier: a child of the token decoder's.
+            let span = tracing::info_span!("block_decoder.open", session_id = %o.session_id, key = o.key);
+            let parent: std::collections::HashMap<String, String> = [("traceparent".to_string(), o.traceparent.clone())].into();
+            blockserve_runtime::telemetry::set_parent(&span, &parent);
+            let _entered = span.enter();
             match self.check_open(&o) {
                 Ok(blocks) => {
                     self.next.insert(o.key, blocks);

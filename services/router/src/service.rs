@@ -7,13 +7,14 @@ use blockserve_proto::v1::generation_server::Generation;
 use blockserve_proto::v1::token_decoder_client::TokenDecoderClient;
 use blockserve_proto::v1::*;
 use blockserve_runtime::metrics::{self, ActiveSession, METRICS};
-use blockserve_runtime::{params, status};
+use blockserve_runtime::{params, status, telemetry};
 use blockserve_store::{now_ms, InstanceInfo, Outcome, SessionRecord, SessionSpec, SessionStore, Tier};
 use blockserve_text::{IncrementalDecoder, Tokenizer};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::validate;
 
@@ -232,6 +233,8 @@ impl Router {
         let run =
             RunRequest { session_id: id.clone(), prompt_ids: prompt.clone(), parameters: Some(parameters), block_decoder: bd.address, eos_token_id: m.eos };
         let mut client = TokenDecoderClient::new(self.channel(&td.address).await?);
+        let mut run = Request::new(run);
+        telemetry::to_metadata(&tracing::Span::current(), run.metadata_mut());
         let mut events = match client.run(run).await {
             Ok(r) => r.into_inner(),
             Err(e) => {
@@ -309,7 +312,9 @@ impl Generation for GenerationService {
 
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         metrics::rpc(TIER, "Generate", async move {
-            let (_, rx) = self.0.start(req.into_inner()).await?;
+            let span = tracing::info_span!("router.generate", otel.kind = "server");
+            telemetry::set_parent(&span, &telemetry::from_metadata(req.metadata()));
+            let (_, rx) = self.0.start(req.into_inner()).instrument(span).await?;
             Ok(Response::new(ReceiverStream::new(rx)))
         })
         .await
@@ -317,7 +322,9 @@ impl Generation for GenerationService {
 
     async fn generate_unary(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateUnaryResponse>, Status> {
         metrics::rpc(TIER, "GenerateUnary", async move {
-            let (id, mut rx) = self.0.start(req.into_inner()).await?;
+            let span = tracing::info_span!("router.generate_unary", otel.kind = "server");
+            telemetry::set_parent(&span, &telemetry::from_metadata(req.metadata()));
+            let (id, mut rx) = self.0.start(req.into_inner()).instrument(span).await?;
             let mut out = GenerateUnaryResponse { session_id: id, ..Default::default() };
             while let Some(msg) = rx.recv().await {
                 match msg?.event {

@@ -47,6 +47,8 @@ pub struct OpenRequest {
     /// Padded to whole blocks.
     pub prompt: Vec<u32>,
     pub max_new_blocks: u32,
+    /// W3C traceparent of the session's span ("" when tracing is off).
+    pub traceparent: String,
     pub spec: Spec,
     /// Never full: the engine stops a session at `max_unread` unread blocks
     /// instead of waiting for it.
@@ -291,7 +293,8 @@ impl Thread {
         match c {
             Command::Open(o, unread) => {
                 let prompt_blocks = (o.prompt.len() / self.model.block_length()) as u32;
-                let open = OpenBlocks { key: o.key, session_id: o.session_id, prompt_ids: o.prompt, max_new_blocks: o.max_new_blocks };
+                let open =
+                    OpenBlocks { key: o.key, session_id: o.session_id, prompt_ids: o.prompt, max_new_blocks: o.max_new_blocks, traceparent: o.traceparent };
                 self.up(&o.link).opens.push(open);
                 let s = Session { link: o.link, spec: o.spec, tokens: vec![], next_context: prompt_blocks - 1, events: o.events, unread, parked: None };
                 self.sessions.insert(o.key, s);
@@ -473,8 +476,18 @@ mod tests {
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let spec =
             Spec { sampling: SamplingParams::greedy(), stop: StopCriteria { max_new_tokens: 8, eos_token_id: None, stop_token_ids: vec![] }, history: vec![] };
-        let _guard =
-            engine.open(OpenRequest { key: 1, session_id: "s".into(), link, prompt: vec![1, 2, 3, 4], max_new_blocks: 2, spec, events: events_tx }).unwrap();
+        let _guard = engine
+            .open(OpenRequest {
+                key: 1,
+                session_id: "s".into(),
+                link,
+                prompt: vec![1, 2, 3, 4],
+                max_new_blocks: 2,
+                traceparent: String::new(),
+                spec,
+                events: events_tx,
+            })
+            .unwrap();
         match tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("an event").expect("open") {
             Event::Failed(st) => assert_eq!((st.code(), st.message()), (Code::Unavailable, "link to block decoder http://gone:1 is closed")),
             Event::Block { .. } => panic!("no block without a block decoder"),
@@ -498,8 +511,18 @@ mod tests {
             stop: StopCriteria { max_new_tokens: 1000, eos_token_id: None, stop_token_ids: vec![] },
             history: vec![],
         };
-        let guard =
-            engine.open(OpenRequest { key: 3, session_id: "s".into(), link, prompt: vec![1, 2, 3, 4], max_new_blocks: 250, spec, events: events_tx }).unwrap();
+        let guard = engine
+            .open(OpenRequest {
+                key: 3,
+                session_id: "s".into(),
+                link,
+                prompt: vec![1, 2, 3, 4],
+                max_new_blocks: 250,
+                traceparent: String::new(),
+                spec,
+                events: events_tx,
+            })
+            .unwrap();
         let open = next_up(&mut up).await;
         assert_eq!((open.opens.len(), open.opens[0].key, open.opens[0].prompt_ids.clone()), (1, 3, vec![1, 2, 3, 4]));
         // The context of block b (a zero vector: every block decodes alike).

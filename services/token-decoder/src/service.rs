@@ -10,6 +10,7 @@ use blockserve_runtime::{codec, status};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::{session, Shared};
 
@@ -31,7 +32,11 @@ impl TokenDecoder for TokenDecoderService {
 
     async fn run(&self, req: Request<RunRequest>) -> Result<Response<Self::RunStream>, Status> {
         blockserve_runtime::metrics::rpc(crate::engine::TIER, "Run", async move {
+            // The session's span: a child of the router's (from `traceparent`).
+            let span = tracing::info_span!("token_decoder.run", otel.kind = "server", session_id = tracing::field::Empty);
+            blockserve_runtime::telemetry::set_parent(&span, &blockserve_runtime::telemetry::from_metadata(req.metadata()));
             let req = req.into_inner();
+            span.record("session_id", req.session_id.as_str());
             let (cancel_tx, cancel_rx) = watch::channel(false);
             {
                 let mut running = self.shared.running.lock().unwrap_or_else(|p| p.into_inner());
@@ -48,7 +53,7 @@ impl TokenDecoder for TokenDecoderService {
             tokio::spawn(async move {
                 let _running = Running(shared.clone(), req.session_id.clone());
                 let _active = blockserve_runtime::metrics::ActiveSession::new(crate::engine::TIER);
-                session::run(shared, req, tx, cancel_rx).await;
+                session::run(shared, req, tx, cancel_rx).instrument(span).await;
             });
             Ok(Response::new(ReceiverStream::new(rx)))
         })

@@ -101,6 +101,7 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
         link,
         prompt: padded.ids,
         max_new_blocks: p.stop.max_new_tokens.div_ceil(l) as u32,
+        traceparent: blockserve_runtime::telemetry::headers(&tracing::Span::current()).remove("traceparent").unwrap_or_default(),
         spec: Spec { sampling: p.sampling.clone(), stop: p.stop.clone(), history },
         events: events_tx,
     })?;
@@ -108,6 +109,7 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
 
     let mut text = shared.tokenizer.as_ref().map(|t| IncrementalDecoder::new(t));
     let mut full_text = String::new();
+    let mut chunks = 0u64;
     loop {
         let (mut new, mut finish, mut wire_bytes) = match events.recv().await {
             Some(Event::Block { tokens, finish, wire_bytes }) => (tokens, finish, wire_bytes),
@@ -133,6 +135,12 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
         }
         gen.wire_bytes += wire_bytes;
         let offset = gen.tokens.len() as u64;
+        // A span (from here until the chunk is sent) for the first chunk and
+        // every BLOCK_SPAN_EVERY-th one after, so a long session's trace stays
+        // small. It is not entered: it would be held across awaits.
+        let _block_span =
+            (chunks % BLOCK_SPAN_EVERY == 0).then(|| tracing::info_span!("token_decoder.block", offset, tokens = new.len(), merged_blocks = blocks));
+        chunks += 1;
         gen.tokens.extend_from_slice(&new);
         let mut end = finish.map(End::Done);
         let mut delta = text.as_mut().map(|d| d.push(&new)).unwrap_or_default();
@@ -165,3 +173,6 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
 }
 
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(3600);
+
+/// One traced chunk in this many (see the block span in `run`).
+const BLOCK_SPAN_EVERY: u64 = 16;
