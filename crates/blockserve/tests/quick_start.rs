@@ -44,12 +44,17 @@ fn scrape(port: u16) -> String {
 }
 
 /// The value of the sample `series` (name and labels exactly as rendered).
-fn value(text: &str, series: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+fn find(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
 }
 
-/// The load generator runs a ghz config against `blockserve up`; its JSON
-/// report and every tier's metrics agree on requests and tokens.
+fn value(text: &str, series: &str) -> f64 {
+    find(text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// The load generator runs a ghz config against `blockserve up`; /metrics,
+/// scraped during the run, shows sessions running, and afterwards its
+/// counters agree with the generator's JSON report on requests and tokens.
 #[test]
 fn the_load_generator_runs_a_ghz_config_and_the_metrics_agree() {
     let (port, metrics_port) = (free_port(), free_port());
@@ -77,7 +82,16 @@ fn the_load_generator_runs_a_ghz_config_and_the_metrics_agree() {
     )
     .unwrap();
     let loadtest = std::path::Path::new(env!("CARGO_BIN_EXE_blockserve")).with_file_name("blockserve-loadtest");
-    let out = Command::new(loadtest).args(["--config", config.to_str().unwrap(), "--format", "json"]).output().unwrap();
+    let run = Command::new(loadtest).args(["--config", config.to_str().unwrap(), "--format", "json"]).stdout(Stdio::piped()).spawn().unwrap();
+    // Scraped during the run: sessions are running on the token decoders.
+    let mut peak = 0.0f64;
+    let start = std::time::Instant::now();
+    while peak == 0.0 && start.elapsed() < Duration::from_secs(30) {
+        peak = peak.max(find(&scrape(metrics_port), r#"blockserve_active_sessions{tier="token_decoder"}"#).unwrap_or(0.0));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(peak >= 1.0, "no running session seen during the load run");
+    let out = run.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["count"], 12);

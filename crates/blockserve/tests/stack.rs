@@ -866,9 +866,10 @@ async fn otlp_receiver() -> (u16, std::sync::Arc<tokio::sync::Mutex<Vec<opentele
     (port, got)
 }
 
-/// One Generate makes one trace: the router's span, the token decoder's span
-/// as its child, and the block decoder's span as the token decoder's child,
-/// each exported by its own process (service.name) over OTLP.
+/// One Generate makes one trace: the router's RPC span, the token decoder's
+/// RPC span as its child, and the block decoder's span as the token decoder's
+/// child, each exported by its own process (service.name) over OTLP; plus a
+/// sampled block span and the router's Redis call under their parents.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_generate_is_one_trace_across_the_tiers() {
     let (port, got) = otlp_receiver().await;
@@ -900,14 +901,14 @@ async fn one_generate_is_one_trace_across_the_tiers() {
             }
         }
         let names: Vec<&str> = spans.iter().map(|s| s.1.as_str()).collect();
-        if ["router.generate", "token_decoder.run", "block_decoder.open"].iter().all(|n| names.contains(n)) {
+        if ["router.Generate", "token_decoder.Run", "block_decoder.open"].iter().all(|n| names.contains(n)) {
             break spans;
         }
         assert!(start.elapsed() < Duration::from_secs(20), "spans so far: {spans:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let find = |name: &str| spans.iter().find(|s| s.1 == name).unwrap_or_else(|| panic!("no {name} in {spans:?}")).clone();
-    let (router, td, bd) = (find("router.generate"), find("token_decoder.run"), find("block_decoder.open"));
+    let (router, td, bd) = (find("router.Generate"), find("token_decoder.Run"), find("block_decoder.open"));
     assert!(router.0.contains("blockserve-router") && td.0.contains("blockserve-token-decoder") && bd.0.contains("blockserve-block-decoder"), "{spans:?}");
     assert_eq!(router.2.len(), 16);
     assert!(router.4.is_empty(), "the router's span is the root: {router:?}");
@@ -917,5 +918,8 @@ async fn one_generate_is_one_trace_across_the_tiers() {
     let blocks: Vec<_> = spans.iter().filter(|s| s.1 == "token_decoder.block").collect();
     assert_eq!(blocks.len(), 1, "{spans:?}");
     assert_eq!((&blocks[0].2, &blocks[0].4), (&td.2, &td.3));
+    // Redis calls are spans too: the router records the session inside its RPC.
+    let create = spans.iter().find(|s| s.1 == "redis.create_session" && s.2 == router.2).unwrap_or_else(|| panic!("{spans:?}"));
+    assert_eq!(create.4, router.3);
     assert!(!id.is_empty());
 }

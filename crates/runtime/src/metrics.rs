@@ -135,10 +135,20 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Run an RPC handler, counting its answer by code and timing it.
-pub async fn rpc<T>(tier: &str, method: &str, handler: impl Future<Output = Result<T, tonic::Status>>) -> Result<T, tonic::Status> {
+/// Run an RPC handler inside its span (`TIER.Method`, a child of the caller's
+/// span when `trace` holds its W3C context), counting its answer by code and
+/// timing it.
+pub async fn rpc<T>(
+    tier: &str,
+    method: &str,
+    trace: std::collections::HashMap<String, String>,
+    handler: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    use tracing::Instrument;
+    let span = tracing::info_span!("rpc", otel.name = %format!("{tier}.{method}"), otel.kind = "server", rpc.method = method);
+    crate::telemetry::set_parent(&span, &trace);
     let t0 = Instant::now();
-    let out = handler.await;
+    let out = handler.instrument(span).await;
     let code = match &out {
         Ok(_) => tonic::Code::Ok,
         Err(s) => s.code(),

@@ -33,12 +33,14 @@ impl StoreArgs {
     }
 }
 
-/// A store whose every call is timed in `blockserve_store_round_trip_seconds`.
+/// A store whose every call is timed in `blockserve_store_round_trip_seconds`
+/// and traced as a `redis.<op>` span.
 struct Timed<S>(S);
 
 async fn timed<T>(op: &str, call: impl std::future::Future<Output = blockserve_store::Result<T>>) -> blockserve_store::Result<T> {
+    use tracing::Instrument;
     let t0 = std::time::Instant::now();
-    let out = call.await;
+    let out = call.instrument(tracing::info_span!("store", otel.name = %format!("redis.{op}"), otel.kind = "client")).await;
     let outcome = if out.is_ok() { "ok" } else { "error" };
     crate::metrics::METRICS.store_seconds.with_label_values(&[op, outcome]).observe(t0.elapsed().as_secs_f64());
     out

@@ -5,7 +5,10 @@
 //!   export on;
 //! - `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none` turn it off;
 //! - `OTEL_SERVICE_NAME` names the service (default: `blockserve-<command>`);
-//! - the SDK reads the rest (`OTEL_BSP_SCHEDULE_DELAY`, headers, timeouts).
+//! - the SDK reads the rest (`OTEL_BSP_SCHEDULE_DELAY`, headers, timeouts,
+//!   `OTEL_TRACES_SAMPLER`);
+//! - the protocol is http/protobuf only; another `OTEL_EXPORTER_OTLP_PROTOCOL`
+//!   gets a warning at start.
 //!
 //! A request's trace crosses the tiers as W3C `traceparent`. The router and
 //! token decoder read and write it in gRPC metadata. On the link from a token
@@ -41,6 +44,10 @@ fn export_wanted() -> bool {
 pub fn init(service: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let protocol = env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"));
+    if export_wanted() && protocol.as_deref().is_some_and(|p| p != "http/protobuf") {
+        eprintln!("OTLP protocol {:?} is not supported: traces go out as http/protobuf (port 4318 on a collector)", protocol.unwrap_or_default());
+    }
     let otel = if export_wanted() {
         match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
             Ok(exporter) => {

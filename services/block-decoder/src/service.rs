@@ -189,7 +189,7 @@ impl BlockDecoder for BlockDecoderService {
     type LinkStream = LinkStream;
 
     async fn link(&self, req: Request<Streaming<LinkUp>>) -> Result<Response<Self::LinkStream>, Status> {
-        blockserve_runtime::metrics::rpc("block_decoder", "Link", async move {
+        blockserve_runtime::metrics::rpc("block_decoder", "Link", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let link = self.next_link.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = mpsc::unbounded_channel();
             self.engine.attach(link, tx.clone()).map_err(status::from_model)?;
@@ -202,7 +202,7 @@ impl BlockDecoder for BlockDecoderService {
     }
 
     async fn contexts(&self, req: Request<ContextsRequest>) -> Result<Response<ContextsResponse>, Status> {
-        blockserve_runtime::metrics::rpc("block_decoder", "Contexts", async move {
+        blockserve_runtime::metrics::rpc("block_decoder", "Contexts", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let ids = req.into_inner().token_ids;
             let l = self.model.block_length();
             if ids.is_empty() || ids.len() % l != 0 {

@@ -14,7 +14,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use crate::validate;
 
@@ -311,20 +310,16 @@ impl Generation for GenerationService {
     type ResumeStream = ReceiverStream<Result<GenerateResponse, Status>>;
 
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        metrics::rpc(TIER, "Generate", async move {
-            let span = tracing::info_span!("router.generate", otel.kind = "server");
-            telemetry::set_parent(&span, &telemetry::from_metadata(req.metadata()));
-            let (_, rx) = self.0.start(req.into_inner()).instrument(span).await?;
+        metrics::rpc(TIER, "Generate", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
+            let (_, rx) = self.0.start(req.into_inner()).await?;
             Ok(Response::new(ReceiverStream::new(rx)))
         })
         .await
     }
 
     async fn generate_unary(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateUnaryResponse>, Status> {
-        metrics::rpc(TIER, "GenerateUnary", async move {
-            let span = tracing::info_span!("router.generate_unary", otel.kind = "server");
-            telemetry::set_parent(&span, &telemetry::from_metadata(req.metadata()));
-            let (id, mut rx) = self.0.start(req.into_inner()).instrument(span).await?;
+        metrics::rpc(TIER, "GenerateUnary", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
+            let (id, mut rx) = self.0.start(req.into_inner()).await?;
             let mut out = GenerateUnaryResponse { session_id: id, ..Default::default() };
             while let Some(msg) = rx.recv().await {
                 match msg?.event {
@@ -345,7 +340,7 @@ impl Generation for GenerationService {
     }
 
     async fn resume(&self, req: Request<ResumeRequest>) -> Result<Response<Self::ResumeStream>, Status> {
-        metrics::rpc(TIER, "Resume", async move {
+        metrics::rpc(TIER, "Resume", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let req = req.into_inner();
             let rec = self.0.record(&req.session_id).await?;
             let offset = req.offset as usize;
@@ -360,7 +355,7 @@ impl Generation for GenerationService {
     }
 
     async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
-        metrics::rpc(TIER, "Cancel", async move {
+        metrics::rpc(TIER, "Cancel", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let id = req.into_inner().session_id;
             let rec = self.0.record(&id).await?;
             if rec.state.is_final() {
@@ -380,7 +375,7 @@ impl Generation for GenerationService {
     }
 
     async fn get_session(&self, req: Request<GetSessionRequest>) -> Result<Response<SessionInfo>, Status> {
-        metrics::rpc(TIER, "GetSession", async move {
+        metrics::rpc(TIER, "GetSession", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let id = req.into_inner().session_id;
             let rec = self.0.record(&id).await?;
             let tokens = self.0.store.tokens(&id, 0).await.map_err(status::from_store)?;
@@ -416,7 +411,7 @@ impl Generation for GenerationService {
     }
 
     async fn score(&self, req: Request<ScoreRequest>) -> Result<Response<ScoreResponse>, Status> {
-        metrics::rpc(TIER, "Score", async move {
+        metrics::rpc(TIER, "Score", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let r = &self.0;
             let ids = validate::score_input(&req.into_inner().input, r.tokenizer.as_ref(), r.model.vocab)?;
             if ids.len() > r.model.max_total_tokens {
@@ -431,7 +426,7 @@ impl Generation for GenerationService {
     }
 
     async fn model_info(&self, _: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {
-        metrics::rpc(TIER, "ModelInfo", async move {
+        metrics::rpc(TIER, "ModelInfo", Default::default(), async move {
             let m = &self.0.model;
             Ok(Response::new(ModelInfoResponse {
                 model_type: "block_transformer".into(),

@@ -31,12 +31,11 @@ impl TokenDecoder for TokenDecoderService {
     type RunStream = ReceiverStream<Result<RunEvent, Status>>;
 
     async fn run(&self, req: Request<RunRequest>) -> Result<Response<Self::RunStream>, Status> {
-        blockserve_runtime::metrics::rpc(crate::engine::TIER, "Run", async move {
-            // The session's span: a child of the router's (from `traceparent`).
-            let span = tracing::info_span!("token_decoder.run", otel.kind = "server", session_id = tracing::field::Empty);
-            blockserve_runtime::telemetry::set_parent(&span, &blockserve_runtime::telemetry::from_metadata(req.metadata()));
+        blockserve_runtime::metrics::rpc(crate::engine::TIER, "Run", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
+            // The RPC's span lasts as long as the session (the session task
+            // holds it), as a child of the router's (from `traceparent`).
+            let span = tracing::Span::current();
             let req = req.into_inner();
-            span.record("session_id", req.session_id.as_str());
             let (cancel_tx, cancel_rx) = watch::channel(false);
             {
                 let mut running = self.shared.running.lock().unwrap_or_else(|p| p.into_inner());
@@ -61,7 +60,7 @@ impl TokenDecoder for TokenDecoderService {
     }
 
     async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
-        blockserve_runtime::metrics::rpc(crate::engine::TIER, "Cancel", async move {
+        blockserve_runtime::metrics::rpc(crate::engine::TIER, "Cancel", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let id = req.into_inner().session_id;
             let found = self.shared.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|c| c.send(true)).is_some();
             let state = if found { SessionState::Cancelled } else { SessionState::Unspecified };
@@ -71,7 +70,7 @@ impl TokenDecoder for TokenDecoderService {
     }
 
     async fn score(&self, req: Request<ScoreIdsRequest>) -> Result<Response<ScoreResponse>, Status> {
-        blockserve_runtime::metrics::rpc(crate::engine::TIER, "Score", async move {
+        blockserve_runtime::metrics::rpc(crate::engine::TIER, "Score", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let req = req.into_inner();
             let m = &self.shared.model;
             let l = m.block_length();
