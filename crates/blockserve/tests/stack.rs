@@ -921,5 +921,22 @@ async fn one_generate_is_one_trace_across_the_tiers() {
     // Redis calls are spans too: the router records the session inside its RPC.
     let create = spans.iter().find(|s| s.1 == "redis.create_session" && s.2 == router.2).unwrap_or_else(|| panic!("{spans:?}"));
     assert_eq!(create.4, router.3);
+    // Engine iterations are sampled root spans: each tier's first one is traced.
+    for (service, name) in [("blockserve-block-decoder", "block_decoder.iteration"), ("blockserve-token-decoder", "token_decoder.iteration")] {
+        let start = Instant::now();
+        loop {
+            let got = got.lock().await;
+            let found = got.iter().any(|rs| {
+                format!("{:?}", rs.resource).contains(service)
+                    && rs.scope_spans.iter().any(|ss| ss.spans.iter().any(|sp| sp.name == name && sp.parent_span_id.is_empty()))
+            });
+            drop(got);
+            if found {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "no root span {name} from {service}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     assert!(!id.is_empty());
 }

@@ -41,7 +41,18 @@ impl Busy {
     }
 }
 
+/// One engine iteration in this many is traced (a root span of its own: an
+/// iteration serves many sessions).
+const TRACE_EVERY: u64 = 64;
+
 impl Busy {
+    /// A span around the coming iteration, for one iteration in
+    /// [`TRACE_EVERY`]; hold it while the iteration runs.
+    pub fn iteration_span(&self) -> Option<tracing::span::EnteredSpan> {
+        (self.calls % TRACE_EVERY == 0)
+            .then(|| tracing::info_span!(parent: None, "iteration", otel.name = %format!("{}.iteration", self.tier()), iteration = self.calls).entered())
+    }
+
     /// The metrics' `tier` label of this engine.
     fn tier(&self) -> &'static str {
         match self.name {

@@ -204,7 +204,9 @@ impl Thread {
             }
             if self.sched.has_work() {
                 let t = Instant::now();
+                let span = busy.iteration_span();
                 let rows = self.pass();
+                drop(span);
                 busy.add(t.elapsed(), rows);
             }
             self.active.store(self.sched.sessions() as u32, Ordering::Relaxed);

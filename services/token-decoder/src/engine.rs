@@ -252,7 +252,9 @@ impl Thread {
                 let used = n.min(self.batcher.max_batch());
                 METRICS.local_kv_rows.with_label_values(&["used"]).set(used as i64);
                 METRICS.local_kv_rows.with_label_values(&["free"]).set((self.batcher.max_batch() - used) as i64);
+                let span = busy.iteration_span();
                 events = self.decode(rows);
+                drop(span);
                 busy.add(t.elapsed(), n);
             }
             METRICS.queue_depth.with_label_values(&[TIER]).set(self.queued.load(Ordering::Relaxed) as i64);
