@@ -82,7 +82,9 @@ impl TokenDecoder for TokenDecoderService {
                 return Err(Status::invalid_argument(msg));
             }
             let channel = self.shared.channel(&req.block_decoder).await?;
-            let ctx = BlockDecoderClient::new(channel).contexts(ContextsRequest { token_ids: padded.ids.clone() }).await?.into_inner();
+            let mut contexts_req = Request::new(ContextsRequest { token_ids: padded.ids.clone() });
+            blockserve_runtime::telemetry::to_metadata(&tracing::Span::current(), contexts_req.metadata_mut());
+            let ctx = BlockDecoderClient::new(channel).contexts(contexts_req).await?.into_inner();
             let d = m.config.block_decoder.hidden_size;
             let e = ctx.contexts.ok_or_else(|| Status::internal("block decoder sent no contexts"))?;
             if e.rows as usize != n {
