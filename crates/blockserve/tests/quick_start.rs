@@ -7,21 +7,28 @@ use std::time::Duration;
 
 use blockserve_testkit::{free_port, wait_for_port, ChildGuard};
 
-#[test]
-fn up_then_client_generate_prints_the_bundled_models_continuation() {
+/// `blockserve up` with the bundled model on a free port (plus `extra`
+/// flags), ready; returns its address and the process.
+fn up(extra: &[&str]) -> (String, ChildGuard) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let _up = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_blockserve"))
-            .args(["up", "--listen", &listen])
-            .env_remove("BLOCKSERVE_MODEL")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let child = Command::new(env!("CARGO_BIN_EXE_blockserve"))
+        .args(["up", "--listen", &listen])
+        .args(extra)
+        .env_remove("BLOCKSERVE_MODEL")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let guard = ChildGuard(child);
     wait_for_port(port, Duration::from_secs(60));
+    (listen, guard)
+}
+
+#[test]
+fn up_then_client_generate_prints_the_bundled_models_continuation() {
+    let (listen, _up) = up(&[]);
     let out = Command::new(env!("CARGO_BIN_EXE_blockserve"))
         .args(["client", "generate", "def fibonacci(n):", "--max-new-tokens", "32", "--addr", &format!("http://{listen}")])
         .output()
@@ -57,20 +64,9 @@ fn value(text: &str, series: &str) -> f64 {
 /// counters agree with the generator's JSON report on requests and tokens.
 #[test]
 fn the_load_generator_runs_a_ghz_config_and_the_metrics_agree() {
-    let (port, metrics_port) = (free_port(), free_port());
-    let listen = format!("127.0.0.1:{port}");
-    let _up = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_blockserve"))
-            .args(["up", "--listen", &listen, "--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .env_remove("BLOCKSERVE_MODEL")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_port(port, Duration::from_secs(60));
-    let dir = std::env::temp_dir().join(format!("blockserve-ghz-{port}"));
+    let metrics_port = free_port();
+    let (listen, _up) = up(&["--metrics-listen", &format!("127.0.0.1:{metrics_port}")]);
+    let dir = std::env::temp_dir().join(format!("blockserve-ghz-{metrics_port}"));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("generate.json");
     std::fs::write(
