@@ -248,6 +248,7 @@ impl Router {
         tokio::spawn(async move {
             let _routed = routed;
             let _active = ActiveSession::new(TIER);
+            let relayed = METRICS.generated_tokens.with_label_values(&[TIER]);
             let mut last_chunk: Option<Instant> = None;
             loop {
                 let msg = tokio::select! {
@@ -273,7 +274,7 @@ impl Router {
                                 }
                             }
                         }
-                        METRICS.generated_tokens.with_label_values(&[TIER]).inc_by(n as u64);
+                        relayed.inc_by(n as u64);
                         event(&sid, generate_response::Event::Tokens(c))
                     }
                     Ok(Some(RunEvent { kind: Some(run_event::Kind::Finished(f)) })) => event(&sid, generate_response::Event::Finished(f)),

@@ -351,6 +351,7 @@ impl Thread {
         rows.dtype = Some(dtype);
         let n = codec::row_bytes(&ctx);
         rows.row_bytes = n as u64;
+        let taken = rows.keys.len();
         for (i, (&key, &block)) in msg.keys.iter().zip(&msg.block_indices).enumerate() {
             let Some(s) = self.sessions.get(&key).filter(|s| s.link.id == link) else { continue };
             if block != s.next_context {
@@ -360,8 +361,9 @@ impl Thread {
             }
             rows.keys.push(key);
             rows.bytes.extend_from_slice(&ctx.data[i * n..(i + 1) * n]);
-            METRICS.context_bytes.with_label_values(&[TIER, "received"]).inc_by(n as u64);
         }
+        // Counted once per message, not per row (this loop is on the critical path).
+        METRICS.context_bytes.with_label_values(&[TIER, "received"]).inc_by(((rows.keys.len() - taken) * n) as u64);
     }
 
     /// Decode this round's rows; returns each session's event, to be sent
@@ -404,12 +406,13 @@ impl Thread {
         };
         let mut events = Vec::with_capacity(blocks.len());
         let l = m.block_length() as u64;
+        let mut generated = 0u64;
         for (key, block) in rows.keys.into_iter().zip(blocks) {
             let Some(s) = self.sessions.get_mut(&key) else { continue };
             let start = s.tokens.len();
             let finish = s.spec.stop.extend(&mut s.tokens, &block);
             let new = s.tokens[start..].to_vec();
-            METRICS.generated_tokens.with_label_values(&[TIER]).inc_by(new.len() as u64);
+            generated += new.len() as u64;
             let mut wire_bytes = rows.row_bytes;
             if finish.is_none() {
                 if s.spec.sampling.uses_history() {
@@ -434,6 +437,7 @@ impl Thread {
                 self.send_block(&link, key, index, &block);
             }
         }
+        METRICS.generated_tokens.with_label_values(&[TIER]).inc_by(generated);
         self.phases.bookkeeping += t.elapsed();
         events
     }
