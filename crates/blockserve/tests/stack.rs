@@ -47,11 +47,14 @@ fn spawn(args: &[&str], env: &[(&str, &str)]) -> ChildGuard {
 impl Stack {
     /// Start every tier for `model`; `router_extra` goes to both routers.
     async fn start(model: &Path, router_extra: &[&str]) -> Self {
-        Self::start_with_env(model, router_extra, &[]).await
+        Self::start_with(model, router_extra, &[], false).await
     }
 
-    /// `start`, with extra environment variables for every process.
-    async fn start_with_env(model: &Path, router_extra: &[&str], env: &[(&str, &str)]) -> Self {
+    /// `start`, with extra environment variables for every process and, when
+    /// `metrics`, a metrics port each. (Only the tests that scrape ask for
+    /// one: every extra port picked is another chance of two processes
+    /// racing for the same one.)
+    async fn start_with(model: &Path, router_extra: &[&str], env: &[(&str, &str)], with_metrics: bool) -> Self {
         let redis = RedisServer::start();
         let prefix = format!("t{}:", free_port());
         let url = redis.url();
@@ -75,9 +78,11 @@ impl Stack {
             let port = free_port();
             let mut a = vec![tier.to_string()];
             a.extend(common(port));
-            let metrics_port = free_port();
-            a.extend(["--metrics-listen".to_string(), format!("127.0.0.1:{metrics_port}")]);
-            metrics.push((tier, metrics_port));
+            if with_metrics {
+                let metrics_port = free_port();
+                a.extend(["--metrics-listen".to_string(), format!("127.0.0.1:{metrics_port}")]);
+                metrics.push((tier, metrics_port));
+            }
             if tier == "router" {
                 a.extend(router_extra.iter().map(|s| s.to_string()));
                 routers.push(format!("http://127.0.0.1:{port}"));
@@ -691,7 +696,7 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// equal to those the token decoders received.
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_of_every_tier_agree_with_what_clients_saw() {
-    let stack = Stack::start(&demo_model(), &[]).await;
+    let stack = Stack::start_with(&demo_model(), &[], &[], true).await;
     let mut client = stack.client(0).await;
     let (mut tokens, mut later_tokens) = (0usize, 0usize);
     for i in 0..6u32 {
@@ -876,7 +881,7 @@ async fn one_generate_is_one_trace_across_the_tiers() {
     let (port, got) = otlp_receiver().await;
     let endpoint = format!("http://127.0.0.1:{port}");
     let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
-    let stack = Stack::start_with_env(&fixture_model(), &[], &env).await;
+    let stack = Stack::start_with(&fixture_model(), &[], &env, false).await;
     let mut c = stack.client(0).await;
     let (id, tokens, _) =
         collect(c.generate(ids_request(vec![1, 2, 3], GenerationParameters { max_new_tokens: Some(8), ..Default::default() })).await.unwrap().into_inner())
