@@ -100,3 +100,28 @@ fn the_load_generator_runs_a_ghz_config_and_the_metrics_agree() {
     assert_eq!(value(&m, "blockserve_time_to_first_token_seconds_count"), 12.0);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// With `--api-token`, the public API refuses a client without the token or
+/// with a wrong one (UNAUTHENTICATED, and the message says which), and serves
+/// one that has it.
+#[test]
+fn a_router_with_an_api_token_refuses_unauthenticated_clients() {
+    let (listen, _up) = up(&["--api-token", "s3cret"]);
+    let generate = |token: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_blockserve"));
+        cmd.args(["client", "generate", "def f(x):", "--max-new-tokens", "4", "--addr", &format!("http://{listen}")]).env_remove("BLOCKSERVE_API_TOKEN");
+        if let Some(t) = token {
+            cmd.args(["--api-token", t]);
+        }
+        cmd.output().unwrap()
+    };
+    let none = generate(None);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("authorization: missing"), "{}", String::from_utf8_lossy(&none.stderr));
+    let wrong = generate(Some("guess"));
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("the bearer token is not valid"), "{}", String::from_utf8_lossy(&wrong.stderr));
+    let right = generate(Some("s3cret"));
+    assert!(right.status.success(), "{}", String::from_utf8_lossy(&right.stderr));
+    assert!(String::from_utf8_lossy(&right.stderr).contains("4 generated tokens"));
+}

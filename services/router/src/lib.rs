@@ -2,6 +2,7 @@
 //! streams: sessions and instances live in the session store, so any replica can
 //! serve, resume, cancel or inspect any session.
 
+pub mod auth;
 pub mod service;
 pub mod validate;
 
@@ -34,6 +35,11 @@ pub struct Args {
     /// Seconds a finished session stays queryable.
     #[arg(long, env = "BLOCKSERVE_SESSION_TTL_S", default_value_t = 3600)]
     pub session_ttl_s: u64,
+    /// Require `authorization: Bearer <token>` on every Generation call
+    /// (health and reflection stay open). Prefer the environment variable to
+    /// keep the token out of process listings.
+    #[arg(long, env = "BLOCKSERVE_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
 }
 
 pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver<bool>, ready: Option<tokio::sync::oneshot::Sender<String>>) -> Result<()> {
@@ -56,7 +62,8 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     blockserve_runtime::metrics::start(args.serve.metrics_listen, stop.clone()).await?;
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     tracing::info!(%address, "router listening");
-    let server = tonic::transport::Server::builder().add_service(GenerationServer::new(service::GenerationService(router)));
+    let server = tonic::transport::Server::builder()
+        .add_service(GenerationServer::with_interceptor(service::GenerationService(router), auth::BearerToken(args.api_token.clone())));
     if let Some(r) = ready {
         let _ = r.send(address);
     }

@@ -27,6 +27,9 @@ pub struct GenerateArgs {
     max_new_tokens: u32,
     #[command(flatten)]
     sampling: super::sampling::SamplingArgs,
+    /// Bearer token for a router started with --api-token.
+    #[arg(long, env = "BLOCKSERVE_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
     /// Print token ids (one chunk a line) instead of text.
     #[arg(long)]
     ids: bool,
@@ -53,6 +56,11 @@ pub async fn run(cmd: Command) -> Result<()> {
         }),
         session_id: String::new(),
     };
+    let mut req = tonic::Request::new(req);
+    if let Some(token) = &a.api_token {
+        let value = format!("Bearer {token}").parse().map_err(|_| anyhow::anyhow!("--api-token: not a valid header value"))?;
+        req.metadata_mut().insert("authorization", value);
+    }
     let mut stream = client.generate(req).await?.into_inner();
     let mut out = std::io::stdout();
     while let Some(msg) = stream.message().await? {

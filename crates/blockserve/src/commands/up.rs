@@ -49,6 +49,9 @@ pub struct Args {
     /// Largest max_new_tokens a request may ask for.
     #[arg(long, env = "BLOCKSERVE_MAX_NEW_TOKENS", default_value_t = 1024)]
     max_new_tokens: usize,
+    /// Require `authorization: Bearer <token>` on the public API.
+    #[arg(long, env = "BLOCKSERVE_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
     /// Serve Prometheus metrics of every tier (one process, `tier` label) at
     /// http://ADDR/metrics. Off when not given.
     #[arg(long, env = "BLOCKSERVE_METRICS_LISTEN")]
@@ -105,6 +108,7 @@ pub async fn run(args: Args) -> Result<()> {
         preset: None,
         max_new_tokens: args.max_new_tokens,
         session_ttl_s: 3600,
+        api_token: args.api_token.clone(),
     };
     tasks.spawn(blockserve_router::run(router, store, stop.clone(), Some(ready)));
     let endpoint = addr.await?;

@@ -1,0 +1,57 @@
+//! Bearer-token check on the public API. With `--api-token` set, every
+//! `Generation` call must carry `authorization: Bearer <token>`; others get
+//! UNAUTHENTICATED. Health and reflection stay open, so probes and tools like
+//! grpcurl and ghz can still find the service.
+
+use tonic::{Request, Status};
+
+/// The interceptor for `GenerationServer::with_interceptor`.
+#[derive(Clone)]
+pub struct BearerToken(pub Option<String>);
+
+/// Equal in constant time for equal lengths (the token's length is not secret).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(token) = &self.0 else { return Ok(req) };
+        let Some(value) = req.metadata().get("authorization") else {
+            return Err(Status::unauthenticated("authorization: missing; this router needs \"Bearer <token>\""));
+        };
+        let given = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+        if same(given.as_bytes(), token.as_bytes()) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("authorization: the bearer token is not valid"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::service::Interceptor;
+
+    use super::*;
+
+    fn call(token: Option<&str>, header: Option<&str>) -> Result<(), Status> {
+        let mut req = Request::new(());
+        if let Some(h) = header {
+            req.metadata_mut().insert("authorization", h.parse().unwrap());
+        }
+        BearerToken(token.map(String::from)).call(req).map(|_| ())
+    }
+
+    #[test]
+    fn checks_the_bearer_token_only_when_one_is_set() {
+        assert!(call(None, None).is_ok());
+        assert!(call(Some("s3cret"), Some("Bearer s3cret")).is_ok());
+        let missing = call(Some("s3cret"), None).unwrap_err();
+        assert_eq!((missing.code(), missing.message()), (tonic::Code::Unauthenticated, "authorization: missing; this router needs \"Bearer <token>\""));
+        for wrong in ["Bearer s3cre", "Bearer s3cret2", "s3cret", "Basic s3cret"] {
+            let e = call(Some("s3cret"), Some(wrong)).unwrap_err();
+            assert_eq!((e.code(), e.message()), (tonic::Code::Unauthenticated, "authorization: the bearer token is not valid"), "{wrong}");
+        }
+    }
+}
