@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, Mutex};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::ghz::{generate_request, score_request, Call, Config};
+use crate::stats::{percentile, sorted, StreamClock};
 
 /// One finished call.
 struct Outcome {
@@ -53,22 +54,15 @@ async fn call_once(client: &mut GenerationClient<Channel>, call: Call, config: &
             Call::Generate => {
                 let req = generate_request(&config.data).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
                 let mut stream = client.generate(with_metadata(req, config)).await?.into_inner();
-                let mut last = t0;
+                let mut clock = StreamClock::new(t0);
                 while let Some(msg) = stream.message().await? {
                     match msg.event {
-                        Some(generate_response::Event::Tokens(c)) if !c.token_ids.is_empty() => {
-                            let (now, n) = (Instant::now(), c.token_ids.len());
-                            match out.ttft {
-                                None => out.ttft = Some((now - t0).as_secs_f64()),
-                                Some(_) => out.itl.extend(std::iter::repeat_n((now - last).as_secs_f64() / n as f64, n)),
-                            }
-                            last = now;
-                            out.tokens += n;
-                        }
+                        Some(generate_response::Event::Tokens(c)) if !c.token_ids.is_empty() => clock.chunk(c.token_ids.len()),
                         Some(generate_response::Event::Finished(f)) if !f.error.is_empty() => return Err(tonic::Status::unknown(f.error)),
                         _ => {}
                     }
                 }
+                (out.ttft, out.itl, out.tokens) = (clock.ttft, clock.itl, clock.tokens);
             }
             Call::GenerateUnary => {
                 let req = generate_request(&config.data).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
@@ -163,18 +157,6 @@ pub async fn run(config: Config, target: Option<String>) -> Result<serde_json::V
     Ok(report(&outcomes, wall, call == Call::Generate))
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
-}
-
-fn sorted(mut v: Vec<f64>) -> Vec<f64> {
-    v.sort_by(f64::total_cmp);
-    v
-}
-
 fn report(outcomes: &[Outcome], wall: f64, streams: bool) -> serde_json::Value {
     let lat = sorted(outcomes.iter().map(|o| o.latency).collect());
     let ms = |s: f64| (s * 1e6).round() / 1e3;
@@ -193,7 +175,7 @@ fn report(outcomes: &[Outcome], wall: f64, streams: bool) -> serde_json::Value {
         }
     }
     let latency_distribution: Vec<_> =
-        [10, 25, 50, 75, 90, 95, 99].iter().map(|&p| json!({"percentage": p, "latency_ms": ms(percentile(&lat, p as f64 / 100.0))})).collect();
+        [10, 25, 50, 75, 90, 95, 99].iter().map(|&p| json!({"percentage": p, "latency_ms": ms(percentile(&lat, p as f64 / 100.0).unwrap_or(0.0))})).collect();
     let mut codes: BTreeMap<String, usize> = BTreeMap::new();
     for o in outcomes {
         *codes.entry(o.code.clone()).or_default() += 1;
@@ -217,7 +199,8 @@ fn report(outcomes: &[Outcome], wall: f64, streams: bool) -> serde_json::Value {
         let ttft = sorted(ok.iter().filter_map(|o| o.ttft).collect());
         let itl = sorted(ok.iter().flat_map(|o| o.itl.iter().copied()).collect());
         let per_stream = sorted(ok.iter().map(|o| o.tokens as f64 / o.latency.max(1e-9)).collect());
-        let pcts = |v: &[f64], scale: f64| json!({"p50": percentile(v, 0.5) * scale, "p90": percentile(v, 0.9) * scale, "p99": percentile(v, 0.99) * scale});
+        let q = |v: &[f64], p: f64| percentile(v, p).unwrap_or(0.0);
+        let pcts = |v: &[f64], scale: f64| json!({"p50": q(v, 0.5) * scale, "p90": q(v, 0.9) * scale, "p99": q(v, 0.99) * scale});
         out["streams"] = json!({
             "time_to_first_token_ms": pcts(&ttft, 1e3),
             "inter_token_latency_ms": pcts(&itl, 1e3),

@@ -15,6 +15,9 @@
 
 mod ghz;
 mod ghz_run;
+mod stats;
+
+use stats::{percentile, sorted, StreamClock};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,14 +75,6 @@ struct Samples {
     errors: Vec<String>,
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
 /// One request, start to finish; records its latencies into `samples`.
 async fn one(mut client: GenerationClient<Channel>, prompt: Vec<u32>, gen_len: usize, samples: &Mutex<Samples>) -> Result<()> {
     let req = GenerateRequest {
@@ -89,32 +84,23 @@ async fn one(mut client: GenerationClient<Channel>, prompt: Vec<u32>, gen_len: u
     };
     let start = Instant::now();
     let mut stream = client.generate(req).await?.into_inner();
-    let (mut last, mut ttft, mut itl, mut tokens) = (start, None, vec![], 0usize);
+    let mut clock = StreamClock::new(start);
     while let Some(msg) = stream.message().await? {
         match msg.event {
-            Some(generate_response::Event::Tokens(chunk)) if !chunk.token_ids.is_empty() => {
-                let now = Instant::now();
-                let n = chunk.token_ids.len();
-                match ttft {
-                    None => ttft = Some((now - start).as_secs_f64()),
-                    Some(_) => itl.extend(std::iter::repeat_n((now - last).as_secs_f64() / n as f64, n)),
-                }
-                last = now;
-                tokens += n;
-            }
+            Some(generate_response::Event::Tokens(chunk)) if !chunk.token_ids.is_empty() => clock.chunk(chunk.token_ids.len()),
             Some(generate_response::Event::Finished(f)) if !f.error.is_empty() => {
                 bail!("finished with error: {}", f.error)
             }
             _ => {}
         }
     }
-    if tokens != gen_len {
-        bail!("got {tokens} tokens, asked for {gen_len}");
+    if clock.tokens != gen_len {
+        bail!("got {} tokens, asked for {gen_len}", clock.tokens);
     }
     let mut s = samples.lock().await;
-    s.ttft.push(ttft.unwrap_or(f64::NAN));
-    s.itl.extend(itl);
-    s.tokens += tokens;
+    s.ttft.push(clock.ttft.unwrap_or(f64::NAN));
+    s.itl.extend(clock.itl);
+    s.tokens += clock.tokens;
     s.ok += 1;
     Ok(())
 }
@@ -181,8 +167,10 @@ async fn main() -> Result<()> {
     let ms = |x: f64| x * 1e3;
     println!("| setting | concurrency | requests | ok | errors | wall s | tokens/s | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms |");
     println!("|---|---:|---:|---:|---:|---:|---:|---|---|");
-    let (t50, t90, t99) = (percentile(&mut s.ttft, 0.5), percentile(&mut s.ttft, 0.9), percentile(&mut s.ttft, 0.99));
-    let (i50, i90, i99) = (percentile(&mut s.itl, 0.5), percentile(&mut s.itl, 0.9), percentile(&mut s.itl, 0.99));
+    let (ttft, itl) = (sorted(std::mem::take(&mut s.ttft)), sorted(std::mem::take(&mut s.itl)));
+    let pct = |v: &[f64], p: f64| percentile(v, p).unwrap_or(f64::NAN);
+    let (t50, t90, t99) = (pct(&ttft, 0.5), pct(&ttft, 0.9), pct(&ttft, 0.99));
+    let (i50, i90, i99) = (pct(&itl, 0.5), pct(&itl, 0.9), pct(&itl, 0.99));
     println!(
         "| {prompt_len}/{gen_len} | {} | {requests} | {} | {} | {wall:.2} | {:.0} | {:.0} / {:.0} / {:.0} | {:.2} / {:.2} / {:.2} |",
         a.concurrency,

@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use blockserve_testkit::{free_port, wait_for_port, ChildGuard};
+use blockserve_testkit::{free_port, metric_sum, scrape_metrics, wait_for_port, ChildGuard};
 
 /// `blockserve up` with the bundled model on a free port (plus `extra`
 /// flags), ready; returns its address and the process.
@@ -40,25 +40,6 @@ fn up_then_client_generate_prints_the_bundled_models_continuation() {
     assert!(stderr.starts_with("[FINISH_REASON_LENGTH | 9 prompt + 32 generated tokens |"), "{stderr}");
 }
 
-/// `GET /metrics` of a process.
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
-    let mut out = String::new();
-    conn.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n").unwrap().1.to_string()
-}
-
-/// The value of the sample `series` (name and labels exactly as rendered).
-fn find(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-}
-
-fn value(text: &str, series: &str) -> f64 {
-    find(text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
-}
-
 /// The load generator runs a ghz config against `blockserve up`; /metrics,
 /// scraped during the run, shows sessions running, and afterwards its
 /// counters agree with the generator's JSON report on requests and tokens.
@@ -83,7 +64,7 @@ fn the_load_generator_runs_a_ghz_config_and_the_metrics_agree() {
     let mut peak = 0.0f64;
     let start = std::time::Instant::now();
     while peak == 0.0 && start.elapsed() < Duration::from_secs(30) {
-        peak = peak.max(find(&scrape(metrics_port), r#"blockserve_active_sessions{tier="token_decoder"}"#).unwrap_or(0.0));
+        peak = peak.max(metric_sum(&scrape_metrics(metrics_port), "blockserve_active_sessions", &[("tier", "token_decoder")]));
         std::thread::sleep(Duration::from_millis(5));
     }
     assert!(peak >= 1.0, "no running session seen during the load run");
@@ -93,11 +74,11 @@ fn the_load_generator_runs_a_ghz_config_and_the_metrics_agree() {
     assert_eq!(report["count"], 12);
     assert_eq!(report["status_code_distribution"], serde_json::json!({"OK": 12}));
     assert_eq!(report["tokens"], 96);
-    let m = scrape(metrics_port);
-    assert_eq!(value(&m, r#"blockserve_requests_total{code="OK",method="Generate",tier="router"}"#), 12.0);
-    assert_eq!(value(&m, r#"blockserve_generated_tokens_total{tier="router"}"#), 96.0);
-    assert_eq!(value(&m, r#"blockserve_generated_tokens_total{tier="token_decoder"}"#), 96.0);
-    assert_eq!(value(&m, "blockserve_time_to_first_token_seconds_count"), 12.0);
+    let m = scrape_metrics(metrics_port);
+    assert_eq!(metric_sum(&m, "blockserve_requests_total", &[("code", "OK"), ("method", "Generate"), ("tier", "router")]), 12.0);
+    assert_eq!(metric_sum(&m, "blockserve_generated_tokens_total", &[("tier", "router")]), 96.0);
+    assert_eq!(metric_sum(&m, "blockserve_generated_tokens_total", &[("tier", "token_decoder")]), 96.0);
+    assert_eq!(metric_sum(&m, "blockserve_time_to_first_token_seconds_count", &[]), 12.0);
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -9,7 +9,7 @@ use blockserve_model::{loader::load_model, GenerationRequest, Model, SamplingPar
 use blockserve_proto::v1::generation_client::GenerationClient;
 use blockserve_proto::v1::*;
 use blockserve_store::{RedisStore, SessionStore, Tier};
-use blockserve_testkit::{free_port, wait_for_port, ChildGuard, RedisServer};
+use blockserve_testkit::{free_port, metric_sum, scrape_metrics, wait_for_port, ChildGuard, RedisServer};
 use candle_core::{DType, Device};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -667,29 +667,6 @@ async fn a_dead_block_decoder_fails_its_sessions_and_a_new_one_serves() {
     assert_eq!((tokens.len(), fin.reason), (6, FinishReason::Length as i32));
 }
 
-/// `GET /metrics` of a process.
-async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    conn.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
-    out.split_once("\r\n\r\n").unwrap().1.to_string()
-}
-
-/// The sum of the samples of `name` whose labels include every `labels` pair.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            (n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))).then(|| value.parse::<f64>().unwrap())
-        })
-        .sum()
-}
-
 /// Every tier's `/metrics` against what the clients saw: requests by method
 /// and code, tokens, time-to-first-token and inter-token samples, Redis round
 /// trips, sessions back to zero, and the context bytes the block decoder sent
@@ -722,7 +699,7 @@ async fn metrics_of_every_tier_agree_with_what_clients_saw() {
         async move {
             let mut all = String::new();
             for p in ports {
-                all += &scrape(p).await;
+                all += &scrape_metrics(p);
             }
             all
         }
@@ -731,7 +708,7 @@ async fn metrics_of_every_tier_agree_with_what_clients_saw() {
     let start = Instant::now();
     loop {
         let (r, t) = (text("router").await, text("token-decoder").await);
-        if sample(&r, "blockserve_active_sessions", &[]) == 0.0 && sample(&t, "blockserve_active_sessions", &[]) == 0.0 {
+        if metric_sum(&r, "blockserve_active_sessions", &[]) == 0.0 && metric_sum(&t, "blockserve_active_sessions", &[]) == 0.0 {
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(10), "sessions still active:\n{r}\n{t}");
@@ -739,22 +716,22 @@ async fn metrics_of_every_tier_agree_with_what_clients_saw() {
     }
     let (router, td, bd) = (text("router").await, text("token-decoder").await, text("block-decoder").await);
     let ok = [("tier", "router"), ("method", "Generate"), ("code", "OK")];
-    assert_eq!(sample(&router, "blockserve_requests_total", &ok), 6.0);
-    assert_eq!(sample(&router, "blockserve_requests_total", &[("method", "Generate"), ("code", "INVALID_ARGUMENT")]), 1.0);
-    assert_eq!(sample(&router, "blockserve_generated_tokens_total", &[("tier", "router")]), tokens as f64);
-    assert_eq!(sample(&router, "blockserve_time_to_first_token_seconds_count", &[]), 6.0);
-    assert_eq!(sample(&router, "blockserve_inter_token_latency_seconds_count", &[]), later_tokens as f64);
+    assert_eq!(metric_sum(&router, "blockserve_requests_total", &ok), 6.0);
+    assert_eq!(metric_sum(&router, "blockserve_requests_total", &[("method", "Generate"), ("code", "INVALID_ARGUMENT")]), 1.0);
+    assert_eq!(metric_sum(&router, "blockserve_generated_tokens_total", &[("tier", "router")]), tokens as f64);
+    assert_eq!(metric_sum(&router, "blockserve_time_to_first_token_seconds_count", &[]), 6.0);
+    assert_eq!(metric_sum(&router, "blockserve_inter_token_latency_seconds_count", &[]), later_tokens as f64);
     // One Redis round trip creates each session (the bad request never got there).
-    assert_eq!(sample(&router, "blockserve_store_round_trip_seconds_count", &[("op", "create_session"), ("outcome", "ok")]), 6.0);
-    assert!(sample(&td, "blockserve_store_round_trip_seconds_count", &[("op", "append_many")]) >= 1.0, "{td}");
-    assert_eq!(sample(&td, "blockserve_requests_total", &[("method", "Run"), ("code", "OK")]), 6.0);
-    assert_eq!(sample(&td, "blockserve_generated_tokens_total", &[("tier", "token_decoder")]), tokens as f64);
-    assert!(sample(&td, "blockserve_engine_iterations_total", &[("tier", "token_decoder")]) >= 1.0, "{td}");
-    assert!(sample(&bd, "blockserve_engine_iterations_total", &[("tier", "block_decoder")]) >= 1.0, "{bd}");
-    assert!(sample(&bd, "blockserve_kv_cache_pages", &[("state", "free")]) > 0.0, "{bd}");
-    let sent = sample(&bd, "blockserve_context_embedding_bytes_total", &[("direction", "sent")]);
+    assert_eq!(metric_sum(&router, "blockserve_store_round_trip_seconds_count", &[("op", "create_session"), ("outcome", "ok")]), 6.0);
+    assert!(metric_sum(&td, "blockserve_store_round_trip_seconds_count", &[("op", "append_many")]) >= 1.0, "{td}");
+    assert_eq!(metric_sum(&td, "blockserve_requests_total", &[("method", "Run"), ("code", "OK")]), 6.0);
+    assert_eq!(metric_sum(&td, "blockserve_generated_tokens_total", &[("tier", "token_decoder")]), tokens as f64);
+    assert!(metric_sum(&td, "blockserve_engine_iterations_total", &[("tier", "token_decoder")]) >= 1.0, "{td}");
+    assert!(metric_sum(&bd, "blockserve_engine_iterations_total", &[("tier", "block_decoder")]) >= 1.0, "{bd}");
+    assert!(metric_sum(&bd, "blockserve_kv_cache_pages", &[("state", "free")]) > 0.0, "{bd}");
+    let sent = metric_sum(&bd, "blockserve_context_embedding_bytes_total", &[("direction", "sent")]);
     assert!(sent > 0.0);
-    assert_eq!(sample(&td, "blockserve_context_embedding_bytes_total", &[("direction", "received")]), sent);
+    assert_eq!(metric_sum(&td, "blockserve_context_embedding_bytes_total", &[("direction", "received")]), sent);
 }
 
 /// SIGTERM to a token decoder under load: 12 sessions run over both token

@@ -51,3 +51,27 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 }
+
+/// `GET /metrics` of a process serving Prometheus metrics on `port`: the body.
+pub fn scrape_metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    conn.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out.split_once("\r\n\r\n").expect("an HTTP response").1.to_string()
+}
+
+/// The sum of the samples of `name` in Prometheus text whose labels include
+/// every `labels` pair (0 when there are none).
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))).then(|| value.parse::<f64>().unwrap())
+        })
+        .sum()
+}

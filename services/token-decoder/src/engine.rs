@@ -471,6 +471,21 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("a message up").expect("link open")
     }
 
+    /// A greedy session of `max_new_tokens` tokens over a one-block prompt.
+    fn greedy_open(key: u64, link: Arc<Link>, max_new_tokens: usize, events: mpsc::UnboundedSender<Event>) -> OpenRequest {
+        let stop = StopCriteria { max_new_tokens, eos_token_id: None, stop_token_ids: vec![] };
+        OpenRequest {
+            key,
+            session_id: "s".into(),
+            link,
+            prompt: vec![1, 2, 3, 4],
+            max_new_blocks: max_new_tokens.div_ceil(4) as u32,
+            traceparent: String::new(),
+            spec: Spec { sampling: SamplingParams::greedy(), stop, history: vec![] },
+            events,
+        }
+    }
+
     /// A session opened on a link that has already ended fails at once with
     /// UNAVAILABLE instead of waiting for a context that never comes.
     #[tokio::test]
@@ -480,20 +495,7 @@ mod tests {
         drop(up);
         let link = Arc::new(Link::new(1, "http://gone:1".into(), up_tx));
         let (events_tx, mut events) = mpsc::unbounded_channel();
-        let spec =
-            Spec { sampling: SamplingParams::greedy(), stop: StopCriteria { max_new_tokens: 8, eos_token_id: None, stop_token_ids: vec![] }, history: vec![] };
-        let _guard = engine
-            .open(OpenRequest {
-                key: 1,
-                session_id: "s".into(),
-                link,
-                prompt: vec![1, 2, 3, 4],
-                max_new_blocks: 2,
-                traceparent: String::new(),
-                spec,
-                events: events_tx,
-            })
-            .unwrap();
+        let _guard = engine.open(greedy_open(1, link, 8, events_tx)).unwrap();
         match tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("an event").expect("open") {
             Event::Failed(st) => assert_eq!((st.code(), st.message()), (Code::Unavailable, "link to block decoder http://gone:1 is closed")),
             Event::Block { .. } => panic!("no block without a block decoder"),
@@ -512,23 +514,7 @@ mod tests {
         let (up_tx, mut up) = mpsc::unbounded_channel();
         let link = Arc::new(Link::new(7, "test".into(), up_tx));
         let (events_tx, mut events) = mpsc::unbounded_channel();
-        let spec = Spec {
-            sampling: SamplingParams::greedy(),
-            stop: StopCriteria { max_new_tokens: 1000, eos_token_id: None, stop_token_ids: vec![] },
-            history: vec![],
-        };
-        let guard = engine
-            .open(OpenRequest {
-                key: 3,
-                session_id: "s".into(),
-                link,
-                prompt: vec![1, 2, 3, 4],
-                max_new_blocks: 250,
-                traceparent: String::new(),
-                spec,
-                events: events_tx,
-            })
-            .unwrap();
+        let guard = engine.open(greedy_open(3, link, 1000, events_tx)).unwrap();
         let open = next_up(&mut up).await;
         assert_eq!((open.opens.len(), open.opens[0].key, open.opens[0].prompt_ids.clone()), (1, 3, vec![1, 2, 3, 4]));
         // The context of block b (a zero vector: every block decodes alike).
