@@ -424,7 +424,7 @@ async fn sigterm_drains_in_flight_sessions_and_deregisters() {
         }
     };
     // SIGTERM the token decoder that runs the session.
-    let serving = store.session("drain").await.unwrap().unwrap().spec.token_decoder;
+    let serving = store.session("drain").await.unwrap().unwrap().assignment.token_decoder;
     let i = stack.procs.iter().position(|(t, p, _)| *t == "token-decoder" && serving.ends_with(&format!(":{p}"))).unwrap();
     let pid = stack.procs[i].2 .0.id();
     let before = store.session("drain").await.unwrap().unwrap();
@@ -456,7 +456,7 @@ async fn sigterm_drains_in_flight_sessions_and_deregisters() {
             .await
             .unwrap();
     assert_eq!(tokens.len(), 4);
-    assert_ne!(store.session(&id).await.unwrap().unwrap().spec.token_decoder, serving);
+    assert_ne!(store.session(&id).await.unwrap().unwrap().assignment.token_decoder, serving);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -764,7 +764,7 @@ async fn sigterm_under_load_loses_no_session_and_exits_within_the_grace_period()
     }
     let mut by_td: std::collections::HashMap<String, usize> = Default::default();
     for i in 0..SESSIONS {
-        *by_td.entry(store.session(&format!("load-{i}")).await.unwrap().unwrap().spec.token_decoder).or_default() += 1;
+        *by_td.entry(store.session(&format!("load-{i}")).await.unwrap().unwrap().assignment.token_decoder).or_default() += 1;
     }
     let (serving, n) = by_td.into_iter().max_by_key(|(_, n)| *n).unwrap();
     let i = stack.procs.iter().position(|(t, p, _)| *t == "token-decoder" && serving.ends_with(&format!(":{p}"))).unwrap();

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::LazyLock;
 use std::time::Instant;
 
-use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use tokio::sync::watch;
 
 pub struct Metrics {
@@ -42,6 +42,16 @@ pub struct Metrics {
     pub context_bytes: IntCounterVec,
     /// Session-store calls (Redis round trips), by operation and outcome.
     pub store_seconds: HistogramVec,
+    /// Sessions moved after a failure, by the tier that moved them and why
+    /// (`token_decoder_lost`, `block_decoder_lost`, `orphaned`), and those
+    /// failed because they reached the migration limit (`limit`).
+    pub migrations: IntCounterVec,
+    /// Time from a failure's detection to the first token from the new
+    /// instance, by tier.
+    pub migration_seconds: HistogramVec,
+    /// Token decoder: session-store writes waiting to be applied (they pile up
+    /// while the store is unreachable).
+    pub buffered_writes: IntGauge,
 }
 
 fn seconds_buckets() -> Vec<f64> {
@@ -96,6 +106,18 @@ impl Metrics {
                 &["op", "outcome"],
                 seconds_buckets(),
             ),
+            migrations: counter("blockserve_migrations_total", "Sessions moved to another instance after a failure, by tier and cause.", &["tier", "cause"]),
+            migration_seconds: histogram_vec(
+                "blockserve_migration_seconds",
+                "Time from a failure's detection to the first token from the new instance.",
+                &["tier"],
+                seconds_buckets(),
+            ),
+            buffered_writes: {
+                let g = IntGauge::new("blockserve_store_buffered_writes", "Session-store writes waiting to be applied (token decoder).").expect("valid gauge");
+                registry.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
             registry,
         }
     }

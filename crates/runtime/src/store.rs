@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockserve_store::{InstanceInfo, MemoryStore, Outcome, RedisStore, SessionRecord, SessionSpec, SessionState, SessionStore, Tier};
+use blockserve_store::{Append, Assignment, Epoch, InstanceInfo, MemoryStore, Outcome, Reassigned, RedisStore, SessionRecord, SessionSpec, SessionState, SessionStore, Tier, Write};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct StoreArgs {
@@ -57,25 +57,28 @@ impl<S: SessionStore> SessionStore for Timed<S> {
     async fn instances(&self, tier: Tier) -> blockserve_store::Result<Vec<InstanceInfo>> {
         timed("instances", self.0.instances(tier)).await
     }
-    async fn create_session(&self, spec: &SessionSpec) -> blockserve_store::Result<bool> {
-        timed("create_session", self.0.create_session(spec)).await
+    async fn create_session(&self, spec: &SessionSpec, to: &Assignment) -> blockserve_store::Result<bool> {
+        timed("create_session", self.0.create_session(spec, to)).await
     }
     async fn session(&self, id: &str) -> blockserve_store::Result<Option<SessionRecord>> {
         timed("session", self.0.session(id)).await
     }
-    async fn set_progress(&self, id: &str, state: SessionState) -> blockserve_store::Result<()> {
-        timed("set_progress", self.0.set_progress(id, state)).await
+    async fn set_progress(&self, id: &str, epoch: Epoch, state: SessionState) -> blockserve_store::Result<Write> {
+        timed("set_progress", self.0.set_progress(id, epoch, state)).await
     }
-    async fn append_tokens(&self, id: &str, tokens: &[u32]) -> blockserve_store::Result<()> {
-        timed("append_tokens", self.0.append_tokens(id, tokens)).await
+    async fn set_block_decoder(&self, id: &str, epoch: Epoch, address: &str) -> blockserve_store::Result<Write> {
+        timed("set_block_decoder", self.0.set_block_decoder(id, epoch, address)).await
     }
-    async fn append_many(&self, batch: &[(String, Vec<u32>)]) -> blockserve_store::Result<()> {
+    async fn append_many(&self, batch: &[Append]) -> blockserve_store::Result<Vec<Write>> {
         timed("append_many", self.0.append_many(batch)).await
     }
     async fn tokens(&self, id: &str, from: usize) -> blockserve_store::Result<Vec<u32>> {
         timed("tokens", self.0.tokens(id, from)).await
     }
-    async fn finish(&self, id: &str, outcome: &Outcome, ttl: Duration) -> blockserve_store::Result<bool> {
-        timed("finish", self.0.finish(id, outcome, ttl)).await
+    async fn finish(&self, id: &str, epoch: Option<Epoch>, outcome: &Outcome, ttl: Duration) -> blockserve_store::Result<bool> {
+        timed("finish", self.0.finish(id, epoch, outcome, ttl)).await
+    }
+    async fn reassign(&self, id: &str, expected: Epoch, to: &Assignment, known: &[u32]) -> blockserve_store::Result<Reassigned> {
+        timed("reassign", self.0.reassign(id, expected, to, known)).await
     }
 }

@@ -48,25 +48,28 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Live instances of a tier.
     async fn instances(&self, tier: Tier) -> Result<Vec<InstanceInfo>>;
 
-    /// Record a new session in state `queued`. Returns false (and changes
-    /// nothing) when a session with this id exists.
-    async fn create_session(&self, spec: &SessionSpec) -> Result<bool>;
+    /// Record a new session in state `queued`, epoch 0. Returns false (and
+    /// changes nothing) when a session with this id exists.
+    async fn create_session(&self, spec: &SessionSpec, assignment: &Assignment) -> Result<bool>;
     async fn session(&self, id: &str) -> Result<Option<SessionRecord>>;
-    /// Move a running session to a non-final state (no-op once final).
-    async fn set_progress(&self, id: &str, state: SessionState) -> Result<()>;
-    /// Append generated tokens (in order, once each).
-    async fn append_tokens(&self, id: &str, tokens: &[u32]) -> Result<()>;
-    /// `append_tokens` for many sessions at once (one round trip where the
-    /// store allows it); entries of one session apply in order.
-    async fn append_many(&self, batch: &[(String, Vec<u32>)]) -> Result<()> {
-        for (id, tokens) in batch {
-            self.append_tokens(id, tokens).await?;
-        }
-        Ok(())
-    }
+    /// Move a running session to a non-final state (fenced by `epoch`).
+    async fn set_progress(&self, id: &str, epoch: Epoch, state: SessionState) -> Result<Write>;
+    /// The session moved to block decoder `address` (its token decoder stays):
+    /// records it and counts a migration (fenced by `epoch`).
+    async fn set_block_decoder(&self, id: &str, epoch: Epoch, address: &str) -> Result<Write>;
+    /// Record generated tokens, one result per entry; entries of one session
+    /// apply in order (one round trip where the store allows it). An entry whose
+    /// offset is past the recorded output is an error (a write went missing).
+    async fn append_many(&self, batch: &[Append]) -> Result<Vec<Write>>;
     /// Generated tokens from index `from` on.
     async fn tokens(&self, id: &str, from: usize) -> Result<Vec<u32>>;
-    /// Record the final state unless one is recorded already; returns whether this
-    /// call set it. Final sessions expire after `ttl`.
-    async fn finish(&self, id: &str, outcome: &Outcome, ttl: Duration) -> Result<bool>;
+    /// Record the final state unless one is recorded already (or, with an
+    /// epoch, unless the session moved on); returns whether this call set it.
+    /// Final sessions expire after `ttl`.
+    async fn finish(&self, id: &str, epoch: Option<Epoch>, outcome: &Outcome, ttl: Duration) -> Result<bool>;
+    /// Migrate a session that is at `expected` to `to`: the epoch and the
+    /// migration count go up by one. `known` is output that was relayed to the
+    /// client; what of it the store lacks (its writer died before writing it)
+    /// is appended first, so the resumed output continues after all of it.
+    async fn reassign(&self, id: &str, expected: Epoch, to: &Assignment, known: &[u32]) -> Result<Reassigned>;
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::{now_ms, InstanceInfo, Outcome, Result, SessionRecord, SessionSpec, SessionState, SessionStore, Tier};
+use crate::{now_ms, Append, Assignment, Epoch, InstanceInfo, Outcome, Reassigned, Result, SessionRecord, SessionSpec, SessionState, SessionStore, StoreError, Tier, Write};
 
 #[derive(Default)]
 struct Inner {
@@ -54,13 +54,16 @@ impl SessionStore for MemoryStore {
         Ok(self.with(|s| s.instances.values().filter(|(i, _)| i.tier == tier).map(|(i, _)| i.clone()).collect()))
     }
 
-    async fn create_session(&self, spec: &SessionSpec) -> Result<bool> {
+    async fn create_session(&self, spec: &SessionSpec, assignment: &Assignment) -> Result<bool> {
         Ok(self.with(|s| {
             if s.sessions.contains_key(&spec.id) {
                 return false;
             }
             let rec = SessionRecord {
                 spec: spec.clone(),
+                assignment: assignment.clone(),
+                epoch: 0,
+                migrations: 0,
                 state: SessionState::Queued,
                 finish_reason: None,
                 error: None,
@@ -78,37 +81,61 @@ impl SessionStore for MemoryStore {
         Ok(self.with(|s| s.sessions.get(id).map(|(r, _, _)| r.clone())))
     }
 
-    async fn set_progress(&self, id: &str, state: SessionState) -> Result<()> {
-        self.with(|s| {
-            if let Some((r, _, _)) = s.sessions.get_mut(id) {
-                if !r.state.is_final() {
-                    r.state = state;
-                    r.updated_at_ms = now_ms();
-                }
+    async fn set_progress(&self, id: &str, epoch: Epoch, state: SessionState) -> Result<Write> {
+        Ok(self.with(|s| match s.sessions.get_mut(id) {
+            Some((r, _, _)) if writable(r, Some(epoch)) => {
+                r.state = state;
+                r.updated_at_ms = now_ms();
+                Write::Applied
             }
-        });
-        Ok(())
+            _ => Write::Fenced,
+        }))
     }
 
-    async fn append_tokens(&self, id: &str, tokens: &[u32]) -> Result<()> {
-        self.with(|s| {
-            if let Some((r, t, _)) = s.sessions.get_mut(id) {
-                t.extend_from_slice(tokens);
-                r.generated = t.len();
+    async fn set_block_decoder(&self, id: &str, epoch: Epoch, address: &str) -> Result<Write> {
+        Ok(self.with(|s| match s.sessions.get_mut(id) {
+            Some((r, _, _)) if writable(r, Some(epoch)) => {
+                r.assignment.block_decoder = address.to_string();
+                r.migrations += 1;
                 r.updated_at_ms = now_ms();
-                r.first_token_at_ms.get_or_insert(r.updated_at_ms);
+                Write::Applied
             }
-        });
-        Ok(())
+            _ => Write::Fenced,
+        }))
+    }
+
+    async fn append_many(&self, batch: &[Append]) -> Result<Vec<Write>> {
+        self.with(|s| {
+            let mut out = Vec::with_capacity(batch.len());
+            for a in batch {
+                let Some((r, t, _)) = s.sessions.get_mut(&a.id).filter(|(r, _, _)| writable(r, Some(a.epoch))) else {
+                    out.push(Write::Fenced);
+                    continue;
+                };
+                if t.len() < a.offset + a.tokens.len() {
+                    if t.len() != a.offset {
+                        return Err(gap(a, t.len()));
+                    }
+                    t.extend_from_slice(&a.tokens);
+                    r.generated = t.len();
+                    r.updated_at_ms = now_ms();
+                    if !a.tokens.is_empty() {
+                        r.first_token_at_ms.get_or_insert(r.updated_at_ms);
+                    }
+                }
+                out.push(Write::Applied);
+            }
+            Ok(out)
+        })
     }
 
     async fn tokens(&self, id: &str, from: usize) -> Result<Vec<u32>> {
         Ok(self.with(|s| s.sessions.get(id).map(|(_, t, _)| t.get(from..).unwrap_or(&[]).to_vec()).unwrap_or_default()))
     }
 
-    async fn finish(&self, id: &str, outcome: &Outcome, ttl: Duration) -> Result<bool> {
+    async fn finish(&self, id: &str, epoch: Option<Epoch>, outcome: &Outcome, ttl: Duration) -> Result<bool> {
         Ok(self.with(|s| match s.sessions.get_mut(id) {
-            Some((r, _, exp)) if !r.state.is_final() => {
+            Some((r, _, exp)) if writable(r, epoch) => {
                 r.state = outcome.state;
                 r.finish_reason = Some(outcome.finish_reason.clone());
                 r.error = outcome.error.clone();
@@ -120,4 +147,34 @@ impl SessionStore for MemoryStore {
             _ => false,
         }))
     }
+
+    async fn reassign(&self, id: &str, expected: Epoch, to: &Assignment, known: &[u32]) -> Result<Reassigned> {
+        Ok(self.with(|s| {
+            let Some((r, t, _)) = s.sessions.get_mut(id) else { return Reassigned::Missing };
+            if r.state.is_final() {
+                return Reassigned::Final;
+            }
+            if r.epoch != expected {
+                return Reassigned::Stale;
+            }
+            if known.len() > t.len() {
+                t.extend_from_slice(&known[t.len()..]);
+                r.generated = t.len();
+            }
+            r.epoch += 1;
+            r.migrations += 1;
+            r.assignment = to.clone();
+            r.updated_at_ms = now_ms();
+            Reassigned::Moved { epoch: r.epoch, migrations: r.migrations, tokens: t.clone() }
+        }))
+    }
+}
+
+/// A write with `epoch` (or any write, without one) may change this session.
+fn writable(r: &SessionRecord, epoch: Option<Epoch>) -> bool {
+    !r.state.is_final() && epoch.is_none_or(|e| e == r.epoch)
+}
+
+pub(crate) fn gap(a: &Append, have: usize) -> StoreError {
+    StoreError::Corrupt(format!("session {}: tokens written at offset {} but {have} are recorded (a write went missing)", a.id, a.offset))
 }

@@ -2,22 +2,90 @@
 //!
 //! - `inst:{tier}:{id}`: JSON of the instance, expiring with its lease;
 //!   `insts:{tier}`: set of registered ids (stale ids are dropped on listing);
-//! - `sess:{id}`: hash with `spec` (JSON), `state`, `finish_reason`, `error`,
+//! - `sess:{id}`: hash with `spec` (JSON), `state`, the assignment (`td`,
+//!   `td_id`, `bd`), its fencing `epoch`, `migrations`, `finish_reason`, `error`,
 //!   `updated_at_ms`, `first_token_at_ms`, `finished_at_ms`;
 //!   `sess:{id}:tokens`: list of generated token ids.
 //!
 //! State changes run as Lua scripts so a final state is never overwritten, whichever
-//! tier gets there first.
+//! tier gets there first, and a write of a stale epoch is refused.
 
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
-use crate::{now_ms, InstanceInfo, Outcome, Result, SessionRecord, SessionSpec, SessionState, SessionStore, StoreError, Tier};
+use crate::{now_ms, Append, Assignment, Epoch, InstanceInfo, Outcome, Reassigned, Result, SessionRecord, SessionSpec, SessionState, SessionStore, StoreError, Tier, Write};
 
-const FINAL: &str = "local s = redis.call('HGET', KEYS[1], 'state') \
-    if s == 'finished' or s == 'cancelled' or s == 'failed' or s == false then return 0 end";
+/// Lua: true when the session `KEYS[1]` may take a write of epoch `e` (any
+/// epoch when `e` is empty): it exists, is not final, and is at that epoch.
+const WRITABLE: &str = "local function writable(key, e) \
+    local h = redis.call('HMGET', key, 'state', 'epoch') \
+    if h[1] == false or h[1] == 'finished' or h[1] == 'cancelled' or h[1] == 'failed' then return false end \
+    return e == '' or h[2] == e end ";
+
+/// Appends of a batch: KEYS are (session, tokens) pairs; ARGV is `now`, then
+/// per entry its epoch, offset, token count and tokens. Returns per entry 1
+/// (applied, now or by an earlier try), 0 (fenced), or -1-n for a gap (n
+/// tokens recorded, fewer than the offset).
+static APPEND: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{WRITABLE} local out = {{}} local a = 2 \
+        for i = 1, #KEYS, 2 do \
+          local sk, tk = KEYS[i], KEYS[i + 1] \
+          local e, off, k = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]) \
+          local first = a + 3 a = first + k \
+          if not writable(sk, e) then out[#out + 1] = 0 else \
+            local n = redis.call('LLEN', tk) \
+            if n >= off + k then out[#out + 1] = 1 \
+            elseif n ~= off then out[#out + 1] = -1 - n \
+            else \
+              for j = first, first + k - 1, 1000 do redis.call('RPUSH', tk, unpack(ARGV, j, math.min(j + 999, first + k - 1))) end \
+              redis.call('HSET', sk, 'updated_at_ms', ARGV[1]) \
+              if k > 0 then redis.call('HSETNX', sk, 'first_token_at_ms', ARGV[1]) end \
+              out[#out + 1] = 1 end end end \
+        return out"
+    ))
+});
+
+static PROGRESS: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{WRITABLE} if not writable(KEYS[1], ARGV[1]) then return 0 end \
+        redis.call('HSET', KEYS[1], 'state', ARGV[2], 'updated_at_ms', ARGV[3]) return 1"
+    ))
+});
+
+static MOVE_BD: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{WRITABLE} if not writable(KEYS[1], ARGV[1]) then return 0 end \
+        redis.call('HSET', KEYS[1], 'bd', ARGV[2], 'updated_at_ms', ARGV[3]) redis.call('HINCRBY', KEYS[1], 'migrations', 1) return 1"
+    ))
+});
+
+static FINISH: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{WRITABLE} if not writable(KEYS[1], ARGV[6]) then return 0 end \
+        redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finish_reason', ARGV[2], 'error', ARGV[3], \
+          'updated_at_ms', ARGV[4], 'finished_at_ms', ARGV[4]) \
+        redis.call('PEXPIRE', KEYS[1], ARGV[5]) redis.call('PEXPIRE', KEYS[2], ARGV[5]) return 1"
+    ))
+});
+
+/// ARGV: expected epoch, td, td_id, bd, now, then the known output. Returns
+/// {1, epoch, migrations} when moved, {0} final, {-1} stale, {-2} missing.
+static REASSIGN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        "local h = redis.call('HMGET', KEYS[1], 'state', 'epoch', 'migrations') \
+        if h[1] == false then return {-2} end \
+        if h[1] == 'finished' or h[1] == 'cancelled' or h[1] == 'failed' then return {0} end \
+        if h[2] ~= ARGV[1] then return {-1} end \
+        local n = redis.call('LLEN', KEYS[2]) \
+        for j = 6 + n, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[j]) end \
+        local e = tonumber(h[2]) + 1 local m = tonumber(h[3] or '0') + 1 \
+        redis.call('HSET', KEYS[1], 'epoch', e, 'migrations', m, 'td', ARGV[2], 'td_id', ARGV[3], 'bd', ARGV[4], 'updated_at_ms', ARGV[5]) \
+        return {1, e, m}",
+    )
+});
 
 /// A small pool of multiplexed, auto-reconnecting connections, used round-robin:
 /// each connection pipelines many concurrent commands, and several keep one slow
@@ -110,14 +178,23 @@ impl SessionStore for RedisStore {
         Ok(out)
     }
 
-    async fn create_session(&self, spec: &SessionSpec) -> Result<bool> {
+    async fn create_session(&self, spec: &SessionSpec, to: &Assignment) -> Result<bool> {
         let mut c = self.conn();
         let json = serde_json::to_string(spec).map_err(corrupt)?;
         let script = redis::Script::new(
             "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end \
-             redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'state', 'queued', 'updated_at_ms', ARGV[2]) return 1",
+             redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'state', 'queued', 'updated_at_ms', ARGV[2], 'epoch', 0, 'migrations', 0, \
+               'td', ARGV[3], 'td_id', ARGV[4], 'bd', ARGV[5]) return 1",
         );
-        let created: i32 = script.key(self.sess_key(&spec.id)).arg(json).arg(now_ms()).invoke_async(&mut c).await?;
+        let created: i32 = script
+            .key(self.sess_key(&spec.id))
+            .arg(json)
+            .arg(now_ms())
+            .arg(&to.token_decoder)
+            .arg(&to.token_decoder_id)
+            .arg(&to.block_decoder)
+            .invoke_async(&mut c)
+            .await?;
         Ok(created == 1)
     }
 
@@ -129,8 +206,12 @@ impl SessionStore for RedisStore {
             return Ok(None);
         };
         let num = |k: &str| h.get(k).and_then(|v| v.parse::<u64>().ok());
+        let text = |k: &str| h.get(k).cloned().unwrap_or_default();
         Ok(Some(SessionRecord {
             spec: serde_json::from_str(spec).map_err(corrupt)?,
+            assignment: Assignment { token_decoder: text("td"), token_decoder_id: text("td_id"), block_decoder: text("bd") },
+            epoch: num("epoch").unwrap_or(0),
+            migrations: num("migrations").unwrap_or(0) as u32,
             state: h.get("state").and_then(|s| SessionState::parse(s)).ok_or_else(|| corrupt(format!("session {id}: bad state")))?,
             finish_reason: h.get("finish_reason").cloned(),
             error: h.get("error").cloned().filter(|e| !e.is_empty()),
@@ -141,47 +222,38 @@ impl SessionStore for RedisStore {
         }))
     }
 
-    async fn set_progress(&self, id: &str, state: SessionState) -> Result<()> {
+    async fn set_progress(&self, id: &str, epoch: Epoch, state: SessionState) -> Result<Write> {
         let mut c = self.conn();
-        let script = redis::Script::new(&format!("{FINAL} redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at_ms', ARGV[2]) return 1"));
-        script.key(self.sess_key(id)).arg(state.as_str()).arg(now_ms()).invoke_async::<i32>(&mut c).await?;
-        Ok(())
+        let set: i32 = PROGRESS.key(self.sess_key(id)).arg(epoch.to_string()).arg(state.as_str()).arg(now_ms()).invoke_async(&mut c).await?;
+        Ok(if set == 1 { Write::Applied } else { Write::Fenced })
     }
 
-    async fn append_tokens(&self, id: &str, tokens: &[u32]) -> Result<()> {
-        if tokens.is_empty() {
-            return Ok(());
-        }
+    async fn set_block_decoder(&self, id: &str, epoch: Epoch, address: &str) -> Result<Write> {
         let mut c = self.conn();
-        let now = now_ms();
-        redis::pipe()
-            .rpush(self.tokens_key(id), tokens)
-            .ignore()
-            .hset(self.sess_key(id), "updated_at_ms", now)
-            .ignore()
-            .hset_nx(self.sess_key(id), "first_token_at_ms", now)
-            .ignore()
-            .query_async::<()>(&mut c)
-            .await?;
-        Ok(())
+        let set: i32 = MOVE_BD.key(self.sess_key(id)).arg(epoch.to_string()).arg(address).arg(now_ms()).invoke_async(&mut c).await?;
+        Ok(if set == 1 { Write::Applied } else { Write::Fenced })
     }
 
-    async fn append_many(&self, batch: &[(String, Vec<u32>)]) -> Result<()> {
-        if batch.iter().all(|(_, t)| t.is_empty()) {
-            return Ok(());
+    async fn append_many(&self, batch: &[Append]) -> Result<Vec<Write>> {
+        if batch.is_empty() {
+            return Ok(vec![]);
         }
-        let now = now_ms();
-        let mut pipe = redis::pipe();
-        for (id, tokens) in batch.iter().filter(|(_, t)| !t.is_empty()) {
-            pipe.rpush(self.tokens_key(id), tokens)
-                .ignore()
-                .hset(self.sess_key(id), "updated_at_ms", now)
-                .ignore()
-                .hset_nx(self.sess_key(id), "first_token_at_ms", now)
-                .ignore();
+        let mut inv = APPEND.prepare_invoke();
+        inv.arg(now_ms());
+        for a in batch {
+            inv.key(self.sess_key(&a.id)).key(self.tokens_key(&a.id));
+            inv.arg(a.epoch.to_string()).arg(a.offset).arg(a.tokens.len()).arg(&a.tokens);
         }
-        pipe.query_async::<()>(&mut self.conn()).await?;
-        Ok(())
+        let codes: Vec<i64> = inv.invoke_async(&mut self.conn()).await?;
+        batch
+            .iter()
+            .zip(codes)
+            .map(|(a, code)| match code {
+                1 => Ok(Write::Applied),
+                0 => Ok(Write::Fenced),
+                n => Err(crate::memory::gap(a, (-1 - n) as usize)),
+            })
+            .collect()
     }
 
     async fn tokens(&self, id: &str, from: usize) -> Result<Vec<u32>> {
@@ -189,14 +261,9 @@ impl SessionStore for RedisStore {
         Ok(c.lrange(self.tokens_key(id), from as isize, -1).await?)
     }
 
-    async fn finish(&self, id: &str, outcome: &Outcome, ttl: Duration) -> Result<bool> {
+    async fn finish(&self, id: &str, epoch: Option<Epoch>, outcome: &Outcome, ttl: Duration) -> Result<bool> {
         let mut c = self.conn();
-        let script = redis::Script::new(&format!(
-            "{FINAL} redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finish_reason', ARGV[2], 'error', ARGV[3], \
-             'updated_at_ms', ARGV[4], 'finished_at_ms', ARGV[4]) \
-             redis.call('PEXPIRE', KEYS[1], ARGV[5]) redis.call('PEXPIRE', KEYS[2], ARGV[5]) return 1"
-        ));
-        let set: i32 = script
+        let set: i32 = FINISH
             .key(self.sess_key(id))
             .key(self.tokens_key(id))
             .arg(outcome.state.as_str())
@@ -204,8 +271,31 @@ impl SessionStore for RedisStore {
             .arg(outcome.error.clone().unwrap_or_default())
             .arg(now_ms())
             .arg(ttl.as_millis() as u64)
+            .arg(epoch.map(|e| e.to_string()).unwrap_or_default())
             .invoke_async(&mut c)
             .await?;
         Ok(set == 1)
+    }
+
+    async fn reassign(&self, id: &str, expected: Epoch, to: &Assignment, known: &[u32]) -> Result<Reassigned> {
+        let mut c = self.conn();
+        let reply: Vec<i64> = REASSIGN
+            .key(self.sess_key(id))
+            .key(self.tokens_key(id))
+            .arg(expected.to_string())
+            .arg(&to.token_decoder)
+            .arg(&to.token_decoder_id)
+            .arg(&to.block_decoder)
+            .arg(now_ms())
+            .arg(known)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match reply.as_slice() {
+            [1, e, m] => Reassigned::Moved { epoch: *e as Epoch, migrations: *m as u32, tokens: self.tokens(id, 0).await? },
+            [0] => Reassigned::Final,
+            [-1] => Reassigned::Stale,
+            [-2] => Reassigned::Missing,
+            other => return Err(corrupt(format!("reassign {id}: unexpected reply {other:?}"))),
+        })
     }
 }

@@ -89,15 +89,67 @@ pub struct SessionSpec {
     /// The request's parameters, as the router resolved them (JSON of the proto
     /// message, so the store stays independent of the wire types).
     pub parameters: serde_json::Value,
-    pub token_decoder: String,
-    pub block_decoder: String,
     pub created_at_ms: u64,
+}
+
+/// Which instances serve a session now. A migration replaces it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Assignment {
+    /// Address of the token decoder that drives the session.
+    pub token_decoder: String,
+    /// Its instance id (unique per process start), so a follower can tell a
+    /// dead token decoder from a new process on the same address.
+    pub token_decoder_id: String,
+    pub block_decoder: String,
+}
+
+/// Fencing token of a session's assignment: 0 at creation, one more at every
+/// migration. Every write a token decoder makes carries the epoch it was given
+/// and is refused once the session moved on, so a token decoder that was
+/// thought dead and comes back cannot overwrite its successor's progress.
+pub type Epoch = u64;
+
+/// Generated tokens to record at `offset` of a session's output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Append {
+    pub id: String,
+    pub epoch: Epoch,
+    /// Tokens the session had recorded before these. A write that was applied
+    /// already (its reply lost, then retried) is recognised and not repeated.
+    pub offset: usize,
+    pub tokens: Vec<u32>,
+}
+
+/// Whether a fenced write took effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    Applied,
+    /// Refused: the session is final, gone, or assigned to a newer epoch.
+    Fenced,
+}
+
+/// What [`crate::SessionStore::reassign`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reassigned {
+    /// The session now belongs to the new assignment under `epoch`; `tokens`
+    /// is its whole output so far (what the new token decoder resumes after).
+    Moved { epoch: Epoch, migrations: u32, tokens: Vec<u32> },
+    /// It is final already; nothing changed.
+    Final,
+    /// Someone else moved it first (the epoch was not the expected one).
+    Stale,
+    /// No such session (unknown or expired).
+    Missing,
 }
 
 /// Everything known about a session.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionRecord {
     pub spec: SessionSpec,
+    pub assignment: Assignment,
+    pub epoch: Epoch,
+    /// How many times it moved to another token or block decoder.
+    pub migrations: u32,
     pub state: SessionState,
     /// Why it ended (`eos`, `length`, `stop`, `cancelled`, `error`), once final.
     pub finish_reason: Option<String>,

@@ -12,10 +12,16 @@ fn spec(id: &str) -> SessionSpec {
         id: id.into(),
         prompt_ids: vec![1, 2, 3],
         parameters: serde_json::json!({ "max_new_tokens": 8 }),
-        token_decoder: "http://127.0.0.1:1".into(),
-        block_decoder: "http://127.0.0.1:2".into(),
         created_at_ms: 42,
     }
+}
+
+fn to(td: &str) -> Assignment {
+    Assignment { token_decoder: format!("http://{td}"), token_decoder_id: td.into(), block_decoder: "http://bd".into() }
+}
+
+fn app(id: &str, epoch: Epoch, offset: usize, tokens: &[u32]) -> Append {
+    Append { id: id.into(), epoch, offset, tokens: tokens.to_vec() }
 }
 
 fn inst(id: &str, tier: Tier, active: u32) -> InstanceInfo {
@@ -37,31 +43,57 @@ async fn contract(store: Arc<dyn SessionStore>) {
     assert!(store.instances(Tier::BlockDecoder).await.unwrap().is_empty());
 
     // Sessions: created once, progress, tokens in order, one final state.
-    assert!(store.create_session(&spec("s1")).await.unwrap());
-    assert!(!store.create_session(&spec("s1")).await.unwrap(), "same id twice");
+    assert!(store.create_session(&spec("s1"), &to("td1")).await.unwrap());
+    assert!(!store.create_session(&spec("s1"), &to("td2")).await.unwrap(), "same id twice");
     let r = store.session("s1").await.unwrap().unwrap();
-    assert_eq!((r.state, r.spec.clone(), r.generated), (SessionState::Queued, spec("s1"), 0));
-    store.set_progress("s1", SessionState::Decoding).await.unwrap();
-    store.append_tokens("s1", &[5, 6, 7, 8]).await.unwrap();
-    store.append_tokens("s1", &[9]).await.unwrap();
+    assert_eq!((r.state, r.spec.clone(), r.generated, r.assignment.clone(), r.epoch, r.migrations), (SessionState::Queued, spec("s1"), 0, to("td1"), 0, 0));
+    assert_eq!(store.set_progress("s1", 0, SessionState::Decoding).await.unwrap(), Write::Applied);
+    assert_eq!(store.append_many(&[app("s1", 0, 0, &[5, 6, 7, 8])]).await.unwrap(), [Write::Applied]);
+    assert_eq!(store.append_many(&[app("s1", 0, 4, &[9])]).await.unwrap(), [Write::Applied]);
     assert_eq!(store.tokens("s1", 0).await.unwrap(), vec![5, 6, 7, 8, 9]);
-    assert!(store.create_session(&spec("s2")).await.unwrap());
-    store.append_many(&[("s2".into(), vec![1, 2]), ("s1".into(), vec![10]), ("s2".into(), vec![3]), ("s2".into(), vec![])]).await.unwrap();
+    assert!(store.create_session(&spec("s2"), &to("td1")).await.unwrap());
+    let w = store.append_many(&[app("s2", 0, 0, &[1, 2]), app("s1", 0, 5, &[10]), app("s2", 0, 2, &[3]), app("s2", 0, 3, &[])]).await.unwrap();
+    assert_eq!(w, [Write::Applied; 4]);
     assert_eq!(store.tokens("s2", 0).await.unwrap(), vec![1, 2, 3]);
     assert_eq!(store.session("s2").await.unwrap().unwrap().generated, 3);
     assert_eq!(store.tokens("s1", 0).await.unwrap(), vec![5, 6, 7, 8, 9, 10]);
-    store.append_many(&[]).await.unwrap();
+    assert!(store.append_many(&[]).await.unwrap().is_empty());
+    // A retried write (its reply was lost) is not applied twice; a gap is an error.
+    assert_eq!(store.append_many(&[app("s2", 0, 2, &[3])]).await.unwrap(), [Write::Applied]);
+    assert_eq!(store.tokens("s2", 0).await.unwrap(), vec![1, 2, 3]);
+    let gap = store.append_many(&[app("s2", 0, 5, &[4])]).await.unwrap_err().to_string();
+    assert!(gap.contains("tokens written at offset 5 but 3 are recorded"), "{gap}");
     assert_eq!(store.tokens("s1", 3).await.unwrap(), vec![8, 9, 10]);
     assert_eq!(store.tokens("s1", 9).await.unwrap(), Vec::<u32>::new());
     let r = store.session("s1").await.unwrap().unwrap();
     assert_eq!((r.state, r.generated), (SessionState::Decoding, 6));
     assert!(r.first_token_at_ms.is_some());
 
-    let cancelled = Outcome { state: SessionState::Cancelled, finish_reason: "cancelled".into(), error: None };
+    // Migration: the known output the store lacks is added, the epoch moves on,
+    // and the old epoch's writes are fenced off.
+    let moved = store.reassign("s2", 0, &to("td2"), &[1, 2, 3, 4, 5]).await.unwrap();
+    assert_eq!(moved, Reassigned::Moved { epoch: 1, migrations: 1, tokens: vec![1, 2, 3, 4, 5] });
+    assert_eq!(store.reassign("s2", 0, &to("td3"), &[]).await.unwrap(), Reassigned::Stale, "someone moved it first");
+    assert_eq!(store.append_many(&[app("s2", 0, 5, &[6])]).await.unwrap(), [Write::Fenced]);
+    assert_eq!(store.set_progress("s2", 0, SessionState::Prefilling).await.unwrap(), Write::Fenced);
     let done = Outcome { state: SessionState::Finished, finish_reason: "length".into(), error: None };
-    assert!(store.finish("s1", &cancelled, Duration::from_millis(400)).await.unwrap());
-    assert!(!store.finish("s1", &done, Duration::from_secs(5)).await.unwrap(), "final state is kept");
-    store.set_progress("s1", SessionState::Decoding).await.unwrap();
+    assert!(!store.finish("s2", Some(0), &done, Duration::from_secs(5)).await.unwrap());
+    assert_eq!(store.append_many(&[app("s2", 1, 5, &[6, 7])]).await.unwrap(), [Write::Applied]);
+    let moved = store.reassign("s2", 1, &to("td3"), &[1, 2]).await.unwrap();
+    assert_eq!(moved, Reassigned::Moved { epoch: 2, migrations: 2, tokens: vec![1, 2, 3, 4, 5, 6, 7] }, "the store knows more: kept");
+    assert_eq!(store.set_block_decoder("s2", 1, "http://bd2").await.unwrap(), Write::Fenced);
+    assert_eq!(store.set_block_decoder("s2", 2, "http://bd2").await.unwrap(), Write::Applied);
+    let r = store.session("s2").await.unwrap().unwrap();
+    let bd2 = Assignment { block_decoder: "http://bd2".into(), ..to("td3") };
+    assert_eq!((r.assignment, r.epoch, r.migrations, r.generated), (bd2, 2, 3, 7));
+    assert!(store.finish("s2", Some(2), &done, Duration::from_secs(5)).await.unwrap());
+    assert_eq!(store.reassign("s2", 2, &to("td1"), &[]).await.unwrap(), Reassigned::Final);
+    assert_eq!(store.reassign("nope", 0, &to("td1"), &[]).await.unwrap(), Reassigned::Missing);
+
+    let cancelled = Outcome { state: SessionState::Cancelled, finish_reason: "cancelled".into(), error: None };
+    assert!(store.finish("s1", None, &cancelled, Duration::from_millis(400)).await.unwrap());
+    assert!(!store.finish("s1", None, &done, Duration::from_secs(5)).await.unwrap(), "final state is kept");
+    assert_eq!(store.set_progress("s1", 0, SessionState::Decoding).await.unwrap(), Write::Fenced);
     let r = store.session("s1").await.unwrap().unwrap();
     assert_eq!((r.state, r.finish_reason.as_deref()), (SessionState::Cancelled, Some("cancelled")));
     assert!(r.finished_at_ms.is_some());
@@ -71,7 +103,7 @@ async fn contract(store: Arc<dyn SessionStore>) {
     assert!(store.tokens("s1", 0).await.unwrap().is_empty());
     // Unknown sessions are None and updates to them are harmless.
     assert!(store.session("nope").await.unwrap().is_none());
-    assert!(!store.finish("nope", &done, Duration::from_secs(1)).await.unwrap());
+    assert!(!store.finish("nope", None, &done, Duration::from_secs(1)).await.unwrap());
 }
 
 #[tokio::test]

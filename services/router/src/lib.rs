@@ -3,6 +3,7 @@
 //! serve, resume, cancel or inspect any session.
 
 pub mod auth;
+mod relay;
 pub mod service;
 pub mod validate;
 
@@ -35,6 +36,15 @@ pub struct Args {
     /// Seconds a finished session stays queryable.
     #[arg(long, env = "BLOCKSERVE_SESSION_TTL_S", default_value_t = 3600)]
     pub session_ttl_s: u64,
+    /// Most times a session may move to another token or block decoder after
+    /// one fails (its output so far is kept; greedy and seeded output is
+    /// unchanged). Beyond it the session fails with UNAVAILABLE.
+    #[arg(long, env = "BLOCKSERVE_MAX_MIGRATIONS", default_value_t = service::DEFAULT_MAX_MIGRATIONS)]
+    pub max_migrations: u32,
+    /// Most streams (Generate, Resume) this router relays at once; more get
+    /// RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "BLOCKSERVE_MAX_STREAMS", default_value_t = service::DEFAULT_MAX_STREAMS)]
+    pub max_streams: usize,
     /// Require `authorization: Bearer <token>` on every Generation call
     /// (health and reflection stay open). Prefer the environment variable to
     /// keep the token out of process listings.
@@ -57,7 +67,11 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         dtype: c.dtype.clone().unwrap_or_default(),
     };
     let tokenizer = Tokenizer::from_dir(&args.model)?;
-    let router = Arc::new(service::Router::new(store, facts, tokenizer, args.max_new_tokens, Duration::from_secs(args.session_ttl_s)));
+    let mut router = service::Router::new(store, facts, tokenizer, args.max_new_tokens, Duration::from_secs(args.session_ttl_s));
+    router.max_migrations = args.max_migrations;
+    router.max_streams = args.max_streams.max(1);
+    router.streams = Arc::new(tokio::sync::Semaphore::new(router.max_streams));
+    let router = Arc::new(router);
     let (listener, addr) = bind(args.serve.listen).await?;
     blockserve_runtime::metrics::start(args.serve.metrics_listen, stop.clone()).await?;
     let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));

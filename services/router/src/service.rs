@@ -6,16 +6,16 @@ use std::time::{Duration, Instant};
 use blockserve_proto::v1::generation_server::Generation;
 use blockserve_proto::v1::token_decoder_client::TokenDecoderClient;
 use blockserve_proto::v1::*;
-use blockserve_runtime::metrics::{self, ActiveSession, METRICS};
-use blockserve_runtime::{params, status, telemetry};
-use blockserve_store::{now_ms, InstanceInfo, Outcome, SessionRecord, SessionSpec, SessionStore, Tier};
-use blockserve_text::{IncrementalDecoder, Tokenizer};
+use blockserve_runtime::metrics;
+use blockserve_runtime::{params, status};
+use blockserve_store::{now_ms, Assignment, InstanceInfo, Outcome, SessionRecord, SessionSpec, SessionStore, Tier};
+use blockserve_text::Tokenizer;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::validate;
+use crate::{relay, validate};
 
 /// The `tier` label of this service's metrics.
 const TIER: &str = "router";
@@ -31,6 +31,11 @@ pub struct ModelFacts {
     pub dtype: String,
 }
 
+/// Default of `--max-migrations`.
+pub const DEFAULT_MAX_MIGRATIONS: u32 = 3;
+/// Default of `--max-streams`.
+pub const DEFAULT_MAX_STREAMS: usize = 8192;
+
 pub struct Router {
     pub store: Arc<dyn SessionStore>,
     pub model: ModelFacts,
@@ -39,6 +44,12 @@ pub struct Router {
     pub session_ttl: Duration,
     /// How often Resume looks for new tokens of a session served elsewhere.
     pub poll: Duration,
+    /// Most times one session may move to another instance after a failure.
+    pub max_migrations: u32,
+    /// Router streams open at once (Generate and Resume); more get
+    /// RESOURCE_EXHAUSTED.
+    pub streams: Arc<tokio::sync::Semaphore>,
+    pub max_streams: usize,
     channels: blockserve_runtime::channels::Channels,
     /// Sessions this router started on each instance (by address) that are still
     /// running. Reported loads lag by a lease period; this spreads a burst.
@@ -46,7 +57,7 @@ pub struct Router {
 }
 
 /// Counts a session against its instances while it runs.
-struct Routed(Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>, Vec<String>);
+pub(crate) struct Routed(Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>, Vec<String>);
 
 impl Routed {
     fn new(map: &Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>, addresses: &[&str]) -> Self {
@@ -69,9 +80,9 @@ impl Drop for Routed {
     }
 }
 
-type EventTx = mpsc::Sender<Result<GenerateResponse, Status>>;
+pub(crate) type EventTx = mpsc::Sender<Result<GenerateResponse, Status>>;
 
-fn event(id: &str, e: generate_response::Event) -> Result<GenerateResponse, Status> {
+pub(crate) fn event(id: &str, e: generate_response::Event) -> Result<GenerateResponse, Status> {
     Ok(GenerateResponse { session_id: id.to_string(), event: Some(e) })
 }
 
@@ -99,7 +110,7 @@ fn wire_state(s: blockserve_store::SessionState) -> SessionState {
 }
 
 /// The final message of a stored session.
-fn finished_from_record(r: &SessionRecord) -> Finished {
+pub(crate) fn finished_from_record(r: &SessionRecord) -> Finished {
     let created = r.spec.created_at_ms;
     let span = |t: Option<u64>| t.map_or(0.0, |t| t.saturating_sub(created) as f64);
     let n = r.generated as f64;
@@ -118,16 +129,30 @@ fn finished_from_record(r: &SessionRecord) -> Finished {
 
 impl Router {
     pub fn new(store: Arc<dyn SessionStore>, model: ModelFacts, tokenizer: Option<Tokenizer>, max_new_tokens: usize, session_ttl: Duration) -> Self {
-        Self { store, model, tokenizer, max_new_tokens, session_ttl, poll: Duration::from_millis(20), channels: Default::default(), routed: Default::default() }
+        Self {
+            store,
+            model,
+            tokenizer,
+            max_new_tokens,
+            session_ttl,
+            poll: Duration::from_millis(20),
+            max_migrations: DEFAULT_MAX_MIGRATIONS,
+            streams: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_STREAMS)),
+            max_streams: DEFAULT_MAX_STREAMS,
+            channels: Default::default(),
+            routed: Default::default(),
+        }
     }
 
-    async fn channel(&self, address: &str) -> Result<Channel, Status> {
+    pub(crate) async fn channel(&self, address: &str) -> Result<Channel, Status> {
         self.channels.get(address).await
     }
 
-    /// The least-loaded live instance of `tier` with room for a session.
-    async fn pick(&self, tier: Tier) -> Result<InstanceInfo, Status> {
-        let all = self.store.instances(tier).await.map_err(status::from_store)?;
+    /// The least-loaded live instance of `tier` with room for a session, other
+    /// than those at the addresses in `exclude`.
+    pub(crate) async fn pick(&self, tier: Tier, exclude: &[String]) -> Result<InstanceInfo, Status> {
+        let mut all = self.store.instances(tier).await.map_err(status::from_store)?;
+        all.retain(|i| !exclude.contains(&i.address));
         if all.is_empty() {
             return Err(Status::unavailable(format!("no live {} instance is registered", tier.as_str().replace('_', " "))));
         }
@@ -140,52 +165,21 @@ impl Router {
             .ok_or_else(|| Status::resource_exhausted(format!("every {} is at capacity; retry later", tier.as_str().replace('_', " "))))
     }
 
-    async fn record(&self, id: &str) -> Result<SessionRecord, Status> {
+    pub(crate) async fn record(&self, id: &str) -> Result<SessionRecord, Status> {
         self.store.session(id).await.map_err(status::from_store)?.ok_or_else(|| Status::not_found(format!("session {id:?} not found (unknown or expired)")))
     }
 
-    /// Stream a stored session from `offset` until it is final (it may be running
-    /// on any token decoder, started by any router).
-    async fn follow(self: Arc<Self>, id: String, mut offset: usize, tx: EventTx) {
-        let prefix = if offset > 0 { self.store.tokens(&id, 0).await.ok().map(|t| t[..offset.min(t.len())].to_vec()) } else { Some(vec![]) };
-        let mut text = self.tokenizer.as_ref().map(|t| IncrementalDecoder::with_prefix(t, &prefix.unwrap_or_default()));
-        loop {
-            let rec = match self.record(&id).await {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            };
-            let new = match self.store.tokens(&id, offset).await {
-                Ok(t) => t,
-                Err(e) => {
-                    let _ = tx.send(Err(status::from_store(e))).await;
-                    return;
-                }
-            };
-            if !new.is_empty() {
-                let delta = text.as_mut().map(|d| d.push(&new)).unwrap_or_default();
-                let chunk = TokenChunk { offset: offset as u64, token_ids: new.clone(), text: delta };
-                if tx.send(event(&id, generate_response::Event::Tokens(chunk))).await.is_err() {
-                    return;
-                }
-                offset += new.len();
-            }
-            if rec.state.is_final() && offset >= rec.generated {
-                let _ = tx.send(event(&id, generate_response::Event::Finished(finished_from_record(&rec)))).await;
-                return;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(self.poll) => {}
-                _ = tx.closed() => return,
-            }
-        }
+    /// A stream slot, or RESOURCE_EXHAUSTED at once when every one is taken.
+    pub(crate) fn stream_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!("this router relays its limit of {} streams (--max-streams); retry later or use another router", self.max_streams))
+        })
     }
 
     /// Validate, route, record and start a session; events arrive on the receiver.
-    async fn start(self: &Arc<Self>, req: GenerateRequest) -> Result<(String, mpsc::Receiver<Result<GenerateResponse, Status>>), Status> {
+    async fn start(self: &Arc<Self>, req: GenerateRequest, deadline: Option<Duration>) -> Result<(String, mpsc::Receiver<Result<GenerateResponse, Status>>), Status> {
         let arrived = Instant::now();
+        let slot = self.stream_slot()?;
         let (tx, rx) = mpsc::channel(16);
         if !req.session_id.is_empty() {
             validate::session_id(&req.session_id)?;
@@ -193,7 +187,7 @@ impl Router {
                 // Same id again: attach to the existing session.
                 let started = Started { prompt_tokens: rec.spec.prompt_ids.len() as u32, attached: true };
                 let _ = tx.send(event(&req.session_id, generate_response::Event::Started(started))).await;
-                tokio::spawn(self.clone().follow(req.session_id.clone(), 0, tx));
+                tokio::spawn(self.clone().follow(req.session_id.clone(), 0, tx, slot));
                 return Ok((req.session_id, rx));
             }
         }
@@ -202,8 +196,8 @@ impl Router {
         let parameters = req.parameters.clone().unwrap_or_default();
         let resolved = params::resolve(&parameters, m.eos, m.vocab)?;
         validate::lengths(prompt.len(), resolved.stop.max_new_tokens, self.max_new_tokens, m.max_total_tokens)?;
-        let td = self.pick(Tier::TokenDecoder).await?;
-        let bd = self.pick(Tier::BlockDecoder).await?;
+        let td = self.pick(Tier::TokenDecoder, &[]).await?;
+        let bd = self.pick(Tier::BlockDecoder, &[]).await?;
         let routed = Routed::new(&self.routed, &[&td.address, &bd.address]);
         let id = if req.session_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { req.session_id.clone() };
         let spec = SessionSpec {
@@ -220,86 +214,53 @@ impl Router {
                 "stop_token_ids": parameters.stop_token_ids,
                 "ignore_eos": parameters.ignore_eos,
             }),
-            token_decoder: td.address.clone(),
-            block_decoder: bd.address.clone(),
             created_at_ms: now_ms(),
         };
-        if !self.store.create_session(&spec).await.map_err(status::from_store)? {
+        let to = Assignment { token_decoder: td.address.clone(), token_decoder_id: td.id.clone(), block_decoder: bd.address.clone() };
+        if !self.store.create_session(&spec, &to).await.map_err(status::from_store)? {
             // Lost a race with another request of the same id: attach to it.
-            tokio::spawn(self.clone().follow(id.clone(), 0, tx));
+            tokio::spawn(self.clone().follow(id.clone(), 0, tx, slot));
             return Ok((id, rx));
         }
-        let run =
-            RunRequest { session_id: id.clone(), prompt_ids: prompt.clone(), parameters: Some(parameters), block_decoder: bd.address, eos_token_id: m.eos };
-        let mut client = TokenDecoderClient::new(self.channel(&td.address).await?);
-        let mut run = Request::new(run);
-        telemetry::to_metadata(&tracing::Span::current(), run.metadata_mut());
-        let mut events = match client.run(run).await {
-            Ok(r) => r.into_inner(),
+        let run = RunRequest {
+            session_id: id.clone(),
+            prompt_ids: prompt.clone(),
+            parameters: Some(parameters),
+            block_decoder: bd.address,
+            eos_token_id: m.eos,
+            max_migrations: self.max_migrations,
+            ..Default::default()
+        };
+        let (client, events) = match self.run_on(&td.address, run).await {
+            Ok(r) => r,
             Err(e) => {
                 let outcome = Outcome { state: blockserve_store::SessionState::Failed, finish_reason: "error".into(), error: Some(e.message().into()) };
-                let _ = self.store.finish(&id, &outcome, self.session_ttl).await;
+                let _ = self.store.finish(&id, None, &outcome, self.session_ttl).await;
                 return Err(e);
             }
         };
         let started = Started { prompt_tokens: prompt.len() as u32, attached: false };
         let _ = tx.send(event(&id, generate_response::Event::Started(started))).await;
-        let sid = id.clone();
-        tokio::spawn(async move {
-            let _routed = routed;
-            let _active = ActiveSession::new(TIER);
-            let relayed = METRICS.generated_tokens.with_label_values(&[TIER]);
-            let mut last_chunk: Option<Instant> = None;
-            loop {
-                let msg = tokio::select! {
-                    m = events.message() => m,
-                    _ = tx.closed() => {
-                        // The client went away: dropping `events` ends the session's
-                        // stream on the token decoder, which cancels it everywhere.
-                        let _ = client.cancel(CancelRequest { session_id: sid.clone() }).await;
-                        return;
-                    }
-                };
-                let out = match msg {
-                    Ok(Some(RunEvent { kind: Some(run_event::Kind::Tokens(c)) })) => {
-                        // As the load generator counts it: the first chunk's
-                        // delay is the time to first token; a later chunk's
-                        // gap is shared by its tokens (one ITL sample each).
-                        let (now, n) = (Instant::now(), c.token_ids.len());
-                        match last_chunk.replace(now) {
-                            None => METRICS.time_to_first_token.observe((now - arrived).as_secs_f64()),
-                            Some(prev) => {
-                                for _ in 0..n {
-                                    METRICS.inter_token_latency.observe((now - prev).as_secs_f64() / n as f64);
-                                }
-                            }
-                        }
-                        relayed.inc_by(n as u64);
-                        event(&sid, generate_response::Event::Tokens(c))
-                    }
-                    Ok(Some(RunEvent { kind: Some(run_event::Kind::Finished(f)) })) => event(&sid, generate_response::Event::Finished(f)),
-                    Ok(Some(RunEvent { kind: None })) => continue,
-                    Ok(None) => return,
-                    Err(e) => Err(e),
-                };
-                let last = !matches!(&out, Ok(GenerateResponse { event: Some(generate_response::Event::Tokens(_)), .. }));
-                if tx.send(out).await.is_err() {
-                    let _ = client.cancel(CancelRequest { session_id: sid.clone() }).await;
-                    return;
-                }
-                if last {
-                    // Read the token decoder's stream to its end (it ends right
-                    // after `finished`): dropping it open would reset it, and h2
-                    // treats a burst of over 1024 local resets (thousands of
-                    // sessions finishing together) as an error of the connection.
-                    drop(tx);
-                    while let Ok(Some(_)) = events.message().await {}
-                    return;
-                }
-            }
-        });
+        let relay = relay::Relay { id: id.clone(), client, events, tx, token_decoder: td.address, arrived, deadline: deadline.map(|d| arrived + d) };
+        tokio::spawn(self.clone().relay(relay, (routed, slot)));
         Ok((id, rx))
     }
+}
+
+/// The `grpc-timeout` a client set on a call (its deadline), if any.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// The service object tonic serves (shares the router state).
@@ -312,7 +273,8 @@ impl Generation for GenerationService {
 
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         metrics::rpc(TIER, "Generate", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
-            let (_, rx) = self.0.start(req.into_inner()).await?;
+            let deadline = grpc_timeout(req.metadata());
+            let (_, rx) = self.0.start(req.into_inner(), deadline).await?;
             Ok(Response::new(ReceiverStream::new(rx)))
         })
         .await
@@ -320,7 +282,8 @@ impl Generation for GenerationService {
 
     async fn generate_unary(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateUnaryResponse>, Status> {
         metrics::rpc(TIER, "GenerateUnary", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
-            let (id, mut rx) = self.0.start(req.into_inner()).await?;
+            let deadline = grpc_timeout(req.metadata());
+            let (id, mut rx) = self.0.start(req.into_inner(), deadline).await?;
             let mut out = GenerateUnaryResponse { session_id: id, ..Default::default() };
             while let Some(msg) = rx.recv().await {
                 match msg?.event {
@@ -348,8 +311,9 @@ impl Generation for GenerationService {
             if rec.state.is_final() && offset > rec.generated {
                 return Err(Status::invalid_argument(format!("offset {offset} is beyond the {} tokens this session generated", rec.generated)));
             }
+            let slot = self.0.stream_slot()?;
             let (tx, rx) = mpsc::channel(16);
-            tokio::spawn(self.0.clone().follow(req.session_id, offset, tx));
+            tokio::spawn(self.0.clone().follow(req.session_id, offset, tx, slot));
             Ok(Response::new(ReceiverStream::new(rx)))
         })
         .await
@@ -364,11 +328,11 @@ impl Generation for GenerationService {
             }
             // Tell the token decoder (best effort: it may be gone), then make it final
             // in the store whatever happened there.
-            if let Ok(ch) = self.0.channel(&rec.spec.token_decoder).await {
+            if let Ok(ch) = self.0.channel(&rec.assignment.token_decoder).await {
                 let _ = TokenDecoderClient::new(ch).cancel(CancelRequest { session_id: id.clone() }).await;
             }
             let outcome = Outcome { state: blockserve_store::SessionState::Cancelled, finish_reason: "cancelled".into(), error: None };
-            self.0.store.finish(&id, &outcome, self.0.session_ttl).await.map_err(status::from_store)?;
+            self.0.store.finish(&id, None, &outcome, self.0.session_ttl).await.map_err(status::from_store)?;
             let rec = self.0.record(&id).await?;
             Ok(Response::new(CancelResponse { state: wire_state(rec.state) as i32 }))
         })
@@ -380,32 +344,22 @@ impl Generation for GenerationService {
             let id = req.into_inner().session_id;
             let rec = self.0.record(&id).await?;
             let tokens = self.0.store.tokens(&id, 0).await.map_err(status::from_store)?;
-            let p = &rec.spec.parameters;
-            let parameters = GenerationParameters {
-                max_new_tokens: p["max_new_tokens"].as_u64().map(|v| v as u32),
-                temperature: p["temperature"].as_f64().map(|v| v as f32),
-                top_k: p["top_k"].as_u64().map(|v| v as u32),
-                top_p: p["top_p"].as_f64().map(|v| v as f32),
-                repetition_penalty: p["repetition_penalty"].as_f64().map(|v| v as f32),
-                seed: p["seed"].as_u64(),
-                stop: serde_json::from_value(p["stop"].clone()).unwrap_or_default(),
-                stop_token_ids: serde_json::from_value(p["stop_token_ids"].clone()).unwrap_or_default(),
-                ignore_eos: p["ignore_eos"].as_bool().unwrap_or(false),
-            };
+            let parameters = relay::parameters(&rec.spec.parameters);
             Ok(Response::new(SessionInfo {
                 session_id: id,
                 state: wire_state(rec.state) as i32,
                 prompt_ids: rec.spec.prompt_ids.clone(),
                 token_ids: tokens,
                 parameters: Some(parameters),
-                token_decoder: rec.spec.token_decoder.clone(),
-                block_decoder: rec.spec.block_decoder.clone(),
+                token_decoder: rec.assignment.token_decoder.clone(),
+                block_decoder: rec.assignment.block_decoder.clone(),
                 finish_reason: reason_from_name(rec.finish_reason.as_deref()) as i32,
                 error: rec.error.clone().unwrap_or_default(),
                 created_at_ms: rec.spec.created_at_ms,
                 updated_at_ms: rec.updated_at_ms,
                 first_token_at_ms: rec.first_token_at_ms.unwrap_or(0),
                 finished_at_ms: rec.finished_at_ms.unwrap_or(0),
+                migrations: rec.migrations,
             }))
         })
         .await
@@ -418,8 +372,8 @@ impl Generation for GenerationService {
             if ids.len() > r.model.max_total_tokens {
                 return Err(Status::invalid_argument(format!("input has {} tokens; the model's context allows {}", ids.len(), r.model.max_total_tokens)));
             }
-            let td = r.pick(Tier::TokenDecoder).await?;
-            let bd = r.pick(Tier::BlockDecoder).await?;
+            let td = r.pick(Tier::TokenDecoder, &[]).await?;
+            let bd = r.pick(Tier::BlockDecoder, &[]).await?;
             let mut client = TokenDecoderClient::new(r.channel(&td.address).await?);
             Ok(Response::new(client.score(ScoreIdsRequest { token_ids: ids, block_decoder: bd.address }).await?.into_inner()))
         })

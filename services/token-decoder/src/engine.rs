@@ -44,8 +44,12 @@ pub struct OpenRequest {
     pub key: u64,
     pub session_id: String,
     pub link: Arc<Link>,
-    /// Padded to whole blocks.
+    /// Padded to whole blocks; for a migrated session, the prompt followed by
+    /// `generated`.
     pub prompt: Vec<u32>,
+    /// Output the session produced before (whole blocks): decoding goes on
+    /// after it, with the stop criteria and sampler positions it implies.
+    pub generated: Vec<u32>,
     pub max_new_blocks: u32,
     /// W3C traceparent of the session's span ("" when tracing is off).
     pub traceparent: String,
@@ -298,7 +302,7 @@ impl Thread {
                 let open =
                     OpenBlocks { key: o.key, session_id: o.session_id, prompt_ids: o.prompt, max_new_blocks: o.max_new_blocks, traceparent: o.traceparent };
                 self.up(&o.link).opens.push(open);
-                let s = Session { link: o.link, spec: o.spec, tokens: vec![], next_context: prompt_blocks - 1, events: o.events, unread, parked: None };
+                let s = Session { link: o.link, spec: o.spec, tokens: o.generated, next_context: prompt_blocks - 1, events: o.events, unread, parked: None };
                 self.sessions.insert(o.key, s);
             }
             Command::Close { key } => {
@@ -479,6 +483,7 @@ mod tests {
             session_id: "s".into(),
             link,
             prompt: vec![1, 2, 3, 4],
+            generated: vec![],
             max_new_blocks: max_new_tokens.div_ceil(4) as u32,
             traceparent: String::new(),
             spec: Spec { sampling: SamplingParams::greedy(), stop, history: vec![] },

@@ -46,6 +46,11 @@ pub struct Args {
     /// (CUDA only; `false` launches every kernel, e.g. to compare).
     #[arg(long, env = "BLOCKSERVE_CUDA_GRAPHS", default_value_t = true, action = clap::ArgAction::Set)]
     pub cuda_graphs: bool,
+    /// Session-store writes (state changes, blocks of tokens) that may wait
+    /// while the store is unreachable. Sessions go on generating meanwhile;
+    /// when the buffer is full they pause until the store is back.
+    #[arg(long, env = "BLOCKSERVE_STORE_BUFFER", default_value_t = recorder::DEFAULT_CAPACITY)]
+    pub store_buffer: usize,
     /// Seconds a finished session stays in the store.
     #[arg(long, env = "BLOCKSERVE_SESSION_TTL_S", default_value_t = 3600)]
     pub session_ttl_s: u64,
@@ -99,7 +104,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         engine: engine.clone(),
         model,
         store: store.clone(),
-        recorder: recorder::Recorder::start(store.clone()),
+        recorder: recorder::Recorder::start(store.clone(), args.store_buffer),
         tokenizer,
         dtype: parse_dtype(&args.model.dtype)?,
         device: parse_device(&args.model.device)?,

@@ -1,47 +1,205 @@
-//! Group commit of generated tokens. One engine batch hands thousands of
-//! sessions a block at the same moment; each session must record its tokens
-//! before it relays them (so a client that resumes from the store never sees
-//! fewer tokens than it was sent). The recorder gathers what the sessions
-//! queue while its previous write is in flight and writes it as one batch:
-//! one store round trip per batch instead of one per session and block.
+//! Write-behind of a token decoder's session progress to the store.
+//!
+//! Sessions queue their writes (state changes, each block's tokens, the final
+//! state). While the store answers, a session waits for its write before it
+//! relays (so a client that reads the store never sees less than it was
+//! sent); while it does not, sessions go on at once: a session keeps
+//! generating and streaming while the store is down. One writer task applies what is queued in
+//! batches, one store round trip for every session's tokens, and keeps a
+//! session's writes in order. When the store is unreachable it keeps the batch
+//! and retries with backoff, so everything is written once the store is back
+//! (appends carry their offset, so a retried write is never applied twice).
+//!
+//! The queue is bounded (`capacity` writes). When it is full, a session's next
+//! write waits for room: the session stops consuming blocks, the engine holds
+//! its next block back, and its generation pauses until the store returns.
+//! Nothing is dropped.
+//!
+//! A write refused by fencing (the session was migrated away, or is final)
+//! flags the session: its task stops without writing anything more.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use blockserve_store::{SessionStore, StoreError};
-use tokio::sync::{mpsc, oneshot};
+use blockserve_runtime::metrics::METRICS;
+use blockserve_store::{Append, Epoch, Outcome, SessionState, SessionStore, StoreError, Write};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-type Entry = (String, Vec<u32>, oneshot::Sender<Result<(), StoreError>>);
+/// Default of the most writes that may wait for the store.
+pub const DEFAULT_CAPACITY: usize = 65_536;
+
+enum Op {
+    Progress { id: String, epoch: Epoch, state: SessionState },
+    Append(Append),
+    MovedTo { id: String, epoch: Epoch, block_decoder: String },
+    Finish { id: String, epoch: Epoch, outcome: Outcome, ttl: Duration },
+}
+
+/// A queued write, its room in the queue, and who waits for it.
+type Queued = (Op, OwnedSemaphorePermit, oneshot::Sender<()>);
+
+/// Longest a session waits for a write while the store seems healthy.
+const WRITE_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct Recorder {
-    tx: mpsc::UnboundedSender<Entry>,
+    tx: mpsc::UnboundedSender<Queued>,
+    room: Arc<Semaphore>,
+    /// False from a failed batch until one succeeds.
+    healthy: Arc<AtomicBool>,
+    /// Sessions whose writes are refused from now on, and the flag each watches.
+    fenced: Arc<std::sync::Mutex<HashMap<String, watch::Sender<bool>>>>,
+}
+
+/// A session's handle on the recorder. `fenced` turns true when the store
+/// refuses its writes; dropping the handle forgets the session.
+pub struct SessionWrites {
+    recorder: Recorder,
+    id: String,
+    epoch: Epoch,
+    pub fenced: watch::Receiver<bool>,
 }
 
 impl Recorder {
     /// Start the writer task (on the current runtime).
-    pub fn start(store: Arc<dyn SessionStore>) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Entry>();
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut entries = vec![first];
-                while let Ok(e) = rx.try_recv() {
-                    entries.push(e);
-                }
-                let (batch, replies): (Vec<(String, Vec<u32>)>, Vec<_>) = entries.into_iter().map(|(id, t, r)| ((id, t), r)).unzip();
-                let result = store.append_many(&batch).await;
-                for r in replies {
-                    let _ = r.send(result.clone());
-                }
-            }
-        });
-        Self { tx }
+    pub fn start(store: Arc<dyn SessionStore>, capacity: usize) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let r = Self { tx, room: Arc::new(Semaphore::new(capacity.max(1))), healthy: Arc::new(AtomicBool::new(true)), fenced: Default::default() };
+        tokio::spawn(r.clone().write(store, rx));
+        r
     }
 
-    /// Append a session's tokens; resolves once they are stored.
-    pub async fn append(&self, id: &str, tokens: &[u32]) -> Result<(), StoreError> {
-        let (reply, rx) = oneshot::channel();
+    /// Writes of session `id` under `epoch`.
+    pub fn session(&self, id: &str, epoch: Epoch) -> SessionWrites {
+        let (flag, fenced) = watch::channel(false);
+        self.fenced.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), flag);
+        SessionWrites { recorder: self.clone(), id: id.to_string(), epoch, fenced }
+    }
+
+    /// Queue `op` (waiting for room when the queue is full), then wait for it
+    /// to be written unless the store is failing.
+    async fn queue(&self, op: Op) -> Result<(), StoreError> {
         let stopped = || StoreError::Unavailable("token recorder stopped".into());
-        self.tx.send((id.to_string(), tokens.to_vec(), reply)).map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        let permit = self.room.clone().acquire_owned().await.map_err(|_| stopped())?;
+        METRICS.buffered_writes.inc();
+        let (done, written) = oneshot::channel();
+        self.tx.send((op, permit, done)).map_err(|_| stopped())?;
+        if self.healthy.load(Ordering::Relaxed) {
+            let _ = tokio::time::timeout(WRITE_WAIT, written).await;
+        }
+        Ok(())
+    }
+
+    async fn write(self, store: Arc<dyn SessionStore>, mut rx: mpsc::UnboundedReceiver<Queued>) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while let Ok(e) = rx.try_recv() {
+                batch.push(e);
+            }
+            let n = batch.len();
+            let (ops, held): (Vec<Op>, Vec<_>) = batch.into_iter().map(|(op, permit, done)| (op, (permit, done))).unzip();
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match self.apply(store.as_ref(), &ops).await {
+                    Ok(()) => {
+                        self.healthy.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(StoreError::Unavailable(e)) => {
+                        self.healthy.store(false, Ordering::Relaxed);
+                        tracing::warn!(error = %e, writes = n, "session store unreachable; keeping the writes and retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, writes = n, "session store refused a batch of writes; dropping it");
+                        break;
+                    }
+                }
+            }
+            METRICS.buffered_writes.sub(n as i64);
+            for (_permit, done) in held {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// One batch, in an order that keeps each session's writes in order: its
+    /// latest state change, its moves, then all appends (one round trip), then ends.
+    async fn apply(&self, store: &dyn SessionStore, ops: &[Op]) -> Result<(), StoreError> {
+        let mut progress: HashMap<&str, (Epoch, SessionState)> = HashMap::new();
+        let mut appends = vec![];
+        let mut finishes = vec![];
+        let mut moves = vec![];
+        for op in ops {
+            match op {
+                Op::MovedTo { id, epoch, block_decoder } => moves.push((id, *epoch, block_decoder)),
+                Op::Progress { id, epoch, state } => drop(progress.insert(id, (*epoch, *state))),
+                Op::Append(a) => appends.push(a.clone()),
+                Op::Finish { .. } => finishes.push(op),
+            }
+        }
+        let progressed = futures::future::join_all(progress.iter().map(|(id, (epoch, state))| store.set_progress(id, *epoch, *state))).await;
+        for ((id, _), w) in progress.iter().zip(progressed) {
+            if w? == Write::Fenced {
+                self.fence(id);
+            }
+        }
+        for (id, epoch, block_decoder) in moves {
+            if store.set_block_decoder(id, epoch, block_decoder).await? == Write::Fenced {
+                self.fence(id);
+            }
+        }
+        for (a, w) in appends.iter().zip(store.append_many(&appends).await?) {
+            if w == Write::Fenced {
+                self.fence(&a.id);
+            }
+        }
+        let ends = finishes.iter().filter_map(|op| match op {
+            Op::Finish { id, epoch, outcome, ttl } => Some(store.finish(id, Some(*epoch), outcome, *ttl)),
+            _ => None,
+        });
+        for r in futures::future::join_all(ends).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    fn fence(&self, id: &str) {
+        if let Some(flag) = self.fenced.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            let _ = flag.send(true);
+        }
+    }
+}
+
+impl SessionWrites {
+    pub async fn progress(&self, state: SessionState) -> Result<(), StoreError> {
+        self.recorder.queue(Op::Progress { id: self.id.clone(), epoch: self.epoch, state }).await
+    }
+
+    /// The session moved to another block decoder.
+    pub async fn moved(&self, block_decoder: &str) -> Result<(), StoreError> {
+        self.recorder.queue(Op::MovedTo { id: self.id.clone(), epoch: self.epoch, block_decoder: block_decoder.to_string() }).await
+    }
+
+    /// Record `tokens` after the first `offset` of the output.
+    pub async fn append(&self, offset: usize, tokens: &[u32]) -> Result<(), StoreError> {
+        self.recorder.queue(Op::Append(Append { id: self.id.clone(), epoch: self.epoch, offset, tokens: tokens.to_vec() })).await
+    }
+
+    pub async fn finish(&self, outcome: Outcome, ttl: Duration) -> Result<(), StoreError> {
+        self.recorder.queue(Op::Finish { id: self.id.clone(), epoch: self.epoch, outcome, ttl }).await
+    }
+}
+
+impl Drop for SessionWrites {
+    fn drop(&mut self) {
+        // Forget the flag unless a later handle of the same id replaced it.
+        let mut m = self.recorder.fenced.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(&self.id).is_some_and(|f| self.fenced.same_channel(&f.subscribe())) {
+            m.remove(&self.id);
+        }
     }
 }

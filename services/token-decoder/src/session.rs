@@ -3,6 +3,18 @@
 //! arrives), then record and relay each block's tokens (store + stream) until
 //! a stop condition, a cancel or an error. Dropping the engine guard closes
 //! the session on both tiers however this task ends.
+//!
+//! Failures it survives:
+//! - the router's stream goes away (the router died): the session goes on,
+//!   recording its output, so a client can `Resume` it through another router;
+//!   only `Cancel` (which the router sends when its client leaves) stops it;
+//! - the link to its block decoder breaks: it re-prefills prompt + output on
+//!   another block decoder and goes on where it was (up to the session's
+//!   migration limit);
+//! - the store is unreachable: its writes wait in the recorder (see there).
+//!
+//! A migrated session (`RunRequest.generated_ids`) starts after the output it
+//! already had, with offsets, stop checks and sampler positions counting it.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,13 +23,15 @@ use std::time::{Duration, Instant};
 use blockserve_model::prompt::PaddedPrompt;
 use blockserve_model::FinishReason as ModelFinish;
 use blockserve_proto::v1::{run_event, FinishReason, Finished, RunEvent, RunRequest, Timings, TokenChunk, Usage};
-use blockserve_runtime::params;
-use blockserve_store::{Outcome, SessionState};
+use blockserve_runtime::metrics::METRICS;
+use blockserve_runtime::params::{self, Resolved};
+use blockserve_store::{Outcome, SessionState, Tier};
 use blockserve_text::{find_stop, IncrementalDecoder};
 use tokio::sync::{mpsc, watch};
-use tonic::Status;
+use tonic::{Code, Status};
 
-use crate::engine::{Event, OpenRequest, Spec};
+use crate::engine::{Event, OpenRequest, Spec, TIER};
+use crate::recorder::SessionWrites;
 use crate::Shared;
 
 /// How a session ended.
@@ -25,6 +39,8 @@ enum End {
     Done(ModelFinish),
     StopSequence,
     Cancelled,
+    /// Its writes were fenced off: it was migrated elsewhere (or ended there).
+    Superseded,
 }
 
 fn wire_reason(r: &End) -> (FinishReason, &'static str, SessionState) {
@@ -32,84 +48,180 @@ fn wire_reason(r: &End) -> (FinishReason, &'static str, SessionState) {
         End::Done(ModelFinish::Eos) => (FinishReason::Eos, "eos", SessionState::Finished),
         End::Done(ModelFinish::Length) => (FinishReason::Length, "length", SessionState::Finished),
         End::Done(ModelFinish::StopToken) | End::StopSequence => (FinishReason::Stop, "stop", SessionState::Finished),
-        End::Cancelled => (FinishReason::Cancelled, "cancelled", SessionState::Cancelled),
+        End::Cancelled | End::Superseded => (FinishReason::Cancelled, "cancelled", SessionState::Cancelled),
     }
+}
+
+/// The session's stream to its router. Once the router is gone the session
+/// runs on without it.
+struct Relay {
+    tx: mpsc::Sender<Result<RunEvent, Status>>,
+    detached: bool,
+}
+
+impl Relay {
+    async fn send(&mut self, e: Result<RunEvent, Status>) {
+        if !self.detached && self.tx.send(e).await.is_err() {
+            self.detached = true;
+            tracing::info!("router stream gone; the session goes on (clients may resume it)");
+        }
+    }
+}
+
+/// The session's output so far and what streaming it needs.
+struct Output<'t> {
+    tokens: Vec<u32>,
+    /// Protobuf bytes exchanged with block decoders.
+    wire_bytes: u64,
+    first_at: Option<Instant>,
+    last_at: Option<Instant>,
+    text: Option<IncrementalDecoder<'t>>,
+    /// All text so far (kept only for stop sequences).
+    full_text: String,
+    chunks: u64,
+    /// When the last failure was detected (until the next block arrives).
+    failed_at: Option<Instant>,
 }
 
 /// Drive the session; events go to `tx`. Returns when the session is final.
 pub async fn run(shared: Arc<Shared>, req: RunRequest, tx: mpsc::Sender<Result<RunEvent, Status>>, mut cancel: watch::Receiver<bool>) {
     let id = req.session_id.clone();
     let started = Instant::now();
-    let mut gen = Generated { tokens: vec![], wire_bytes: 0, first_at: None, last_at: None };
+    let writes = shared.recorder.session(&id, req.epoch);
+    let mut fenced = writes.fenced.clone();
+    let text = shared.tokenizer.as_ref().map(|t| IncrementalDecoder::with_prefix(t, &req.generated_ids));
+    let full_text = text.as_ref().map(|t| t.text()).unwrap_or_default();
+    let mut out =
+        Output { tokens: req.generated_ids.clone(), wire_bytes: 0, first_at: None, last_at: None, text, full_text, chunks: 0, failed_at: None };
+    let mut relay = Relay { tx, detached: false };
     let result = tokio::select! {
-        r = drive(&shared, &req, &tx, &mut gen) => r,
+        r = drive(&shared, &req, &mut relay, &mut out, &writes) => r,
         _ = cancel.wait_for(|c| *c) => Ok(End::Cancelled),
-        _ = tx.closed() => Ok(End::Cancelled),
+        _ = fenced.wait_for(|f| *f) => Ok(End::Superseded),
     };
-    let store = &shared.store;
     let ttl = shared.session_ttl;
     match result {
+        Ok(End::Superseded) => {
+            tracing::info!(session = %id, "session moved on elsewhere; stopping here");
+            let moved = Status::aborted(format!("session {id} was moved to another token decoder"));
+            relay.send(Err(blockserve_runtime::status::session_end(moved, "moved"))).await;
+        }
         Ok(end) => {
             let (reason, name, state) = wire_reason(&end);
-            if let Err(e) = store.finish(&id, &Outcome { state, finish_reason: name.into(), error: None }, ttl).await {
+            if let Err(e) = writes.finish(Outcome { state, finish_reason: name.into(), error: None }, ttl).await {
                 tracing::warn!(session = %id, error = %e, "could not record the end of a session");
             }
             let ms = |t: Option<Instant>| t.map_or(0.0, |t| (t - started).as_secs_f64() * 1e3);
-            let n = gen.tokens.len();
-            let mean_itl = match (gen.first_at, gen.last_at) {
+            let n = out.tokens.len() - req.generated_ids.len();
+            let mean_itl = match (out.first_at, out.last_at) {
                 (Some(a), Some(b)) if n > 1 => (b - a).as_secs_f64() * 1e3 / (n - 1) as f64,
                 _ => 0.0,
             };
             let finished = Finished {
                 reason: reason as i32,
-                usage: Some(Usage { prompt_tokens: req.prompt_ids.len() as u32, generated_tokens: n as u32, internal_wire_bytes: gen.wire_bytes }),
-                timings: Some(Timings { time_to_first_token_ms: ms(gen.first_at), total_ms: ms(gen.last_at), mean_inter_token_ms: mean_itl }),
+                usage: Some(Usage { prompt_tokens: req.prompt_ids.len() as u32, generated_tokens: out.tokens.len() as u32, internal_wire_bytes: out.wire_bytes }),
+                timings: Some(Timings { time_to_first_token_ms: ms(out.first_at), total_ms: ms(out.last_at), mean_inter_token_ms: mean_itl }),
                 error: String::new(),
             };
-            let _ = tx.send(Ok(RunEvent { kind: Some(run_event::Kind::Finished(finished)) })).await;
+            relay.send(Ok(RunEvent { kind: Some(run_event::Kind::Finished(finished)) })).await;
         }
         Err(status) => {
             let outcome = Outcome { state: SessionState::Failed, finish_reason: "error".into(), error: Some(status.message().to_string()) };
-            let _ = store.finish(&id, &outcome, ttl).await;
+            let _ = writes.finish(outcome, ttl).await;
             tracing::warn!(session = %id, error = %status.message(), "session failed");
-            let _ = tx.send(Err(status)).await;
+            relay.send(Err(blockserve_runtime::status::session_end(status, "failed"))).await;
         }
     }
 }
 
-struct Generated {
-    tokens: Vec<u32>,
-    /// Protobuf bytes exchanged with the block decoder.
-    wire_bytes: u64,
-    first_at: Option<Instant>,
-    last_at: Option<Instant>,
+/// Decode on the session's block decoder, moving to another one when the
+/// link breaks.
+async fn drive(shared: &Shared, req: &RunRequest, relay: &mut Relay, out: &mut Output<'_>, writes: &SessionWrites) -> Result<End, Status> {
+    let l = shared.model.block_length();
+    let p = params::resolve(&req.parameters.clone().unwrap_or_default(), req.eos_token_id, shared.model.config.vocab_size)?;
+    if out.tokens.len() % l != 0 {
+        return Err(Status::invalid_argument(format!("generated_ids: {} tokens is not a whole number of {l}-token blocks", out.tokens.len())));
+    }
+    if out.tokens.len() >= p.stop.max_new_tokens {
+        return Ok(End::Done(ModelFinish::Length));
+    }
+    let (mut block_decoder, mut migrations) = (req.block_decoder.clone(), req.migrations);
+    loop {
+        match decode_on(shared, req, &p, &block_decoder, relay, out, writes).await {
+            // Unavailable is what a broken or unreachable link gives.
+            Err(st) if st.code() == Code::Unavailable => {
+                migrations += 1;
+                if migrations > req.max_migrations {
+                    METRICS.migrations.with_label_values(&[TIER, "limit"]).inc();
+                    let limit = req.max_migrations;
+                    return Err(Status::unavailable(format!("{}; the session reached its limit of {limit} migrations (--max-migrations)", st.message())));
+                }
+                out.failed_at.get_or_insert_with(Instant::now);
+                let next = another_block_decoder(shared, &block_decoder).await.map_err(|e| Status::unavailable(format!("{}; {e}", st.message())))?;
+                tracing::warn!(session = %req.session_id, from = %block_decoder, to = %next, error = %st.message(), tokens = out.tokens.len(), "moving the session to another block decoder");
+                METRICS.migrations.with_label_values(&[TIER, "block_decoder_lost"]).inc();
+                writes.moved(&next).await.map_err(blockserve_runtime::status::from_store)?;
+                block_decoder = next;
+            }
+            r => return r,
+        }
+    }
 }
 
-async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEvent, Status>>, gen: &mut Generated) -> Result<End, Status> {
-    let m = &shared.model;
-    let l = m.block_length();
-    let p = params::resolve(&req.parameters.clone().unwrap_or_default(), req.eos_token_id, m.config.vocab_size)?;
-    let padded = PaddedPrompt::new(&req.prompt_ids, l).map_err(|e| Status::invalid_argument(e.to_string()))?;
+/// A live block decoder other than `failed` (which is taken again only after
+/// a few seconds: it may have restarted on its address).
+async fn another_block_decoder(shared: &Shared, failed: &str) -> Result<String, String> {
+    let start = Instant::now();
+    loop {
+        let waited = start.elapsed();
+        if let Ok(all) = shared.store.instances(Tier::BlockDecoder).await {
+            let pick = all.into_iter().filter(|i| i.free_capacity > 0 && (i.address != failed || waited > Duration::from_secs(3))).min_by_key(|i| i.load_key());
+            if let Some(i) = pick {
+                return Ok(i.address);
+            }
+        }
+        if waited > MOVE_TIMEOUT {
+            return Err(format!("no other block decoder came up within {}s", MOVE_TIMEOUT.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
 
-    let link = shared.links.get(&req.block_decoder, &shared.engine).await?;
+/// How long a session waits for a block decoder to move to.
+const MOVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Open the session on `block_decoder` (prefilling prompt + output so far) and
+/// record and relay its blocks until it ends or fails.
+async fn decode_on(
+    shared: &Shared,
+    req: &RunRequest,
+    p: &Resolved,
+    block_decoder: &str,
+    relay: &mut Relay,
+    out: &mut Output<'_>,
+    writes: &SessionWrites,
+) -> Result<End, Status> {
+    let l = shared.model.block_length();
+    let link = shared.links.get(block_decoder, &shared.engine).await?;
+    let context: Vec<u32> = req.prompt_ids.iter().chain(&out.tokens).copied().collect();
+    let padded = PaddedPrompt::new(&context, l).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    gen.wire_bytes += 4 * padded.ids.len() as u64;
-    let history = if p.sampling.uses_history() { req.prompt_ids.clone() } else { vec![] };
+    out.wire_bytes += 4 * padded.ids.len() as u64;
+    let history = if p.sampling.uses_history() { context.clone() } else { vec![] };
     let open = shared.engine.open(OpenRequest {
         key: shared.next_key.fetch_add(1, Ordering::Relaxed),
         session_id: req.session_id.clone(),
         link,
         prompt: padded.ids,
-        max_new_blocks: p.stop.max_new_tokens.div_ceil(l) as u32,
+        generated: out.tokens.clone(),
+        max_new_blocks: (p.stop.max_new_tokens - out.tokens.len()).div_ceil(l) as u32,
         traceparent: blockserve_runtime::telemetry::headers(&tracing::Span::current()).remove("traceparent").unwrap_or_default(),
         spec: Spec { sampling: p.sampling.clone(), stop: p.stop.clone(), history },
         events: events_tx,
     })?;
-    shared.store.set_progress(&req.session_id, SessionState::Prefilling).await.map_err(blockserve_runtime::status::from_store)?;
-
-    let mut text = shared.tokenizer.as_ref().map(|t| IncrementalDecoder::new(t));
-    let mut full_text = String::new();
-    let mut chunks = 0u64;
+    if out.first_at.is_none() {
+        writes.progress(SessionState::Prefilling).await.map_err(blockserve_runtime::status::from_store)?;
+    }
     loop {
         let (mut new, mut finish, mut wire_bytes) = match events.recv().await {
             Some(Event::Block { tokens, finish, wire_bytes }) => (tokens, finish, wire_bytes),
@@ -130,41 +242,42 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
                 Err(_) => break,
             }
         }
-        if gen.first_at.is_none() {
-            shared.store.set_progress(&req.session_id, SessionState::Decoding).await.map_err(blockserve_runtime::status::from_store)?;
+        if out.first_at.is_none() {
+            writes.progress(SessionState::Decoding).await.map_err(blockserve_runtime::status::from_store)?;
         }
-        gen.wire_bytes += wire_bytes;
-        let offset = gen.tokens.len() as u64;
+        if let Some(t) = out.failed_at.take() {
+            METRICS.migration_seconds.with_label_values(&[TIER]).observe(t.elapsed().as_secs_f64());
+        }
+        out.wire_bytes += wire_bytes;
+        let offset = out.tokens.len();
         // A span (from here until the chunk is sent) for the first chunk and
         // every BLOCK_SPAN_EVERY-th one after, so a long session's trace stays
         // small. It is not entered: it would be held across awaits.
         let _block_span =
-            (chunks % BLOCK_SPAN_EVERY == 0).then(|| tracing::info_span!("token_decoder.block", offset, tokens = new.len(), merged_blocks = blocks));
-        chunks += 1;
-        gen.tokens.extend_from_slice(&new);
+            (out.chunks % BLOCK_SPAN_EVERY == 0).then(|| tracing::info_span!("token_decoder.block", offset, tokens = new.len(), merged_blocks = blocks));
+        out.chunks += 1;
+        out.tokens.extend_from_slice(&new);
         let mut end = finish.map(End::Done);
-        let mut delta = text.as_mut().map(|d| d.push(&new)).unwrap_or_default();
+        let mut delta = out.text.as_mut().map(|d| d.push(&new)).unwrap_or_default();
         if !p.stop_sequences.is_empty() {
-            let before = full_text.len();
-            full_text.push_str(&delta);
-            if let Some(at) = find_stop(&full_text, &p.stop_sequences) {
-                delta = full_text[before.min(at)..at].to_string();
+            let before = out.full_text.len();
+            out.full_text.push_str(&delta);
+            if let Some(at) = find_stop(&out.full_text, &p.stop_sequences) {
+                delta = out.full_text[before.min(at)..at].to_string();
                 end = Some(End::StopSequence);
             }
         }
         if end.is_some() && !matches!(end, Some(End::StopSequence)) {
-            if let Some(d) = text.as_mut() {
+            if let Some(d) = out.text.as_mut() {
                 delta.push_str(&d.finish());
             }
         }
         let now = Instant::now();
-        gen.first_at.get_or_insert(now);
-        gen.last_at = Some(now);
-        shared.recorder.append(&req.session_id, &new).await.map_err(blockserve_runtime::status::from_store)?;
-        let chunk = TokenChunk { offset, token_ids: new, text: delta };
-        if tx.send(Ok(RunEvent { kind: Some(run_event::Kind::Tokens(chunk)) })).await.is_err() {
-            return Ok(End::Cancelled);
-        }
+        out.first_at.get_or_insert(now);
+        out.last_at = Some(now);
+        writes.append(offset, &new).await.map_err(blockserve_runtime::status::from_store)?;
+        let chunk = TokenChunk { offset: offset as u64, token_ids: new, text: delta };
+        relay.send(Ok(RunEvent { kind: Some(run_event::Kind::Tokens(chunk)) })).await;
         open.consumed(blocks);
         if let Some(end) = end {
             return Ok(end);
@@ -174,5 +287,5 @@ async fn drive(shared: &Shared, req: &RunRequest, tx: &mpsc::Sender<Result<RunEv
 
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(3600);
 
-/// One traced chunk in this many (see the block span in `run`).
+/// One traced chunk in this many (see the block span in `decode_on`).
 const BLOCK_SPAN_EVERY: u64 = 16;

@@ -96,6 +96,7 @@ pub async fn run(args: Args) -> Result<()> {
             max_batch: args.max_batch,
             max_unread_blocks: blockserve_token_decoder::engine::MAX_UNREAD,
             cuda_graphs: true,
+            store_buffer: blockserve_token_decoder::recorder::DEFAULT_CAPACITY,
             session_ttl_s: 3600,
         };
         tasks.spawn(blockserve_token_decoder::run(td, store.clone(), stop.clone(), Some(ready)));
@@ -109,6 +110,8 @@ pub async fn run(args: Args) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         session_ttl_s: 3600,
         api_token: args.api_token.clone(),
+        max_migrations: blockserve_router::service::DEFAULT_MAX_MIGRATIONS,
+        max_streams: blockserve_router::service::DEFAULT_MAX_STREAMS,
     };
     tasks.spawn(blockserve_router::run(router, store, stop.clone(), Some(ready)));
     let endpoint = addr.await?;

@@ -1,0 +1,382 @@
+//! Keeping a session's stream going whatever dies under it.
+//!
+//! - **Relay** (`Generate`): the router streams the token decoder's events to
+//!   its client. When that stream breaks without the session's own end (the
+//!   token decoder died, its connection reset), the router migrates the
+//!   session: it fences the old assignment off in the store (a new epoch),
+//!   picks another token decoder and runs the session there from the prompt
+//!   plus the output so far. The client's stream goes on with no token lost
+//!   or repeated; greedy and seeded output is the same as without the fault.
+//! - **Follow** (`Resume`, or `Generate` with an existing id): the router
+//!   streams the session's output from the store. The session runs on its
+//!   token decoder whether or not any router listens; if that token decoder
+//!   dies with nobody relaying (its router died too), a follower notices that
+//!   its lease is gone and the session stalls, and takes it over the same way.
+//!
+//! Either way a session moves at most `max_migrations` times; then it fails
+//! with UNAVAILABLE and a message that says so.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockserve_proto::v1::token_decoder_client::TokenDecoderClient;
+use blockserve_proto::v1::*;
+use blockserve_runtime::metrics::{ActiveSession, METRICS};
+use blockserve_runtime::{status, telemetry};
+use blockserve_store::{Assignment, Epoch, Outcome, Reassigned, SessionState, Tier};
+use blockserve_text::IncrementalDecoder;
+use tonic::transport::Channel;
+use tonic::{Request, Status, Streaming};
+
+use crate::service::{event, finished_from_record, EventTx, Router};
+
+const TIER: &str = "router";
+
+/// How long a migration may look for a token decoder to take the session.
+const MOVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A follower takes a session over when its token decoder has been gone from
+/// the registry and the session made no progress for this long (a lease
+/// expires only after its ttl, and after a store restart live instances
+/// register again within a third of it).
+const ORPHANED_AFTER: Duration = Duration::from_secs(3);
+
+/// A session being relayed from its token decoder to its client.
+pub(crate) struct Relay {
+    pub id: String,
+    pub client: TokenDecoderClient<Channel>,
+    pub events: Streaming<RunEvent>,
+    pub tx: EventTx,
+    pub token_decoder: String,
+    pub arrived: Instant,
+    /// The client's deadline (`grpc-timeout`), if it set one.
+    pub deadline: Option<Instant>,
+}
+
+/// A session running on its new token decoder.
+pub(crate) struct Moved {
+    client: TokenDecoderClient<Channel>,
+    events: Streaming<RunEvent>,
+    token_decoder: String,
+    /// The output it resumes after.
+    tokens: Vec<u32>,
+}
+
+pub(crate) enum NotMoved {
+    /// The session is final; its end is in the store.
+    Final,
+    /// Someone else moved it first.
+    Stale,
+    /// It could not be moved (and is recorded as failed when it exists).
+    Failed(Status),
+}
+
+/// The parameters recorded at creation, as a request carries them.
+pub(crate) fn parameters(p: &serde_json::Value) -> GenerationParameters {
+    GenerationParameters {
+        max_new_tokens: p["max_new_tokens"].as_u64().map(|v| v as u32),
+        temperature: p["temperature"].as_f64().map(|v| v as f32),
+        top_k: p["top_k"].as_u64().map(|v| v as u32),
+        top_p: p["top_p"].as_f64().map(|v| v as f32),
+        repetition_penalty: p["repetition_penalty"].as_f64().map(|v| v as f32),
+        seed: p["seed"].as_u64(),
+        stop: serde_json::from_value(p["stop"].clone()).unwrap_or_default(),
+        stop_token_ids: serde_json::from_value(p["stop_token_ids"].clone()).unwrap_or_default(),
+        ignore_eos: p["ignore_eos"].as_bool().unwrap_or(false),
+    }
+}
+
+impl Router {
+    /// Start `run` on the token decoder at `address`.
+    pub(crate) async fn run_on(&self, address: &str, run: RunRequest) -> Result<(TokenDecoderClient<Channel>, Streaming<RunEvent>), Status> {
+        let mut client = TokenDecoderClient::new(self.channel(address).await?);
+        let mut run = Request::new(run);
+        telemetry::to_metadata(&tracing::Span::current(), run.metadata_mut());
+        let events = client.run(run).await?.into_inner();
+        Ok((client, events))
+    }
+
+    /// Relay a session to its client until it ends, migrating it when its
+    /// token decoder fails. `_held` (its load count and stream slot) is
+    /// released when the relay ends.
+    pub(crate) async fn relay<H>(self: Arc<Self>, mut r: Relay, _held: H) {
+        let _active = ActiveSession::new(TIER);
+        let relayed = METRICS.generated_tokens.with_label_values(&[TIER]);
+        let mut last_chunk: Option<Instant> = None;
+        // Output the client has been sent (what a migration resumes after).
+        let mut known: Vec<u32> = vec![];
+        let (mut epoch, mut failed): (Epoch, Vec<String>) = (0, vec![]);
+        let mut failed_at: Option<Instant> = None;
+        let deadline = async move {
+            match r.deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        loop {
+            let msg = tokio::select! {
+                m = r.events.message() => m,
+                _ = r.tx.closed() => {
+                    // The client went away: the session stops on every tier.
+                    let _ = r.client.cancel(CancelRequest { session_id: r.id.clone() }).await;
+                    return;
+                }
+                _ = &mut deadline => {
+                    let _ = r.client.cancel(CancelRequest { session_id: r.id.clone() }).await;
+                    let msg = "the call's deadline (grpc-timeout) passed; the session was cancelled";
+                    let outcome = Outcome { state: SessionState::Cancelled, finish_reason: "cancelled".into(), error: Some(msg.into()) };
+                    let _ = self.store.finish(&r.id, None, &outcome, self.session_ttl).await;
+                    let _ = r.tx.send(Err(Status::deadline_exceeded(msg))).await;
+                    return;
+                }
+            };
+            let cause = match msg {
+                Ok(Some(RunEvent { kind: Some(run_event::Kind::Tokens(c)) })) => {
+                    // As the load generator counts it: the first chunk's delay
+                    // is the time to first token; a later chunk's gap is shared
+                    // by its tokens (one ITL sample each).
+                    let (now, n) = (Instant::now(), c.token_ids.len());
+                    match last_chunk.replace(now) {
+                        None => METRICS.time_to_first_token.observe((now - r.arrived).as_secs_f64()),
+                        Some(prev) => {
+                            for _ in 0..n {
+                                METRICS.inter_token_latency.observe((now - prev).as_secs_f64() / n as f64);
+                            }
+                        }
+                    }
+                    if let Some(t) = failed_at.take() {
+                        METRICS.migration_seconds.with_label_values(&[TIER]).observe(t.elapsed().as_secs_f64());
+                    }
+                    relayed.inc_by(n as u64);
+                    known.extend_from_slice(&c.token_ids);
+                    if r.tx.send(event(&r.id, generate_response::Event::Tokens(c))).await.is_err() {
+                        let _ = r.client.cancel(CancelRequest { session_id: r.id.clone() }).await;
+                        return;
+                    }
+                    continue;
+                }
+                Ok(Some(RunEvent { kind: Some(run_event::Kind::Finished(f)) })) => {
+                    let _ = r.tx.send(event(&r.id, generate_response::Event::Finished(f))).await;
+                    // Read the token decoder's stream to its end (it ends right
+                    // after `finished`): dropping it open would reset it, and h2
+                    // treats a burst of over 1024 local resets (thousands of
+                    // sessions finishing together) as an error of the connection.
+                    drop(r.tx);
+                    while let Ok(Some(_)) = r.events.message().await {}
+                    return;
+                }
+                Ok(Some(RunEvent { kind: None })) => continue,
+                Err(st) if status::session_end_kind(&st) == Some("failed") => {
+                    let _ = r.tx.send(Err(st)).await;
+                    return;
+                }
+                Err(st) if status::session_end_kind(&st) == Some("moved") => {
+                    return self.follow_from(r.id, known, r.tx).await;
+                }
+                Ok(None) => "the stream ended without the session's end".to_string(),
+                Err(st) => st.message().to_string(),
+            };
+            tracing::warn!(session = %r.id, token_decoder = %r.token_decoder, error = %cause, tokens = known.len(), "lost the token decoder; migrating the session");
+            failed.push(r.token_decoder.clone());
+            failed_at.get_or_insert_with(Instant::now);
+            match self.migrate(&r.id, epoch, &mut failed, &known, "token_decoder_lost", &cause).await {
+                Ok((m, e)) => {
+                    epoch = e;
+                    // Output the old token decoder recorded but never relayed.
+                    if m.tokens.len() > known.len() {
+                        let text = self.tokenizer.as_ref().map(|t| IncrementalDecoder::with_prefix(t, &known).push(&m.tokens[known.len()..]));
+                        let chunk = TokenChunk { offset: known.len() as u64, token_ids: m.tokens[known.len()..].to_vec(), text: text.unwrap_or_default() };
+                        if r.tx.send(event(&r.id, generate_response::Event::Tokens(chunk))).await.is_err() {
+                            let _ = m.client.clone().cancel(CancelRequest { session_id: r.id.clone() }).await;
+                            return;
+                        }
+                        known = m.tokens;
+                    }
+                    (r.client, r.events, r.token_decoder) = (m.client, m.events, m.token_decoder);
+                }
+                Err(NotMoved::Final) | Err(NotMoved::Stale) => return self.follow_from(r.id, known, r.tx).await,
+                Err(NotMoved::Failed(st)) => {
+                    let _ = r.tx.send(Err(st)).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Go on streaming from the store after the `known` output.
+    async fn follow_from(self: Arc<Self>, id: String, known: Vec<u32>, tx: EventTx) {
+        let offset = known.len();
+        match self.stream_slot() {
+            Ok(slot) => self.follow(id, offset, tx, slot).await,
+            Err(st) => drop(tx.send(Err(st)).await),
+        }
+    }
+
+    /// Move session `id`, now at `epoch`, to a token decoder whose address is
+    /// not in `failed` (which collects those that fail to take it). `known` is
+    /// the output its client was sent. Returns the running session and its
+    /// new epoch.
+    pub(crate) async fn migrate(
+        &self,
+        id: &str,
+        mut epoch: Epoch,
+        failed: &mut Vec<String>,
+        known: &[u32],
+        cause: &'static str,
+        why: &str,
+    ) -> Result<(Moved, Epoch), NotMoved> {
+        let start = Instant::now();
+        let mut last = why.to_string();
+        loop {
+            if start.elapsed() > MOVE_TIMEOUT {
+                let st = Status::unavailable(format!("session {id} lost its token decoder ({why}) and none took it over within {}s: {last}", MOVE_TIMEOUT.as_secs()));
+                let outcome = Outcome { state: SessionState::Failed, finish_reason: "error".into(), error: Some(st.message().into()) };
+                let _ = self.store.finish(id, None, &outcome, self.session_ttl).await;
+                return Err(NotMoved::Failed(st));
+            }
+            let attempt = async {
+                let rec = self.record(id).await?;
+                let td = self.pick(Tier::TokenDecoder, failed).await?;
+                // Its block decoder stays unless it is gone too.
+                let bds = self.store.instances(Tier::BlockDecoder).await.map_err(status::from_store)?;
+                let bd = match bds.iter().any(|i| i.address == rec.assignment.block_decoder) {
+                    true => rec.assignment.block_decoder.clone(),
+                    false => self.pick(Tier::BlockDecoder, &[]).await?.address,
+                };
+                let to = Assignment { token_decoder: td.address.clone(), token_decoder_id: td.id.clone(), block_decoder: bd };
+                let moved = self.store.reassign(id, epoch, &to, known).await.map_err(status::from_store)?;
+                Ok::<_, Status>((rec, to, moved))
+            };
+            let (rec, to, moved) = match attempt.await {
+                Ok(x) => x,
+                Err(st) if st.code() == tonic::Code::NotFound => return Err(NotMoved::Failed(st)),
+                Err(st) => {
+                    last = st.message().to_string();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let (e, migrations, tokens) = match moved {
+                Reassigned::Moved { epoch, migrations, tokens } => (epoch, migrations, tokens),
+                Reassigned::Final => return Err(NotMoved::Final),
+                Reassigned::Stale => return Err(NotMoved::Stale),
+                Reassigned::Missing => return Err(NotMoved::Failed(Status::not_found(format!("session {id:?} not found (unknown or expired)")))),
+            };
+            epoch = e;
+            if migrations > self.max_migrations {
+                METRICS.migrations.with_label_values(&[TIER, "limit"]).inc();
+                let st = Status::unavailable(format!(
+                    "session {id} lost its token decoder ({why}); it reached its limit of {} migrations (--max-migrations)",
+                    self.max_migrations
+                ));
+                let outcome = Outcome { state: SessionState::Failed, finish_reason: "error".into(), error: Some(st.message().into()) };
+                let _ = self.store.finish(id, Some(epoch), &outcome, self.session_ttl).await;
+                return Err(NotMoved::Failed(st));
+            }
+            METRICS.migrations.with_label_values(&[TIER, cause]).inc();
+            let run = RunRequest {
+                session_id: id.to_string(),
+                prompt_ids: rec.spec.prompt_ids.clone(),
+                parameters: Some(parameters(&rec.spec.parameters)),
+                block_decoder: to.block_decoder.clone(),
+                eos_token_id: self.model.eos,
+                generated_ids: tokens.clone(),
+                epoch,
+                migrations,
+                max_migrations: self.max_migrations,
+            };
+            match self.run_on(&to.token_decoder, run).await {
+                Ok((client, events)) => {
+                    tracing::info!(session = %id, to = %to.token_decoder, epoch, tokens = tokens.len(), "session migrated");
+                    return Ok((Moved { client, events, token_decoder: to.token_decoder, tokens }, epoch));
+                }
+                Err(st) => {
+                    last = st.message().to_string();
+                    failed.push(to.token_decoder);
+                }
+            }
+        }
+    }
+
+    /// Stream a stored session from `offset` until it is final (it may be
+    /// running on any token decoder, started by any router), riding out store
+    /// outages and taking the session over when its token decoder is gone.
+    /// `_slot` is this stream's slot, released when it ends.
+    pub(crate) async fn follow(self: Arc<Self>, id: String, mut offset: usize, tx: EventTx, _slot: tokio::sync::OwnedSemaphorePermit) {
+        let mut text = None;
+        // (generated, when it last changed): to tell a stalled session.
+        let mut progress = (usize::MAX, Instant::now());
+        let mut store_down_since: Option<Instant> = None;
+        loop {
+            let polled = async {
+                let rec = self.record(&id).await?;
+                let new = self.store.tokens(&id, offset).await.map_err(status::from_store)?;
+                Ok::<_, Status>((rec, new))
+            };
+            let (rec, new) = match polled.await {
+                Ok(x) => {
+                    store_down_since = None;
+                    x
+                }
+                Err(st) if st.code() == tonic::Code::Unavailable && store_down_since.is_none_or(|t| t.elapsed() < STORE_OUTAGE_LIMIT) => {
+                    store_down_since.get_or_insert_with(Instant::now);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                        _ = tx.closed() => return,
+                    }
+                }
+                Err(st) => {
+                    let _ = tx.send(Err(st)).await;
+                    return;
+                }
+            };
+            if !new.is_empty() {
+                if text.is_none() && self.tokenizer.is_some() {
+                    let prefix = self.store.tokens(&id, 0).await.unwrap_or_default();
+                    text = self.tokenizer.as_ref().map(|t| IncrementalDecoder::with_prefix(t, &prefix[..offset.min(prefix.len())]));
+                }
+                let delta = text.as_mut().map(|d| d.push(&new)).unwrap_or_default();
+                let chunk = TokenChunk { offset: offset as u64, token_ids: new.clone(), text: delta };
+                if tx.send(event(&id, generate_response::Event::Tokens(chunk))).await.is_err() {
+                    return;
+                }
+                offset += new.len();
+            }
+            if rec.state.is_final() && offset >= rec.generated {
+                let _ = tx.send(event(&id, generate_response::Event::Finished(finished_from_record(&rec)))).await;
+                return;
+            }
+            if rec.generated != progress.0 {
+                progress = (rec.generated, Instant::now());
+            } else if !rec.state.is_final() && progress.1.elapsed() > ORPHANED_AFTER {
+                self.take_over_if_orphaned(&id, &rec).await;
+                progress.1 = Instant::now();
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.poll) => {}
+                _ = tx.closed() => return,
+            }
+        }
+    }
+
+    /// Move a stalled session whose token decoder left the registry. The new
+    /// token decoder's stream is dropped at once: it runs the session on its
+    /// own and the followers read its output from the store.
+    async fn take_over_if_orphaned(&self, id: &str, rec: &blockserve_store::SessionRecord) {
+        let Ok(live) = self.store.instances(Tier::TokenDecoder).await else { return };
+        if live.iter().any(|i| i.id == rec.assignment.token_decoder_id) {
+            return;
+        }
+        let why = format!("token decoder {} left the registry", rec.assignment.token_decoder);
+        tracing::warn!(session = %id, %why, "taking over an orphaned session");
+        let known = self.store.tokens(id, 0).await.unwrap_or_default();
+        let mut failed = vec![rec.assignment.token_decoder.clone()];
+        if let Ok((moved, _)) = self.migrate(id, rec.epoch, &mut failed, &known, "orphaned", &why).await {
+            drop(moved);
+        }
+    }
+}
+
+/// How long a follower rides out an unreachable store before it gives up.
+const STORE_OUTAGE_LIMIT: Duration = Duration::from_secs(120);
