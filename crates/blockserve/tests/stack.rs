@@ -1,26 +1,21 @@
 //! The three tiers as separate processes over loopback gRPC, with a real
 //! redis-server: one block decoder, two token decoders, two routers.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blockserve_model::{loader::load_model, GenerationRequest, Model, SamplingParams, StopCriteria};
 use blockserve_proto::v1::generation_client::GenerationClient;
 use blockserve_proto::v1::*;
 use blockserve_store::{RedisStore, SessionStore, Tier};
+mod common;
+
+use common::*;
 use blockserve_testkit::{free_port, metric_sum, scrape_metrics, wait_for_port, ChildGuard, RedisServer};
 use candle_core::{DType, Device};
 use tonic::transport::Channel;
 use tonic::Code;
-
-fn fixture_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/official-tiny-b4")
-}
-
-fn demo_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/demo")
-}
 
 struct Stack {
     redis: RedisServer,
@@ -30,18 +25,6 @@ struct Stack {
     procs: Vec<(&'static str, u16, ChildGuard)>,
     /// (tier, metrics port) of every service, in the order of `procs`.
     metrics: Vec<(&'static str, u16)>,
-}
-
-fn spawn(args: &[&str], env: &[(&str, &str)]) -> ChildGuard {
-    let child = Command::new(env!("CARGO_BIN_EXE_blockserve"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .envs(env.iter().copied())
-        .env_remove("BLOCKSERVE_MODEL")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    ChildGuard(child)
 }
 
 impl Stack {
@@ -109,26 +92,6 @@ impl Stack {
     async fn client(&self, i: usize) -> GenerationClient<Channel> {
         GenerationClient::connect(self.routers[i].clone()).await.unwrap()
     }
-}
-
-fn ids_request(ids: Vec<u32>, params: GenerationParameters) -> GenerateRequest {
-    GenerateRequest { prompt: Some(generate_request::Prompt::TokenIds(TokenIds { ids })), parameters: Some(params), session_id: String::new() }
-}
-
-/// Tokens and finish reason of a whole stream.
-async fn collect(mut s: tonic::Streaming<GenerateResponse>) -> Result<(String, Vec<u32>, Finished), tonic::Status> {
-    let mut tokens = vec![];
-    while let Some(m) = s.message().await? {
-        match m.event {
-            Some(generate_response::Event::Tokens(c)) => {
-                assert_eq!(c.offset as usize, tokens.len(), "chunks are contiguous");
-                tokens.extend(c.token_ids);
-            }
-            Some(generate_response::Event::Finished(f)) => return Ok((m.session_id, tokens, f)),
-            _ => {}
-        }
-    }
-    panic!("stream ended without `finished`")
 }
 
 /// 20 sessions at once, greedy and seeded, against the in-process engine.
@@ -269,22 +232,6 @@ async fn resume_from_another_router_and_text_streaming() {
     assert_eq!(info.token_ids, all);
     assert_eq!(info.state, SessionState::Finished as i32);
     assert_eq!(info.prompt_ids.len(), "def fibonacci(n):".len());
-}
-
-/// Like `collect`, for a stream whose first chunk starts at `offset`.
-async fn collect_from(mut s: tonic::Streaming<GenerateResponse>, offset: usize) -> (String, Vec<u32>, Finished) {
-    let mut tokens = vec![];
-    while let Some(m) = s.message().await.unwrap() {
-        match m.event {
-            Some(generate_response::Event::Tokens(c)) => {
-                assert_eq!(c.offset as usize, offset + tokens.len());
-                tokens.extend(c.token_ids);
-            }
-            Some(generate_response::Event::Finished(f)) => return (m.session_id, tokens, f),
-            _ => {}
-        }
-    }
-    panic!("no finished message")
 }
 
 fn assert_status<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, msg: &str) {

@@ -29,27 +29,72 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A throwaway `redis-server` (no persistence) on a free port.
+/// A throwaway `redis-server` on a free port: without persistence, or (for
+/// tests that restart it) with an append-only file synced on every write in
+/// a directory of its own, so a restart keeps everything.
 pub struct RedisServer {
     pub port: u16,
-    _child: ChildGuard,
+    child: Option<ChildGuard>,
+    dir: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
-        let port = free_port();
+        let mut r = Self { port: free_port(), child: None, dir: None };
+        r.restart();
+        r
+    }
+
+    /// A server whose data survives [`RedisServer::stop`] and [`RedisServer::restart`].
+    pub fn persistent() -> Self {
+        let dir = std::env::temp_dir().join(format!("blockserve-redis-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).expect("redis data dir");
+        let mut r = Self { port: free_port(), child: None, dir: Some(dir) };
+        r.restart();
+        r
+    }
+
+    /// Stop the server now (SIGKILL).
+    pub fn stop(&mut self) {
+        self.child = None;
+    }
+
+    /// (Re)start the server on its port.
+    pub fn restart(&mut self) {
+        self.child = None;
+        let mut args = vec!["--port".to_string(), self.port.to_string(), "--bind".into(), "127.0.0.1".into(), "--save".into(), String::new()];
+        match &self.dir {
+            Some(d) => args.extend(["--dir", d.to_str().unwrap(), "--appendonly", "yes", "--appendfsync", "always"].map(String::from)),
+            None => args.extend(["--appendonly", "no"].map(String::from)),
+        }
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&args)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test installs it)");
-        wait_for_port(port, Duration::from_secs(10));
-        Self { port, _child: ChildGuard(child) }
+        self.child = Some(ChildGuard(child));
+        wait_for_port(self.port, Duration::from_secs(10));
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.child = None;
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Resident memory of process `pid` in bytes (Linux), if it is running.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// `GET /metrics` of a process serving Prometheus metrics on `port`: the body.

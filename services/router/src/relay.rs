@@ -48,6 +48,7 @@ pub(crate) struct Relay {
     pub events: Streaming<RunEvent>,
     pub tx: EventTx,
     pub token_decoder: String,
+    pub token_decoder_id: String,
     pub arrived: Instant,
     /// The client's deadline (`grpc-timeout`), if it set one.
     pub deadline: Option<Instant>,
@@ -58,6 +59,7 @@ pub(crate) struct Moved {
     client: TokenDecoderClient<Channel>,
     events: Streaming<RunEvent>,
     token_decoder: String,
+    token_decoder_id: String,
     /// The output it resumes after.
     tokens: Vec<u32>,
 }
@@ -178,7 +180,7 @@ impl Router {
                 Err(st) => st.message().to_string(),
             };
             tracing::warn!(session = %r.id, token_decoder = %r.token_decoder, error = %cause, tokens = known.len(), "lost the token decoder; migrating the session");
-            failed.push(r.token_decoder.clone());
+            failed.push(r.token_decoder_id.clone());
             failed_at.get_or_insert_with(Instant::now);
             match self.migrate(&r.id, epoch, &mut failed, &known, "token_decoder_lost", &cause).await {
                 Ok((m, e)) => {
@@ -193,7 +195,7 @@ impl Router {
                         }
                         known = m.tokens;
                     }
-                    (r.client, r.events, r.token_decoder) = (m.client, m.events, m.token_decoder);
+                    (r.client, r.events, r.token_decoder, r.token_decoder_id) = (m.client, m.events, m.token_decoder, m.token_decoder_id);
                 }
                 Err(NotMoved::Final) | Err(NotMoved::Stale) => return self.follow_from(r.id, known, r.tx).await,
                 Err(NotMoved::Failed(st)) => {
@@ -213,8 +215,8 @@ impl Router {
         }
     }
 
-    /// Move session `id`, now at `epoch`, to a token decoder whose address is
-    /// not in `failed` (which collects those that fail to take it). `known` is
+    /// Move session `id`, now at `epoch`, to a token decoder whose instance id
+    /// is not in `failed` (which collects those that fail to take it). `known` is
     /// the output its client was sent. Returns the running session and its
     /// new epoch.
     pub(crate) async fn migrate(
@@ -289,11 +291,12 @@ impl Router {
             match self.run_on(&to.token_decoder, run).await {
                 Ok((client, events)) => {
                     tracing::info!(session = %id, to = %to.token_decoder, epoch, tokens = tokens.len(), "session migrated");
-                    return Ok((Moved { client, events, token_decoder: to.token_decoder, tokens }, epoch));
+                    let moved = Moved { client, events, token_decoder: to.token_decoder, token_decoder_id: to.token_decoder_id, tokens };
+                    return Ok((moved, epoch));
                 }
                 Err(st) => {
                     last = st.message().to_string();
-                    failed.push(to.token_decoder);
+                    failed.push(to.token_decoder_id);
                 }
             }
         }
@@ -371,7 +374,7 @@ impl Router {
         let why = format!("token decoder {} left the registry", rec.assignment.token_decoder);
         tracing::warn!(session = %id, %why, "taking over an orphaned session");
         let known = self.store.tokens(id, 0).await.unwrap_or_default();
-        let mut failed = vec![rec.assignment.token_decoder.clone()];
+        let mut failed = vec![rec.assignment.token_decoder_id.clone()];
         if let Ok((moved, _)) = self.migrate(id, rec.epoch, &mut failed, &known, "orphaned", &why).await {
             drop(moved);
         }

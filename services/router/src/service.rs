@@ -149,12 +149,17 @@ impl Router {
     }
 
     /// The least-loaded live instance of `tier` with room for a session, other
-    /// than those at the addresses in `exclude`.
+    /// than the instances (by id: a process restarted on the same address is
+    /// a new instance) in `exclude`.
     pub(crate) async fn pick(&self, tier: Tier, exclude: &[String]) -> Result<InstanceInfo, Status> {
         let mut all = self.store.instances(tier).await.map_err(status::from_store)?;
-        all.retain(|i| !exclude.contains(&i.address));
+        let name = tier.as_str().replace('_', " ");
         if all.is_empty() {
-            return Err(Status::unavailable(format!("no live {} instance is registered", tier.as_str().replace('_', " "))));
+            return Err(Status::unavailable(format!("no live {name} instance is registered")));
+        }
+        all.retain(|i| !exclude.contains(&i.id));
+        if all.is_empty() {
+            return Err(Status::unavailable(format!("no live {name} instance other than the {} that failed this session", exclude.len())));
         }
         let routed = self.routed.lock().unwrap_or_else(|p| p.into_inner()).clone();
         all.into_iter()
@@ -162,7 +167,7 @@ impl Router {
             // Reported load plus what this router sent since (it may double count
             // for a lease period, alike for every instance).
             .min_by_key(|i| (i.load_key().0 + routed.get(&i.address).copied().unwrap_or(0), i.load_key()))
-            .ok_or_else(|| Status::resource_exhausted(format!("every {} is at capacity; retry later", tier.as_str().replace('_', " "))))
+            .ok_or_else(|| Status::resource_exhausted(format!("every {name} is at capacity; retry later")))
     }
 
     pub(crate) async fn record(&self, id: &str) -> Result<SessionRecord, Status> {
@@ -241,7 +246,7 @@ impl Router {
         };
         let started = Started { prompt_tokens: prompt.len() as u32, attached: false };
         let _ = tx.send(event(&id, generate_response::Event::Started(started))).await;
-        let relay = relay::Relay { id: id.clone(), client, events, tx, token_decoder: td.address, arrived, deadline: deadline.map(|d| arrived + d) };
+        let relay = relay::Relay { id: id.clone(), client, events, tx, token_decoder: td.address, token_decoder_id: td.id, arrived, deadline: deadline.map(|d| arrived + d) };
         tokio::spawn(self.clone().relay(relay, (routed, slot)));
         Ok((id, rx))
     }

@@ -261,6 +261,11 @@ impl Thread {
                 drop(span);
                 busy.add(t.elapsed(), n);
             }
+            if self.sessions.is_empty() {
+                // Idle: no row of the local cache is in use.
+                METRICS.local_kv_rows.with_label_values(&["used"]).set(0);
+                METRICS.local_kv_rows.with_label_values(&["free"]).set(self.batcher.max_batch() as i64);
+            }
             METRICS.queue_depth.with_label_values(&[TIER]).set(self.queued.load(Ordering::Relaxed) as i64);
             // The blocks up are the critical path; waking the session tasks
             // (thousands of them) comes after.
