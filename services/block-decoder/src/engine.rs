@@ -246,6 +246,14 @@ impl Thread {
             }
         }
         self.links.flush_errors();
+        // Closes free pages without a pass: the gauge must show it when idle.
+        self.report_kv();
+    }
+
+    fn report_kv(&self) {
+        let (used, free) = self.sched.kv_pages();
+        METRICS.kv_pages.with_label_values(&["used"]).set(used as i64);
+        METRICS.kv_pages.with_label_values(&["free"]).set(free as i64);
     }
 
     fn apply_up(&mut self, link: LinkId, up: Up) {
@@ -289,9 +297,7 @@ impl Thread {
         if let Ok(Some((_, e))) = &out {
             METRICS.context_bytes.with_label_values(&["block_decoder", "sent"]).inc_by(e.data.len() as u64);
         }
-        let (used, free) = self.sched.kv_pages();
-        METRICS.kv_pages.with_label_values(&["used"]).set(used as i64);
-        METRICS.kv_pages.with_label_values(&["free"]).set(free as i64);
+        self.report_kv();
         let t = Instant::now();
         let rows = self.deliver(out);
         self.phases.send += t.elapsed();

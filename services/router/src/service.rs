@@ -181,8 +181,17 @@ impl Router {
         })
     }
 
-    /// Validate, route, record and start a session; events arrive on the receiver.
+    /// Validate, route, record and start a session; events arrive on the
+    /// receiver. It runs as a task of its own: a client that goes away in the
+    /// middle (the RPC future is dropped) must not leave a session recorded
+    /// and never run, or running with nobody to stop it; the task finishes,
+    /// then sees the receiver gone and cancels the session.
     async fn start(self: &Arc<Self>, req: GenerateRequest, deadline: Option<Duration>) -> Result<(String, mpsc::Receiver<Result<GenerateResponse, Status>>), Status> {
+        let this = self.clone();
+        tokio::spawn(async move { this.start_session(req, deadline).await }).await.map_err(|e| Status::internal(format!("session start: {e}")))?
+    }
+
+    async fn start_session(self: Arc<Self>, req: GenerateRequest, deadline: Option<Duration>) -> Result<(String, mpsc::Receiver<Result<GenerateResponse, Status>>), Status> {
         let arrived = Instant::now();
         let slot = self.stream_slot()?;
         let (tx, rx) = mpsc::channel(16);
