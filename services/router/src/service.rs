@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::{relay, validate};
 
@@ -188,7 +189,10 @@ impl Router {
     /// then sees the receiver gone and cancels the session.
     async fn start(self: &Arc<Self>, req: GenerateRequest, deadline: Option<Duration>) -> Result<(String, mpsc::Receiver<Result<GenerateResponse, Status>>), Status> {
         let this = self.clone();
-        tokio::spawn(async move { this.start_session(req, deadline).await }).await.map_err(|e| Status::internal(format!("session start: {e}")))?
+        // In the RPC's span: the session's spans (store calls, the token
+        // decoder's Run) belong to its trace.
+        let task = async move { this.start_session(req, deadline).await }.instrument(tracing::Span::current());
+        tokio::spawn(task).await.map_err(|e| Status::internal(format!("session start: {e}")))?
     }
 
     async fn start_session(self: Arc<Self>, req: GenerateRequest, deadline: Option<Duration>) -> Result<(String, mpsc::Receiver<Result<GenerateResponse, Status>>), Status> {
