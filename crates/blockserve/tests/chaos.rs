@@ -35,7 +35,7 @@ fn prompt(i: usize) -> Vec<u32> {
 struct Seen {
     tokens: Vec<u32>,
     finished: Finished,
-    /// Arrival time and size of every chunk.
+    /// Arrival time of every chunk.
     chunks: Vec<Instant>,
     resumes: u32,
 }
