@@ -13,11 +13,9 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use blockserve_model::{loader::load_model, GenerationRequest, Model, SamplingParams, StopCriteria};
 use blockserve_proto::v1::generation_client::GenerationClient;
 use blockserve_proto::v1::*;
 use blockserve_store::SessionStore;
-use candle_core::{DType, Device};
 use common::*;
 
 const SESSIONS: usize = 200;
@@ -99,11 +97,7 @@ async fn client(routers: Vec<String>, i: usize, max_new_tokens: u32) -> Seen {
 
 /// Expected output of every session, from the in-process engine.
 fn fault_free(model: &Path, max_new_tokens: u32) -> Vec<Vec<u32>> {
-    let engine = load_model(model, None, DType::F32, &Device::Cpu).unwrap();
-    assert!(matches!(engine, Model::Block(_)));
-    let stop = StopCriteria { max_new_tokens: max_new_tokens as usize, eos_token_id: None, stop_token_ids: vec![] };
-    let reqs: Vec<GenerationRequest> = (0..SESSIONS).map(|i| GenerationRequest { prompt: prompt(i), sampling: SamplingParams::greedy(), stop: stop.clone() }).collect();
-    engine.generate(&reqs, false).unwrap().into_iter().map(|o| o.tokens).collect()
+    greedy_reference(model, &(0..SESSIONS).map(prompt).collect::<Vec<_>>(), max_new_tokens)
 }
 
 /// A small deterministic generator for the fault schedule.

@@ -10,11 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockserve_model::{loader::load_model, GenerationRequest, SamplingParams, StopCriteria};
 use blockserve_proto::v1::generation_client::GenerationClient;
 use blockserve_proto::v1::*;
 use blockserve_testkit::rss_bytes;
-use candle_core::{DType, Device};
 use common::*;
 
 const CAPACITY: usize = 8;
@@ -36,10 +34,7 @@ fn prompt(i: usize) -> Vec<u32> {
 async fn ten_times_capacity_is_refused_at_once_and_memory_stays_flat() {
     let secs: u64 = std::env::var("OVERLOAD_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
     let model = fixture_model();
-    let engine = load_model(&model, None, DType::F32, &Device::Cpu).unwrap();
-    let stop = StopCriteria { max_new_tokens: TOKENS as usize, eos_token_id: None, stop_token_ids: vec![] };
-    let reqs: Vec<GenerationRequest> = (0..PROMPTS).map(|i| GenerationRequest { prompt: prompt(i), sampling: SamplingParams::greedy(), stop: stop.clone() }).collect();
-    let want: Arc<Vec<Vec<u32>>> = Arc::new(engine.generate(&reqs, false).unwrap().into_iter().map(|o| o.tokens).collect());
+    let want = Arc::new(greedy_reference(&model, &(0..PROMPTS).map(prompt).collect::<Vec<_>>(), TOKENS));
 
     let cap = CAPACITY.to_string();
     let cluster = Cluster::start(&model, &[("block-decoder", 1, &[]), ("token-decoder", 1, &[]), ("router", 1, &["--max-streams", &cap])]).await;

@@ -12,6 +12,7 @@ pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod thread;
+pub mod tls;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), and OTLP trace
 /// export when the `OTEL_*` variables ask for it (see [`telemetry`]).

@@ -237,7 +237,8 @@ pub async fn serve(listener: tokio::net::TcpListener, mut stop: watch::Receiver<
 /// Start the metrics endpoint when `addr` is given; returns the bound address.
 pub async fn start(addr: Option<SocketAddr>, stop: watch::Receiver<bool>) -> anyhow::Result<Option<SocketAddr>> {
     let Some(addr) = addr else { return Ok(None) };
-    let (listener, bound) = crate::server::bind(addr).await?;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
     tracing::info!(address = %bound, "metrics at http://{bound}/metrics");
     tokio::spawn(serve(listener, stop));
     Ok(Some(bound))

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tonic::transport::server::Router;
+use tonic::transport::server::{Router, TcpIncoming};
+
+use crate::tls::{ServerTls, ServerTlsArgs};
 
 /// Flags every service has.
 #[derive(clap::Args, Debug, Clone)]
@@ -26,6 +28,34 @@ pub struct ServeArgs {
     /// Seconds an instance stays registered without renewing its lease.
     #[arg(long, env = "BLOCKSERVE_LEASE_TTL_S", default_value_t = 6)]
     pub lease_ttl_s: u64,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+}
+
+impl ServeArgs {
+    /// Defaults for a tier that `blockserve up` runs in process.
+    pub fn local(listen: SocketAddr) -> Self {
+        Self { listen, advertise: None, grace_period_s: 10, metrics_listen: None, lease_ttl_s: 6, tls: Default::default() }
+    }
+
+    /// Bind the listener and load the TLS files (failing early when they are
+    /// unusable). The advertised address is https:// when TLS is on.
+    pub async fn bind(&self) -> anyhow::Result<Listening> {
+        let tls = ServerTls::from_args(&self.tls)?;
+        let listener = tokio::net::TcpListener::bind(self.listen).await?;
+        let bound = listener.local_addr()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let address = self.advertise.clone().unwrap_or_else(|| format!("{scheme}://{bound}"));
+        Ok(Listening { listener, address, tls })
+    }
+}
+
+/// A bound endpoint, ready for [`serve`].
+pub struct Listening {
+    pub listener: tokio::net::TcpListener,
+    /// The address other tiers and clients dial.
+    pub address: String,
+    pub tls: Option<std::sync::Arc<ServerTls>>,
 }
 
 /// Completes on SIGTERM or Ctrl-C.
@@ -63,19 +93,12 @@ where
     run(store, stop_on_signal()).await
 }
 
-/// A bound listener and the address it got.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
-    let l = tokio::net::TcpListener::bind(addr).await?;
-    let a = l.local_addr()?;
-    Ok((l, a))
-}
-
 /// Add health and reflection to `router` and serve on `listener` until `stop` is
 /// true; then stop accepting and give in-flight calls `grace` to finish.
 pub async fn serve(
     router: Router,
     service_names: &[&str],
-    listener: tokio::net::TcpListener,
+    listening: Listening,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) -> anyhow::Result<()> {
@@ -89,13 +112,17 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let router = router.add_service(health).add_service(reflection);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let mut stop2 = stop.clone();
-    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+    let stopped = async move {
         let _ = stop2.wait_for(|s| *s).await;
         let _ = drained_tx.send(());
-    }));
+    };
+    let server = match listening.tls {
+        Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(crate::tls::incoming(listening.listener, tls), stopped)),
+        // tonic applies its tcp_nodelay setting only to listeners it binds itself.
+        None => tokio::spawn(router.serve_with_incoming_shutdown(TcpIncoming::from(listening.listener).with_nodelay(Some(true)), stopped)),
+    };
     let _ = stop.wait_for(|s| *s).await;
     let _ = drained_rx.await;
     for name in service_names {

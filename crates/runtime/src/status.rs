@@ -35,3 +35,29 @@ pub fn session_end(mut status: Status, kind: &'static str) -> Status {
 pub fn session_end_kind(status: &Status) -> Option<&str> {
     status.metadata().get(SESSION_END).and_then(|v| v.to_str().ok())
 }
+
+/// `e` and its sources, joined with ": " (tonic's transport errors say only
+/// "transport error" and keep the cause, e.g. a refused certificate, in the
+/// source chain).
+pub fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    s
+}
+
+/// A call to `peer` that failed in the transport (connection refused or
+/// reset, a TLS handshake the peer refused) arrives as UNKNOWN "transport
+/// error"; make it UNAVAILABLE with the cause, so callers retry or migrate
+/// and clients see why. Statuses the peer sent are returned unchanged.
+pub fn from_peer(peer: &str, st: Status) -> Status {
+    use std::error::Error;
+    match st.source() {
+        Some(cause) if st.code() == tonic::Code::Unknown => Status::unavailable(format!("{peer} unreachable: {}", source_chain(cause))),
+        _ => st,
+    }
+}

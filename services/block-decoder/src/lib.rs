@@ -14,7 +14,7 @@ use blockserve_model::Model;
 use blockserve_proto::v1::block_decoder_server::BlockDecoderServer;
 use blockserve_runtime::lease::{Lease, LoadReport};
 use blockserve_runtime::model_args::ModelArgs;
-use blockserve_runtime::server::{bind, serve, ServeArgs};
+use blockserve_runtime::server::{serve, ServeArgs};
 use blockserve_store::{SessionStore, Tier};
 use tokio::sync::watch;
 
@@ -68,9 +68,9 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         config,
         engine::Gather { max_wait: Duration::from_micros(args.max_batch_wait_us), micro_batches: args.micro_batches as usize },
     )?;
-    let (listener, addr) = bind(args.serve.listen).await?;
+    let listening = args.serve.bind().await?;
     blockserve_runtime::metrics::start(args.serve.metrics_listen, stop.clone()).await?;
-    let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let address = listening.address.clone();
     tracing::info!(%address, "block decoder listening");
     let service = service::BlockDecoderService::new(engine.clone(), model, args.max_sessions);
     // Link messages carry a pass's contexts for thousands of sessions (or their
@@ -86,7 +86,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     if let Some(r) = ready {
         let _ = r.send(address);
     }
-    serve(router, &["blockserve.v1.BlockDecoder"], listener, stop, Duration::from_secs(args.serve.grace_period_s)).await?;
+    serve(router, &["blockserve.v1.BlockDecoder"], listening, stop, Duration::from_secs(args.serve.grace_period_s)).await?;
     let _ = lease_task.await;
     Ok(())
 }

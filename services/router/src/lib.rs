@@ -15,7 +15,8 @@ use anyhow::{bail, Result};
 use blockserve_model::loader::resolve_config;
 use blockserve_model::ModelConfig;
 use blockserve_proto::v1::generation_server::GenerationServer;
-use blockserve_runtime::server::{bind, serve, ServeArgs};
+use blockserve_runtime::server::{serve, ServeArgs};
+use blockserve_runtime::tls::{DialTlsArgs, Dialer};
 use blockserve_store::SessionStore;
 use blockserve_text::Tokenizer;
 use tokio::sync::watch;
@@ -24,6 +25,8 @@ use tokio::sync::watch;
 pub struct Args {
     #[command(flatten)]
     pub serve: ServeArgs,
+    #[command(flatten)]
+    pub dial: DialTlsArgs,
     /// Model directory (the router reads only its config and tokenizer.json).
     #[arg(long, env = "BLOCKSERVE_MODEL")]
     pub model: PathBuf,
@@ -68,18 +71,19 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     };
     let tokenizer = Tokenizer::from_dir(&args.model)?;
     let mut router = service::Router::new(store, facts, tokenizer, args.max_new_tokens, Duration::from_secs(args.session_ttl_s));
+    router.channels = blockserve_runtime::channels::Channels::new(Arc::new(Dialer::from_args(&args.dial)?));
     router.max_migrations = args.max_migrations;
     router.max_streams = args.max_streams.max(1);
     router.streams = Arc::new(tokio::sync::Semaphore::new(router.max_streams));
     let router = Arc::new(router);
-    let (listener, addr) = bind(args.serve.listen).await?;
+    let listening = args.serve.bind().await?;
     blockserve_runtime::metrics::start(args.serve.metrics_listen, stop.clone()).await?;
-    let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let address = listening.address.clone();
     tracing::info!(%address, "router listening");
     let server = tonic::transport::Server::builder()
         .add_service(GenerationServer::with_interceptor(service::GenerationService(router), auth::BearerToken(args.api_token.clone())));
     if let Some(r) = ready {
         let _ = r.send(address);
     }
-    serve(server, &["blockserve.v1.Generation"], listener, stop, Duration::from_secs(args.serve.grace_period_s)).await
+    serve(server, &["blockserve.v1.Generation"], listening, stop, Duration::from_secs(args.serve.grace_period_s)).await
 }

@@ -94,7 +94,7 @@ impl Router {
         let mut client = TokenDecoderClient::new(self.channel(address).await?);
         let mut run = Request::new(run);
         telemetry::to_metadata(&tracing::Span::current(), run.metadata_mut());
-        let events = client.run(run).await?.into_inner();
+        let events = client.run(run).await.map_err(|e| status::from_peer(&format!("token decoder {address}"), e))?.into_inner();
         Ok((client, events))
     }
 

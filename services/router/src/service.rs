@@ -51,7 +51,8 @@ pub struct Router {
     /// RESOURCE_EXHAUSTED.
     pub streams: Arc<tokio::sync::Semaphore>,
     pub max_streams: usize,
-    channels: blockserve_runtime::channels::Channels,
+    /// Channels to token decoders.
+    pub channels: blockserve_runtime::channels::Channels,
     /// Sessions this router started on each instance (by address) that are still
     /// running. Reported loads lag by a lease period; this spreads a burst.
     routed: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,

@@ -17,7 +17,8 @@ use blockserve_model::{BlockTransformer, Model};
 use blockserve_proto::v1::token_decoder_server::TokenDecoderServer;
 use blockserve_runtime::lease::{Lease, LoadReport};
 use blockserve_runtime::model_args::{parse_device, parse_dtype, ModelArgs};
-use blockserve_runtime::server::{bind, serve, ServeArgs};
+use blockserve_runtime::server::{serve, ServeArgs};
+use blockserve_runtime::tls::{DialTlsArgs, Dialer};
 use blockserve_store::{SessionStore, Tier};
 use blockserve_text::Tokenizer;
 use candle_core::{DType, Device};
@@ -31,6 +32,8 @@ pub struct Args {
     pub serve: ServeArgs,
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub dial: DialTlsArgs,
     /// Most sessions running at once; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "BLOCKSERVE_MAX_SESSIONS", default_value_t = 1024)]
     pub max_sessions: u32,
@@ -99,6 +102,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         Model::Vanilla(_) => bail!("the token decoder serves Block Transformers; {} holds a vanilla model", args.model.model.display()),
     };
     let tokenizer = Tokenizer::from_dir(&args.model.model)?;
+    let dialer = Arc::new(Dialer::from_args(&args.dial)?);
     let engine = engine::Engine::start(model.clone(), args.max_batch, args.max_unread_blocks, args.cuda_graphs)?;
     let shared = Arc::new(Shared {
         engine: engine.clone(),
@@ -111,13 +115,13 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         session_ttl: Duration::from_secs(args.session_ttl_s),
         max_sessions: args.max_sessions,
         running: Mutex::new(HashMap::new()),
-        channels: Default::default(),
-        links: Default::default(),
+        channels: blockserve_runtime::channels::Channels::new(dialer.clone()),
+        links: link::Links::new(dialer),
         next_key: Default::default(),
     });
-    let (listener, addr) = bind(args.serve.listen).await?;
+    let listening = args.serve.bind().await?;
     blockserve_runtime::metrics::start(args.serve.metrics_listen, stop.clone()).await?;
-    let address = args.serve.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let address = listening.address.clone();
     tracing::info!(%address, "token decoder listening");
     let router = tonic::transport::Server::builder().add_service(TokenDecoderServer::new(service::TokenDecoderService { shared: shared.clone() }));
     let lease = Lease::new(Tier::TokenDecoder, address.clone(), Duration::from_secs(args.serve.lease_ttl_s));
@@ -125,7 +129,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     if let Some(r) = ready {
         let _ = r.send(address);
     }
-    let served = serve(router, &["blockserve.v1.TokenDecoder"], listener, stop, Duration::from_secs(args.serve.grace_period_s)).await;
+    let served = serve(router, &["blockserve.v1.TokenDecoder"], listening, stop, Duration::from_secs(args.serve.grace_period_s)).await;
     engine.stop();
     served?;
     let _ = lease_task.await;

@@ -17,7 +17,7 @@ use blockserve_proto::v1::block_decoder_client::BlockDecoderClient;
 use blockserve_proto::v1::LinkUp;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Endpoint;
+use blockserve_runtime::tls::Dialer;
 use tonic::Status;
 
 use crate::engine::Engine;
@@ -45,10 +45,11 @@ pub struct Links {
     map: tokio::sync::Mutex<HashMap<String, Arc<Link>>>,
     next: AtomicU64,
     io: tokio::runtime::Handle,
+    dialer: Arc<Dialer>,
 }
 
-impl Default for Links {
-    fn default() -> Self {
+impl Links {
+    pub fn new(dialer: Arc<Dialer>) -> Self {
         // A thread that runs the links' runtime for the life of the process
         // (a runtime cannot be dropped from async code, so it is never dropped).
         let (tx, rx) = std::sync::mpsc::channel();
@@ -61,11 +62,9 @@ impl Default for Links {
                 rt.block_on(std::future::pending::<()>());
             })
             .expect("spawn link thread");
-        Self { map: Default::default(), next: AtomicU64::new(0), io: rx.recv().expect("link runtime starts") }
+        Self { map: Default::default(), next: AtomicU64::new(0), io: rx.recv().expect("link runtime starts"), dialer }
     }
-}
 
-impl Links {
     /// The live link to `address`, connecting it on first use.
     pub async fn get(&self, address: &str, engine: &Engine) -> Result<Arc<Link>, Status> {
         let mut map = self.map.lock().await;
@@ -73,25 +72,28 @@ impl Links {
             return Ok(l.clone());
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let link = self.io.spawn(connect(id, address.to_string(), engine.clone())).await.map_err(|e| Status::internal(format!("link task: {e}")))??;
+        let link = self.io.spawn(connect(id, address.to_string(), engine.clone(), self.dialer.clone())).await.map_err(|e| Status::internal(format!("link task: {e}")))??;
         map.insert(address.to_string(), link.clone());
         Ok(link)
     }
 }
 
 /// Open a link and start the task that hands what comes down to the engine.
-async fn connect(id: u64, address: String, engine: Engine) -> Result<Arc<Link>, Status> {
-    let channel = Endpoint::from_shared(address.clone())
-        .map_err(|e| Status::invalid_argument(format!("block decoder address {address:?}: {e}")))?
+async fn connect(id: u64, address: String, engine: Engine, dialer: Arc<Dialer>) -> Result<Arc<Link>, Status> {
+    let channel = dialer
+        .endpoint(&address)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .initial_stream_window_size(blockserve_runtime::LINK_STREAM_WINDOW)
         .initial_connection_window_size(blockserve_runtime::LINK_CONNECTION_WINDOW)
         .connect()
         .await
-        .map_err(|e| Status::unavailable(format!("block decoder {address} unreachable: {e}")))?;
+        .map_err(|e| Status::unavailable(format!("block decoder {address} unreachable: {}", blockserve_runtime::status::source_chain(&e))))?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut down = BlockDecoderClient::new(channel).max_decoding_message_size(usize::MAX).link(UnboundedReceiverStream::new(rx)).await?.into_inner();
+    let mut down = BlockDecoderClient::new(channel).max_decoding_message_size(usize::MAX).link(UnboundedReceiverStream::new(rx))
+        .await
+        .map_err(|e| blockserve_runtime::status::from_peer(&format!("block decoder {address}"), e))?
+        .into_inner();
     let link = Arc::new(Link::new(id, address, tx));
     let l = link.clone();
     tokio::spawn(async move {

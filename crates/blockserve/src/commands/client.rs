@@ -33,6 +33,9 @@ pub struct GenerateArgs {
     /// Print token ids (one chunk a line) instead of text.
     #[arg(long)]
     ids: bool,
+    /// TLS for an https:// --addr.
+    #[command(flatten)]
+    tls: blockserve_runtime::tls::DialTlsArgs,
 }
 
 pub async fn run(cmd: Command) -> Result<()> {
@@ -42,7 +45,9 @@ pub async fn run(cmd: Command) -> Result<()> {
         (None, false) => generate_request::Prompt::TokenIds(TokenIds { ids: a.token_ids.clone() }),
         _ => bail!("give either prompt text or --token-ids"),
     };
-    let mut client = GenerationClient::connect(a.addr.clone()).await?;
+    let dialer = blockserve_runtime::tls::Dialer::from_args(&a.tls)?;
+    let channel = dialer.endpoint(&a.addr)?.connect().await.map_err(|e| anyhow::anyhow!("{}: {}", a.addr, blockserve_runtime::status::source_chain(&e)))?;
+    let mut client = GenerationClient::new(channel);
     let req = GenerateRequest {
         prompt: Some(prompt),
         parameters: Some(GenerationParameters {

@@ -56,12 +56,12 @@ pub struct Args {
     /// http://ADDR/metrics. Off when not given.
     #[arg(long, env = "BLOCKSERVE_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// TLS on the public router endpoint (the tiers talk plain gRPC over
+    /// loopback inside the process).
+    #[command(flatten)]
+    tls: blockserve_runtime::tls::ServerTlsArgs,
     #[command(flatten)]
     store: StoreArgs,
-}
-
-fn serve_args(listen: std::net::SocketAddr) -> ServeArgs {
-    ServeArgs { listen, advertise: None, grace_period_s: 10, lease_ttl_s: 6, metrics_listen: None }
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -77,7 +77,7 @@ pub async fn run(args: Args) -> Result<()> {
 
     let (ready, bd_addr) = oneshot::channel();
     let bd = blockserve_block_decoder::Args {
-        serve: serve_args(loopback),
+        serve: ServeArgs::local(loopback),
         model: model_args(),
         max_sessions: args.max_sessions,
         kv_cache_mib: args.kv_cache_mib,
@@ -90,8 +90,9 @@ pub async fn run(args: Args) -> Result<()> {
     for i in 0..args.token_decoders {
         let (ready, addr) = oneshot::channel();
         let td = blockserve_token_decoder::Args {
-            serve: serve_args(loopback),
+            serve: ServeArgs::local(loopback),
             model: model_args(),
+            dial: Default::default(),
             max_sessions: args.max_sessions,
             max_batch: args.max_batch,
             max_unread_blocks: blockserve_token_decoder::engine::MAX_UNREAD,
@@ -104,7 +105,8 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let (ready, addr) = oneshot::channel();
     let router = blockserve_router::Args {
-        serve: serve_args(args.listen),
+        serve: ServeArgs { tls: args.tls.clone(), ..ServeArgs::local(args.listen) },
+        dial: Default::default(),
         model: model.clone(),
         preset: None,
         max_new_tokens: args.max_new_tokens,
