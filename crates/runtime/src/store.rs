@@ -81,4 +81,7 @@ impl<S: SessionStore> SessionStore for Timed<S> {
     async fn reassign(&self, id: &str, expected: Epoch, to: &Assignment, known: &[u32]) -> blockserve_store::Result<Reassigned> {
         timed("reassign", self.0.reassign(id, expected, to, known)).await
     }
+    async fn unfinished(&self) -> blockserve_store::Result<Vec<(String, String)>> {
+        timed("unfinished", self.0.unfinished()).await
+    }
 }

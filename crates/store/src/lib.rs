@@ -72,4 +72,7 @@ pub trait SessionStore: Send + Sync + 'static {
     /// client; what of it the store lacks (its writer died before writing it)
     /// is appended first, so the resumed output continues after all of it.
     async fn reassign(&self, id: &str, expected: Epoch, to: &Assignment, known: &[u32]) -> Result<Reassigned>;
+    /// The sessions not yet in a final state, as (session id, instance id of
+    /// its token decoder): what an orphan sweep looks through.
+    async fn unfinished(&self) -> Result<Vec<(String, String)>>;
 }

@@ -168,6 +168,12 @@ impl SessionStore for MemoryStore {
             Reassigned::Moved { epoch: r.epoch, migrations: r.migrations, tokens: t.clone() }
         }))
     }
+
+    async fn unfinished(&self) -> Result<Vec<(String, String)>> {
+        Ok(self.with(|s| {
+            s.sessions.iter().filter(|(_, (r, _, _))| !r.state.is_final()).map(|(id, (r, _, _))| (id.clone(), r.assignment.token_decoder_id.clone())).collect()
+        }))
+    }
 }
 
 /// A write with `epoch` (or any write, without one) may change this session.

@@ -67,11 +67,27 @@ static FINISH: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| 
         "{WRITABLE} if not writable(KEYS[1], ARGV[6]) then return 0 end \
         redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finish_reason', ARGV[2], 'error', ARGV[3], \
           'updated_at_ms', ARGV[4], 'finished_at_ms', ARGV[4]) \
-        redis.call('PEXPIRE', KEYS[1], ARGV[5]) redis.call('PEXPIRE', KEYS[2], ARGV[5]) return 1"
+        redis.call('PEXPIRE', KEYS[1], ARGV[5]) redis.call('PEXPIRE', KEYS[2], ARGV[5]) \
+        redis.call('HDEL', KEYS[3], ARGV[7]) return 1"
     ))
 });
 
-/// ARGV: expected epoch, td, td_id, bd, now, then the known output. Returns
+/// The unfinished sessions (hash KEYS[1]: id -> token decoder's instance id)
+/// as a flat id, instance list, less entries whose record is gone (deleted by
+/// hand or evicted); ARGV[1] is the session key prefix. (It builds keys in the
+/// script, which a single Redis allows and Redis Cluster would not.)
+static UNFINISHED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        "local all = redis.call('HGETALL', KEYS[1]) local out = {} \
+        for i = 1, #all, 2 do \
+          if redis.call('EXISTS', ARGV[1] .. all[i]) == 1 then out[#out + 1] = all[i] out[#out + 1] = all[i + 1] \
+          else redis.call('HDEL', KEYS[1], all[i]) end end \
+        return out",
+    )
+});
+
+/// KEYS: session, tokens, unfinished. ARGV: expected epoch, td, td_id, bd,
+/// now, id, then the known output. Returns
 /// {1, epoch, migrations} when moved, {0} final, {-1} stale, {-2} missing.
 static REASSIGN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
@@ -80,9 +96,10 @@ static REASSIGN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|
         if h[1] == 'finished' or h[1] == 'cancelled' or h[1] == 'failed' then return {0} end \
         if h[2] ~= ARGV[1] then return {-1} end \
         local n = redis.call('LLEN', KEYS[2]) \
-        for j = 6 + n, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[j]) end \
+        for j = 7 + n, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[j]) end \
         local e = tonumber(h[2]) + 1 local m = tonumber(h[3] or '0') + 1 \
         redis.call('HSET', KEYS[1], 'epoch', e, 'migrations', m, 'td', ARGV[2], 'td_id', ARGV[3], 'bd', ARGV[4], 'updated_at_ms', ARGV[5]) \
+        redis.call('HSET', KEYS[3], ARGV[6], ARGV[3]) \
         return {1, e, m}",
     )
 });
@@ -131,6 +148,10 @@ impl RedisStore {
     }
     fn tokens_key(&self, id: &str) -> String {
         format!("{}sess:{id}:tokens", self.prefix)
+    }
+    /// Sessions not final yet: id -> token decoder's instance id.
+    fn unfinished_key(&self) -> String {
+        format!("{}sessions:unfinished", self.prefix)
     }
 }
 
@@ -184,15 +205,17 @@ impl SessionStore for RedisStore {
         let script = redis::Script::new(
             "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end \
              redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'state', 'queued', 'updated_at_ms', ARGV[2], 'epoch', 0, 'migrations', 0, \
-               'td', ARGV[3], 'td_id', ARGV[4], 'bd', ARGV[5]) return 1",
+               'td', ARGV[3], 'td_id', ARGV[4], 'bd', ARGV[5]) redis.call('HSET', KEYS[2], ARGV[6], ARGV[4]) return 1",
         );
         let created: i32 = script
             .key(self.sess_key(&spec.id))
+            .key(self.unfinished_key())
             .arg(json)
             .arg(now_ms())
             .arg(&to.token_decoder)
             .arg(&to.token_decoder_id)
             .arg(&to.block_decoder)
+            .arg(&spec.id)
             .invoke_async(&mut c)
             .await?;
         Ok(created == 1)
@@ -266,12 +289,14 @@ impl SessionStore for RedisStore {
         let set: i32 = FINISH
             .key(self.sess_key(id))
             .key(self.tokens_key(id))
+            .key(self.unfinished_key())
             .arg(outcome.state.as_str())
             .arg(&outcome.finish_reason)
             .arg(outcome.error.clone().unwrap_or_default())
             .arg(now_ms())
             .arg(ttl.as_millis() as u64)
             .arg(epoch.map(|e| e.to_string()).unwrap_or_default())
+            .arg(id)
             .invoke_async(&mut c)
             .await?;
         Ok(set == 1)
@@ -282,11 +307,13 @@ impl SessionStore for RedisStore {
         let reply: Vec<i64> = REASSIGN
             .key(self.sess_key(id))
             .key(self.tokens_key(id))
+            .key(self.unfinished_key())
             .arg(expected.to_string())
             .arg(&to.token_decoder)
             .arg(&to.token_decoder_id)
             .arg(&to.block_decoder)
             .arg(now_ms())
+            .arg(id)
             .arg(known)
             .invoke_async(&mut c)
             .await?;
@@ -297,5 +324,11 @@ impl SessionStore for RedisStore {
             [-2] => Reassigned::Missing,
             other => return Err(corrupt(format!("reassign {id}: unexpected reply {other:?}"))),
         })
+    }
+
+    async fn unfinished(&self) -> Result<Vec<(String, String)>> {
+        let prefix = format!("{}sess:", self.prefix);
+        let flat: Vec<String> = UNFINISHED.key(self.unfinished_key()).arg(prefix).invoke_async(&mut self.conn()).await?;
+        Ok(flat.chunks_exact(2).map(|p| (p[0].clone(), p[1].clone())).collect())
     }
 }

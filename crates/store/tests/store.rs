@@ -58,6 +58,9 @@ async fn contract(store: Arc<dyn SessionStore>) {
     assert_eq!(store.session("s2").await.unwrap().unwrap().generated, 3);
     assert_eq!(store.tokens("s1", 0).await.unwrap(), vec![5, 6, 7, 8, 9, 10]);
     assert!(store.append_many(&[]).await.unwrap().is_empty());
+    let mut open = store.unfinished().await.unwrap();
+    open.sort();
+    assert_eq!(open, [("s1".to_string(), "td1".to_string()), ("s2".into(), "td1".into())]);
     // A retried write (its reply was lost) is not applied twice; a gap is an error.
     assert_eq!(store.append_many(&[app("s2", 0, 2, &[3])]).await.unwrap(), [Write::Applied]);
     assert_eq!(store.tokens("s2", 0).await.unwrap(), vec![1, 2, 3]);
@@ -73,6 +76,7 @@ async fn contract(store: Arc<dyn SessionStore>) {
     // and the old epoch's writes are fenced off.
     let moved = store.reassign("s2", 0, &to("td2"), &[1, 2, 3, 4, 5]).await.unwrap();
     assert_eq!(moved, Reassigned::Moved { epoch: 1, migrations: 1, tokens: vec![1, 2, 3, 4, 5] });
+    assert!(store.unfinished().await.unwrap().contains(&("s2".into(), "td2".into())), "the unfinished list follows a move");
     assert_eq!(store.reassign("s2", 0, &to("td3"), &[]).await.unwrap(), Reassigned::Stale, "someone moved it first");
     assert_eq!(store.append_many(&[app("s2", 0, 5, &[6])]).await.unwrap(), [Write::Fenced]);
     assert_eq!(store.set_progress("s2", 0, SessionState::Prefilling).await.unwrap(), Write::Fenced);
@@ -88,6 +92,7 @@ async fn contract(store: Arc<dyn SessionStore>) {
     assert_eq!((r.assignment, r.epoch, r.migrations, r.generated), (bd2, 2, 3, 7));
     assert!(store.finish("s2", Some(2), &done, Duration::from_secs(5)).await.unwrap());
     assert_eq!(store.reassign("s2", 2, &to("td1"), &[]).await.unwrap(), Reassigned::Final);
+    assert_eq!(store.unfinished().await.unwrap(), [("s1".to_string(), "td1".to_string())], "final sessions leave the unfinished list");
     assert_eq!(store.reassign("nope", 0, &to("td1"), &[]).await.unwrap(), Reassigned::Missing);
 
     let cancelled = Outcome { state: SessionState::Cancelled, finish_reason: "cancelled".into(), error: None };
@@ -97,6 +102,7 @@ async fn contract(store: Arc<dyn SessionStore>) {
     let r = store.session("s1").await.unwrap().unwrap();
     assert_eq!((r.state, r.finish_reason.as_deref()), (SessionState::Cancelled, Some("cancelled")));
     assert!(r.finished_at_ms.is_some());
+    assert!(store.unfinished().await.unwrap().is_empty());
     // Finished sessions expire.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(store.session("s1").await.unwrap().is_none());
@@ -115,5 +121,15 @@ async fn memory_store_contract() {
 async fn redis_store_contract() {
     let redis = RedisServer::start();
     let store = RedisStore::connect(&redis.url(), "test:").await.unwrap();
-    contract(Arc::new(store)).await;
+    contract(Arc::new(store.clone())).await;
+
+    // A record deleted behind the store's back leaves the unfinished set the
+    // next time it is listed.
+    assert!(store.create_session(&spec("gone"), &to("td1")).await.unwrap());
+    assert_eq!(store.unfinished().await.unwrap(), [("gone".to_string(), "td1".to_string())]);
+    let mut c = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("DEL").arg("test:sess:gone").query_async::<()>(&mut c).await.unwrap();
+    assert!(store.unfinished().await.unwrap().is_empty());
+    let left: usize = redis::cmd("HLEN").arg("test:sessions:unfinished").query_async(&mut c).await.unwrap();
+    assert_eq!(left, 0);
 }

@@ -5,6 +5,7 @@
 pub mod auth;
 mod relay;
 pub mod service;
+mod sweep;
 pub mod validate;
 
 use std::path::PathBuf;
@@ -53,6 +54,11 @@ pub struct Args {
     /// keep the token out of process listings.
     #[arg(long, env = "BLOCKSERVE_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// Seconds between looks for orphaned sessions: unfinished sessions whose
+    /// token decoder died while no router followed them, moved to a live
+    /// token decoder after two looks without progress (0: off).
+    #[arg(long, env = "BLOCKSERVE_ORPHAN_SWEEP_S", default_value_t = 5)]
+    pub orphan_sweep_s: u64,
 }
 
 pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver<bool>, ready: Option<tokio::sync::oneshot::Sender<String>>) -> Result<()> {
@@ -76,6 +82,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     router.max_streams = args.max_streams.max(1);
     router.streams = Arc::new(tokio::sync::Semaphore::new(router.max_streams));
     let router = Arc::new(router);
+    tokio::spawn(sweep::run(router.clone(), Duration::from_secs(args.orphan_sweep_s), stop.clone()));
     let listening = args.serve.bind().await?;
     blockserve_runtime::metrics::start(args.serve.metrics_listen, stop.clone()).await?;
     let address = listening.address.clone();

@@ -363,19 +363,23 @@ impl Router {
         }
     }
 
-    /// Move a stalled session whose token decoder left the registry. The new
-    /// token decoder's stream is dropped at once: it runs the session on its
-    /// own and the followers read its output from the store.
+    /// Move a stalled session whose token decoder left the registry.
     async fn take_over_if_orphaned(&self, id: &str, rec: &blockserve_store::SessionRecord) {
         let Ok(live) = self.store.instances(Tier::TokenDecoder).await else { return };
         if live.iter().any(|i| i.id == rec.assignment.token_decoder_id) {
             return;
         }
-        let why = format!("token decoder {} left the registry", rec.assignment.token_decoder);
+        self.take_over(id, rec, &format!("token decoder {} left the registry", rec.assignment.token_decoder)).await;
+    }
+
+    /// Move `rec`'s session to another token decoder, leaving its current one
+    /// out. The new token decoder's stream is dropped at once: it runs the
+    /// session on its own and followers read its output from the store.
+    pub(crate) async fn take_over(&self, id: &str, rec: &blockserve_store::SessionRecord, why: &str) {
         tracing::warn!(session = %id, %why, "taking over an orphaned session");
         let known = self.store.tokens(id, 0).await.unwrap_or_default();
         let mut failed = vec![rec.assignment.token_decoder_id.clone()];
-        if let Ok((moved, _)) = self.migrate(id, rec.epoch, &mut failed, &known, "orphaned", &why).await {
+        if let Ok((moved, _)) = self.migrate(id, rec.epoch, &mut failed, &known, "orphaned", why).await {
             drop(moved);
         }
     }

@@ -114,6 +114,7 @@ pub async fn run(args: Args) -> Result<()> {
         api_token: args.api_token.clone(),
         max_migrations: blockserve_router::service::DEFAULT_MAX_MIGRATIONS,
         max_streams: blockserve_router::service::DEFAULT_MAX_STREAMS,
+        orphan_sweep_s: 5,
     };
     tasks.spawn(blockserve_router::run(router, store, stop.clone(), Some(ready)));
     let endpoint = addr.await?;
