@@ -31,11 +31,8 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("blockserve-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(tag: &str) -> blockserve_testkit::TempDir {
+    blockserve_testkit::TempDir::new(&format!("cli-{tag}"))
 }
 
 fn csv(v: &[i64]) -> String {
@@ -127,5 +124,4 @@ fn init_writes_a_deterministic_loadable_preset_model() {
     let want = model.generate(&[req], false).unwrap().remove(0);
     assert_eq!(want.tokens.len(), 8);
     assert_eq!(v, serde_json::json!({ "tokens": want.tokens, "finish_reason": "length" }));
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -94,8 +94,7 @@ fn request(prompt: Vec<u32>, n: u32, token: Option<&str>) -> tonic::Request<Gene
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tiers_talk_mutual_tls_untrusted_clients_are_refused_and_certificates_reload() {
-    let dir = std::env::temp_dir().join(format!("blockserve-tls-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = blockserve_testkit::TempDir::new("tls-test");
     let ca = Ca::new(&dir, "cluster");
     let rogue = Ca::new(&dir, "rogue");
     let (tier_cert, tier_key) = ca.leaf_files("tier");
@@ -181,5 +180,4 @@ async fn tiers_talk_mutual_tls_untrusted_clients_are_refused_and_certificates_re
     std::fs::write(&router_cert, "-----BEGIN CERTIFICATE-----\ntruncated").unwrap();
     health(tls_channel(port("router"), &next, None).await).await.unwrap();
     drop(cluster);
-    std::fs::remove_dir_all(&dir).unwrap();
 }

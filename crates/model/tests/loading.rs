@@ -11,11 +11,8 @@ use blockserve_model::Model;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 
-fn tempdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("blockserve-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tempdir(tag: &str) -> blockserve_testkit::TempDir {
+    blockserve_testkit::TempDir::new(&format!("test-{tag}"))
 }
 
 fn fixture_tensors(name: &str) -> HashMap<String, Tensor> {

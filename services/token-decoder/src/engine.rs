@@ -185,6 +185,9 @@ impl Engine {
     }
 }
 
+/// Characters of a block decoder's error message passed on.
+const MAX_PEER_MESSAGE: usize = 512;
+
 struct Session {
     link: Arc<Link>,
     spec: Spec,
@@ -333,7 +336,21 @@ impl Thread {
     /// sessions join this round's batch (a session that ended meanwhile is skipped).
     fn receive(&mut self, link: u64, msg: LinkDown, rows: &mut Rows) {
         for e in msg.errors {
-            self.fail(e.key, Status::new(Code::from_i32(e.code), format!("block decoder: {}", e.message)));
+            // Only this link's sessions: a block decoder cannot end another's.
+            if !self.sessions.get(&e.key).is_some_and(|s| s.link.id == link) {
+                continue;
+            }
+            // An error must not read as success, nor carry a message too long
+            // for a gRPC status header.
+            let code = match Code::from_i32(e.code) {
+                Code::Ok => Code::Internal,
+                c => c,
+            };
+            let mut message: String = e.message.chars().take(MAX_PEER_MESSAGE).collect();
+            if message.is_empty() {
+                message = "(no message)".into();
+            }
+            self.fail(e.key, Status::new(code, format!("block decoder: {message}")));
         }
         let Some(ctx) = msg.contexts else { return };
         let d = self.model.config.block_decoder.hidden_size;

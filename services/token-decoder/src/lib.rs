@@ -57,6 +57,11 @@ pub struct Args {
     /// Seconds a finished session stays in the store.
     #[arg(long, env = "BLOCKSERVE_SESSION_TTL_S", default_value_t = 3600)]
     pub session_ttl_s: u64,
+    /// Seconds a session waits for its block decoder's next context (the
+    /// first one includes the prompt's prefill) before it counts the block
+    /// decoder as lost and moves to another (0: wait for ever).
+    #[arg(long, env = "BLOCKSERVE_BLOCK_TIMEOUT_S", default_value_t = 60.0)]
+    pub block_timeout_s: f64,
 }
 
 /// State every session task of this process shares.
@@ -70,6 +75,8 @@ pub struct Shared {
     pub dtype: DType,
     pub device: Device,
     pub session_ttl: Duration,
+    /// How long a session waits for its next context (None: for ever).
+    pub block_timeout: Option<Duration>,
     pub max_sessions: u32,
     /// Running sessions and the switch that cancels each.
     pub running: Mutex<HashMap<String, watch::Sender<bool>>>,
@@ -113,6 +120,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         dtype: parse_dtype(&args.model.dtype)?,
         device: parse_device(&args.model.device)?,
         session_ttl: Duration::from_secs(args.session_ttl_s),
+        block_timeout: Duration::try_from_secs_f64(args.block_timeout_s).ok().filter(|d| !d.is_zero()),
         max_sessions: args.max_sessions,
         running: Mutex::new(HashMap::new()),
         channels: blockserve_runtime::channels::Channels::new(dialer.clone()),

@@ -223,7 +223,18 @@ async fn decode_on(
         writes.progress(SessionState::Prefilling).await.map_err(blockserve_runtime::status::from_store)?;
     }
     loop {
-        let (mut new, mut finish, mut wire_bytes) = match events.recv().await {
+        // A block decoder that keeps the link open but stops answering (hung,
+        // or overloaded far beyond its queue) would hold the session for
+        // ever: past the timeout it counts as lost and the session moves.
+        let next = async {
+            match shared.block_timeout {
+                Some(t) => tokio::time::timeout(t, events.recv()).await.map_err(|_| {
+                    Status::unavailable(format!("block decoder {block_decoder} sent nothing for this session in {} s (--block-timeout-s)", t.as_secs_f64()))
+                }),
+                None => Ok(events.recv().await),
+            }
+        };
+        let (mut new, mut finish, mut wire_bytes) = match next.await? {
             Some(Event::Block { tokens, finish, wire_bytes }) => (tokens, finish, wire_bytes),
             Some(Event::Failed(st)) => return Err(st),
             None => return Err(Status::internal("token decoder engine dropped the session")),

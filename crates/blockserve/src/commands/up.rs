@@ -99,6 +99,7 @@ pub async fn run(args: Args) -> Result<()> {
             cuda_graphs: true,
             store_buffer: blockserve_token_decoder::recorder::DEFAULT_CAPACITY,
             session_ttl_s: 3600,
+            block_timeout_s: 60.0,
         };
         tasks.spawn(blockserve_token_decoder::run(td, store.clone(), stop.clone(), Some(ready)));
         eprintln!("token decoder {i} at {}", addr.await?);
