@@ -120,7 +120,9 @@ pub async fn run(args: Args) -> Result<()> {
     tasks.spawn(blockserve_router::run(router, store, stop.clone(), Some(ready)));
     let endpoint = addr.await?;
     println!("blockserve is up: router at {endpoint} (model {})", model.display());
-    println!("try: blockserve client generate \"def fibonacci(n):\" --addr {endpoint}");
+    let tls = if endpoint.starts_with("https://") { " --tls-ca <the CA of --tls-cert>" } else { "" };
+    let token = if args.api_token.is_some() { " --api-token <token>" } else { "" };
+    println!("try: blockserve client generate \"def fibonacci(n):\" --addr {endpoint}{tls}{token}");
 
     tokio::select! {
         _ = blockserve_runtime::server::shutdown_signal() => eprintln!("shutting down"),
