@@ -143,6 +143,8 @@ async fn every_session_survives_killed_token_decoders_block_decoder_router_and_a
         n
     };
     let mut rng = Lcg(7);
+    // Metrics of the router that is killed, scraped just before.
+    let mut router_metrics = vec![];
     let mut log = vec![];
     let tds = cluster.of("token-decoder");
     let at = |secs: f64| async move { tokio::time::sleep_until((t0 + Duration::from_secs_f64(secs)).into()).await };
@@ -178,6 +180,7 @@ async fn every_session_survives_killed_token_decoders_block_decoder_router_and_a
             }
             "router" => {
                 let i = cluster.of("router")[0];
+                router_metrics.push(blockserve_testkit::scrape_metrics(cluster.procs[i].metrics_port));
                 cluster.procs[i].kill();
                 fault(format!("SIGKILL router :{}", cluster.procs[i].port), running);
             }
@@ -241,5 +244,10 @@ async fn every_session_survives_killed_token_decoders_block_decoder_router_and_a
         percentile(&per_relayed, 0.99),
         per_relayed.last().copied().unwrap_or(0.0)
     );
+    // The routers' own measure of a relayed migration: from the broken
+    // stream to the first token from the new token decoder.
+    router_metrics.push(blockserve_testkit::scrape_metrics(cluster.procs[cluster.of("router")[1]].metrics_port));
+    let (n, q) = blockserve_testkit::histogram_quantiles(&router_metrics, "blockserve_migration_seconds", &[("tier", "router")], &[0.5, 0.99]);
+    println!("chaos: the routers' migration_seconds over {n} relayed migrations: p50 <= {} s, p99 <= {} s (bucket bounds)", q[0], q[1]);
     assert!(migrations > 0 && resumes > 0, "the faults must have moved sessions and clients");
 }

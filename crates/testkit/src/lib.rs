@@ -121,6 +121,31 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Count of a Prometheus histogram over several scrapes (e.g. of processes
+/// that were later killed), and the upper bound of the bucket that holds each
+/// quantile in `qs` (`inf` past the last bucket).
+pub fn histogram_quantiles(texts: &[String], name: &str, labels: &[(&str, &str)], qs: &[f64]) -> (u64, Vec<f64>) {
+    let mut buckets: std::collections::BTreeMap<u64, (f64, f64)> = Default::default(); // le bits -> (le, count)
+    let bucket = format!("{name}_bucket");
+    for text in texts {
+        for l in text.lines().filter(|l| l.starts_with(&bucket)) {
+            let Some((series, value)) = l.rsplit_once(' ') else { continue };
+            if !labels.iter().all(|(k, v)| series.contains(&format!("{k}=\"{v}\""))) {
+                continue;
+            }
+            let Some(le) = series.split("le=\"").nth(1).and_then(|r| r.split('"').next()) else { continue };
+            let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() };
+            let e = buckets.entry(le.to_bits()).or_insert((le, 0.0));
+            e.1 += value.parse::<f64>().unwrap();
+        }
+    }
+    let mut sorted: Vec<(f64, f64)> = buckets.into_values().collect();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = sorted.last().map_or(0.0, |b| b.1);
+    let at = |q: f64| sorted.iter().find(|b| b.1 >= q * total).map_or(f64::INFINITY, |b| b.0);
+    (total as u64, qs.iter().map(|&q| at(q)).collect())
+}
+
 /// A fresh directory under the system temp dir, removed (with what is in it)
 /// when dropped, also when the test fails.
 pub struct TempDir(std::path::PathBuf);

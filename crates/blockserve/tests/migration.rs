@@ -1,8 +1,13 @@
-//! Sessions nobody follows: their router is killed and their clients never
-//! come back, then the token decoder running half of them is killed too. The
-//! other router's orphan sweep must move those sessions to the surviving token
-//! decoder, and every session must finish in the store with exactly the
-//! fault-free output.
+//! Migrations one at a time (the chaos test has them all at once):
+//!
+//! - a token decoder dies under sessions whose router relays them: their
+//!   streams continue from the surviving token decoder with the fault-free
+//!   output; the time each client waited is printed;
+//! - sessions nobody follows: their router is killed and their clients never
+//!   come back, then the token decoder running half of them is killed too.
+//!   The other router's orphan sweep must move those sessions to the
+//!   surviving token decoder, and every session must finish in the store with
+//!   exactly the fault-free output.
 
 mod common;
 
@@ -18,6 +23,70 @@ const TOKENS: u32 = 2000;
 
 fn prompt(i: usize) -> Vec<u32> {
     vec![7 + i as u32, 40, 3 * i as u32 + 1]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relayed_session_moves_when_its_token_decoder_dies() {
+    const N: usize = 8;
+    const LONG: u32 = 1000;
+    let model = fixture_model();
+    let want = greedy_reference(&model, &(0..N).map(prompt).collect::<Vec<_>>(), LONG);
+    let mut cluster = Cluster::start(&model, &[("block-decoder", 1, &[]), ("token-decoder", 2, &[]), ("router", 1, &[])]).await;
+    let store = cluster.store().await;
+    let router = cluster.procs[cluster.of("router")[0]].address();
+    let clients: Vec<_> = (0..N)
+        .map(|i| {
+            let router = router.clone();
+            tokio::spawn(async move {
+                let mut client = GenerationClient::connect(router).await.unwrap();
+                let params = GenerationParameters { max_new_tokens: Some(LONG), ignore_eos: true, ..Default::default() };
+                let mut req = ids_request(prompt(i), params);
+                req.session_id = format!("relayed-{i}");
+                let mut s = client.generate(req).await.unwrap().into_inner();
+                let (mut tokens, mut arrivals) = (vec![], vec![]);
+                while let Some(m) = s.message().await.unwrap() {
+                    match m.event {
+                        Some(generate_response::Event::Tokens(c)) => {
+                            assert_eq!(c.offset as usize, tokens.len());
+                            tokens.extend(c.token_ids);
+                            arrivals.push(Instant::now());
+                        }
+                        Some(generate_response::Event::Finished(_)) => break,
+                        _ => {}
+                    }
+                }
+                (tokens, arrivals)
+            })
+        })
+        .collect();
+    // Once every session has output, kill the token decoder of session 0.
+    loop {
+        let mut started = 0;
+        for i in 0..N {
+            started += store.session(&format!("relayed-{i}")).await.unwrap().is_some_and(|r| r.generated >= 40) as usize;
+        }
+        if started == N {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first = store.session("relayed-0").await.unwrap().unwrap();
+    let victim = cluster.of("token-decoder").into_iter().find(|&i| first.assignment.token_decoder == cluster.procs[i].address()).unwrap();
+    cluster.procs[victim].kill();
+    let killed_at = Instant::now();
+    let mut waits = vec![];
+    for (i, c) in clients.into_iter().enumerate() {
+        let (tokens, arrivals) = c.await.unwrap();
+        assert_eq!(tokens, want[i], "relayed-{i}");
+        let rec = store.session(&format!("relayed-{i}")).await.unwrap().unwrap();
+        if rec.migrations > 0 {
+            // From the kill to the first chunk after it.
+            waits.push(arrivals.iter().find(|&&t| t > killed_at).map_or(f64::NAN, |t| (*t - killed_at).as_secs_f64() * 1e3));
+        }
+    }
+    assert!(!waits.is_empty());
+    waits.sort_by(f64::total_cmp);
+    println!("relayed migration: {} sessions moved; from the kill to their next chunk: min {:.0} ms, max {:.0} ms", waits.len(), waits[0], waits[waits.len() - 1]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
