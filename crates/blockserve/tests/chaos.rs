@@ -1,8 +1,8 @@
 //! Faults under load: 200 concurrent greedy sessions through 2 routers,
 //! 2 block decoders and 3 token decoders (separate processes) with a real
 //! redis-server, while token decoders are SIGKILLed and restarted every few
-//! seconds, a block decoder and a router are killed once, and Redis restarts
-//! once. Every session must finish with exactly the tokens of a fault-free
+//! seconds for the whole run, a block decoder and a router are killed once,
+//! and Redis restarts once. Every session must finish with exactly the tokens of a fault-free
 //! run (the in-process engine), and Redis must show every one finished.
 //!
 //! The figures (migrations, resumes, added latency) are printed; run with
@@ -19,6 +19,8 @@ use blockserve_store::SessionStore;
 use common::*;
 
 const SESSIONS: usize = 200;
+/// Token-decoder kills after the fixed schedule, one every 4 s while sessions run.
+const EXTRA_KILLS: usize = 10;
 
 /// Tokens per session: enough that every fault lands while sessions run.
 fn tokens() -> u32 {
@@ -191,6 +193,21 @@ async fn every_session_survives_killed_token_decoders_block_decoder_router_and_a
                 fault("Redis killed, restarted 1.5 s later".into(), running);
             }
         }
+    }
+    // Then a token decoder every 4 s for as long as sessions run (at most
+    // EXTRA_KILLS more), so the faults span the whole run.
+    let mut next = 23.0;
+    for _ in 0..EXTRA_KILLS {
+        at(next).await;
+        next += 4.0;
+        let running = unfinished(store.clone()).await;
+        if running == 0 {
+            break;
+        }
+        let i = tds[rng.below(tds.len())];
+        cluster.procs[i].kill();
+        cluster.procs[i].start();
+        fault(format!("SIGKILL token decoder :{} (restarted)", cluster.procs[i].port), running);
     }
     let mut seen = vec![];
     for c in clients {

@@ -24,6 +24,7 @@ use std::time::Duration;
 use blockserve_proto::v1::block_decoder_client::BlockDecoderClient;
 use blockserve_proto::v1::token_decoder_client::TokenDecoderClient;
 use blockserve_proto::v1::*;
+use blockserve_store::SessionStore;
 use blockserve_testkit::{metric_sum, scrape_metrics};
 use common::*;
 use proptest::prelude::*;
@@ -204,7 +205,7 @@ impl blockserve_proto::v1::block_decoder_server::BlockDecoder for HostileBlockDe
 /// Record a session as a router would before it runs it (a session the store
 /// does not know is fenced off at its first write).
 async fn record(store: &blockserve_store::RedisStore, id: &str, td: &str, bd: &str) {
-    use blockserve_store::{Assignment, SessionSpec, SessionStore};
+    use blockserve_store::{Assignment, SessionSpec};
     let spec = SessionSpec { id: id.into(), prompt_ids: vec![3, 1, 4, 1, 5], parameters: serde_json::json!({}), created_at_ms: 0 };
     let to = Assignment { token_decoder: td.into(), token_decoder_id: "fuzz".into(), block_decoder: bd.into() };
     assert!(store.create_session(&spec, &to).await.unwrap());
@@ -213,8 +214,8 @@ async fn record(store: &blockserve_store::RedisStore, id: &str, td: &str, bd: &s
 /// Run `req` on the token decoder and check it is answered within 30 s:
 /// a refusal or a stream that ends with `finished` or a status, each with a
 /// message. Returns the tokens streamed, or the status.
-async fn run_answered(td: &str, req: RunRequest) -> Result<Vec<u32>, tonic::Status> {
-    let mut client = TokenDecoderClient::connect(td.to_string()).await.unwrap();
+async fn run_answered(td: impl Into<String>, req: RunRequest) -> Result<Vec<u32>, tonic::Status> {
+    let mut client = TokenDecoderClient::connect(td.into()).await.unwrap();
     let answered = tokio::time::timeout(Duration::from_secs(30), async {
         let mut tokens = vec![];
         match client.run(req).await {
@@ -281,7 +282,7 @@ fn internal_messages_get_answers_and_never_take_a_tier_down() {
 
     proptest!(config.clone(), |(req in run_request(bd.clone()))| {
         rt.block_on(async {
-            let _ = run_answered(&td, req).await;
+            let _ = run_answered(td.clone(), req).await;
         });
     });
 
@@ -295,8 +296,46 @@ fn internal_messages_get_answers_and_never_take_a_tier_down() {
         tokio::spawn(server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
         address
     });
-    let hostile_config = ProptestConfig { cases: 32, ..config };
     let store = rt.block_on(cluster.store());
+
+    // What the fuzz found, pinned as regression cases.
+    rt.block_on(async {
+        let prompt = vec![3, 1, 4, 1, 5];
+        let want = greedy_reference(&fixture_model(), &[prompt.clone()], 200).remove(0);
+        let run = |id: &str, bd: &str, n: u32| {
+            let parameters = GenerationParameters { max_new_tokens: Some(n), temperature: Some(0.0), ignore_eos: true, ..Default::default() };
+            RunRequest { session_id: id.into(), prompt_ids: prompt.clone(), parameters: Some(parameters), block_decoder: bd.into(), max_migrations: 2, ..Default::default() }
+        };
+        let set = |replies: Vec<Reply>, ending: Ending| *hostile.0.lock().unwrap() = Some(Script { replies, ending });
+        let error_reply = |errors: Vec<(KeyPick, i32, String)>| Reply { key: KeyPick::Opened, block_index: None, contexts: None, errors };
+
+        // 1. An error with code OK ends the session with INTERNAL (it used to
+        //    end the stream with OK and no `finished`).
+        set(vec![error_reply(vec![(KeyPick::Opened, 0, String::new())])], Ending::Silent);
+        record(&store, "regress-ok-code", &td, &hostile_address).await;
+        let st = run_answered(td.clone(), run("regress-ok-code", &hostile_address, 8)).await.unwrap_err();
+        assert_eq!((st.code(), st.message()), (tonic::Code::Internal, "block decoder: (no message)"));
+
+        // 2. A block decoder that goes silent: after --block-timeout-s the
+        //    session moves to the real one and finishes (it used to wait for ever).
+        set(vec![], Ending::Silent);
+        record(&store, "regress-silent", &td, &hostile_address).await;
+        assert_eq!(run_answered(td.clone(), run("regress-silent", &hostile_address, 16)).await.unwrap(), want[..16]);
+
+        // 3. Errors naming every key cannot end a session on another block
+        //    decoder's link (they used to end any session with that key).
+        record(&store, "regress-bystander", &td, &bd).await;
+        let bystander = tokio::spawn(run_answered(td.clone(), run("regress-bystander", &bd, 200)));
+        while store.session("regress-bystander").await.unwrap().unwrap().generated < 8 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        set(vec![error_reply((0..1000).map(|k| (KeyPick::Other(k), 13, "hostile".into())).collect())], Ending::Close);
+        record(&store, "regress-attacker", &td, &hostile_address).await;
+        let _ = run_answered(td.clone(), run("regress-attacker", &hostile_address, 8)).await;
+        assert_eq!(bystander.await.unwrap().unwrap(), want, "the bystander session was ended by another link's errors");
+    });
+
+    let hostile_config = ProptestConfig { cases: 32, ..config };
     let case = std::sync::atomic::AtomicU32::new(0);
     let outcomes = Mutex::new(std::collections::BTreeMap::<String, usize>::new());
     proptest!(hostile_config, |(s in script(), n in 1u32..24)| {
@@ -313,7 +352,7 @@ fn internal_messages_get_answers_and_never_take_a_tier_down() {
                 max_migrations: 2,
                 ..Default::default()
             };
-            let outcome = match run_answered(&td, req).await {
+            let outcome = match run_answered(td.clone(), req).await {
                 Ok(tokens) => format!("finished with {} tokens", if tokens.len() == n as usize { "all" } else { "too few" }),
                 Err(st) => format!("{:?}", st.code()),
             };
@@ -322,7 +361,6 @@ fn internal_messages_get_answers_and_never_take_a_tier_down() {
     });
     println!("hostile block decoder, outcomes: {:?}", outcomes.lock().unwrap());
     // Each of them ended in the store too (finished or failed), none left open.
-    use blockserve_store::SessionStore;
     assert_eq!(rt.block_on(store.unfinished()).unwrap(), vec![]);
 
     // Both processes are still up, idle, and serve a valid session.
@@ -338,6 +376,6 @@ fn internal_messages_get_answers_and_never_take_a_tier_down() {
         let parameters = GenerationParameters { max_new_tokens: Some(16), temperature: Some(0.0), ignore_eos: true, ..Default::default() };
         record(&store, "after-fuzz", &td, &bd).await;
         let req = RunRequest { session_id: "after-fuzz".into(), prompt_ids: prompt.clone(), parameters: Some(parameters), block_decoder: bd.clone(), ..Default::default() };
-        assert_eq!(run_answered(&td, req).await.unwrap(), greedy_reference(&fixture_model(), &[prompt], 16)[0]);
+        assert_eq!(run_answered(td.clone(), req).await.unwrap(), greedy_reference(&fixture_model(), &[prompt], 16)[0]);
     });
 }
