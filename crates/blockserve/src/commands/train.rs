@@ -65,9 +65,10 @@ pub struct TrainArgs {
     /// settings; the flags below then only set the time limit and export.
     #[arg(long)]
     run: PathBuf,
-    /// Model shape: vanilla_s, a model preset (block_main_b4_5, block_main_b4_19,
-    /// vanilla_70, ...) or a test shape (tiny_block, tiny_vanilla); the
-    /// vocabulary is the tokenizer's.
+    /// Model shape: vanilla_s, vanilla_LxD (L layers of width D, D a multiple
+    /// of 32, e.g. vanilla_2x128), a model preset (block_main_b4_5,
+    /// block_main_b4_19, vanilla_70, ...) or a test shape (tiny_block,
+    /// tiny_vanilla); the vocabulary is the tokenizer's.
     #[arg(long, default_value = "block_main_b4_5")]
     shape: String,
     /// Tokens per training window (a multiple of the block length).
