@@ -2,7 +2,9 @@
 //!
 //! - a token decoder dies under sessions whose router relays them: their
 //!   streams continue from the surviving token decoder with the fault-free
-//!   output; the time each client waited is printed;
+//!   output; the time each client waited is printed (`RELAYED_SESSIONS`,
+//!   default 8, sets the number of sessions; `RESTART=1` restarts the killed
+//!   process on its address at once, as the chaos test does);
 //! - sessions nobody follows: their router is killed and their clients never
 //!   come back, then the token decoder running half of them is killed too.
 //!   The other router's orphan sweep must move those sessions to the
@@ -27,14 +29,14 @@ fn prompt(i: usize) -> Vec<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relayed_session_moves_when_its_token_decoder_dies() {
-    const N: usize = 8;
+    let n: usize = std::env::var("RELAYED_SESSIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
     const LONG: u32 = 1000;
     let model = fixture_model();
-    let want = greedy_reference(&model, &(0..N).map(prompt).collect::<Vec<_>>(), LONG);
+    let want = greedy_reference(&model, &(0..n).map(prompt).collect::<Vec<_>>(), LONG);
     let mut cluster = Cluster::start(&model, &[("block-decoder", 1, &[]), ("token-decoder", 2, &[]), ("router", 1, &[])]).await;
     let store = cluster.store().await;
     let router = cluster.procs[cluster.of("router")[0]].address();
-    let clients: Vec<_> = (0..N)
+    let clients: Vec<_> = (0..n)
         .map(|i| {
             let router = router.clone();
             tokio::spawn(async move {
@@ -62,10 +64,10 @@ async fn a_relayed_session_moves_when_its_token_decoder_dies() {
     // Once every session has output, kill the token decoder of session 0.
     loop {
         let mut started = 0;
-        for i in 0..N {
+        for i in 0..n {
             started += store.session(&format!("relayed-{i}")).await.unwrap().is_some_and(|r| r.generated >= 40) as usize;
         }
-        if started == N {
+        if started == n {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -74,6 +76,9 @@ async fn a_relayed_session_moves_when_its_token_decoder_dies() {
     let victim = cluster.of("token-decoder").into_iter().find(|&i| first.assignment.token_decoder == cluster.procs[i].address()).unwrap();
     cluster.procs[victim].kill();
     let killed_at = Instant::now();
+    if std::env::var("RESTART").is_ok() {
+        cluster.procs[victim].start();
+    }
     let mut waits = vec![];
     for (i, c) in clients.into_iter().enumerate() {
         let (tokens, arrivals) = c.await.unwrap();
