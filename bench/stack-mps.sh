@@ -7,6 +7,7 @@
 # end; no GPU setting is changed.
 #
 #   bash bench/stack-mps.sh            # STACK_RUNS as in bench/device-bench.sh
+#   MPS_ONLY=1 bash bench/stack-mps.sh # the in-process figure and the stack with MPS only
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 runs=${STACK_RUNS:-1:decode-heavy:2048 1:decode-heavy:1024}
@@ -22,7 +23,7 @@ stack() {
     grep -h "busy_percent" "$LOGS"/*.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/.*engine=/  engine=/'
   done
 }
-stack "no MPS"
+[ -z "${MPS_ONLY:-}" ] && stack "no MPS"
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
 mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
 if nvidia-cuda-mps-control -d; then
