@@ -72,6 +72,14 @@ async fn a_relayed_session_moves_when_its_token_decoder_dies() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // A burst of sessions from one router spreads over both token decoders.
+    let mut per_td = std::collections::HashMap::<String, usize>::new();
+    for i in 0..n {
+        *per_td.entry(store.session(&format!("relayed-{i}")).await.unwrap().unwrap().assignment.token_decoder).or_default() += 1;
+    }
+    let counts: Vec<usize> = per_td.values().copied().collect();
+    println!("relayed migration: sessions per token decoder {counts:?}");
+    assert!(counts.len() == 2 && counts.iter().max().unwrap() - counts.iter().min().unwrap() <= n / 4, "uneven routing: {per_td:?}");
     let first = store.session("relayed-0").await.unwrap().unwrap();
     let victim = cluster.of("token-decoder").into_iter().find(|&i| first.assignment.token_decoder == cluster.procs[i].address()).unwrap();
     cluster.procs[victim].kill();

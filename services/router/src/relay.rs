@@ -239,12 +239,13 @@ impl Router {
             }
             let attempt = async {
                 let rec = self.record(id).await?;
-                let td = self.pick(Tier::TokenDecoder, failed).await?;
+                // (Not counted while it runs: the relay holds the first choice's count.)
+                let (td, _) = self.pick(Tier::TokenDecoder, failed).await?;
                 // Its block decoder stays unless it is gone too.
                 let bds = self.store.instances(Tier::BlockDecoder).await.map_err(status::from_store)?;
                 let bd = match bds.iter().any(|i| i.address == rec.assignment.block_decoder) {
                     true => rec.assignment.block_decoder.clone(),
-                    false => self.pick(Tier::BlockDecoder, &[]).await?.address,
+                    false => self.pick(Tier::BlockDecoder, &[]).await?.0.address,
                 };
                 let to = Assignment { token_decoder: td.address.clone(), token_decoder_id: td.id.clone(), block_decoder: bd };
                 let moved = self.store.reassign(id, epoch, &to, known).await.map_err(status::from_store)?;

@@ -58,26 +58,15 @@ pub struct Router {
     routed: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
 }
 
-/// Counts a session against its instances while it runs.
-pub(crate) struct Routed(Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>, Vec<String>);
-
-impl Routed {
-    fn new(map: &Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>, addresses: &[&str]) -> Self {
-        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
-        for a in addresses {
-            *m.entry(a.to_string()).or_default() += 1;
-        }
-        Self(map.clone(), addresses.iter().map(|a| a.to_string()).collect())
-    }
-}
+/// Counts a session (or a Score call) against the instance it was routed to,
+/// while it runs.
+pub(crate) struct Routed(Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>, String);
 
 impl Drop for Routed {
     fn drop(&mut self) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        for a in &self.1 {
-            if let Some(n) = m.get_mut(a) {
-                *n = n.saturating_sub(1);
-            }
+        if let Some(n) = m.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
         }
     }
 }
@@ -153,7 +142,11 @@ impl Router {
     /// The least-loaded live instance of `tier` with room for a session, other
     /// than the instances (by id: a process restarted on the same address is
     /// a new instance) in `exclude`.
-    pub(crate) async fn pick(&self, tier: Tier, exclude: &[String]) -> Result<InstanceInfo, Status> {
+    /// The choice counts against the instance until the returned guard drops:
+    /// it is made and counted under one lock, so a burst of concurrent
+    /// sessions spreads over the instances instead of all taking the one that
+    /// looked least loaded.
+    pub(crate) async fn pick(&self, tier: Tier, exclude: &[String]) -> Result<(InstanceInfo, Routed), Status> {
         let mut all = self.store.instances(tier).await.map_err(status::from_store)?;
         let name = tier.as_str().replace('_', " ");
         if all.is_empty() {
@@ -163,13 +156,17 @@ impl Router {
         if all.is_empty() {
             return Err(Status::unavailable(format!("no live {name} instance other than the {} that failed this session", exclude.len())));
         }
-        let routed = self.routed.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        all.into_iter()
+        let mut routed = self.routed.lock().unwrap_or_else(|p| p.into_inner());
+        let best = all
+            .into_iter()
             .filter(|i| i.free_capacity > 0)
             // Reported load plus what this router sent since (it may double count
             // for a lease period, alike for every instance).
             .min_by_key(|i| (i.load_key().0 + routed.get(&i.address).copied().unwrap_or(0), i.load_key()))
-            .ok_or_else(|| Status::resource_exhausted(format!("every {name} is at capacity; retry later")))
+            .ok_or_else(|| Status::resource_exhausted(format!("every {name} is at capacity; retry later")))?;
+        *routed.entry(best.address.clone()).or_default() += 1;
+        let guard = Routed(self.routed.clone(), best.address.clone());
+        Ok((best, guard))
     }
 
     pub(crate) async fn record(&self, id: &str) -> Result<SessionRecord, Status> {
@@ -215,9 +212,9 @@ impl Router {
         let parameters = req.parameters.clone().unwrap_or_default();
         let resolved = params::resolve(&parameters, m.eos, m.vocab)?;
         validate::lengths(prompt.len(), resolved.stop.max_new_tokens, self.max_new_tokens, m.max_total_tokens)?;
-        let td = self.pick(Tier::TokenDecoder, &[]).await?;
-        let bd = self.pick(Tier::BlockDecoder, &[]).await?;
-        let routed = Routed::new(&self.routed, &[&td.address, &bd.address]);
+        let (td, td_routed) = self.pick(Tier::TokenDecoder, &[]).await?;
+        let (bd, bd_routed) = self.pick(Tier::BlockDecoder, &[]).await?;
+        let routed = (td_routed, bd_routed);
         let id = if req.session_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { req.session_id.clone() };
         let spec = SessionSpec {
             id: id.clone(),
@@ -391,8 +388,8 @@ impl Generation for GenerationService {
             if ids.len() > r.model.max_total_tokens {
                 return Err(Status::invalid_argument(format!("input has {} tokens; the model's context allows {}", ids.len(), r.model.max_total_tokens)));
             }
-            let td = r.pick(Tier::TokenDecoder, &[]).await?;
-            let bd = r.pick(Tier::BlockDecoder, &[]).await?;
+            let (td, _td_routed) = r.pick(Tier::TokenDecoder, &[]).await?;
+            let (bd, _bd_routed) = r.pick(Tier::BlockDecoder, &[]).await?;
             let mut client = TokenDecoderClient::new(r.channel(&td.address).await?);
             Ok(Response::new(client.score(ScoreIdsRequest { token_ids: ids, block_decoder: bd.address }).await?.into_inner()))
         })
