@@ -101,8 +101,8 @@ impl<T: Clone> Reloading<T> {
         Ok(Self { files, what, load, state: Mutex::new((s, value, 0)) })
     }
 
-    /// The current value and its generation (bumped by every reload).
-    fn get(&self) -> (T, u64) {
+    /// The state, after reading the files again if they changed.
+    fn refresh(&self) -> std::sync::MutexGuard<'_, (Stamp, T, u64)> {
         let now = stamp(&self.files.iter().collect::<Vec<_>>());
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if now != st.0 {
@@ -118,6 +118,12 @@ impl<T: Clone> Reloading<T> {
                 Err(e) => tracing::warn!(error = format!("{e:#}"), "{} changed but cannot be used; keeping the previous one", self.what),
             }
         }
+        st
+    }
+
+    /// The current value and its generation (bumped by every reload).
+    fn get(&self) -> (T, u64) {
+        let st = self.refresh();
         (st.1.clone(), st.2)
     }
 }
@@ -240,7 +246,7 @@ impl Dialer {
     /// Generation of the client TLS files: changes when they were reloaded,
     /// so cached channels know to reconnect with the new ones.
     pub fn generation(&self) -> u64 {
-        self.0.as_ref().map_or(0, |r| r.get().1)
+        self.0.as_ref().map_or(0, |r| r.refresh().2)
     }
 
     /// An endpoint for `address` (`http://` or `https://host:port`).
