@@ -43,7 +43,11 @@ pub async fn run(router: Arc<Router>, every: Duration, mut stop: watch::Receiver
             _ = stop.wait_for(|s| *s) => return,
         }
         let (Ok(unfinished), Ok(live)) = (router.store.unfinished().await, router.store.instances(Tier::TokenDecoder).await) else {
-            continue; // the store is down: look again next time
+            // The store is down: look again next time, from scratch. Right
+            // after an outage, leases and buffered writes may still be catching
+            // up, so no session counts as stalled across it.
+            suspects.clear();
+            continue;
         };
         let live: HashSet<String> = live.into_iter().map(|i| i.id).collect();
         let full = look % FULL_LOOK_EVERY == 0;
