@@ -3,7 +3,9 @@
 //! router's public API takes TLS plus a bearer token. Clients that are not
 //! trusted (no certificate, one from another CA, plain text, a server they do
 //! not trust, no token) are refused; a certificate replaced on disk is served
-//! from the next connection on, without a restart.
+//! from the next connection on, without a restart. The block decoder's
+//! certificate names no address, only a name the token decoder checks with
+//! --tls-server-name.
 
 mod common;
 
@@ -48,7 +50,12 @@ impl Ca {
     /// A leaf for 127.0.0.1, usable as server and client certificate:
     /// (certificate PEM, key PEM).
     fn leaf(&self, cn: &str) -> (String, String) {
-        let mut p = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        self.leaf_for(cn, &["127.0.0.1", "localhost"])
+    }
+
+    /// A leaf for the names (and IP addresses) `sans`.
+    fn leaf_for(&self, cn: &str, sans: &[&str]) -> (String, String) {
+        let mut p = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         p.distinguished_name.push(DnType::CommonName, cn);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let key = KeyPair::generate().unwrap();
@@ -56,9 +63,9 @@ impl Ca {
         (cert.pem(), key.serialize_pem())
     }
 
-    /// `leaf` written to `<name>.crt` / `<name>.key`.
-    fn leaf_files(&self, name: &str) -> (String, String) {
-        let (c, k) = self.leaf(name);
+    /// `leaf_for(name, sans)` written to `<name>.crt` / `<name>.key`.
+    fn leaf_files(&self, name: &str, sans: &[&str]) -> (String, String) {
+        let (c, k) = self.leaf_for(name, sans);
         let (cp, kp) = (self.dir.join(format!("{name}.crt")), self.dir.join(format!("{name}.key")));
         std::fs::write(&cp, c).unwrap();
         std::fs::write(&kp, k).unwrap();
@@ -66,14 +73,27 @@ impl Ca {
     }
 }
 
-/// A client channel to `port` over TLS trusting `ca`, presenting `identity`.
-async fn tls_channel(port: u16, ca: &Ca, identity: Option<(String, String)>) -> Result<Channel, String> {
+/// The name on the block decoder's certificate (it has no IP address: the
+/// token decoder dials it with --tls-server-name, as pods that register their
+/// IPs would).
+const INTERNAL_NAME: &str = "blockserve-internal";
+
+/// A client channel to `port` over TLS trusting `ca`, presenting `identity`
+/// (checking the server's certificate against `name`, default 127.0.0.1).
+async fn tls_channel_named(port: u16, ca: &Ca, identity: Option<(String, String)>, name: Option<&str>) -> Result<Channel, String> {
     let mut tls = ClientTlsConfig::new().ca_certificate(ca.pem());
+    if let Some(n) = name {
+        tls = tls.domain_name(n);
+    }
     if let Some((c, k)) = identity {
         tls = tls.identity(Identity::from_pem(c, k));
     }
     let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{port}")).unwrap().tls_config(tls).unwrap().connect_timeout(Duration::from_secs(5));
     endpoint.connect().await.map_err(|e| blockserve_runtime::status::source_chain(&e))
+}
+
+async fn tls_channel(port: u16, ca: &Ca, identity: Option<(String, String)>) -> Result<Channel, String> {
+    tls_channel_named(port, ca, identity, None).await
 }
 
 /// The health check's answer over `channel`: Ok(()) when SERVING.
@@ -97,19 +117,21 @@ async fn tiers_talk_mutual_tls_untrusted_clients_are_refused_and_certificates_re
     let dir = blockserve_testkit::TempDir::new("tls-test");
     let ca = Ca::new(&dir, "cluster");
     let rogue = Ca::new(&dir, "rogue");
-    let (tier_cert, tier_key) = ca.leaf_files("tier");
-    let (router_cert, router_key) = ca.leaf_files("router");
+    let (tier_cert, tier_key) = ca.leaf_files("tier", &["127.0.0.1", "localhost"]);
+    let (bd_cert, bd_key) = ca.leaf_files("block-decoder", &[INTERNAL_NAME]);
+    let (router_cert, router_key) = ca.leaf_files("router", &["127.0.0.1", "localhost"]);
     let ca_pem = ca.pem_path();
     let ca_path = ca_pem.to_str().unwrap();
 
     // Internal tiers: TLS that requires a client certificate from the cluster CA.
     let mtls = ["--tls-cert", &tier_cert, "--tls-key", &tier_key, "--tls-client-ca", ca_path];
+    let block_decoder = ["--tls-cert", &bd_cert, "--tls-key", &bd_key, "--tls-client-ca", ca_path];
     // Dialing: trust the cluster CA and present the tier certificate.
     let dial = ["--tls-ca", ca_path, "--tls-client-cert", &tier_cert, "--tls-client-key", &tier_key];
-    let token_decoder: Vec<&str> = mtls.iter().chain(&dial).copied().collect();
+    let token_decoder: Vec<&str> = mtls.iter().chain(&dial).chain(&["--tls-server-name", INTERNAL_NAME]).copied().collect();
     let router: Vec<&str> = ["--tls-cert", &router_cert, "--tls-key", &router_key, "--api-token", TOKEN].iter().chain(&dial).copied().collect();
     let model = fixture_model();
-    let cluster = Cluster::start(&model, &[("block-decoder", 1, &mtls), ("token-decoder", 1, &token_decoder), ("router", 1, &router)]).await;
+    let cluster = Cluster::start(&model, &[("block-decoder", 1, &block_decoder), ("token-decoder", 1, &token_decoder), ("router", 1, &router)]).await;
     let port = |tier: &str| cluster.procs[cluster.of(tier)[0]].port;
 
     // Instances advertise https:// addresses.
@@ -153,12 +175,28 @@ async fn tiers_talk_mutual_tls_untrusted_clients_are_refused_and_certificates_re
     // client's certificate after the client considers the handshake done, so
     // the client reports the refusal in varying ways: what counts is that no
     // call is answered.)
-    for tier in ["token-decoder", "block-decoder"] {
-        let e = health(tls_channel(port(tier), &ca, None).await).await;
+    for (tier, name) in [("token-decoder", None), ("block-decoder", Some(INTERNAL_NAME))] {
+        let e = health(tls_channel_named(port(tier), &ca, None, name).await).await;
         assert!(e.is_err(), "{tier} answered a client without a certificate");
-        let e = health(tls_channel(port(tier), &ca, Some(rogue.leaf("intruder"))).await).await;
+        let e = health(tls_channel_named(port(tier), &ca, Some(rogue.leaf("intruder")), name).await).await;
         assert!(e.is_err(), "{tier} answered a client with a certificate from another CA");
-        health(tls_channel(port(tier), &ca, Some(ca.leaf("operator"))).await).await.unwrap_or_else(|e| panic!("{tier}, trusted certificate: {e}"));
+        health(tls_channel_named(port(tier), &ca, Some(ca.leaf("operator")), name).await).await.unwrap_or_else(|e| panic!("{tier}, trusted certificate: {e}"));
+    }
+    // The block decoder's certificate names no address: checked against
+    // 127.0.0.1 it is refused (so the token decoder got through only by
+    // --tls-server-name).
+    let e = tls_channel(port("block-decoder"), &ca, Some(ca.leaf("operator"))).await.map(|_| ()).unwrap_err();
+    assert!(e.contains("not valid for name \"127.0.0.1\""), "{e}");
+
+    // Every tier answers the HTTP health check on its metrics port (the probe
+    // for deployments whose gRPC port takes only TLS).
+    for p in &cluster.procs {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", p.metrics_port)).unwrap();
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200 OK") && reply.ends_with("\r\n\r\nok\n"), "{}: {reply}", p.tier);
     }
 
     // Rotation: the router's certificate is replaced by one from a new CA.

@@ -196,8 +196,11 @@ impl Drop for ActiveSession {
     }
 }
 
-/// Serve `GET /metrics` on `listener` until `stop` turns true. A minimal
-/// HTTP/1.1 responder: one request per connection, any other path is 404.
+/// Serve `GET /metrics` and `GET /healthz` (200 while the process serves; an
+/// HTTP probe for deployments whose gRPC port takes only TLS, which
+/// Kubernetes' gRPC probes do not speak) on `listener` until `stop` turns
+/// true. A minimal HTTP/1.1 responder: one request per connection, any other
+/// path is 404.
 pub async fn serve(listener: tokio::net::TcpListener, mut stop: watch::Receiver<bool>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     loop {
@@ -220,10 +223,13 @@ pub async fn serve(listener: tokio::net::TcpListener, mut stop: watch::Receiver<
             }
             let head = String::from_utf8_lossy(&buf[..n]);
             let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = if head.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
+            let get = head.starts_with("GET ");
+            let (status, body) = if get && (path == "/metrics" || path.starts_with("/metrics?")) {
                 ("200 OK", METRICS.render())
+            } else if get && path == "/healthz" {
+                ("200 OK", "ok\n".to_string())
             } else {
-                ("404 Not Found", "not found: the metrics are at GET /metrics\n".to_string())
+                ("404 Not Found", "not found: the metrics are at GET /metrics, the health check at GET /healthz\n".to_string())
             };
             let reply = format!(
                 "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

@@ -53,6 +53,11 @@ pub struct DialTlsArgs {
     /// PEM private key of --tls-client-cert.
     #[arg(long, env = "BLOCKSERVE_TLS_CLIENT_KEY", requires = "tls_client_cert")]
     pub tls_client_key: Option<PathBuf>,
+    /// Name to check peers' certificates against instead of the host of the
+    /// address they registered (e.g. one certificate for every pod of a
+    /// deployment whose instances register their pod IPs).
+    #[arg(long, env = "BLOCKSERVE_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
 }
 
 /// Size and modification time of each file: a change means "read them again".
@@ -211,7 +216,10 @@ pub fn incoming(listener: TcpListener, tls: Arc<ServerTls>) -> impl tokio_stream
 /// How this process dials other instances: plain for http://, TLS with the
 /// configured roots and client certificate for https://.
 #[derive(Default)]
-pub struct Dialer(Option<Reloading<ClientTlsConfig>>);
+pub struct Dialer {
+    files: Option<Reloading<ClientTlsConfig>>,
+    server_name: Option<String>,
+}
 
 fn client_config(files: &[PathBuf]) -> Result<ClientTlsConfig> {
     let mut c = ClientTlsConfig::new();
@@ -232,21 +240,22 @@ fn client_config(files: &[PathBuf]) -> Result<ClientTlsConfig> {
 
 impl Dialer {
     pub fn from_args(a: &DialTlsArgs) -> Result<Self> {
+        let server_name = a.tls_server_name.clone();
         if a.tls_ca.is_none() && a.tls_client_cert.is_none() {
-            return Ok(Self(None));
+            return Ok(Self { files: None, server_name });
         }
         // files[0] is the CA (empty: the system's roots), then cert and key.
         let mut files = vec![a.tls_ca.clone().unwrap_or_default()];
         if let (Some(c), Some(k)) = (&a.tls_client_cert, &a.tls_client_key) {
             files.extend([c.clone(), k.clone()]);
         }
-        Ok(Self(Some(Reloading::new(files, "client TLS certificate", client_config)?)))
+        Ok(Self { files: Some(Reloading::new(files, "client TLS certificate", client_config)?), server_name })
     }
 
     /// Generation of the client TLS files: changes when they were reloaded,
     /// so cached channels know to reconnect with the new ones.
     pub fn generation(&self) -> u64 {
-        self.0.as_ref().map_or(0, |r| r.refresh().2)
+        self.files.as_ref().map_or(0, |r| r.refresh().2)
     }
 
     /// An endpoint for `address` (`http://` or `https://host:port`).
@@ -255,10 +264,13 @@ impl Dialer {
         if !address.starts_with("https://") {
             return Ok(e);
         }
-        let tls = match &self.0 {
+        let mut tls = match &self.files {
             Some(r) => r.get().0,
             None => ClientTlsConfig::new().with_native_roots(),
         };
+        if let Some(name) = &self.server_name {
+            tls = tls.domain_name(name.clone());
+        }
         e.tls_config(tls).map_err(|e| Status::failed_precondition(format!("TLS for {address}: {e}")))
     }
 }
