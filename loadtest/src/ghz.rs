@@ -1,7 +1,8 @@
 //! ghz's JSON configuration format, read so that one file drives both ghz and
 //! this load generator. The keys are ghz's long flag names. Supported: `call`,
 //! `host`, `total`, `concurrency`, `rps`, `duration`, `data`, `metadata`,
-//! `insecure`, and the load schedules `const`, `step` and `line`, with
+//! `insecure` (plain text; otherwise TLS with `cacert`, `cert`, `key` and
+//! `cname`), and the load schedules `const`, `step` and `line`, with
 //! `load-start`, `load-end`, `load-step`, `load-step-duration` and
 //! `load-max-duration`. Others, such as `proto`, are for ghz and are ignored
 //! here.
@@ -44,6 +45,18 @@ pub struct Config {
     pub metadata: HashMap<String, String>,
     #[serde(default)]
     pub insecure: bool,
+    /// TLS (when not `insecure`): PEM CA certificates to trust (default: the
+    /// system's roots).
+    #[serde(default)]
+    pub cacert: Option<String>,
+    /// TLS: PEM client certificate and key, for servers that require one.
+    #[serde(default)]
+    pub cert: Option<String>,
+    #[serde(default)]
+    pub key: Option<String>,
+    /// TLS: the name to check the server's certificate against (default: the host).
+    #[serde(default)]
+    pub cname: Option<String>,
     #[serde(default)]
     pub load_schedule: Option<String>,
     #[serde(default)]

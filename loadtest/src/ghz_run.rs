@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use blockserve_proto::v1::generate_response;
 use blockserve_proto::v1::generation_client::GenerationClient;
 use serde_json::json;
 use tokio::sync::{mpsc, Mutex};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::ghz::{generate_request, score_request, Call, Config};
 use crate::stats::{percentile, sorted, StreamClock};
@@ -83,6 +83,24 @@ async fn call_once(client: &mut GenerationClient<Channel>, call: Call, config: &
     out
 }
 
+/// ghz's TLS keys as a client configuration.
+fn tls(config: &Config) -> Result<ClientTlsConfig> {
+    let read = |key: &str, path: &str| std::fs::read(path).with_context(|| format!("\"{key}\": reading {path}"));
+    let mut tls = match &config.cacert {
+        Some(path) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("cacert", path)?)),
+        None => ClientTlsConfig::new().with_native_roots(),
+    };
+    match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => tls = tls.identity(Identity::from_pem(read("cert", cert)?, read("key", key)?)),
+        (None, None) => {}
+        _ => bail!("\"cert\" and \"key\" go together"),
+    }
+    if let Some(name) = &config.cname {
+        tls = tls.domain_name(name.clone());
+    }
+    Ok(tls)
+}
+
 /// Run `config` against `target` (or the config's `host`).
 pub async fn run(config: Config, target: Option<String>) -> Result<serde_json::Value> {
     let call = config.call()?;
@@ -91,9 +109,6 @@ pub async fn run(config: Config, target: Option<String>) -> Result<serde_json::V
         (None, Some(h)) => h.clone(),
         (None, None) => bail!("no host: give \"host\" in the config or --target"),
     };
-    if !config.insecure && !host.starts_with("http://") {
-        bail!("TLS is not supported yet: set \"insecure\": true in the config");
-    }
     for (k, v) in &config.metadata {
         if k.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>().is_err()
             || v.parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>().is_err()
@@ -101,8 +116,13 @@ pub async fn run(config: Config, target: Option<String>) -> Result<serde_json::V
             bail!("metadata {k:?}: {v:?} is not a valid ASCII gRPC metadata entry");
         }
     }
-    let url = if host.contains("://") { host.clone() } else { format!("http://{host}") };
-    let channel = Endpoint::from_shared(url.clone())?.connect_timeout(Duration::from_secs(10)).connect().await?;
+    let scheme = if config.insecure { "http" } else { "https" };
+    let url = if host.contains("://") { host.clone() } else { format!("{scheme}://{host}") };
+    let mut endpoint = Endpoint::from_shared(url.clone())?.connect_timeout(Duration::from_secs(10));
+    if url.starts_with("https://") {
+        endpoint = endpoint.tls_config(tls(&config)?)?;
+    }
+    let channel = endpoint.connect().await.with_context(|| format!("connecting to {url}"))?;
     let schedule = config.schedule()?;
     let duration = config.duration()?;
     let (total, concurrency) = (config.total(), config.concurrency());

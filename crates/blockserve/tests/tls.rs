@@ -199,6 +199,21 @@ async fn tiers_talk_mutual_tls_untrusted_clients_are_refused_and_certificates_re
         assert!(reply.starts_with("HTTP/1.1 200 OK") && reply.ends_with("\r\n\r\nok\n"), "{}: {reply}", p.tier);
     }
 
+    // The load generator reads ghz's TLS keys: a ghz config with `cacert`
+    // and the token drives the router over TLS.
+    let config = dir.join("ghz.json");
+    let ghz = serde_json::json!({
+        "call": "blockserve.v1.Generation.Generate", "host": format!("127.0.0.1:{}", port("router")), "cacert": ca_path,
+        "metadata": {"authorization": format!("Bearer {TOKEN}")}, "total": 4, "concurrency": 2,
+        "data": {"token_ids": {"ids": [5, 6, 7]}, "parameters": {"max_new_tokens": 8, "ignore_eos": true}}
+    });
+    std::fs::write(&config, ghz.to_string()).unwrap();
+    let loadtest = std::path::Path::new(env!("CARGO_BIN_EXE_blockserve")).with_file_name("blockserve-loadtest");
+    let out = std::process::Command::new(loadtest).args(["--config", config.to_str().unwrap(), "--format", "json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report["status_code_distribution"].clone(), report["tokens"].clone()), (serde_json::json!({"OK": 4}), serde_json::json!(32)));
+
     // Rotation: the router's certificate is replaced by one from a new CA.
     // Connections opened from then on get the new one; no restart.
     let next = Ca::new(&dir, "next");
