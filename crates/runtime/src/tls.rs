@@ -63,7 +63,7 @@ pub struct DialTlsArgs {
 /// Size and modification time of each file: a change means "read them again".
 type Stamp = Vec<Option<(SystemTime, u64)>>;
 
-fn stamp(files: &[&PathBuf]) -> Stamp {
+fn stamp(files: &[PathBuf]) -> Stamp {
     files.iter().map(|f| std::fs::metadata(f).ok().and_then(|m| Some((m.modified().ok()?, m.len())))).collect()
 }
 
@@ -101,14 +101,14 @@ struct Reloading<T> {
 
 impl<T: Clone> Reloading<T> {
     fn new(files: Vec<PathBuf>, what: &'static str, load: fn(&[PathBuf]) -> Result<T>) -> Result<Self> {
-        let s = stamp(&files.iter().collect::<Vec<_>>());
+        let s = stamp(&files);
         let value = load(&files)?;
         Ok(Self { files, what, load, state: Mutex::new((s, value, 0)) })
     }
 
     /// The state, after reading the files again if they changed.
     fn refresh(&self) -> std::sync::MutexGuard<'_, (Stamp, T, u64)> {
-        let now = stamp(&self.files.iter().collect::<Vec<_>>());
+        let now = stamp(&self.files);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if now != st.0 {
             // Remember the stamp either way: a bad file is reported once, not
