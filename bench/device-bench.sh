@@ -17,7 +17,7 @@ BS=.dev/bin/blockserve
 status=0
 if [ -z "${NO_CHECKS:-}" ]; then
 echo "== numerical checks: fixture tests in f32, greedy agreement in bf16/f16 (CUDA)"
-for t in golden batching paged_attention cuda_graph; do
+for t in golden batching paged_attention cuda_graph download; do
   [ -x .dev/bin/$t ] && { BLOCKSERVE_TEST_DEVICE=cuda .dev/bin/$t --test-threads 1 2>&1 | grep -E "^test |test result" || status=1; }
 done
 fi

@@ -12,7 +12,9 @@
 # [f32], TOKEN_DECODERS [1], TD_DEVICE [$DEVICE], KV_MIB [1024], MAX_BATCH [1024],
 # MAX_SESSIONS [4096], TOKEN_BUDGET [8192], MICRO_BATCHES [2], LOGS
 # [/tmp/blockserve-loadtest-logs], MAX_UNREAD [8], UP [unset; set: every tier in one
-# `blockserve up` process instead, with the same Redis], PLUMBING_NICE [unset].
+# `blockserve up` process instead, with the same Redis], PLUMBING_NICE [unset],
+# BD_SM_PERCENT / TD_SM_PERCENT [unset; under NVIDIA MPS, the share of the
+# GPU's SMs the block decoder / each token decoder may use].
 set -euo pipefail
 BS=${BS:-target/release/blockserve}
 LT=${LT:-target/release/blockserve-loadtest}
@@ -58,13 +60,13 @@ if [ -n "${UP:-}" ]; then
   echo "stack (one process): router :$rtp, $TOKEN_DECODERS token decoder(s), $DEVICE, redis :$rp, model $MODEL_DIR ($DTYPE)" >&2
 else
 bdp=$(free_port)
-"$BS" block-decoder --listen 127.0.0.1:$bdp --device "$DEVICE" --kv-cache-mib "${KV_MIB:-1024}" \
+env ${BD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$BD_SM_PERCENT} "$BS" block-decoder --listen 127.0.0.1:$bdp --device "$DEVICE" --kv-cache-mib "${KV_MIB:-1024}" \
   --max-sessions "${MAX_SESSIONS:-4096}" --token-budget "${TOKEN_BUDGET:-8192}" --micro-batches "${MICRO_BATCHES:-2}" >"$LOGS/block-decoder.log" 2>&1 &
 pids+=($!); names+=(block-decoder)
 wait_port "$bdp"
 for i in $(seq 1 "$TOKEN_DECODERS"); do
   tdp=$(free_port)
-  "$BS" token-decoder --listen 127.0.0.1:$tdp --device "$TD_DEVICE" --max-batch "${MAX_BATCH:-1024}" \
+  env ${TD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$TD_SM_PERCENT} "$BS" token-decoder --listen 127.0.0.1:$tdp --device "$TD_DEVICE" --max-batch "${MAX_BATCH:-1024}" \
     --max-sessions "${MAX_SESSIONS:-4096}" --max-unread-blocks "${MAX_UNREAD:-8}" >"$LOGS/token-decoder-$i.log" 2>&1 &
   pids+=($!); names+=(token-decoder-$i)
   wait_port "$tdp"

@@ -154,17 +154,8 @@ async fn every_session_survives_killed_token_decoders_block_decoder_router_and_a
         println!("{:6.2}s  {what} ({running} sessions running)", t0.elapsed().as_secs_f64());
         log.push((what, running));
     };
-    let schedule: Vec<(f64, &str)> = vec![
-        (2.0, "td"),
-        (4.0, "bd"),
-        (5.0, "td"),
-        (6.5, "router"),
-        (8.0, "td"),
-        (10.0, "redis"),
-        (13.0, "td"),
-        (16.0, "td"),
-        (19.0, "td"),
-    ];
+    let schedule: Vec<(f64, &str)> =
+        vec![(2.0, "td"), (4.0, "bd"), (5.0, "td"), (6.5, "router"), (8.0, "td"), (10.0, "redis"), (13.0, "td"), (16.0, "td"), (19.0, "td")];
     for (secs, what) in schedule {
         at(secs).await;
         let running = unfinished(store.clone()).await;

@@ -42,10 +42,13 @@ fn link_up() -> impl Strategy<Value = LinkUp> {
         max_new_blocks: max_new_blocks % 64,
         traceparent: String::new(),
     });
-    let blocks = (prop::collection::vec(0u64..6, 0..4), prop::collection::vec(0u32..8, 0..4), ids(20))
-        .prop_map(|(keys, indices, token_ids)| BlockBatch { keys, indices, token_ids });
-    let structured = (prop::collection::vec(open, 0..3), prop::option::of(blocks), prop::collection::vec(0u64..6, 0..3))
-        .prop_map(|(opens, blocks, closes)| LinkUp { opens, blocks, closes });
+    let blocks = (prop::collection::vec(0u64..6, 0..4), prop::collection::vec(0u32..8, 0..4), ids(20)).prop_map(|(keys, indices, token_ids)| BlockBatch {
+        keys,
+        indices,
+        token_ids,
+    });
+    let structured = (prop::collection::vec(open, 0..3), prop::option::of(blocks), prop::collection::vec(0u64..6, 0..3), any::<u32>())
+        .prop_map(|(opens, blocks, closes, held_back)| LinkUp { opens, blocks, closes, held_back });
     let raw = prop::collection::vec(any::<u8>(), 0..64).prop_filter_map("decodes as LinkUp", |b| LinkUp::decode(&b[..]).ok());
     prop_oneof![4 => structured, 1 => raw]
 }
@@ -55,8 +58,8 @@ fn run_request(bd: String) -> impl Strategy<Value = RunRequest> {
         |(max_new_tokens, temperature, top_p, ignore_eos)| GenerationParameters { max_new_tokens, temperature, top_p, ignore_eos, ..Default::default() },
     );
     let address = prop_oneof![Just(bd), Just("http://127.0.0.1:1".to_string()), Just("not a url".to_string())];
-    (ids(12), ids(9), params, address, any::<u64>(), 0u32..3)
-        .prop_map(|(prompt_ids, generated_ids, parameters, block_decoder, epoch, max_migrations)| RunRequest {
+    (ids(12), ids(9), params, address, any::<u64>(), 0u32..3).prop_map(|(prompt_ids, generated_ids, parameters, block_decoder, epoch, max_migrations)| {
+        RunRequest {
             session_id: format!("nobody-{epoch}"),
             prompt_ids,
             parameters: Some(parameters),
@@ -66,7 +69,8 @@ fn run_request(bd: String) -> impl Strategy<Value = RunRequest> {
             epoch,
             migrations: 0,
             max_migrations,
-        })
+        }
+    })
 }
 
 /// Which key a hostile reply names: the session just opened, or any other.
@@ -123,11 +127,22 @@ const D: u32 = 64;
 fn script() -> impl Strategy<Value = Script> {
     let key = prop_oneof![3 => Just(KeyPick::Opened), 1 => (0u64..1000).prop_map(KeyPick::Other)];
     let fill = prop_oneof![Just(Fill::Zeros), Just(Fill::Nan), Just(Fill::Infinite), any::<u64>().prop_map(Fill::Random)];
-    let contexts = (prop_oneof![3 => Just(0), 1 => -1i32..3], prop_oneof![3 => Just(D), 1 => 0u32..200], prop_oneof![3 => Just(1), 1 => -1i32..6], prop_oneof![3 => Just(0), 1 => -9i32..9], fill)
+    let contexts = (
+        prop_oneof![3 => Just(0), 1 => -1i32..3],
+        prop_oneof![3 => Just(D), 1 => 0u32..200],
+        prop_oneof![3 => Just(1), 1 => -1i32..6],
+        prop_oneof![3 => Just(0), 1 => -9i32..9],
+        fill,
+    )
         .prop_map(|(extra_rows, dim, dtype, extra_bytes, fill)| HostileContexts { extra_rows, dim, dtype, extra_bytes, fill });
     let message = prop_oneof![Just(String::new()), "[a-z ]{1,20}", Just("x".repeat(100_000))];
     let errors = prop::collection::vec((key.clone(), -2i32..20, message), 0..2);
-    let reply = (key, prop::option::of(0u32..4), prop::option::of(contexts), errors).prop_map(|(key, block_index, contexts, errors)| Reply { key, block_index, contexts, errors });
+    let reply = (key, prop::option::of(0u32..4), prop::option::of(contexts), errors).prop_map(|(key, block_index, contexts, errors)| Reply {
+        key,
+        block_index,
+        contexts,
+        errors,
+    });
     let ending = prop_oneof![Just(Ending::Close), (0i32..20).prop_map(Ending::Fail), Just(Ending::Silent)];
     (prop::collection::vec(reply, 0..4), ending).prop_map(|(replies, ending)| Script { replies, ending })
 }
@@ -304,7 +319,14 @@ fn internal_messages_get_answers_and_never_take_a_tier_down() {
         let want = greedy_reference(&fixture_model(), &[prompt.clone()], 200).remove(0);
         let run = |id: &str, bd: &str, n: u32| {
             let parameters = GenerationParameters { max_new_tokens: Some(n), temperature: Some(0.0), ignore_eos: true, ..Default::default() };
-            RunRequest { session_id: id.into(), prompt_ids: prompt.clone(), parameters: Some(parameters), block_decoder: bd.into(), max_migrations: 2, ..Default::default() }
+            RunRequest {
+                session_id: id.into(),
+                prompt_ids: prompt.clone(),
+                parameters: Some(parameters),
+                block_decoder: bd.into(),
+                max_migrations: 2,
+                ..Default::default()
+            }
         };
         let set = |replies: Vec<Reply>, ending: Ending| *hostile.0.lock().unwrap() = Some(Script { replies, ending });
         let error_reply = |errors: Vec<(KeyPick, i32, String)>| Reply { key: KeyPick::Opened, block_index: None, contexts: None, errors };
@@ -375,7 +397,13 @@ fn internal_messages_get_answers_and_never_take_a_tier_down() {
         let prompt = vec![3, 1, 4, 1, 5];
         let parameters = GenerationParameters { max_new_tokens: Some(16), temperature: Some(0.0), ignore_eos: true, ..Default::default() };
         record(&store, "after-fuzz", &td, &bd).await;
-        let req = RunRequest { session_id: "after-fuzz".into(), prompt_ids: prompt.clone(), parameters: Some(parameters), block_decoder: bd.clone(), ..Default::default() };
+        let req = RunRequest {
+            session_id: "after-fuzz".into(),
+            prompt_ids: prompt.clone(),
+            parameters: Some(parameters),
+            block_decoder: bd.clone(),
+            ..Default::default()
+        };
         assert_eq!(run_answered(td.clone(), req).await.unwrap(), greedy_reference(&fixture_model(), &[prompt], 16)[0]);
     });
 }

@@ -73,8 +73,7 @@ async fn session(router: String, i: usize, ending: Ending, chunks: usize) -> boo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_sessions_ended_early_leave_nothing_behind() {
-    let cluster =
-        Cluster::start(&fixture_model(), &[("block-decoder", 1, &[]), ("token-decoder", 2, &[]), ("router", 2, &["--max-new-tokens", "4000"])]).await;
+    let cluster = Cluster::start(&fixture_model(), &[("block-decoder", 1, &[]), ("token-decoder", 2, &[]), ("router", 2, &["--max-new-tokens", "4000"])]).await;
     let store = cluster.store().await;
     let idle_pages = metric_sum(&scrape_metrics(cluster.procs[0].metrics_port), "blockserve_kv_cache_pages", &[("state", "used")]);
     let routers = cluster.routers();

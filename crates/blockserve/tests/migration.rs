@@ -99,7 +99,12 @@ async fn a_relayed_session_moves_when_its_token_decoder_dies() {
     }
     assert!(!waits.is_empty());
     waits.sort_by(f64::total_cmp);
-    println!("relayed migration: {} sessions moved; from the kill to their next chunk: min {:.0} ms, max {:.0} ms", waits.len(), waits[0], waits[waits.len() - 1]);
+    println!(
+        "relayed migration: {} sessions moved; from the kill to their next chunk: min {:.0} ms, max {:.0} ms",
+        waits.len(),
+        waits[0],
+        waits[waits.len() - 1]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

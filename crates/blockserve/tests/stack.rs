@@ -11,9 +11,9 @@ use blockserve_proto::v1::*;
 use blockserve_store::{RedisStore, SessionStore, Tier};
 mod common;
 
-use common::*;
 use blockserve_testkit::{free_port, metric_sum, scrape_metrics, wait_for_port, ChildGuard, RedisServer};
 use candle_core::{DType, Device};
+use common::*;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -522,7 +522,7 @@ async fn block_decoder_link_checks_every_message() {
     up.send(LinkUp {
         opens: vec![open(1, prompt.clone()), open(2, vec![1, 2, 3]), open(3, vec![1, 2, 3, 99999])],
         blocks: blocks(vec![9], vec![0], vec![1, 2, 3, 4]),
-        closes: vec![],
+        ..Default::default()
     })
     .unwrap();
     assert_eq!(

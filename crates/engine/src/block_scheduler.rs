@@ -118,6 +118,19 @@ impl BlockScheduler {
         !self.pending.is_empty() || !self.prefilling.is_empty() || (!self.waiting.is_empty() && self.can_admit_head())
     }
 
+    /// Move the pending blocks of sessions `first` picks ahead of the others
+    /// (each group keeps its order), so that [`iterate_with`] takes them;
+    /// returns how many were picked.
+    ///
+    /// [`iterate_with`]: Self::iterate_with
+    pub fn put_first(&mut self, first: impl Fn(u64) -> bool) -> usize {
+        let (mut picked, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending).into_iter().partition(|(k, _)| first(*k));
+        let n = picked.len();
+        picked.extend(rest);
+        self.pending = picked;
+        n
+    }
+
     /// Queue a session: `prompt` is the padded prompt (whole blocks) and
     /// `max_new_blocks` the most blocks it will send after it.
     pub fn submit(&mut self, key: u64, prompt: Vec<u32>, max_new_blocks: usize) -> Result<()> {

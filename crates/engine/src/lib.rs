@@ -10,12 +10,15 @@
 //!   preallocated local cache, with per-row sampling.
 //! - `cuda_graph` (CUDA builds): the token batcher's greedy blocks captured
 //!   once per batch shape and replayed as CUDA graphs.
+//! - [`download`]: a pass's contexts to the host without waiting for the
+//!   next pass, which the block decoder launches behind it.
 //! - [`pipeline`]: both in one process, driving requests to completion with
 //!   per-session timings (what `blockserve bench` measures).
 
 pub mod block_scheduler;
 #[cfg(feature = "cuda")]
 pub mod cuda_graph;
+pub mod download;
 pub mod pipeline;
 pub mod token_batcher;
 

@@ -31,6 +31,16 @@ pub fn encode(rows: &Tensor) -> Result<Embeddings, String> {
     Ok(Embeddings { data, dtype: dtype as i32, dim: dim as u32, rows: k as u32 })
 }
 
+/// Row-major little-endian bytes of a `[rows, dim]` matrix of `dtype`, already
+/// on the host, in wire form.
+pub fn from_host(data: Vec<u8>, dtype: DType, rows: usize, dim: usize) -> Result<Embeddings, String> {
+    let wire = wire_dtype(dtype)?;
+    if data.len() != rows * dim * dtype.size_in_bytes() {
+        return Err(format!("{} bytes for {rows} rows of {dim} x {dtype:?}", data.len()));
+    }
+    Ok(Embeddings { data, dtype: wire as i32, dim: dim as u32, rows: rows as u32 })
+}
+
 /// Check a matrix's dtype, dimension and byte count; returns its dtype.
 pub fn check(e: &Embeddings, dim: usize) -> Result<DType, String> {
     if e.dim as usize != dim {

@@ -26,3 +26,6 @@ pub fn init_tracing() {
 /// update every 64 KiB, on the critical path of every session.
 pub const LINK_STREAM_WINDOW: u32 = 16 << 20;
 pub const LINK_CONNECTION_WINDOW: u32 = 32 << 20;
+/// Largest HTTP/2 frame either end of a link accepts: a pass's contexts go in
+/// a few frames instead of about a hundred of h2's default 16 KiB.
+pub const LINK_MAX_FRAME: u32 = 1 << 20;

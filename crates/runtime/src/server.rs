@@ -95,13 +95,7 @@ where
 
 /// Add health and reflection to `router` and serve on `listener` until `stop` is
 /// true; then stop accepting and give in-flight calls `grace` to finish.
-pub async fn serve(
-    router: Router,
-    service_names: &[&str],
-    listening: Listening,
-    mut stop: watch::Receiver<bool>,
-    grace: Duration,
-) -> anyhow::Result<()> {
+pub async fn serve(router: Router, service_names: &[&str], listening: Listening, mut stop: watch::Receiver<bool>, grace: Duration) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in service_names {
         reporter.set_service_status(*name, tonic_health::ServingStatus::Serving).await;

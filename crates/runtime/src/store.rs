@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockserve_store::{Append, Assignment, Epoch, InstanceInfo, MemoryStore, Outcome, Reassigned, RedisStore, SessionRecord, SessionSpec, SessionState, SessionStore, Tier, Write};
+use blockserve_store::{
+    Append, Assignment, Epoch, InstanceInfo, MemoryStore, Outcome, Reassigned, RedisStore, SessionRecord, SessionSpec, SessionState, SessionStore, Tier, Write,
+};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct StoreArgs {

@@ -5,7 +5,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::{now_ms, Append, Assignment, Epoch, InstanceInfo, Outcome, Reassigned, Result, SessionRecord, SessionSpec, SessionState, SessionStore, StoreError, Tier, Write};
+use crate::{
+    now_ms, Append, Assignment, Epoch, InstanceInfo, Outcome, Reassigned, Result, SessionRecord, SessionSpec, SessionState, SessionStore, StoreError, Tier,
+    Write,
+};
 
 #[derive(Default)]
 struct Inner {

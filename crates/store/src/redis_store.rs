@@ -15,7 +15,10 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
-use crate::{now_ms, Append, Assignment, Epoch, InstanceInfo, Outcome, Reassigned, Result, SessionRecord, SessionSpec, SessionState, SessionStore, StoreError, Tier, Write};
+use crate::{
+    now_ms, Append, Assignment, Epoch, InstanceInfo, Outcome, Reassigned, Result, SessionRecord, SessionSpec, SessionState, SessionStore, StoreError, Tier,
+    Write,
+};
 
 /// Lua: true when the session `KEYS[1]` may take a write of epoch `e` (any
 /// epoch when `e` is empty): it exists, is not final, and is at that epoch.

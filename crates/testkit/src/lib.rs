@@ -67,11 +67,7 @@ impl RedisServer {
             Some(d) => args.extend(["--dir", d.to_str().unwrap(), "--appendonly", "yes", "--appendfsync", "always"].map(String::from)),
             None => args.extend(["--appendonly", "no"].map(String::from)),
         }
-        let child = Command::new("redis-server")
-            .args(&args)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/test installs it)");
+        let child = Command::new("redis-server").args(&args).stdout(Stdio::null()).spawn().expect("redis-server must be installed (scripts/test installs it)");
         self.child = Some(ChildGuard(child));
         wait_for_port(self.port, Duration::from_secs(10));
     }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blockserve_engine::download::{Download, Downloads};
 use blockserve_engine::{BlockScheduler, SchedulerConfig};
 use blockserve_model::{BlockTransformer, ModelError};
 use blockserve_proto::v1::{Embeddings, LinkDown, SessionError};
@@ -16,8 +17,8 @@ use blockserve_runtime::metrics::METRICS;
 use blockserve_runtime::{codec, status};
 use tokio::sync::{mpsc, oneshot};
 
-/// A token decoder's link; its sessions' keys are its own.
-pub type LinkId = u64;
+pub use crate::gather::{Gather, LinkId};
+use crate::gather::{Loads, Take};
 
 /// A checked `open`.
 pub struct Open {
@@ -32,6 +33,10 @@ pub struct Up {
     pub opens: Vec<Open>,
     pub blocks: Vec<(u64, Vec<u32>)>,
     pub closes: Vec<u64>,
+    /// The link's sessions whose blocks the token decoder holds back.
+    pub held_back: usize,
+    /// When the message arrived.
+    pub at: Option<Instant>,
 }
 
 enum Command {
@@ -39,24 +44,6 @@ enum Command {
     Up { link: LinkId, up: Up },
     Detach { link: LinkId },
     Contexts { ids: Vec<u32>, reply: oneshot::Sender<Result<Embeddings, ModelError>> },
-}
-
-/// How decode passes are formed: the decoding sessions are split into
-/// `micro_batches` groups of about equal size; a pass takes one group's
-/// blocks, waiting for them up to `max_wait`. With two, one group's blocks are
-/// on their way through the token decoders while the other's pass runs, so
-/// neither tier waits for the round trip.
-#[derive(Clone, Copy, Debug)]
-pub struct Gather {
-    pub max_wait: Duration,
-    pub micro_batches: usize,
-}
-
-impl Gather {
-    /// Decode rows of one pass: a micro-batch of the decoding sessions.
-    fn rows(&self, sched: &BlockScheduler) -> usize {
-        sched.decoding().div_ceil(self.micro_batches.max(1)).max(1)
-    }
 }
 
 /// Handle to the model thread; cheap to clone.
@@ -89,7 +76,10 @@ impl Engine {
         let (a, q) = (active.clone(), queued.clone());
         std::thread::Builder::new()
             .name("block-decoder-engine".into())
-            .spawn(move || Thread { sched, links: Links::default(), active: a, queued: q, gather, phases: Phases::default() }.run(rx))
+            .spawn(move || {
+                let t = Thread { sched, links: Links::default(), active: a, queued: q, gather, phases: Phases::default(), downloads: Downloads::default() };
+                t.run(rx)
+            })
             .expect("spawn engine thread");
         Ok(Self { tx, active, queued })
     }
@@ -122,15 +112,27 @@ impl Engine {
     }
 }
 
+/// A scheduler session's link and key there, and where it stands.
+struct Owner {
+    link: LinkId,
+    key: u64,
+    /// Its prompt is in the cache (it sends blocks).
+    decoding: bool,
+    /// A block of it waits for the next pass.
+    pending: bool,
+}
+
 /// Which link and key each scheduler session belongs to, and the way back.
 #[derive(Default)]
 struct Links {
     down: HashMap<LinkId, mpsc::UnboundedSender<LinkDown>>,
-    owner: HashMap<u64, (LinkId, u64)>,
+    owner: HashMap<u64, Owner>,
     session: HashMap<(LinkId, u64), u64>,
     next: u64,
     /// Failures to report, per link, sent after the commands are applied.
     errors: HashMap<LinkId, Vec<SessionError>>,
+    /// Decoding sessions and pending blocks per link, for the micro-batches.
+    loads: Loads,
 }
 
 impl Links {
@@ -140,7 +142,9 @@ impl Links {
 
     fn remove(&mut self, link: LinkId, key: u64) -> Option<u64> {
         let s = self.session.remove(&(link, key))?;
-        self.owner.remove(&s);
+        if let Some(o) = self.owner.remove(&s) {
+            self.loads.session_ended(link, o.decoding, o.pending);
+        }
         Some(s)
     }
 
@@ -160,7 +164,18 @@ struct Thread {
     queued: Arc<AtomicU32>,
     gather: Gather,
     phases: Phases,
+    downloads: Downloads,
 }
+
+/// A pass whose kernels are queued: the rows its contexts belong to and their
+/// copy to the host.
+struct Launched {
+    rows: Vec<(u64, u32)>,
+    download: Download,
+}
+
+/// A launched pass (or its failure) and the host time spent launching it.
+type InFlight = (Duration, Result<Option<Launched>, ModelError>);
 
 /// Where the engine thread's pass time goes, logged when it stops.
 #[derive(Default, Debug)]
@@ -171,44 +186,70 @@ struct Phases {
     finish: Duration,
     /// Handing each link its contexts.
     send: Duration,
-}
-
-/// Whether to run a pass now: prompt work never waits; decode blocks wait
-/// (up to `max_wait`) until a micro-batch of them is there.
-fn ready(sched: &BlockScheduler, waited: Duration, g: Gather) -> bool {
-    sched.has_prefill() || (sched.pending_blocks() > 0 && (sched.pending_blocks() >= g.rows(sched) || waited >= g.max_wait))
+    /// Contexts sent to each link and not yet answered in whole, and the
+    /// round trips measured: from the contexts' send to the arrival of the
+    /// link's last block (at the service), and to the engine taking it in.
+    sent: HashMap<LinkId, Instant>,
+    round_trips: u32,
+    to_arrival: Duration,
+    to_engine: Duration,
 }
 
 impl Thread {
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         blockserve_runtime::thread::make_critical("block-decoder-engine");
         let mut busy = blockserve_runtime::busy::Busy::new("block-decoder");
+        // At most one pass runs on the device while the next is launched: the
+        // host's launch time then overlaps the device's work, and a pass's
+        // contexts still leave as soon as that pass (not the next) is done.
+        let mut in_flight: Option<InFlight> = None;
         loop {
             // Block for commands only when there is nothing to compute.
-            if !self.sched.has_work() {
+            if !self.sched.has_work() && in_flight.is_none() {
                 match rx.blocking_recv() {
                     Some(c) => self.apply(vec![c]),
                     None => {
                         let p = &self.phases;
                         let s = |d: Duration| format!("{:.2}", d.as_secs_f64());
-                        tracing::info!(launch_s = s(p.launch), finish_and_copy_s = s(p.finish), send_s = s(p.send), "block-decoder engine phases");
+                        let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3 / p.round_trips.max(1) as f64);
+                        tracing::info!(
+                            launch_s = s(p.launch),
+                            finish_and_copy_s = s(p.finish),
+                            send_s = s(p.send),
+                            link_round_trips = p.round_trips,
+                            mean_round_trip_ms = ms(p.to_arrival),
+                            mean_round_trip_to_engine_ms = ms(p.to_engine),
+                            "block-decoder engine phases"
+                        );
                         return;
                     }
                 }
             }
             self.drain(&mut rx);
             let started = Instant::now();
-            while !ready(&self.sched, started.elapsed(), self.gather) && self.sched.has_work() {
+            let mut take = None;
+            while self.sched.has_work() {
+                take = self.gather.next(&self.sched, &self.links.loads, started.elapsed());
+                // With a pass in flight, launch only what is ready now, else finish it.
+                if take.is_some() || in_flight.is_some() {
+                    break;
+                }
                 std::thread::sleep(Duration::from_micros(50));
                 self.drain(&mut rx);
             }
-            if self.sched.has_work() {
+            let span = busy.iteration_span();
+            let launched = take.map(|take| {
                 let t = Instant::now();
-                let span = busy.iteration_span();
-                let rows = self.pass();
-                drop(span);
-                busy.add(t.elapsed(), rows);
+                let l = self.launch(take);
+                (t.elapsed(), l)
+            });
+            if let Some((launch_time, prev)) = in_flight.take() {
+                let t = Instant::now();
+                let rows = self.finish(prev);
+                busy.add(launch_time + t.elapsed(), rows);
             }
+            drop(span);
+            in_flight = launched;
             self.active.store(self.sched.sessions() as u32, Ordering::Relaxed);
             METRICS.queue_depth.with_label_values(&["block_decoder"]).set(self.queued.load(Ordering::Relaxed) as i64);
             METRICS.active_sessions.with_label_values(&["block_decoder"]).set(self.sched.sessions() as i64);
@@ -264,7 +305,7 @@ impl Thread {
             match self.sched.submit(s, o.ids, o.max_new_blocks) {
                 Ok(()) => {
                     links.session.insert((link, o.key), s);
-                    links.owner.insert(s, (link, o.key));
+                    links.owner.insert(s, Owner { link, key: o.key, decoding: false, pending: false });
                 }
                 Err(e) => links.fail(link, o.key, status::from_model(e)),
             }
@@ -272,10 +313,18 @@ impl Thread {
         for (key, block) in up.blocks {
             // A session the engine already ended (its error is on the way) is skipped.
             let Some(&s) = links.session.get(&(link, key)) else { continue };
-            if let Err(e) = self.sched.push_block(s, block) {
-                links.remove(link, key);
-                self.sched.close(s);
-                links.fail(link, key, status::from_model(e));
+            match self.sched.push_block(s, block) {
+                Ok(()) => {
+                    if let Some(o) = links.owner.get_mut(&s).filter(|o| !o.pending) {
+                        o.pending = true;
+                        links.loads.block_pushed(link);
+                    }
+                }
+                Err(e) => {
+                    links.remove(link, key);
+                    self.sched.close(s);
+                    links.fail(link, key, status::from_model(e));
+                }
             }
         }
         for key in up.closes {
@@ -283,16 +332,50 @@ impl Thread {
                 self.sched.close(s);
             }
         }
+        links.loads.held_back(link, up.held_back);
+        if links.loads.is_complete(link) {
+            if let (Some(sent), Some(at)) = (self.phases.sent.remove(&link), up.at) {
+                self.phases.round_trips += 1;
+                self.phases.to_arrival += at.saturating_duration_since(sent);
+                self.phases.to_engine += sent.elapsed();
+            }
+        }
     }
 
-    /// One scheduler iteration; each link gets the contexts of its sessions.
-    /// Returns the rows computed.
-    fn pass(&mut self) -> usize {
+    /// Launch one scheduler iteration taking the pending blocks `take` names,
+    /// and queue the copy of its contexts to the host.
+    fn launch(&mut self, take: Take) -> Result<Option<Launched>, ModelError> {
         let t = Instant::now();
-        let iterated = self.sched.iterate_with(self.gather.rows(&self.sched));
+        let rows = match take {
+            Take::Oldest(n) => n,
+            Take::Links(picked) => {
+                let owner = &self.links.owner;
+                self.sched.put_first(|s| owner.get(&s).is_some_and(|o| picked.contains(&o.link)))
+            }
+        };
+        let launched = match self.sched.iterate_with(rows) {
+            Ok(Some(c)) => {
+                self.count(&c.rows, c.decode_rows);
+                self.downloads.start(&c.tensor).map(|download| Some(Launched { rows: c.rows, download }))
+            }
+            other => other.map(|_| None),
+        };
         self.phases.launch += t.elapsed();
+        launched
+    }
+
+    /// Wait for a launched pass's contexts; each link gets those of its
+    /// sessions. Returns the rows computed.
+    fn finish(&mut self, launched: Result<Option<Launched>, ModelError>) -> usize {
         let t = Instant::now();
-        let out = iterated.and_then(|out| out.map(|c| codec::encode(&c.tensor).map(|e| (c.rows, e)).map_err(ModelError::Input)).transpose());
+        let out = launched.and_then(|l| match l {
+            Some(l) => {
+                let h = self.downloads.wait(l.download)?;
+                let e = codec::from_host(h.bytes, h.dtype, h.rows, h.dim).map_err(ModelError::Input)?;
+                Ok(Some((l.rows, e)))
+            }
+            None => Ok(None),
+        });
         self.phases.finish += t.elapsed();
         if let Ok(Some((_, e))) = &out {
             METRICS.context_bytes.with_label_values(&["block_decoder", "sent"]).inc_by(e.data.len() as u64);
@@ -304,15 +387,31 @@ impl Thread {
         rows
     }
 
+    /// A pass took the blocks of the first `decode_rows` of `rows`; the rest
+    /// finished their prompts and send blocks from now on.
+    fn count(&mut self, rows: &[(u64, u32)], decode_rows: usize) {
+        let links = &mut self.links;
+        for (i, (s, _)) in rows.iter().enumerate() {
+            let Some(o) = links.owner.get_mut(s) else { continue };
+            if i < decode_rows {
+                if std::mem::take(&mut o.pending) {
+                    links.loads.block_taken(o.link);
+                }
+            } else if !std::mem::replace(&mut o.decoding, true) {
+                links.loads.started_decoding(o.link);
+            }
+        }
+    }
+
     /// Send each link the contexts of its sessions (or fail them all).
     fn deliver(&mut self, out: Result<Option<(Vec<(u64, u32)>, Embeddings)>, ModelError>) -> usize {
         match out {
             Ok(Some((rows, contexts))) => {
                 let mut per_link: HashMap<LinkId, (Vec<u64>, Vec<u32>, Vec<usize>)> = HashMap::new();
                 for (i, (s, block)) in rows.iter().enumerate() {
-                    if let Some(&(link, key)) = self.links.owner.get(s) {
-                        let e = per_link.entry(link).or_default();
-                        e.0.push(key);
+                    if let Some(o) = self.links.owner.get(s) {
+                        let e = per_link.entry(o.link).or_default();
+                        e.0.push(o.key);
                         e.1.push(*block);
                         e.2.push(i);
                     }
@@ -327,6 +426,7 @@ impl Thread {
                         None => codec::select(whole.as_ref().expect("only a link with every row takes the matrix"), &pick),
                     };
                     let _ = d.send(LinkDown { keys, block_indices, contexts: Some(mine), errors: vec![] });
+                    self.phases.sent.insert(link, Instant::now());
                 }
                 rows.len()
             }
@@ -335,11 +435,12 @@ impl Thread {
                 // A failed pass fails every session: their caches may be half written.
                 tracing::error!(error = %e, "block decoder pass failed");
                 let st = tonic::Status::internal(format!("block decoder pass failed: {e}"));
-                for (s, (link, key)) in std::mem::take(&mut self.links.owner) {
+                for (s, o) in std::mem::take(&mut self.links.owner) {
                     self.sched.close(s);
-                    self.links.fail(link, key, st.clone());
+                    self.links.fail(o.link, o.key, st.clone());
                 }
                 self.links.session.clear();
+                self.links.loads.clear();
                 self.links.flush_errors();
                 0
             }

@@ -2,6 +2,7 @@
 //! serves and answers each block with the context embedding of the next.
 
 pub mod engine;
+pub mod gather;
 pub mod service;
 
 use std::sync::atomic::Ordering;
@@ -45,6 +46,12 @@ pub struct Args {
     /// pass and then waits for the round trip.
     #[arg(long, env = "BLOCKSERVE_MICRO_BATCHES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub micro_batches: u32,
+    /// With two or more token decoders linked, form each decode pass from the
+    /// blocks of whole links (once all of a link's decoding sessions have sent
+    /// theirs), so every token decoder decodes all of its sessions as one batch
+    /// per cycle; false splits the sessions by arrival only.
+    #[arg(long, env = "BLOCKSERVE_MICRO_BATCH_BY_LINK", default_value_t = true, action = clap::ArgAction::Set)]
+    pub micro_batch_by_link: bool,
 }
 
 struct Load(engine::Engine, u32);
@@ -66,7 +73,11 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     let engine = engine::Engine::start(
         model.clone(),
         config,
-        engine::Gather { max_wait: Duration::from_micros(args.max_batch_wait_us), micro_batches: args.micro_batches as usize },
+        engine::Gather {
+            max_wait: Duration::from_micros(args.max_batch_wait_us),
+            micro_batches: args.micro_batches as usize,
+            by_link: args.micro_batch_by_link,
+        },
     )?;
     let listening = args.serve.bind().await?;
     blockserve_runtime::metrics::start(args.serve.metrics_listen, stop.clone()).await?;
@@ -80,6 +91,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         .tcp_nodelay(true)
         .initial_stream_window_size(blockserve_runtime::LINK_STREAM_WINDOW)
         .initial_connection_window_size(blockserve_runtime::LINK_CONNECTION_WINDOW)
+        .max_frame_size(blockserve_runtime::LINK_MAX_FRAME)
         .add_service(server);
     let lease = Lease::new(Tier::BlockDecoder, address.clone(), Duration::from_secs(args.serve.lease_ttl_s));
     let lease_task = tokio::spawn(lease.run(store, Arc::new(Load(engine, args.max_sessions)), stop.clone()));

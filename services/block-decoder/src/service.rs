@@ -96,7 +96,7 @@ impl LinkState {
     /// sessions are closed as part of the work).
     fn check(&mut self, msg: LinkUp) -> (Up, Vec<SessionError>) {
         let l = self.model.block_length();
-        let (mut up, mut errors) = (Up::default(), vec![]);
+        let (mut up, mut errors) = (Up { held_back: msg.held_back as usize, at: Some(std::time::Instant::now()), ..Up::default() }, vec![]);
         for o in msg.opens {
             // The session's span on this tier: a child of the token decoder's.
             let span = tracing::info_span!("block_decoder.open", session_id = %o.session_id, key = o.key);

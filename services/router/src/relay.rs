@@ -232,7 +232,10 @@ impl Router {
         let mut last = why.to_string();
         loop {
             if start.elapsed() > MOVE_TIMEOUT {
-                let st = Status::unavailable(format!("session {id} lost its token decoder ({why}) and none took it over within {}s: {last}", MOVE_TIMEOUT.as_secs()));
+                let st = Status::unavailable(format!(
+                    "session {id} lost its token decoder ({why}) and none took it over within {}s: {last}",
+                    MOVE_TIMEOUT.as_secs()
+                ));
                 let outcome = Outcome { state: SessionState::Failed, finish_reason: "error".into(), error: Some(st.message().into()) };
                 let _ = self.store.finish(id, None, &outcome, self.session_ttl).await;
                 return Err(NotMoved::Failed(st));

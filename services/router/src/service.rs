@@ -176,7 +176,10 @@ impl Router {
     /// A stream slot, or RESOURCE_EXHAUSTED at once when every one is taken.
     pub(crate) fn stream_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
         self.streams.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!("this router relays its limit of {} streams (--max-streams); retry later or use another router", self.max_streams))
+            Status::resource_exhausted(format!(
+                "this router relays its limit of {} streams (--max-streams); retry later or use another router",
+                self.max_streams
+            ))
         })
     }
 
@@ -185,7 +188,11 @@ impl Router {
     /// middle (the RPC future is dropped) must not leave a session recorded
     /// and never run, or running with nobody to stop it; the task finishes,
     /// then sees the receiver gone and cancels the session.
-    async fn start(self: &Arc<Self>, req: GenerateRequest, deadline: Option<Duration>) -> Result<(String, mpsc::Receiver<Result<GenerateResponse, Status>>), Status> {
+    async fn start(
+        self: &Arc<Self>,
+        req: GenerateRequest,
+        deadline: Option<Duration>,
+    ) -> Result<(String, mpsc::Receiver<Result<GenerateResponse, Status>>), Status> {
         let this = self.clone();
         // In the RPC's span: the session's spans (store calls, the token
         // decoder's Run) belong to its trace.
@@ -193,7 +200,11 @@ impl Router {
         tokio::spawn(task).await.map_err(|e| Status::internal(format!("session start: {e}")))?
     }
 
-    async fn start_session(self: Arc<Self>, req: GenerateRequest, deadline: Option<Duration>) -> Result<(String, mpsc::Receiver<Result<GenerateResponse, Status>>), Status> {
+    async fn start_session(
+        self: Arc<Self>,
+        req: GenerateRequest,
+        deadline: Option<Duration>,
+    ) -> Result<(String, mpsc::Receiver<Result<GenerateResponse, Status>>), Status> {
         let arrived = Instant::now();
         let slot = self.stream_slot()?;
         let (tx, rx) = mpsc::channel(16);
@@ -257,7 +268,16 @@ impl Router {
         };
         let started = Started { prompt_tokens: prompt.len() as u32, attached: false };
         let _ = tx.send(event(&id, generate_response::Event::Started(started))).await;
-        let relay = relay::Relay { id: id.clone(), client, events, tx, token_decoder: td.address, token_decoder_id: td.id, arrived, deadline: deadline.map(|d| arrived + d) };
+        let relay = relay::Relay {
+            id: id.clone(),
+            client,
+            events,
+            tx,
+            token_decoder: td.address,
+            token_decoder_id: td.id,
+            arrived,
+            deadline: deadline.map(|d| arrived + d),
+        };
         tokio::spawn(self.clone().relay(relay, (routed, slot)));
         Ok((id, rx))
     }

@@ -73,7 +73,7 @@ enum Command {
     Open(OpenRequest, Arc<AtomicU32>),
     Close { key: u64 },
     Resume { key: u64 },
-    Down { link: u64, msg: LinkDown },
+    Down { link: u64, msg: LinkDown, at: Instant },
     LinkLost { link: u64, status: Status },
     Score { contexts: Tensor, blocks: Vec<u32>, reply: oneshot::Sender<Result<Vec<f32>, ModelError>> },
     Stop,
@@ -165,7 +165,7 @@ impl Engine {
 
     /// A message from a link.
     pub fn down(&self, link: u64, msg: LinkDown) {
-        self.send(Command::Down { link, msg });
+        self.send(Command::Down { link, msg, at: Instant::now() });
     }
 
     /// A link's stream ended: its sessions fail with `status`.
@@ -231,6 +231,12 @@ struct Phases {
     compute: Duration,
     /// Stop checks, events and the blocks going up.
     bookkeeping: Duration,
+    /// Rounds with contexts, and the sum over them of the time from the first
+    /// context message's arrival to the round's start and to its blocks
+    /// going up (the link's share of a block decoder's round trip).
+    rounds: u32,
+    waited: Duration,
+    turnaround: Duration,
 }
 
 impl Thread {
@@ -245,10 +251,25 @@ impl Thread {
                 tracing::info!(held_back = self.held_back, max_unread = self.max_unread, "blocks held back for sessions whose task was behind");
                 let p = &self.phases;
                 let s = |d: Duration| format!("{:.2}", d.as_secs_f64());
-                tracing::info!(upload_s = s(p.upload), compute_s = s(p.compute), bookkeeping_s = s(p.bookkeeping), "token-decoder engine phases");
+                let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3 / p.rounds.max(1) as f64);
+                tracing::info!(
+                    upload_s = s(p.upload),
+                    compute_s = s(p.compute),
+                    bookkeeping_s = s(p.bookkeeping),
+                    rounds = p.rounds,
+                    mean_wait_ms = ms(p.waited),
+                    mean_turnaround_ms = ms(p.turnaround),
+                    "token-decoder engine phases"
+                );
                 return;
             }
             let mut rows = Rows::default();
+            let first_context =
+                cmds.iter().filter_map(|c| if let Command::Down { at, msg, .. } = c { msg.contexts.is_some().then_some(*at) } else { None }).min();
+            if let Some(at) = first_context {
+                self.phases.rounds += 1;
+                self.phases.waited += at.elapsed();
+            }
             for c in cmds {
                 self.apply(c, &mut rows);
             }
@@ -272,7 +293,19 @@ impl Thread {
             METRICS.queue_depth.with_label_values(&[TIER]).set(self.queued.load(Ordering::Relaxed) as i64);
             // The blocks up are the critical path; waking the session tasks
             // (thousands of them) comes after.
-            let outbox: Vec<_> = self.outbox.drain().collect();
+            let mut outbox: Vec<_> = self.outbox.drain().collect();
+            if !outbox.is_empty() {
+                let mut held: HashMap<u64, u32> = HashMap::new();
+                for s in self.sessions.values().filter(|s| s.parked.is_some()) {
+                    *held.entry(s.link.id).or_default() += 1;
+                }
+                for (id, (_, msg)) in &mut outbox {
+                    msg.held_back = held.get(id).copied().unwrap_or(0);
+                }
+            }
+            if let Some(at) = first_context {
+                self.phases.turnaround += at.elapsed();
+            }
             for (id, (link, msg)) in outbox {
                 if !link.send(msg) {
                     // The link ended (its loss may have been handled before these
@@ -292,6 +325,14 @@ impl Thread {
 
     fn fail(&mut self, key: u64, status: Status) {
         if let Some(s) = self.sessions.remove(&key) {
+            let _ = s.events.send(Event::Failed(status));
+        }
+    }
+
+    /// Fail a session for a fault found here: the block decoder still holds it.
+    fn fail_and_close(&mut self, key: u64, status: Status) {
+        if let Some(s) = self.sessions.remove(&key) {
+            self.up(&s.link).closes.push(key);
             let _ = s.events.send(Event::Failed(status));
         }
     }
@@ -323,7 +364,7 @@ impl Thread {
                     self.send_block(&link, key, index, &block);
                 }
             }
-            Command::Down { link, msg } => self.receive(link, msg, rows),
+            Command::Down { link, msg, .. } => self.receive(link, msg, rows),
             Command::LinkLost { link, status } => self.fail_link(link, status),
             Command::Score { contexts, blocks, reply } => {
                 let _ = reply.send(self.model.score_blocks(&contexts, &blocks));
@@ -369,7 +410,7 @@ impl Thread {
                 let st = Status::internal(format!("from block decoder: {e}"));
                 let mine: Vec<u64> = msg.keys.iter().copied().filter(|k| self.sessions.get(k).is_some_and(|s| s.link.id == link)).collect();
                 for k in mine {
-                    self.fail(k, st.clone());
+                    self.fail_and_close(k, st.clone());
                 }
                 return;
             }
@@ -382,7 +423,7 @@ impl Thread {
             let Some(s) = self.sessions.get(&key).filter(|s| s.link.id == link) else { continue };
             if block != s.next_context {
                 let st = Status::internal(format!("block decoder sent the context of block {block}, expected {}", s.next_context));
-                self.fail(key, st);
+                self.fail_and_close(key, st);
                 continue;
             }
             rows.keys.push(key);
@@ -459,6 +500,8 @@ impl Thread {
             } else if behind {
                 s.parked = Some((index, block));
                 self.held_back += 1;
+                // The link hears of it (its held-back count) this round.
+                self.up(&link);
             } else {
                 self.send_block(&link, key, index, &block);
             }

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use blockserve_proto::v1::block_decoder_client::BlockDecoderClient;
 use blockserve_proto::v1::LinkUp;
+use blockserve_runtime::tls::Dialer;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use blockserve_runtime::tls::Dialer;
 use tonic::Status;
 
 use crate::engine::Engine;
@@ -72,7 +72,11 @@ impl Links {
             return Ok(l.clone());
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let link = self.io.spawn(connect(id, address.to_string(), engine.clone(), self.dialer.clone())).await.map_err(|e| Status::internal(format!("link task: {e}")))??;
+        let link = self
+            .io
+            .spawn(connect(id, address.to_string(), engine.clone(), self.dialer.clone()))
+            .await
+            .map_err(|e| Status::internal(format!("link task: {e}")))??;
         map.insert(address.to_string(), link.clone());
         Ok(link)
     }
@@ -86,11 +90,14 @@ async fn connect(id: u64, address: String, engine: Engine, dialer: Arc<Dialer>) 
         .tcp_nodelay(true)
         .initial_stream_window_size(blockserve_runtime::LINK_STREAM_WINDOW)
         .initial_connection_window_size(blockserve_runtime::LINK_CONNECTION_WINDOW)
+        .max_frame_size(blockserve_runtime::LINK_MAX_FRAME)
         .connect()
         .await
         .map_err(|e| Status::unavailable(format!("block decoder {address} unreachable: {}", blockserve_runtime::status::source_chain(&e))))?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut down = BlockDecoderClient::new(channel).max_decoding_message_size(usize::MAX).link(UnboundedReceiverStream::new(rx))
+    let mut down = BlockDecoderClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .link(UnboundedReceiverStream::new(rx))
         .await
         .map_err(|e| blockserve_runtime::status::from_peer(&format!("block decoder {address}"), e))?
         .into_inner();

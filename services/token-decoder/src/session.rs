@@ -91,8 +91,7 @@ pub async fn run(shared: Arc<Shared>, req: RunRequest, tx: mpsc::Sender<Result<R
     let mut fenced = writes.fenced.clone();
     let text = shared.tokenizer.as_ref().map(|t| IncrementalDecoder::with_prefix(t, &req.generated_ids));
     let full_text = text.as_ref().map(|t| t.text()).unwrap_or_default();
-    let mut out =
-        Output { tokens: req.generated_ids.clone(), wire_bytes: 0, first_at: None, last_at: None, text, full_text, chunks: 0, failed_at: None };
+    let mut out = Output { tokens: req.generated_ids.clone(), wire_bytes: 0, first_at: None, last_at: None, text, full_text, chunks: 0, failed_at: None };
     let mut relay = Relay { tx, detached: false };
     let result = tokio::select! {
         r = drive(&shared, &req, &mut relay, &mut out, &writes) => r,
@@ -119,7 +118,11 @@ pub async fn run(shared: Arc<Shared>, req: RunRequest, tx: mpsc::Sender<Result<R
             };
             let finished = Finished {
                 reason: reason as i32,
-                usage: Some(Usage { prompt_tokens: req.prompt_ids.len() as u32, generated_tokens: out.tokens.len() as u32, internal_wire_bytes: out.wire_bytes }),
+                usage: Some(Usage {
+                    prompt_tokens: req.prompt_ids.len() as u32,
+                    generated_tokens: out.tokens.len() as u32,
+                    internal_wire_bytes: out.wire_bytes,
+                }),
                 timings: Some(Timings { time_to_first_token_ms: ms(out.first_at), total_ms: ms(out.last_at), mean_inter_token_ms: mean_itl }),
                 error: String::new(),
             };

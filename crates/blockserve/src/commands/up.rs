@@ -84,6 +84,7 @@ pub async fn run(args: Args) -> Result<()> {
         token_budget: 8192,
         max_batch_wait_us: 2000,
         micro_batches: args.micro_batches,
+        micro_batch_by_link: true,
     };
     tasks.spawn(blockserve_block_decoder::run(bd, store.clone(), stop.clone(), Some(ready)));
     eprintln!("block decoder at {}", bd_addr.await?);

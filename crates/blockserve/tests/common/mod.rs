@@ -34,7 +34,8 @@ pub fn greedy_reference(model: &std::path::Path, prompts: &[Vec<u32>], max_new_t
     use blockserve_model::{loader::load_model, GenerationRequest, SamplingParams, StopCriteria};
     let engine = load_model(model, None, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
     let stop = StopCriteria { max_new_tokens: max_new_tokens as usize, eos_token_id: None, stop_token_ids: vec![] };
-    let reqs: Vec<GenerationRequest> = prompts.iter().map(|p| GenerationRequest { prompt: p.clone(), sampling: SamplingParams::greedy(), stop: stop.clone() }).collect();
+    let reqs: Vec<GenerationRequest> =
+        prompts.iter().map(|p| GenerationRequest { prompt: p.clone(), sampling: SamplingParams::greedy(), stop: stop.clone() }).collect();
     engine.generate(&reqs, false).unwrap().into_iter().map(|o| o.tokens).collect()
 }
 
@@ -73,7 +74,6 @@ pub async fn collect_from(mut s: tonic::Streaming<GenerateResponse>, offset: usi
     }
     panic!("no finished message")
 }
-
 
 /// The tiers as separate processes that a test may kill and restart, with a
 /// real redis-server that keeps its data across restarts.
