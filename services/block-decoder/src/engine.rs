@@ -49,7 +49,9 @@ enum Command {
 /// Handle to the model thread; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
-    tx: mpsc::UnboundedSender<Command>,
+    /// A std channel: the model thread waits on it with a timeout while a
+    /// micro-batch gathers, instead of polling.
+    tx: std::sync::mpsc::Sender<Command>,
     /// Sessions holding KV pages or waiting for them.
     pub active: Arc<AtomicU32>,
     /// Commands waiting for the model thread.
@@ -70,7 +72,7 @@ impl Engine {
     pub fn start(model: Arc<BlockTransformer>, config: SchedulerConfig, gather: Gather) -> Result<Self, ModelError> {
         let mut sched = BlockScheduler::new(model, config)?;
         sched.warm_up()?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = std::sync::mpsc::channel();
         let active = Arc::new(AtomicU32::new(0));
         let queued = Arc::new(AtomicU32::new(0));
         let (a, q) = (active.clone(), queued.clone());
@@ -167,6 +169,10 @@ struct Thread {
     downloads: Downloads,
 }
 
+/// Longest the model thread sleeps while a micro-batch gathers before it looks
+/// at the gather's deadline again.
+const GATHER_TICK: Duration = Duration::from_micros(500);
+
 /// A pass whose kernels are queued: the rows its contexts belong to and their
 /// copy to the host.
 struct Launched {
@@ -196,7 +202,7 @@ struct Phases {
 }
 
 impl Thread {
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+    fn run(mut self, rx: std::sync::mpsc::Receiver<Command>) {
         blockserve_runtime::thread::make_critical("block-decoder-engine");
         let mut busy = blockserve_runtime::busy::Busy::new("block-decoder");
         // At most one pass runs on the device while the next is launched: the
@@ -206,7 +212,7 @@ impl Thread {
         loop {
             // Block for commands only when there is nothing to compute.
             if !self.sched.has_work() && in_flight.is_none() {
-                match rx.blocking_recv() {
+                match rx.recv().ok() {
                     Some(c) => self.apply(vec![c]),
                     None => {
                         let p = &self.phases;
@@ -225,7 +231,7 @@ impl Thread {
                     }
                 }
             }
-            self.drain(&mut rx);
+            self.drain(&rx);
             let started = Instant::now();
             let mut take = None;
             while self.sched.has_work() {
@@ -234,8 +240,17 @@ impl Thread {
                 if take.is_some() || in_flight.is_some() {
                     break;
                 }
-                std::thread::sleep(Duration::from_micros(50));
-                self.drain(&mut rx);
+                // Wait for the next command, or for the gather's deadline to come
+                // closer (it is checked again either way).
+                match rx.recv_timeout(GATHER_TICK) {
+                    Ok(c) => {
+                        self.apply(vec![c]);
+                        self.drain(&rx);
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    // Shutting down: the sessions left finish without new commands.
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(GATHER_TICK),
+                }
             }
             let span = busy.iteration_span();
             let launched = take.map(|take| {
@@ -256,7 +271,7 @@ impl Thread {
         }
     }
 
-    fn drain(&mut self, rx: &mut mpsc::UnboundedReceiver<Command>) {
+    fn drain(&mut self, rx: &std::sync::mpsc::Receiver<Command>) {
         let cmds: Vec<Command> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
         self.apply(cmds);
     }
