@@ -81,3 +81,14 @@ impl Drop for Busy {
         );
     }
 }
+
+/// Seconds with two decimals, for the engines' exit logs.
+pub fn secs(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64())
+}
+
+/// Milliseconds per event (two decimals) of `total` over `n` events, for the
+/// engines' exit logs.
+pub fn mean_ms(total: Duration, n: u32) -> String {
+    format!("{:.2}", total.as_secs_f64() * 1e3 / n.max(1) as f64)
+}

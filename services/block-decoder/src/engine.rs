@@ -216,8 +216,8 @@ impl Thread {
                     Some(c) => self.apply(vec![c]),
                     None => {
                         let p = &self.phases;
-                        let s = |d: Duration| format!("{:.2}", d.as_secs_f64());
-                        let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3 / p.round_trips.max(1) as f64);
+                        use blockserve_runtime::busy::{mean_ms, secs as s};
+                        let ms = |d: Duration| mean_ms(d, p.round_trips);
                         tracing::info!(
                             launch_s = s(p.launch),
                             finish_and_copy_s = s(p.finish),
