@@ -294,7 +294,9 @@ impl Thread {
             // The blocks up are the critical path; waking the session tasks
             // (thousands of them) comes after.
             let mut outbox: Vec<_> = self.outbox.drain().collect();
-            if !outbox.is_empty() {
+            // Counted only once some session has ever been held back: until
+            // then every count is 0 and the sessions need not be walked.
+            if !outbox.is_empty() && self.held_back > 0 {
                 let mut held: HashMap<u64, u32> = HashMap::new();
                 for s in self.sessions.values().filter(|s| s.parked.is_some()) {
                     *held.entry(s.link.id).or_default() += 1;
