@@ -57,13 +57,7 @@ impl Downloads {
             let pinned = cuda::start(&mut self.free, dev, &t)?;
             return Ok(Download { dtype, rows, dim, inner: Inner::Pinned { copy: pinned, _source: t } });
         }
-        let flat = t.flatten_all()?.to_device(&candle_core::Device::Cpu)?;
-        let bytes = match dtype {
-            DType::F32 => bytemuck::cast_slice(&flat.to_vec1::<f32>()?).to_vec(),
-            DType::BF16 => bytemuck::cast_slice(&flat.to_vec1::<half::bf16>()?).to_vec(),
-            DType::F16 => bytemuck::cast_slice(&flat.to_vec1::<half::f16>()?).to_vec(),
-            other => return Err(ModelError::Input(format!("no host download for {other:?}"))),
-        };
+        let bytes = blockserve_model::host_bytes(t)?;
         Ok(Download { dtype, rows, dim, inner: Inner::Ready(bytes) })
     }
 

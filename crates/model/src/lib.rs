@@ -70,6 +70,19 @@ pub fn cuda_device(ordinal: usize) -> Result<candle_core::Device> {
     Ok(device)
 }
 
+/// The elements of a float tensor as row-major little-endian bytes, copied to
+/// the host (what the wire and the block decoder's downloads carry).
+pub fn host_bytes(t: &candle_core::Tensor) -> candle_core::Result<Vec<u8>> {
+    use candle_core::DType;
+    let flat = t.flatten_all()?.to_device(&candle_core::Device::Cpu)?;
+    Ok(match t.dtype() {
+        DType::F32 => bytemuck::cast_slice(&flat.to_vec1::<f32>()?).to_vec(),
+        DType::BF16 => bytemuck::cast_slice(&flat.to_vec1::<half::bf16>()?).to_vec(),
+        DType::F16 => bytemuck::cast_slice(&flat.to_vec1::<half::f16>()?).to_vec(),
+        other => candle_core::bail!("no host bytes for {other:?}"),
+    })
+}
+
 /// Free and total memory of `device` in bytes (None on the CPU).
 pub fn device_memory(device: &candle_core::Device) -> Option<(usize, usize)> {
     #[cfg(feature = "cuda")]

@@ -19,15 +19,7 @@ fn wire_dtype(d: DType) -> Result<WireDType, String> {
 pub fn encode(rows: &Tensor) -> Result<Embeddings, String> {
     let (k, dim) = rows.dims2().map_err(|e| e.to_string())?;
     let dtype = wire_dtype(rows.dtype())?;
-    let flat = rows.flatten_all().and_then(|t| t.to_device(&Device::Cpu)).map_err(|e| e.to_string())?;
-    let err = |e: candle_core::Error| e.to_string();
-    // The wire is little-endian, as are the hosts we build for.
-    let data: Vec<u8> = match rows.dtype() {
-        DType::F32 => bytemuck::cast_slice(&flat.to_vec1::<f32>().map_err(err)?).to_vec(),
-        DType::BF16 => bytemuck::cast_slice(&flat.to_vec1::<half::bf16>().map_err(err)?).to_vec(),
-        DType::F16 => bytemuck::cast_slice(&flat.to_vec1::<half::f16>().map_err(err)?).to_vec(),
-        _ => unreachable!("checked by wire_dtype"),
-    };
+    let data = blockserve_model::host_bytes(rows).map_err(|e| e.to_string())?;
     Ok(Embeddings { data, dtype: dtype as i32, dim: dim as u32, rows: k as u32 })
 }
 

@@ -384,11 +384,7 @@ impl Thread {
     fn finish(&mut self, launched: Result<Option<Launched>, ModelError>) -> usize {
         let t = Instant::now();
         let out = launched.and_then(|l| match l {
-            Some(l) => {
-                let h = self.downloads.wait(l.download)?;
-                let e = codec::from_host(h.bytes, h.dtype, h.rows, h.dim).map_err(ModelError::Input)?;
-                Ok(Some((l.rows, e)))
-            }
+            Some(l) => Ok(Some((l.rows, self.to_wire(l.download)?))),
             None => Ok(None),
         });
         self.phases.finish += t.elapsed();
@@ -400,6 +396,12 @@ impl Thread {
         let rows = self.deliver(out);
         self.phases.send += t.elapsed();
         rows
+    }
+
+    /// Wait for a download and put it in wire form.
+    fn to_wire(&mut self, d: Download) -> Result<Embeddings, ModelError> {
+        let h = self.downloads.wait(d)?;
+        codec::from_host(h.bytes, h.dtype, h.rows, h.dim).map_err(ModelError::Input)
     }
 
     /// A pass took the blocks of the first `decode_rows` of `rows`; the rest
