@@ -221,7 +221,7 @@ impl blockserve_proto::v1::block_decoder_server::BlockDecoder for HostileBlockDe
 /// does not know is fenced off at its first write).
 async fn record(store: &blockserve_store::RedisStore, id: &str, td: &str, bd: &str) {
     use blockserve_store::{Assignment, SessionSpec};
-    let spec = SessionSpec { id: id.into(), prompt_ids: vec![3, 1, 4, 1, 5], parameters: serde_json::json!({}), created_at_ms: 0 };
+    let spec = SessionSpec { id: id.into(), prompt_ids: vec![3, 1, 4, 1, 5], parameters: Default::default(), created_at_ms: 0 };
     let to = Assignment { token_decoder: td.into(), token_decoder_id: "fuzz".into(), block_decoder: bd.into() };
     assert!(store.create_session(&spec, &to).await.unwrap());
 }

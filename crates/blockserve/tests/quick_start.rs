@@ -58,7 +58,7 @@ fn the_load_generator_runs_a_ghz_config_and_the_metrics_agree() {
         ),
     )
     .unwrap();
-    let loadtest = std::path::Path::new(env!("CARGO_BIN_EXE_blockserve")).with_file_name("blockserve-loadtest");
+    let loadtest = blockserve_testkit::workspace_bin(env!("CARGO_BIN_EXE_blockserve"), "blockserve-loadtest");
     let run = Command::new(loadtest).args(["--config", config.to_str().unwrap(), "--format", "json"]).stdout(Stdio::piped()).spawn().unwrap();
     // Scraped during the run: sessions are running on the token decoders.
     let mut peak = 0.0f64;
@@ -72,7 +72,7 @@ fn the_load_generator_runs_a_ghz_config_and_the_metrics_agree() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["count"], 12);
-    assert_eq!(report["status_code_distribution"], serde_json::json!({"OK": 12}));
+    assert_eq!(report["statusCodeDistribution"], serde_json::json!({"OK": 12}));
     assert_eq!(report["tokens"], 96);
     let m = scrape_metrics(metrics_port);
     assert_eq!(metric_sum(&m, "blockserve_requests_total", &[("code", "OK"), ("method", "Generate"), ("tier", "router")]), 12.0);

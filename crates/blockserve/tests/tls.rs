@@ -208,11 +208,11 @@ async fn tiers_talk_mutual_tls_untrusted_clients_are_refused_and_certificates_re
         "data": {"token_ids": {"ids": [5, 6, 7]}, "parameters": {"max_new_tokens": 8, "ignore_eos": true}}
     });
     std::fs::write(&config, ghz.to_string()).unwrap();
-    let loadtest = std::path::Path::new(env!("CARGO_BIN_EXE_blockserve")).with_file_name("blockserve-loadtest");
+    let loadtest = blockserve_testkit::workspace_bin(env!("CARGO_BIN_EXE_blockserve"), "blockserve-loadtest");
     let out = std::process::Command::new(loadtest).args(["--config", config.to_str().unwrap(), "--format", "json"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((report["status_code_distribution"].clone(), report["tokens"].clone()), (serde_json::json!({"OK": 4}), serde_json::json!(32)));
+    assert_eq!((report["statusCodeDistribution"].clone(), report["tokens"].clone()), (serde_json::json!({"OK": 4}), serde_json::json!(32)));
 
     // Rotation: the router's certificate is replaced by one from a new CA.
     // Connections opened from then on get the new one; no restart.

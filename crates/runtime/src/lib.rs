@@ -3,6 +3,7 @@
 pub mod busy;
 pub mod channels;
 pub mod codec;
+pub mod guard;
 pub mod lease;
 pub mod metrics;
 pub mod model_args;

@@ -1,5 +1,10 @@
-//! Request parameters (wire form) -> the model's sampling and stop settings, with
-//! the validation messages clients see.
+//! Generation parameters: validated once, where a request enters (the router),
+//! into the value the session store keeps, migrations reuse and the token
+//! decoder runs; and that value as the model's sampling and stop settings.
+//!
+//! Adding a parameter touches the proto, [`validate`] and the place that uses
+//! it ([`resolve`] or its caller): the store and the internal calls carry the
+//! whole message.
 
 use blockserve_model::{SamplingParams, StopCriteria};
 use blockserve_proto::v1::GenerationParameters;
@@ -15,26 +20,85 @@ pub struct Resolved {
     pub stop_sequences: Vec<String>,
 }
 
-/// Resolve and validate. `eos` is the model's end id; `vocab` bounds stop ids.
-pub fn resolve(p: &GenerationParameters, eos: Option<u32>, vocab: usize) -> Result<Resolved, Status> {
-    let sampling = SamplingParams {
+/// Check `p` (messages name the field and the limit) and return it with every
+/// default filled in and empty stop sequences dropped. `vocab` bounds stop
+/// ids. Validating a validated value returns it unchanged.
+pub fn validate(p: &GenerationParameters, vocab: usize) -> Result<GenerationParameters, Status> {
+    let v = GenerationParameters {
+        max_new_tokens: Some(p.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS)),
+        temperature: Some(p.temperature.unwrap_or(0.0)),
+        top_k: Some(p.top_k.unwrap_or(0)),
+        top_p: Some(p.top_p.unwrap_or(1.0)),
+        repetition_penalty: Some(p.repetition_penalty.unwrap_or(1.0)),
+        seed: Some(p.seed.unwrap_or(0)),
+        stop: p.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+        stop_token_ids: p.stop_token_ids.clone(),
+        ignore_eos: p.ignore_eos,
+    };
+    sampling(&v).validate().map_err(|e| Status::invalid_argument(e.to_string().trim_start_matches("invalid input: ").to_string()))?;
+    if let Some(bad) = v.stop_token_ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Status::invalid_argument(format!("stop_token_ids: token id {bad} is out of range (vocab size {vocab})")));
+    }
+    if v.max_new_tokens == Some(0) {
+        return Err(Status::invalid_argument("max_new_tokens must be at least 1"));
+    }
+    Ok(v)
+}
+
+fn sampling(p: &GenerationParameters) -> SamplingParams {
+    SamplingParams {
         temperature: p.temperature.unwrap_or(0.0),
         top_k: p.top_k.unwrap_or(0) as usize,
         top_p: p.top_p.unwrap_or(1.0),
         repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
         seed: p.seed.unwrap_or(0),
-    };
-    sampling.validate().map_err(|e| Status::invalid_argument(e.to_string().trim_start_matches("invalid input: ").to_string()))?;
-    if let Some(bad) = p.stop_token_ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Status::invalid_argument(format!("stop_token_ids: token id {bad} is out of range (vocab size {vocab})")));
     }
-    let max_new = p.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS);
-    if max_new == 0 {
-        return Err(Status::invalid_argument("max_new_tokens must be at least 1"));
+}
+
+/// The model's settings for validated parameters. `eos` is the model's end id.
+pub fn resolve(p: &GenerationParameters, eos: Option<u32>) -> Resolved {
+    Resolved {
+        sampling: sampling(p),
+        stop: StopCriteria {
+            max_new_tokens: p.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS) as usize,
+            eos_token_id: if p.ignore_eos { None } else { eos },
+            stop_token_ids: p.stop_token_ids.clone(),
+        },
+        stop_sequences: p.stop.clone(),
     }
-    Ok(Resolved {
-        sampling,
-        stop: StopCriteria { max_new_tokens: max_new as usize, eos_token_id: if p.ignore_eos { None } else { eos }, stop_token_ids: p.stop_token_ids.clone() },
-        stop_sequences: p.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
-    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fills_defaults_once_and_keeps_what_was_set() {
+        let given = GenerationParameters { temperature: Some(0.7), stop: vec!["".into(), "\n\n".into()], ..Default::default() };
+        let v = validate(&given, 100).unwrap();
+        let want = GenerationParameters {
+            max_new_tokens: Some(64),
+            temperature: Some(0.7),
+            top_k: Some(0),
+            top_p: Some(1.0),
+            repetition_penalty: Some(1.0),
+            seed: Some(0),
+            stop: vec!["\n\n".into()],
+            stop_token_ids: vec![],
+            ignore_eos: false,
+        };
+        assert_eq!(v, want);
+        assert_eq!(validate(&v, 100).unwrap(), v);
+        // What the store keeps round-trips through its JSON.
+        assert_eq!(serde_json::from_str::<GenerationParameters>(&serde_json::to_string(&v).unwrap()).unwrap(), v);
+    }
+
+    #[test]
+    fn refuses_out_of_range_values_naming_the_field() {
+        let e = |p: GenerationParameters| validate(&p, 100).unwrap_err().message().to_string();
+        assert_eq!(e(GenerationParameters { max_new_tokens: Some(0), ..Default::default() }), "max_new_tokens must be at least 1");
+        assert_eq!(e(GenerationParameters { stop_token_ids: vec![5, 100], ..Default::default() }), "stop_token_ids: token id 100 is out of range (vocab size 100)");
+        assert!(e(GenerationParameters { temperature: Some(-1.0), ..Default::default() }).contains("temperature"));
+        assert!(e(GenerationParameters { top_p: Some(0.0), ..Default::default() }).contains("top_p"));
+    }
 }

@@ -6,8 +6,34 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic::transport::server::{Router, TcpIncoming};
+use tower::layer::util::{Identity, Stack};
 
+use crate::guard::{GuardLayer, HTTP2_MAX_HEADER_LIST};
 use crate::tls::{ServerTls, ServerTlsArgs};
+
+/// A tonic server with the per-call checks of [`crate::guard`].
+pub type Server = tonic::transport::Server<Stack<GuardLayer, Identity>>;
+
+/// The server every tier builds its services on: TCP_NODELAY, header lists up
+/// to [`HTTP2_MAX_HEADER_LIST`] (an oversized one fails its own call, not the
+/// connection) and the guard layer.
+pub fn builder() -> Server {
+    tonic::transport::Server::builder().tcp_nodelay(true).http2_max_header_list_size(HTTP2_MAX_HEADER_LIST).layer(GuardLayer)
+}
+
+/// Reflection lists what the tier serves: its own services, health and
+/// reflection itself. grpcurl up to 1.8 and grpcio-reflection's client speak
+/// v1alpha only; newer tools speak v1: both are served.
+fn reflection(service_names: &[&str]) -> tonic_reflection::server::Builder<'static> {
+    let mut b = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(blockserve_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("grpc.health.v1.Health");
+    for name in service_names {
+        b = b.with_service_name(*name);
+    }
+    b
+}
 
 /// Flags every service has.
 #[derive(clap::Args, Debug, Clone)]
@@ -95,17 +121,25 @@ where
 
 /// Add health and reflection to `router` and serve on `listener` until `stop` is
 /// true; then stop accepting and give in-flight calls `grace` to finish.
-pub async fn serve(router: Router, service_names: &[&str], listening: Listening, mut stop: watch::Receiver<bool>, grace: Duration) -> anyhow::Result<()> {
+///
+/// `idle`, when given, says whether the tier has no work in flight: after
+/// `stop` the server returns as soon as it does, whatever calls are still
+/// open. (A block decoder's links to token decoders are calls that stay open
+/// while their token decoders live; with no session on them nothing is lost.)
+pub async fn serve(
+    router: Router<Stack<GuardLayer, Identity>>,
+    service_names: &[&str],
+    listening: Listening,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+    idle: Option<Box<dyn Fn() -> bool + Send>>,
+) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in service_names {
         reporter.set_service_status(*name, tonic_health::ServingStatus::Serving).await;
     }
     reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(blockserve_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let router = router.add_service(health).add_service(reflection);
+    let router = router.add_service(health).add_service(reflection(service_names).build_v1()?).add_service(reflection(service_names).build_v1alpha()?);
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let mut stop2 = stop.clone();
     let stopped = async move {
@@ -122,9 +156,26 @@ pub async fn serve(router: Router, service_names: &[&str], listening: Listening,
     for name in service_names {
         reporter.set_service_status(*name, tonic_health::ServingStatus::NotServing).await;
     }
-    match tokio::time::timeout(grace, server).await {
-        Ok(r) => r??,
-        Err(_) => tracing::warn!("grace period over; exiting with calls in flight"),
+    let idle = async move {
+        match idle {
+            Some(idle) => {
+                while !idle() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let abort = server.abort_handle();
+    tokio::select! {
+        r = tokio::time::timeout(grace, server) => match r {
+            Ok(r) => r??,
+            Err(_) => tracing::warn!("grace period over; exiting with calls in flight"),
+        },
+        _ = idle => {
+            tracing::info!("no work in flight; exiting without waiting for idle calls");
+            abort.abort();
+        }
     }
     Ok(())
 }

@@ -12,8 +12,8 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use redis::AsyncCommands;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Value};
 
 use crate::{
     now_ms, Append, Assignment, Epoch, InstanceInfo, Outcome, Reassigned, Result, SessionRecord, SessionSpec, SessionState, SessionStore, StoreError, Tier,
@@ -112,7 +112,7 @@ static REASSIGN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|
 /// reply from delaying everything behind it.
 #[derive(Clone)]
 pub struct RedisStore {
-    pool: std::sync::Arc<Vec<ConnectionManager>>,
+    pool: std::sync::Arc<Vec<Retrying>>,
     next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     prefix: String,
 }
@@ -130,12 +130,13 @@ impl RedisStore {
         let client = redis::Client::open(url).map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
         let mut pool = Vec::with_capacity(size.max(1));
         for _ in 0..size.max(1) {
-            pool.push(ConnectionManager::new(client.clone()).await.map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?);
+            let manager = ConnectionManager::new_with_config(client.clone(), manager_config()).await;
+            pool.push(Retrying(manager.map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?));
         }
         Ok(Self { pool: std::sync::Arc::new(pool), next: Default::default(), prefix: prefix.to_string() })
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Retrying {
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.pool.len();
         self.pool[i].clone()
     }
@@ -155,6 +156,57 @@ impl RedisStore {
     /// Sessions not final yet: id -> token decoder's instance id.
     fn unfinished_key(&self) -> String {
         format!("{}sessions:unfinished", self.prefix)
+    }
+}
+
+/// Reconnection and timeouts of each connection. Redis back after a restart
+/// is found within half a second (the default backoff grows to 3.2 s); a
+/// store that does not answer fails calls instead of holding them for ever.
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(500))
+        .set_number_of_retries(4)
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(Duration::from_secs(10)))
+}
+
+/// A connection that sends a command a second time when the first try finds
+/// the connection dropped. After Redis restarts, every pooled connection is
+/// dead until a command fails on it (the manager then reconnects); without the
+/// second try that first command on each connection fails with "broken pipe",
+/// although Redis is back. Every write of the store is safe to repeat: appends
+/// carry their offset and state changes their epoch.
+#[derive(Clone)]
+struct Retrying(ConnectionManager);
+
+fn dropped<T>(r: &redis::RedisResult<T>) -> bool {
+    r.as_ref().is_err_and(|e| e.is_connection_dropped() || e.is_unrecoverable_error())
+}
+
+impl ConnectionLike for Retrying {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let first = self.0.req_packed_command(cmd).await;
+            if dropped(&first) {
+                return self.0.req_packed_command(cmd).await;
+            }
+            first
+        })
+    }
+
+    fn req_packed_commands<'a>(&'a mut self, cmd: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let first = self.0.req_packed_commands(cmd, offset, count).await;
+            if dropped(&first) {
+                return self.0.req_packed_commands(cmd, offset, count).await;
+            }
+            first
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
     }
 }
 

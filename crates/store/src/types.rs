@@ -86,9 +86,9 @@ impl SessionState {
 pub struct SessionSpec {
     pub id: String,
     pub prompt_ids: Vec<u32>,
-    /// The request's parameters, as the router resolved them (JSON of the proto
-    /// message, so the store stays independent of the wire types).
-    pub parameters: serde_json::Value,
+    /// The request's parameters as the router validated them, every default
+    /// filled in: what the token decoder runs and a migration runs again.
+    pub parameters: blockserve_proto::v1::GenerationParameters,
     pub created_at_ms: u64,
 }
 

@@ -19,6 +19,25 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
     }
 }
 
+/// The path of a workspace binary `name` in the target dir that holds
+/// `sibling` (a binary cargo built for this test, e.g.
+/// `env!("CARGO_BIN_EXE_blockserve")`).
+///
+/// `cargo test` builds only the binaries of the package under test, so a
+/// binary of another package is there only if something built it:
+/// `scripts/test` runs `cargo build --workspace --bins` first. Panics, saying
+/// so, when the binary is missing, instead of failing later with a bare
+/// "No such file or directory".
+pub fn workspace_bin(sibling: &str, name: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(sibling).with_file_name(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test does), so that tests never run a leftover binary",
+        path.display()
+    );
+    path
+}
+
 /// A child process killed when dropped.
 pub struct ChildGuard(pub Child);
 

@@ -14,6 +14,7 @@ pub enum TextError {
 /// A loaded tokenizer.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    max_token_bytes: usize,
 }
 
 impl Tokenizer {
@@ -24,12 +25,26 @@ impl Tokenizer {
             return Ok(None);
         }
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| TextError::Load { path: path.display().to_string(), msg: e.to_string() })?;
-        Ok(Some(Self { inner }))
+        Ok(Some(Self::new(inner)))
     }
 
     pub fn from_json(json: &str) -> Result<Self, TextError> {
         let inner = json.parse::<tokenizers::Tokenizer>().map_err(|e| TextError::Load { path: "<json>".into(), msg: e.to_string() })?;
-        Ok(Self { inner })
+        Ok(Self::new(inner))
+    }
+
+    fn new(inner: tokenizers::Tokenizer) -> Self {
+        // A vocabulary entry's string is at least as long in UTF-8 as the text
+        // it stands for (byte-level BPE spells each byte as one character);
+        // its decoded text bounds it too, whichever is longer.
+        let max_token_bytes = inner.get_vocab(true).iter().map(|(s, &id)| s.len().max(inner.decode(&[id], false).map_or(0, |t| t.len()))).max().unwrap_or(1);
+        Self { inner, max_token_bytes }
+    }
+
+    /// An upper bound on the bytes of text one token stands for: text of `n`
+    /// bytes has at least `n / max_token_bytes` tokens.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TextError> {

@@ -84,11 +84,11 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     let address = listening.address.clone();
     tracing::info!(%address, "block decoder listening");
     let service = service::BlockDecoderService::new(engine.clone(), model, args.max_sessions);
+    let open = service.open_sessions();
     // Link messages carry a pass's contexts for thousands of sessions (or their
     // prompts): large windows and no 4 MiB message limit.
     let server = BlockDecoderServer::new(service).max_decoding_message_size(usize::MAX);
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let router = blockserve_runtime::server::builder()
         .initial_stream_window_size(blockserve_runtime::LINK_STREAM_WINDOW)
         .initial_connection_window_size(blockserve_runtime::LINK_CONNECTION_WINDOW)
         .max_frame_size(blockserve_runtime::LINK_MAX_FRAME)
@@ -98,7 +98,10 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     if let Some(r) = ready {
         let _ = r.send(address);
     }
-    serve(router, &["blockserve.v1.BlockDecoder"], listening, stop, Duration::from_secs(args.serve.grace_period_s)).await?;
+    // Draining ends when no session is open: links of token decoders that
+    // have nothing on them would otherwise hold the whole grace period.
+    let idle = Box::new(move || open.load(Ordering::Relaxed) == 0);
+    serve(router, &["blockserve.v1.BlockDecoder"], listening, stop, Duration::from_secs(args.serve.grace_period_s), Some(idle)).await?;
     let _ = lease_task.await;
     Ok(())
 }

@@ -31,6 +31,11 @@ impl BlockDecoderService {
     pub fn new(engine: Engine, model: Arc<BlockTransformer>, max_sessions: u32) -> Self {
         Self { engine, model, max_sessions, open: Arc::new(AtomicU32::new(0)), next_link: AtomicU64::new(1) }
     }
+
+    /// The count of sessions open on all links (live).
+    pub fn open_sessions(&self) -> Arc<AtomicU32> {
+        self.open.clone()
+    }
 }
 
 fn check_ids(ids: &[u32], vocab: usize, field: &str) -> Result<(), Status> {

@@ -20,7 +20,8 @@ impl tonic::service::Interceptor for BearerToken {
         let Some(value) = req.metadata().get("authorization") else {
             return Err(Status::unauthenticated("authorization: missing; this router needs \"Bearer <token>\""));
         };
-        let given = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+        // The scheme is case-insensitive (RFC 7235 section 2.1); the token is not.
+        let given = value.to_str().ok().and_then(|v| v.split_once(' ')).filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map_or("", |(_, t)| t.trim_start());
         if same(given.as_bytes(), token.as_bytes()) {
             Ok(req)
         } else {
@@ -46,10 +47,12 @@ mod tests {
     #[test]
     fn checks_the_bearer_token_only_when_one_is_set() {
         assert!(call(None, None).is_ok());
-        assert!(call(Some("s3cret"), Some("Bearer s3cret")).is_ok());
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            assert!(call(Some("s3cret"), Some(&format!("{scheme} s3cret"))).is_ok(), "{scheme}");
+        }
         let missing = call(Some("s3cret"), None).unwrap_err();
         assert_eq!((missing.code(), missing.message()), (tonic::Code::Unauthenticated, "authorization: missing; this router needs \"Bearer <token>\""));
-        for wrong in ["Bearer s3cre", "Bearer s3cret2", "s3cret", "Basic s3cret"] {
+        for wrong in ["Bearer s3cre", "Bearer s3cret2", "Bearer S3CRET", "s3cret", "Basic s3cret", "Bearers3cret"] {
             let e = call(Some("s3cret"), Some(wrong)).unwrap_err();
             assert_eq!((e.code(), e.message()), (tonic::Code::Unauthenticated, "authorization: the bearer token is not valid"), "{wrong}");
         }

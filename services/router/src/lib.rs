@@ -87,10 +87,10 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     blockserve_runtime::metrics::start(args.serve.metrics_listen, stop.clone()).await?;
     let address = listening.address.clone();
     tracing::info!(%address, "router listening");
-    let server = tonic::transport::Server::builder()
+    let server = blockserve_runtime::server::builder()
         .add_service(GenerationServer::with_interceptor(service::GenerationService(router), auth::BearerToken(args.api_token.clone())));
     if let Some(r) = ready {
         let _ = r.send(address);
     }
-    serve(server, &["blockserve.v1.Generation"], listening, stop, Duration::from_secs(args.serve.grace_period_s)).await
+    serve(server, &["blockserve.v1.Generation"], listening, stop, Duration::from_secs(args.serve.grace_period_s), None).await
 }

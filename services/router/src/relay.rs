@@ -73,21 +73,6 @@ pub(crate) enum NotMoved {
     Failed(Status),
 }
 
-/// The parameters recorded at creation, as a request carries them.
-pub(crate) fn parameters(p: &serde_json::Value) -> GenerationParameters {
-    GenerationParameters {
-        max_new_tokens: p["max_new_tokens"].as_u64().map(|v| v as u32),
-        temperature: p["temperature"].as_f64().map(|v| v as f32),
-        top_k: p["top_k"].as_u64().map(|v| v as u32),
-        top_p: p["top_p"].as_f64().map(|v| v as f32),
-        repetition_penalty: p["repetition_penalty"].as_f64().map(|v| v as f32),
-        seed: p["seed"].as_u64(),
-        stop: serde_json::from_value(p["stop"].clone()).unwrap_or_default(),
-        stop_token_ids: serde_json::from_value(p["stop_token_ids"].clone()).unwrap_or_default(),
-        ignore_eos: p["ignore_eos"].as_bool().unwrap_or(false),
-    }
-}
-
 impl Router {
     /// Start `run` on the token decoder at `address`.
     pub(crate) async fn run_on(&self, address: &str, run: RunRequest) -> Result<(TokenDecoderClient<Channel>, Streaming<RunEvent>), Status> {
@@ -187,7 +172,7 @@ impl Router {
                     epoch = e;
                     // Output the old token decoder recorded but never relayed.
                     if m.tokens.len() > known.len() {
-                        let text = self.tokenizer.as_ref().map(|t| IncrementalDecoder::with_prefix(t, &known).push(&m.tokens[known.len()..]));
+                        let text = self.tokenizer.as_deref().map(|t| IncrementalDecoder::with_prefix(t, &known).push(&m.tokens[known.len()..]));
                         let chunk = TokenChunk { offset: known.len() as u64, token_ids: m.tokens[known.len()..].to_vec(), text: text.unwrap_or_default() };
                         if r.tx.send(event(&r.id, generate_response::Event::Tokens(chunk))).await.is_err() {
                             let _ = m.client.clone().cancel(CancelRequest { session_id: r.id.clone() }).await;
@@ -284,7 +269,7 @@ impl Router {
             let run = RunRequest {
                 session_id: id.to_string(),
                 prompt_ids: rec.spec.prompt_ids.clone(),
-                parameters: Some(parameters(&rec.spec.parameters)),
+                parameters: Some(rec.spec.parameters.clone()),
                 block_decoder: to.block_decoder.clone(),
                 eos_token_id: self.model.eos,
                 generated_ids: tokens.clone(),
@@ -341,7 +326,7 @@ impl Router {
             if !new.is_empty() {
                 if text.is_none() && self.tokenizer.is_some() {
                     let prefix = self.store.tokens(&id, 0).await.unwrap_or_default();
-                    text = self.tokenizer.as_ref().map(|t| IncrementalDecoder::with_prefix(t, &prefix[..offset.min(prefix.len())]));
+                    text = self.tokenizer.as_deref().map(|t| IncrementalDecoder::with_prefix(t, &prefix[..offset.min(prefix.len())]));
                 }
                 let delta = text.as_mut().map(|d| d.push(&new)).unwrap_or_default();
                 let chunk = TokenChunk { offset: offset as u64, token_ids: new.clone(), text: delta };

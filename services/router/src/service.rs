@@ -40,7 +40,12 @@ pub const DEFAULT_MAX_STREAMS: usize = 8192;
 pub struct Router {
     pub store: Arc<dyn SessionStore>,
     pub model: ModelFacts,
-    pub tokenizer: Option<Tokenizer>,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// Bounds on prompts (vocabulary, text bytes).
+    pub prompt_limits: validate::PromptLimits,
+    /// Tokenizations running at once (each on a blocking thread, so a burst
+    /// of large prompts never holds up the threads that serve other calls).
+    tokenizing: Arc<tokio::sync::Semaphore>,
     pub max_new_tokens: usize,
     pub session_ttl: Duration,
     /// How often Resume looks for new tokens of a session served elsewhere.
@@ -54,18 +59,27 @@ pub struct Router {
     /// Channels to token decoders.
     pub channels: blockserve_runtime::channels::Channels,
     /// Sessions this router started on each instance (by address) that are still
-    /// running. Reported loads lag by a lease period; this spreads a burst.
-    routed: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
+    /// running, and when each was last picked. Reported loads lag by a lease
+    /// period; this spreads a burst, and between equally loaded instances
+    /// the one picked longest ago goes first.
+    routed: Arc<std::sync::Mutex<Picks>>,
+}
+
+#[derive(Default)]
+pub(crate) struct Picks {
+    running: std::collections::HashMap<String, u32>,
+    last: std::collections::HashMap<String, u64>,
+    count: u64,
 }
 
 /// Counts a session (or a Score call) against the instance it was routed to,
 /// while it runs.
-pub(crate) struct Routed(Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>, String);
+pub(crate) struct Routed(Arc<std::sync::Mutex<Picks>>, String);
 
 impl Drop for Routed {
     fn drop(&mut self) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.1) {
+        if let Some(n) = m.running.get_mut(&self.1) {
             *n = n.saturating_sub(1);
         }
     }
@@ -120,10 +134,14 @@ pub(crate) fn finished_from_record(r: &SessionRecord) -> Finished {
 
 impl Router {
     pub fn new(store: Arc<dyn SessionStore>, model: ModelFacts, tokenizer: Option<Tokenizer>, max_new_tokens: usize, session_ttl: Duration) -> Self {
+        let prompt_limits = validate::PromptLimits::new(model.vocab, model.max_total_tokens, tokenizer.as_ref());
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
             store,
             model,
-            tokenizer,
+            tokenizer: tokenizer.map(Arc::new),
+            prompt_limits,
+            tokenizing: Arc::new(tokio::sync::Semaphore::new(threads)),
             max_new_tokens,
             session_ttl,
             poll: Duration::from_millis(20),
@@ -156,21 +174,53 @@ impl Router {
         if all.is_empty() {
             return Err(Status::unavailable(format!("no live {name} instance other than the {} that failed this session", exclude.len())));
         }
-        let mut routed = self.routed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut picks = self.routed.lock().unwrap_or_else(|p| p.into_inner());
         let best = all
             .into_iter()
             .filter(|i| i.free_capacity > 0)
             // Reported load plus what this router sent since (it may double count
-            // for a lease period, alike for every instance).
-            .min_by_key(|i| (i.load_key().0 + routed.get(&i.address).copied().unwrap_or(0), i.load_key()))
+            // for a lease period, alike for every instance); then the one
+            // picked longest ago, so sessions started one after another
+            // alternate instead of all taking the first of equals.
+            .min_by_key(|i| {
+                let running = picks.running.get(&i.address).copied().unwrap_or(0);
+                (i.load_key().0 + running, i.load_key(), picks.last.get(&i.address).copied().unwrap_or(0))
+            })
             .ok_or_else(|| Status::resource_exhausted(format!("every {name} is at capacity; retry later")))?;
-        *routed.entry(best.address.clone()).or_default() += 1;
+        picks.count += 1;
+        let n = picks.count;
+        picks.last.insert(best.address.clone(), n);
+        *picks.running.entry(best.address.clone()).or_default() += 1;
         let guard = Routed(self.routed.clone(), best.address.clone());
         Ok((best, guard))
     }
 
     pub(crate) async fn record(&self, id: &str) -> Result<SessionRecord, Status> {
         self.store.session(id).await.map_err(status::from_store)?.ok_or_else(|| Status::not_found(format!("session {id:?} not found (unknown or expired)")))
+    }
+
+    /// The record of a session a client names (checked first).
+    async fn named(&self, id: &str) -> Result<SessionRecord, Status> {
+        validate::session_id(id)?;
+        self.record(id).await
+    }
+
+    /// A prompt as token ids. Text is tokenized on a blocking thread, a few
+    /// at a time, after its length is checked.
+    pub(crate) async fn prompt_ids(&self, prompt: validate::Prompt) -> Result<Vec<u32>, Status> {
+        let (tokenizer, limits) = (self.tokenizer.clone(), self.prompt_limits);
+        if !prompt.is_text() {
+            return validate::prompt_ids(prompt, None, limits);
+        }
+        if let validate::Prompt::Text(t) = &prompt {
+            if t.len() > limits.max_text_bytes {
+                return validate::prompt_ids(prompt, None, limits);
+            }
+        }
+        let _turn = self.tokenizing.clone().acquire_owned().await.map_err(|_| Status::unavailable("the router is shutting down"))?;
+        tokio::task::spawn_blocking(move || validate::prompt_ids(prompt, tokenizer.as_deref(), limits))
+            .await
+            .map_err(|e| Status::internal(format!("tokenizer: {e}")))?
     }
 
     /// A stream slot, or RESOURCE_EXHAUSTED at once when every one is taken.
@@ -210,44 +260,28 @@ impl Router {
         let (tx, rx) = mpsc::channel(16);
         if !req.session_id.is_empty() {
             validate::session_id(&req.session_id)?;
-            if let Some(rec) = self.store.session(&req.session_id).await.map_err(status::from_store)? {
-                // Same id again: attach to the existing session.
-                let started = Started { prompt_tokens: rec.spec.prompt_ids.len() as u32, attached: true };
-                let _ = tx.send(event(&req.session_id, generate_response::Event::Started(started))).await;
-                tokio::spawn(self.clone().follow(req.session_id.clone(), 0, tx, slot));
-                return Ok((req.session_id, rx));
-            }
         }
         let m = &self.model;
-        let prompt = validate::generate_prompt(&req, self.tokenizer.as_ref(), m.vocab)?;
-        let parameters = req.parameters.clone().unwrap_or_default();
-        let resolved = params::resolve(&parameters, m.eos, m.vocab)?;
-        validate::lengths(prompt.len(), resolved.stop.max_new_tokens, self.max_new_tokens, m.max_total_tokens)?;
+        let prompt = self.prompt_ids(validate::generate_prompt(&req)?).await?;
+        let parameters = params::validate(&req.parameters.clone().unwrap_or_default(), m.vocab)?;
+        let max_new = parameters.max_new_tokens.unwrap_or_default() as usize;
+        validate::lengths(prompt.len(), max_new, self.max_new_tokens, m.max_total_tokens)?;
+        let spec = SessionSpec { id: req.session_id.clone(), prompt_ids: prompt.clone(), parameters: parameters.clone(), created_at_ms: now_ms() };
+        if !req.session_id.is_empty() {
+            if let Some(rec) = self.store.session(&req.session_id).await.map_err(status::from_store)? {
+                return self.attach(rec, &spec, tx, rx, slot).await;
+            }
+        }
         let (td, td_routed) = self.pick(Tier::TokenDecoder, &[]).await?;
         let (bd, bd_routed) = self.pick(Tier::BlockDecoder, &[]).await?;
         let routed = (td_routed, bd_routed);
         let id = if req.session_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { req.session_id.clone() };
-        let spec = SessionSpec {
-            id: id.clone(),
-            prompt_ids: prompt.clone(),
-            parameters: serde_json::json!({
-                "max_new_tokens": resolved.stop.max_new_tokens,
-                "temperature": resolved.sampling.temperature,
-                "top_k": resolved.sampling.top_k,
-                "top_p": resolved.sampling.top_p,
-                "repetition_penalty": resolved.sampling.repetition_penalty,
-                "seed": resolved.sampling.seed,
-                "stop": parameters.stop,
-                "stop_token_ids": parameters.stop_token_ids,
-                "ignore_eos": parameters.ignore_eos,
-            }),
-            created_at_ms: now_ms(),
-        };
+        let spec = SessionSpec { id: id.clone(), ..spec };
         let to = Assignment { token_decoder: td.address.clone(), token_decoder_id: td.id.clone(), block_decoder: bd.address.clone() };
         if !self.store.create_session(&spec, &to).await.map_err(status::from_store)? {
             // Lost a race with another request of the same id: attach to it.
-            tokio::spawn(self.clone().follow(id.clone(), 0, tx, slot));
-            return Ok((id, rx));
+            let rec = self.record(&id).await?;
+            return self.attach(rec, &spec, tx, rx, slot).await;
         }
         let run = RunRequest {
             session_id: id.clone(),
@@ -283,20 +317,37 @@ impl Router {
     }
 }
 
+impl Router {
+    /// A Generate with the id of an existing session: the same request again
+    /// (a client retrying, or reconnecting through another router) follows
+    /// that session from its start; another request under the same id is
+    /// refused, never answered with the other request's output.
+    async fn attach(
+        self: &Arc<Self>,
+        rec: SessionRecord,
+        spec: &SessionSpec,
+        tx: EventTx,
+        rx: mpsc::Receiver<Result<GenerateResponse, Status>>,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(String, mpsc::Receiver<Result<GenerateResponse, Status>>), Status> {
+        let id = rec.spec.id.clone();
+        if rec.spec.prompt_ids != spec.prompt_ids || rec.spec.parameters != spec.parameters {
+            let what = if rec.spec.prompt_ids != spec.prompt_ids { "prompt" } else { "parameters" };
+            return Err(Status::already_exists(format!(
+                "session_id {} is taken by a session with another {what}; choose another id, or send the same request to attach to it",
+                validate::echo(&id)
+            )));
+        }
+        let started = Started { prompt_tokens: rec.spec.prompt_ids.len() as u32, attached: true };
+        let _ = tx.send(event(&id, generate_response::Event::Started(started))).await;
+        tokio::spawn(self.clone().follow(id.clone(), 0, tx, slot));
+        Ok((id, rx))
+    }
+}
+
 /// The `grpc-timeout` a client set on a call (its deadline), if any.
 fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
-    let n: u64 = n.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    blockserve_runtime::guard::grpc_timeout(metadata.as_ref())
 }
 
 /// The service object tonic serves (shares the router state).
@@ -342,7 +393,7 @@ impl Generation for GenerationService {
     async fn resume(&self, req: Request<ResumeRequest>) -> Result<Response<Self::ResumeStream>, Status> {
         metrics::rpc(TIER, "Resume", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let req = req.into_inner();
-            let rec = self.0.record(&req.session_id).await?;
+            let rec = self.0.named(&req.session_id).await?;
             let offset = req.offset as usize;
             if rec.state.is_final() && offset > rec.generated {
                 return Err(Status::invalid_argument(format!("offset {offset} is beyond the {} tokens this session generated", rec.generated)));
@@ -358,7 +409,7 @@ impl Generation for GenerationService {
     async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
         metrics::rpc(TIER, "Cancel", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let id = req.into_inner().session_id;
-            let rec = self.0.record(&id).await?;
+            let rec = self.0.named(&id).await?;
             if rec.state.is_final() {
                 return Ok(Response::new(CancelResponse { state: wire_state(rec.state) as i32 }));
             }
@@ -378,9 +429,9 @@ impl Generation for GenerationService {
     async fn get_session(&self, req: Request<GetSessionRequest>) -> Result<Response<SessionInfo>, Status> {
         metrics::rpc(TIER, "GetSession", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let id = req.into_inner().session_id;
-            let rec = self.0.record(&id).await?;
+            let rec = self.0.named(&id).await?;
             let tokens = self.0.store.tokens(&id, 0).await.map_err(status::from_store)?;
-            let parameters = relay::parameters(&rec.spec.parameters);
+            let parameters = rec.spec.parameters.clone();
             Ok(Response::new(SessionInfo {
                 session_id: id,
                 state: wire_state(rec.state) as i32,
@@ -404,7 +455,7 @@ impl Generation for GenerationService {
     async fn score(&self, req: Request<ScoreRequest>) -> Result<Response<ScoreResponse>, Status> {
         metrics::rpc(TIER, "Score", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let r = &self.0;
-            let ids = validate::score_input(&req.into_inner().input, r.tokenizer.as_ref(), r.model.vocab)?;
+            let ids = r.prompt_ids(validate::score_input(&req.into_inner().input)?).await?;
             if ids.len() > r.model.max_total_tokens {
                 return Err(Status::invalid_argument(format!("input has {} tokens; the model's context allows {}", ids.len(), r.model.max_total_tokens)));
             }

@@ -28,10 +28,13 @@ fn check(req: &GenerateRequest, tok: &Tokenizer) -> Result<(), tonic::Status> {
     if !req.session_id.is_empty() {
         validate::session_id(&req.session_id)?;
     }
-    let prompt = validate::generate_prompt(req, Some(tok), VOCAB)?;
-    let p = req.parameters.clone().unwrap_or_default();
-    let resolved = params::resolve(&p, Some(0), VOCAB)?;
-    validate::lengths(prompt.len(), resolved.stop.max_new_tokens, 1024, 2048 * 4)
+    let prompt = validate::prompt_ids(validate::generate_prompt(req)?, Some(tok), limits(tok))?;
+    let p = params::validate(&req.parameters.clone().unwrap_or_default(), VOCAB)?;
+    validate::lengths(prompt.len(), p.max_new_tokens.unwrap() as usize, 1024, 2048 * 4)
+}
+
+fn limits(tok: &Tokenizer) -> validate::PromptLimits {
+    validate::PromptLimits::new(VOCAB, 2048 * 4, Some(tok))
 }
 
 fn assert_status(r: Result<(), tonic::Status>) {
@@ -82,7 +85,7 @@ proptest! {
             assert_status(check(&req, tok));
         }
         if let Ok(req) = ScoreRequest::decode(&bytes[..]) {
-            let r = validate::score_input(&req.input, Some(tok), VOCAB).map(|_| ());
+            let r = validate::score_input(&req.input).and_then(|p| validate::prompt_ids(p, Some(tok), limits(tok))).map(|_| ());
             assert_status(r);
         }
     }

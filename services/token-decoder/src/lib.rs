@@ -131,13 +131,13 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     blockserve_runtime::metrics::start(args.serve.metrics_listen, stop.clone()).await?;
     let address = listening.address.clone();
     tracing::info!(%address, "token decoder listening");
-    let router = tonic::transport::Server::builder().add_service(TokenDecoderServer::new(service::TokenDecoderService { shared: shared.clone() }));
+    let router = blockserve_runtime::server::builder().add_service(TokenDecoderServer::new(service::TokenDecoderService { shared: shared.clone() }));
     let lease = Lease::new(Tier::TokenDecoder, address.clone(), Duration::from_secs(args.serve.lease_ttl_s));
     let lease_task = tokio::spawn(lease.run(store, Arc::new(Load(shared)), stop.clone()));
     if let Some(r) = ready {
         let _ = r.send(address);
     }
-    let served = serve(router, &["blockserve.v1.TokenDecoder"], listening, stop, Duration::from_secs(args.serve.grace_period_s)).await;
+    let served = serve(router, &["blockserve.v1.TokenDecoder"], listening, stop, Duration::from_secs(args.serve.grace_period_s), None).await;
     engine.stop();
     served?;
     let _ = lease_task.await;

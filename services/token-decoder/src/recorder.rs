@@ -1,10 +1,12 @@
 //! Write-behind of a token decoder's session progress to the store.
 //!
 //! Sessions queue their writes (state changes, each block's tokens, the final
-//! state). While the store answers, a session waits for its write before it
-//! relays (so a client that reads the store never sees less than it was
-//! sent); while it does not, sessions go on at once: a session keeps
-//! generating and streaming while the store is down. One writer task applies what is queued in
+//! state). While the store answers promptly, a session waits for its write
+//! before it relays (so a client that reads the store never sees less than it
+//! was sent). Once a batch fails, or takes longer than [`STALLED`], the
+//! store counts as unhealthy until a batch succeeds, and sessions go on at once:
+//! those already waiting are released, and a session keeps generating and
+//! streaming while the store is down or slow. One writer task applies what is queued in
 //! batches, one store round trip for every session's tokens, and keeps a
 //! session's writes in order. When the store is unreachable it keeps the batch
 //! and retries with backoff, so everything is written once the store is back
@@ -19,7 +21,6 @@
 //! flags the session: its task stops without writing anything more.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,13 +43,17 @@ type Queued = (Op, OwnedSemaphorePermit, oneshot::Sender<()>);
 
 /// Longest a session waits for a write while the store seems healthy.
 const WRITE_WAIT: Duration = Duration::from_secs(2);
+/// A batch still unanswered after this long marks the store unhealthy: an
+/// outage shows as calls that hang (while the connection is rebuilt) before
+/// they fail, and sessions must not wait through that.
+pub const STALLED: Duration = Duration::from_millis(50);
 
 #[derive(Clone)]
 pub struct Recorder {
     tx: mpsc::UnboundedSender<Queued>,
     room: Arc<Semaphore>,
-    /// False from a failed batch until one succeeds.
-    healthy: Arc<AtomicBool>,
+    /// False from a failed or stalled batch until one succeeds.
+    healthy: Arc<watch::Sender<bool>>,
     /// Sessions whose writes are refused from now on, and the flag each watches.
     fenced: Arc<std::sync::Mutex<HashMap<String, watch::Sender<bool>>>>,
 }
@@ -66,7 +71,7 @@ impl Recorder {
     /// Start the writer task (on the current runtime).
     pub fn start(store: Arc<dyn SessionStore>, capacity: usize) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let r = Self { tx, room: Arc::new(Semaphore::new(capacity.max(1))), healthy: Arc::new(AtomicBool::new(true)), fenced: Default::default() };
+        let r = Self { tx, room: Arc::new(Semaphore::new(capacity.max(1))), healthy: Arc::new(watch::channel(true).0), fenced: Default::default() };
         tokio::spawn(r.clone().write(store, rx));
         r
     }
@@ -86,8 +91,13 @@ impl Recorder {
         METRICS.buffered_writes.inc();
         let (done, written) = oneshot::channel();
         self.tx.send((op, permit, done)).map_err(|_| stopped())?;
-        if self.healthy.load(Ordering::Relaxed) {
-            let _ = tokio::time::timeout(WRITE_WAIT, written).await;
+        let mut healthy = self.healthy.subscribe();
+        if *healthy.borrow_and_update() {
+            tokio::select! {
+                _ = written => {}
+                _ = tokio::time::sleep(WRITE_WAIT) => {}
+                _ = healthy.wait_for(|h| !h) => {}
+            }
         }
         Ok(())
     }
@@ -102,13 +112,22 @@ impl Recorder {
             let (ops, held): (Vec<Op>, Vec<_>) = batch.into_iter().map(|(op, permit, done)| (op, (permit, done))).unzip();
             let mut backoff = Duration::from_millis(50);
             loop {
-                match self.apply(store.as_ref(), &ops).await {
+                let applied = self.apply(store.as_ref(), &ops);
+                tokio::pin!(applied);
+                let result = tokio::select! {
+                    r = &mut applied => r,
+                    _ = tokio::time::sleep(STALLED) => {
+                        self.healthy.send_replace(false);
+                        applied.await
+                    }
+                };
+                match result {
                     Ok(()) => {
-                        self.healthy.store(true, Ordering::Relaxed);
+                        self.healthy.send_replace(true);
                         break;
                     }
                     Err(StoreError::Unavailable(e)) => {
-                        self.healthy.store(false, Ordering::Relaxed);
+                        self.healthy.send_replace(false);
                         tracing::warn!(error = %e, writes = n, "session store unreachable; keeping the writes and retrying");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));

@@ -141,7 +141,9 @@ pub async fn run(shared: Arc<Shared>, req: RunRequest, tx: mpsc::Sender<Result<R
 /// link breaks.
 async fn drive(shared: &Shared, req: &RunRequest, relay: &mut Relay, out: &mut Output<'_>, writes: &SessionWrites) -> Result<End, Status> {
     let l = shared.model.block_length();
-    let p = params::resolve(&req.parameters.clone().unwrap_or_default(), req.eos_token_id, shared.model.config.vocab_size)?;
+    // The router validated them; a Run request from elsewhere gets the same
+    // check (it returns validated parameters unchanged).
+    let p = params::resolve(&params::validate(&req.parameters.clone().unwrap_or_default(), shared.model.config.vocab_size)?, req.eos_token_id);
     if out.tokens.len() % l != 0 {
         return Err(Status::invalid_argument(format!("generated_ids: {} tokens is not a whole number of {l}-token blocks", out.tokens.len())));
     }
