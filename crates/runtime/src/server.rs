@@ -28,8 +28,12 @@ fn reflection(service_names: &[&str]) -> tonic_reflection::server::Builder<'stat
     let mut b = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(blockserve_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name("grpc.health.v1.Health");
-    for name in service_names {
+        // Each version's service describes both (the builder adds only its own).
+        .include_reflection_service(false)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
+    let served = ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
+    for name in served.iter().chain(service_names) {
         b = b.with_service_name(*name);
     }
     b

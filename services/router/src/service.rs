@@ -332,9 +332,9 @@ impl Router {
     ) -> Result<(String, mpsc::Receiver<Result<GenerateResponse, Status>>), Status> {
         let id = rec.spec.id.clone();
         if rec.spec.prompt_ids != spec.prompt_ids || rec.spec.parameters != spec.parameters {
-            let what = if rec.spec.prompt_ids != spec.prompt_ids { "prompt" } else { "parameters" };
+            let differs = if rec.spec.prompt_ids != spec.prompt_ids { "its prompt differs" } else { "its parameters differ" };
             return Err(Status::already_exists(format!(
-                "session_id {} is taken by a session with another {what}; choose another id, or send the same request to attach to it",
+                "session_id {} is taken by another request ({differs}); choose another id, or send the same request to attach to it",
                 validate::echo(&id)
             )));
         }

@@ -46,7 +46,7 @@ const WRITE_WAIT: Duration = Duration::from_secs(2);
 /// A batch still unanswered after this long marks the store unhealthy: an
 /// outage shows as calls that hang (while the connection is rebuilt) before
 /// they fail, and sessions must not wait through that.
-pub const STALLED: Duration = Duration::from_millis(50);
+pub const STALLED: Duration = Duration::from_millis(25);
 
 #[derive(Clone)]
 pub struct Recorder {
