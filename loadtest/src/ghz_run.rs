@@ -294,10 +294,8 @@ fn report(outcomes: &[Outcome], wall: f64, streams: bool) -> serde_json::Value {
             *errors.entry(o.error.clone()).or_default() += 1;
         }
     }
-    let details: Vec<_> = outcomes
-        .iter()
-        .map(|o| json!({"timestamp": rfc3339(o.started, true), "latency": ns(o.latency), "error": o.error, "status": o.code}))
-        .collect();
+    let details: Vec<_> =
+        outcomes.iter().map(|o| json!({"timestamp": rfc3339(o.started, true), "latency": ns(o.latency), "error": o.error, "status": o.code})).collect();
     let tokens: usize = outcomes.iter().map(|o| o.tokens).sum();
     let mut out = json!({
         "date": rfc3339(std::time::SystemTime::now(), false),
@@ -409,7 +407,10 @@ mod tests {
         assert_eq!(r["histogram"][0]["mark"], 0.001);
         assert_eq!(r["histogram"][10]["mark"], 0.01);
         assert_eq!(r["details"].as_array().unwrap().len(), 11);
-        assert_eq!(r["details"][10], json!({"timestamp": "1970-01-01T00:00:00Z", "latency": 500_000_000u64, "error": "rpc error: code = Unavailable desc = no", "status": "Unavailable"}));
+        assert_eq!(
+            r["details"][10],
+            json!({"timestamp": "1970-01-01T00:00:00Z", "latency": 500_000_000u64, "error": "rpc error: code = Unavailable desc = no", "status": "Unavailable"})
+        );
         assert_eq!(r["tokens"], 44);
     }
 

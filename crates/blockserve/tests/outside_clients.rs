@@ -163,7 +163,9 @@ async fn each_tier_lists_only_what_it_serves() {
     let grpcurl = tool("BLOCKSERVE_GRPCURL");
     let cluster = Cluster::start(&demo_model(), &[("block-decoder", 1, &[]), ("token-decoder", 1, &[]), ("router", 1, &[])]).await;
     let common = "grpc.health.v1.Health\ngrpc.reflection.v1.ServerReflection\ngrpc.reflection.v1alpha.ServerReflection\n";
-    for (tier, own) in [("block-decoder", "blockserve.v1.BlockDecoder"), ("token-decoder", "blockserve.v1.TokenDecoder"), ("router", "blockserve.v1.Generation")] {
+    for (tier, own) in
+        [("block-decoder", "blockserve.v1.BlockDecoder"), ("token-decoder", "blockserve.v1.TokenDecoder"), ("router", "blockserve.v1.Generation")]
+    {
         let p = &cluster.procs[cluster.of(tier)[0]];
         let out = Command::new(&grpcurl).args(["-plaintext", &format!("127.0.0.1:{}", p.port), "list"]).output().unwrap();
         assert!(out.status.success(), "{tier}: {}", String::from_utf8_lossy(&out.stderr));
@@ -208,7 +210,8 @@ async fn a_python_client_built_from_reflection_gets_the_documented_statuses() {
     assert_eq!(r["undecodable"], want);
 
     for size in [10_000, 100_000] {
-        let refused = json!(["INVALID_ARGUMENT", format!("session_id must be 1..128 characters of [A-Za-z0-9._-], got {:?}... ({size} bytes)", "x".repeat(48))]);
+        let refused =
+            json!(["INVALID_ARGUMENT", format!("session_id must be 1..128 characters of [A-Za-z0-9._-], got {:?}... ({size} bytes)", "x".repeat(48))]);
         assert_eq!(r[format!("session_id_{size}")], json!({"Generate": refused, "Resume": refused, "Cancel": refused, "GetSession": refused}));
     }
 

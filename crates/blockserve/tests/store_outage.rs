@@ -87,7 +87,8 @@ async fn longest_gap(cluster: &mut Cluster, n: usize, tokens: u32, outage: Optio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_keep_their_pace_through_a_redis_outage() {
-    let mut cluster = Cluster::start(&demo_model(), &[("block-decoder", 1, &[]), ("token-decoder", 1, &[]), ("router", 1, &["--max-new-tokens", "2000"])]).await;
+    let mut cluster =
+        Cluster::start(&demo_model(), &[("block-decoder", 1, &[]), ("token-decoder", 1, &[]), ("router", 1, &["--max-new-tokens", "2000"])]).await;
     let (n, tokens) = (8, 2000);
     let (calm, got) = longest_gap(&mut cluster, n, tokens, None).await;
     assert_eq!(got, tokens);

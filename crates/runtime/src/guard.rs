@@ -144,7 +144,10 @@ mod tests {
         let big = response(Status::out_of_range("Error, decoded message length too large: found 5000000 bytes, the limit is: 4194304 bytes"));
         assert_eq!(
             status(&recode(big)),
-            (Code::ResourceExhausted, "the request could not be decoded: decoded message length too large: found 5000000 bytes, the limit is: 4194304 bytes".into())
+            (
+                Code::ResourceExhausted,
+                "the request could not be decoded: decoded message length too large: found 5000000 bytes, the limit is: 4194304 bytes".into()
+            )
         );
         // Statuses of the services themselves pass unchanged.
         for st in [Status::internal("engine failed"), Status::out_of_range("offset 9"), Status::not_found("x")] {

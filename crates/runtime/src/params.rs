@@ -97,7 +97,10 @@ mod tests {
     fn refuses_out_of_range_values_naming_the_field() {
         let e = |p: GenerationParameters| validate(&p, 100).unwrap_err().message().to_string();
         assert_eq!(e(GenerationParameters { max_new_tokens: Some(0), ..Default::default() }), "max_new_tokens must be at least 1");
-        assert_eq!(e(GenerationParameters { stop_token_ids: vec![5, 100], ..Default::default() }), "stop_token_ids: token id 100 is out of range (vocab size 100)");
+        assert_eq!(
+            e(GenerationParameters { stop_token_ids: vec![5, 100], ..Default::default() }),
+            "stop_token_ids: token id 100 is out of range (vocab size 100)"
+        );
         assert!(e(GenerationParameters { temperature: Some(-1.0), ..Default::default() }).contains("temperature"));
         assert!(e(GenerationParameters { top_p: Some(0.0), ..Default::default() }).contains("top_p"));
     }

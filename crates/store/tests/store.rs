@@ -8,7 +8,12 @@ use blockserve_store::*;
 use blockserve_testkit::RedisServer;
 
 fn spec(id: &str) -> SessionSpec {
-    SessionSpec { id: id.into(), prompt_ids: vec![1, 2, 3], parameters: blockserve_proto::v1::GenerationParameters { max_new_tokens: Some(8), ..Default::default() }, created_at_ms: 42 }
+    SessionSpec {
+        id: id.into(),
+        prompt_ids: vec![1, 2, 3],
+        parameters: blockserve_proto::v1::GenerationParameters { max_new_tokens: Some(8), ..Default::default() },
+        created_at_ms: 42,
+    }
 }
 
 fn to(td: &str) -> Assignment {

@@ -21,7 +21,8 @@ impl tonic::service::Interceptor for BearerToken {
             return Err(Status::unauthenticated("authorization: missing; this router needs \"Bearer <token>\""));
         };
         // The scheme is case-insensitive (RFC 7235 section 2.1); the token is not.
-        let given = value.to_str().ok().and_then(|v| v.split_once(' ')).filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map_or("", |(_, t)| t.trim_start());
+        let given =
+            value.to_str().ok().and_then(|v| v.split_once(' ')).filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map_or("", |(_, t)| t.trim_start());
         if same(given.as_bytes(), token.as_bytes()) {
             Ok(req)
         } else {
