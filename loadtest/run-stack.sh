@@ -59,24 +59,28 @@ if [ -n "${UP:-}" ]; then
   sleep 1
   echo "stack (one process): router :$rtp, $TOKEN_DECODERS token decoder(s), $DEVICE, redis :$rp, model $MODEL_DIR ($DTYPE)" >&2
 else
-bdp=$(free_port)
-env ${BD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$BD_SM_PERCENT} "$BS" block-decoder --listen 127.0.0.1:$bdp --device "$DEVICE" --kv-cache-mib "${KV_MIB:-1024}" \
+# Every tier serves metrics: the load generator reads each one's CPU time
+# (`--metrics`) and prints CPU per generated token.
+metrics=()
+bdp=$(free_port); bdm=$(free_port); metrics+=("block-decoder=127.0.0.1:$bdm")
+env ${BD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$BD_SM_PERCENT} "$BS" block-decoder --listen 127.0.0.1:$bdp --metrics-listen 127.0.0.1:$bdm --device "$DEVICE" --kv-cache-mib "${KV_MIB:-1024}" \
   --max-sessions "${MAX_SESSIONS:-4096}" --token-budget "${TOKEN_BUDGET:-8192}" --micro-batches "${MICRO_BATCHES:-2}" >"$LOGS/block-decoder.log" 2>&1 &
 pids+=($!); names+=(block-decoder)
 wait_port "$bdp"
 for i in $(seq 1 "$TOKEN_DECODERS"); do
-  tdp=$(free_port)
-  env ${TD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$TD_SM_PERCENT} "$BS" token-decoder --listen 127.0.0.1:$tdp --device "$TD_DEVICE" --max-batch "${MAX_BATCH:-1024}" \
+  tdp=$(free_port); tdm=$(free_port); metrics+=("token-decoder-$i=127.0.0.1:$tdm")
+  env ${TD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$TD_SM_PERCENT} "$BS" token-decoder --listen 127.0.0.1:$tdp --metrics-listen 127.0.0.1:$tdm --device "$TD_DEVICE" --max-batch "${MAX_BATCH:-1024}" \
     --max-sessions "${MAX_SESSIONS:-4096}" --max-unread-blocks "${MAX_UNREAD:-8}" >"$LOGS/token-decoder-$i.log" 2>&1 &
   pids+=($!); names+=(token-decoder-$i)
   wait_port "$tdp"
 done
-rtp=$(free_port)
-$NICE "$BS" router --listen 127.0.0.1:$rtp --max-new-tokens 4096 >"$LOGS/router.log" 2>&1 &
+rtp=$(free_port); rtm=$(free_port); metrics+=("router=127.0.0.1:$rtm")
+$NICE "$BS" router --listen 127.0.0.1:$rtp --metrics-listen 127.0.0.1:$rtm --max-new-tokens 4096 >"$LOGS/router.log" 2>&1 &
 pids+=($!); names+=(router)
 wait_port "$rtp"
 sleep 1
 echo "stack: router :$rtp, block decoder :$bdp ($DEVICE), $TOKEN_DECODERS token decoder(s) ($TD_DEVICE), redis :$rp, model $MODEL_DIR ($DTYPE)" >&2
+export LOADTEST_METRICS=$(IFS=,; echo "${metrics[*]}")
 fi
 # CPU seconds each process used (the machine's load is part of the result:
 # every tier, Redis and the load generator share its cores here).

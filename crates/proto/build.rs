@@ -15,7 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // (JSON): one typed value from the router's validation to the token
         // decoder, and on to migrations.
         .type_attribute("blockserve.v1.GenerationParameters", "#[derive(serde::Serialize, serde::Deserialize)] #[serde(default)]")
-        .compile_protos(&files, &[root.clone()])?;
+        .compile_protos(&files, std::slice::from_ref(&root))?;
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -13,9 +13,11 @@
 //!
 //!   blockserve-loadtest --config loadtest/ghz/generate.json --target 127.0.0.1:50051
 
+mod cpu;
 mod ghz;
 mod ghz_run;
 mod stats;
+mod synthetic;
 
 use stats::{percentile, sorted, StreamClock};
 
@@ -64,6 +66,31 @@ struct Args {
     /// With --config: summary (ghz-style text) or json.
     #[arg(long, default_value = "summary")]
     format: String,
+    /// A process of the stack to measure, as NAME=HOST:PORT of its metrics
+    /// endpoint (`--metrics-listen`); repeatable, or comma-separated in the
+    /// variable. The summary adds each one's CPU time over the run and per
+    /// generated token.
+    #[arg(long = "metrics", env = "LOADTEST_METRICS", value_delimiter = ',')]
+    metrics: Vec<cpu::Watched>,
+    /// Drive the block decoder at this address (http://HOST:PORT) on its own,
+    /// as synthetic token decoders over the real link protocol: `--links`
+    /// links, `--concurrency` sessions with `--prompt-len` prompts, each
+    /// context answered at once. Prints blocks/s.
+    #[arg(long)]
+    synthetic_block_decoder: Option<String>,
+    /// With --synthetic-block-decoder: links (token decoders) to open.
+    #[arg(long, default_value_t = 1)]
+    links: usize,
+    /// With --synthetic-block-decoder: seconds measured, after --warmup-s.
+    #[arg(long, default_value_t = 20.0)]
+    duration_s: f64,
+    /// With --synthetic-block-decoder: seconds before measuring (prefill).
+    #[arg(long, default_value_t = 10.0)]
+    warmup_s: f64,
+    /// With --synthetic-block-decoder: one token-decoder GPU's measured
+    /// tokens/s; the report then says how many such GPUs the block decoder feeds.
+    #[arg(long)]
+    td_tokens_per_s: Option<f64>,
 }
 
 #[derive(Default)]
@@ -120,6 +147,9 @@ async fn main() -> Result<()> {
         }
         return Ok(());
     }
+    if let Some(address) = a.synthetic_block_decoder.clone() {
+        return run_synthetic(&a, address).await;
+    }
     let (p, g) = match a.setting.as_str() {
         "prefill-heavy" => (2048, 128),
         "decode-heavy" => (128, 2048),
@@ -141,6 +171,7 @@ async fn main() -> Result<()> {
     eprintln!("target {} serves {} (vocab {vocab}, block length {})", a.target, info.model_name, info.block_length);
     let samples = Arc::new(Mutex::new(Samples::default()));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cpu_before = cpu::sample(&a.metrics)?;
     let t0 = Instant::now();
     let mut workers = vec![];
     for w in 0..a.concurrency {
@@ -163,6 +194,7 @@ async fn main() -> Result<()> {
         w.await?;
     }
     let wall = t0.elapsed().as_secs_f64();
+    let cpu_after = cpu::sample(&a.metrics)?;
     let mut s = samples.lock().await;
     let ms = |x: f64| x * 1e3;
     println!("| setting | concurrency | requests | ok | errors | wall s | tokens/s | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms |");
@@ -184,9 +216,34 @@ async fn main() -> Result<()> {
         ms(i90),
         ms(i99)
     );
+    if !a.metrics.is_empty() {
+        cpu::print_table(&a.metrics, &cpu_before, &cpu_after, s.tokens, wall);
+    }
     if let Some(e) = s.errors.first() {
         eprintln!("first error: {e}");
         bail!("{} of {requests} requests failed", s.errors.len());
     }
+    Ok(())
+}
+
+/// `--synthetic-block-decoder`: the block decoder's capacity on its own.
+async fn run_synthetic(a: &Args, address: String) -> Result<()> {
+    let block_length = 4;
+    let prompt_len = a.prompt_len.unwrap_or(128);
+    let s = synthetic::Synthetic {
+        address,
+        links: a.links,
+        sessions: a.concurrency,
+        prompt_len,
+        block_length,
+        warmup: Duration::from_secs_f64(a.warmup_s),
+        duration: Duration::from_secs_f64(a.duration_s),
+    };
+    let blocks = synthetic::run(s).await?;
+    let tokens = blocks * block_length as f64;
+    println!("| links | sessions | prompt | blocks/s | tokens/s it can feed | token-decoder GPUs fed |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let gpus = a.td_tokens_per_s.map_or("(give --td-tokens-per-s)".to_string(), |t| format!("{:.2} at {t:.0} tokens/s each", tokens / t));
+    println!("| {} | {} | {prompt_len} | {blocks:.0} | {tokens:.0} | {gpus} |", a.links, a.concurrency);
     Ok(())
 }

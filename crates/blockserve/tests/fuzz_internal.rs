@@ -290,7 +290,7 @@ fn internal_messages_get_answers_and_never_take_a_tier_down() {
             }
             // Ending the link frees what it left open: the stream ends cleanly.
             drop(up);
-            let end = tokio::time::timeout(Duration::from_secs(10), async { while let Some(_) = down.message().await.unwrap() {} }).await;
+            let end = tokio::time::timeout(Duration::from_secs(10), async { while down.message().await.unwrap().is_some() {} }).await;
             assert!(end.is_ok(), "the link did not end after its client closed it");
         });
     });
@@ -316,7 +316,7 @@ fn internal_messages_get_answers_and_never_take_a_tier_down() {
     // What the fuzz found, pinned as regression cases.
     rt.block_on(async {
         let prompt = vec![3, 1, 4, 1, 5];
-        let want = greedy_reference(&fixture_model(), &[prompt.clone()], 200).remove(0);
+        let want = greedy_reference(&fixture_model(), std::slice::from_ref(&prompt), 200).remove(0);
         let run = |id: &str, bd: &str, n: u32| {
             let parameters = GenerationParameters { max_new_tokens: Some(n), temperature: Some(0.0), ignore_eos: true, ..Default::default() };
             RunRequest {

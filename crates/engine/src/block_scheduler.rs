@@ -135,7 +135,7 @@ impl BlockScheduler {
     /// `max_new_blocks` the most blocks it will send after it.
     pub fn submit(&mut self, key: u64, prompt: Vec<u32>, max_new_blocks: usize) -> Result<()> {
         let l = self.model.block_length();
-        if prompt.is_empty() || prompt.len() % l != 0 {
+        if prompt.is_empty() || !prompt.len().is_multiple_of(l) {
             return Err(ModelError::Input(format!("prompt_ids: {} ids is not a positive whole number of {l}-token blocks", prompt.len())));
         }
         if self.sessions.contains_key(&key) {
@@ -208,7 +208,7 @@ impl BlockScheduler {
     /// keeping nothing (scoring). Needs free pages for them.
     pub fn contexts(&mut self, ids: &[u32]) -> Result<Tensor> {
         let l = self.model.block_length();
-        if ids.is_empty() || ids.len() % l != 0 {
+        if ids.is_empty() || !ids.len().is_multiple_of(l) {
             return Err(ModelError::Input(format!("token_ids: {} ids is not a positive whole number of {l}-token blocks", ids.len())));
         }
         let mut kv = SeqKv::default();

@@ -8,10 +8,11 @@
 //! into page-locked host memory (reused across passes), and waiting for it
 //! waits for that copy only. On the CPU the copy is made at once.
 
-use blockserve_model::ModelError;
 use candle_core::{DType, Tensor};
 
-type Result<T> = std::result::Result<T, ModelError>;
+use crate::EngineError;
+
+type Result<T> = std::result::Result<T, EngineError>;
 
 /// A `[rows, dim]` matrix on its way to the host.
 pub struct Download {
@@ -63,15 +64,7 @@ impl Downloads {
 
     /// Wait for the copy (only it) and take the bytes; the buffer is kept.
     pub fn wait(&mut self, d: Download) -> Result<HostRows> {
-        let bytes = match d.inner {
-            Inner::Ready(b) => b,
-            #[cfg(feature = "cuda")]
-            Inner::Pinned { copy: p, .. } => {
-                let bytes = p.bytes(d.rows * d.dim * d.dtype.size_in_bytes())?;
-                self.free.push(p);
-                bytes
-            }
-        };
+        let Inner::Ready(bytes) = d.inner;
         Ok(HostRows { bytes, dtype: d.dtype, rows: d.rows, dim: d.dim })
     }
 }
@@ -85,7 +78,7 @@ mod cuda {
     use candle_core::{Storage, Tensor};
 
     use super::Result;
-    use blockserve_model::ModelError;
+    use crate::EngineError;
 
     /// A page-locked buffer and, once a copy into it is queued, the event
     /// recorded behind that copy.
@@ -121,8 +114,8 @@ mod cuda {
             None => Pinned { buf: unsafe { stream.context().alloc_pinned_with_flags::<u8>(n.next_power_of_two(), 0) }.w()?, copied: None },
         };
         let (storage, layout) = t.storage_and_layout();
-        let Storage::Cuda(cs) = &*storage else { return Err(ModelError::Input("a CUDA download of a tensor not on the GPU".into())) };
-        let Some((a, _)) = layout.contiguous_offsets() else { return Err(ModelError::Input("a download needs a contiguous tensor".into())) };
+        let Storage::Cuda(cs) = &*storage else { return Err(EngineError::Wire("a CUDA download of a tensor not on the GPU".into())) };
+        let Some((a, _)) = layout.contiguous_offsets() else { return Err(EngineError::Wire("a download needs a contiguous tensor".into())) };
         let size = t.dtype().size_in_bytes();
         let dst = pinned.buf.as_mut_ptr().w()?;
         macro_rules! copy {
@@ -138,7 +131,7 @@ mod cuda {
             candle_core::DType::BF16 => copy!(half::bf16),
             candle_core::DType::F16 => copy!(half::f16),
             candle_core::DType::F32 => copy!(f32),
-            other => return Err(ModelError::Input(format!("no host download for {other:?}"))),
+            other => return Err(EngineError::Wire(format!("no host download for {other:?}"))),
         }
         pinned.copied = Some(stream.record_event(None).w()?);
         Ok(pinned)

@@ -6,6 +6,8 @@
 //!   iteration is one paged pass holding one block of every running session plus
 //!   prompt chunks of new sessions, up to a token budget. Sessions are admitted
 //!   by free KV pages.
+//! - [`gather`]: how the block decoder forms each decode pass from the blocks
+//!   its links send back (micro-batches, whole links).
 //! - [`token_batcher`]: the token decoder's block-synchronous batches over a
 //!   preallocated local cache, with per-row sampling.
 //! - `cuda_graph` (CUDA builds): the token batcher's greedy blocks captured
@@ -19,8 +21,11 @@ pub mod block_scheduler;
 #[cfg(feature = "cuda")]
 pub mod cuda_graph;
 pub mod download;
+pub mod error;
+pub mod gather;
 pub mod pipeline;
 pub mod token_batcher;
 
 pub use block_scheduler::{BlockScheduler, Contexts, SchedulerConfig};
+pub use error::EngineError;
 pub use token_batcher::{BlockJob, TokenBatcher};

@@ -252,7 +252,7 @@ impl BlockTransformer {
     /// Embed whole blocks given as flat ids (a multiple of L) -> `[n_blocks, D_b]`.
     pub fn embed_ids(&self, ids: &[u32]) -> Result<Tensor> {
         let l = self.block_length();
-        if ids.is_empty() || ids.len() % l != 0 {
+        if ids.is_empty() || !ids.len().is_multiple_of(l) {
             return input_err(format!("{} ids is not a positive whole number of {l}-token blocks", ids.len()));
         }
         check_ids(ids, self.config.vocab_size, "input_ids")?;
@@ -281,7 +281,7 @@ impl BlockTransformer {
     pub fn score_rows(&self, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         let l = self.block_length();
         let len = rows.first().map_or(0, |r| r.len());
-        if rows.iter().any(|r| r.len() != len) || len % l != 0 || len < 2 * l {
+        if rows.iter().any(|r| r.len() != len) || !len.is_multiple_of(l) || len < 2 * l {
             return input_err(format!("scoring takes rows of equal length holding at least 2 whole blocks of {l}"));
         }
         let (b, nb) = (rows.len(), len / l);

@@ -27,3 +27,15 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 pub(crate) fn input_err<T>(msg: impl Into<String>) -> Result<T> {
     Err(ModelError::Input(msg.into()))
 }
+
+/// Config and request-setting errors keep their kind (and message) in the model crate.
+impl From<blockserve_config::ConfigError> for ModelError {
+    fn from(e: blockserve_config::ConfigError) -> Self {
+        use blockserve_config::ConfigError as C;
+        match e {
+            C::Config(m) => ModelError::Config(m),
+            C::File { path, msg } => ModelError::File { path, msg },
+            C::Input(m) => ModelError::Input(m),
+        }
+    }
+}

@@ -5,7 +5,6 @@
 //! serving engine schedules the same calls itself.
 
 use candle_core::Tensor;
-use serde::{Deserialize, Serialize};
 
 use crate::block_transformer::{check_ids, BlockTransformer};
 use crate::causal_lm::CausalLm;
@@ -15,62 +14,7 @@ use crate::prompt::PaddedPrompt;
 use crate::sampling::{read_rows, sample, Row, SamplingParams};
 use crate::Model;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// The model produced its end-of-sequence id (included in the output).
-    Eos,
-    /// `max_new_tokens` were generated.
-    Length,
-    /// A caller-given stop id was produced (included in the output).
-    StopToken,
-}
-
-impl FinishReason {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            FinishReason::Eos => "eos",
-            FinishReason::Length => "length",
-            FinishReason::StopToken => "stop_token",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StopCriteria {
-    pub max_new_tokens: usize,
-    /// Usually the model config's eos id; `None` never stops on EOS (benchmarks).
-    pub eos_token_id: Option<u32>,
-    pub stop_token_ids: Vec<u32>,
-}
-
-impl StopCriteria {
-    /// Append a decoded block to `generated` token by token, up to and
-    /// including the first one that stops the session; returns why it stopped.
-    pub fn extend(&self, generated: &mut Vec<u32>, block: &[u32]) -> Option<FinishReason> {
-        for &t in block {
-            generated.push(t);
-            if let Some(r) = self.check(generated) {
-                return Some(r);
-            }
-        }
-        None
-    }
-
-    /// Why a session whose output so far is `generated` stops now, if it does.
-    pub fn check(&self, generated: &[u32]) -> Option<FinishReason> {
-        let last = generated.last().copied();
-        if last.is_some() && last == self.eos_token_id {
-            Some(FinishReason::Eos)
-        } else if last.is_some_and(|t| self.stop_token_ids.contains(&t)) {
-            Some(FinishReason::StopToken)
-        } else if generated.len() >= self.max_new_tokens {
-            Some(FinishReason::Length)
-        } else {
-            None
-        }
-    }
-}
+pub use blockserve_config::request::{FinishReason, StopCriteria};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationRequest {

@@ -4,8 +4,9 @@
 //! Pure computation: no async runtime, no networking. The serving tiers own the
 //! scheduling and pass caches in and out of these calls.
 //!
-//! - [`config`], [`presets`], [`reference_yaml`], [`loader`]: what a model is and
-//!   how to find it on disk.
+//! - [`config`], [`presets`], [`reference_yaml`] (re-exported from
+//!   `blockserve-config`, which holds them as plain data), [`loader`]: what a
+//!   model is and how to load it from disk.
 //! - [`gpt_neox`]: the transformer stack every decoder is made of.
 //! - [`paged`]: the paged KV pool every incremental pass reads and writes.
 //! - [`block_transformer`], [`causal_lm`]: the two model kinds, with incremental,
@@ -16,7 +17,6 @@
 pub mod argmax;
 pub mod block_transformer;
 pub mod causal_lm;
-pub mod config;
 #[cfg(feature = "cuda")]
 mod cuda_util;
 pub mod error;
@@ -26,11 +26,11 @@ pub mod gpt_neox;
 pub mod init;
 pub mod loader;
 pub mod paged;
-pub mod presets;
 pub mod prompt;
-pub mod reference_yaml;
 pub mod sampling;
 pub mod weights;
+
+pub use blockserve_config::{model as config, presets, reference_yaml, ConfigError};
 
 pub use block_transformer::BlockTransformer;
 pub use block_transformer::LocalKv;
@@ -42,6 +42,8 @@ pub use paged::{KvPool, PagedPass, SeqKv};
 pub use sampling::SamplingParams;
 
 /// A loaded model of either kind.
+// One per process, built once: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Model {
     Block(BlockTransformer),
     Vanilla(CausalLm),

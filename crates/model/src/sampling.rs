@@ -8,61 +8,12 @@
 use rand::Rng;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
 use candle_core::{DType, Tensor};
 
-use crate::error::{input_err, Result};
+use crate::error::Result;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SamplingParams {
-    /// 0 means greedy (argmax); otherwise logits are divided by it.
-    pub temperature: f32,
-    /// Keep only the k most likely tokens (0 = off).
-    pub top_k: usize,
-    /// Keep the smallest set of tokens whose probability reaches p (1.0 = off).
-    pub top_p: f32,
-    /// Hugging Face-style penalty on tokens already present in the prompt or
-    /// output (1.0 = off): positive logits are divided by it, negative multiplied.
-    pub repetition_penalty: f32,
-    pub seed: u64,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
-    }
-}
-
-impl SamplingParams {
-    pub fn greedy() -> Self {
-        Self::default()
-    }
-
-    pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0 || self.top_k == 1
-    }
-
-    /// Whether the choice depends on earlier tokens (repetition penalty); callers
-    /// can skip assembling the history when it does not.
-    pub fn uses_history(&self) -> bool {
-        self.repetition_penalty != 1.0
-    }
-
-    /// Reject values that have no meaning, naming the field and its range.
-    pub fn validate(&self) -> Result<()> {
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return input_err(format!("temperature must be finite and >= 0, got {}", self.temperature));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return input_err(format!("top_p must be in (0, 1], got {}", self.top_p));
-        }
-        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return input_err(format!("repetition_penalty must be finite and > 0, got {}", self.repetition_penalty));
-        }
-        Ok(())
-    }
-}
+pub use blockserve_config::SamplingParams;
 
 /// One row of a batch's logits as the host sees it.
 pub enum Row {
@@ -70,13 +21,6 @@ pub enum Row {
     Token(u32),
     /// The whole row, for rows that sample, penalise or record logits.
     Logits(Vec<f32>),
-}
-
-impl SamplingParams {
-    /// Whether the next token is the plain argmax of the raw logits.
-    pub fn is_plain_greedy(&self) -> bool {
-        self.is_greedy() && !self.uses_history()
-    }
 }
 
 /// Read a batch of logits `[b, V]` back for token selection. Rows with
@@ -167,6 +111,12 @@ pub fn sample(params: &SamplingParams, logits: &[f32], history: &[u32], n: u64) 
     *idx.last().expect("at least one candidate") as u32
 }
 
+/// log p of `ids` `[.., k]` (u32) under `logits` `[.., k, V]`, in f32.
+pub fn logprobs_of(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(candle_core::DType::F32)?, candle_core::D::Minus1)?;
+    Ok(logp.gather(&ids.unsqueeze(candle_core::D::Minus1)?, candle_core::D::Minus1)?.squeeze(candle_core::D::Minus1)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,10 +171,4 @@ mod tests {
         let e = SamplingParams { temperature: -1.0, ..Default::default() }.validate().unwrap_err();
         assert!(e.to_string().contains("temperature"));
     }
-}
-
-/// log p of `ids` `[.., k]` (u32) under `logits` `[.., k, V]`, in f32.
-pub fn logprobs_of(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(candle_core::DType::F32)?, candle_core::D::Minus1)?;
-    Ok(logp.gather(&ids.unsqueeze(candle_core::D::Minus1)?, candle_core::D::Minus1)?.squeeze(candle_core::D::Minus1)?)
 }

@@ -49,7 +49,8 @@ impl Busy {
     /// A span around the coming iteration, for one iteration in
     /// [`TRACE_EVERY`]; hold it while the iteration runs.
     pub fn iteration_span(&self) -> Option<tracing::span::EnteredSpan> {
-        (self.calls % TRACE_EVERY == 0)
+        self.calls
+            .is_multiple_of(TRACE_EVERY)
             .then(|| tracing::info_span!(parent: None, "iteration", otel.name = %format!("{}.iteration", self.tier()), iteration = self.calls).entered())
     }
 

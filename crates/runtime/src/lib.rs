@@ -2,11 +2,9 @@
 
 pub mod busy;
 pub mod channels;
-pub mod codec;
 pub mod guard;
 pub mod lease;
 pub mod metrics;
-pub mod model_args;
 pub mod params;
 pub mod server;
 pub mod status;

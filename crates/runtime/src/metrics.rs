@@ -122,12 +122,31 @@ impl Metrics {
         }
     }
 
-    /// The text exposition of every family.
+    /// The text exposition of every family, and the process's CPU time as
+    /// the standard `process_cpu_seconds_total` (what the load generator
+    /// divides by the tokens generated: CPU per token, per tier).
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
-        String::from_utf8(buf).expect("the text format is UTF-8")
+        let mut text = String::from_utf8(buf).expect("the text format is UTF-8");
+        if let Some(cpu) = process_cpu_seconds() {
+            text.push_str(&format!(
+                "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu}\n"
+            ));
+        }
+        text
     }
+}
+
+/// User plus system CPU time of this process so far, in seconds.
+pub fn process_cpu_seconds() -> Option<f64> {
+    // SAFETY: getrusage writes the struct it is given and nothing else.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return None;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Some(secs(u.ru_utime) + secs(u.ru_stime))
 }
 
 /// This process's metrics.

@@ -6,7 +6,7 @@
 //! it ([`resolve`] or its caller): the store and the internal calls carry the
 //! whole message.
 
-use blockserve_model::{SamplingParams, StopCriteria};
+use blockserve_config::{SamplingParams, StopCriteria};
 use blockserve_proto::v1::GenerationParameters;
 use tonic::Status;
 

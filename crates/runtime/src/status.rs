@@ -1,16 +1,8 @@
-//! Model and store errors as gRPC statuses.
+//! Store and peer errors as gRPC statuses, and the marks a session's stream
+//! carries. (Engine errors are mapped in `blockserve-worker`.)
 
-use blockserve_model::ModelError;
 use blockserve_store::StoreError;
 use tonic::Status;
-
-pub fn from_model(e: ModelError) -> Status {
-    match e {
-        ModelError::Input(m) => Status::invalid_argument(m),
-        ModelError::Capacity(m) => Status::resource_exhausted(m),
-        other => Status::internal(other.to_string()),
-    }
-}
 
 pub fn from_store(e: StoreError) -> Status {
     match e {

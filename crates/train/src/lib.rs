@@ -46,6 +46,13 @@ pub enum TrainError {
 
 pub type Result<T> = std::result::Result<T, TrainError>;
 
+/// A config error, as the model crate reports it.
+impl From<blockserve_model::ConfigError> for TrainError {
+    fn from(e: blockserve_model::ConfigError) -> Self {
+        TrainError::Model(e.into())
+    }
+}
+
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |e| TrainError::File { path: path.to_path_buf(), msg: e.to_string() }
 }

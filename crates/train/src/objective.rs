@@ -20,7 +20,7 @@ pub fn loss(model: &Model, rows: &[Vec<u32>]) -> Result<(Tensor, usize)> {
         Model::Block(m) => {
             let l = m.block_length();
             let len = rows.first().map_or(0, |r| r.len());
-            if len % l != 0 || len < 2 * l {
+            if !len.is_multiple_of(l) || len < 2 * l {
                 return input(format!("a Block Transformer trains on windows of at least 2 whole blocks of {l} tokens, got {len}"));
             }
             let out = m.forward(rows)?;

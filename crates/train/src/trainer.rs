@@ -132,7 +132,7 @@ impl Trainer {
             return input("--batch, --accum and --steps must be positive");
         }
         if let ModelConfig::Block(c) = &model_config {
-            if config.seq_len % c.block_length != 0 || config.seq_len < 2 * c.block_length {
+            if !config.seq_len.is_multiple_of(c.block_length) || config.seq_len < 2 * c.block_length {
                 return input(format!("--seq-len {} must be a multiple of the block length {} and hold at least 2 blocks", config.seq_len, c.block_length));
             }
         }

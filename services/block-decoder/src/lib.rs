@@ -1,8 +1,7 @@
 //! The block-decoder tier: holds the block-level KV cache of every session it
 //! serves and answers each block with the context embedding of the next.
 
-pub mod engine;
-pub mod gather;
+pub mod model_thread;
 pub mod service;
 
 use std::sync::atomic::Ordering;
@@ -14,9 +13,9 @@ use blockserve_engine::SchedulerConfig;
 use blockserve_model::Model;
 use blockserve_proto::v1::block_decoder_server::BlockDecoderServer;
 use blockserve_runtime::lease::{Lease, LoadReport};
-use blockserve_runtime::model_args::ModelArgs;
 use blockserve_runtime::server::{serve, ServeArgs};
 use blockserve_store::{SessionStore, Tier};
+use blockserve_worker::model_args::ModelArgs;
 use tokio::sync::watch;
 
 #[derive(clap::Args, Debug)]
@@ -54,7 +53,7 @@ pub struct Args {
     pub micro_batch_by_link: bool,
 }
 
-struct Load(engine::Engine, u32);
+struct Load(model_thread::ModelThread, u32);
 impl LoadReport for Load {
     fn load(&self) -> (u32, u32, u32) {
         let a = self.0.active.load(Ordering::Relaxed);
@@ -70,10 +69,10 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     };
     let config = SchedulerConfig::for_memory(&model, args.kv_cache_mib << 20, args.token_budget);
     tracing::info!(kv_pages = config.kv_pages, page_blocks = config.page_size, token_budget = config.token_budget, "block-level KV pool");
-    let engine = engine::Engine::start(
+    let engine = model_thread::ModelThread::start(
         model.clone(),
         config,
-        engine::Gather {
+        model_thread::Gather {
             max_wait: Duration::from_micros(args.max_batch_wait_us),
             micro_batches: args.micro_batches as usize,
             by_link: args.micro_batch_by_link,

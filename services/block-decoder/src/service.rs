@@ -10,16 +10,15 @@ use std::sync::Arc;
 use blockserve_model::BlockTransformer;
 use blockserve_proto::v1::block_decoder_server::BlockDecoder;
 use blockserve_proto::v1::{ContextsRequest, ContextsResponse, LinkDown, LinkUp, OpenBlocks, SessionError};
-use blockserve_runtime::status;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{session_error, Engine, LinkId, Open, Up};
+use crate::model_thread::{session_error, LinkId, ModelThread, Open, Up};
 
 pub struct BlockDecoderService {
-    pub engine: Engine,
+    pub engine: ModelThread,
     pub model: Arc<BlockTransformer>,
     pub max_sessions: u32,
     /// Sessions open on all links.
@@ -28,7 +27,7 @@ pub struct BlockDecoderService {
 }
 
 impl BlockDecoderService {
-    pub fn new(engine: Engine, model: Arc<BlockTransformer>, max_sessions: u32) -> Self {
+    pub fn new(engine: ModelThread, model: Arc<BlockTransformer>, max_sessions: u32) -> Self {
         Self { engine, model, max_sessions, open: Arc::new(AtomicU32::new(0)), next_link: AtomicU64::new(1) }
     }
 
@@ -59,7 +58,7 @@ impl LinkState {
         if self.next.contains_key(&o.key) {
             return Err(Status::already_exists(format!("opens.key {} is already open on this link", o.key)));
         }
-        if o.prompt_ids.is_empty() || o.prompt_ids.len() % l != 0 {
+        if o.prompt_ids.is_empty() || !o.prompt_ids.len().is_multiple_of(l) {
             return Err(Status::invalid_argument(format!("opens.prompt_ids: {} ids is not a positive whole number of {l}-token blocks", o.prompt_ids.len())));
         }
         check_ids(&o.prompt_ids, self.model.config.vocab_size, "opens.prompt_ids")?;
@@ -161,7 +160,7 @@ impl LinkState {
 }
 
 /// Serve one link until the token decoder closes it; then free what it left open.
-async fn serve_link(engine: Engine, mut state: LinkState, link: LinkId, mut inbound: Streaming<LinkUp>, down: mpsc::UnboundedSender<LinkDown>) {
+async fn serve_link(engine: ModelThread, mut state: LinkState, link: LinkId, mut inbound: Streaming<LinkUp>, down: mpsc::UnboundedSender<LinkDown>) {
     loop {
         let msg = tokio::select! {
             m = inbound.message() => m,
@@ -197,7 +196,7 @@ impl BlockDecoder for BlockDecoderService {
         blockserve_runtime::metrics::rpc("block_decoder", "Link", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let link = self.next_link.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = mpsc::unbounded_channel();
-            self.engine.attach(link, tx.clone()).map_err(status::from_model)?;
+            self.engine.attach(link, tx.clone()).map_err(blockserve_worker::status::from_engine)?;
             let state = LinkState { model: self.model.clone(), next: HashMap::new(), open: self.open.clone(), max_sessions: self.max_sessions };
             tokio::spawn(serve_link(self.engine.clone(), state, link, req.into_inner(), tx));
             let ok: fn(LinkDown) -> Result<LinkDown, Status> = Ok;
@@ -210,11 +209,11 @@ impl BlockDecoder for BlockDecoderService {
         blockserve_runtime::metrics::rpc("block_decoder", "Contexts", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let ids = req.into_inner().token_ids;
             let l = self.model.block_length();
-            if ids.is_empty() || ids.len() % l != 0 {
+            if ids.is_empty() || !ids.len().is_multiple_of(l) {
                 return Err(Status::invalid_argument(format!("token_ids: {} ids is not a positive whole number of {l}-token blocks", ids.len())));
             }
             check_ids(&ids, self.model.config.vocab_size, "token_ids")?;
-            let contexts = self.engine.contexts(ids).await.map_err(status::from_model)?;
+            let contexts = self.engine.contexts(ids).await.map_err(blockserve_worker::status::from_engine)?;
             Ok(Response::new(ContextsResponse { contexts: Some(contexts) }))
         })
         .await

@@ -3,8 +3,10 @@
 //! serve, resume, cancel or inspect any session.
 
 pub mod auth;
+mod grpc;
 mod relay;
-pub mod service;
+pub mod sessions;
+mod start;
 mod sweep;
 pub mod validate;
 
@@ -13,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use blockserve_model::loader::resolve_config;
-use blockserve_model::ModelConfig;
+use blockserve_config::resolve_config;
+use blockserve_config::ModelConfig;
 use blockserve_proto::v1::generation_server::GenerationServer;
 use blockserve_runtime::server::{serve, ServeArgs};
 use blockserve_runtime::tls::{DialTlsArgs, Dialer};
@@ -43,11 +45,11 @@ pub struct Args {
     /// Most times a session may move to another token or block decoder after
     /// one fails (its output so far is kept; greedy and seeded output is
     /// unchanged). Beyond it the session fails with UNAVAILABLE.
-    #[arg(long, env = "BLOCKSERVE_MAX_MIGRATIONS", default_value_t = service::DEFAULT_MAX_MIGRATIONS)]
+    #[arg(long, env = "BLOCKSERVE_MAX_MIGRATIONS", default_value_t = sessions::DEFAULT_MAX_MIGRATIONS)]
     pub max_migrations: u32,
     /// Most streams (Generate, Resume) this router relays at once; more get
     /// RESOURCE_EXHAUSTED at once.
-    #[arg(long, env = "BLOCKSERVE_MAX_STREAMS", default_value_t = service::DEFAULT_MAX_STREAMS)]
+    #[arg(long, env = "BLOCKSERVE_MAX_STREAMS", default_value_t = sessions::DEFAULT_MAX_STREAMS)]
     pub max_streams: usize,
     /// Require `authorization: Bearer <token>` on every Generation call
     /// (health and reflection stay open). Prefer the environment variable to
@@ -66,7 +68,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     let ModelConfig::Block(c) = config else {
         bail!("the serving tiers serve Block Transformers; {} holds a vanilla model", args.model.display());
     };
-    let facts = service::ModelFacts {
+    let facts = sessions::ModelFacts {
         name: args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         vocab: c.vocab_size,
         block_length: c.block_length,
@@ -76,7 +78,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         dtype: c.dtype.clone().unwrap_or_default(),
     };
     let tokenizer = Tokenizer::from_dir(&args.model)?;
-    let mut router = service::Router::new(store, facts, tokenizer, args.max_new_tokens, Duration::from_secs(args.session_ttl_s));
+    let mut router = sessions::Router::new(store, facts, tokenizer, args.max_new_tokens, Duration::from_secs(args.session_ttl_s));
     router.channels = blockserve_runtime::channels::Channels::new(Arc::new(Dialer::from_args(&args.dial)?));
     router.max_migrations = args.max_migrations;
     router.max_streams = args.max_streams.max(1);
@@ -88,7 +90,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     let address = listening.address.clone();
     tracing::info!(%address, "router listening");
     let server = blockserve_runtime::server::builder()
-        .add_service(GenerationServer::with_interceptor(service::GenerationService(router), auth::BearerToken(args.api_token.clone())));
+        .add_service(GenerationServer::with_interceptor(grpc::GenerationService(router), auth::BearerToken(args.api_token.clone())));
     if let Some(r) = ready {
         let _ = r.send(address);
     }

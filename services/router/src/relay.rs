@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 use blockserve_proto::v1::token_decoder_client::TokenDecoderClient;
 use blockserve_proto::v1::*;
 use blockserve_runtime::metrics::{ActiveSession, METRICS};
-use blockserve_runtime::{status, telemetry};
+use blockserve_runtime::status;
 use blockserve_store::{Assignment, Epoch, Outcome, Reassigned, SessionState, Tier};
 use blockserve_text::IncrementalDecoder;
 use tonic::transport::Channel;
-use tonic::{Request, Status, Streaming};
+use tonic::{Status, Streaming};
 
-use crate::service::{event, finished_from_record, EventTx, Router};
+use crate::sessions::{event, finished_from_record, EventTx, Router};
 
 const TIER: &str = "router";
 
@@ -74,15 +74,6 @@ pub(crate) enum NotMoved {
 }
 
 impl Router {
-    /// Start `run` on the token decoder at `address`.
-    pub(crate) async fn run_on(&self, address: &str, run: RunRequest) -> Result<(TokenDecoderClient<Channel>, Streaming<RunEvent>), Status> {
-        let mut client = TokenDecoderClient::new(self.channel(address).await?);
-        let mut run = Request::new(run);
-        telemetry::to_metadata(&tracing::Span::current(), run.metadata_mut());
-        let events = client.run(run).await.map_err(|e| status::from_peer(&format!("token decoder {address}"), e))?.into_inner();
-        Ok((client, events))
-    }
-
     /// Relay a session to its client until it ends, migrating it when its
     /// token decoder fails. `_held` (its load count and stream slot) is
     /// released when the relay ends.

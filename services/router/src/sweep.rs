@@ -19,7 +19,7 @@ use std::time::Duration;
 use blockserve_store::{now_ms, Epoch, SessionState, Tier};
 use tokio::sync::watch;
 
-use crate::service::Router;
+use crate::sessions::Router;
 
 /// A session still `queued` this long after its last update lost its router
 /// before it started (a start takes milliseconds).

@@ -2,8 +2,8 @@
 //! decoder among its sessions and holds only the local R+L-1-position cache of
 //! the blocks being decoded.
 
-pub mod engine;
 pub mod link;
+pub mod model_thread;
 pub mod recorder;
 pub mod service;
 pub mod session;
@@ -16,11 +16,11 @@ use anyhow::{bail, Result};
 use blockserve_model::{BlockTransformer, Model};
 use blockserve_proto::v1::token_decoder_server::TokenDecoderServer;
 use blockserve_runtime::lease::{Lease, LoadReport};
-use blockserve_runtime::model_args::{parse_device, parse_dtype, ModelArgs};
 use blockserve_runtime::server::{serve, ServeArgs};
 use blockserve_runtime::tls::{DialTlsArgs, Dialer};
 use blockserve_store::{SessionStore, Tier};
 use blockserve_text::Tokenizer;
+use blockserve_worker::model_args::{parse_device, parse_dtype, ModelArgs};
 use candle_core::{DType, Device};
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -43,7 +43,7 @@ pub struct Args {
     pub max_batch: usize,
     /// Blocks a session may run ahead of its own recording and relaying; at the
     /// limit its next block waits (a slow client holds up only itself).
-    #[arg(long, env = "BLOCKSERVE_MAX_UNREAD_BLOCKS", default_value_t = engine::MAX_UNREAD)]
+    #[arg(long, env = "BLOCKSERVE_MAX_UNREAD_BLOCKS", default_value_t = model_thread::MAX_UNREAD)]
     pub max_unread_blocks: u32,
     /// Replay greedy blocks from CUDA graphs captured once per batch shape
     /// (CUDA only; `false` launches every kernel, e.g. to compare).
@@ -67,7 +67,7 @@ pub struct Args {
 /// State every session task of this process shares.
 pub struct Shared {
     pub model: Arc<BlockTransformer>,
-    pub engine: engine::Engine,
+    pub engine: model_thread::ModelThread,
     pub store: Arc<dyn SessionStore>,
     /// Batches the sessions' token appends.
     pub recorder: recorder::Recorder,
@@ -83,7 +83,7 @@ pub struct Shared {
     channels: blockserve_runtime::channels::Channels,
     /// Links to block decoders, shared by the sessions.
     pub links: link::Links,
-    /// Engine key of the next session.
+    /// The model thread's key of the next session.
     pub next_key: std::sync::atomic::AtomicU64,
 }
 
@@ -110,7 +110,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     };
     let tokenizer = Tokenizer::from_dir(&args.model.model)?;
     let dialer = Arc::new(Dialer::from_args(&args.dial)?);
-    let engine = engine::Engine::start(model.clone(), args.max_batch, args.max_unread_blocks, args.cuda_graphs)?;
+    let engine = model_thread::ModelThread::start(model.clone(), args.max_batch, args.max_unread_blocks, args.cuda_graphs)?;
     let shared = Arc::new(Shared {
         engine: engine.clone(),
         model,
@@ -124,7 +124,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         max_sessions: args.max_sessions,
         running: Mutex::new(HashMap::new()),
         channels: blockserve_runtime::channels::Channels::new(dialer.clone()),
-        links: link::Links::new(dialer),
+        links: link::Links::new(dialer, engine.link_sink()),
         next_key: Default::default(),
     });
     let listening = args.serve.bind().await?;

@@ -1,8 +1,9 @@
 //! This token decoder's links: one long-lived `BlockDecoder.Link` stream per
 //! block decoder, on its own connection, shared by every session that uses
-//! that block decoder. Whatever comes down goes to the engine as is; when the
-//! stream ends, the engine fails the link's sessions and the next session
-//! connects a new link.
+//! that block decoder. Whatever comes down goes to the links' [`Sink`] (the
+//! engine's command channel) as is; when the stream ends, the sink hears so,
+//! the engine fails the link's sessions, and the next session connects a new
+//! link.
 //!
 //! The links' connections and tasks run on a runtime of their own: they are the
 //! critical path between two passes, and on the main runtime each message would
@@ -11,16 +12,25 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blockserve_proto::v1::block_decoder_client::BlockDecoderClient;
-use blockserve_proto::v1::LinkUp;
+use blockserve_proto::v1::{LinkDown, LinkUp};
 use blockserve_runtime::tls::Dialer;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Status;
 
-use crate::engine::Engine;
+/// What comes down the links.
+pub enum Downward {
+    /// A message from link `link`, and when it arrived.
+    Message { link: u64, msg: LinkDown, at: Instant },
+    /// Link `link`'s stream ended: its sessions fail with `status`.
+    Lost { link: u64, status: Status },
+}
+
+/// Where the links hand what comes down.
+pub type Sink = Arc<dyn Fn(Downward) + Send + Sync>;
 
 pub struct Link {
     pub id: u64,
@@ -46,10 +56,11 @@ pub struct Links {
     next: AtomicU64,
     io: tokio::runtime::Handle,
     dialer: Arc<Dialer>,
+    sink: Sink,
 }
 
 impl Links {
-    pub fn new(dialer: Arc<Dialer>) -> Self {
+    pub fn new(dialer: Arc<Dialer>, sink: Sink) -> Self {
         // A thread that runs the links' runtime for the life of the process
         // (a runtime cannot be dropped from async code, so it is never dropped).
         let (tx, rx) = std::sync::mpsc::channel();
@@ -62,11 +73,11 @@ impl Links {
                 rt.block_on(std::future::pending::<()>());
             })
             .expect("spawn link thread");
-        Self { map: Default::default(), next: AtomicU64::new(0), io: rx.recv().expect("link runtime starts"), dialer }
+        Self { map: Default::default(), next: AtomicU64::new(0), io: rx.recv().expect("link runtime starts"), dialer, sink }
     }
 
     /// The live link to `address`, connecting it on first use.
-    pub async fn get(&self, address: &str, engine: &Engine) -> Result<Arc<Link>, Status> {
+    pub async fn get(&self, address: &str) -> Result<Arc<Link>, Status> {
         let mut map = self.map.lock().await;
         if let Some(l) = map.get(address).filter(|l| l.alive.load(Ordering::Relaxed)) {
             return Ok(l.clone());
@@ -74,7 +85,7 @@ impl Links {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let link = self
             .io
-            .spawn(connect(id, address.to_string(), engine.clone(), self.dialer.clone()))
+            .spawn(connect(id, address.to_string(), self.sink.clone(), self.dialer.clone()))
             .await
             .map_err(|e| Status::internal(format!("link task: {e}")))??;
         map.insert(address.to_string(), link.clone());
@@ -82,8 +93,8 @@ impl Links {
     }
 }
 
-/// Open a link and start the task that hands what comes down to the engine.
-async fn connect(id: u64, address: String, engine: Engine, dialer: Arc<Dialer>) -> Result<Arc<Link>, Status> {
+/// Open a link and start the task that hands what comes down to `sink`.
+async fn connect(id: u64, address: String, sink: Sink, dialer: Arc<Dialer>) -> Result<Arc<Link>, Status> {
     let channel = dialer
         .endpoint(&address)?
         .connect_timeout(Duration::from_secs(5))
@@ -106,14 +117,14 @@ async fn connect(id: u64, address: String, engine: Engine, dialer: Arc<Dialer>) 
     tokio::spawn(async move {
         let end = loop {
             match down.message().await {
-                Ok(Some(m)) => engine.down(l.id, m),
+                Ok(Some(msg)) => sink(Downward::Message { link: l.id, msg, at: Instant::now() }),
                 Ok(None) => break Status::unavailable(format!("block decoder {} closed the link", l.address)),
                 Err(st) => break Status::unavailable(format!("link to block decoder {} lost: {}", l.address, st.message())),
             }
         };
         l.alive.store(false, Ordering::Relaxed);
         tracing::warn!(block_decoder = %l.address, error = %end.message(), "link ended");
-        engine.link_lost(l.id, end);
+        sink(Downward::Lost { link: l.id, status: end });
     });
     Ok(link)
 }

@@ -6,7 +6,7 @@ use blockserve_model::prompt::PaddedPrompt;
 use blockserve_proto::v1::block_decoder_client::BlockDecoderClient;
 use blockserve_proto::v1::token_decoder_server::TokenDecoder;
 use blockserve_proto::v1::{CancelRequest, CancelResponse, ContextsRequest, RunEvent, RunRequest, ScoreIdsRequest, ScoreResponse, SessionState};
-use blockserve_runtime::{codec, status};
+use blockserve_worker::{status, wire};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -31,7 +31,7 @@ impl TokenDecoder for TokenDecoderService {
     type RunStream = ReceiverStream<Result<RunEvent, Status>>;
 
     async fn run(&self, req: Request<RunRequest>) -> Result<Response<Self::RunStream>, Status> {
-        blockserve_runtime::metrics::rpc(crate::engine::TIER, "Run", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
+        blockserve_runtime::metrics::rpc(crate::model_thread::TIER, "Run", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             // The RPC's span lasts as long as the session (the session task
             // holds it), as a child of the router's (from `traceparent`).
             let span = tracing::Span::current();
@@ -51,7 +51,7 @@ impl TokenDecoder for TokenDecoderService {
             let shared = self.shared.clone();
             tokio::spawn(async move {
                 let _running = Running(shared.clone(), req.session_id.clone());
-                let _active = blockserve_runtime::metrics::ActiveSession::new(crate::engine::TIER);
+                let _active = blockserve_runtime::metrics::ActiveSession::new(crate::model_thread::TIER);
                 session::run(shared, req, tx, cancel_rx).instrument(span).await;
             });
             Ok(Response::new(ReceiverStream::new(rx)))
@@ -60,7 +60,7 @@ impl TokenDecoder for TokenDecoderService {
     }
 
     async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
-        blockserve_runtime::metrics::rpc(crate::engine::TIER, "Cancel", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
+        blockserve_runtime::metrics::rpc(crate::model_thread::TIER, "Cancel", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let id = req.into_inner().session_id;
             let found = self.shared.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|c| c.send(true)).is_some();
             let state = if found { SessionState::Cancelled } else { SessionState::Unspecified };
@@ -70,7 +70,7 @@ impl TokenDecoder for TokenDecoderService {
     }
 
     async fn score(&self, req: Request<ScoreIdsRequest>) -> Result<Response<ScoreResponse>, Status> {
-        blockserve_runtime::metrics::rpc(crate::engine::TIER, "Score", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
+        blockserve_runtime::metrics::rpc(crate::model_thread::TIER, "Score", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let req = req.into_inner();
             let m = &self.shared.model;
             let l = m.block_length();
@@ -90,9 +90,9 @@ impl TokenDecoder for TokenDecoderService {
             if e.rows as usize != n {
                 return Err(Status::internal(format!("block decoder sent {} contexts for {n} blocks", e.rows)));
             }
-            let all = codec::decode(&e, d, self.shared.dtype, &self.shared.device).map_err(|e| Status::internal(format!("from block decoder: {e}")))?;
+            let all = wire::decode(&e, d, self.shared.dtype, &self.shared.device).map_err(|e| Status::internal(format!("from block decoder: {e}")))?;
             let contexts = all.narrow(0, 0, n - 1).map_err(|e| Status::internal(e.to_string()))?;
-            let logprobs = self.shared.engine.score(contexts, padded.ids[l..].to_vec()).await.map_err(status::from_model)?;
+            let logprobs = self.shared.engine.score(contexts, padded.ids[l..].to_vec()).await.map_err(status::from_engine)?;
             let mean = logprobs.iter().map(|&x| x as f64).sum::<f64>() / logprobs.len() as f64;
             Ok(Response::new(ScoreResponse { token_ids: req.token_ids, logprobs, first_scored, perplexity: (-mean).exp() }))
         })

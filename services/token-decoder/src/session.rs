@@ -30,7 +30,7 @@ use blockserve_text::{find_stop, IncrementalDecoder};
 use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
-use crate::engine::{Event, OpenRequest, Spec, TIER};
+use crate::model_thread::{Event, OpenRequest, Spec, TIER};
 use crate::recorder::SessionWrites;
 use crate::Shared;
 
@@ -144,7 +144,7 @@ async fn drive(shared: &Shared, req: &RunRequest, relay: &mut Relay, out: &mut O
     // The router validated them; a Run request from elsewhere gets the same
     // check (it returns validated parameters unchanged).
     let p = params::resolve(&params::validate(&req.parameters.clone().unwrap_or_default(), shared.model.config.vocab_size)?, req.eos_token_id);
-    if out.tokens.len() % l != 0 {
+    if !out.tokens.len().is_multiple_of(l) {
         return Err(Status::invalid_argument(format!("generated_ids: {} tokens is not a whole number of {l}-token blocks", out.tokens.len())));
     }
     if out.tokens.len() >= p.stop.max_new_tokens {
@@ -207,7 +207,7 @@ async fn decode_on(
     writes: &SessionWrites,
 ) -> Result<End, Status> {
     let l = shared.model.block_length();
-    let link = shared.links.get(block_decoder, &shared.engine).await?;
+    let link = shared.links.get(block_decoder).await?;
     let context: Vec<u32> = req.prompt_ids.iter().chain(&out.tokens).copied().collect();
     let padded = PaddedPrompt::new(&context, l).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -270,7 +270,7 @@ async fn decode_on(
         // every BLOCK_SPAN_EVERY-th one after, so a long session's trace stays
         // small. It is not entered: it would be held across awaits.
         let _block_span =
-            (out.chunks % BLOCK_SPAN_EVERY == 0).then(|| tracing::info_span!("token_decoder.block", offset, tokens = new.len(), merged_blocks = blocks));
+            out.chunks.is_multiple_of(BLOCK_SPAN_EVERY).then(|| tracing::info_span!("token_decoder.block", offset, tokens = new.len(), merged_blocks = blocks));
         out.chunks += 1;
         out.tokens.extend_from_slice(&new);
         let mut end = finish.map(End::Done);

@@ -17,7 +17,7 @@ use blockserve_model::init::random_weights;
 use blockserve_model::loader::build;
 use blockserve_model::weights::Weights;
 use blockserve_model::{device_memory, presets, BlockTransformer, GenerationRequest, Model, ModelConfig, SamplingParams, StopCriteria};
-use blockserve_runtime::model_args::{parse_device, parse_dtype};
+use blockserve_worker::model_args::{parse_device, parse_dtype};
 use candle_core::{DType, Device, Tensor};
 
 #[derive(clap::Args, Debug)]

@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use blockserve_model::{GenerationRequest, StopCriteria};
 
-use blockserve_runtime::model_args::ModelArgs;
+use blockserve_worker::model_args::ModelArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use blockserve_model::init::{random_weights, save_model};
 use blockserve_model::presets::preset;
 
-use blockserve_runtime::model_args::parse_dtype;
+use blockserve_worker::model_args::parse_dtype;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

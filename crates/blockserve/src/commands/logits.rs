@@ -9,7 +9,7 @@ use blockserve_model::Model;
 use candle_core::DType;
 use serde::Deserialize;
 
-use blockserve_runtime::model_args::ModelArgs;
+use blockserve_worker::model_args::ModelArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use blockserve_model::Model;
-use blockserve_runtime::model_args::ModelArgs;
+use blockserve_worker::model_args::ModelArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

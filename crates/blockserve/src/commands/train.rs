@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use blockserve_runtime::model_args::{parse_device, parse_dtype};
 use blockserve_train::corpus::{self, Split};
 use blockserve_train::optim::AdamWConfig;
 use blockserve_train::trainer::{RunConfig, Trainer};
 use blockserve_train::{bpe, shapes};
+use blockserve_worker::model_args::{parse_device, parse_dtype};
 
 #[derive(clap::Args, Debug)]
 pub struct CorpusArgs {

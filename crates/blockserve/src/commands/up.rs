@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use blockserve_runtime::model_args::ModelArgs;
 use blockserve_runtime::server::ServeArgs;
 use blockserve_runtime::store::StoreArgs;
+use blockserve_worker::model_args::ModelArgs;
 use tokio::sync::{oneshot, watch};
 
 /// The bundled model: a Block Transformer trained on the Python standard
@@ -96,7 +96,7 @@ pub async fn run(args: Args) -> Result<()> {
             dial: Default::default(),
             max_sessions: args.max_sessions,
             max_batch: args.max_batch,
-            max_unread_blocks: blockserve_token_decoder::engine::MAX_UNREAD,
+            max_unread_blocks: blockserve_token_decoder::model_thread::MAX_UNREAD,
             cuda_graphs: true,
             store_buffer: blockserve_token_decoder::recorder::DEFAULT_CAPACITY,
             session_ttl_s: 3600,
@@ -114,8 +114,8 @@ pub async fn run(args: Args) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         session_ttl_s: 3600,
         api_token: args.api_token.clone(),
-        max_migrations: blockserve_router::service::DEFAULT_MAX_MIGRATIONS,
-        max_streams: blockserve_router::service::DEFAULT_MAX_STREAMS,
+        max_migrations: blockserve_router::sessions::DEFAULT_MAX_MIGRATIONS,
+        max_streams: blockserve_router::sessions::DEFAULT_MAX_STREAMS,
         orphan_sweep_s: 5,
     };
     tasks.spawn(blockserve_router::run(router, store, stop.clone(), Some(ready)));

@@ -1,8 +1,8 @@
 //! Named model shapes: the reference's `block_main_b4_*` trainer presets (with the
 //! reference's autofill applied) and Pythia shapes for the vanilla baselines.
 
-use crate::config::{BlockTransformerConfig, CausalLmConfig, EmbedderConfig, GptNeoXConfig, ModelConfig, TokenDecoderConfig, BLOCK_TRANSFORMER_TYPE};
-use crate::error::{ModelError, Result};
+use crate::error::{ConfigError, Result};
+use crate::model::{BlockTransformerConfig, CausalLmConfig, EmbedderConfig, GptNeoXConfig, ModelConfig, TokenDecoderConfig, BLOCK_TRANSFORMER_TYPE};
 
 /// The reference's `util/config.py::preprocess_config` rule for a stack whose yaml
 /// leaves the head count unset: 32-wide heads up to 256, 64 up to 1536, then 128.
@@ -81,7 +81,7 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
         let stack = GptNeoXConfig { num_attention_heads: heads, ..pythia_stack(d, layers) };
         return Ok(ModelConfig::Vanilla(CausalLmConfig { stack, tie_word_embeddings: false, eos_token_id: Some(0), bos_token_id: Some(0) }));
     }
-    Err(ModelError::Config(format!("unknown preset {name:?}; known presets: {}", preset_names().join(", "))))
+    Err(ConfigError::Config(format!("unknown preset {name:?}; known presets: {}", preset_names().join(", "))))
 }
 
 #[cfg(test)]

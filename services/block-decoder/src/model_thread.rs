@@ -10,15 +10,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockserve_engine::download::{Download, Downloads};
-use blockserve_engine::{BlockScheduler, SchedulerConfig};
-use blockserve_model::{BlockTransformer, ModelError};
+use blockserve_engine::{BlockScheduler, EngineError, SchedulerConfig};
+use blockserve_model::BlockTransformer;
 use blockserve_proto::v1::{Embeddings, LinkDown, SessionError};
 use blockserve_runtime::metrics::METRICS;
-use blockserve_runtime::{codec, status};
+use blockserve_worker::{status, wire};
 use tokio::sync::{mpsc, oneshot};
 
-pub use crate::gather::{Gather, LinkId};
-use crate::gather::{Loads, Take};
+pub use blockserve_engine::gather::{Gather, LinkId};
+use blockserve_engine::gather::{Loads, Take};
 
 /// A checked `open`.
 pub struct Open {
@@ -43,12 +43,12 @@ enum Command {
     Attach { link: LinkId, down: mpsc::UnboundedSender<LinkDown> },
     Up { link: LinkId, up: Up },
     Detach { link: LinkId },
-    Contexts { ids: Vec<u32>, reply: oneshot::Sender<Result<Embeddings, ModelError>> },
+    Contexts { ids: Vec<u32>, reply: oneshot::Sender<Result<Embeddings, EngineError>> },
 }
 
 /// Handle to the model thread; cheap to clone.
 #[derive(Clone)]
-pub struct Engine {
+pub struct ModelThread {
     /// A std channel: the model thread waits on it with a timeout while a
     /// micro-batch gathers, instead of polling.
     tx: std::sync::mpsc::Sender<Command>,
@@ -58,8 +58,8 @@ pub struct Engine {
     pub queued: Arc<AtomicU32>,
 }
 
-fn stopped() -> ModelError {
-    ModelError::Input("block decoder engine stopped".into())
+fn stopped() -> EngineError {
+    EngineError::Stopped("block decoder")
 }
 
 /// A session's failure in wire form.
@@ -67,9 +67,9 @@ pub fn session_error(key: u64, st: &tonic::Status) -> SessionError {
     SessionError { key, code: st.code() as i32, message: st.message().to_string() }
 }
 
-impl Engine {
+impl ModelThread {
     /// Start the model thread. Decode blocks gather as `gather` says (see `ready`).
-    pub fn start(model: Arc<BlockTransformer>, config: SchedulerConfig, gather: Gather) -> Result<Self, ModelError> {
+    pub fn start(model: Arc<BlockTransformer>, config: SchedulerConfig, gather: Gather) -> Result<Self, EngineError> {
         let mut sched = BlockScheduler::new(model, config)?;
         sched.warm_up()?;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -86,18 +86,18 @@ impl Engine {
         Ok(Self { tx, active, queued })
     }
 
-    fn send(&self, c: Command) -> Result<(), ModelError> {
+    fn send(&self, c: Command) -> Result<(), EngineError> {
         self.queued.fetch_add(1, Ordering::Relaxed);
         self.tx.send(c).map_err(|_| stopped())
     }
 
     /// Start sending contexts of `link`'s sessions to `down`.
-    pub fn attach(&self, link: LinkId, down: mpsc::UnboundedSender<LinkDown>) -> Result<(), ModelError> {
+    pub fn attach(&self, link: LinkId, down: mpsc::UnboundedSender<LinkDown>) -> Result<(), EngineError> {
         self.send(Command::Attach { link, down })
     }
 
     /// Apply one link message's checked work.
-    pub fn up(&self, link: LinkId, up: Up) -> Result<(), ModelError> {
+    pub fn up(&self, link: LinkId, up: Up) -> Result<(), EngineError> {
         self.send(Command::Up { link, up })
     }
 
@@ -107,7 +107,7 @@ impl Engine {
     }
 
     /// Contexts of every block of whole-block ids, no session kept.
-    pub async fn contexts(&self, ids: Vec<u32>) -> Result<Embeddings, ModelError> {
+    pub async fn contexts(&self, ids: Vec<u32>) -> Result<Embeddings, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Contexts { ids, reply })?;
         rx.await.map_err(|_| stopped())?
@@ -181,7 +181,14 @@ struct Launched {
 }
 
 /// A launched pass (or its failure) and the host time spent launching it.
-type InFlight = (Duration, Result<Option<Launched>, ModelError>);
+type InFlight = (Duration, Result<Option<Launched>, EngineError>);
+
+/// A finished pass: its rows (session, block index) and their contexts in
+/// wire form; `None` when the pass computed nothing to send.
+/// One link's share of a pass: keys, block indices, rows of the matrix.
+type LinkRows = (Vec<u64>, Vec<u32>, Vec<usize>);
+
+type PassOut = Result<Option<(Vec<(u64, u32)>, Embeddings)>, EngineError>;
 
 /// Where the engine thread's pass time goes, logged when it stops.
 #[derive(Default, Debug)]
@@ -296,7 +303,7 @@ impl Thread {
                     self.links.errors.remove(&link);
                 }
                 Command::Contexts { ids, reply } => {
-                    let r = self.sched.contexts(&ids).and_then(|t| codec::encode(&t).map_err(ModelError::Input));
+                    let r = self.sched.contexts(&ids).map_err(EngineError::from).and_then(|t| wire::encode(&t));
                     let _ = reply.send(r);
                 }
             }
@@ -359,7 +366,7 @@ impl Thread {
 
     /// Launch one scheduler iteration taking the pending blocks `take` names,
     /// and queue the copy of its contexts to the host.
-    fn launch(&mut self, take: Take) -> Result<Option<Launched>, ModelError> {
+    fn launch(&mut self, take: Take) -> Result<Option<Launched>, EngineError> {
         let t = Instant::now();
         let rows = match take {
             Take::Oldest(n) => n,
@@ -373,7 +380,7 @@ impl Thread {
                 self.count(&c.rows, c.decode_rows);
                 self.downloads.start(&c.tensor).map(|download| Some(Launched { rows: c.rows, download }))
             }
-            other => other.map(|_| None),
+            other => other.map(|_| None).map_err(EngineError::from),
         };
         self.phases.launch += t.elapsed();
         launched
@@ -381,10 +388,10 @@ impl Thread {
 
     /// Wait for a launched pass's contexts; each link gets those of its
     /// sessions. Returns the rows computed.
-    fn finish(&mut self, launched: Result<Option<Launched>, ModelError>) -> usize {
+    fn finish(&mut self, launched: Result<Option<Launched>, EngineError>) -> usize {
         let t = Instant::now();
-        let out = launched.and_then(|l| match l {
-            Some(l) => Ok(Some((l.rows, self.to_wire(l.download)?))),
+        let out: PassOut = launched.and_then(|l| match l {
+            Some(l) => Ok(Some((l.rows, self.wire_form(l.download)?))),
             None => Ok(None),
         });
         self.phases.finish += t.elapsed();
@@ -399,9 +406,9 @@ impl Thread {
     }
 
     /// Wait for a download and put it in wire form.
-    fn to_wire(&mut self, d: Download) -> Result<Embeddings, ModelError> {
+    fn wire_form(&mut self, d: Download) -> Result<Embeddings, EngineError> {
         let h = self.downloads.wait(d)?;
-        codec::from_host(h.bytes, h.dtype, h.rows, h.dim).map_err(ModelError::Input)
+        wire::from_host(h.bytes, h.dtype, h.rows, h.dim)
     }
 
     /// A pass took the blocks of the first `decode_rows` of `rows`; the rest
@@ -421,10 +428,11 @@ impl Thread {
     }
 
     /// Send each link the contexts of its sessions (or fail them all).
-    fn deliver(&mut self, out: Result<Option<(Vec<(u64, u32)>, Embeddings)>, ModelError>) -> usize {
+    fn deliver(&mut self, out: PassOut) -> usize {
         match out {
             Ok(Some((rows, contexts))) => {
-                let mut per_link: HashMap<LinkId, (Vec<u64>, Vec<u32>, Vec<usize>)> = HashMap::new();
+                // Per link: its keys, their block indices, and their rows in the matrix.
+                let mut per_link: HashMap<LinkId, LinkRows> = HashMap::new();
                 for (i, (s, block)) in rows.iter().enumerate() {
                     if let Some(o) = self.links.owner.get(s) {
                         let e = per_link.entry(o.link).or_default();
@@ -440,7 +448,7 @@ impl Thread {
                     let Some(d) = self.links.down.get(&link) else { continue };
                     let mine = match whole.take_if(|_| pick.len() == rows.len()) {
                         Some(all) => all,
-                        None => codec::select(whole.as_ref().expect("only a link with every row takes the matrix"), &pick),
+                        None => wire::select(whole.as_ref().expect("only a link with every row takes the matrix"), &pick),
                     };
                     let _ = d.send(LinkDown { keys, block_indices, contexts: Some(mine), errors: vec![] });
                     self.phases.sent.insert(link, Instant::now());

@@ -12,16 +12,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockserve_engine::{BlockJob, TokenBatcher};
-use blockserve_model::{BlockTransformer, FinishReason, ModelError, SamplingParams, StopCriteria};
+use blockserve_engine::{BlockJob, EngineError, TokenBatcher};
+use blockserve_model::{BlockTransformer, FinishReason, SamplingParams, StopCriteria};
 use blockserve_proto::v1::{BlockBatch, LinkDown, LinkUp, OpenBlocks};
-use blockserve_runtime::codec;
 use blockserve_runtime::metrics::METRICS;
+use blockserve_worker::wire;
 use candle_core::{DType, Device, Tensor};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Status};
 
-use crate::link::Link;
+use crate::link::{Downward, Link};
 
 /// How a session decodes.
 pub struct Spec {
@@ -75,12 +75,12 @@ enum Command {
     Resume { key: u64 },
     Down { link: u64, msg: LinkDown, at: Instant },
     LinkLost { link: u64, status: Status },
-    Score { contexts: Tensor, blocks: Vec<u32>, reply: oneshot::Sender<Result<Vec<f32>, ModelError>> },
+    Score { contexts: Tensor, blocks: Vec<u32>, reply: oneshot::Sender<Result<Vec<f32>, EngineError>> },
     Stop,
 }
 
 #[derive(Clone)]
-pub struct Engine {
+pub struct ModelThread {
     tx: mpsc::UnboundedSender<Command>,
     pub queued: Arc<AtomicU32>,
     max_unread: u32,
@@ -89,7 +89,7 @@ pub struct Engine {
 /// Closes its session on the engine (and so on the block decoder) when dropped,
 /// however the session task ends.
 pub struct OpenSession {
-    engine: Engine,
+    engine: ModelThread,
     key: u64,
     unread: Arc<AtomicU32>,
 }
@@ -111,11 +111,11 @@ impl Drop for OpenSession {
     }
 }
 
-impl Engine {
+impl ModelThread {
     /// Start the model thread; blocks are decoded in batches of at most
     /// `max_batch` (greedy ones replayed from CUDA graphs when `cuda_graphs`),
     /// and a session is held back at `max_unread` unread blocks.
-    pub fn start(model: Arc<BlockTransformer>, max_batch: usize, max_unread: u32, cuda_graphs: bool) -> Result<Self, ModelError> {
+    pub fn start(model: Arc<BlockTransformer>, max_batch: usize, max_unread: u32, cuda_graphs: bool) -> Result<Self, EngineError> {
         let max_unread = max_unread.max(1);
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicU32::new(0));
@@ -139,7 +139,7 @@ impl Engine {
                 Thread { model, batcher, sessions: HashMap::new(), outbox: HashMap::new(), queued: q, max_unread, held_back: 0, phases }.run(rx)
             })
             .expect("spawn engine thread");
-        ready_rx.recv().map_err(|_| ModelError::Input("the token-decoder engine thread ended while starting".into()))??;
+        ready_rx.recv().map_err(|_| EngineError::Stopped("token decoder"))??;
         Ok(Self { tx, queued, max_unread })
     }
 
@@ -153,7 +153,7 @@ impl Engine {
     pub fn open(&self, req: OpenRequest) -> Result<OpenSession, Status> {
         let (key, unread) = (req.key, Arc::new(AtomicU32::new(0)));
         if !self.send(Command::Open(req, unread.clone())) {
-            return Err(Status::unavailable("token decoder engine stopped"));
+            return Err(blockserve_worker::status::from_engine(EngineError::Stopped("token decoder")));
         }
         Ok(OpenSession { engine: self.clone(), key, unread })
     }
@@ -163,21 +163,22 @@ impl Engine {
         self.send(Command::Stop);
     }
 
-    /// A message from a link.
-    pub fn down(&self, link: u64, msg: LinkDown) {
-        self.send(Command::Down { link, msg, at: Instant::now() });
-    }
-
-    /// A link's stream ended: its sessions fail with `status`.
-    pub fn link_lost(&self, link: u64, status: Status) {
-        self.send(Command::LinkLost { link, status });
+    /// Where links hand what comes down: this engine's command channel.
+    pub fn link_sink(&self) -> crate::link::Sink {
+        let engine = self.clone();
+        Arc::new(move |d| {
+            engine.send(match d {
+                Downward::Message { link, msg, at } => Command::Down { link, msg, at },
+                Downward::Lost { link, status } => Command::LinkLost { link, status },
+            });
+        })
     }
 
     /// log p of each token of blocks 1..n given `contexts` `[n-1, D_b]` of blocks
     /// 0..n-2 and the flat ids of blocks 1..n-1.
-    pub async fn score(&self, contexts: Tensor, blocks: Vec<u32>) -> Result<Vec<f32>, ModelError> {
+    pub async fn score(&self, contexts: Tensor, blocks: Vec<u32>) -> Result<Vec<f32>, EngineError> {
         let (reply, rx) = oneshot::channel();
-        let stopped = || ModelError::Input("token decoder engine stopped".into());
+        let stopped = || EngineError::Stopped("token decoder");
         if !self.send(Command::Score { contexts, blocks, reply }) {
             return Err(stopped());
         }
@@ -369,7 +370,7 @@ impl Thread {
             Command::Down { link, msg, .. } => self.receive(link, msg, rows),
             Command::LinkLost { link, status } => self.fail_link(link, status),
             Command::Score { contexts, blocks, reply } => {
-                let _ = reply.send(self.model.score_blocks(&contexts, &blocks));
+                let _ = reply.send(self.model.score_blocks(&contexts, &blocks).map_err(EngineError::from));
             }
             Command::Stop => {}
         }
@@ -380,7 +381,7 @@ impl Thread {
     fn receive(&mut self, link: u64, msg: LinkDown, rows: &mut Rows) {
         for e in msg.errors {
             // Only this link's sessions: a block decoder cannot end another's.
-            if !self.sessions.get(&e.key).is_some_and(|s| s.link.id == link) {
+            if self.sessions.get(&e.key).is_none_or(|s| s.link.id != link) {
                 continue;
             }
             // An error must not read as success, nor carry a message too long
@@ -397,7 +398,7 @@ impl Thread {
         }
         let Some(ctx) = msg.contexts else { return };
         let d = self.model.config.block_decoder.hidden_size;
-        let checked = codec::check(&ctx, d).and_then(|dt| {
+        let checked = wire::check(&ctx, d).map_err(|e| e.to_string()).and_then(|dt| {
             if msg.keys.len() != ctx.rows as usize || msg.block_indices.len() != msg.keys.len() {
                 return Err(format!("{} keys, {} block indices and {} context rows differ", msg.keys.len(), msg.block_indices.len(), ctx.rows));
             }
@@ -418,7 +419,7 @@ impl Thread {
             }
         };
         rows.dtype = Some(dtype);
-        let n = codec::row_bytes(&ctx);
+        let n = wire::row_bytes(&ctx);
         rows.row_bytes = n as u64;
         let taken = rows.keys.len();
         for (i, (&key, &block)) in msg.keys.iter().zip(&msg.block_indices).enumerate() {
@@ -456,7 +457,7 @@ impl Thread {
             Tensor::from_raw_buffer(&rows.bytes, dtype, &[k, d], &Device::Cpu).and_then(|t| t.to_dtype(m.dtype())).and_then(|t| t.to_device(m.device()));
         self.phases.upload += t.elapsed();
         let t = Instant::now();
-        let decoded = uploaded.map_err(ModelError::from).and_then(|ctx| self.batcher.decode(&ctx, &jobs));
+        let decoded = uploaded.map_err(blockserve_model::ModelError::from).and_then(|ctx| self.batcher.decode(&ctx, &jobs));
         self.phases.compute += t.elapsed();
         let t = Instant::now();
         let blocks = match decoded {
@@ -562,7 +563,7 @@ mod tests {
     /// UNAVAILABLE instead of waiting for a context that never comes.
     #[tokio::test]
     async fn a_session_on_a_closed_link_fails() {
-        let engine = Engine::start(fixture(), 4, MAX_UNREAD, true).unwrap();
+        let engine = ModelThread::start(fixture(), 4, MAX_UNREAD, true).unwrap();
         let (up_tx, up) = mpsc::unbounded_channel();
         drop(up);
         let link = Arc::new(Link::new(1, "http://gone:1".into(), up_tx));
@@ -582,7 +583,7 @@ mod tests {
         let d = m.config.block_decoder.hidden_size;
         let zero = Tensor::zeros((1, d), DType::F32, &Device::Cpu).unwrap();
         let want = TokenBatcher::new(m.clone(), 1).unwrap().decode(&zero, &[BlockJob::greedy(0)]).unwrap().remove(0);
-        let engine = Engine::start(m.clone(), 4, MAX_UNREAD, true).unwrap();
+        let engine = ModelThread::start(m.clone(), 4, MAX_UNREAD, true).unwrap();
         let (up_tx, mut up) = mpsc::unbounded_channel();
         let link = Arc::new(Link::new(7, "test".into(), up_tx));
         let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -596,13 +597,15 @@ mod tests {
             contexts: Some(Embeddings { data: vec![0; 4 * d], dtype: WireDType::DtypeF32 as i32, dim: d as u32, rows: 1 }),
             errors: vec![],
         };
+        let down = engine.link_sink();
+        let send = |msg| down(Downward::Message { link: 7, msg, at: Instant::now() });
         for b in 0..MAX_UNREAD - 1 {
-            engine.down(7, context(b));
+            send(context(b));
             let msg = next_up(&mut up).await;
             let blocks = msg.blocks.expect("a block up");
             assert_eq!((blocks.keys, blocks.indices, blocks.token_ids), (vec![3], vec![b + 1], want.clone()));
         }
-        engine.down(7, context(MAX_UNREAD - 1));
+        send(context(MAX_UNREAD - 1));
         // The block after the limit is held back; the block decoder hears so.
         let held = next_up(&mut up).await;
         assert_eq!((held.blocks, held.held_back), (None, 1), "the block after the limit is held back");

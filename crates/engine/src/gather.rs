@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use blockserve_engine::BlockScheduler;
+use crate::BlockScheduler;
 
 /// How long a pass waits for an incomplete link when no link is complete.
 /// Token decoders send a round's blocks in one message and report the sessions

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ModelError, Result};
+use crate::error::{ConfigError, Result};
 
 /// Activation of the MLP. GPT-NeoX `"gelu"` is the exact erf form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,11 +74,11 @@ impl GptNeoXConfig {
     }
 
     pub fn validate(&self, what: &str) -> Result<()> {
-        let bad = |msg: String| Err(ModelError::Config(format!("{what}: {msg}")));
+        let bad = |msg: String| Err(ConfigError::Config(format!("{what}: {msg}")));
         if self.hidden_size == 0 || self.num_attention_heads == 0 || self.num_hidden_layers == 0 {
             return bad("hidden_size, num_attention_heads and num_hidden_layers must be > 0".into());
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!("hidden_size {} is not a multiple of num_attention_heads {}", self.hidden_size, self.num_attention_heads));
         }
         if !(0.0..=1.0).contains(&self.rotary_pct) {
@@ -170,7 +170,7 @@ impl BlockTransformerConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(ModelError::Config(msg));
+        let bad = |msg: String| Err(ConfigError::Config(msg));
         if self.model_type != BLOCK_TRANSFORMER_TYPE {
             return bad(format!("model_type is {:?}, expected {BLOCK_TRANSFORMER_TYPE:?}", self.model_type));
         }
@@ -232,6 +232,8 @@ pub struct CausalLmConfig {
 }
 
 /// Either kind of model a blockserve process can load.
+// One per process, built once: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelConfig {
     Block(BlockTransformerConfig),
@@ -256,19 +258,19 @@ impl ModelConfig {
     /// Parse a `config.json`'s text: the project's Block Transformer format or
     /// Hugging Face GPT-NeoX, told apart by `model_type`, then validated.
     pub fn from_json(text: &str) -> Result<Self> {
-        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| ModelError::Config(format!("invalid JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| ConfigError::Config(format!("invalid JSON: {e}")))?;
         match v.get("model_type").and_then(|t| t.as_str()) {
             Some(BLOCK_TRANSFORMER_TYPE) => {
-                let c: BlockTransformerConfig = serde_json::from_value(v).map_err(|e| ModelError::Config(e.to_string()))?;
+                let c: BlockTransformerConfig = serde_json::from_value(v).map_err(|e| ConfigError::Config(e.to_string()))?;
                 c.validate()?;
                 Ok(ModelConfig::Block(c))
             }
             Some("gpt_neox") => {
-                let c: CausalLmConfig = serde_json::from_value(v).map_err(|e| ModelError::Config(e.to_string()))?;
+                let c: CausalLmConfig = serde_json::from_value(v).map_err(|e| ConfigError::Config(e.to_string()))?;
                 c.stack.validate("gpt_neox")?;
                 Ok(ModelConfig::Vanilla(c))
             }
-            other => Err(ModelError::Config(format!("model_type is {other:?}; expected \"{BLOCK_TRANSFORMER_TYPE}\" or \"gpt_neox\""))),
+            other => Err(ConfigError::Config(format!("model_type is {other:?}; expected \"{BLOCK_TRANSFORMER_TYPE}\" or \"gpt_neox\""))),
         }
     }
 

@@ -9,8 +9,8 @@
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use crate::config::{BlockTransformerConfig, GptNeoXConfig};
-use crate::error::{ModelError, Result};
+use crate::error::{ConfigError, Result};
+use crate::model::{BlockTransformerConfig, GptNeoXConfig};
 use crate::presets::{autofill_heads, block_transformer};
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,12 +88,12 @@ fn pythia_base(name: &str) -> Option<GptNeoXConfig> {
 fn decoder_config(part: &str, y: &DecoderYaml) -> Result<GptNeoXConfig> {
     if let Some(cls) = &y.cls {
         if cls != "gpt-neo-x" {
-            return Err(ModelError::Config(format!("{part}.cls is {cls:?}; only \"gpt-neo-x\" is supported")));
+            return Err(ConfigError::Config(format!("{part}.cls is {cls:?}; only \"gpt-neo-x\" is supported")));
         }
     }
     let name = y.model_name_or_path.as_deref().unwrap_or("EleutherAI/pythia-410m-deduped");
     let mut c = pythia_base(name)
-        .ok_or_else(|| ModelError::Config(format!("{part}.model_name_or_path {name:?} is not a known EleutherAI Pythia config (pythia-14m .. pythia-12b)")))?;
+        .ok_or_else(|| ConfigError::Config(format!("{part}.model_name_or_path {name:?} is not a known EleutherAI Pythia config (pythia-14m .. pythia-12b)")))?;
     let o = &y.config;
     if let Some(v) = o.hidden_size {
         c.hidden_size = v;
@@ -124,14 +124,14 @@ fn decoder_config(part: &str, y: &DecoderYaml) -> Result<GptNeoXConfig> {
         c.max_position_embeddings = v;
     }
     if let Some(v) = &o.hidden_act {
-        c.hidden_act = serde_yaml::from_value(v.clone()).map_err(|e| ModelError::Config(format!("{part}.config.hidden_act: {e}")))?;
+        c.hidden_act = serde_yaml::from_value(v.clone()).map_err(|e| ConfigError::Config(format!("{part}.config.hidden_act: {e}")))?;
     }
     Ok(c)
 }
 
 /// Parse a reference trainer yaml into the project's config.
 pub fn parse_trainer_yaml(text: &str) -> Result<BlockTransformerConfig> {
-    let y: TrainerYaml = serde_yaml::from_str(text).map_err(|e| ModelError::Config(format!("reference trainer yaml: {e}")))?;
+    let y: TrainerYaml = serde_yaml::from_str(text).map_err(|e| ConfigError::Config(format!("reference trainer yaml: {e}")))?;
     let block_length = y.block_length.unwrap_or(4);
     let block = decoder_config("block_decoder", &y.block_decoder)?;
     let token = decoder_config("token_decoder", &y.token_decoder)?;
@@ -139,7 +139,7 @@ pub fn parse_trainer_yaml(text: &str) -> Result<BlockTransformerConfig> {
     let mut c = block_transformer(block_length, embed_dim, block, token);
     if let Some(v) = y.embedder.config.vocab_size {
         if v != c.vocab_size {
-            return Err(ModelError::Config(format!("embedder.config.vocab_size {v} differs from token_decoder vocab {}", c.vocab_size)));
+            return Err(ConfigError::Config(format!("embedder.config.vocab_size {v} differs from token_decoder vocab {}", c.vocab_size)));
         }
     }
     if let Some(cls) = y.embedder.cls {
@@ -174,7 +174,7 @@ pub fn parse_trainer_yaml(text: &str) -> Result<BlockTransformerConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelConfig;
+    use crate::model::ModelConfig;
 
     #[test]
     fn preset_shaped_yaml_autofills_heads_and_mlp() {

@@ -1,0 +1,242 @@
+//! The router's session core: what it knows of the model and of the
+//! instances it routes to, and the primitives every path of a session uses
+//! (picking an instance, reading a record, a stream slot, starting a run on a
+//! token decoder, the events a client receives). The paths themselves are in
+//! `start` (a new session), `relay` (following it through failures) and
+//! `grpc` (the public API's face).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockserve_proto::v1::token_decoder_client::TokenDecoderClient;
+use blockserve_proto::v1::*;
+use blockserve_runtime::{status, telemetry};
+use blockserve_store::{InstanceInfo, SessionRecord, SessionStore, Tier};
+use blockserve_text::Tokenizer;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::{Request, Status, Streaming};
+
+use crate::validate;
+
+/// What the router knows of the model (from its config and tokenizer; the router
+/// holds no weights).
+pub struct ModelFacts {
+    pub name: String,
+    pub vocab: usize,
+    pub block_length: usize,
+    pub max_total_tokens: usize,
+    pub eos: Option<u32>,
+    pub dtype: String,
+}
+
+/// Default of `--max-migrations`.
+pub const DEFAULT_MAX_MIGRATIONS: u32 = 3;
+/// Default of `--max-streams`.
+pub const DEFAULT_MAX_STREAMS: usize = 8192;
+
+pub struct Router {
+    pub store: Arc<dyn SessionStore>,
+    pub model: ModelFacts,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// Bounds on prompts (vocabulary, text bytes).
+    pub prompt_limits: validate::PromptLimits,
+    /// Tokenizations running at once (each on a blocking thread, so a burst
+    /// of large prompts never holds up the threads that serve other calls).
+    tokenizing: Arc<tokio::sync::Semaphore>,
+    pub max_new_tokens: usize,
+    pub session_ttl: Duration,
+    /// How often Resume looks for new tokens of a session served elsewhere.
+    pub poll: Duration,
+    /// Most times one session may move to another instance after a failure.
+    pub max_migrations: u32,
+    /// Router streams open at once (Generate and Resume); more get
+    /// RESOURCE_EXHAUSTED.
+    pub streams: Arc<tokio::sync::Semaphore>,
+    pub max_streams: usize,
+    /// Channels to token decoders.
+    pub channels: blockserve_runtime::channels::Channels,
+    /// Sessions this router started on each instance (by address) that are still
+    /// running, and when each was last picked. Reported loads lag by a lease
+    /// period; this spreads a burst, and between equally loaded instances
+    /// the one picked longest ago goes first.
+    routed: Arc<std::sync::Mutex<Picks>>,
+}
+
+#[derive(Default)]
+pub(crate) struct Picks {
+    running: std::collections::HashMap<String, u32>,
+    last: std::collections::HashMap<String, u64>,
+    count: u64,
+}
+
+/// Counts a session (or a Score call) against the instance it was routed to,
+/// while it runs.
+pub(crate) struct Routed(Arc<std::sync::Mutex<Picks>>, String);
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.running.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+pub(crate) type EventTx = mpsc::Sender<Result<GenerateResponse, Status>>;
+
+pub(crate) fn event(id: &str, e: generate_response::Event) -> Result<GenerateResponse, Status> {
+    Ok(GenerateResponse { session_id: id.to_string(), event: Some(e) })
+}
+
+pub(crate) fn reason_from_name(name: Option<&str>) -> FinishReason {
+    match name {
+        Some("eos") => FinishReason::Eos,
+        Some("length") => FinishReason::Length,
+        Some("stop") => FinishReason::Stop,
+        Some("cancelled") => FinishReason::Cancelled,
+        Some("error") => FinishReason::Error,
+        _ => FinishReason::Unspecified,
+    }
+}
+
+pub(crate) fn wire_state(s: blockserve_store::SessionState) -> SessionState {
+    use blockserve_store::SessionState as S;
+    match s {
+        S::Queued => SessionState::Queued,
+        S::Prefilling => SessionState::Prefilling,
+        S::Decoding => SessionState::Decoding,
+        S::Finished => SessionState::Finished,
+        S::Cancelled => SessionState::Cancelled,
+        S::Failed => SessionState::Failed,
+    }
+}
+
+/// The final message of a stored session.
+pub(crate) fn finished_from_record(r: &SessionRecord) -> Finished {
+    let created = r.spec.created_at_ms;
+    let span = |t: Option<u64>| t.map_or(0.0, |t| t.saturating_sub(created) as f64);
+    let n = r.generated as f64;
+    let (first, last) = (r.first_token_at_ms, r.finished_at_ms);
+    let itl = match (first, last) {
+        (Some(a), Some(b)) if n > 1.0 => b.saturating_sub(a) as f64 / (n - 1.0),
+        _ => 0.0,
+    };
+    Finished {
+        reason: reason_from_name(r.finish_reason.as_deref()) as i32,
+        usage: Some(Usage { prompt_tokens: r.spec.prompt_ids.len() as u32, generated_tokens: r.generated as u32, ..Default::default() }),
+        timings: Some(Timings { time_to_first_token_ms: span(first), total_ms: span(last), mean_inter_token_ms: itl }),
+        error: r.error.clone().unwrap_or_default(),
+    }
+}
+
+impl Router {
+    pub fn new(store: Arc<dyn SessionStore>, model: ModelFacts, tokenizer: Option<Tokenizer>, max_new_tokens: usize, session_ttl: Duration) -> Self {
+        let prompt_limits = validate::PromptLimits::new(model.vocab, model.max_total_tokens, tokenizer.as_ref());
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            store,
+            model,
+            tokenizer: tokenizer.map(Arc::new),
+            prompt_limits,
+            tokenizing: Arc::new(tokio::sync::Semaphore::new(threads)),
+            max_new_tokens,
+            session_ttl,
+            poll: Duration::from_millis(20),
+            max_migrations: DEFAULT_MAX_MIGRATIONS,
+            streams: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_STREAMS)),
+            max_streams: DEFAULT_MAX_STREAMS,
+            channels: Default::default(),
+            routed: Default::default(),
+        }
+    }
+
+    pub(crate) async fn channel(&self, address: &str) -> Result<Channel, Status> {
+        self.channels.get(address).await
+    }
+
+    /// The least-loaded live instance of `tier` with room for a session, other
+    /// than the instances (by id: a process restarted on the same address is
+    /// a new instance) in `exclude`.
+    /// The choice counts against the instance until the returned guard drops:
+    /// it is made and counted under one lock, so a burst of concurrent
+    /// sessions spreads over the instances instead of all taking the one that
+    /// looked least loaded.
+    pub(crate) async fn pick(&self, tier: Tier, exclude: &[String]) -> Result<(InstanceInfo, Routed), Status> {
+        let mut all = self.store.instances(tier).await.map_err(status::from_store)?;
+        let name = tier.as_str().replace('_', " ");
+        if all.is_empty() {
+            return Err(Status::unavailable(format!("no live {name} instance is registered")));
+        }
+        all.retain(|i| !exclude.contains(&i.id));
+        if all.is_empty() {
+            return Err(Status::unavailable(format!("no live {name} instance other than the {} that failed this session", exclude.len())));
+        }
+        let mut picks = self.routed.lock().unwrap_or_else(|p| p.into_inner());
+        let best = all
+            .into_iter()
+            .filter(|i| i.free_capacity > 0)
+            // Reported load plus what this router sent since (it may double count
+            // for a lease period, alike for every instance); then the one
+            // picked longest ago, so sessions started one after another
+            // alternate instead of all taking the first of equals.
+            .min_by_key(|i| {
+                let running = picks.running.get(&i.address).copied().unwrap_or(0);
+                (i.load_key().0 + running, i.load_key(), picks.last.get(&i.address).copied().unwrap_or(0))
+            })
+            .ok_or_else(|| Status::resource_exhausted(format!("every {name} is at capacity; retry later")))?;
+        picks.count += 1;
+        let n = picks.count;
+        picks.last.insert(best.address.clone(), n);
+        *picks.running.entry(best.address.clone()).or_default() += 1;
+        let guard = Routed(self.routed.clone(), best.address.clone());
+        Ok((best, guard))
+    }
+
+    pub(crate) async fn record(&self, id: &str) -> Result<SessionRecord, Status> {
+        self.store.session(id).await.map_err(status::from_store)?.ok_or_else(|| Status::not_found(format!("session {id:?} not found (unknown or expired)")))
+    }
+
+    /// The record of a session a client names (checked first).
+    pub(crate) async fn named(&self, id: &str) -> Result<SessionRecord, Status> {
+        validate::session_id(id)?;
+        self.record(id).await
+    }
+
+    /// A prompt as token ids. Text is tokenized on a blocking thread, a few
+    /// at a time, after its length is checked.
+    pub(crate) async fn prompt_ids(&self, prompt: validate::Prompt) -> Result<Vec<u32>, Status> {
+        let (tokenizer, limits) = (self.tokenizer.clone(), self.prompt_limits);
+        if !prompt.is_text() {
+            return validate::prompt_ids(prompt, None, limits);
+        }
+        if let validate::Prompt::Text(t) = &prompt {
+            if t.len() > limits.max_text_bytes {
+                return validate::prompt_ids(prompt, None, limits);
+            }
+        }
+        let _turn = self.tokenizing.clone().acquire_owned().await.map_err(|_| Status::unavailable("the router is shutting down"))?;
+        tokio::task::spawn_blocking(move || validate::prompt_ids(prompt, tokenizer.as_deref(), limits))
+            .await
+            .map_err(|e| Status::internal(format!("tokenizer: {e}")))?
+    }
+
+    /// A stream slot, or RESOURCE_EXHAUSTED at once when every one is taken.
+    pub(crate) fn stream_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this router relays its limit of {} streams (--max-streams); retry later or use another router",
+                self.max_streams
+            ))
+        })
+    }
+
+    /// Start `run` on the token decoder at `address`.
+    pub(crate) async fn run_on(&self, address: &str, run: RunRequest) -> Result<(TokenDecoderClient<Channel>, Streaming<RunEvent>), Status> {
+        let mut client = TokenDecoderClient::new(self.channel(address).await?);
+        let mut run = Request::new(run);
+        telemetry::to_metadata(&tracing::Span::current(), run.metadata_mut());
+        let events = client.run(run).await.map_err(|e| status::from_peer(&format!("token decoder {address}"), e))?.into_inner();
+        Ok((client, events))
+    }
+}
