@@ -34,7 +34,7 @@ pub struct Embedder {
 
 impl Embedder {
     /// `ids` `[n, L]` (u32) -> block embeddings `[n, L * D_e]`.
-    pub fn embed_blocks(&self, ids: &Tensor) -> Result<Tensor> {
+    pub(crate) fn embed_blocks(&self, ids: &Tensor) -> Result<Tensor> {
         let (n, l) = ids.dims2()?;
         if l != self.block_length {
             return input_err(format!("a block holds {} tokens, got {l}", self.block_length));

@@ -44,11 +44,6 @@ impl CausalLm {
         self.stack.new_pool(num_pages, page_size, dtype, device)
     }
 
-    /// Bytes of KV one position costs.
-    pub fn bytes_per_position(&self, dtype: DType) -> usize {
-        KvPool::bytes_per_position(&self.config.stack, dtype)
-    }
-
     pub fn device(&self) -> &Device {
         self.embed_in.device()
     }

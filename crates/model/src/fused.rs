@@ -36,7 +36,7 @@ pub fn linear(lin: &Linear, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
 }
 
 /// `(a + b) + c`.
-pub fn add3(a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
+pub(crate) fn add3(a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if a.device().is_cuda() && ![a, b, c].iter().any(|t| differentiable(t)) {
         return Ok(a.contiguous()?.apply_op3_no_bwd(&b.contiguous()?, &c.contiguous()?, &cuda::Add3)?);
@@ -62,7 +62,7 @@ mod cuda {
     }
 
     pub struct BiasAct {
-        pub gelu: bool,
+        pub(crate) gelu: bool,
     }
 
     impl InplaceOp2 for BiasAct {

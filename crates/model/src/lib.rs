@@ -15,14 +15,14 @@
 //!   synchronous multi-session driver.
 
 pub mod argmax;
-pub mod block_transformer;
-pub mod causal_lm;
+mod block_transformer;
+mod causal_lm;
 #[cfg(feature = "cuda")]
 mod cuda_util;
-pub mod error;
-pub mod fused;
-pub mod generation;
-pub mod gpt_neox;
+mod error;
+mod fused;
+mod generation;
+mod gpt_neox;
 pub mod init;
 pub mod loader;
 pub mod paged;

@@ -112,7 +112,7 @@ pub fn sample(params: &SamplingParams, logits: &[f32], history: &[u32], n: u64) 
 }
 
 /// log p of `ids` `[.., k]` (u32) under `logits` `[.., k, V]`, in f32.
-pub fn logprobs_of(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+pub(crate) fn logprobs_of(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(candle_core::DType::F32)?, candle_core::D::Minus1)?;
     Ok(logp.gather(&ids.unsqueeze(candle_core::D::Minus1)?, candle_core::D::Minus1)?.squeeze(candle_core::D::Minus1)?)
 }

@@ -48,7 +48,7 @@ impl Weights {
     }
 
     /// The same checkpoint seen under `prefix.`.
-    pub fn pp(&self, prefix: &str) -> Self {
+    pub(crate) fn pp(&self, prefix: &str) -> Self {
         let prefix = if self.prefix.is_empty() { prefix.to_string() } else { format!("{}.{prefix}", self.prefix) };
         Self { source: self.source.clone(), prefix, dtype: self.dtype, device: self.device.clone() }
     }

@@ -56,7 +56,7 @@ pub struct SeqKv {
 
 impl SeqKv {
     /// A sequence over fixed pages (e.g. one page per row of a local cache).
-    pub fn on_pages(pages: Vec<u32>) -> Self {
+    pub(crate) fn on_pages(pages: Vec<u32>) -> Self {
         Self { pages, len: 0 }
     }
 
@@ -99,7 +99,7 @@ impl PagedPass {
 
 impl KvPool {
     /// Bytes one position costs across all layers of `cfg` in `dtype`.
-    pub fn bytes_per_position(cfg: &GptNeoXConfig, dtype: DType) -> usize {
+    pub(crate) fn bytes_per_position(cfg: &GptNeoXConfig, dtype: DType) -> usize {
         cfg.num_hidden_layers * 2 * cfg.hidden_size * dtype.size_in_bytes()
     }
 

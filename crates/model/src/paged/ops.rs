@@ -29,12 +29,12 @@ pub(crate) struct PagedAttention {
     pub shape: HeadShape,
     pub tokens: usize,
     pub page_size: usize,
-    pub max_pages: usize,
-    pub max_keys: usize,
+    pub(crate) max_pages: usize,
+    pub(crate) max_keys: usize,
     pub rows: usize,
-    pub groups: usize,
-    pub max_group: usize,
-    pub scale: f32,
+    pub(crate) groups: usize,
+    pub(crate) max_group: usize,
+    pub(crate) scale: f32,
 }
 
 /// `qkv` `[n, heads * 3 * head_dim]`: store keys/values in `pool` (one layer's
