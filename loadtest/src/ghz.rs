@@ -202,22 +202,35 @@ fn ids(v: &Value) -> Result<Vec<u32>> {
     serde_json::from_value(list.clone()).context("token_ids: expected {\"ids\": [u32, ...]} or [u32, ...]")
 }
 
+/// `parameters` in protobuf's JSON mapping (lowerCamelCase or snake_case
+/// names; 64-bit integers as numbers or strings) as the message. The keys
+/// become the message's own field names and serde reads it, so a new field of
+/// `GenerationParameters` needs no change here.
 fn parameters(v: &Value) -> Result<GenerationParameters> {
-    let num = |k: &str| field(v, k).and_then(Value::as_f64);
-    let strings = |k: &str| -> Result<Vec<String>> { Ok(field(v, k).map(|x| serde_json::from_value(x.clone())).transpose()?.unwrap_or_default()) };
-    Ok(GenerationParameters {
-        max_new_tokens: num("max_new_tokens").map(|x| x as u32),
-        temperature: num("temperature").map(|x| x as f32),
-        top_k: num("top_k").map(|x| x as u32),
-        top_p: num("top_p").map(|x| x as f32),
-        repetition_penalty: num("repetition_penalty").map(|x| x as f32),
-        seed: field(v, "seed")
-            .map(|x| x.as_u64().or_else(|| x.as_str().and_then(|s| s.parse().ok())).ok_or_else(|| anyhow!("seed: expected an integer")))
-            .transpose()?,
-        stop: strings("stop")?,
-        stop_token_ids: field(v, "stop_token_ids").map(|x| serde_json::from_value(x.clone())).transpose()?.unwrap_or_default(),
-        ignore_eos: field(v, "ignore_eos").and_then(Value::as_bool).unwrap_or(false),
-    })
+    let Some(object) = v.as_object() else { bail!("parameters: expected an object") };
+    let snake = |k: &str| {
+        k.chars().fold(String::new(), |mut s, c| {
+            if c.is_ascii_uppercase() {
+                s.push('_');
+                s.push(c.to_ascii_lowercase());
+            } else {
+                s.push(c);
+            }
+            s
+        })
+    };
+    let fields: serde_json::Map<String, Value> = object
+        .iter()
+        .map(|(k, v)| {
+            // proto3 JSON writes 64-bit integers as strings.
+            let v = match v.as_str().and_then(|s| s.parse::<u64>().ok()) {
+                Some(n) => Value::from(n),
+                None => v.clone(),
+            };
+            (snake(k), v)
+        })
+        .collect();
+    serde_json::from_value(Value::Object(fields)).context("parameters")
 }
 
 /// `data` as a GenerateRequest.
