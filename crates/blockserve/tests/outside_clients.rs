@@ -13,36 +13,19 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blockserve_proto::v1::generation_client::GenerationClient;
 use blockserve_proto::v1::*;
-use blockserve_testkit::{free_port, rss_bytes, wait_for_port, ChildGuard};
-use common::{demo_model, Cluster};
+use blockserve_testkit::rss_bytes;
+use common::{demo_model, up, Cluster};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 /// A client tool `scripts/test-tools.sh` installed.
 fn tool(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run the tests with scripts/test, or eval \"$(scripts/test-tools.sh)\" first"))
-}
-
-/// `blockserve up` with the bundled model on a free port; its address and process.
-fn up() -> (String, ChildGuard) {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_blockserve"))
-        .args(["up", "--listen", &listen])
-        .env_remove("BLOCKSERVE_MODEL")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let guard = ChildGuard(child);
-    wait_for_port(port, Duration::from_secs(60));
-    (listen, guard)
 }
 
 async fn client(listen: &str) -> GenerationClient<Channel> {
@@ -87,7 +70,7 @@ fn ids(v: &Value) -> Vec<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_readme_grpcurl_lines_run_as_written() {
     let grpcurl = tool("BLOCKSERVE_GRPCURL");
-    let (listen, _up) = up();
+    let (listen, _up) = up(&[]);
     let lines = readme_grpcurl_lines();
     let ends = [" list", "/Generate", "/GenerateUnary", "/Resume", "/GetSession", "/Score", "/ModelInfo", "Health/Check"];
     for end in ends {
@@ -235,7 +218,7 @@ async fn a_python_client_built_from_reflection_gets_the_documented_statuses() {
 /// 6.7 s, RSS from 20 to 492 MiB for good.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_of_oversized_prompts_is_refused_early_and_leaves_memory_as_it_was() {
-    let (listen, up) = up();
+    let (listen, up) = up(&[]);
     let pid = up.0.id();
     let mut c = client(&listen).await;
     // Warm up: a session and a few calls.

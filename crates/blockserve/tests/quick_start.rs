@@ -5,26 +5,10 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use blockserve_testkit::{free_port, metric_sum, scrape_metrics, wait_for_port, ChildGuard};
+mod common;
 
-/// `blockserve up` with the bundled model on a free port (plus `extra`
-/// flags), ready; returns its address and the process.
-fn up(extra: &[&str]) -> (String, ChildGuard) {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_blockserve"))
-        .args(["up", "--listen", &listen])
-        .args(extra)
-        .env_remove("BLOCKSERVE_MODEL")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let guard = ChildGuard(child);
-    wait_for_port(port, Duration::from_secs(60));
-    (listen, guard)
-}
+use blockserve_testkit::{free_port, metric_sum, scrape_metrics};
+use common::up;
 
 #[test]
 fn up_then_client_generate_prints_the_bundled_models_continuation() {

@@ -3,9 +3,10 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use blockserve_proto::v1::*;
-use blockserve_testkit::ChildGuard;
+use blockserve_testkit::{free_port, wait_for_port, ChildGuard};
 
 pub fn fixture_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/official-tiny-b4")
@@ -13,6 +14,25 @@ pub fn fixture_model() -> PathBuf {
 
 pub fn demo_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/demo")
+}
+
+/// `blockserve up` with the bundled model on a free port (plus `extra`
+/// flags), ready; returns its address and the process.
+pub fn up(extra: &[&str]) -> (String, ChildGuard) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(env!("CARGO_BIN_EXE_blockserve"))
+        .args(["up", "--listen", &listen])
+        .args(extra)
+        .env_remove("BLOCKSERVE_MODEL")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let guard = ChildGuard(child);
+    wait_for_port(port, Duration::from_secs(60));
+    (listen, guard)
 }
 
 /// Start `blockserve ARGS` with `env` (killed when the guard drops).
