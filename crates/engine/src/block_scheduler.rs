@@ -32,7 +32,7 @@ impl SchedulerConfig {
     /// A pool of `kv_bytes` for `model` with 16-block pages.
     pub fn for_memory(model: &BlockTransformer, kv_bytes: usize, token_budget: usize) -> Self {
         let page_size = 16;
-        let page = model.block_decoder.bytes_per_block(model.dtype()) * page_size;
+        let page = model.block_decoder().bytes_per_block(model.dtype()) * page_size;
         Self { kv_pages: (kv_bytes / page).max(1), page_size, token_budget: token_budget.max(1) }
     }
 }
@@ -79,7 +79,7 @@ pub struct BlockScheduler {
 
 impl BlockScheduler {
     pub fn new(model: Arc<BlockTransformer>, config: SchedulerConfig) -> Result<Self> {
-        let pool = model.block_decoder.new_pool(config.kv_pages, config.page_size, model.dtype(), model.device())?;
+        let pool = model.block_decoder().new_pool(config.kv_pages, config.page_size, model.dtype(), model.device())?;
         Ok(Self { model, pool, config, sessions: HashMap::new(), waiting: VecDeque::new(), prefilling: VecDeque::new(), pending: vec![] })
     }
 
@@ -142,7 +142,7 @@ impl BlockScheduler {
             return Err(ModelError::Input(format!("session key {key} is already open")));
         }
         let reserve = prompt.len() / l + max_new_blocks;
-        let max_blocks = self.model.block_decoder.max_blocks();
+        let max_blocks = self.model.block_decoder().max_blocks();
         if reserve > max_blocks {
             return Err(ModelError::Input(format!(
                 "prompt ({} blocks) + max_new_blocks ({max_new_blocks}) exceeds the block decoder's {max_blocks} blocks",
@@ -214,7 +214,7 @@ impl BlockScheduler {
         let mut kv = SeqKv::default();
         let out = self.pool.plan(&mut [&mut kv], &[ids.len() / l], self.model.device()).and_then(|pass| {
             let m = &self.model;
-            m.block_decoder.forward_paged(&m.embed_ids(ids)?, &self.pool, &pass)
+            m.block_decoder().forward_paged(&m.embed_ids(ids)?, &self.pool, &pass)
         });
         self.pool.release(&mut kv);
         out
@@ -299,7 +299,7 @@ impl BlockScheduler {
         let sessions = &self.sessions;
         self.prefilling.retain(|k| sessions[k].prefilled < sessions[k].prompt_blocks(l));
         let m = &self.model;
-        let contexts = m.block_decoder.forward_paged(&m.embed_ids(&ids)?, &self.pool, &pass)?;
+        let contexts = m.block_decoder().forward_paged(&m.embed_ids(&ids)?, &self.pool, &pass)?;
         let tensor = contexts.index_select(&Tensor::new(picks, m.device())?, 0)?;
         Ok(Some(Contexts { tensor, rows: out_rows, decode_rows, prefill_blocks }))
     }

@@ -42,7 +42,7 @@ pub struct TokenBatcher {
 impl TokenBatcher {
     pub fn new(model: Arc<BlockTransformer>, max_batch: usize) -> Result<Self> {
         let max_batch = max_batch.max(1);
-        let local = model.token_decoder.new_local(max_batch, model.dtype(), model.device())?;
+        let local = model.token_decoder().new_local(max_batch, model.dtype(), model.device())?;
         #[cfg(feature = "cuda")]
         let graphs = model.device().is_cuda().then(Default::default);
         Ok(Self {
@@ -100,7 +100,7 @@ impl TokenBatcher {
         }
         let m = &self.model;
         let l = m.block_length();
-        let mut logits = m.token_decoder.begin_block(ctx, &mut self.local)?;
+        let mut logits = m.token_decoder().begin_block(ctx, &mut self.local)?;
         let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(l); jobs.len()];
         let on_host: Vec<bool> = jobs.iter().map(|j| !j.sampling.is_plain_greedy()).collect();
         for k in 0..l {
@@ -122,7 +122,7 @@ impl TokenBatcher {
             }
             if k + 1 < l {
                 let t = Tensor::from_vec(toks, jobs.len(), ctx.device())?;
-                logits = m.token_decoder.next_token(&t, &mut self.local)?;
+                logits = m.token_decoder().next_token(&t, &mut self.local)?;
             }
         }
         Ok(out)
@@ -147,10 +147,10 @@ impl TokenBatcher {
 fn greedy_block(m: &BlockTransformer, local: &mut LocalKv, ctx: &Tensor) -> Result<Tensor> {
     let l = m.block_length();
     let mut ids = Vec::with_capacity(l);
-    let logits = m.token_decoder.begin_block(ctx, local)?;
+    let logits = m.token_decoder().begin_block(ctx, local)?;
     ids.push(argmax_rows(&logits)?);
     for _ in 1..l {
-        let logits = m.token_decoder.next_token(ids.last().expect("one step done"), local)?;
+        let logits = m.token_decoder().next_token(ids.last().expect("one step done"), local)?;
         ids.push(argmax_rows(&logits)?);
     }
     Ok(Tensor::stack(&ids, 1)?)

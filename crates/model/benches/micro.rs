@@ -64,11 +64,11 @@ fn main() {
         // Block decoder: every session holds ctx_blocks blocks, then one step each.
         let prompt = Tensor::randn(0f32, 1.0, (b * ctx_blocks, d_b), &device).unwrap().to_dtype(dtype).unwrap();
         let pages = b * (ctx_blocks + 32).div_ceil(16);
-        let mut pool = m.block_decoder.new_pool(pages, 16, dtype, &device).unwrap();
+        let mut pool = m.block_decoder().new_pool(pages, 16, dtype, &device).unwrap();
         let mut seqs: Vec<SeqKv> = (0..b).map(|_| SeqKv::default()).collect();
         let mut refs: Vec<&mut SeqKv> = seqs.iter_mut().collect();
         let pass = pool.plan(&mut refs, &vec![ctx_blocks; b], &device).unwrap();
-        m.block_decoder.forward_paged(&prompt, &pool, &pass).unwrap();
+        m.block_decoder().forward_paged(&prompt, &pool, &pass).unwrap();
         let embeds = Tensor::randn(0f32, 1.0, (b, d_b), &device).unwrap().to_dtype(dtype).unwrap();
         let mut steps = 0;
         let t = time_per_call(&device, min, || {
@@ -79,7 +79,7 @@ fn main() {
             }
             let mut refs: Vec<&mut SeqKv> = seqs.iter_mut().collect();
             let pass = pool.plan(&mut refs, &vec![1; b], &device).unwrap();
-            m.block_decoder.forward_paged(&embeds, &pool, &pass).unwrap();
+            m.block_decoder().forward_paged(&embeds, &pool, &pass).unwrap();
             steps += 1;
         });
         println!("| block-decoder step | {b} | {:.3} | {:.0} | {:.0} |", t * 1e3, b as f64 / t, (b * l) as f64 / t);
@@ -87,11 +87,11 @@ fn main() {
         // Token decoder: one whole block (prefix + L-1 further steps) per session.
         let ctx = Tensor::randn(0f32, 1.0, (b, d_b), &device).unwrap().to_dtype(dtype).unwrap();
         let toks = Tensor::from_vec(vec![7u32; b], b, &device).unwrap();
-        let mut local = m.token_decoder.new_local(b, dtype, &device).unwrap();
+        let mut local = m.token_decoder().new_local(b, dtype, &device).unwrap();
         let t = time_per_call(&device, min, || {
-            let mut logits = m.token_decoder.begin_block(&ctx, &mut local).unwrap();
+            let mut logits = m.token_decoder().begin_block(&ctx, &mut local).unwrap();
             for _ in 1..l {
-                logits = m.token_decoder.next_token(&toks, &mut local).unwrap();
+                logits = m.token_decoder().next_token(&toks, &mut local).unwrap();
             }
             // Sampling reads the logits back, as serving does.
             logits.argmax(1).unwrap().to_vec1::<u32>().unwrap();

@@ -64,13 +64,13 @@ fn main() {
     println!("|---|---:|");
 
     // Block decoder: fill every row with `keys` blocks, then time one step.
-    let mut pool = m.block_decoder.new_pool(b * (keys + 16).div_ceil(16), 16, dtype, &device).unwrap();
+    let mut pool = m.block_decoder().new_pool(b * (keys + 16).div_ceil(16), 16, dtype, &device).unwrap();
     let mut seqs: Vec<SeqKv> = (0..b).map(|_| SeqKv::default()).collect();
     for _ in 0..keys.div_ceil(512) {
         let n = 512.min(keys - seqs[0].len());
         let mut refs: Vec<&mut SeqKv> = seqs.iter_mut().collect();
         let pass = pool.plan(&mut refs, &vec![n; b], &device).unwrap();
-        m.block_decoder.forward_paged(&rnd(&[b * n, d]), &pool, &pass).unwrap();
+        m.block_decoder().forward_paged(&rnd(&[b * n, d]), &pool, &pass).unwrap();
     }
     let x = rnd(&[b, d]);
     let step = |pool: &mut blockserve_model::KvPool, seqs: &mut Vec<SeqKv>| {
@@ -80,7 +80,7 @@ fn main() {
     };
     let t = median_ms(&device, || {
         let pass = step(&mut pool, &mut seqs);
-        m.block_decoder.forward_paged(&x, &pool, &pass).unwrap();
+        m.block_decoder().forward_paged(&x, &pool, &pass).unwrap();
     });
     println!("| block-decoder step (all {} layers) | {t:.3} |", c.num_hidden_layers);
     let shape = HeadShape { heads: c.num_attention_heads, head_dim: c.head_dim(), rot: c.rotary_dim(), rope_base: c.rotary_emb_base as f32 };
@@ -129,7 +129,7 @@ fn main() {
 
     // Prefill: a pass of fresh prompts, as chunked prefill packs them.
     let (sessions, blocks): (usize, usize) = (args.get(6).map_or(32, |s| s.parse().unwrap()), args.get(7).map_or(512, |s| s.parse().unwrap()));
-    let mut ppool = m.block_decoder.new_pool(sessions * blocks.div_ceil(16), 16, dtype, &device).unwrap();
+    let mut ppool = m.block_decoder().new_pool(sessions * blocks.div_ceil(16), 16, dtype, &device).unwrap();
     let px = rnd(&[sessions * blocks, d]);
     let pqkv = rnd(&[sessions * blocks, 3 * d]);
     let plan = |pool: &mut blockserve_model::KvPool| {
@@ -142,13 +142,13 @@ fn main() {
     };
     let t = median_ms(&device, || {
         let pass = plan(&mut ppool);
-        m.block_decoder.forward_paged(&px, &ppool, &pass).unwrap();
+        m.block_decoder().forward_paged(&px, &ppool, &pass).unwrap();
     });
     println!("| prefill pass, {sessions} prompts x {blocks} blocks | {t:.3} |");
     if std::env::var("PROFILE").as_deref() == Ok("prefill") {
         let pass = plan(&mut ppool);
         profiled(&device, || {
-            m.block_decoder.forward_paged(&px, &ppool, &pass).unwrap();
+            m.block_decoder().forward_paged(&px, &ppool, &pass).unwrap();
         });
     }
     let pass = plan(&mut ppool);
@@ -159,12 +159,12 @@ fn main() {
 
     // Token decoder: one whole block.
     let ctx = rnd(&[b, d]);
-    let mut local = m.token_decoder.new_local(b, dtype, &device).unwrap();
+    let mut local = m.token_decoder().new_local(b, dtype, &device).unwrap();
     let l = m.block_length();
     let t = median_ms(&device, || {
-        let mut ids = vec![blockserve_model::argmax::argmax_rows(&m.token_decoder.begin_block(&ctx, &mut local).unwrap()).unwrap()];
+        let mut ids = vec![blockserve_model::argmax::argmax_rows(&m.token_decoder().begin_block(&ctx, &mut local).unwrap()).unwrap()];
         for _ in 1..l {
-            let next = m.token_decoder.next_token(ids.last().unwrap(), &mut local).unwrap();
+            let next = m.token_decoder().next_token(ids.last().unwrap(), &mut local).unwrap();
             ids.push(blockserve_model::argmax::argmax_rows(&next).unwrap());
         }
         Tensor::stack(&ids, 1).unwrap().to_vec2::<u32>().unwrap();
@@ -172,15 +172,15 @@ fn main() {
     println!("| token-decoder block ({l} steps, argmax on device, one read) | {t:.3} |");
     if std::env::var("PROFILE").as_deref() == Ok("token") {
         profiled(&device, || {
-            let logits = m.token_decoder.begin_block(&ctx, &mut local).unwrap();
+            let logits = m.token_decoder().begin_block(&ctx, &mut local).unwrap();
             blockserve_model::argmax::argmax_rows(&logits).unwrap();
         });
     }
     let ids = Tensor::zeros(b, DType::U32, &device).unwrap();
-    m.token_decoder.begin_block(&ctx, &mut local).unwrap();
+    m.token_decoder().begin_block(&ctx, &mut local).unwrap();
     let t = median_ms(&device, || {
-        m.token_decoder.begin_block(&ctx, &mut local).unwrap();
-        m.token_decoder.next_token(&ids, &mut local).unwrap();
+        m.token_decoder().begin_block(&ctx, &mut local).unwrap();
+        m.token_decoder().next_token(&ids, &mut local).unwrap();
     });
     println!("| token-decoder prefix pass + one step (no argmax) | {t:.3} |");
 }

@@ -197,9 +197,34 @@ impl LocalKv {
 
 pub struct BlockTransformer {
     pub config: BlockTransformerConfig,
-    pub embedder: Embedder,
-    pub block_decoder: BlockDecoder,
-    pub token_decoder: TokenDecoder,
+    embedder: Option<Embedder>,
+    block_decoder: Option<BlockDecoder>,
+    token_decoder: Option<TokenDecoder>,
+    device: Device,
+    dtype: DType,
+}
+
+/// Which parts of a Block Transformer a process loads. Each serving tier
+/// needs only its own: the block decoder tier the embedder and the block
+/// decoder, the token decoder tier the token decoder (its contexts come from
+/// the block decoder, also for scoring).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parts {
+    /// Everything (one process runs both tiers, or a test compares).
+    Whole,
+    /// The embedder and the block decoder.
+    Global,
+    /// The token decoder.
+    Local,
+}
+
+impl Parts {
+    fn global(self) -> bool {
+        self != Parts::Local
+    }
+    fn local(self) -> bool {
+        self != Parts::Global
+    }
 }
 
 /// Output of [`BlockTransformer::forward`].
@@ -214,35 +239,70 @@ impl BlockTransformer {
     /// Load from a reference state dict. The block decoder's `embed_in` is never
     /// read: the block decoder is fed block embeddings.
     pub fn load(w: &Weights, config: &BlockTransformerConfig) -> Result<Self> {
+        Self::load_parts(w, config, Parts::Whole)
+    }
+
+    /// Load only `parts`; the others are never read from the weights (a tier
+    /// holds only its own weights in device memory).
+    pub fn load_parts(w: &Weights, config: &BlockTransformerConfig, parts: Parts) -> Result<Self> {
         config.validate()?;
         let c = config;
         let td = &c.token_decoder.stack;
         let (d_b, d_t) = (c.block_decoder.hidden_size, td.hidden_size);
         let r = c.token_decoder.expansion_ratio;
-        let ew = w.pp("token_decoder.expansion_layer");
-        let expansion = Linear::new(ew.get("weight", &[r * d_t, d_b, 1])?.squeeze(2)?, Some(ew.get("bias", &[r * d_t])?));
-        Ok(Self {
-            embedder: Embedder { table: w.get("embedder.embeddings.weight", &[c.vocab_size, c.embedder.hidden_size])?, block_length: c.block_length },
-            block_decoder: BlockDecoder { stack: GptNeoX::load(&w.pp("block_decoder.gpt_neox"), &c.block_decoder)? },
-            token_decoder: TokenDecoder {
+        let (embedder, block_decoder) = if parts.global() {
+            let table = w.get("embedder.embeddings.weight", &[c.vocab_size, c.embedder.hidden_size])?;
+            (
+                Some(Embedder { table, block_length: c.block_length }),
+                Some(BlockDecoder { stack: GptNeoX::load(&w.pp("block_decoder.gpt_neox"), &c.block_decoder)? }),
+            )
+        } else {
+            (None, None)
+        };
+        let token_decoder = if parts.local() {
+            let ew = w.pp("token_decoder.expansion_layer");
+            let expansion = Linear::new(ew.get("weight", &[r * d_t, d_b, 1])?.squeeze(2)?, Some(ew.get("bias", &[r * d_t])?));
+            Some(TokenDecoder {
                 embed_in: w.get("token_decoder.gpt_neox.embed_in.weight", &[td.vocab_size, d_t])?,
                 stack: GptNeoX::load(&w.pp("token_decoder.gpt_neox"), td)?,
                 expansion,
                 lm_head: linear(&w.pp("token_decoder.embed_out"), d_t, td.vocab_size, false)?,
                 ratio: r,
                 block_length: c.block_length,
-            },
-            config: config.clone(),
-        })
+            })
+        } else {
+            None
+        };
+        Ok(Self { embedder, block_decoder, token_decoder, config: config.clone(), device: w.device().clone(), dtype: w.dtype() })
+    }
+
+    /// The embedder (loaded with [`Parts::Whole`] or [`Parts::Global`]).
+    pub fn embedder(&self) -> &Embedder {
+        self.embedder.as_ref().expect("this process loaded the model without its embedder (Parts::Local)")
+    }
+
+    /// The block decoder (loaded with [`Parts::Whole`] or [`Parts::Global`]).
+    pub fn block_decoder(&self) -> &BlockDecoder {
+        self.block_decoder.as_ref().expect("this process loaded the model without its block decoder (Parts::Local)")
+    }
+
+    /// The token decoder (loaded with [`Parts::Whole`] or [`Parts::Local`]).
+    pub fn token_decoder(&self) -> &TokenDecoder {
+        self.token_decoder.as_ref().expect("this process loaded the model without its token decoder (Parts::Global)")
     }
 
     pub fn device(&self) -> &Device {
-        self.embedder.table.device()
+        &self.device
     }
 
     /// The dtype the weights (and so every activation and cache) use.
     pub fn dtype(&self) -> DType {
-        self.embedder.table.dtype()
+        self.dtype
+    }
+
+    /// Most blocks (prompt + generated) one session can hold.
+    pub fn max_blocks(&self) -> usize {
+        self.config.block_decoder.max_position_embeddings
     }
 
     pub fn block_length(&self) -> usize {
@@ -256,8 +316,8 @@ impl BlockTransformer {
             return input_err(format!("{} ids is not a positive whole number of {l}-token blocks", ids.len()));
         }
         check_ids(ids, self.config.vocab_size, "input_ids")?;
-        let t = Tensor::from_slice(ids, (ids.len() / l, l), self.embedder.table.device())?;
-        self.embedder.embed_blocks(&t)
+        let t = Tensor::from_slice(ids, (ids.len() / l, l), &self.device)?;
+        self.embedder().embed_blocks(&t)
     }
 
     /// What the Score RPC computes: log p of each token of blocks 1..n given
@@ -271,7 +331,7 @@ impl BlockTransformer {
             return input_err(format!("{} ids for {n} blocks of {l}", blocks.len()));
         }
         let ids = Tensor::from_slice(blocks, (n, l), contexts.device())?;
-        let logits = self.token_decoder.forward(contexts, &ids.narrow(1, 0, l - 1)?.contiguous()?)?;
+        let logits = self.token_decoder().forward(contexts, &ids.narrow(1, 0, l - 1)?.contiguous()?)?;
         Ok(crate::sampling::logprobs_of(&logits, &ids)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
@@ -286,7 +346,7 @@ impl BlockTransformer {
         }
         let (b, nb) = (rows.len(), len / l);
         let embeds = self.embed_ids(&rows.concat())?.reshape((b, nb, ()))?;
-        let context = self.block_decoder.forward(&embeds)?;
+        let context = self.block_decoder().forward(&embeds)?;
         let d = context.dim(D::Minus1)?;
         let ctx = context.narrow(1, 0, nb - 1)?.reshape((b * (nb - 1), d))?;
         let blocks: Vec<u32> = rows.iter().flat_map(|r| r[l..].iter().copied()).collect();
@@ -307,15 +367,15 @@ impl BlockTransformer {
         let nb = len / l;
         let flat: Vec<u32> = rows.concat();
         let embeds = self.embed_ids(&flat)?.reshape((b, nb, ()))?;
-        let context = self.block_decoder.forward(&embeds)?;
+        let context = self.block_decoder().forward(&embeds)?;
         if nb < 2 {
             return input_err(format!("logits need at least 2 blocks ({} tokens) per row, got {len}", 2 * l));
         }
         let d = context.dim(D::Minus1)?;
         let ctx = context.narrow(1, 0, nb - 1)?.reshape((b * (nb - 1), d))?;
-        let ids = Tensor::from_vec(flat, (b, nb, l), self.embedder.table.device())?;
+        let ids = Tensor::from_vec(flat, (b, nb, l), &self.device)?;
         let next = ids.narrow(1, 1, nb - 1)?.narrow(2, 0, l - 1)?.reshape((b * (nb - 1), l - 1))?;
-        let logits = self.token_decoder.forward(&ctx, &next)?;
+        let logits = self.token_decoder().forward(&ctx, &next)?;
         let v = logits.dim(D::Minus1)?;
         Ok(ForwardOutput { logits: logits.reshape((b, nb - 1, l, v))?, context })
     }

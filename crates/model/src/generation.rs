@@ -142,7 +142,7 @@ fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: boo
     let (device, dtype) = (m.device(), m.dtype());
     // The block decoder sees prompt blocks plus all but the last generated block;
     // keeping one block of slack makes the limit easy to state in tokens.
-    let max_tokens = (m.block_decoder.max_blocks() - 1) * l;
+    let max_tokens = (m.block_decoder().max_blocks() - 1) * l;
     let mut sessions = Vec::with_capacity(reqs.len());
     let mut prompts = Vec::with_capacity(reqs.len());
     let mut pages = 0;
@@ -155,7 +155,7 @@ fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: boo
         sessions.push(s);
         prompts.push(padded.ids);
     }
-    let mut pool = m.block_decoder.new_pool(pages.max(1), PAGE_SIZE, dtype, device)?;
+    let mut pool = m.block_decoder().new_pool(pages.max(1), PAGE_SIZE, dtype, device)?;
     // Prefill: whole prompts packed into passes.
     let lens: Vec<usize> = prompts.iter().map(|p| p.len() / l).collect();
     let mut contexts = Vec::with_capacity(reqs.len());
@@ -163,17 +163,17 @@ fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: boo
         let ids: Vec<u32> = prompts[g.clone()].concat();
         let mut seqs: Vec<&mut SeqKv> = sessions[g.clone()].iter_mut().map(|s| &mut s.kv).collect();
         let pass = pool.plan(&mut seqs, &lens[g.clone()], device)?;
-        let ctx = m.block_decoder.forward_paged(&m.embed_ids(&ids)?, &pool, &pass)?;
+        let ctx = m.block_decoder().forward_paged(&m.embed_ids(&ids)?, &pool, &pass)?;
         contexts.push(ctx.index_select(&Tensor::new(last_rows(&lens[g]), device)?, 0)?);
     }
     let contexts = Tensor::cat(&contexts, 0)?;
     let mut live: Vec<usize> = (0..sessions.len()).filter(|&i| !sessions[i].done).collect();
     let mut context =
         if live.is_empty() { None } else { Some(contexts.index_select(&Tensor::new(live.iter().map(|&i| i as u32).collect::<Vec<_>>(), device)?, 0)?) };
-    let mut local = m.token_decoder.new_local(live.len(), dtype, device)?;
+    let mut local = m.token_decoder().new_local(live.len(), dtype, device)?;
     while let Some(ctx) = context.take() {
         // One block for every live session: L token-decoder steps.
-        let mut logits = m.token_decoder.begin_block(&ctx, &mut local)?;
+        let mut logits = m.token_decoder().begin_block(&ctx, &mut local)?;
         let mut blocks: Vec<Vec<u32>> = vec![Vec::with_capacity(l); live.len()];
         let on_host: Vec<bool> = live.iter().map(|&i| sessions[i].on_host(record)).collect();
         for k in 0..l {
@@ -184,7 +184,7 @@ fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: boo
             }
             if k + 1 < l {
                 let t = Tensor::from_vec(toks, live.len(), device)?;
-                logits = m.token_decoder.next_token(&t, &mut local)?;
+                logits = m.token_decoder().next_token(&t, &mut local)?;
             }
         }
         // Sessions still running feed their new block to the block decoder.
@@ -196,7 +196,7 @@ fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: boo
         live = keep.iter().map(|&j| live[j]).collect();
         let mut seqs: Vec<&mut SeqKv> = sessions.iter_mut().filter(|s| !s.done).map(|s| &mut s.kv).collect();
         let pass = pool.plan(&mut seqs, &vec![1; live.len()], device)?;
-        context = Some(m.block_decoder.forward_paged(&m.embed_ids(&ids)?, &pool, &pass)?);
+        context = Some(m.block_decoder().forward_paged(&m.embed_ids(&ids)?, &pool, &pass)?);
     }
     Ok(sessions.into_iter().map(|s| s.out).collect())
 }

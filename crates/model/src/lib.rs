@@ -32,8 +32,8 @@ pub mod weights;
 
 pub use blockserve_config::{model as config, presets, reference_yaml, ConfigError};
 
-pub use block_transformer::BlockTransformer;
 pub use block_transformer::LocalKv;
+pub use block_transformer::{BlockTransformer, Parts};
 pub use causal_lm::CausalLm;
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};

@@ -12,9 +12,9 @@ use std::path::Path;
 use candle_core::{DType, Device};
 
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::weights::{safetensors_files, Weights};
-use crate::{BlockTransformer, CausalLm, Model};
+use crate::{BlockTransformer, CausalLm, Model, Parts};
 
 pub use blockserve_config::source::{parse_config_json, resolve_config, ConfigSource};
 
@@ -24,6 +24,17 @@ pub fn build(config: &ModelConfig, weights: &Weights) -> Result<Model> {
         ModelConfig::Block(c) => Model::Block(BlockTransformer::load(weights, c)?),
         ModelConfig::Vanilla(c) => Model::Vanilla(CausalLm::load(weights, c)?),
     })
+}
+
+/// Load `parts` of the Block Transformer in `dir` onto `device` in `dtype`
+/// (an error for a vanilla model).
+pub fn load_block_transformer(dir: &Path, preset: Option<&str>, dtype: DType, device: &Device, parts: Parts) -> Result<BlockTransformer> {
+    let (config, _) = resolve_config(dir, preset)?;
+    let ModelConfig::Block(c) = config else {
+        return Err(ModelError::Config(format!("{} holds a vanilla model; the serving tiers serve Block Transformers", dir.display())));
+    };
+    let weights = Weights::from_files(&safetensors_files(dir)?, dtype, device)?;
+    BlockTransformer::load_parts(&weights, &c, parts)
 }
 
 /// Load the model in `dir` onto `device` in `dtype`.

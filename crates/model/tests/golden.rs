@@ -28,7 +28,7 @@ fn block_transformer_forward_matches_reference() {
     assert!(logit_err <= 1e-4, "logits max abs diff {logit_err}");
 
     let ctx = out.context.narrow(1, 0, 5).unwrap().reshape((10, 64)).unwrap();
-    let prefix = m.token_decoder.prefix(&ctx).unwrap().reshape((2, 5, 2, 64)).unwrap();
+    let prefix = m.token_decoder().prefix(&ctx).unwrap().reshape((2, 5, 2, 64)).unwrap();
     let prefix_err = max_abs_diff(&prefix, &g["forward.prefix"]);
     assert!(prefix_err <= 2e-5, "prefix max abs diff {prefix_err}");
 }

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use blockserve_model::loader::load_model;
-use blockserve_model::Model;
+use blockserve_model::loader::{load_block_transformer, load_model};
+use blockserve_model::{BlockTransformer, Model, Parts};
 use candle_core::{DType, Device};
 
 #[derive(clap::Args, Debug)]
@@ -54,5 +54,36 @@ impl ModelArgs {
         let dtype = parse_dtype(&self.dtype)?;
         let device = parse_device(&self.device)?;
         load_model(&self.model, self.preset.as_deref(), dtype, &device).with_context(|| format!("loading model from {}", self.model.display()))
+    }
+
+    /// A serving tier's part of the Block Transformer; logs the device memory
+    /// its weights took (`what` names the part in the log).
+    pub fn load_part(&self, parts: Parts, what: &str) -> Result<BlockTransformer> {
+        let dtype = parse_dtype(&self.dtype)?;
+        let device = parse_device(&self.device)?;
+        let before = blockserve_model::device_memory(&device);
+        let m = load_block_transformer(&self.model, self.preset.as_deref(), dtype, &device, parts)
+            .with_context(|| format!("loading the {what} of {}", self.model.display()))?;
+        match (before, blockserve_model::device_memory(&device)) {
+            (Some((free_before, _)), Some((free, total))) => tracing::info!(
+                part = what,
+                device = %self.device,
+                weights_mib = (free_before.saturating_sub(free)) >> 20,
+                used_mib = (total - free) >> 20,
+                total_mib = total >> 20,
+                "loaded this tier's weights"
+            ),
+            _ => tracing::info!(part = what, device = %self.device, "loaded this tier's weights"),
+        }
+        Ok(m)
+    }
+}
+
+/// Log the device memory in use once a tier has allocated what it keeps
+/// (weights, KV pool or local cache).
+pub fn log_device_memory(device: &str, what: &str) {
+    let Ok(d) = parse_device(device) else { return };
+    if let Some((free, total)) = blockserve_model::device_memory(&d) {
+        tracing::info!(device, used_mib = (total - free) >> 20, total_mib = total >> 20, "GPU memory in use with {what}");
     }
 }

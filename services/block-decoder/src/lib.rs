@@ -8,9 +8,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use blockserve_engine::SchedulerConfig;
-use blockserve_model::Model;
+use blockserve_model::Parts;
 use blockserve_proto::v1::block_decoder_server::BlockDecoderServer;
 use blockserve_runtime::lease::{Lease, LoadReport};
 use blockserve_runtime::server::{serve, ServeArgs};
@@ -63,10 +63,8 @@ impl LoadReport for Load {
 
 /// Load the model, serve, register, and run until `stop` turns true.
 pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver<bool>, ready: Option<tokio::sync::oneshot::Sender<String>>) -> Result<()> {
-    let model = match args.model.load()? {
-        Model::Block(m) => Arc::new(m),
-        Model::Vanilla(_) => bail!("the block decoder serves Block Transformers; {} holds a vanilla model", args.model.model.display()),
-    };
+    // Only the embedder and the block decoder: the token decoders hold the rest.
+    let model = Arc::new(args.model.load_part(Parts::Global, "embedder and block decoder")?);
     let config = SchedulerConfig::for_memory(&model, args.kv_cache_mib << 20, args.token_budget);
     tracing::info!(kv_pages = config.kv_pages, page_blocks = config.page_size, token_budget = config.token_budget, "block-level KV pool");
     let engine = model_thread::ModelThread::start(
@@ -78,6 +76,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
             by_link: args.micro_batch_by_link,
         },
     )?;
+    blockserve_worker::model_args::log_device_memory(&args.model.device, "the weights and the KV pool");
     let listening = args.serve.bind().await?;
     blockserve_runtime::metrics::start(args.serve.metrics_listen, stop.clone()).await?;
     let address = listening.address.clone();

@@ -63,7 +63,7 @@ impl LinkState {
         }
         check_ids(&o.prompt_ids, self.model.config.vocab_size, "opens.prompt_ids")?;
         let blocks = o.prompt_ids.len() / l;
-        let max_blocks = self.model.block_decoder.max_blocks();
+        let max_blocks = self.model.block_decoder().max_blocks();
         if blocks > max_blocks {
             return Err(Status::invalid_argument(format!("opens.prompt_ids: {blocks} blocks exceed the limit of {max_blocks}")));
         }
@@ -81,7 +81,7 @@ impl LinkState {
             return Err(Status::invalid_argument(format!("blocks.indices: block index is {index}, expected {next}")));
         }
         check_ids(ids, self.model.config.vocab_size, "blocks.token_ids")?;
-        let max_blocks = self.model.block_decoder.max_blocks();
+        let max_blocks = self.model.block_decoder().max_blocks();
         if next as usize >= max_blocks {
             return Err(Status::out_of_range(format!("session reached the limit of {max_blocks} blocks")));
         }

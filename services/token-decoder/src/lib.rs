@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Result};
-use blockserve_model::{BlockTransformer, Model};
+use anyhow::Result;
+use blockserve_model::{BlockTransformer, Parts};
 use blockserve_proto::v1::token_decoder_server::TokenDecoderServer;
 use blockserve_runtime::lease::{Lease, LoadReport};
 use blockserve_runtime::server::{serve, ServeArgs};
@@ -104,13 +104,12 @@ impl LoadReport for Load {
 }
 
 pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver<bool>, ready: Option<tokio::sync::oneshot::Sender<String>>) -> Result<()> {
-    let model = match args.model.load()? {
-        Model::Block(m) => Arc::new(m),
-        Model::Vanilla(_) => bail!("the token decoder serves Block Transformers; {} holds a vanilla model", args.model.model.display()),
-    };
+    // Only the token decoder: contexts (also for scoring) come from block decoders.
+    let model = Arc::new(args.model.load_part(Parts::Local, "token decoder")?);
     let tokenizer = Tokenizer::from_dir(&args.model.model)?;
     let dialer = Arc::new(Dialer::from_args(&args.dial)?);
     let engine = model_thread::ModelThread::start(model.clone(), args.max_batch, args.max_unread_blocks, args.cuda_graphs)?;
+    blockserve_worker::model_args::log_device_memory(&args.model.device, "the weights and the local cache");
     let shared = Arc::new(Shared {
         engine: engine.clone(),
         model,

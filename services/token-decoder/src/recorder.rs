@@ -41,8 +41,6 @@ enum Op {
 /// A queued write, its room in the queue, and who waits for it.
 type Queued = (Op, OwnedSemaphorePermit, oneshot::Sender<()>);
 
-/// Longest a session waits for a write while the store seems healthy.
-const WRITE_WAIT: Duration = Duration::from_secs(2);
 /// A batch still unanswered after this long marks the store unhealthy: an
 /// outage shows as calls that hang (while the connection is rebuilt) before
 /// they fail, and sessions must not wait through that.
@@ -91,11 +89,12 @@ impl Recorder {
         METRICS.buffered_writes.inc();
         let (done, written) = oneshot::channel();
         self.tx.send((op, permit, done)).map_err(|_| stopped())?;
+        // No timer of its own per write: a batch that takes longer than
+        // STALLED turns `healthy` false, which releases every waiter at once.
         let mut healthy = self.healthy.subscribe();
         if *healthy.borrow_and_update() {
             tokio::select! {
                 _ = written => {}
-                _ = tokio::time::sleep(WRITE_WAIT) => {}
                 _ = healthy.wait_for(|h| !h) => {}
             }
         }

@@ -196,7 +196,7 @@ pub fn run(a: Args) -> Result<()> {
         let b = if b > 0 {
             b
         } else {
-            let per_session = ((prompt_len + gen_len).div_ceil(model.block_length()) + 16) * model.block_decoder.bytes_per_block(dtype);
+            let per_session = ((prompt_len + gen_len).div_ceil(model.block_length()) + 16) * model.block_decoder().bytes_per_block(dtype);
             let free = device_memory(&device).map_or(1 << 30, |(free, _)| free);
             let fit = (free as f64 * 0.8) as usize / per_session;
             eprintln!("batch 0: {fit} sessions of {per_session} KV bytes fit in 80% of {free} free bytes; running {}", fit.min(8192));
@@ -206,7 +206,7 @@ pub fn run(a: Args) -> Result<()> {
             (a.kv_cache_gib * (1u64 << 30) as f64) as usize
         } else {
             let blocks = (prompt_len + gen_len).div_ceil(model.block_length()) + 16;
-            b * blocks * model.block_decoder.bytes_per_block(dtype)
+            b * blocks * model.block_decoder().bytes_per_block(dtype)
         };
         let mut sched = BlockScheduler::new(model.clone(), SchedulerConfig::for_memory(&model, kv_bytes, a.token_budget))?;
         let token_batch = if a.token_batch == 0 { b } else { a.token_batch };
