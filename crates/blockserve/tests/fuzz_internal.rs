@@ -58,8 +58,10 @@ fn run_request(bd: String) -> impl Strategy<Value = RunRequest> {
         |(max_new_tokens, temperature, top_p, ignore_eos)| GenerationParameters { max_new_tokens, temperature, top_p, ignore_eos, ..Default::default() },
     );
     let address = prop_oneof![Just(bd), Just("http://127.0.0.1:1".to_string()), Just("not a url".to_string())];
-    (ids(12), ids(9), params, address, any::<u64>(), 0u32..3).prop_map(|(prompt_ids, generated_ids, parameters, block_decoder, epoch, max_migrations)| {
-        RunRequest {
+    // Trace contexts: none, a well-formed one, or garbage.
+    let traceparent = prop_oneof![Just(String::new()), Just("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_string()), ".{0,60}"];
+    (ids(12), ids(9), params, address, any::<u64>(), 0u32..3, traceparent).prop_map(
+        |(prompt_ids, generated_ids, parameters, block_decoder, epoch, max_migrations, traceparent)| RunRequest {
             session_id: format!("nobody-{epoch}"),
             prompt_ids,
             parameters: Some(parameters),
@@ -69,8 +71,9 @@ fn run_request(bd: String) -> impl Strategy<Value = RunRequest> {
             epoch,
             migrations: 0,
             max_migrations,
-        }
-    })
+            traceparent,
+        },
+    )
 }
 
 /// Which key a hostile reply names: the session just opened, or any other.

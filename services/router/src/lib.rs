@@ -5,6 +5,7 @@
 pub mod auth;
 mod grpc;
 mod relay;
+mod relay_link;
 pub mod sessions;
 mod start;
 mod sweep;

@@ -19,15 +19,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockserve_proto::v1::token_decoder_client::TokenDecoderClient;
 use blockserve_proto::v1::*;
 use blockserve_runtime::metrics::{ActiveSession, METRICS};
 use blockserve_runtime::status;
 use blockserve_store::{Assignment, Epoch, Outcome, Reassigned, SessionState, Tier};
 use blockserve_text::IncrementalDecoder;
-use tonic::transport::Channel;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
+use crate::relay_link::SessionStream;
 use crate::sessions::{event, finished_from_record, EventTx, Router};
 
 const TIER: &str = "router";
@@ -44,8 +43,7 @@ const ORPHANED_AFTER: Duration = Duration::from_secs(3);
 /// A session being relayed from its token decoder to its client.
 pub(crate) struct Relay {
     pub id: String,
-    pub client: TokenDecoderClient<Channel>,
-    pub events: Streaming<RunEvent>,
+    pub events: SessionStream,
     pub tx: EventTx,
     pub token_decoder: String,
     pub token_decoder_id: String,
@@ -56,8 +54,7 @@ pub(crate) struct Relay {
 
 /// A session running on its new token decoder.
 pub(crate) struct Moved {
-    client: TokenDecoderClient<Channel>,
-    events: Streaming<RunEvent>,
+    events: SessionStream,
     token_decoder: String,
     token_decoder_id: String,
     /// The output it resumes after.
@@ -97,11 +94,11 @@ impl Router {
                 m = r.events.message() => m,
                 _ = r.tx.closed() => {
                     // The client went away: the session stops on every tier.
-                    let _ = r.client.cancel(CancelRequest { session_id: r.id.clone() }).await;
+                    r.events.cancel();
                     return;
                 }
                 _ = &mut deadline => {
-                    let _ = r.client.cancel(CancelRequest { session_id: r.id.clone() }).await;
+                    r.events.cancel();
                     let msg = "the call's deadline (grpc-timeout) passed; the session was cancelled";
                     let outcome = Outcome { state: SessionState::Cancelled, finish_reason: "cancelled".into(), error: Some(msg.into()) };
                     let _ = self.store.finish(&r.id, None, &outcome, self.session_ttl).await;
@@ -129,19 +126,13 @@ impl Router {
                     relayed.inc_by(n as u64);
                     known.extend_from_slice(&c.token_ids);
                     if r.tx.send(event(&r.id, generate_response::Event::Tokens(c))).await.is_err() {
-                        let _ = r.client.cancel(CancelRequest { session_id: r.id.clone() }).await;
+                        r.events.cancel();
                         return;
                     }
                     continue;
                 }
                 Ok(Some(RunEvent { kind: Some(run_event::Kind::Finished(f)) })) => {
                     let _ = r.tx.send(event(&r.id, generate_response::Event::Finished(f))).await;
-                    // Read the token decoder's stream to its end (it ends right
-                    // after `finished`): dropping it open would reset it, and h2
-                    // treats a burst of over 1024 local resets (thousands of
-                    // sessions finishing together) as an error of the connection.
-                    drop(r.tx);
-                    while let Ok(Some(_)) = r.events.message().await {}
                     return;
                 }
                 Ok(Some(RunEvent { kind: None })) => continue,
@@ -166,12 +157,12 @@ impl Router {
                         let text = self.tokenizer.as_deref().map(|t| IncrementalDecoder::with_prefix(t, &known).push(&m.tokens[known.len()..]));
                         let chunk = TokenChunk { offset: known.len() as u64, token_ids: m.tokens[known.len()..].to_vec(), text: text.unwrap_or_default() };
                         if r.tx.send(event(&r.id, generate_response::Event::Tokens(chunk))).await.is_err() {
-                            let _ = m.client.clone().cancel(CancelRequest { session_id: r.id.clone() }).await;
+                            m.events.cancel();
                             return;
                         }
                         known = m.tokens;
                     }
-                    (r.client, r.events, r.token_decoder, r.token_decoder_id) = (m.client, m.events, m.token_decoder, m.token_decoder_id);
+                    (r.events, r.token_decoder, r.token_decoder_id) = (m.events, m.token_decoder, m.token_decoder_id);
                 }
                 Err(NotMoved::Final) | Err(NotMoved::Stale) => return self.follow_from(r.id, known, r.tx).await,
                 Err(NotMoved::Failed(st)) => {
@@ -267,11 +258,12 @@ impl Router {
                 epoch,
                 migrations,
                 max_migrations: self.max_migrations,
+                traceparent: String::new(),
             };
             match self.run_on(&to.token_decoder, run).await {
-                Ok((client, events)) => {
+                Ok(events) => {
                     tracing::info!(session = %id, to = %to.token_decoder, epoch, tokens = tokens.len(), "session migrated");
-                    let moved = Moved { client, events, token_decoder: to.token_decoder, token_decoder_id: to.token_decoder_id, tokens };
+                    let moved = Moved { events, token_decoder: to.token_decoder, token_decoder_id: to.token_decoder_id, tokens };
                     return Ok((moved, epoch));
                 }
                 Err(st) => {

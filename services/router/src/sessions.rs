@@ -8,15 +8,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockserve_proto::v1::token_decoder_client::TokenDecoderClient;
 use blockserve_proto::v1::*;
 use blockserve_runtime::{status, telemetry};
 use blockserve_store::{InstanceInfo, SessionRecord, SessionStore, Tier};
 use blockserve_text::Tokenizer;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
-use tonic::{Request, Status, Streaming};
+use tonic::Status;
 
+use crate::relay_link::{RelayLinks, SessionStream};
 use crate::validate;
 
 /// What the router knows of the model (from its config and tokenizer; the router
@@ -56,6 +56,8 @@ pub struct Router {
     pub max_streams: usize,
     /// Channels to token decoders.
     pub channels: blockserve_runtime::channels::Channels,
+    /// Relay streams to token decoders (one each), over those channels.
+    pub relay_links: RelayLinks,
     /// Sessions this router started on each instance (by address) that are still
     /// running, and when each was last picked. Reported loads lag by a lease
     /// period; this spreads a burst, and between equally loaded instances
@@ -147,6 +149,7 @@ impl Router {
             streams: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_STREAMS)),
             max_streams: DEFAULT_MAX_STREAMS,
             channels: Default::default(),
+            relay_links: Default::default(),
             routed: Default::default(),
         }
     }
@@ -231,12 +234,10 @@ impl Router {
         })
     }
 
-    /// Start `run` on the token decoder at `address`.
-    pub(crate) async fn run_on(&self, address: &str, run: RunRequest) -> Result<(TokenDecoderClient<Channel>, Streaming<RunEvent>), Status> {
-        let mut client = TokenDecoderClient::new(self.channel(address).await?);
-        let mut run = Request::new(run);
-        telemetry::to_metadata(&tracing::Span::current(), run.metadata_mut());
-        let events = client.run(run).await.map_err(|e| status::from_peer(&format!("token decoder {address}"), e))?.into_inner();
-        Ok((client, events))
+    /// Start `run` on the token decoder at `address`, over this router's relay
+    /// stream to it; the session's events come back on the returned stream.
+    pub(crate) async fn run_on(&self, address: &str, mut run: RunRequest) -> Result<SessionStream, Status> {
+        run.traceparent = telemetry::headers(&tracing::Span::current()).remove("traceparent").unwrap_or_default();
+        self.relay_links.run(&self.channels, address, run).await
     }
 }

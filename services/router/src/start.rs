@@ -74,7 +74,7 @@ impl Router {
             max_migrations: self.max_migrations,
             ..Default::default()
         };
-        let (client, events) = match self.run_on(&td.address, run).await {
+        let events = match self.run_on(&td.address, run).await {
             Ok(r) => r,
             Err(e) => {
                 let outcome = Outcome { state: blockserve_store::SessionState::Failed, finish_reason: "error".into(), error: Some(e.message().into()) };
@@ -84,16 +84,8 @@ impl Router {
         };
         let started = Started { prompt_tokens: prompt.len() as u32, attached: false };
         let _ = tx.send(event(&id, generate_response::Event::Started(started))).await;
-        let relay = relay::Relay {
-            id: id.clone(),
-            client,
-            events,
-            tx,
-            token_decoder: td.address,
-            token_decoder_id: td.id,
-            arrived,
-            deadline: deadline.map(|d| arrived + d),
-        };
+        let relay =
+            relay::Relay { id: id.clone(), events, tx, token_decoder: td.address, token_decoder_id: td.id, arrived, deadline: deadline.map(|d| arrived + d) };
         tokio::spawn(self.clone().relay(relay, (routed, slot)));
         Ok((id, rx))
     }

@@ -5,6 +5,7 @@
 pub mod link;
 pub mod model_thread;
 pub mod recorder;
+pub mod relay;
 pub mod service;
 pub mod session;
 

@@ -5,11 +5,13 @@ use std::sync::Arc;
 use blockserve_model::prompt::PaddedPrompt;
 use blockserve_proto::v1::block_decoder_client::BlockDecoderClient;
 use blockserve_proto::v1::token_decoder_server::TokenDecoder;
-use blockserve_proto::v1::{CancelRequest, CancelResponse, ContextsRequest, RunEvent, RunRequest, ScoreIdsRequest, ScoreResponse, SessionState};
+use blockserve_proto::v1::{
+    CancelRequest, CancelResponse, ContextsRequest, RelayDown, RelayUp, RunEvent, RunRequest, ScoreIdsRequest, ScoreResponse, SessionState,
+};
 use blockserve_worker::{status, wire};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::{session, Shared};
@@ -26,9 +28,46 @@ impl Drop for Running {
     }
 }
 
+/// Admit a run: room for it, and not already running here. Returns the
+/// switch that cancels it.
+pub(crate) fn admit(shared: &Shared, req: &RunRequest) -> Result<watch::Receiver<bool>, Status> {
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let mut running = shared.running.lock().unwrap_or_else(|p| p.into_inner());
+    if running.len() as u32 >= shared.max_sessions {
+        return Err(Status::resource_exhausted(format!("token decoder is at its limit of {} sessions", shared.max_sessions)));
+    }
+    if running.contains_key(&req.session_id) {
+        return Err(Status::already_exists(format!("session {} is already running here", req.session_id)));
+    }
+    running.insert(req.session_id.clone(), cancel_tx);
+    Ok(cancel_rx)
+}
+
+/// Run an admitted session as a task of its own, in `span`.
+pub(crate) fn spawn_session(shared: Arc<Shared>, req: RunRequest, events: session::Events, cancel: watch::Receiver<bool>, span: tracing::Span) {
+    tokio::spawn(async move {
+        let _running = Running(shared.clone(), req.session_id.clone());
+        let _active = blockserve_runtime::metrics::ActiveSession::new(crate::model_thread::TIER);
+        session::run(shared, req, events, cancel).instrument(span).await;
+    });
+}
+
+/// Stop a running session (false when it does not run here).
+pub(crate) fn cancel(shared: &Shared, id: &str) -> bool {
+    shared.running.lock().unwrap_or_else(|p| p.into_inner()).get(id).map(|c| c.send(true)).is_some()
+}
+
 #[tonic::async_trait]
 impl TokenDecoder for TokenDecoderService {
     type RunStream = ReceiverStream<Result<RunEvent, Status>>;
+    type RelayStream = ReceiverStream<Result<RelayDown, Status>>;
+
+    async fn relay(&self, req: Request<Streaming<RelayUp>>) -> Result<Response<Self::RelayStream>, Status> {
+        blockserve_runtime::metrics::rpc(crate::model_thread::TIER, "Relay", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
+            Ok(Response::new(crate::relay::serve(self.shared.clone(), req.into_inner())))
+        })
+        .await
+    }
 
     async fn run(&self, req: Request<RunRequest>) -> Result<Response<Self::RunStream>, Status> {
         blockserve_runtime::metrics::rpc(crate::model_thread::TIER, "Run", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
@@ -36,24 +75,9 @@ impl TokenDecoder for TokenDecoderService {
             // holds it), as a child of the router's (from `traceparent`).
             let span = tracing::Span::current();
             let req = req.into_inner();
-            let (cancel_tx, cancel_rx) = watch::channel(false);
-            {
-                let mut running = self.shared.running.lock().unwrap_or_else(|p| p.into_inner());
-                if running.len() as u32 >= self.shared.max_sessions {
-                    return Err(Status::resource_exhausted(format!("token decoder is at its limit of {} sessions", self.shared.max_sessions)));
-                }
-                if running.contains_key(&req.session_id) {
-                    return Err(Status::already_exists(format!("session {} is already running here", req.session_id)));
-                }
-                running.insert(req.session_id.clone(), cancel_tx);
-            }
+            let cancel = admit(&self.shared, &req)?;
             let (tx, rx) = mpsc::channel(16);
-            let shared = self.shared.clone();
-            tokio::spawn(async move {
-                let _running = Running(shared.clone(), req.session_id.clone());
-                let _active = blockserve_runtime::metrics::ActiveSession::new(crate::model_thread::TIER);
-                session::run(shared, req, tx, cancel_rx).instrument(span).await;
-            });
+            spawn_session(self.shared.clone(), req, session::Events::Stream(tx), cancel, span);
             Ok(Response::new(ReceiverStream::new(rx)))
         })
         .await
@@ -62,7 +86,7 @@ impl TokenDecoder for TokenDecoderService {
     async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
         blockserve_runtime::metrics::rpc(crate::model_thread::TIER, "Cancel", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let id = req.into_inner().session_id;
-            let found = self.shared.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|c| c.send(true)).is_some();
+            let found = cancel(&self.shared, &id);
             let state = if found { SessionState::Cancelled } else { SessionState::Unspecified };
             Ok(Response::new(CancelResponse { state: state as i32 }))
         })

@@ -52,18 +52,35 @@ fn wire_reason(r: &End) -> (FinishReason, &'static str, SessionState) {
     }
 }
 
-/// The session's stream to its router. Once the router is gone the session
+/// The session's way to its router. Once the router is gone the session
 /// runs on without it.
 struct Relay {
-    tx: mpsc::Sender<Result<RunEvent, Status>>,
+    to: Events,
     detached: bool,
 }
 
 impl Relay {
     async fn send(&mut self, e: Result<RunEvent, Status>) {
-        if !self.detached && self.tx.send(e).await.is_err() {
+        if !self.detached && !self.to.send(e).await {
             self.detached = true;
             tracing::info!("router stream gone; the session goes on (clients may resume it)");
+        }
+    }
+}
+
+/// Where a session's events go: its own `Run` stream, or a router's relay
+/// stream that it shares with the other sessions of that router.
+pub enum Events {
+    Stream(mpsc::Sender<Result<RunEvent, Status>>),
+    Relay { session_id: String, to: crate::relay::Outbox },
+}
+
+impl Events {
+    /// False once the router is gone.
+    async fn send(&self, e: Result<RunEvent, Status>) -> bool {
+        match self {
+            Events::Stream(tx) => tx.send(e).await.is_ok(),
+            Events::Relay { session_id, to } => to.send(crate::relay::session_event(session_id, e)).await,
         }
     }
 }
@@ -84,7 +101,7 @@ struct Output<'t> {
 }
 
 /// Drive the session; events go to `tx`. Returns when the session is final.
-pub async fn run(shared: Arc<Shared>, req: RunRequest, tx: mpsc::Sender<Result<RunEvent, Status>>, mut cancel: watch::Receiver<bool>) {
+pub async fn run(shared: Arc<Shared>, req: RunRequest, to: Events, mut cancel: watch::Receiver<bool>) {
     let id = req.session_id.clone();
     let started = Instant::now();
     let writes = shared.recorder.session(&id, req.epoch);
@@ -92,7 +109,7 @@ pub async fn run(shared: Arc<Shared>, req: RunRequest, tx: mpsc::Sender<Result<R
     let text = shared.tokenizer.as_ref().map(|t| IncrementalDecoder::with_prefix(t, &req.generated_ids));
     let full_text = text.as_ref().map(|t| t.text()).unwrap_or_default();
     let mut out = Output { tokens: req.generated_ids.clone(), wire_bytes: 0, first_at: None, last_at: None, text, full_text, chunks: 0, failed_at: None };
-    let mut relay = Relay { tx, detached: false };
+    let mut relay = Relay { to, detached: false };
     let result = tokio::select! {
         r = drive(&shared, &req, &mut relay, &mut out, &writes) => r,
         _ = cancel.wait_for(|c| *c) => Ok(End::Cancelled),
