@@ -86,6 +86,8 @@ pub struct Shared {
     pub links: link::Links,
     /// The model thread's key of the next session.
     pub next_key: std::sync::atomic::AtomicU64,
+    /// True once the process drains (SIGTERM): no new session is admitted.
+    pub stopping: watch::Receiver<bool>,
 }
 
 impl Shared {
@@ -126,6 +128,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         channels: blockserve_runtime::channels::Channels::new(dialer.clone()),
         links: link::Links::new(dialer, engine.link_sink()),
         next_key: Default::default(),
+        stopping: stop.clone(),
     });
     let listening = args.serve.bind().await?;
     blockserve_runtime::metrics::start(args.serve.metrics_listen, stop.clone()).await?;
@@ -133,11 +136,14 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     tracing::info!(%address, "token decoder listening");
     let router = blockserve_runtime::server::builder().add_service(TokenDecoderServer::new(service::TokenDecoderService { shared: shared.clone() }));
     let lease = Lease::new(Tier::TokenDecoder, address.clone(), Duration::from_secs(args.serve.lease_ttl_s));
-    let lease_task = tokio::spawn(lease.run(store, Arc::new(Load(shared)), stop.clone()));
+    let lease_task = tokio::spawn(lease.run(store, Arc::new(Load(shared.clone())), stop.clone()));
     if let Some(r) = ready {
         let _ = r.send(address);
     }
-    let served = serve(router, &["blockserve.v1.TokenDecoder"], listening, stop, Duration::from_secs(args.serve.grace_period_s), None).await;
+    // Draining ends when no session runs here: routers' relay streams stay
+    // open as long as the routers live and would hold the whole grace period.
+    let idle = Box::new(move || shared.running.lock().unwrap_or_else(|p| p.into_inner()).is_empty());
+    let served = serve(router, &["blockserve.v1.TokenDecoder"], listening, stop, Duration::from_secs(args.serve.grace_period_s), Some(idle)).await;
     engine.stop();
     served?;
     let _ = lease_task.await;

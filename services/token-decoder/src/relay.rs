@@ -57,8 +57,6 @@ pub fn session_event(session_id: &str, e: Result<RunEvent, Status>) -> SessionEv
 pub fn serve(shared: Arc<Shared>, mut inbound: Streaming<RelayUp>) -> ReceiverStream<Result<RelayDown, Status>> {
     let (down_tx, down_rx) = mpsc::channel(4);
     let (outbox_tx, mut outbox) = mpsc::channel::<SessionEvent>(OUTBOX);
-    // The stream's span: each session's run is a child of it.
-    let span = tracing::Span::current();
     tokio::spawn(async move {
         while let Some(first) = outbox.recv().await {
             let mut events = vec![first];
@@ -85,7 +83,8 @@ pub fn serve(shared: Arc<Shared>, mut inbound: Streaming<RelayUp>) -> ReceiverSt
                             shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                             continue;
                         }
-                        let span = tracing::info_span!(parent: &span, "token_decoder.run", session_id = %id);
+                        // The session's span, as a `Run` call's: a child of the router's.
+                        let span = tracing::info_span!(parent: None, "session", otel.name = "token_decoder.Run", otel.kind = "server", session_id = %id);
                         blockserve_runtime::telemetry::set_parent(&span, &[("traceparent".to_string(), run.traceparent.clone())].into());
                         spawn_session(shared.clone(), run, Events::Relay { session_id: id, to: outbox.clone() }, cancelled, span);
                     }

@@ -31,6 +31,9 @@ impl Drop for Running {
 /// Admit a run: room for it, and not already running here. Returns the
 /// switch that cancels it.
 pub(crate) fn admit(shared: &Shared, req: &RunRequest) -> Result<watch::Receiver<bool>, Status> {
+    if *shared.stopping.borrow() {
+        return Err(Status::unavailable("token decoder is shutting down"));
+    }
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let mut running = shared.running.lock().unwrap_or_else(|p| p.into_inner());
     if running.len() as u32 >= shared.max_sessions {
