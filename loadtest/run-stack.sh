@@ -14,7 +14,10 @@
 # [/tmp/blockserve-loadtest-logs], MAX_UNREAD [8], UP [unset; set: every tier in one
 # `blockserve up` process instead, with the same Redis], PLUMBING_NICE [unset],
 # BD_SM_PERCENT / TD_SM_PERCENT [unset; under NVIDIA MPS, the share of the
-# GPU's SMs the block decoder / each token decoder may use].
+# GPU's SMs the block decoder / each token decoder may use], LINK_RTT_MS
+# [unset; set: token decoders reach the block decoder through
+# blockserve-latency-proxy (LP [target/release/blockserve-latency-proxy]),
+# which adds this round trip in milliseconds], BD_ARGS / TD_ARGS [extra flags].
 set -euo pipefail
 BS=${BS:-target/release/blockserve}
 LT=${LT:-target/release/blockserve-loadtest}
@@ -63,13 +66,22 @@ else
 # (`--metrics`) and prints CPU per generated token.
 metrics=()
 bdp=$(free_port); bdm=$(free_port); metrics+=("block-decoder=127.0.0.1:$bdm")
-env ${BD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$BD_SM_PERCENT} "$BS" block-decoder --listen 127.0.0.1:$bdp --metrics-listen 127.0.0.1:$bdm --device "$DEVICE" --kv-cache-mib "${KV_MIB:-1024}" \
+# With LINK_RTT_MS the block decoder registers the proxy's address, so that is
+# what token decoders dial.
+advertise=()
+if [ -n "${LINK_RTT_MS:-}" ]; then
+  proxy=$(free_port)
+  "${LP:-target/release/blockserve-latency-proxy}" --listen 127.0.0.1:$proxy --upstream 127.0.0.1:$bdp --rtt-ms "$LINK_RTT_MS" >"$LOGS/proxy.log" 2>&1 &
+  pids+=($!); names+=(latency-proxy)
+  advertise=(--advertise "http://127.0.0.1:$proxy")
+fi
+env ${BD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$BD_SM_PERCENT} "$BS" block-decoder --listen 127.0.0.1:$bdp "${advertise[@]}" ${BD_ARGS:-} --metrics-listen 127.0.0.1:$bdm --device "$DEVICE" --kv-cache-mib "${KV_MIB:-1024}" \
   --max-sessions "${MAX_SESSIONS:-4096}" --token-budget "${TOKEN_BUDGET:-8192}" --micro-batches "${MICRO_BATCHES:-2}" >"$LOGS/block-decoder.log" 2>&1 &
 pids+=($!); names+=(block-decoder)
 wait_port "$bdp"
 for i in $(seq 1 "$TOKEN_DECODERS"); do
   tdp=$(free_port); tdm=$(free_port); metrics+=("token-decoder-$i=127.0.0.1:$tdm")
-  env ${TD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$TD_SM_PERCENT} "$BS" token-decoder --listen 127.0.0.1:$tdp --metrics-listen 127.0.0.1:$tdm --device "$TD_DEVICE" --max-batch "${MAX_BATCH:-1024}" \
+  env ${TD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$TD_SM_PERCENT} "$BS" token-decoder --listen 127.0.0.1:$tdp ${TD_ARGS:-} --metrics-listen 127.0.0.1:$tdm --device "$TD_DEVICE" --max-batch "${MAX_BATCH:-1024}" \
     --max-sessions "${MAX_SESSIONS:-4096}" --max-unread-blocks "${MAX_UNREAD:-8}" >"$LOGS/token-decoder-$i.log" 2>&1 &
   pids+=($!); names+=(token-decoder-$i)
   wait_port "$tdp"
@@ -79,7 +91,7 @@ $NICE "$BS" router --listen 127.0.0.1:$rtp --metrics-listen 127.0.0.1:$rtm --max
 pids+=($!); names+=(router)
 wait_port "$rtp"
 sleep 1
-echo "stack: router :$rtp, block decoder :$bdp ($DEVICE), $TOKEN_DECODERS token decoder(s) ($TD_DEVICE), redis :$rp, model $MODEL_DIR ($DTYPE)" >&2
+echo "stack: router :$rtp, block decoder :$bdp ($DEVICE${LINK_RTT_MS:+, +$LINK_RTT_MS ms round trip to it}), $TOKEN_DECODERS token decoder(s) ($TD_DEVICE), redis :$rp, model $MODEL_DIR ($DTYPE)" >&2
 export LOADTEST_METRICS=$(IFS=,; echo "${metrics[*]}")
 fi
 # CPU seconds each process used (the machine's load is part of the result:

@@ -250,28 +250,32 @@ impl BlockTransformer {
         let td = &c.token_decoder.stack;
         let (d_b, d_t) = (c.block_decoder.hidden_size, td.hidden_size);
         let r = c.token_decoder.expansion_ratio;
+        // The expansion layer is read first: a checkpoint of another shape
+        // fails there, with the same message whatever the parts.
+        let expansion = match parts.local() {
+            true => {
+                let ew = w.pp("token_decoder.expansion_layer");
+                Some(Linear::new(ew.get("weight", &[r * d_t, d_b, 1])?.squeeze(2)?, Some(ew.get("bias", &[r * d_t])?)))
+            }
+            false => None,
+        };
         let (embedder, block_decoder) = if parts.global() {
             let table = w.get("embedder.embeddings.weight", &[c.vocab_size, c.embedder.hidden_size])?;
-            (
-                Some(Embedder { table, block_length: c.block_length }),
-                Some(BlockDecoder { stack: GptNeoX::load(&w.pp("block_decoder.gpt_neox"), &c.block_decoder)? }),
-            )
+            let stack = GptNeoX::load(&w.pp("block_decoder.gpt_neox"), &c.block_decoder)?;
+            (Some(Embedder { table, block_length: c.block_length }), Some(BlockDecoder { stack }))
         } else {
             (None, None)
         };
-        let token_decoder = if parts.local() {
-            let ew = w.pp("token_decoder.expansion_layer");
-            let expansion = Linear::new(ew.get("weight", &[r * d_t, d_b, 1])?.squeeze(2)?, Some(ew.get("bias", &[r * d_t])?));
-            Some(TokenDecoder {
+        let token_decoder = match expansion {
+            Some(expansion) => Some(TokenDecoder {
                 embed_in: w.get("token_decoder.gpt_neox.embed_in.weight", &[td.vocab_size, d_t])?,
                 stack: GptNeoX::load(&w.pp("token_decoder.gpt_neox"), td)?,
                 expansion,
                 lm_head: linear(&w.pp("token_decoder.embed_out"), d_t, td.vocab_size, false)?,
                 ratio: r,
                 block_length: c.block_length,
-            })
-        } else {
-            None
+            }),
+            None => None,
         };
         Ok(Self { embedder, block_decoder, token_decoder, config: config.clone(), device: w.device().clone(), dtype: w.dtype() })
     }

@@ -142,3 +142,30 @@ fn config_errors_name_the_field() {
     let e = resolve_config(&dir, None).unwrap_err().to_string();
     assert!(e.contains("model_type is Some(\"llama\")"), "{e}");
 }
+
+/// Each serving tier loads only its part; the parts compute what the whole
+/// model does: the block decoder's contexts, and the token decoder's scores
+/// given those contexts (the golden fixture's forward pass, split across the
+/// two loads).
+#[test]
+fn the_two_tiers_parts_compute_what_the_whole_model_does() {
+    use blockserve_model::loader::load_block_transformer;
+    use blockserve_model::Parts;
+    let dir = fixture_dir(BLOCK);
+    let load = |parts| load_block_transformer(&dir, None, DType::F32, &Device::Cpu, parts).unwrap();
+    let (whole, global, local) = (load(Parts::Whole), load(Parts::Global), load(Parts::Local));
+    let rows = forward_rows();
+    let want = whole.forward(&rows).unwrap();
+    // The block decoder's part: the contexts of every block of row 0.
+    let embeds = global.embed_ids(&rows[0]).unwrap();
+    let contexts = global.block_decoder().forward(&embeds.unsqueeze(0).unwrap()).unwrap().squeeze(0).unwrap();
+    assert_eq!(max_abs_diff(&contexts, &want.context.get(0).unwrap()), 0.0);
+    // The token decoder's part: log p of blocks 1.. of row 0 from those contexts.
+    let l = whole.block_length();
+    let n = rows[0].len() / l;
+    let ctx = contexts.narrow(0, 0, n - 1).unwrap();
+    assert_eq!(local.score_blocks(&ctx, &rows[0][l..]).unwrap(), whole.score_blocks(&ctx, &rows[0][l..]).unwrap());
+    // A part a tier did not load is not there.
+    let missing = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| local.block_decoder().max_blocks())).unwrap_err();
+    assert_eq!(missing.downcast_ref::<String>().map(String::as_str), Some("this process loaded the model without its block decoder (Parts::Local)"));
+}

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The split across GPUs, in one device call on a 2-GPU machine (nvidia-h200-x2):
+# block_main_b4_85, bf16, random weights, every tier a separate process, real
+# Redis, blockserve-loadtest with each tier's CPU per generated token.
+#
+#   bash bench/disagg.sh            # every step below (about 8 minutes)
+#   STEPS=baseline,split bash bench/disagg.sh
+#
+# Steps:
+#   baseline   the in-process engine on GPU 0 (the yardstick), decode-heavy at
+#              4096 and prefill-heavy at 3072
+#   split      block decoder on GPU 0, one token decoder on GPU 1 (no MPS),
+#              decode-heavy at 4096 and prefill-heavy at 3072
+#   proxy      the same decode-heavy run with 0.5, 1, 2 and 5 ms of added round
+#              trip between the token decoder and the block decoder
+#   synthetic  the block decoder alone on GPU 0, driven by synthetic token
+#              decoders over the real link (blocks/s)
+# The CUDA builds travel xz-compressed in .dev/bin (scripts/pack-cuda.sh).
+set -uo pipefail
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+for f in .dev/bin/*.xz; do python3 -c "import lzma,sys; open(sys.argv[1][:-3],'wb').write(lzma.open(sys.argv[1]).read())" "$f"; chmod +x "${f%.xz}"; done
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
+echo "$(nproc) cores"; date -u
+export BS=$PWD/.dev/bin/blockserve LT=$PWD/.dev/bin/blockserve-loadtest LP=$PWD/.dev/bin/blockserve-latency-proxy REDIS_SERVER=$PWD/.dev/bin/redis-server
+export PRESET=block_main_b4_85 DTYPE=bf16 MODEL_DIR=/tmp/b4_85
+export KV_MIB=${KV_MIB:-60000} MAX_BATCH=${MAX_BATCH:-4096} MAX_SESSIONS=${MAX_SESSIONS:-8192} TOKEN_BUDGET=${TOKEN_BUDGET:-32768}
+STEPS=${STEPS:-baseline,split,proxy,synthetic}
+step() { [[ ",$STEPS," == *",$1,"* ]]; }
+status=0
+# The engines' busy share and round-trip phases from a run's logs.
+phases() { grep -h "lifetime\|held_back\|phases\|tier's weights\|GPU memory" "$1"/*.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/^[^ ]* *INFO [^:]*: /  /'; }
+
+if step baseline; then
+  echo "== in-process engine, GPU 0"
+  $BS bench --preset $PRESET --setting decode-heavy --batch ${DECODE_BATCH:-4096} --device cuda:0 --dtype bf16 || status=1
+  $BS bench --preset $PRESET --setting prefill-heavy --batch ${PREFILL_BATCH:-3072} --device cuda:0 --dtype bf16 --token-budget ${TOKEN_BUDGET} || status=1
+fi
+
+run() { # name, then run-stack.sh's arguments; environment as set by the caller
+  export LOGS=${OUT:-/tmp}/$1; shift
+  echo "-- $(basename "$LOGS")"
+  bash loadtest/run-stack.sh "$@" || status=1
+  phases "$LOGS"
+}
+
+if step split; then
+  echo "== block decoder on GPU 0, one token decoder on GPU 1"
+  DEVICE=cuda:0 TD_DEVICE=cuda:1 TOKEN_DECODERS=1 run split-decode --setting decode-heavy --concurrency ${DECODE_BATCH:-4096}
+  DEVICE=cuda:0 TD_DEVICE=cuda:1 TOKEN_DECODERS=1 run split-prefill --setting prefill-heavy --concurrency ${PREFILL_BATCH:-3072}
+fi
+
+if step proxy; then
+  echo "== the same, with a round trip added between the token decoder and the block decoder"
+  for rtt in ${RTTS:-0.5 1 2 5}; do
+    DEVICE=cuda:0 TD_DEVICE=cuda:1 TOKEN_DECODERS=1 LINK_RTT_MS=$rtt run proxy-$rtt --setting decode-heavy --concurrency ${DECODE_BATCH:-4096}
+  done
+fi
+
+if step synthetic; then
+  echo "== the block decoder alone on GPU 0, synthetic token decoders over the real link"
+  "$REDIS_SERVER" --port 6399 --save "" --appendonly no >/tmp/redis-synthetic.log 2>&1 &
+  redis=$!
+  [ -e "$MODEL_DIR/config.json" ] || $BS init --preset $PRESET --out "$MODEL_DIR" --dtype bf16 >/dev/null
+  $BS block-decoder --listen 127.0.0.1:7001 --device cuda:0 --dtype bf16 --model "$MODEL_DIR" --kv-cache-mib "$KV_MIB" \
+    --max-sessions 16384 --token-budget "$TOKEN_BUDGET" --redis-url redis://127.0.0.1:6399 >/tmp/bd-synthetic.log 2>&1 &
+  bd=$!
+  for _ in $(seq 1 600); do (echo > /dev/tcp/127.0.0.1/7001) 2>/dev/null && break; sleep 0.2; done
+  for links_sessions in ${SYNTHETIC:-1:4096 2:8192}; do
+    IFS=: read -r links sessions <<< "$links_sessions"
+    $LT --synthetic-block-decoder http://127.0.0.1:7001 --links "$links" --concurrency "$sessions" --prompt-len 128 \
+      --warmup-s 8 --duration-s 15 ${TD_TOKENS_PER_S:+--td-tokens-per-s $TD_TOKENS_PER_S} || status=1
+  done
+  kill $bd $redis 2>/dev/null; wait 2>/dev/null
+  phases /tmp 2>/dev/null | grep -i block || true
+fi
+exit $status
