@@ -38,7 +38,7 @@ if step baseline; then
 fi
 
 run() { # name, then run-stack.sh's arguments; environment as set by the caller
-  export LOGS=${OUT:-/tmp}/$1; shift
+  export LOGS=${LOGROOT:-/tmp/disagg}/$1; shift
   echo "-- $(basename "$LOGS")"
   bash loadtest/run-stack.sh "$@" || status=1
   phases "$LOGS"
