@@ -5,6 +5,11 @@ mod commands;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc malloc: fewer cycles per allocation on the
+/// per-message paths (glibc's bookkeeping was about 8% of a router's CPU).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "blockserve", version, about = "Serve Block Transformer (global-to-local) language models", long_about = None)]
 struct Cli {

@@ -121,8 +121,10 @@ impl SessionStore for MemoryStore {
                     }
                     t.extend_from_slice(&a.tokens);
                     r.generated = t.len();
-                    r.updated_at_ms = now_ms();
-                    if !a.tokens.is_empty() {
+                    // As the Redis store: the first append stamps the first
+                    // token (and the update); later ones only add tokens.
+                    if a.offset == 0 && !a.tokens.is_empty() {
+                        r.updated_at_ms = now_ms();
                         r.first_token_at_ms.get_or_insert(r.updated_at_ms);
                     }
                 }

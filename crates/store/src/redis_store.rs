@@ -30,7 +30,11 @@ const WRITABLE: &str = "local function writable(key, e) \
 /// Appends of a batch: KEYS are (session, tokens) pairs; ARGV is `now`, then
 /// per entry its epoch, offset, token count and tokens. Returns per entry 1
 /// (applied, now or by an earlier try), 0 (fenced), or -1-n for a gap (n
-/// tokens recorded, fewer than the offset).
+/// tokens recorded, fewer than the offset). It runs for every session's every
+/// block, so it does the least it can: the fencing check, the length check
+/// and the push; the first append also stamps the first token's time.
+/// (`updated_at_ms` moves with state changes, the first token and the end,
+/// not with every block.)
 static APPEND: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(&format!(
         "{WRITABLE} local out = {{}} local a = 2 \
@@ -44,8 +48,7 @@ static APPEND: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| 
             elseif n ~= off then out[#out + 1] = -1 - n \
             else \
               for j = first, first + k - 1, 1000 do redis.call('RPUSH', tk, unpack(ARGV, j, math.min(j + 999, first + k - 1))) end \
-              redis.call('HSET', sk, 'updated_at_ms', ARGV[1]) \
-              if k > 0 then redis.call('HSETNX', sk, 'first_token_at_ms', ARGV[1]) end \
+              if off == 0 and k > 0 then redis.call('HSET', sk, 'first_token_at_ms', ARGV[1], 'updated_at_ms', ARGV[1]) end \
               out[#out + 1] = 1 end end end \
         return out"
     ))

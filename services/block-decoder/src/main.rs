@@ -1,6 +1,11 @@
 use blockserve_runtime::store::StoreArgs;
 use clap::Parser;
 
+/// mimalloc instead of glibc malloc: fewer cycles per allocation on the
+/// per-message paths (glibc's bookkeeping was about 8% of a router's CPU).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// blockserve block decoder: prefills prompts and turns each finished block into
 /// the next context embedding, for token decoders that stream to it.
 #[derive(Parser)]

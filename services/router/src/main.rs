@@ -1,6 +1,11 @@
 use blockserve_runtime::store::StoreArgs;
 use clap::Parser;
 
+/// mimalloc instead of glibc malloc: fewer cycles per allocation on the
+/// per-message paths (glibc's bookkeeping was about 8% of a router's CPU).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// blockserve router: the public Generation API. Validates requests, routes them to
 /// the least-loaded token and block decoders, and keeps sessions in the store.
 #[derive(Parser)]

@@ -1,6 +1,11 @@
 use blockserve_runtime::store::StoreArgs;
 use clap::Parser;
 
+/// mimalloc instead of glibc malloc: fewer cycles per allocation on the
+/// per-message paths (glibc's bookkeeping was about 8% of a router's CPU).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// blockserve token decoder: runs sessions, decoding the tokens of each block from
 /// the context embeddings a block decoder streams to it.
 #[derive(Parser)]

@@ -1,12 +1,20 @@
 //! Write-behind of a token decoder's session progress to the store.
 //!
 //! Sessions queue their writes (state changes, each block's tokens, the final
-//! state). While the store answers promptly, a session waits for its write
-//! before it relays (so a client that reads the store never sees less than it
-//! was sent). Once a batch fails, or takes longer than [`STALLED`], the
-//! store counts as unhealthy until a batch succeeds, and sessions go on at once:
-//! those already waiting are released, and a session keeps generating and
-//! streaming while the store is down or slow. One writer task applies what is queued in
+//! state). A block's tokens are queued and the session goes on at once: its
+//! stream runs ahead of the store by at most the batch being written (a few
+//! milliseconds), and writing never sets the pace of generation. A state change
+//! and the final state wait for their write while the store answers promptly,
+//! so a session recorded as finished has all its tokens recorded. Once a batch
+//! fails, or takes longer than [`STALLED`], the store counts as unhealthy
+//! until a batch succeeds, and nothing waits: those already waiting are
+//! released, and a session keeps generating and streaming while the store is
+//! down or slow.
+//!
+//! What runs ahead is never lost to a client: a migration starts from what the
+//! router relayed (it writes that output first), and a client that resumes
+//! through another router waits for the store to catch up; greedy and seeded
+//! output regenerated after a token decoder's death is the same. One writer task applies what is queued in
 //! batches, one store round trip for every session's tokens, and keeps a
 //! session's writes in order. When the store is unreachable it keeps the batch
 //! and retries with backoff, so everything is written once the store is back
@@ -81,9 +89,9 @@ impl Recorder {
         SessionWrites { recorder: self.clone(), id: id.to_string(), epoch, fenced }
     }
 
-    /// Queue `op` (waiting for room when the queue is full), then wait for it
-    /// to be written unless the store is failing.
-    async fn queue(&self, op: Op) -> Result<(), StoreError> {
+    /// Queue `op` (waiting for room when the queue is full), then, when
+    /// `wait`, wait for it to be written unless the store is failing.
+    async fn queue(&self, op: Op, wait: bool) -> Result<(), StoreError> {
         let stopped = || StoreError::Unavailable("token recorder stopped".into());
         let permit = self.room.clone().acquire_owned().await.map_err(|_| stopped())?;
         METRICS.buffered_writes.inc();
@@ -92,7 +100,7 @@ impl Recorder {
         // No timer of its own per write: a batch that takes longer than
         // STALLED turns `healthy` false, which releases every waiter at once.
         let mut healthy = self.healthy.subscribe();
-        if *healthy.borrow_and_update() {
+        if wait && *healthy.borrow_and_update() {
             tokio::select! {
                 _ = written => {}
                 _ = healthy.wait_for(|h| !h) => {}
@@ -194,21 +202,22 @@ impl Recorder {
 
 impl SessionWrites {
     pub async fn progress(&self, state: SessionState) -> Result<(), StoreError> {
-        self.recorder.queue(Op::Progress { id: self.id.clone(), epoch: self.epoch, state }).await
+        self.recorder.queue(Op::Progress { id: self.id.clone(), epoch: self.epoch, state }, true).await
     }
 
     /// The session moved to another block decoder.
     pub async fn moved(&self, block_decoder: &str) -> Result<(), StoreError> {
-        self.recorder.queue(Op::MovedTo { id: self.id.clone(), epoch: self.epoch, block_decoder: block_decoder.to_string() }).await
+        self.recorder.queue(Op::MovedTo { id: self.id.clone(), epoch: self.epoch, block_decoder: block_decoder.to_string() }, true).await
     }
 
-    /// Record `tokens` after the first `offset` of the output.
+    /// Record `tokens` after the first `offset` of the output (queued; waits
+    /// only for room in the queue).
     pub async fn append(&self, offset: usize, tokens: &[u32]) -> Result<(), StoreError> {
-        self.recorder.queue(Op::Append(Append { id: self.id.clone(), epoch: self.epoch, offset, tokens: tokens.to_vec() })).await
+        self.recorder.queue(Op::Append(Append { id: self.id.clone(), epoch: self.epoch, offset, tokens: tokens.to_vec() }), false).await
     }
 
     pub async fn finish(&self, outcome: Outcome, ttl: Duration) -> Result<(), StoreError> {
-        self.recorder.queue(Op::Finish { id: self.id.clone(), epoch: self.epoch, outcome, ttl }).await
+        self.recorder.queue(Op::Finish { id: self.id.clone(), epoch: self.epoch, outcome, ttl }, true).await
     }
 }
 
