@@ -10,7 +10,8 @@
 #   baseline   the in-process engine on GPU 0 (the yardstick), decode-heavy at
 #              4096 and prefill-heavy at 3072
 #   split      block decoder on GPU 0, one token decoder on GPU 1 (no MPS),
-#              decode-heavy at 4096 and prefill-heavy at 3072
+#              decode-heavy at 4096 and prefill-heavy at 3072 (SPLIT_RUNS:
+#              token decoders:block-decoder micro-batches:setting:concurrency)
 #   proxy      the same decode-heavy run with 0.5, 1, 2 and 5 ms of added round
 #              trip between the token decoder and the block decoder
 #   synthetic  the block decoder alone on GPU 0, driven by synthetic token
@@ -45,9 +46,12 @@ run() { # name, then run-stack.sh's arguments; environment as set by the caller
 }
 
 if step split; then
-  echo "== block decoder on GPU 0, one token decoder on GPU 1"
-  DEVICE=cuda:0 TD_DEVICE=cuda:1 TOKEN_DECODERS=1 run split-decode --setting decode-heavy --concurrency ${DECODE_BATCH:-4096}
-  DEVICE=cuda:0 TD_DEVICE=cuda:1 TOKEN_DECODERS=1 run split-prefill --setting prefill-heavy --concurrency ${PREFILL_BATCH:-3072}
+  echo "== block decoder on GPU 0, token decoder(s) on GPU 1"
+  # token decoders on GPU 1 : block-decoder micro-batches : setting : concurrency
+  for r in ${SPLIT_RUNS:-1:2:decode-heavy:${DECODE_BATCH:-4096} 1:2:prefill-heavy:${PREFILL_BATCH:-3072}}; do
+    IFS=: read -r td mb setting c <<< "$r"
+    DEVICE=cuda:0 TD_DEVICE=cuda:1 TOKEN_DECODERS=$td MICRO_BATCHES=$mb run split-$td-$mb-$setting --setting "$setting" --concurrency "$c"
+  done
 fi
 
 if step proxy; then
