@@ -17,7 +17,9 @@
 # GPU's SMs the block decoder / each token decoder may use], LINK_RTT_MS
 # [unset; set: token decoders reach the block decoder through
 # blockserve-latency-proxy (LP [target/release/blockserve-latency-proxy]),
-# which adds this round trip in milliseconds], BD_ARGS / TD_ARGS [extra flags].
+# which adds this round trip in milliseconds], BD_ARGS / TD_ARGS [extra flags],
+# BD_ENV / TD_ENV / ROUTER_ENV [extra VAR=VALUE settings for that tier's
+# processes, e.g. TOKIO_WORKER_THREADS=8].
 set -euo pipefail
 BS=${BS:-target/release/blockserve}
 LT=${LT:-target/release/blockserve-loadtest}
@@ -75,19 +77,19 @@ if [ -n "${LINK_RTT_MS:-}" ]; then
   pids+=($!); names+=(latency-proxy)
   advertise=(--advertise "http://127.0.0.1:$proxy")
 fi
-env ${BD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$BD_SM_PERCENT} "$BS" block-decoder --listen 127.0.0.1:$bdp "${advertise[@]}" ${BD_ARGS:-} --metrics-listen 127.0.0.1:$bdm --device "$DEVICE" --kv-cache-mib "${KV_MIB:-1024}" \
+env ${BD_ENV:-} ${BD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$BD_SM_PERCENT} "$BS" block-decoder --listen 127.0.0.1:$bdp "${advertise[@]}" ${BD_ARGS:-} --metrics-listen 127.0.0.1:$bdm --device "$DEVICE" --kv-cache-mib "${KV_MIB:-1024}" \
   --max-sessions "${MAX_SESSIONS:-4096}" --token-budget "${TOKEN_BUDGET:-8192}" --micro-batches "${MICRO_BATCHES:-2}" >"$LOGS/block-decoder.log" 2>&1 &
 pids+=($!); names+=(block-decoder)
 wait_port "$bdp"
 for i in $(seq 1 "$TOKEN_DECODERS"); do
   tdp=$(free_port); tdm=$(free_port); metrics+=("token-decoder-$i=127.0.0.1:$tdm")
-  env ${TD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$TD_SM_PERCENT} "$BS" token-decoder --listen 127.0.0.1:$tdp ${TD_ARGS:-} --metrics-listen 127.0.0.1:$tdm --device "$TD_DEVICE" --max-batch "${MAX_BATCH:-1024}" \
+  env ${TD_ENV:-} ${TD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$TD_SM_PERCENT} "$BS" token-decoder --listen 127.0.0.1:$tdp ${TD_ARGS:-} --metrics-listen 127.0.0.1:$tdm --device "$TD_DEVICE" --max-batch "${MAX_BATCH:-1024}" \
     --max-sessions "${MAX_SESSIONS:-4096}" --max-unread-blocks "${MAX_UNREAD:-8}" >"$LOGS/token-decoder-$i.log" 2>&1 &
   pids+=($!); names+=(token-decoder-$i)
   wait_port "$tdp"
 done
 rtp=$(free_port); rtm=$(free_port); metrics+=("router=127.0.0.1:$rtm")
-$NICE "$BS" router --listen 127.0.0.1:$rtp --metrics-listen 127.0.0.1:$rtm --max-new-tokens 4096 >"$LOGS/router.log" 2>&1 &
+$NICE env ${ROUTER_ENV:-} "$BS" router --listen 127.0.0.1:$rtp --metrics-listen 127.0.0.1:$rtm --max-new-tokens 4096 >"$LOGS/router.log" 2>&1 &
 pids+=($!); names+=(router)
 wait_port "$rtp"
 sleep 1

@@ -46,6 +46,31 @@ enum Op {
     Finish { id: String, epoch: Epoch, outcome: Outcome, ttl: Duration },
 }
 
+/// A batch's appends, a session's blocks joined into one entry when they
+/// continue each other: the blocks that queued while the last batch was being
+/// written cost one entry of the next instead of one each. (The store's work
+/// per batch then grows with sessions, not with sessions times blocks: the
+/// slower it is, the more each entry carries.)
+#[derive(Default)]
+struct Appends<'a> {
+    list: Vec<Append>,
+    /// Each session's entry in `list`.
+    at: HashMap<&'a str, usize>,
+}
+
+impl<'a> Appends<'a> {
+    fn push(&mut self, a: &'a Append) {
+        if let Some(last) = self.at.get(a.id.as_str()).map(|&i| &mut self.list[i]) {
+            if last.epoch == a.epoch && last.offset + last.tokens.len() == a.offset {
+                last.tokens.extend_from_slice(&a.tokens);
+                return;
+            }
+        }
+        self.at.insert(&a.id, self.list.len());
+        self.list.push(a.clone());
+    }
+}
+
 /// A queued write, its room in the queue, and who waits for it.
 type Queued = (Op, OwnedSemaphorePermit, oneshot::Sender<()>);
 
@@ -156,14 +181,14 @@ impl Recorder {
     /// latest state change, its moves, then all appends (one round trip), then ends.
     async fn apply(&self, store: &dyn SessionStore, ops: &[Op]) -> Result<(), StoreError> {
         let mut progress: HashMap<&str, (Epoch, SessionState)> = HashMap::new();
-        let mut appends = vec![];
+        let mut appends = Appends::default();
         let mut finishes = vec![];
         let mut moves = vec![];
         for op in ops {
             match op {
                 Op::MovedTo { id, epoch, block_decoder } => moves.push((id, *epoch, block_decoder)),
                 Op::Progress { id, epoch, state } => drop(progress.insert(id, (*epoch, *state))),
-                Op::Append(a) => appends.push(a.clone()),
+                Op::Append(a) => appends.push(a),
                 Op::Finish { .. } => finishes.push(op),
             }
         }
@@ -178,7 +203,7 @@ impl Recorder {
                 self.fence(id);
             }
         }
-        for (a, w) in appends.iter().zip(store.append_many(&appends).await?) {
+        for (a, w) in appends.list.iter().zip(store.append_many(&appends.list).await?) {
             if w == Write::Fenced {
                 self.fence(&a.id);
             }
@@ -228,5 +253,31 @@ impl Drop for SessionWrites {
         if m.get(&self.id).is_some_and(|f| self.fenced.same_channel(&f.subscribe())) {
             m.remove(&self.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn append(id: &str, epoch: Epoch, offset: usize, tokens: &[u32]) -> Append {
+        Append { id: id.into(), epoch, offset, tokens: tokens.to_vec() }
+    }
+
+    #[test]
+    fn a_sessions_consecutive_blocks_join_into_one_entry() {
+        let queued = [
+            append("a", 0, 0, &[1, 2, 3, 4]),
+            append("b", 0, 8, &[9, 9, 9, 9]),
+            append("a", 0, 4, &[5, 6, 7, 8]),
+            // Another epoch (the session moved): a separate entry.
+            append("b", 1, 12, &[7, 7, 7, 7]),
+            append("a", 0, 8, &[9]),
+        ];
+        let mut joined = Appends::default();
+        for a in &queued {
+            joined.push(a);
+        }
+        assert_eq!(joined.list, vec![append("a", 0, 0, &[1, 2, 3, 4, 5, 6, 7, 8, 9]), append("b", 0, 8, &[9, 9, 9, 9]), append("b", 1, 12, &[7, 7, 7, 7])]);
     }
 }
