@@ -50,7 +50,7 @@ if step split; then
   # token decoders on GPU 1 : block-decoder micro-batches : setting : concurrency [: worker threads of the token decoder and router]
   for r in ${SPLIT_RUNS:-1:2:decode-heavy:${DECODE_BATCH:-4096} 1:2:prefill-heavy:${PREFILL_BATCH:-3072}}; do
     IFS=: read -r td mb setting c wt <<< "$r"
-    env=${wt:+TOKIO_WORKER_THREADS=$wt}
+    env=${wt:+BLOCKSERVE_WORKER_THREADS=$wt}
     DEVICE=cuda:0 TD_DEVICE=cuda:1 TOKEN_DECODERS=$td MICRO_BATCHES=$mb TD_ENV=$env ROUTER_ENV=$env run split-$td-$mb-$setting${wt:+-wt$wt} --setting "$setting" --concurrency "$c"
   done
 fi

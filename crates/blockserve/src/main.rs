@@ -59,17 +59,16 @@ fn main() {
     // The block decoder does no per-session work on its runtime: only its
     // links, which are the critical path between passes, so its workers run
     // at the engine's priority.
-    let critical = matches!(cli.command, Command::BlockDecoder(_));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .on_thread_start(move || {
-            if critical {
-                blockserve_runtime::thread::make_critical("block-decoder-worker");
-            }
-        })
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(run(cli));
+    let critical = matches!(cli.command, Command::BlockDecoder(_)).then_some("block-decoder-worker");
+    let threads = match &cli.command {
+        Command::Router(a) => a.args.serve.worker_threads,
+        Command::BlockDecoder(a) => a.args.serve.worker_threads,
+        Command::TokenDecoder(a) => a.args.serve.worker_threads,
+        Command::Up(a) => a.worker_threads,
+        // Model commands and the client: the machine's cores.
+        _ => std::thread::available_parallelism().map_or(4, |n| n.get()) as u16,
+    };
+    blockserve_runtime::server::runtime(threads, critical).block_on(run(cli));
 }
 
 async fn run(cli: Cli) {

@@ -17,8 +17,8 @@ struct Cli {
     store: StoreArgs,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    blockserve_runtime::server::run_process(&cli.store, |store, stop| blockserve_router::run(cli.args, store, stop, None)).await
+    let runtime = blockserve_runtime::server::runtime(cli.args.serve.worker_threads, None);
+    runtime.block_on(blockserve_runtime::server::run_process(&cli.store, |store, stop| blockserve_router::run(cli.args, store, stop, None)))
 }

@@ -136,7 +136,8 @@ impl ModelThread {
                 };
                 let _ = ready_tx.send(Ok(()));
                 let phases = Phases::default();
-                Thread { model, batcher, sessions: HashMap::new(), outbox: HashMap::new(), queued: q, max_unread, held_back: 0, phases }.run(rx)
+                let dispatch = dispatcher();
+                Thread { model, batcher, sessions: HashMap::new(), outbox: HashMap::new(), queued: q, max_unread, held_back: 0, phases, dispatch }.run(rx)
             })
             .expect("spawn engine thread");
         ready_rx.recv().map_err(|_| EngineError::Stopped("token decoder"))??;
@@ -221,6 +222,27 @@ struct Thread {
     /// Blocks held back because their session's task was behind.
     held_back: u64,
     phases: Phases,
+    /// Hands each round's events to the session tasks (see [`dispatcher`]).
+    dispatch: std::sync::mpsc::Sender<Vec<(mpsc::UnboundedSender<Event>, Event)>>,
+}
+
+/// A thread that hands a round's events to the session tasks. Waking
+/// thousands of tasks takes a millisecond or two; on the model thread that
+/// time would stand between this round and the next, whose contexts may
+/// already be waiting.
+fn dispatcher() -> std::sync::mpsc::Sender<Vec<(mpsc::UnboundedSender<Event>, Event)>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<(mpsc::UnboundedSender<Event>, Event)>>();
+    std::thread::Builder::new()
+        .name("token-decoder-events".into())
+        .spawn(move || {
+            for events in rx {
+                for (to, e) in events {
+                    let _ = to.send(e);
+                }
+            }
+        })
+        .expect("spawn the event dispatcher");
+    tx
 }
 
 /// Where the engine thread's busy time goes, logged when it stops.
@@ -316,8 +338,8 @@ impl Thread {
                     self.fail_link(id, Status::unavailable(format!("link to block decoder {} is closed", link.address)));
                 }
             }
-            for (to, e) in events {
-                let _ = to.send(e);
+            if !events.is_empty() {
+                let _ = self.dispatch.send(events);
             }
         }
     }

@@ -33,6 +33,10 @@ pub struct Args {
     /// Number of token-decoder instances.
     #[arg(long, default_value_t = 2)]
     token_decoders: usize,
+    /// Threads of the async runtime every tier of this process shares (each
+    /// tier run on its own defaults to 4).
+    #[arg(long, env = "BLOCKSERVE_WORKER_THREADS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: u16,
     /// Memory of the block decoder's KV cache, in MiB.
     #[arg(long, env = "BLOCKSERVE_KV_CACHE_MIB", default_value_t = 1024)]
     kv_cache_mib: usize,
