@@ -47,11 +47,13 @@ run() { # name, then run-stack.sh's arguments; environment as set by the caller
 
 if step split; then
   echo "== block decoder on GPU 0, token decoder(s) on GPU 1"
-  # token decoders on GPU 1 : block-decoder micro-batches : setting : concurrency [: worker threads of the token decoder and router]
+  # token decoders on GPU 1 : block-decoder micro-batches : setting : concurrency
+  # [: worker threads of the token decoder and router [: block-decoder token budget]]
   for r in ${SPLIT_RUNS:-1:2:decode-heavy:${DECODE_BATCH:-4096} 1:2:prefill-heavy:${PREFILL_BATCH:-3072}}; do
-    IFS=: read -r td mb setting c wt <<< "$r"
+    IFS=: read -r td mb setting c wt tb <<< "$r"
     env=${wt:+BLOCKSERVE_WORKER_THREADS=$wt}
-    DEVICE=cuda:0 TD_DEVICE=cuda:1 TOKEN_DECODERS=$td MICRO_BATCHES=$mb TD_ENV=$env ROUTER_ENV=$env run split-$td-$mb-$setting${wt:+-wt$wt} --setting "$setting" --concurrency "$c"
+    DEVICE=cuda:0 TD_DEVICE=cuda:1 TOKEN_DECODERS=$td MICRO_BATCHES=$mb TD_ENV=$env ROUTER_ENV=$env TOKEN_BUDGET=${tb:-$TOKEN_BUDGET} \
+      run split-$td-$mb-$setting${wt:+-wt$wt}${tb:+-tb$tb} --setting "$setting" --concurrency "$c"
   done
 fi
 
