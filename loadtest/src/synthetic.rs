@@ -28,8 +28,15 @@ pub struct Synthetic {
     pub duration: Duration,
 }
 
+/// Blocks a synthetic session generates before it is closed and replaced by a
+/// new one (the block decoder admits a session for its prompt plus this many,
+/// within its position limit).
+const SESSION_BLOCKS: u32 = 1024;
+
 /// Run one link: open `keys`, then answer every context with the next block
-/// until `stop`; blocks sent are counted in `blocks`.
+/// until `stop`; blocks sent are counted in `blocks`. A session that reaches
+/// [`SESSION_BLOCKS`] is closed and a new one (a new key, the same prompt
+/// length) takes its place, so the load stays steady.
 async fn link(s: Arc<Synthetic>, keys: std::ops::Range<u64>, blocks: Arc<AtomicU64>, stop: Instant) -> Result<()> {
     let channel = Endpoint::from_shared(s.address.clone())?
         .tcp_nodelay(true)
@@ -42,31 +49,44 @@ async fn link(s: Arc<Synthetic>, keys: std::ops::Range<u64>, blocks: Arc<AtomicU
     let mut down = BlockDecoderClient::new(channel).max_decoding_message_size(usize::MAX).link(UnboundedReceiverStream::new(rx)).await?.into_inner();
     let l = s.block_length;
     let padded = s.prompt_len.div_ceil(l) * l;
-    // Long enough to outlast the run: the block decoder reserves KV for it.
-    let max_new_blocks = 1 << 14;
-    let opens = keys
-        .clone()
-        .map(|key| OpenBlocks {
-            key,
-            session_id: format!("synthetic-{key}"),
-            prompt_ids: (0..padded).map(|i| 1 + ((key as usize * 31 + i * 7) % 250) as u32).collect(),
-            max_new_blocks,
-            traceparent: String::new(),
-        })
-        .collect();
-    tx.send(LinkUp { opens, ..Default::default() })?;
+    let prompt_blocks = (padded / l) as u32;
+    let open = |key: u64| OpenBlocks {
+        key,
+        session_id: format!("synthetic-{key}"),
+        prompt_ids: (0..padded).map(|i| 1 + ((key as usize * 31 + i * 7) % 250) as u32).collect(),
+        max_new_blocks: SESSION_BLOCKS,
+        traceparent: String::new(),
+    };
+    let mut open_keys: std::collections::HashSet<u64> = keys.clone().collect();
+    // New keys for replacements: past every key a link starts with.
+    let mut next_key = keys.end + (1 << 40);
+    tx.send(LinkUp { opens: keys.clone().map(open).collect(), ..Default::default() })?;
     while let Some(msg) = down.message().await? {
         if let Some(e) = msg.errors.first() {
             bail!("the block decoder ended session {} with code {}: {}", e.key, e.code, e.message);
         }
         if Instant::now() >= stop {
-            tx.send(LinkUp { closes: keys.collect(), ..Default::default() })?;
+            tx.send(LinkUp { closes: open_keys.into_iter().collect(), ..Default::default() })?;
             return Ok(());
         }
-        let n = msg.keys.len();
-        let batch = BlockBatch { indices: msg.block_indices.iter().map(|b| b + 1).collect(), token_ids: vec![7; n * l], keys: msg.keys };
-        tx.send(LinkUp { blocks: Some(batch), ..Default::default() })?;
-        blocks.fetch_add(n as u64, Ordering::Relaxed);
+        let mut up = LinkUp { blocks: Some(BlockBatch::default()), ..Default::default() };
+        let batch = up.blocks.as_mut().expect("set above");
+        for (&key, &index) in msg.keys.iter().zip(&msg.block_indices) {
+            if index + 1 >= prompt_blocks + SESSION_BLOCKS {
+                // Done: close it, open a fresh one in its place.
+                open_keys.remove(&key);
+                up.closes.push(key);
+                open_keys.insert(next_key);
+                up.opens.push(open(next_key));
+                next_key += 1;
+            } else {
+                batch.keys.push(key);
+                batch.indices.push(index + 1);
+                batch.token_ids.extend(std::iter::repeat_n(7, l));
+            }
+        }
+        blocks.fetch_add(batch.keys.len() as u64, Ordering::Relaxed);
+        tx.send(up)?;
     }
     bail!("the block decoder closed the link")
 }
