@@ -16,6 +16,8 @@
 #              trip between the token decoder and the block decoder
 #   synthetic  the block decoder alone on GPU 0, driven by synthetic token
 #              decoders over the real link (blocks/s)
+#   bundled    the bundled model (models/code-block): the split decode-heavy
+#              run and the block decoder alone
 # The CUDA builds travel xz-compressed in .dev/bin (scripts/pack-cuda.sh).
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -64,21 +66,33 @@ if step proxy; then
   done
 fi
 
-if step synthetic; then
-  echo "== the block decoder alone on GPU 0, synthetic token decoders over the real link"
+# The block decoder alone on GPU 0 with the model in $1, driven by synthetic
+# token decoders over the real link.
+synthetic() {
   "$REDIS_SERVER" --port 6399 --save "" --appendonly no >/tmp/redis-synthetic.log 2>&1 &
-  redis=$!
-  [ -e "$MODEL_DIR/config.json" ] || $BS init --preset $PRESET --out "$MODEL_DIR" --dtype bf16 >/dev/null
-  $BS block-decoder --listen 127.0.0.1:7001 --device cuda:0 --dtype bf16 --model "$MODEL_DIR" --kv-cache-mib "$KV_MIB" \
+  local redis=$!
+  $BS block-decoder --listen 127.0.0.1:7001 --device cuda:0 --dtype bf16 --model "$1" --kv-cache-mib "$KV_MIB" \
     --max-sessions 16384 --token-budget "$TOKEN_BUDGET" --redis-url redis://127.0.0.1:6399 >/tmp/bd-synthetic.log 2>&1 &
-  bd=$!
+  local bd=$!
   for _ in $(seq 1 600); do (echo > /dev/tcp/127.0.0.1/7001) 2>/dev/null && break; sleep 0.2; done
   for links_sessions in ${SYNTHETIC:-1:4096 2:8192}; do
     IFS=: read -r links sessions <<< "$links_sessions"
     $LT --synthetic-block-decoder http://127.0.0.1:7001 --links "$links" --concurrency "$sessions" --prompt-len 128 \
-      --warmup-s 8 --duration-s 15 ${TD_TOKENS_PER_S:+--td-tokens-per-s $TD_TOKENS_PER_S} || status=1
+      --warmup-s 8 --duration-s 15 ${2:+--td-tokens-per-s $2} || status=1
   done
-  kill $bd $redis 2>/dev/null; wait 2>/dev/null
-  phases /tmp 2>/dev/null | grep -i block || true
+  kill $bd $redis 2>/dev/null; wait $bd $redis 2>/dev/null
+  grep -h "lifetime" /tmp/bd-synthetic.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/^[^ ]* *INFO [^:]*: /  /'
+}
+
+if step synthetic; then
+  echo "== the block decoder alone on GPU 0 (block_main_b4_85), synthetic token decoders over the real link"
+  [ -e "$MODEL_DIR/config.json" ] || $BS init --preset $PRESET --out "$MODEL_DIR" --dtype bf16 >/dev/null
+  synthetic "$MODEL_DIR" "${TD_TOKENS_PER_S:-}"
+fi
+
+if step bundled; then
+  echo "== the bundled model (models/code-block): the split, and the block decoder alone"
+  DEVICE=cuda:0 TD_DEVICE=cuda:1 TOKEN_DECODERS=1 MODEL_DIR=$PWD/models/code-block run bundled-split --setting decode-heavy --concurrency ${DECODE_BATCH:-4096}
+  synthetic "$PWD/models/code-block" "${BUNDLED_TD_TOKENS_PER_S:-}"
 fi
 exit $status
