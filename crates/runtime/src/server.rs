@@ -11,7 +11,8 @@ use tower::layer::util::{Identity, Stack};
 use crate::guard::{GuardLayer, HTTP2_MAX_HEADER_LIST};
 use crate::tls::{ServerTls, ServerTlsArgs};
 
-/// Default of `--worker-threads`.
+/// Default of `--worker-threads` for the router and the block decoder (the
+/// token decoder's is its own).
 pub const DEFAULT_WORKER_THREADS: u16 = 4;
 
 /// The multi-threaded runtime a tier runs on, with `worker_threads` threads;
@@ -77,13 +78,15 @@ pub struct ServeArgs {
     /// Seconds an instance stays registered without renewing its lease.
     #[arg(long, env = "BLOCKSERVE_LEASE_TTL_S", default_value_t = 6)]
     pub lease_ttl_s: u64,
-    /// Threads of the async runtime that serves calls and runs sessions. A
+    /// Threads of the async runtime that serves calls and runs sessions
+    /// (default: 2 for a token decoder, 4 for a router or block decoder). A
     /// few busy threads hand work to each other far more cheaply than many
-    /// that keep parking and waking: at 750k tokens/s on two H200s, 4 threads
-    /// took the token decoder from 12.1 to 3.3 us of CPU per token and the
-    /// router from 4.7 to 2.5 (docs/performance.md).
-    #[arg(long, env = "BLOCKSERVE_WORKER_THREADS", default_value_t = DEFAULT_WORKER_THREADS, value_parser = clap::value_parser!(u16).range(1..))]
-    pub worker_threads: u16,
+    /// that keep parking and waking: at 750-800k tokens/s on two H200s, 4
+    /// threads instead of one per core took the token decoder from 12.1 to 3.3
+    /// us of CPU per token and the router from 4.7 to 2.5; 2 threads took the
+    /// token decoder to 2.9 at the same throughput (docs/performance.md).
+    #[arg(long, env = "BLOCKSERVE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
     #[command(flatten)]
     pub tls: ServerTlsArgs,
 }
@@ -91,15 +94,7 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// Defaults for a tier that `blockserve up` runs in process.
     pub fn local(listen: SocketAddr) -> Self {
-        Self {
-            listen,
-            advertise: None,
-            grace_period_s: 10,
-            metrics_listen: None,
-            lease_ttl_s: 6,
-            worker_threads: DEFAULT_WORKER_THREADS,
-            tls: Default::default(),
-        }
+        Self { listen, advertise: None, grace_period_s: 10, metrics_listen: None, lease_ttl_s: 6, worker_threads: None, tls: Default::default() }
     }
 
     /// Bind the listener and load the TLS files (failing early when they are

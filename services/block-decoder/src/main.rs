@@ -19,6 +19,9 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = blockserve_runtime::server::runtime(cli.args.serve.worker_threads, Some("block-decoder-worker"));
+    let runtime = blockserve_runtime::server::runtime(
+        cli.args.serve.worker_threads.unwrap_or(blockserve_runtime::server::DEFAULT_WORKER_THREADS),
+        Some("block-decoder-worker"),
+    );
     runtime.block_on(blockserve_runtime::server::run_process(&cli.store, |store, stop| blockserve_block_decoder::run(cli.args, store, stop, None)))
 }

@@ -19,6 +19,6 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = blockserve_runtime::server::runtime(cli.args.serve.worker_threads, None);
+    let runtime = blockserve_runtime::server::runtime(cli.args.serve.worker_threads.unwrap_or(blockserve_runtime::server::DEFAULT_WORKER_THREADS), None);
     runtime.block_on(blockserve_runtime::server::run_process(&cli.store, |store, stop| blockserve_router::run(cli.args, store, stop, None)))
 }

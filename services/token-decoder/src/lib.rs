@@ -27,6 +27,10 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 use tonic::Status;
 
+/// Default of `--worker-threads` for a token decoder: its sessions' per-block
+/// work runs on few threads best (docs/performance.md).
+pub const DEFAULT_WORKER_THREADS: u16 = 2;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
