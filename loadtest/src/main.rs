@@ -92,6 +92,10 @@ struct Args {
     /// With --synthetic-block-decoder: seconds before measuring (prefill).
     #[arg(long, default_value_t = 10.0)]
     warmup_s: f64,
+    /// With --synthetic-block-decoder: blocks each synthetic session
+    /// generates before a fresh one replaces it.
+    #[arg(long, default_value_t = 1024)]
+    session_blocks: u32,
     /// With --synthetic-block-decoder: one token-decoder GPU's measured
     /// tokens/s; the report then says how many such GPUs the block decoder feeds.
     #[arg(long)]
@@ -237,6 +241,7 @@ async fn run_synthetic(a: &Args, address: String) -> Result<()> {
     let prompt_len = a.prompt_len.unwrap_or(128);
     let s = synthetic::Synthetic {
         address,
+        session_blocks: a.session_blocks.max(1),
         links: a.links,
         sessions: a.concurrency,
         prompt_len,

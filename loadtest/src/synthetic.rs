@@ -20,6 +20,10 @@ use tonic::transport::Endpoint;
 
 pub struct Synthetic {
     pub address: String,
+    /// Blocks a session generates before it is closed and replaced by a new
+    /// one (the block decoder admits a session for its prompt plus this many,
+    /// within its position limit).
+    pub session_blocks: u32,
     pub links: usize,
     pub sessions: usize,
     pub prompt_len: usize,
@@ -28,14 +32,9 @@ pub struct Synthetic {
     pub duration: Duration,
 }
 
-/// Blocks a synthetic session generates before it is closed and replaced by a
-/// new one (the block decoder admits a session for its prompt plus this many,
-/// within its position limit).
-const SESSION_BLOCKS: u32 = 1024;
-
 /// Run one link: open `keys`, then answer every context with the next block
 /// until `stop`; blocks sent are counted in `blocks`. A session that reaches
-/// [`SESSION_BLOCKS`] is closed and a new one (a new key, the same prompt
+/// `session_blocks` is closed and a new one (a new key, the same prompt
 /// length) takes its place, so the load stays steady.
 async fn link(s: Arc<Synthetic>, keys: std::ops::Range<u64>, blocks: Arc<AtomicU64>, stop: Instant) -> Result<()> {
     let channel = Endpoint::from_shared(s.address.clone())?
@@ -54,7 +53,7 @@ async fn link(s: Arc<Synthetic>, keys: std::ops::Range<u64>, blocks: Arc<AtomicU
         key,
         session_id: format!("synthetic-{key}"),
         prompt_ids: (0..padded).map(|i| 1 + ((key as usize * 31 + i * 7) % 250) as u32).collect(),
-        max_new_blocks: SESSION_BLOCKS,
+        max_new_blocks: s.session_blocks,
         traceparent: String::new(),
     };
     let mut open_keys: std::collections::HashSet<u64> = keys.clone().collect();
@@ -72,7 +71,7 @@ async fn link(s: Arc<Synthetic>, keys: std::ops::Range<u64>, blocks: Arc<AtomicU
         let mut up = LinkUp { blocks: Some(BlockBatch::default()), ..Default::default() };
         let batch = up.blocks.as_mut().expect("set above");
         for (&key, &index) in msg.keys.iter().zip(&msg.block_indices) {
-            if index + 1 >= prompt_blocks + SESSION_BLOCKS {
+            if index + 1 >= prompt_blocks + s.session_blocks {
                 // Done: close it, open a fresh one in its place.
                 open_keys.remove(&key);
                 up.closes.push(key);

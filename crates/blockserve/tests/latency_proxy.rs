@@ -53,3 +53,25 @@ async fn tokens_are_identical_through_a_latency_proxy() {
         assert_eq!(rec.assignment.block_decoder, advertise);
     }
 }
+
+/// The block decoder driven on its own by synthetic token decoders over the
+/// real link (`blockserve-loadtest --synthetic-block-decoder`): two links,
+/// sessions of 8 blocks replaced by fresh ones as they end, every context
+/// answered; the report names the run and counts blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_synthetic_link_load_drives_a_block_decoder() {
+    let cluster = Cluster::start(&fixture_model(), &[("block-decoder", 1, &[])]).await;
+    let bd = cluster.procs[cluster.of("block-decoder")[0]].address();
+    let out = Command::new(workspace_bin(env!("CARGO_BIN_EXE_blockserve"), "blockserve-loadtest"))
+        .args(["--synthetic-block-decoder", &bd, "--links", "2", "--concurrency", "8", "--prompt-len", "6", "--session-blocks", "8"])
+        .args(["--warmup-s", "0.5", "--duration-s", "1.5", "--td-tokens-per-s", "1000"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = String::from_utf8_lossy(&out.stdout);
+    let row = report.lines().find(|l| l.starts_with("| 2 | 8 | 6 |")).unwrap_or_else(|| panic!("{report}"));
+    let blocks: f64 = row.split('|').nth(4).unwrap().trim().parse().unwrap();
+    // More blocks than 8 sessions of 8 hold: sessions ended and fresh ones
+    // took their place (a refused block or open fails the run).
+    assert!(blocks * 1.5 > 64.0, "{report}");
+}
