@@ -46,7 +46,9 @@ wait_port() {
   echo "port $1 never opened; logs in $LOGS" >&2; return 1
 }
 
-[ -e "$MODEL_DIR/config.json" ] || "$BS" init --preset "$PRESET" --out "$MODEL_DIR" --dtype "$([ "$DTYPE" = f32 ] && echo f32 || echo bf16)" >/dev/null
+# A random-weight model written by this binary: one an older build left in
+# MODEL_DIR is written again.
+[ "$MODEL_DIR/config.json" -nt "$BS" ] || "$BS" init --preset "$PRESET" --out "$MODEL_DIR" --dtype "$([ "$DTYPE" = f32 ] && echo f32 || echo bf16)" >/dev/null
 rp=$(free_port)
 "$REDIS_SERVER" --port "$rp" --save "" --appendonly no >"$LOGS/redis.log" 2>&1 &
 pids+=($!); names+=(redis)
