@@ -25,6 +25,7 @@ BS=${BS:-target/release/blockserve}
 LT=${LT:-target/release/blockserve-loadtest}
 REDIS_SERVER=${REDIS_SERVER:-redis-server}
 PRESET=${PRESET:-block_main_b4_5}
+default_model=""; [ -z "${MODEL_DIR:-}" ] && default_model=1
 MODEL_DIR=${MODEL_DIR:-/tmp/blockserve-loadtest-$PRESET}
 DEVICE=${DEVICE:-cpu}
 DTYPE=${DTYPE:-f32}
@@ -46,9 +47,12 @@ wait_port() {
   echo "port $1 never opened; logs in $LOGS" >&2; return 1
 }
 
-# A random-weight model written by this binary: one an older build left in
-# MODEL_DIR is written again.
-[ "$MODEL_DIR/config.json" -nt "$BS" ] || "$BS" init --preset "$PRESET" --out "$MODEL_DIR" --dtype "$([ "$DTYPE" = f32 ] && echo f32 || echo bf16)" >/dev/null
+# Without MODEL_DIR: a random-weight model written by this binary (one an
+# older build left there is written again). A given MODEL_DIR is used as it
+# is, and written only when it holds no model.
+if [ -n "$default_model" ] && ! [ "$MODEL_DIR/config.json" -nt "$BS" ] || ! [ -e "$MODEL_DIR/config.json" ]; then
+  "$BS" init --preset "$PRESET" --out "$MODEL_DIR" --dtype "$([ "$DTYPE" = f32 ] && echo f32 || echo bf16)" >/dev/null
+fi
 rp=$(free_port)
 "$REDIS_SERVER" --port "$rp" --save "" --appendonly no >"$LOGS/redis.log" 2>&1 &
 pids+=($!); names+=(redis)
