@@ -214,7 +214,7 @@ async fn a_python_client_built_from_reflection_gets_the_documented_statuses() {
 /// Ten clients send 1 MB text prompts, four each, while another calls
 /// ModelInfo. Each is refused at once with the byte limit in its message (no
 /// tokenizing), ModelInfo keeps answering, and the process's memory goes back
-/// near its idle level. (Before: 1.1-1.8 s per refusal, ModelInfo up to
+/// near its idle level (within 25% + 32 MiB). (Before: 1.1-1.8 s per refusal, ModelInfo up to
 /// 6.7 s, RSS from 20 to 492 MiB for good.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_of_oversized_prompts_is_refused_early_and_leaves_memory_as_it_was() {
@@ -280,6 +280,9 @@ async fn a_burst_of_oversized_prompts_is_refused_early_and_leaves_memory_as_it_w
         mib(after),
         slowest.as_secs_f64() * 1e3
     );
-    assert!(after <= idle + (32 << 20), "RSS stayed up: idle {:.1} MiB, after {:.1} MiB", mib(idle), mib(after));
+    // The overload test's bound: 25% + 32 MiB over idle (the allocator keeps
+    // some freed memory; before the fix a router went from 20 to 492 MiB).
+    let bound = idle + idle / 4 + (32 << 20);
+    assert!(after <= bound, "RSS stayed up: idle {:.1} MiB, after {:.1} MiB (bound {:.1})", mib(idle), mib(after), mib(bound));
     assert!(slowest < Duration::from_secs(1), "ModelInfo took {slowest:?} during the burst");
 }
