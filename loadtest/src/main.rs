@@ -8,6 +8,9 @@
 //! Tokens arrive a block at a time; a token's inter-token latency is the gap
 //! since the previous chunk divided by the tokens in its chunk.
 //!
+//! With `--http http://127.0.0.1:8000` the same load goes through the
+//! router's OpenAI-compatible HTTP API (streamed completions) instead.
+//!
 //! With `--config FILE` it runs a ghz JSON config instead (see `ghz.rs`) and
 //! prints a ghz-style summary (`--format json` for JSON):
 //!
@@ -16,6 +19,7 @@
 mod cpu;
 mod ghz;
 mod ghz_run;
+mod http_load;
 mod stats;
 mod synthetic;
 
@@ -42,6 +46,11 @@ struct Args {
     /// Router address.
     #[arg(long, env = "LOADTEST_TARGET", default_value = "http://127.0.0.1:50051")]
     target: String,
+    /// Drive the router's OpenAI-compatible HTTP API at this address instead
+    /// of the gRPC API (streamed /v1/completions, one HTTP/1.1 connection per
+    /// concurrent stream; --connections is ignored).
+    #[arg(long, env = "LOADTEST_HTTP")]
+    http: Option<String>,
     /// Streams open at once.
     #[arg(long, env = "LOADTEST_CONCURRENCY", default_value_t = 64)]
     concurrency: usize,
@@ -111,8 +120,8 @@ struct Samples {
     errors: Vec<String>,
 }
 
-/// One request, start to finish; records its latencies into `samples`.
-async fn one(mut client: GenerationClient<Channel>, prompt: Vec<u32>, gen_len: usize, samples: &Mutex<Samples>) -> Result<()> {
+/// One request, start to finish, timed.
+async fn one(mut client: GenerationClient<Channel>, prompt: Vec<u32>, gen_len: usize) -> Result<StreamClock> {
     let req = GenerateRequest {
         prompt: Some(generate_request::Prompt::TokenIds(TokenIds { ids: prompt })),
         parameters: Some(GenerationParameters { max_new_tokens: Some(gen_len as u32), ignore_eos: true, temperature: Some(0.0), ..Default::default() }),
@@ -130,6 +139,11 @@ async fn one(mut client: GenerationClient<Channel>, prompt: Vec<u32>, gen_len: u
             _ => {}
         }
     }
+    Ok(clock)
+}
+
+/// Record a finished request's latencies.
+async fn record(clock: StreamClock, gen_len: usize, samples: &Mutex<Samples>) -> Result<()> {
     if clock.tokens != gen_len {
         bail!("got {} tokens, asked for {gen_len}", clock.tokens);
     }
@@ -167,33 +181,69 @@ async fn main() -> Result<()> {
     let (prompt_len, gen_len) = (a.prompt_len.unwrap_or(p), a.gen_len.unwrap_or(g));
     let requests = if a.requests == 0 { a.concurrency } else { a.requests };
     let mut channels = vec![];
-    for _ in 0..a.connections.max(1) {
-        let ch = Endpoint::from_shared(a.target.clone())?
-            .connect_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {}", a.target))?;
-        channels.push(ch);
-    }
-    let info = GenerationClient::new(channels[0].clone()).model_info(ModelInfoRequest {}).await?.into_inner();
-    let vocab = info.vocab_size.max(2);
-    eprintln!("target {} serves {} (vocab {vocab}, block length {})", a.target, info.model_name, info.block_length);
+    let vocab = match &a.http {
+        Some(base) => {
+            let (name, vocab, block_length) = http_load::model(base).await?;
+            eprintln!("target {base} (HTTP) serves {name} (vocab {vocab}, block length {block_length})");
+            vocab.max(2)
+        }
+        None => {
+            for _ in 0..a.connections.max(1) {
+                let ch = Endpoint::from_shared(a.target.clone())?
+                    .connect_timeout(Duration::from_secs(10))
+                    .connect()
+                    .await
+                    .with_context(|| format!("connecting to {}", a.target))?;
+                channels.push(ch);
+            }
+            let info = GenerationClient::new(channels[0].clone()).model_info(ModelInfoRequest {}).await?.into_inner();
+            eprintln!("target {} serves {} (vocab {}, block length {})", a.target, info.model_name, info.vocab_size, info.block_length);
+            info.vocab_size.max(2)
+        }
+    };
     let samples = Arc::new(Mutex::new(Samples::default()));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let cpu_before = cpu::sample(&a.metrics)?;
     let t0 = Instant::now();
     let mut workers = vec![];
     for w in 0..a.concurrency {
-        let (client, samples, next) = (GenerationClient::new(channels[w % channels.len()].clone()), samples.clone(), next.clone());
+        let client = (!channels.is_empty()).then(|| GenerationClient::new(channels[w % channels.len()].clone()));
+        let (samples, next, http) = (samples.clone(), next.clone(), a.http.clone());
         let seed = a.seed as usize;
         workers.push(tokio::spawn(async move {
+            let mut conn = None;
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if i >= requests {
                     break;
                 }
                 let prompt: Vec<u32> = (0..prompt_len).map(|j| 1 + ((i * 7919 + j * 104729 + seed) as u32 % (vocab - 1))).collect();
-                if let Err(e) = one(client.clone(), prompt, gen_len, &samples).await {
+                let start = Instant::now();
+                let clock = match (&client, &http) {
+                    (Some(c), _) => one(c.clone(), prompt, gen_len).await,
+                    (None, Some(base)) => {
+                        // A connection that failed is opened again for the next request.
+                        let c = match conn.take() {
+                            Some(c) => Ok(c),
+                            None => http_load::connect(base).await,
+                        };
+                        match c {
+                            Ok(mut c) => {
+                                let r = http_load::generate(&mut c, prompt, gen_len, start).await;
+                                if r.is_ok() {
+                                    conn = Some(c);
+                                }
+                                r
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    (None, None) => unreachable!("a gRPC channel or an HTTP address"),
+                };
+                if let Err(e) = match clock {
+                    Ok(clock) => record(clock, gen_len, &samples).await,
+                    Err(e) => Err(e),
+                } {
                     samples.lock().await.errors.push(format!("{e:#}"));
                 }
             }

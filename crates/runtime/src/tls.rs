@@ -146,7 +146,9 @@ fn server_config(files: &[PathBuf]) -> Result<Arc<ServerConfig>> {
     let mut config = builder
         .with_single_cert(certs(&files[0])?, key(&files[1])?)
         .with_context(|| format!("{} and {} do not make a usable certificate and key", files[0].display(), files[1].display()))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // h2 for gRPC; http/1.1 too for the router's HTTP API (curl and the
+    // OpenAI SDKs speak it), on a port of its own.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -299,7 +301,7 @@ mod tests {
         let tls = ServerTls::from_args(&args).unwrap().unwrap();
         let first = tls.config();
         assert!(Arc::ptr_eq(&first, &tls.config()), "unchanged files are not read again");
-        assert_eq!(first.alpn_protocols, vec![b"h2".to_vec()]);
+        assert_eq!(first.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
 
         // A half-written certificate: the old configuration stays.
         write(&dir, "a.pem", "-----BEGIN CERTIFICATE-----\nMIIB");

@@ -20,8 +20,19 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// `dir/tokenizer.json`, or `None` when the directory has none.
     pub fn from_dir(dir: &Path) -> Result<Option<Self>, TextError> {
-        let path = dir.join("tokenizer.json");
-        if !path.exists() {
+        Self::load(dir, None)
+    }
+
+    /// The tokenizer of a model: `tokenizer` when given (a `tokenizer.json`
+    /// file, or a directory holding one: released checkpoints keep theirs
+    /// apart from the weights), else `model_dir/tokenizer.json`, else `None`.
+    pub fn load(model_dir: &Path, tokenizer: Option<&Path>) -> Result<Option<Self>, TextError> {
+        let path = match tokenizer {
+            Some(t) if t.is_dir() => t.join("tokenizer.json"),
+            Some(t) => t.to_path_buf(),
+            None => model_dir.join("tokenizer.json"),
+        };
+        if tokenizer.is_none() && !path.exists() {
             return Ok(None);
         }
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| TextError::Load { path: path.display().to_string(), msg: e.to_string() })?;

@@ -18,6 +18,12 @@ pub struct ModelArgs {
     /// block_demo_bytes).
     #[arg(long, env = "BLOCKSERVE_PRESET")]
     pub preset: Option<String>,
+    /// The tokenizer when it is not the model directory's tokenizer.json: a
+    /// tokenizer.json file or a directory holding one (released checkpoints
+    /// keep the Pythia tokenizer apart from their weights). The block decoder
+    /// reads no text and ignores it.
+    #[arg(long, env = "BLOCKSERVE_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
     /// Where to run: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
     #[arg(long, env = "BLOCKSERVE_DEVICE", default_value = "cpu")]
     pub device: String,

@@ -14,20 +14,27 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Check an `authorization` header value against `token` (when one is set):
+/// the gRPC interceptor and the HTTP front door give the same answers.
+pub fn check(token: Option<&str>, header: Option<&[u8]>) -> Result<(), Status> {
+    let Some(token) = token else { return Ok(()) };
+    let Some(value) = header else {
+        return Err(Status::unauthenticated("authorization: missing; this router needs \"Bearer <token>\""));
+    };
+    // The scheme is case-insensitive (RFC 7235 section 2.1); the token is not.
+    let value = std::str::from_utf8(value).unwrap_or("");
+    let given = value.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map_or("", |(_, t)| t.trim_start());
+    if same(given.as_bytes(), token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(Status::unauthenticated("authorization: the bearer token is not valid"))
+    }
+}
+
 impl tonic::service::Interceptor for BearerToken {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(token) = &self.0 else { return Ok(req) };
-        let Some(value) = req.metadata().get("authorization") else {
-            return Err(Status::unauthenticated("authorization: missing; this router needs \"Bearer <token>\""));
-        };
-        // The scheme is case-insensitive (RFC 7235 section 2.1); the token is not.
-        let given =
-            value.to_str().ok().and_then(|v| v.split_once(' ')).filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map_or("", |(_, t)| t.trim_start());
-        if same(given.as_bytes(), token.as_bytes()) {
-            Ok(req)
-        } else {
-            Err(Status::unauthenticated("authorization: the bearer token is not valid"))
-        }
+        check(self.0.as_deref(), req.metadata().get("authorization").map(|v| v.as_bytes()))?;
+        Ok(req)
     }
 }
 

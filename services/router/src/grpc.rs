@@ -9,7 +9,7 @@ use blockserve_proto::v1::token_decoder_client::TokenDecoderClient;
 use blockserve_proto::v1::*;
 use blockserve_runtime::metrics;
 use blockserve_runtime::status;
-use blockserve_store::{Outcome, Tier};
+use blockserve_store::Outcome;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -131,13 +131,7 @@ impl Generation for GenerationService {
         metrics::rpc(TIER, "Score", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let r = &self.0;
             let ids = r.prompt_ids(validate::score_input(&req.into_inner().input)?).await?;
-            if ids.len() > r.model.max_total_tokens {
-                return Err(Status::invalid_argument(format!("input has {} tokens; the model's context allows {}", ids.len(), r.model.max_total_tokens)));
-            }
-            let (td, _td_routed) = r.pick(Tier::TokenDecoder, &[]).await?;
-            let (bd, _bd_routed) = r.pick(Tier::BlockDecoder, &[]).await?;
-            let mut client = TokenDecoderClient::new(r.channel(&td.address).await?);
-            Ok(Response::new(client.score(ScoreIdsRequest { token_ids: ids, block_decoder: bd.address }).await?.into_inner()))
+            Ok(Response::new(r.score(ids).await?))
         })
         .await
     }

@@ -4,6 +4,7 @@
 
 pub mod auth;
 mod grpc;
+pub mod http;
 mod relay;
 mod relay_link;
 pub mod sessions;
@@ -37,6 +38,16 @@ pub struct Args {
     /// Preset for a model directory without a config file.
     #[arg(long, env = "BLOCKSERVE_PRESET")]
     pub preset: Option<String>,
+    /// The tokenizer when it is not the model directory's tokenizer.json: a
+    /// tokenizer.json file or a directory holding one (released checkpoints
+    /// keep the Pythia tokenizer apart from their weights).
+    #[arg(long, env = "BLOCKSERVE_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
+    /// Also serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions,
+    /// /v1/chat/completions, resumable streams) on this address, with the same
+    /// sessions, auth and TLS as the gRPC API. Off unless set.
+    #[arg(long, env = "BLOCKSERVE_HTTP_LISTEN")]
+    pub http_listen: Option<std::net::SocketAddr>,
     /// Largest max_new_tokens a request may ask for.
     #[arg(long, env = "BLOCKSERVE_MAX_NEW_TOKENS", default_value_t = 1024)]
     pub max_new_tokens: usize,
@@ -64,13 +75,23 @@ pub struct Args {
     pub orphan_sweep_s: u64,
 }
 
+/// The model's name in ModelInfo and /v1/models: its directory's name, or
+/// for a trainer checkpoint (`results/<run>/checkpoint-<step>`) the run's.
+fn served_name(model: &std::path::Path) -> String {
+    let name = |p: &std::path::Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    match model.parent() {
+        Some(run) if name(model).starts_with("checkpoint-") => name(run),
+        _ => name(model),
+    }
+}
+
 pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver<bool>, ready: Option<tokio::sync::oneshot::Sender<String>>) -> Result<()> {
     let (config, _) = resolve_config(&args.model, args.preset.as_deref())?;
     let ModelConfig::Block(c) = config else {
         bail!("the serving tiers serve Block Transformers; {} holds a vanilla model", args.model.display());
     };
     let facts = sessions::ModelFacts {
-        name: args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        name: served_name(&args.model),
         vocab: c.vocab_size,
         block_length: c.block_length,
         // The block decoder sees prompt blocks and all but the last generated one.
@@ -78,7 +99,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         eos: c.eos_token_id,
         dtype: c.dtype.clone().unwrap_or_default(),
     };
-    let tokenizer = Tokenizer::from_dir(&args.model)?;
+    let tokenizer = Tokenizer::load(&args.model, args.tokenizer.as_deref())?;
     let mut router = sessions::Router::new(store, facts, tokenizer, args.max_new_tokens, Duration::from_secs(args.session_ttl_s));
     router.channels = blockserve_runtime::channels::Channels::new(Arc::new(Dialer::from_args(&args.dial)?));
     router.max_migrations = args.max_migrations;
@@ -90,6 +111,10 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     blockserve_runtime::metrics::start(args.serve.metrics_listen, stop.clone()).await?;
     let address = listening.address.clone();
     tracing::info!(%address, "router listening");
+    if let Some(listen) = args.http_listen {
+        let template = http::chat_template(&args.model);
+        http::serve(router.clone(), listen, listening.tls.clone(), args.api_token.clone(), template, stop.clone()).await?;
+    }
     let server = blockserve_runtime::server::builder()
         .add_service(GenerationServer::with_interceptor(grpc::GenerationService(router), auth::BearerToken(args.api_token.clone())));
     if let Some(r) = ready {

@@ -234,6 +234,18 @@ impl Router {
         })
     }
 
+    /// Per-token log-probabilities of `ids` (what Score answers), computed by
+    /// a token decoder with contexts from a block decoder.
+    pub(crate) async fn score(&self, ids: Vec<u32>) -> Result<ScoreResponse, Status> {
+        if ids.len() > self.model.max_total_tokens {
+            return Err(Status::invalid_argument(format!("input has {} tokens; the model's context allows {}", ids.len(), self.model.max_total_tokens)));
+        }
+        let (td, _td_routed) = self.pick(Tier::TokenDecoder, &[]).await?;
+        let (bd, _bd_routed) = self.pick(Tier::BlockDecoder, &[]).await?;
+        let mut client = blockserve_proto::v1::token_decoder_client::TokenDecoderClient::new(self.channel(&td.address).await?);
+        Ok(client.score(ScoreIdsRequest { token_ids: ids, block_decoder: bd.address }).await?.into_inner())
+    }
+
     /// Start `run` on the token decoder at `address`, over this router's relay
     /// stream to it; the session's events come back on the returned stream.
     pub(crate) async fn run_on(&self, address: &str, mut run: RunRequest) -> Result<SessionStream, Status> {

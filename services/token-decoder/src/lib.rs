@@ -113,7 +113,7 @@ impl LoadReport for Load {
 pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver<bool>, ready: Option<tokio::sync::oneshot::Sender<String>>) -> Result<()> {
     // Only the token decoder: contexts (also for scoring) come from block decoders.
     let model = Arc::new(args.model.load_part(Parts::Local, "token decoder")?);
-    let tokenizer = Tokenizer::from_dir(&args.model.model)?;
+    let tokenizer = Tokenizer::load(&args.model.model, args.model.tokenizer.as_deref())?;
     let dialer = Arc::new(Dialer::from_args(&args.dial)?);
     let engine = model_thread::ModelThread::start(model.clone(), args.max_batch, args.max_unread_blocks, args.cuda_graphs)?;
     blockserve_worker::model_args::log_device_memory(&args.model.device, "the weights and the local cache");

@@ -21,6 +21,14 @@ pub struct Args {
     /// Model directory (default: the bundled code model, models/code-block).
     #[arg(long, env = "BLOCKSERVE_MODEL")]
     model: Option<PathBuf>,
+    /// Preset describing a bare reference checkpoint that has no config file
+    /// (see `blockserve token-decoder --help` for the names).
+    #[arg(long, env = "BLOCKSERVE_PRESET")]
+    preset: Option<String>,
+    /// The tokenizer when it is not the model directory's tokenizer.json: a
+    /// tokenizer.json file or a directory holding one.
+    #[arg(long, env = "BLOCKSERVE_TOKENIZER")]
+    tokenizer: Option<PathBuf>,
     /// Where to run the decoders: cpu, cuda or cuda:N.
     #[arg(long, env = "BLOCKSERVE_DEVICE", default_value = "cpu")]
     device: String,
@@ -30,6 +38,11 @@ pub struct Args {
     /// Address of the public router endpoint.
     #[arg(long, env = "BLOCKSERVE_LISTEN", default_value = "127.0.0.1:50051")]
     listen: std::net::SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (/v1/completions,
+    /// /v1/chat/completions, /v1/models), with the TLS and token of the gRPC
+    /// endpoint.
+    #[arg(long, env = "BLOCKSERVE_HTTP_LISTEN", default_value = "127.0.0.1:8000")]
+    http_listen: std::net::SocketAddr,
     /// Number of token-decoder instances.
     #[arg(long, default_value_t = 2)]
     token_decoders: usize,
@@ -70,7 +83,13 @@ pub struct Args {
 
 pub async fn run(args: Args) -> Result<()> {
     let model = args.model.clone().unwrap_or_else(bundled_model);
-    let model_args = || ModelArgs { model: model.clone(), preset: None, device: args.device.clone(), dtype: args.dtype.clone() };
+    let model_args = || ModelArgs {
+        model: model.clone(),
+        preset: args.preset.clone(),
+        tokenizer: args.tokenizer.clone(),
+        device: args.device.clone(),
+        dtype: args.dtype.clone(),
+    };
     let store = args.store.connect().await?;
     let (stop_tx, stop) = watch::channel(false);
     let loopback = "127.0.0.1:0".parse().unwrap();
@@ -114,7 +133,9 @@ pub async fn run(args: Args) -> Result<()> {
         serve: ServeArgs { tls: args.tls.clone(), ..ServeArgs::local(args.listen) },
         dial: Default::default(),
         model: model.clone(),
-        preset: None,
+        preset: args.preset.clone(),
+        tokenizer: args.tokenizer.clone(),
+        http_listen: Some(args.http_listen),
         max_new_tokens: args.max_new_tokens,
         session_ttl_s: 3600,
         api_token: args.api_token.clone(),
@@ -128,6 +149,8 @@ pub async fn run(args: Args) -> Result<()> {
     let tls = if endpoint.starts_with("https://") { " --tls-ca <the CA of --tls-cert>" } else { "" };
     let token = if args.api_token.is_some() { " --api-token <token>" } else { "" };
     println!("try: blockserve client generate \"def fibonacci(n):\" --addr {endpoint}{tls}{token}");
+    let scheme = if endpoint.starts_with("https://") { "https" } else { "http" };
+    println!("OpenAI-compatible HTTP API at {scheme}://{}/v1 (try: curl {scheme}://{}/v1/models)", args.http_listen, args.http_listen);
 
     tokio::select! {
         _ = blockserve_runtime::server::shutdown_signal() => eprintln!("shutting down"),

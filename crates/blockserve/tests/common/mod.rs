@@ -19,10 +19,17 @@ pub fn demo_model() -> PathBuf {
 /// `blockserve up` with the bundled model on a free port (plus `extra`
 /// flags), ready; returns its address and the process.
 pub fn up(extra: &[&str]) -> (String, ChildGuard) {
+    let (listen, _, guard) = up_http(extra);
+    (listen, guard)
+}
+
+/// [`up`], also returning the address of its HTTP API.
+pub fn up_http(extra: &[&str]) -> (String, String, ChildGuard) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
+    let http = format!("127.0.0.1:{}", free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_blockserve"))
-        .args(["up", "--listen", &listen])
+        .args(["up", "--listen", &listen, "--http-listen", &http])
         .args(extra)
         .env_remove("BLOCKSERVE_MODEL")
         .env("RUST_LOG", "warn")
@@ -32,7 +39,7 @@ pub fn up(extra: &[&str]) -> (String, ChildGuard) {
         .unwrap();
     let guard = ChildGuard(child);
     wait_for_port(port, Duration::from_secs(60));
-    (listen, guard)
+    (listen, http, guard)
 }
 
 /// Start `blockserve ARGS` with `env` (killed when the guard drops).
