@@ -384,53 +384,55 @@ fn sse(h: Arc<Http>, id: String, mut events: mpsc::Receiver<Result<GenerateRespo
             };
             json!({"id": format!("{prefix}-{session}"), "object": object, "created": created, "model": shape.model, "choices": [choice]})
         };
-        // The client may be gone: sends are best effort, the session is read to its end.
+        // Each send waits for room while the client reads (a slow client slows
+        // its own stream only). A client gone makes sends fail at once, and the
+        // session is still read to its end.
         let send = |tx: &mpsc::Sender<Result<Bytes, std::convert::Infallible>>, event: String| {
-            let _ = tx.try_send(Ok(Bytes::from(event)));
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(Ok(Bytes::from(event))).await;
+            }
         };
         let mut offset = from;
         let mut generated: Vec<u32> = vec![];
         let mut first = from == 0;
         if let Some(echo) = &shape.echo {
-            send(&tx, format!("id: {session}:0\ndata: {}\n\n", chunk(echo, &[], Value::Null, None, true)));
+            send(&tx, format!("id: {session}:0\ndata: {}\n\n", chunk(echo, &[], Value::Null, None, true))).await;
             first = false;
         }
         while let Some(msg) = events.recv().await {
             match msg.map(|m| m.event) {
                 Ok(Some(generate_response::Event::Tokens(c))) => {
                     let n = c.token_ids.len();
+                    // Scoring is for a reader: none once the client has gone.
                     let lp = match shape.logprobs {
-                        Some(top) => logprobs(&h, &prompt_ids, &generated, &c.token_ids, top, shape.kind).await.unwrap_or(Value::Null),
-                        None => Value::Null,
+                        Some(top) if !tx.is_closed() => logprobs(&h, &prompt_ids, &generated, &c.token_ids, top, shape.kind).await.unwrap_or(Value::Null),
+                        _ => Value::Null,
                     };
                     generated.extend_from_slice(&c.token_ids);
                     offset = c.offset as usize + n;
                     let event = format!("id: {session}:{offset}\ndata: {}\n\n", chunk(&c.text, &c.token_ids, lp, None, first));
                     first = false;
-                    // Wait for room while the client reads (a slow client slows
-                    // its own stream only); a client gone makes sends fail at once.
-                    if tx.send(Ok(Bytes::from(event.clone()))).await.is_err() {
-                        continue;
-                    }
+                    send(&tx, event).await;
                 }
                 Ok(Some(generate_response::Event::Finished(f))) => {
                     let reason = if f.error.is_empty() { openai::finish_reason(f.reason) } else { "error" };
-                    send(&tx, format!("id: {session}:{offset}\ndata: {}\n\n", chunk("", &[], Value::Null, Some(reason), first)));
+                    send(&tx, format!("id: {session}:{offset}\ndata: {}\n\n", chunk("", &[], Value::Null, Some(reason), first))).await;
                     if shape.include_usage {
                         let usage = f.usage.map(|u| openai::usage(u.prompt_tokens, u.generated_tokens)).unwrap_or(Value::Null);
                         let last = json!({"id": format!("{prefix}-{session}"), "object": object, "created": created, "model": shape.model, "choices": [], "usage": usage});
-                        send(&tx, format!("data: {last}\n\n"));
+                        send(&tx, format!("data: {last}\n\n")).await;
                     }
                     break;
                 }
                 Ok(_) => {}
                 Err(st) => {
-                    send(&tx, format!("data: {}\n\n", ApiError::from(st).body()));
+                    send(&tx, format!("data: {}\n\n", ApiError::from(st).body())).await;
                     break;
                 }
             }
         }
-        send(&tx, "data: [DONE]\n\n".to_string());
+        send(&tx, "data: [DONE]\n\n".to_string()).await;
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut r = (StatusCode::OK, body).into_response();
