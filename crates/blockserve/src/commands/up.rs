@@ -44,7 +44,7 @@ pub struct Args {
     #[arg(long, env = "BLOCKSERVE_HTTP_LISTEN", default_value = "127.0.0.1:8000")]
     http_listen: std::net::SocketAddr,
     /// Number of token-decoder instances.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "BLOCKSERVE_TOKEN_DECODERS", default_value_t = 2)]
     token_decoders: usize,
     /// Threads of the async runtime every tier of this process shares (each
     /// tier run on its own defaults to 4).
