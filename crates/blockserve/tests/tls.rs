@@ -129,7 +129,10 @@ async fn tiers_talk_mutual_tls_untrusted_clients_are_refused_and_certificates_re
     // Dialing: trust the cluster CA and present the tier certificate.
     let dial = ["--tls-ca", ca_path, "--tls-client-cert", &tier_cert, "--tls-client-key", &tier_key];
     let token_decoder: Vec<&str> = mtls.iter().chain(&dial).chain(&["--tls-server-name", INTERNAL_NAME]).copied().collect();
-    let router: Vec<&str> = ["--tls-cert", &router_cert, "--tls-key", &router_key, "--api-token", TOKEN].iter().chain(&dial).copied().collect();
+    let http_port = blockserve_testkit::free_port();
+    let http_listen = format!("127.0.0.1:{http_port}");
+    let router: Vec<&str> =
+        ["--tls-cert", &router_cert, "--tls-key", &router_key, "--api-token", TOKEN, "--http-listen", &http_listen].iter().chain(&dial).copied().collect();
     let model = fixture_model();
     let cluster = Cluster::start(&model, &[("block-decoder", 1, &block_decoder), ("token-decoder", 1, &token_decoder), ("router", 1, &router)]).await;
     let port = |tier: &str| cluster.procs[cluster.of(tier)[0]].port;
@@ -152,6 +155,35 @@ async fn tiers_talk_mutual_tls_untrusted_clients_are_refused_and_certificates_re
         let (_, tokens, _) = collect(client.generate(request(p.clone(), 12, Some(TOKEN))).await.unwrap().into_inner()).await.unwrap();
         assert_eq!(&tokens, w);
     }
+
+    // The HTTP API takes the same TLS and token (curl, HTTP/2 over ALPN and
+    // HTTP/1.1), and gives the same tokens; plain HTTP to it gets nothing.
+    let body = format!(r#"{{"prompt": {:?}, "max_tokens": 12, "temperature": 0}}"#, prompts[0]);
+    let url = format!("https://127.0.0.1:{http_port}/v1/completions");
+    for version in ["--http2", "--http1.1"] {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sS",
+                version,
+                "--cacert",
+                ca_path,
+                &url,
+                "-H",
+                &format!("authorization: Bearer {TOKEN}"),
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &body,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{version}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{version}: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+        let ids: Vec<u32> = v["choices"][0]["token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(ids, want[0], "{version}");
+    }
+    let plain = std::process::Command::new("curl").args(["-sS", "--max-time", "10", &format!("http://127.0.0.1:{http_port}/v1/models")]).output().unwrap();
+    assert!(!plain.status.success(), "plain HTTP answered: {}", String::from_utf8_lossy(&plain.stdout));
 
     // No token, or a wrong one: UNAUTHENTICATED.
     for token in [None, Some("not-the-token")] {

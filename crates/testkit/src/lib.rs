@@ -6,7 +6,26 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
+///
+/// Taken below Linux's ephemeral range (32768-60999): a port the kernel hands
+/// out for `bind(0)` can be given again as the source port of an outgoing
+/// connection (to Redis, between tiers) before the server meant for it binds
+/// it, which fails that server with "address already in use". Ports are
+/// tried from a start that differs per process and call, so test binaries
+/// running at once rarely try the same ones.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let seed = std::process::id().wrapping_mul(7_919).wrapping_add(nanos);
+    for _ in 0..SPAN {
+        let port = (LOW + (seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(4_099))) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0").expect("bind loopback").local_addr().unwrap().port()
 }
 
