@@ -8,6 +8,14 @@
 //! (decode never waits behind a long prompt), then prompt chunks, oldest first,
 //! until the pass holds `token_budget` blocks.
 //!
+//! With the prefix cache on ([`SchedulerConfig::prefix_cache`]), a session
+//! starts from the cached pages of its prompt's longest cached prefix and
+//! prefills only the rest; its own whole prompt pages join the cache as they
+//! are written. A session whose next page another session is writing right
+//! now waits for it (sessions behind it are admitted meanwhile) rather than
+//! computing it twice. Idle cached pages count as free memory: admission and
+//! growth evict them, least recently used first.
+//!
 //! [`iterate`]: BlockScheduler::iterate
 
 use std::collections::{HashMap, VecDeque};
@@ -15,6 +23,8 @@ use std::sync::Arc;
 
 use blockserve_model::{BlockTransformer, KvPool, ModelError, SeqKv};
 use candle_core::Tensor;
+
+use crate::prefix_cache::{page_hashes, CacheStats, PrefixCache};
 
 type Result<T> = std::result::Result<T, ModelError>;
 
@@ -26,6 +36,8 @@ pub struct SchedulerConfig {
     pub page_size: usize,
     /// Most new blocks (decode rows plus prompt chunks) in one pass.
     pub token_budget: usize,
+    /// Keep whole prompt pages for later sessions with the same prefix.
+    pub prefix_cache: bool,
 }
 
 impl SchedulerConfig {
@@ -33,7 +45,7 @@ impl SchedulerConfig {
     pub fn for_memory(model: &BlockTransformer, kv_bytes: usize, token_budget: usize) -> Self {
         let page_size = 16;
         let page = model.block_decoder().bytes_per_block(model.dtype()) * page_size;
-        Self { kv_pages: (kv_bytes / page).max(1), page_size, token_budget: token_budget.max(1) }
+        Self { kv_pages: (kv_bytes / page).max(1), page_size, token_budget: token_budget.max(1), prefix_cache: false }
     }
 }
 
@@ -45,12 +57,42 @@ struct Session {
     prefilled: usize,
     /// Blocks to reserve at admission: prompt plus the most it may generate.
     reserve: usize,
+    /// Chain hashes of the prompt's whole pages (none with the cache off).
+    hashes: Vec<u64>,
+    /// (page index, hash) of the pages this session holds in the cache.
+    held: Vec<(usize, u64)>,
+    /// Whole prompt pages offered to the cache so far (or found there).
+    offered: usize,
+    /// Prompt blocks found in the cache at admission.
+    reused_blocks: usize,
 }
 
 impl Session {
     fn prompt_blocks(&self, l: usize) -> usize {
         self.prompt.len() / l
     }
+
+    /// Page `i`'s ids.
+    fn page_ids(&self, i: usize, l: usize, page_size: usize) -> &[u32] {
+        let per_page = l * page_size;
+        &self.prompt[i * per_page..(i + 1) * per_page]
+    }
+
+    /// Pages a lookup may take: never the page of the last prompt block,
+    /// whose context the session needs from a pass of its own.
+    fn reusable_pages(&self, l: usize, page_size: usize) -> usize {
+        self.hashes.len().min((self.prompt_blocks(l) - 1) / page_size)
+    }
+}
+
+/// Where the head of a queue stands.
+enum Admission {
+    /// Its next page is being written by another session: wait for it.
+    Defer,
+    /// Not enough free (or evictable) pages.
+    NoRoom,
+    /// Admit, starting from `found` cached pages.
+    Fits { found: usize },
 }
 
 /// The contexts one iteration produced: row i of `tensor` `[k, D_b]` belongs to
@@ -75,18 +117,43 @@ pub struct BlockScheduler {
     prefilling: VecDeque<u64>,
     /// One block per running session, for the next pass.
     pending: Vec<(u64, Vec<u32>)>,
+    cache: PrefixCache,
+    /// Pages admitted sessions are writing and will offer to the cache, by
+    /// hash, with the session writing each.
+    inflight: HashMap<u64, u64>,
 }
 
 impl BlockScheduler {
     pub fn new(model: Arc<BlockTransformer>, config: SchedulerConfig) -> Result<Self> {
         let pool = model.block_decoder().new_pool(config.kv_pages, config.page_size, model.dtype(), model.device())?;
-        Ok(Self { model, pool, config, sessions: HashMap::new(), waiting: VecDeque::new(), prefilling: VecDeque::new(), pending: vec![] })
+        Ok(Self {
+            model,
+            pool,
+            config,
+            sessions: HashMap::new(),
+            waiting: VecDeque::new(),
+            prefilling: VecDeque::new(),
+            pending: vec![],
+            cache: PrefixCache::default(),
+            inflight: HashMap::new(),
+        })
     }
 
-    /// KV pages in use and free.
-    pub fn kv_pages(&self) -> (usize, usize) {
-        let free = self.pool.free_pages();
-        (self.pool.num_pages() - free, free)
+    /// KV pages in use by sessions, free, and cached with no session holding
+    /// them (free at the cost of an eviction).
+    pub fn kv_pages(&self) -> (usize, usize, usize) {
+        let (free, idle) = (self.pool.free_pages(), self.cache.idle());
+        (self.pool.num_pages() - free - idle, free, idle)
+    }
+
+    /// The prefix cache's pages (held or idle) and what it did so far.
+    pub fn prefix_cache(&self) -> (usize, CacheStats) {
+        (self.cache.pages(), self.cache.stats())
+    }
+
+    /// Prompt blocks session `key` found in the prefix cache (0 before admission).
+    pub fn reused_blocks(&self, key: u64) -> Option<usize> {
+        self.sessions.get(&key).map(|s| s.reused_blocks)
     }
 
     pub fn model(&self) -> &Arc<BlockTransformer> {
@@ -110,12 +177,12 @@ impl BlockScheduler {
 
     /// Whether the next pass has prompt work (admission or prefill chunks).
     pub fn has_prefill(&self) -> bool {
-        !self.prefilling.is_empty() || (!self.waiting.is_empty() && self.can_admit_head())
+        !self.prefilling.is_empty() || self.next_admission().is_some()
     }
 
     /// Whether an iteration would do anything.
     pub fn has_work(&self) -> bool {
-        !self.pending.is_empty() || !self.prefilling.is_empty() || (!self.waiting.is_empty() && self.can_admit_head())
+        !self.pending.is_empty() || self.has_prefill()
     }
 
     /// Move the pending blocks of sessions `first` picks ahead of the others
@@ -156,7 +223,8 @@ impl BlockScheduler {
                 self.pool.num_pages()
             )));
         }
-        self.sessions.insert(key, Session { kv: SeqKv::default(), prompt, prefilled: 0, reserve });
+        let hashes = if self.config.prefix_cache { page_hashes(&prompt, l, self.config.page_size) } else { vec![] };
+        self.sessions.insert(key, Session { kv: SeqKv::default(), prompt, prefilled: 0, reserve, hashes, held: vec![], offered: 0, reused_blocks: 0 });
         self.waiting.push_back(key);
         Ok(())
     }
@@ -177,10 +245,21 @@ impl BlockScheduler {
         Ok(())
     }
 
-    /// End a session wherever it is and return its pages (idempotent).
+    /// End a session wherever it is and return its pages (idempotent): those
+    /// it holds in the cache stay there, the others go back to the pool.
     pub fn close(&mut self, key: u64) {
         if let Some(mut s) = self.sessions.remove(&key) {
-            self.pool.release(&mut s.kv);
+            let mut pages: Vec<Option<u32>> = s.kv.take_pages().into_iter().map(Some).collect();
+            for &(i, hash) in &s.held {
+                self.cache.release(hash);
+                pages[i] = None;
+            }
+            self.pool.give_back(pages.into_iter().flatten());
+            for h in &s.hashes[s.offered.min(s.hashes.len())..] {
+                if self.inflight.get(h) == Some(&key) {
+                    self.inflight.remove(h);
+                }
+            }
             self.waiting.retain(|&k| k != key);
             self.prefilling.retain(|&k| k != key);
             self.pending.retain(|(k, _)| *k != key);
@@ -212,6 +291,7 @@ impl BlockScheduler {
             return Err(ModelError::Input(format!("token_ids: {} ids is not a positive whole number of {l}-token blocks", ids.len())));
         }
         let mut kv = SeqKv::default();
+        self.make_room(self.pool.pages_for(ids.len() / l));
         let out = self.pool.plan(&mut [&mut kv], &[ids.len() / l], self.model.device()).and_then(|pass| {
             let m = &self.model;
             m.block_decoder().forward_paged(&m.embed_ids(ids)?, &self.pool, &pass)
@@ -220,18 +300,91 @@ impl BlockScheduler {
         out
     }
 
-    fn can_admit_head(&self) -> bool {
-        self.waiting.front().is_some_and(|k| self.pool.pages_for(self.sessions[k].reserve) <= self.pool.free_pages())
+    /// Evict idle cached pages until the pool has `pages` free (or no idle
+    /// page is left).
+    fn make_room(&mut self, pages: usize) {
+        while self.pool.free_pages() < pages {
+            match self.cache.evict() {
+                Some(page) => self.pool.give_back([page]),
+                None => break,
+            }
+        }
+    }
+
+    /// Whether waiting session `key` can be admitted now.
+    fn admission(&self, key: u64) -> Admission {
+        let s = &self.sessions[&key];
+        let (l, ps) = (self.model.block_length(), self.config.page_size);
+        let usable = s.reusable_pages(l, ps);
+        let pages: Vec<&[u32]> = (0..usable).map(|i| s.page_ids(i, l, ps)).collect();
+        let (found, idle_found) = self.cache.lookup(&s.hashes[..usable], &pages);
+        if found < usable && self.inflight.contains_key(&s.hashes[found]) {
+            return Admission::Defer;
+        }
+        let need = self.pool.pages_for(s.reserve) - found;
+        if need <= self.pool.free_pages() + self.cache.idle() - idle_found {
+            Admission::Fits { found }
+        } else {
+            Admission::NoRoom
+        }
+    }
+
+    /// The first waiting session that can be admitted now, with its place in
+    /// the queue: sessions waiting for a page being written are passed over,
+    /// the first that does not fit stops the search (first come, first served).
+    fn next_admission(&self) -> Option<(usize, u64, usize)> {
+        for (i, &key) in self.waiting.iter().enumerate() {
+            match self.admission(key) {
+                Admission::Defer => continue,
+                Admission::NoRoom => return None,
+                Admission::Fits { found } => return Some((i, key, found)),
+            }
+        }
+        None
     }
 
     /// Admit waiting sessions in order while their reservations fit.
     fn admit(&mut self) {
-        while self.can_admit_head() {
-            let key = self.waiting.pop_front().expect("head checked");
+        let (l, ps) = (self.model.block_length(), self.config.page_size);
+        while let Some((at, key, found)) = self.next_admission() {
+            self.waiting.remove(at);
+            let s = self.sessions.get_mut(&key).expect("waiting sessions exist");
+            let usable = s.reusable_pages(l, ps);
+            let pages = self.cache.acquire(&s.hashes, found, usable);
+            s.kv = SeqKv::from_prefix(pages, found * ps);
+            s.prefilled = found * ps;
+            s.reused_blocks = found * ps;
+            s.held = (0..found).map(|i| (i, s.hashes[i])).collect();
+            s.offered = found;
+            for &h in &s.hashes[found..] {
+                self.inflight.entry(h).or_insert(key);
+            }
+            let need = self.pool.pages_for(s.reserve) - found;
+            self.make_room(need);
             let s = self.sessions.get_mut(&key).expect("waiting sessions exist");
             let ok = self.pool.reserve(&mut s.kv, s.reserve);
             debug_assert!(ok, "admission checked the free pages");
             self.prefilling.push_back(key);
+        }
+    }
+
+    /// Offer the cache the whole prompt pages `keys` completed in the pass
+    /// that just ran.
+    fn offer_pages(&mut self, keys: &[u64]) {
+        let (l, ps) = (self.model.block_length(), self.config.page_size);
+        for key in keys {
+            let s = self.sessions.get_mut(key).expect("row of a live session");
+            let done = (s.prefilled / ps).min(s.hashes.len());
+            for i in s.offered..done {
+                let (hash, parent) = (s.hashes[i], if i == 0 { 0 } else { s.hashes[i - 1] });
+                if self.inflight.get(&hash) == Some(key) {
+                    self.inflight.remove(&hash);
+                }
+                if self.cache.insert(hash, parent, s.page_ids(i, l, ps), s.kv.pages()[i]) {
+                    s.held.push((i, hash));
+                }
+            }
+            s.offered = s.offered.max(done);
         }
     }
 
@@ -275,6 +428,9 @@ impl BlockScheduler {
         // Borrow every row's sequence out of the map for the plan.
         let mut seqs: Vec<SeqKv> = rows.iter().map(|(k, _, _)| std::mem::take(&mut self.sessions.get_mut(k).expect("row of a live session").kv)).collect();
         let counts: Vec<usize> = rows.iter().map(|r| r.1).collect();
+        // Growth past a reservation may take idle cached pages.
+        let grow: usize = seqs.iter().zip(&counts).map(|(kv, c)| self.pool.pages_for(kv.len() + c).saturating_sub(kv.pages().len())).sum();
+        self.make_room(grow);
         let planned = {
             let mut refs: Vec<&mut SeqKv> = seqs.iter_mut().collect();
             self.pool.plan(&mut refs, &counts, self.model.device())
@@ -298,9 +454,13 @@ impl BlockScheduler {
         }
         let sessions = &self.sessions;
         self.prefilling.retain(|k| sessions[k].prefilled < sessions[k].prompt_blocks(l));
-        let m = &self.model;
+        let m = self.model.clone();
         let contexts = m.block_decoder().forward_paged(&m.embed_ids(&ids)?, &self.pool, &pass)?;
         let tensor = contexts.index_select(&Tensor::new(picks, m.device())?, 0)?;
+        if self.config.prefix_cache {
+            let prefilled: Vec<u64> = rows[decode_rows..].iter().map(|r| r.0).collect();
+            self.offer_pages(&prefilled);
+        }
         Ok(Some(Contexts { tensor, rows: out_rows, decode_rows, prefill_blocks }))
     }
 }

@@ -24,6 +24,7 @@ pub mod download;
 pub mod error;
 pub mod gather;
 pub mod pipeline;
+pub mod prefix_cache;
 pub mod token_batcher;
 
 pub use block_scheduler::{BlockScheduler, Contexts, SchedulerConfig};

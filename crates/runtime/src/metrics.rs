@@ -34,8 +34,15 @@ pub struct Metrics {
     pub batch_rows: HistogramVec,
     /// Commands waiting for an engine, by tier.
     pub queue_depth: IntGaugeVec,
-    /// Block decoder: KV-cache pages by state (used, free).
+    /// Block decoder: KV-cache pages by state (used by sessions, free,
+    /// cached with no session holding them).
     pub kv_pages: IntGaugeVec,
+    /// Block decoder: prompt blocks looked up in the prefix cache, by result
+    /// (hit, miss), and pages evicted from it.
+    pub prefix_cache_blocks: IntCounterVec,
+    pub prefix_cache_evictions: IntCounterVec,
+    /// Block decoder: pages the prefix cache holds (held by sessions or idle).
+    pub prefix_cache_pages: IntGaugeVec,
     /// Token decoder: rows of the preallocated local cache by state (used, free).
     pub local_kv_rows: IntGaugeVec,
     /// Context-embedding payload bytes, by tier and direction (sent, received).
@@ -97,7 +104,14 @@ impl Metrics {
             iterations: counter("blockserve_engine_iterations_total", "Engine iterations: block-decoder passes, token-decoder batches.", &["tier"]),
             batch_rows: histogram_vec("blockserve_batch_rows", "Rows per engine iteration.", &["tier"], rows),
             queue_depth: gauge("blockserve_queue_depth", "Commands waiting for an engine.", &["tier"]),
-            kv_pages: gauge("blockserve_kv_cache_pages", "Block decoder: KV-cache pages by state.", &["state"]),
+            kv_pages: gauge("blockserve_kv_cache_pages", "Block decoder: KV-cache pages by state (used, free, cached_idle).", &["state"]),
+            prefix_cache_blocks: counter(
+                "blockserve_prefix_cache_blocks_total",
+                "Block decoder: prompt blocks looked up in the prefix cache at admission, by result (hit, miss).",
+                &["result"],
+            ),
+            prefix_cache_evictions: counter("blockserve_prefix_cache_evictions_total", "Block decoder: pages evicted from the prefix cache.", &["tier"]),
+            prefix_cache_pages: gauge("blockserve_prefix_cache_pages", "Block decoder: pages the prefix cache holds (held by sessions or idle).", &["tier"]),
             local_kv_rows: gauge("blockserve_local_kv_rows", "Token decoder: rows of the local cache by state.", &["state"]),
             context_bytes: counter("blockserve_context_embedding_bytes_total", "Context-embedding payload bytes.", &["tier", "direction"]),
             store_seconds: histogram_vec(

@@ -51,6 +51,13 @@ pub struct Args {
     /// per cycle; false splits the sessions by arrival only.
     #[arg(long, env = "BLOCKSERVE_MICRO_BATCH_BY_LINK", default_value_t = true, action = clap::ArgAction::Set)]
     pub micro_batch_by_link: bool,
+    /// Keep the KV pages of whole prompt pages (16 blocks each) in a cache
+    /// shared by later sessions whose prompt starts the same way: they prefill
+    /// only the rest. Idle cached pages are evicted, least recently used
+    /// first, when the pool needs them. Output is unchanged. Off by default
+    /// until it is checked on the GPU (see docs/prefix-cache.md).
+    #[arg(long, env = "BLOCKSERVE_PREFIX_CACHE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub prefix_cache: bool,
 }
 
 struct Load(model_thread::ModelThread, u32);
@@ -65,8 +72,14 @@ impl LoadReport for Load {
 pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver<bool>, ready: Option<tokio::sync::oneshot::Sender<String>>) -> Result<()> {
     // Only the embedder and the block decoder: the token decoders hold the rest.
     let model = Arc::new(args.model.load_part(Parts::Global, "embedder and block decoder")?);
-    let config = SchedulerConfig::for_memory(&model, args.kv_cache_mib << 20, args.token_budget);
-    tracing::info!(kv_pages = config.kv_pages, page_blocks = config.page_size, token_budget = config.token_budget, "block-level KV pool");
+    let config = SchedulerConfig { prefix_cache: args.prefix_cache, ..SchedulerConfig::for_memory(&model, args.kv_cache_mib << 20, args.token_budget) };
+    tracing::info!(
+        kv_pages = config.kv_pages,
+        page_blocks = config.page_size,
+        token_budget = config.token_budget,
+        prefix_cache = config.prefix_cache,
+        "block-level KV pool"
+    );
     let engine = model_thread::ModelThread::start(
         model.clone(),
         config,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockserve_engine::download::{Download, Downloads};
+use blockserve_engine::prefix_cache::CacheStats;
 use blockserve_engine::{BlockScheduler, EngineError, SchedulerConfig};
 use blockserve_model::BlockTransformer;
 use blockserve_proto::v1::{Embeddings, LinkDown, SessionError};
@@ -70,6 +71,7 @@ pub fn session_error(key: u64, st: &tonic::Status) -> SessionError {
 impl ModelThread {
     /// Start the model thread. Decode blocks gather as `gather` says (see `ready`).
     pub fn start(model: Arc<BlockTransformer>, config: SchedulerConfig, gather: Gather) -> Result<Self, EngineError> {
+        let page_blocks = config.page_size;
         let mut sched = BlockScheduler::new(model, config)?;
         sched.warm_up()?;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -79,7 +81,17 @@ impl ModelThread {
         std::thread::Builder::new()
             .name("block-decoder-engine".into())
             .spawn(move || {
-                let t = Thread { sched, links: Links::default(), active: a, queued: q, gather, phases: Phases::default(), downloads: Downloads::default() };
+                let t = Thread {
+                    sched,
+                    links: Links::default(),
+                    active: a,
+                    queued: q,
+                    gather,
+                    phases: Phases::default(),
+                    downloads: Downloads::default(),
+                    cache_reported: CacheStats::default(),
+                    page_blocks,
+                };
                 t.run(rx)
             })
             .expect("spawn engine thread");
@@ -167,6 +179,9 @@ struct Thread {
     gather: Gather,
     phases: Phases,
     downloads: Downloads,
+    /// The prefix cache's counts at the last metrics report.
+    cache_reported: CacheStats,
+    page_blocks: usize,
 }
 
 /// Longest the model thread sleeps while a micro-batch gathers before it looks
@@ -313,10 +328,19 @@ impl Thread {
         self.report_kv();
     }
 
-    fn report_kv(&self) {
-        let (used, free) = self.sched.kv_pages();
+    fn report_kv(&mut self) {
+        let (used, free, idle) = self.sched.kv_pages();
         METRICS.kv_pages.with_label_values(&["used"]).set(used as i64);
         METRICS.kv_pages.with_label_values(&["free"]).set(free as i64);
+        METRICS.kv_pages.with_label_values(&["cached_idle"]).set(idle as i64);
+        // The scheduler counts since it started; the counters take the change.
+        let (pages, stats) = self.sched.prefix_cache();
+        let (last, ps) = (self.cache_reported, self.page_blocks as u64);
+        METRICS.prefix_cache_pages.with_label_values(&["block_decoder"]).set(pages as i64);
+        METRICS.prefix_cache_blocks.with_label_values(&["hit"]).inc_by((stats.hits - last.hits) * ps);
+        METRICS.prefix_cache_blocks.with_label_values(&["miss"]).inc_by(((stats.looked_up - stats.hits) - (last.looked_up - last.hits)) * ps);
+        METRICS.prefix_cache_evictions.with_label_values(&["block_decoder"]).inc_by(stats.evictions - last.evictions);
+        self.cache_reported = stats;
     }
 
     fn apply_up(&mut self, link: LinkId, up: Up) {

@@ -53,6 +53,10 @@ pub struct Args {
     /// Memory of the block decoder's KV cache, in MiB.
     #[arg(long, env = "BLOCKSERVE_KV_CACHE_MIB", default_value_t = 1024)]
     kv_cache_mib: usize,
+    /// Share the KV pages of common prompt prefixes between sessions (see
+    /// `blockserve block-decoder --help`).
+    #[arg(long, env = "BLOCKSERVE_PREFIX_CACHE", default_value_t = false, action = clap::ArgAction::Set)]
+    prefix_cache: bool,
     /// Most sessions each decoder tier instance holds.
     #[arg(long, env = "BLOCKSERVE_MAX_SESSIONS", default_value_t = 1024)]
     max_sessions: u32,
@@ -108,6 +112,7 @@ pub async fn run(args: Args) -> Result<()> {
         max_batch_wait_us: 2000,
         micro_batches: args.micro_batches,
         micro_batch_by_link: true,
+        prefix_cache: args.prefix_cache,
     };
     tasks.spawn(blockserve_block_decoder::run(bd, store.clone(), stop.clone(), Some(ready)));
     eprintln!("block decoder at {}", bd_addr.await?);

@@ -72,6 +72,24 @@ impl SeqKv {
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
+
+    /// A sequence whose first `len` positions are already in `pages` (pages
+    /// another sequence wrote, shared through a prefix cache).
+    pub fn from_prefix(pages: Vec<u32>, len: usize) -> Self {
+        Self { pages, len }
+    }
+
+    /// The sequence's pages, in position order.
+    pub fn pages(&self) -> &[u32] {
+        &self.pages
+    }
+
+    /// Take every page out (the sequence is empty afterwards), for a caller
+    /// that gives some back to the pool and keeps others.
+    pub fn take_pages(&mut self) -> Vec<u32> {
+        self.len = 0;
+        std::mem::take(&mut self.pages)
+    }
 }
 
 /// The layout of one forward pass over a pool (see the module docs).
@@ -152,6 +170,11 @@ impl KvPool {
         let at = self.free.len() - need;
         seq.pages.extend(self.free.drain(at..));
         true
+    }
+
+    /// Give pages taken out of sequences back to the free list.
+    pub fn give_back(&mut self, pages: impl IntoIterator<Item = u32>) {
+        self.free.extend(pages);
     }
 
     /// Give a sequence's pages back; the sequence is empty afterwards.
