@@ -6,6 +6,11 @@
 //! model's paged driver. Prints one table row per batch: generated tokens/s,
 //! time to first token, peak device memory, and the model's FLOP and byte counts
 //! over the wall time against the card's measured ceilings.
+//!
+//! `--setting shared-prefix` is the prefix cache's scenario: `--prefixes`
+//! distinct prompt prefixes of `--prefix-len` tokens, each request one of them
+//! (in turn) followed by a suffix of its own; `--prefix-cache off,on` runs the
+//! same requests without and with the block decoder's prefix cache.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,10 +34,23 @@ pub struct Args {
     /// model) instead of a preset with random weights.
     #[arg(long, env = "BENCH_MODEL")]
     model: Option<std::path::PathBuf>,
-    /// prefill-heavy (prompt 2048, generate 128) or decode-heavy (prompt 128,
-    /// generate 2048); --prompt-len/--gen-len override either.
+    /// prefill-heavy (prompt 2048, generate 128), decode-heavy (prompt 128,
+    /// generate 2048) or shared-prefix (prompt 2112 = a 2048-token prefix
+    /// shared with other requests + 64 of its own, generate 128);
+    /// --prompt-len/--gen-len override any.
     #[arg(long, env = "BENCH_SETTING", default_value = "decode-heavy")]
     setting: String,
+    /// shared-prefix: distinct prefixes (request i takes prefix i mod this).
+    #[arg(long, default_value_t = 16)]
+    prefixes: usize,
+    /// shared-prefix: tokens of each prefix (the rest of the prompt is the
+    /// request's own).
+    #[arg(long, default_value_t = 2048)]
+    prefix_len: usize,
+    /// Run each batch with the block decoder's prefix cache off, on, or both
+    /// (comma separated, in that order).
+    #[arg(long, value_delimiter = ',', default_value = "off")]
+    prefix_cache: Vec<String>,
     /// Prompt tokens per request (overrides the setting's).
     #[arg(long)]
     prompt_len: Option<usize>,
@@ -116,6 +134,19 @@ fn requests(b: usize, prompt_len: usize, gen_len: usize, vocab: u32, seed: u64) 
         .collect()
 }
 
+/// The shared-prefix scenario's requests: request i is prefix `i % prefixes`
+/// (`prefix_len` ids) followed by `prompt_len - prefix_len` ids of its own.
+fn shared_prefix_requests(b: usize, prefixes: usize, prefix_len: usize, prompt_len: usize, gen_len: usize, vocab: u32, seed: u64) -> Vec<GenerationRequest> {
+    let id = |a: usize, j: usize| 1 + ((a * 7919 + j * 104729 + seed as usize) as u32 % (vocab - 1));
+    (0..b)
+        .map(|i| GenerationRequest {
+            prompt: (0..prefix_len).map(|j| id(i % prefixes, j)).chain((prefix_len..prompt_len).map(|j| id(1_000_003 + i, j))).collect(),
+            sampling: SamplingParams::greedy(),
+            stop: StopCriteria { max_new_tokens: gen_len, eos_token_id: None, stop_token_ids: vec![] },
+        })
+        .collect()
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -158,9 +189,23 @@ pub fn run(a: Args) -> Result<()> {
     let (p, g) = match a.setting.as_str() {
         "prefill-heavy" => (2048, 128),
         "decode-heavy" => (128, 2048),
-        other => bail!("--setting {other:?}: expected prefill-heavy or decode-heavy"),
+        "shared-prefix" => (a.prefix_len + 64, 128),
+        other => bail!("--setting {other:?}: expected prefill-heavy, decode-heavy or shared-prefix"),
     };
     let (prompt_len, gen_len) = (a.prompt_len.unwrap_or(p), a.gen_len.unwrap_or(g));
+    let shared = a.setting == "shared-prefix";
+    if shared && (a.prefixes == 0 || a.prefix_len > prompt_len) {
+        bail!("--setting shared-prefix needs --prefixes > 0 and --prefix-len ({}) <= the prompt length ({prompt_len})", a.prefix_len);
+    }
+    let caches: Vec<bool> = a
+        .prefix_cache
+        .iter()
+        .map(|c| match c.as_str() {
+            "off" | "false" => Ok(false),
+            "on" | "true" => Ok(true),
+            other => bail!("--prefix-cache {other:?}: expected off, on or off,on"),
+        })
+        .collect::<Result<_>>()?;
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype)?;
     let (mut config, name) = match &a.model {
@@ -186,8 +231,10 @@ pub fn run(a: Args) -> Result<()> {
         println!("ceilings: copy {:.0} GB/s (read + write), bf16 matmul {:.0} TFLOP/s", c.bytes_per_s / 1e9, c.flop_per_s / 1e12);
     }
     let vocab = config.vocab_size() as u32;
-    println!("| preset | setting | batch | wall s | tokens/s | TTFT mean s | TTFT p50 s | TTFT p99 s | peak GiB | TFLOP/s (% ceil) | GB/s (% ceil) |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| preset | setting | batch | prefix cache | wall s | tokens/s | TTFT mean s | TTFT p50 s | TTFT p99 s | peak GiB | TFLOP/s (% ceil) | GB/s (% ceil) |"
+    );
+    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let model = match model {
         Model::Block(m) => Arc::new(m),
         Model::Vanilla(_) => return bench_vanilla(&a, &name, &model, &device, prompt_len, gen_len, vocab),
@@ -208,47 +255,58 @@ pub fn run(a: Args) -> Result<()> {
             let blocks = (prompt_len + gen_len).div_ceil(model.block_length()) + 16;
             b * blocks * model.block_decoder().bytes_per_block(dtype)
         };
-        let mut sched = BlockScheduler::new(model.clone(), SchedulerConfig::for_memory(&model, kv_bytes, a.token_budget))?;
-        let token_batch = if a.token_batch == 0 { b } else { a.token_batch };
-        let mut batcher = TokenBatcher::new(model.clone(), token_batch)?;
-        batcher.set_cuda_graphs(a.cuda_graphs);
-        // Warm-up: module loads, cuBLAS handles and the batch's local passes.
-        pipeline::run(&mut sched, &mut batcher, &requests(b.min(token_batch), 8, 8, vocab, a.seed), &|| None)?;
-        device.synchronize()?;
-        let reqs = requests(b, prompt_len, gen_len, vocab, a.seed);
-        let memory = || device_memory(&device).map(|(free, total)| total - free);
-        let (outs, stats) = pipeline::run(&mut sched, &mut batcher, &reqs, &memory)?;
-        device.synchronize()?;
-        let generated: usize = outs.iter().map(|o| o.tokens.len()).sum();
-        if generated != b * gen_len {
-            bail!("generated {generated} tokens, expected {}", b * gen_len);
+        for &cache in &caches {
+            let mut sched =
+                BlockScheduler::new(model.clone(), SchedulerConfig { prefix_cache: cache, ..SchedulerConfig::for_memory(&model, kv_bytes, a.token_budget) })?;
+            let token_batch = if a.token_batch == 0 { b } else { a.token_batch };
+            let mut batcher = TokenBatcher::new(model.clone(), token_batch)?;
+            batcher.set_cuda_graphs(a.cuda_graphs);
+            // Warm-up: module loads, cuBLAS handles and the batch's local passes.
+            pipeline::run(&mut sched, &mut batcher, &requests(b.min(token_batch), 8, 8, vocab, a.seed), &|| None)?;
+            device.synchronize()?;
+            let reqs = if shared {
+                shared_prefix_requests(b, a.prefixes, a.prefix_len, prompt_len, gen_len, vocab, a.seed)
+            } else {
+                requests(b, prompt_len, gen_len, vocab, a.seed)
+            };
+            let memory = || device_memory(&device).map(|(free, total)| total - free);
+            let (outs, stats) = pipeline::run(&mut sched, &mut batcher, &reqs, &memory)?;
+            device.synchronize()?;
+            let generated: usize = outs.iter().map(|o| o.tokens.len()).sum();
+            if generated != b * gen_len {
+                bail!("generated {generated} tokens, expected {}", b * gen_len);
+            }
+            let mut ttft: Vec<f64> = outs.iter().map(|o| o.first_token_s).collect();
+            ttft.sort_by(f64::total_cmp);
+            let (flops, bytes) = block_work(&model, b, prompt_len, gen_len, &stats, dtype);
+            // The work counts assume every prompt is prefilled: not with the cache.
+            let rates = match &ceilings {
+                _ if cache => ("-".into(), "-".into()),
+                Some(c) => (
+                    format!("{:.1} ({:.0}%)", flops / stats.wall_s / 1e12, 100.0 * flops / stats.wall_s / c.flop_per_s),
+                    format!("{:.0} ({:.0}%)", bytes / stats.wall_s / 1e9, 100.0 * bytes / stats.wall_s / c.bytes_per_s),
+                ),
+                None => (format!("{:.1}", flops / stats.wall_s / 1e12), format!("{:.0}", bytes / stats.wall_s / 1e9)),
+            };
+            println!(
+                "| {} | {prompt_len}/{gen_len} | {b} | {} | {:.2} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} |",
+                name,
+                if cache { "on" } else { "off" },
+                stats.wall_s,
+                generated as f64 / stats.wall_s,
+                ttft.iter().sum::<f64>() / ttft.len() as f64,
+                percentile(&ttft, 0.5),
+                percentile(&ttft, 0.99),
+                stats.peak_memory_bytes.map_or("-".into(), |m| format!("{:.1}", m as f64 / (1u64 << 30) as f64)),
+                rates.0,
+                rates.1,
+            );
+            let cached = sched.prefix_cache().1;
+            eprintln!(
+                "  passes {} (decode rows {}, prompt blocks {}), host time in block passes {:.2} s, in token blocks (incl. device wait) {:.2} s; prefix cache: {} of {} pages found, {} evicted",
+                stats.passes, stats.decode_rows, stats.prefill_blocks, stats.block_phase_s, stats.token_phase_s, cached.hits, cached.looked_up, cached.evictions
+            );
         }
-        let mut ttft: Vec<f64> = outs.iter().map(|o| o.first_token_s).collect();
-        ttft.sort_by(f64::total_cmp);
-        let (flops, bytes) = block_work(&model, b, prompt_len, gen_len, &stats, dtype);
-        let rates = match &ceilings {
-            Some(c) => (
-                format!("{:.1} ({:.0}%)", flops / stats.wall_s / 1e12, 100.0 * flops / stats.wall_s / c.flop_per_s),
-                format!("{:.0} ({:.0}%)", bytes / stats.wall_s / 1e9, 100.0 * bytes / stats.wall_s / c.bytes_per_s),
-            ),
-            None => (format!("{:.1}", flops / stats.wall_s / 1e12), format!("{:.0}", bytes / stats.wall_s / 1e9)),
-        };
-        println!(
-            "| {} | {prompt_len}/{gen_len} | {b} | {:.2} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} |",
-            name,
-            stats.wall_s,
-            generated as f64 / stats.wall_s,
-            ttft.iter().sum::<f64>() / ttft.len() as f64,
-            percentile(&ttft, 0.5),
-            percentile(&ttft, 0.99),
-            stats.peak_memory_bytes.map_or("-".into(), |m| format!("{:.1}", m as f64 / (1u64 << 30) as f64)),
-            rates.0,
-            rates.1,
-        );
-        eprintln!(
-            "  passes {} (decode rows {}, prompt blocks {}), host time in block passes {:.2} s, in token blocks (incl. device wait) {:.2} s",
-            stats.passes, stats.decode_rows, stats.prefill_blocks, stats.block_phase_s, stats.token_phase_s
-        );
     }
     Ok(())
 }
