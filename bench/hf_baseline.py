@@ -25,6 +25,7 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
     ap.add_argument("--prompt-len", type=int)
     ap.add_argument("--gen-len", type=int)
+    ap.add_argument("--no-warmup", action="store_true", help="time the process's first full-size generate() (understates transformers)")
     args = ap.parse_args()
     p, g = SETTINGS[args.setting]
     p, g = args.prompt_len or p, args.gen_len or g
@@ -46,7 +47,14 @@ def main():
         ids = torch.randint(1, 50304, (b, p), device="cuda")
         mask = torch.ones_like(ids)
         with torch.inference_mode():
-            model.generate(ids[:, :16], attention_mask=mask[:, :16], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+            # A full-size warm-up: transformers' first full-length generate() in
+            # a process is 2-3x slower than the next (a short warm-up is not
+            # enough), so timing the first call understates transformers.
+            if not args.no_warmup:
+                t = time.perf_counter()
+                model.generate(ids, attention_mask=mask, max_new_tokens=g, min_new_tokens=g, do_sample=False, pad_token_id=0)
+                torch.cuda.synchronize()
+                print(f"warm-up (same size, not timed): {time.perf_counter() - t:.1f} s", flush=True)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()

@@ -57,9 +57,17 @@ struct Args {
     /// Requests in all (0: one per stream).
     #[arg(long, env = "LOADTEST_REQUESTS", default_value_t = 0)]
     requests: usize,
-    /// prefill-heavy (prompt 2048, generate 128) or decode-heavy (prompt 128, generate 2048).
+    /// prefill-heavy (prompt 2048, generate 128), decode-heavy (prompt 128,
+    /// generate 2048) or shared-prefix (request i: prefix i mod --prefixes of
+    /// --prefix-len tokens, then 64 of its own; generate 128).
     #[arg(long, env = "LOADTEST_SETTING", default_value = "decode-heavy")]
     setting: String,
+    /// shared-prefix: distinct prefixes.
+    #[arg(long, default_value_t = 16)]
+    prefixes: usize,
+    /// shared-prefix: tokens of each prefix.
+    #[arg(long, default_value_t = 2048)]
+    prefix_len: usize,
     /// Prompt tokens per request (overrides the setting's).
     #[arg(long)]
     prompt_len: Option<usize>,
@@ -176,9 +184,11 @@ async fn main() -> Result<()> {
     let (p, g) = match a.setting.as_str() {
         "prefill-heavy" => (2048, 128),
         "decode-heavy" => (128, 2048),
-        other => bail!("--setting {other:?}: expected prefill-heavy or decode-heavy"),
+        "shared-prefix" => (a.prefix_len + 64, 128),
+        other => bail!("--setting {other:?}: expected prefill-heavy, decode-heavy or shared-prefix"),
     };
     let (prompt_len, gen_len) = (a.prompt_len.unwrap_or(p), a.gen_len.unwrap_or(g));
+    let shared = (a.setting == "shared-prefix").then_some((a.prefixes.max(1), a.prefix_len.min(prompt_len)));
     let requests = if a.requests == 0 { a.concurrency } else { a.requests };
     let mut channels = vec![];
     let vocab = match &a.http {
@@ -217,7 +227,12 @@ async fn main() -> Result<()> {
                 if i >= requests {
                     break;
                 }
-                let prompt: Vec<u32> = (0..prompt_len).map(|j| 1 + ((i * 7919 + j * 104729 + seed) as u32 % (vocab - 1))).collect();
+                // shared-prefix: the first prefix_len ids are prefix i mod prefixes.
+                let id = |a: usize, j: usize| 1 + ((a * 7919 + j * 104729 + seed) as u32 % (vocab - 1));
+                let prompt: Vec<u32> = match shared {
+                    Some((prefixes, prefix_len)) => (0..prompt_len).map(|j| if j < prefix_len { id(i % prefixes, j) } else { id(1_000_003 + i, j) }).collect(),
+                    None => (0..prompt_len).map(|j| id(i, j)).collect(),
+                };
                 let start = Instant::now();
                 let clock = match (&client, &http) {
                     (Some(c), _) => one(c.clone(), prompt, gen_len).await,
