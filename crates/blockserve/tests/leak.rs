@@ -2,7 +2,9 @@
 //! through the API, time out (gRPC deadline) or lose their client, each at a
 //! random point; afterwards every tier reports zero active sessions, the
 //! block decoder's KV pages and the token decoders' local cache rows are back
-//! to their idle level, and Redis holds every session in a final state.
+//! to their idle level, and Redis holds every session in a final state. The
+//! block decoder runs its prefix cache, and the prompts share five prefixes of
+//! two pages: the pages sessions held in it are idle again, none is lost.
 
 mod common;
 
@@ -32,7 +34,11 @@ enum Ending {
 async fn session(router: String, i: usize, ending: Ending, chunks: usize) -> bool {
     let mut c = GenerationClient::connect(router.clone()).await.unwrap();
     let params = GenerationParameters { max_new_tokens: Some(4000), ignore_eos: true, ..Default::default() };
-    let mut req = tonic::Request::new(GenerateRequest { session_id: format!("leak-{i}"), ..ids_request(vec![1 + (i % 200) as u32, 2, 3], params) });
+    // One of five prefixes of 128 ids (two whole pages of 16 blocks once
+    // padded), then ids of its own.
+    let group = (i % 5) as u32;
+    let prompt: Vec<u32> = (0..128u32).map(|j| 1 + (group * 97 + j * 31) % 511).chain([1 + (i % 200) as u32, 2, 3]).collect();
+    let mut req = tonic::Request::new(GenerateRequest { session_id: format!("leak-{i}"), ..ids_request(prompt, params) });
     if let Ending::Deadline = ending {
         req.set_timeout(Duration::from_millis(20 + 40 * chunks as u64));
     }
@@ -73,9 +79,16 @@ async fn session(router: String, i: usize, ending: Ending, chunks: usize) -> boo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_sessions_ended_early_leave_nothing_behind() {
-    let cluster = Cluster::start(&fixture_model(), &[("block-decoder", 1, &[]), ("token-decoder", 2, &[]), ("router", 2, &["--max-new-tokens", "4000"])]).await;
+    let cluster = Cluster::start(
+        &fixture_model(),
+        &[("block-decoder", 1, &["--prefix-cache", "true"]), ("token-decoder", 2, &[]), ("router", 2, &["--max-new-tokens", "4000"])],
+    )
+    .await;
     let store = cluster.store().await;
-    let idle_pages = metric_sum(&scrape_metrics(cluster.procs[0].metrics_port), "blockserve_kv_cache_pages", &[("state", "used")]);
+    let bd_metrics = || scrape_metrics(cluster.procs[0].metrics_port);
+    let pages_in = |m: &str, state: &str| metric_sum(m, "blockserve_kv_cache_pages", &[("state", state)]);
+    let m = bd_metrics();
+    let (idle_pages, all_pages) = (pages_in(&m, "used"), pages_in(&m, "used") + pages_in(&m, "free") + pages_in(&m, "cached_idle"));
     let routers = cluster.routers();
     let mut seed = 11u64;
     let mut next = || {
@@ -125,6 +138,12 @@ async fn a_thousand_sessions_ended_early_leave_nothing_behind() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The prefix cache was used, and its pages are all idle: free and cached
+    // pages make up the pool again.
+    let m = bd_metrics();
+    assert!(metric_sum(&m, "blockserve_prefix_cache_blocks_total", &[("result", "hit")]) > 0.0, "the prefix cache found nothing");
+    assert_eq!(pages_in(&m, "used") + pages_in(&m, "free") + pages_in(&m, "cached_idle"), all_pages);
+    assert_eq!(pages_in(&m, "cached_idle"), metric_sum(&m, "blockserve_prefix_cache_pages", &[]));
     let mut never_started = 0;
     for i in 0..SESSIONS {
         never_started += store.session(&format!("leak-{i}")).await.unwrap().is_none() as usize;
