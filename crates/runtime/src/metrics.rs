@@ -43,6 +43,9 @@ pub struct Metrics {
     pub prefix_cache_evictions: IntCounterVec,
     /// Block decoder: pages the prefix cache holds (held by sessions or idle).
     pub prefix_cache_pages: IntGaugeVec,
+    /// Router: instances chosen, by tier and reason (least_loaded, prefix,
+    /// prefix_overloaded).
+    pub routing_choices: IntCounterVec,
     /// Token decoder: rows of the preallocated local cache by state (used, free).
     pub local_kv_rows: IntGaugeVec,
     /// Context-embedding payload bytes, by tier and direction (sent, received).
@@ -112,6 +115,11 @@ impl Metrics {
             ),
             prefix_cache_evictions: counter("blockserve_prefix_cache_evictions_total", "Block decoder: pages evicted from the prefix cache.", &["tier"]),
             prefix_cache_pages: gauge("blockserve_prefix_cache_pages", "Block decoder: pages the prefix cache holds (held by sessions or idle).", &["tier"]),
+            routing_choices: counter(
+                "blockserve_routing_choices_total",
+                "Router: instances chosen for new sessions, by tier and reason (least_loaded, prefix, prefix_overloaded).",
+                &["tier", "reason"],
+            ),
             local_kv_rows: gauge("blockserve_local_kv_rows", "Token decoder: rows of the local cache by state.", &["state"]),
             context_bytes: counter("blockserve_context_embedding_bytes_total", "Context-embedding payload bytes.", &["tier", "direction"]),
             store_seconds: histogram_vec(

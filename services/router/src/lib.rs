@@ -5,6 +5,7 @@
 pub mod auth;
 mod grpc;
 pub mod http;
+pub mod prefix_routing;
 mod relay;
 mod relay_link;
 pub mod sessions;
@@ -51,6 +52,13 @@ pub struct Args {
     /// Largest max_new_tokens a request may ask for.
     #[arg(long, env = "BLOCKSERVE_MAX_NEW_TOKENS", default_value_t = 1024)]
     pub max_new_tokens: usize,
+    /// Send a new session to the block decoder that most likely holds its
+    /// prompt's longest cached prefix (where this router sent the same prompt
+    /// pages last), unless that one has more than a quarter (or two) more
+    /// sessions than the least loaded. For block decoders run with
+    /// --prefix-cache; off: the least loaded always.
+    #[arg(long, env = "BLOCKSERVE_PREFIX_ROUTING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub prefix_routing: bool,
     /// Seconds a finished session stays queryable.
     #[arg(long, env = "BLOCKSERVE_SESSION_TTL_S", default_value_t = 3600)]
     pub session_ttl_s: u64,
@@ -103,6 +111,9 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     let mut router = sessions::Router::new(store, facts, tokenizer, args.max_new_tokens, Duration::from_secs(args.session_ttl_s));
     router.channels = blockserve_runtime::channels::Channels::new(Arc::new(Dialer::from_args(&args.dial)?));
     router.max_migrations = args.max_migrations;
+    if args.prefix_routing {
+        router.prefix_index = Some(std::sync::Mutex::new(prefix_routing::PrefixIndex::new(prefix_routing::DEFAULT_CAPACITY)));
+    }
     router.max_streams = args.max_streams.max(1);
     router.streams = Arc::new(tokio::sync::Semaphore::new(router.max_streams));
     let router = Arc::new(router);

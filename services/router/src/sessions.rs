@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blockserve_proto::v1::*;
+use blockserve_runtime::metrics::METRICS;
 use blockserve_runtime::{status, telemetry};
 use blockserve_store::{InstanceInfo, SessionRecord, SessionStore, Tier};
 use blockserve_text::Tokenizer;
@@ -16,6 +17,7 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::Status;
 
+use crate::prefix_routing::{self, PrefixIndex};
 use crate::relay_link::{RelayLinks, SessionStream};
 use crate::validate;
 
@@ -63,6 +65,29 @@ pub struct Router {
     /// period; this spreads a burst, and between equally loaded instances
     /// the one picked longest ago goes first.
     routed: Arc<std::sync::Mutex<Picks>>,
+    /// Where this router sent prompt pages, when it routes by prefix
+    /// (`--prefix-routing`).
+    pub prefix_index: Option<std::sync::Mutex<PrefixIndex>>,
+}
+
+/// Why an instance was chosen (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Choice {
+    LeastLoaded,
+    /// The one holding the longest known prefix.
+    Prefix,
+    /// The one holding the longest known prefix was overloaded.
+    PrefixOverloaded,
+}
+
+impl Choice {
+    fn as_str(self) -> &'static str {
+        match self {
+            Choice::LeastLoaded => "least_loaded",
+            Choice::Prefix => "prefix",
+            Choice::PrefixOverloaded => "prefix_overloaded",
+        }
+    }
 }
 
 #[derive(Default)]
@@ -151,6 +176,7 @@ impl Router {
             channels: Default::default(),
             relay_links: Default::default(),
             routed: Default::default(),
+            prefix_index: None,
         }
     }
 
@@ -166,6 +192,31 @@ impl Router {
     /// sessions spreads over the instances instead of all taking the one that
     /// looked least loaded.
     pub(crate) async fn pick(&self, tier: Tier, exclude: &[String]) -> Result<(InstanceInfo, Routed), Status> {
+        self.pick_preferring(tier, exclude, None).await.map(|(i, r, _)| (i, r))
+    }
+
+    /// The block decoder for a new session's prompt: by prefix when this
+    /// router routes so (see [`crate::prefix_routing`]), else the least loaded.
+    pub(crate) async fn pick_block_decoder(&self, prompt: &[u32]) -> Result<(InstanceInfo, Routed), Status> {
+        let Some(index) = &self.prefix_index else { return self.pick(Tier::BlockDecoder, &[]).await };
+        let hashes = prefix_routing::page_hashes(prompt, self.model.block_length);
+        let known = index.lock().unwrap_or_else(|p| p.into_inner()).longest(&hashes).map(|(a, n)| (a.to_string(), n));
+        let (bd, routed, choice) = self.pick_preferring(Tier::BlockDecoder, &[], known.as_ref().map(|(a, _)| a.as_str())).await?;
+        METRICS.routing_choices.with_label_values(&["block_decoder", choice.as_str()]).inc();
+        tracing::debug!(
+            block_decoder = %bd.address,
+            reason = choice.as_str(),
+            prompt_pages = hashes.len(),
+            known_pages = known.as_ref().map_or(0, |k| k.1),
+            "block decoder chosen"
+        );
+        index.lock().unwrap_or_else(|p| p.into_inner()).record(&hashes, &bd.address);
+        Ok((bd, routed))
+    }
+
+    /// [`pick`](Self::pick), taking the instance at `prefer` instead when it
+    /// has room and is not overloaded next to the least loaded one.
+    async fn pick_preferring(&self, tier: Tier, exclude: &[String], prefer: Option<&str>) -> Result<(InstanceInfo, Routed, Choice), Status> {
         let mut all = self.store.instances(tier).await.map_err(status::from_store)?;
         let name = tier.as_str().replace('_', " ");
         if all.is_empty() {
@@ -176,24 +227,28 @@ impl Router {
             return Err(Status::unavailable(format!("no live {name} instance other than the {} that failed this session", exclude.len())));
         }
         let mut picks = self.routed.lock().unwrap_or_else(|p| p.into_inner());
-        let best = all
-            .into_iter()
-            .filter(|i| i.free_capacity > 0)
-            // Reported load plus what this router sent since (it may double count
-            // for a lease period, alike for every instance); then the one
-            // picked longest ago, so sessions started one after another
-            // alternate instead of all taking the first of equals.
-            .min_by_key(|i| {
-                let running = picks.running.get(&i.address).copied().unwrap_or(0);
-                (i.load_key().0 + running, i.load_key(), picks.last.get(&i.address).copied().unwrap_or(0))
-            })
-            .ok_or_else(|| Status::resource_exhausted(format!("every {name} is at capacity; retry later")))?;
+        // Reported load plus what this router sent since (it may double count
+        // for a lease period, alike for every instance); then the one picked
+        // longest ago, so sessions started one after another alternate
+        // instead of all taking the first of equals.
+        let key = |i: &InstanceInfo| {
+            let running = picks.running.get(&i.address).copied().unwrap_or(0);
+            (i.load_key().0 + running, i.load_key(), picks.last.get(&i.address).copied().unwrap_or(0))
+        };
+        let open: Vec<InstanceInfo> = all.into_iter().filter(|i| i.free_capacity > 0).collect();
+        let least = open.iter().min_by_key(|i| key(i)).ok_or_else(|| Status::resource_exhausted(format!("every {name} is at capacity; retry later")))?;
+        let preferred = prefer.and_then(|a| open.iter().find(|i| i.address == a));
+        let (best, choice) = match preferred {
+            Some(p) if prefix_routing::within_slack(key(p).0, key(least).0) => (p.clone(), Choice::Prefix),
+            Some(_) => (least.clone(), Choice::PrefixOverloaded),
+            None => (least.clone(), Choice::LeastLoaded),
+        };
         picks.count += 1;
         let n = picks.count;
         picks.last.insert(best.address.clone(), n);
         *picks.running.entry(best.address.clone()).or_default() += 1;
         let guard = Routed(self.routed.clone(), best.address.clone());
-        Ok((best, guard))
+        Ok((best, guard, choice))
     }
 
     pub(crate) async fn record(&self, id: &str) -> Result<SessionRecord, Status> {

@@ -55,7 +55,7 @@ impl Router {
             }
         }
         let (td, td_routed) = self.pick(Tier::TokenDecoder, &[]).await?;
-        let (bd, bd_routed) = self.pick(Tier::BlockDecoder, &[]).await?;
+        let (bd, bd_routed) = self.pick_block_decoder(&prompt).await?;
         let routed = (td_routed, bd_routed);
         let id = if req.session_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { req.session_id.clone() };
         let spec = SessionSpec { id: id.clone(), ..spec };

@@ -142,6 +142,7 @@ pub async fn run(args: Args) -> Result<()> {
         tokenizer: args.tokenizer.clone(),
         http_listen: Some(args.http_listen),
         max_new_tokens: args.max_new_tokens,
+        prefix_routing: args.prefix_cache,
         session_ttl_s: 3600,
         api_token: args.api_token.clone(),
         max_migrations: blockserve_router::sessions::DEFAULT_MAX_MIGRATIONS,

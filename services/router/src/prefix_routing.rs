@@ -1,0 +1,129 @@
+//! Prefix-aware choice of block decoder (`--prefix-routing`): a session goes
+//! to the block decoder that most likely holds its prompt's longest cached
+//! prefix, unless that one is overloaded.
+//!
+//! The router does not ask the block decoders what they cache. It remembers
+//! where it sent each prompt page (the block decoder's unit of caching: 16
+//! blocks of the prompt as the token decoder lays it out, left-padded to
+//! whole blocks), by a hash chain over the pages, in a bounded map that
+//! forgets the least recently routed pages first. Like any router-side index
+//! it is a guess: a block decoder may have evicted a page, and another router
+//! may have sent the same prefix elsewhere. A wrong guess costs only a
+//! prefill, never a wrong token.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+
+/// Blocks per KV page of the block decoder's pool.
+pub const PAGE_BLOCKS: usize = 16;
+
+/// Pages the index remembers (about 60 MB at most).
+pub const DEFAULT_CAPACITY: usize = 1 << 20;
+
+/// The chain hashes of the whole prompt pages the block decoder could reuse
+/// for `prompt`: left-padded with id 0 to whole blocks of `block_length`, as
+/// the token decoder sends it, and never the page of the last block (which
+/// the block decoder always computes).
+pub fn page_hashes(prompt: &[u32], block_length: usize) -> Vec<u64> {
+    let pad = (block_length - prompt.len() % block_length) % block_length;
+    let blocks = (pad + prompt.len()) / block_length;
+    let pages = blocks.saturating_sub(1) / PAGE_BLOCKS;
+    let padded: Vec<u32> = std::iter::repeat_n(0, pad).chain(prompt.iter().copied()).take(pages * PAGE_BLOCKS * block_length).collect();
+    let mut parent = 0u64;
+    padded
+        .chunks_exact(PAGE_BLOCKS * block_length)
+        .map(|page| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (parent, page).hash(&mut h);
+            parent = h.finish();
+            parent
+        })
+        .collect()
+}
+
+/// Where the router sent each prompt page last.
+pub struct PrefixIndex {
+    /// Page hash -> (block decoder address, tick of its last use).
+    pages: HashMap<u64, (String, u64)>,
+    /// Tick -> page hash, oldest first.
+    by_age: BTreeMap<u64, u64>,
+    tick: u64,
+    capacity: usize,
+}
+
+impl PrefixIndex {
+    pub fn new(capacity: usize) -> Self {
+        Self { pages: HashMap::new(), by_age: BTreeMap::new(), tick: 0, capacity: capacity.max(1) }
+    }
+
+    /// The block decoder the prompt's first page went to last, and how many
+    /// leading pages went there with it.
+    pub fn longest(&self, hashes: &[u64]) -> Option<(&str, usize)> {
+        let (first, _) = self.pages.get(hashes.first()?)?;
+        let n = hashes.iter().take_while(|h| self.pages.get(h).is_some_and(|(a, _)| a == first)).count();
+        Some((first.as_str(), n))
+    }
+
+    /// Remember that the prompt's pages went to `address`.
+    pub fn record(&mut self, hashes: &[u64], address: &str) {
+        for &h in hashes {
+            self.tick += 1;
+            if let Some((_, old)) = self.pages.insert(h, (address.to_string(), self.tick)) {
+                self.by_age.remove(&old);
+            }
+            self.by_age.insert(self.tick, h);
+        }
+        while self.pages.len() > self.capacity {
+            let Some((_, h)) = self.by_age.pop_first() else { break };
+            self.pages.remove(&h);
+        }
+    }
+}
+
+/// Whether an instance with `load` running sessions is not overloaded next to
+/// the least loaded one's `least`: at most a quarter more, or two sessions.
+pub fn within_slack(load: u32, least: u32) -> bool {
+    load <= least + (least / 4).max(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_follow_the_block_decoders_layout() {
+        // L = 4: 257 ids get 3 pads -> 65 blocks -> 4 pages before the last block.
+        let p: Vec<u32> = (1..=257).collect();
+        assert_eq!(page_hashes(&p, 4).len(), 4);
+        // 256 ids: 64 blocks, the last in page 3: 3 pages.
+        assert_eq!(page_hashes(&p[..256], 4).len(), 3);
+        // Same ids, another padding: no page in common.
+        let q: Vec<u32> = (1..=258).collect();
+        assert!(page_hashes(&p, 4).iter().all(|h| !page_hashes(&q, 4).contains(h)));
+        // A common prefix of the same padding: the same first pages.
+        let mut r = p.clone();
+        r[200] = 9999;
+        let (hp, hr) = (page_hashes(&p, 4), page_hashes(&r, 4));
+        assert_eq!(hp[..3], hr[..3]);
+        assert_ne!(hp[3], hr[3]);
+    }
+
+    #[test]
+    fn the_longest_run_on_one_block_decoder_and_the_oldest_forgotten() {
+        let mut ix = PrefixIndex::new(3);
+        ix.record(&[1, 2, 3], "a");
+        assert_eq!(ix.longest(&[1, 2, 3, 4]), Some(("a", 3)));
+        ix.record(&[1, 2, 5], "b");
+        assert_eq!(ix.longest(&[1, 2, 3]), Some(("b", 2)), "the pages went to b last");
+        assert_eq!(ix.longest(&[7]), None);
+        // Capacity 3: page 3 (the oldest) is forgotten.
+        assert_eq!(ix.pages.len(), 3);
+        assert!(!ix.pages.contains_key(&3));
+    }
+
+    #[test]
+    fn slack_is_a_quarter_or_two() {
+        assert!(within_slack(2, 0) && !within_slack(3, 0));
+        assert!(within_slack(125, 100) && !within_slack(126, 100));
+    }
+}
