@@ -178,6 +178,11 @@ fn message_for(r: &Reply, opened: u64, next_index: u32) -> LinkDown {
         block_indices: vec![r.block_index.unwrap_or(next_index)],
         contexts: Some(Embeddings { data, dtype: c.dtype, dim: c.dim, rows }),
         errors,
+        // A reuse count for a key it does not hold and one out of all
+        // proportion, in lists of different lengths: ignored, or cut to the
+        // prompt, never a failure.
+        reused_keys: vec![key, key ^ 1],
+        reused_blocks: vec![u32::MAX],
     }
 }
 

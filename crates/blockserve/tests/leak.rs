@@ -87,8 +87,9 @@ async fn a_thousand_sessions_ended_early_leave_nothing_behind() {
     let store = cluster.store().await;
     let bd_metrics = || scrape_metrics(cluster.procs[0].metrics_port);
     let pages_in = |m: &str, state: &str| metric_sum(m, "blockserve_kv_cache_pages", &[("state", state)]);
-    let m = bd_metrics();
-    let (idle_pages, all_pages) = (pages_in(&m, "used"), pages_in(&m, "used") + pages_in(&m, "free") + pages_in(&m, "cached_idle"));
+    let idle_pages = pages_in(&bd_metrics(), "used");
+    // The pool's size, once the block decoder has reported it (after a pass).
+    let mut all_pages = None;
     let routers = cluster.routers();
     let mut seed = 11u64;
     let mut next = || {
@@ -108,7 +109,11 @@ async fn a_thousand_sessions_ended_early_leave_nothing_behind() {
         for t in tasks {
             server_deadlines += t.await.unwrap() as usize;
         }
+        let m = bd_metrics();
+        all_pages.get_or_insert(pages_in(&m, "used") + pages_in(&m, "free") + pages_in(&m, "cached_idle"));
     }
+    let all_pages = all_pages.expect("at least one wave");
+    assert!(all_pages > 0.0);
     let ended = Instant::now();
     // Every tier drains to idle, and every session is final in Redis.
     loop {

@@ -3,7 +3,8 @@
 //! every session of a prefix to the block decoder that cached it, so each
 //! later session finds its four prompt pages; a least-loaded router over the
 //! same block decoders spreads a prefix's sessions and finds fewer. Tokens are
-//! the in-process engine's either way.
+//! the in-process engine's either way, and GetSession reports the blocks
+//! each session reused.
 
 mod common;
 
@@ -28,8 +29,8 @@ fn prompt(p: u32, r: u32) -> Vec<u32> {
 
 /// Run three sessions of each of three prefixes, one after another, prefixes
 /// in turn, through `router`; returns each session's (prefix, block decoder,
-/// tokens).
-async fn run(router: &str, first_prefix: u32) -> Vec<(u32, String, Vec<u32>)> {
+/// tokens, prompt blocks reused as GetSession reports them).
+async fn run(router: &str, first_prefix: u32) -> Vec<(u32, String, Vec<u32>, u32)> {
     let mut c = GenerationClient::connect(router.to_string()).await.unwrap();
     let mut out = vec![];
     for r in 0..9u32 {
@@ -37,7 +38,7 @@ async fn run(router: &str, first_prefix: u32) -> Vec<(u32, String, Vec<u32>)> {
         let params = GenerationParameters { max_new_tokens: Some(8), ignore_eos: true, temperature: Some(0.0), ..Default::default() };
         let resp = c.generate_unary(ids_request(prompt(p, r), params)).await.unwrap().into_inner();
         let info = c.get_session(GetSessionRequest { session_id: resp.session_id.clone() }).await.unwrap().into_inner();
-        out.push((p, info.block_decoder, resp.token_ids));
+        out.push((p, info.block_decoder, resp.token_ids, info.reused_prompt_blocks));
     }
     out
 }
@@ -65,6 +66,9 @@ async fn sessions_go_where_their_prefix_is_cached() {
     // Each prefix's second and third sessions found its 4 pages (64 blocks).
     let routed_hits = hits(&cluster);
     assert_eq!(routed_hits, 3.0 * 2.0 * 64.0);
+    // GetSession says which: none for the first of each prefix, 64 blocks after.
+    let reused: Vec<u32> = by_prefix.iter().map(|s| s.3).collect();
+    assert_eq!(reused, [0, 0, 0, 64, 64, 64, 64, 64, 64]);
 
     // Three new prefixes through the least-loaded router.
     let spread = run(&routers[1], 10).await;

@@ -71,6 +71,9 @@ impl<S: SessionStore> SessionStore for Timed<S> {
     async fn set_block_decoder(&self, id: &str, epoch: Epoch, address: &str) -> blockserve_store::Result<Write> {
         timed("set_block_decoder", self.0.set_block_decoder(id, epoch, address)).await
     }
+    async fn set_reused_blocks(&self, id: &str, epoch: Epoch, blocks: u32) -> blockserve_store::Result<Write> {
+        timed("set_reused_blocks", self.0.set_reused_blocks(id, epoch, blocks)).await
+    }
     async fn append_many(&self, batch: &[Append]) -> blockserve_store::Result<Vec<Write>> {
         timed("append_many", self.0.append_many(batch)).await
     }

@@ -57,6 +57,9 @@ pub trait SessionStore: Send + Sync + 'static {
     /// The session moved to block decoder `address` (its token decoder stays):
     /// records it and counts a migration (fenced by `epoch`).
     async fn set_block_decoder(&self, id: &str, epoch: Epoch, address: &str) -> Result<Write>;
+    /// The session's block decoder found `blocks` prompt blocks in its prefix
+    /// cache at the session's latest start there (fenced by `epoch`).
+    async fn set_reused_blocks(&self, id: &str, epoch: Epoch, blocks: u32) -> Result<Write>;
     /// Record generated tokens, one result per entry; entries of one session
     /// apply in order (one round trip where the store allows it). An entry whose
     /// offset is past the recorded output is an error (a write went missing).

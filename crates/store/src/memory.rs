@@ -74,6 +74,7 @@ impl SessionStore for MemoryStore {
                 first_token_at_ms: None,
                 finished_at_ms: None,
                 generated: 0,
+                reused_prompt_blocks: 0,
             };
             s.sessions.insert(spec.id.clone(), (rec, vec![], None));
             true
@@ -101,6 +102,16 @@ impl SessionStore for MemoryStore {
                 r.assignment.block_decoder = address.to_string();
                 r.migrations += 1;
                 r.updated_at_ms = now_ms();
+                Write::Applied
+            }
+            _ => Write::Fenced,
+        }))
+    }
+
+    async fn set_reused_blocks(&self, id: &str, epoch: Epoch, blocks: u32) -> Result<Write> {
+        Ok(self.with(|s| match s.sessions.get_mut(id) {
+            Some((r, _, _)) if writable(r, Some(epoch)) => {
+                r.reused_prompt_blocks = blocks;
                 Write::Applied
             }
             _ => Write::Fenced,

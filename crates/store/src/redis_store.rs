@@ -4,7 +4,7 @@
 //!   `insts:{tier}`: set of registered ids (stale ids are dropped on listing);
 //! - `sess:{id}`: hash with `spec` (JSON), `state`, the assignment (`td`,
 //!   `td_id`, `bd`), its fencing `epoch`, `migrations`, `finish_reason`, `error`,
-//!   `updated_at_ms`, `first_token_at_ms`, `finished_at_ms`;
+//!   `updated_at_ms`, `first_token_at_ms`, `finished_at_ms`, `reused_blocks`;
 //!   `sess:{id}:tokens`: list of generated token ids.
 //!
 //! State changes run as Lua scripts so a final state is never overwritten, whichever
@@ -65,6 +65,13 @@ static MOVE_BD: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(||
     redis::Script::new(&format!(
         "{WRITABLE} if not writable(KEYS[1], ARGV[1]) then return 0 end \
         redis.call('HSET', KEYS[1], 'bd', ARGV[2], 'updated_at_ms', ARGV[3]) redis.call('HINCRBY', KEYS[1], 'migrations', 1) return 1"
+    ))
+});
+
+static REUSED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{WRITABLE} if not writable(KEYS[1], ARGV[1]) then return 0 end \
+        redis.call('HSET', KEYS[1], 'reused_blocks', ARGV[2]) return 1"
     ))
 });
 
@@ -187,25 +194,42 @@ fn dropped<T>(r: &redis::RedisResult<T>) -> bool {
     r.as_ref().is_err_and(|e| e.is_connection_dropped() || e.is_unrecoverable_error())
 }
 
+/// A restarted Redis that reads its data back (an append-only file) answers
+/// LOADING, having run nothing, until it is done: the command is sent again
+/// every LOADING_POLL for up to LOADING_WAIT.
+fn loading<T>(r: &redis::RedisResult<T>) -> bool {
+    r.as_ref().is_err_and(|e| e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading))
+}
+const LOADING_WAIT: Duration = Duration::from_secs(10);
+const LOADING_POLL: Duration = Duration::from_millis(50);
+
+impl Retrying {
+    /// `send` once, again if the connection was dropped, and again while
+    /// Redis is loading. (Clones of the manager share its connection.)
+    async fn send<T, F>(&self, send: impl Fn(ConnectionManager) -> F) -> redis::RedisResult<T>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let mut r = send(self.0.clone()).await;
+        if dropped(&r) {
+            r = send(self.0.clone()).await;
+        }
+        let start = std::time::Instant::now();
+        while loading(&r) && start.elapsed() < LOADING_WAIT {
+            tokio::time::sleep(LOADING_POLL).await;
+            r = send(self.0.clone()).await;
+        }
+        r
+    }
+}
+
 impl ConnectionLike for Retrying {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        Box::pin(async move {
-            let first = self.0.req_packed_command(cmd).await;
-            if dropped(&first) {
-                return self.0.req_packed_command(cmd).await;
-            }
-            first
-        })
+        Box::pin(self.send(move |mut c| async move { c.req_packed_command(cmd).await }))
     }
 
     fn req_packed_commands<'a>(&'a mut self, cmd: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
-        Box::pin(async move {
-            let first = self.0.req_packed_commands(cmd, offset, count).await;
-            if dropped(&first) {
-                return self.0.req_packed_commands(cmd, offset, count).await;
-            }
-            first
-        })
+        Box::pin(self.send(move |mut c| async move { c.req_packed_commands(cmd, offset, count).await }))
     }
 
     fn get_db(&self) -> i64 {
@@ -300,6 +324,7 @@ impl SessionStore for RedisStore {
             first_token_at_ms: num("first_token_at_ms"),
             finished_at_ms: num("finished_at_ms"),
             generated,
+            reused_prompt_blocks: num("reused_blocks").unwrap_or(0) as u32,
         }))
     }
 
@@ -312,6 +337,12 @@ impl SessionStore for RedisStore {
     async fn set_block_decoder(&self, id: &str, epoch: Epoch, address: &str) -> Result<Write> {
         let mut c = self.conn();
         let set: i32 = MOVE_BD.key(self.sess_key(id)).arg(epoch.to_string()).arg(address).arg(now_ms()).invoke_async(&mut c).await?;
+        Ok(if set == 1 { Write::Applied } else { Write::Fenced })
+    }
+
+    async fn set_reused_blocks(&self, id: &str, epoch: Epoch, blocks: u32) -> Result<Write> {
+        let mut c = self.conn();
+        let set: i32 = REUSED.key(self.sess_key(id)).arg(epoch.to_string()).arg(blocks).invoke_async(&mut c).await?;
         Ok(if set == 1 { Write::Applied } else { Write::Fenced })
     }
 

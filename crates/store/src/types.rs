@@ -158,6 +158,8 @@ pub struct SessionRecord {
     pub first_token_at_ms: Option<u64>,
     pub finished_at_ms: Option<u64>,
     pub generated: usize,
+    /// Prompt blocks the block decoder found in its prefix cache (latest start).
+    pub reused_prompt_blocks: u32,
 }
 
 pub fn now_ms() -> u64 {

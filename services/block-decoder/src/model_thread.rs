@@ -134,6 +134,9 @@ struct Owner {
     decoding: bool,
     /// A block of it waits for the next pass.
     pending: bool,
+    /// Prompt blocks it found in the prefix cache, to tell its token decoder
+    /// with its first context.
+    reused: Option<u32>,
 }
 
 /// Which link and key each scheduler session belongs to, and the way back.
@@ -351,7 +354,7 @@ impl Thread {
             match self.sched.submit(s, o.ids, o.max_new_blocks) {
                 Ok(()) => {
                     links.session.insert((link, o.key), s);
-                    links.owner.insert(s, Owner { link, key: o.key, decoding: false, pending: false });
+                    links.owner.insert(s, Owner { link, key: o.key, decoding: false, pending: false, reused: None });
                 }
                 Err(e) => links.fail(link, o.key, status::from_model(e)),
             }
@@ -447,6 +450,7 @@ impl Thread {
                 }
             } else if !std::mem::replace(&mut o.decoding, true) {
                 links.loads.started_decoding(o.link);
+                o.reused = self.sched.reused_blocks(*s).filter(|&n| n > 0).map(|n| n as u32);
             }
         }
     }
@@ -457,12 +461,19 @@ impl Thread {
             Ok(Some((rows, contexts))) => {
                 // Per link: its keys, their block indices, and their rows in the matrix.
                 let mut per_link: HashMap<LinkId, LinkRows> = HashMap::new();
+                // Per link: sessions that found prompt blocks in the prefix cache.
+                let mut reused: HashMap<LinkId, (Vec<u64>, Vec<u32>)> = HashMap::new();
                 for (i, (s, block)) in rows.iter().enumerate() {
-                    if let Some(o) = self.links.owner.get(s) {
+                    if let Some(o) = self.links.owner.get_mut(s) {
                         let e = per_link.entry(o.link).or_default();
                         e.0.push(o.key);
                         e.1.push(*block);
                         e.2.push(i);
+                        if let Some(n) = o.reused.take() {
+                            let r = reused.entry(o.link).or_default();
+                            r.0.push(o.key);
+                            r.1.push(n);
+                        }
                     }
                 }
                 // The usual case, one link with every row (in order), takes the
@@ -474,7 +485,8 @@ impl Thread {
                         Some(all) => all,
                         None => wire::select(whole.as_ref().expect("only a link with every row takes the matrix"), &pick),
                     };
-                    let _ = d.send(LinkDown { keys, block_indices, contexts: Some(mine), errors: vec![] });
+                    let (reused_keys, reused_blocks) = reused.remove(&link).unwrap_or_default();
+                    let _ = d.send(LinkDown { keys, block_indices, contexts: Some(mine), errors: vec![], reused_keys, reused_blocks });
                     self.phases.sent.insert(link, Instant::now());
                 }
                 rows.len()

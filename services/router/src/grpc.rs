@@ -122,6 +122,7 @@ impl Generation for GenerationService {
                 first_token_at_ms: rec.first_token_at_ms.unwrap_or(0),
                 finished_at_ms: rec.finished_at_ms.unwrap_or(0),
                 migrations: rec.migrations,
+                reused_prompt_blocks: rec.reused_prompt_blocks,
             }))
         })
         .await

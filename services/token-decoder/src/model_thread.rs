@@ -35,7 +35,9 @@ pub struct Spec {
 pub enum Event {
     /// The tokens of one block, up to the first stop (then `finish` is set and
     /// the session is over here and on the block decoder).
-    Block { tokens: Vec<u32>, finish: Option<FinishReason>, wire_bytes: u64 },
+    /// `reused`: with the first block after an open, the prompt blocks the
+    /// block decoder found in its prefix cache.
+    Block { tokens: Vec<u32>, finish: Option<FinishReason>, wire_bytes: u64, reused: Option<u32> },
     /// The session ended with an error; nothing of it is left.
     Failed(Status),
 }
@@ -200,6 +202,8 @@ struct Session {
     unread: Arc<AtomicU32>,
     /// The next block (index, ids), held back while the task is behind.
     parked: Option<(u32, Vec<u32>)>,
+    /// Prompt blocks the block decoder reused, until the next event tells.
+    reused: Option<u32>,
 }
 
 /// Contexts that arrived for live sessions, in one host buffer.
@@ -376,7 +380,16 @@ impl Thread {
                 let open =
                     OpenBlocks { key: o.key, session_id: o.session_id, prompt_ids: o.prompt, max_new_blocks: o.max_new_blocks, traceparent: o.traceparent };
                 self.up(&o.link).opens.push(open);
-                let s = Session { link: o.link, spec: o.spec, tokens: o.generated, next_context: prompt_blocks - 1, events: o.events, unread, parked: None };
+                let s = Session {
+                    link: o.link,
+                    spec: o.spec,
+                    tokens: o.generated,
+                    next_context: prompt_blocks - 1,
+                    events: o.events,
+                    unread,
+                    parked: None,
+                    reused: None,
+                };
                 self.sessions.insert(o.key, s);
             }
             Command::Close { key } => {
@@ -417,6 +430,12 @@ impl Thread {
                 message = "(no message)".into();
             }
             self.fail(e.key, Status::new(code, format!("block decoder: {message}")));
+        }
+        // Sent with a session's first context: at most its prompt's blocks.
+        for (key, &n) in msg.reused_keys.iter().zip(&msg.reused_blocks) {
+            if let Some(s) = self.sessions.get_mut(key).filter(|s| s.link.id == link) {
+                s.reused = Some(n.min(s.next_context + 1));
+            }
         }
         let Some(ctx) = msg.contexts else { return };
         let d = self.model.config.block_decoder.hidden_size;
@@ -517,7 +536,7 @@ impl Thread {
             // zero; a task that catches up after this sees the limit and
             // resumes the session (see `consumed`), after this round parks it.
             let behind = s.unread.fetch_add(1, Ordering::SeqCst) + 1 >= self.max_unread;
-            events.push((s.events.clone(), Event::Block { tokens: new, finish, wire_bytes }));
+            events.push((s.events.clone(), Event::Block { tokens: new, finish, wire_bytes, reused: s.reused.take() }));
             let (link, index) = (s.link.clone(), s.next_context);
             if finish.is_some() {
                 self.sessions.remove(&key);
@@ -617,7 +636,7 @@ mod tests {
             keys: vec![3],
             block_indices: vec![b],
             contexts: Some(Embeddings { data: vec![0; 4 * d], dtype: WireDType::DtypeF32 as i32, dim: d as u32, rows: 1 }),
-            errors: vec![],
+            ..Default::default()
         };
         let down = engine.link_sink();
         let send = |msg| down(Downward::Message { link: 7, msg, at: Instant::now() });
@@ -634,7 +653,9 @@ mod tests {
         assert!(tokio::time::timeout(Duration::from_millis(300), up.recv()).await.is_err(), "nothing more goes up while it is held");
         for _ in 0..MAX_UNREAD {
             match events.recv().await.unwrap() {
-                Event::Block { tokens, finish, wire_bytes } => assert_eq!((tokens, finish, wire_bytes), (want.clone(), None, (4 * d + 4 * 4) as u64)),
+                Event::Block { tokens, finish, wire_bytes, reused } => {
+                    assert_eq!((tokens, finish, wire_bytes, reused), (want.clone(), None, (4 * d + 4 * 4) as u64, None))
+                }
                 Event::Failed(st) => panic!("{st}"),
             }
         }

@@ -43,6 +43,7 @@ enum Op {
     Progress { id: String, epoch: Epoch, state: SessionState },
     Append(Append),
     MovedTo { id: String, epoch: Epoch, block_decoder: String },
+    Reused { id: String, epoch: Epoch, blocks: u32 },
     Finish { id: String, epoch: Epoch, outcome: Outcome, ttl: Duration },
 }
 
@@ -184,8 +185,10 @@ impl Recorder {
         let mut appends = Appends::default();
         let mut finishes = vec![];
         let mut moves = vec![];
+        let mut reused = vec![];
         for op in ops {
             match op {
+                Op::Reused { id, epoch, blocks } => reused.push((id, *epoch, *blocks)),
                 Op::MovedTo { id, epoch, block_decoder } => moves.push((id, *epoch, block_decoder)),
                 Op::Progress { id, epoch, state } => drop(progress.insert(id, (*epoch, *state))),
                 Op::Append(a) => appends.push(a),
@@ -200,6 +203,11 @@ impl Recorder {
         }
         for (id, epoch, block_decoder) in moves {
             if store.set_block_decoder(id, epoch, block_decoder).await? == Write::Fenced {
+                self.fence(id);
+            }
+        }
+        for (id, epoch, blocks) in reused {
+            if store.set_reused_blocks(id, epoch, blocks).await? == Write::Fenced {
                 self.fence(id);
             }
         }
@@ -233,6 +241,11 @@ impl SessionWrites {
     /// The session moved to another block decoder.
     pub async fn moved(&self, block_decoder: &str) -> Result<(), StoreError> {
         self.recorder.queue(Op::MovedTo { id: self.id.clone(), epoch: self.epoch, block_decoder: block_decoder.to_string() }, true).await
+    }
+
+    /// The block decoder found `blocks` prompt blocks in its prefix cache.
+    pub async fn reused(&self, blocks: u32) -> Result<(), StoreError> {
+        self.recorder.queue(Op::Reused { id: self.id.clone(), epoch: self.epoch, blocks }, false).await
     }
 
     /// Record `tokens` after the first `offset` of the output (queued; waits

@@ -257,7 +257,12 @@ async fn decode_on(
             }
         };
         let (mut new, mut finish, mut wire_bytes) = match next.await? {
-            Some(Event::Block { tokens, finish, wire_bytes }) => (tokens, finish, wire_bytes),
+            Some(Event::Block { tokens, finish, wire_bytes, reused }) => {
+                if let Some(n) = reused {
+                    writes.reused(n).await.map_err(blockserve_runtime::status::from_store)?;
+                }
+                (tokens, finish, wire_bytes)
+            }
             Some(Event::Failed(st)) => return Err(st),
             None => return Err(Status::internal("token decoder engine dropped the session")),
         };
@@ -267,7 +272,7 @@ async fn decode_on(
         let mut blocks = 1;
         while finish.is_none() && p.stop_sequences.is_empty() {
             match events.try_recv() {
-                Ok(Event::Block { tokens, finish: f, wire_bytes: w }) => {
+                Ok(Event::Block { tokens, finish: f, wire_bytes: w, .. }) => {
                     new.extend_from_slice(&tokens);
                     (finish, wire_bytes, blocks) = (f, wire_bytes + w, blocks + 1);
                 }
