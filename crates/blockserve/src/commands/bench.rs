@@ -255,6 +255,8 @@ pub fn run(a: Args) -> Result<()> {
             let blocks = (prompt_len + gen_len).div_ceil(model.block_length()) + 16;
             b * blocks * model.block_decoder().bytes_per_block(dtype)
         };
+        // The tokens of the batch's first run, to compare the others with.
+        let mut first_tokens: Option<Vec<Vec<u32>>> = None;
         for &cache in &caches {
             let mut sched =
                 BlockScheduler::new(model.clone(), SchedulerConfig { prefix_cache: cache, ..SchedulerConfig::for_memory(&model, kv_bytes, a.token_budget) })?;
@@ -301,9 +303,20 @@ pub fn run(a: Args) -> Result<()> {
                 rates.0,
                 rates.1,
             );
+            let tokens: Vec<Vec<u32>> = outs.iter().map(|o| o.tokens.clone()).collect();
+            let same = match &first_tokens {
+                None => {
+                    first_tokens = Some(tokens);
+                    String::new()
+                }
+                Some(first) => {
+                    let differ = first.iter().zip(&tokens).filter(|(a, b)| a != b).count();
+                    format!("; tokens: {differ} of {b} requests differ from the first run's")
+                }
+            };
             let cached = sched.prefix_cache().1;
             eprintln!(
-                "  passes {} (decode rows {}, prompt blocks {}), host time in block passes {:.2} s, in token blocks (incl. device wait) {:.2} s; prefix cache: {} of {} pages found, {} evicted",
+                "  passes {} (decode rows {}, prompt blocks {}), host time in block passes {:.2} s, in token blocks (incl. device wait) {:.2} s; prefix cache: {} of {} pages found, {} evicted{same}",
                 stats.passes, stats.decode_rows, stats.prefill_blocks, stats.block_phase_s, stats.token_phase_s, cached.hits, cached.looked_up, cached.evictions
             );
         }
