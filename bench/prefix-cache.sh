@@ -7,8 +7,8 @@
 #   BATCHES=256,1024,2048 bash bench/prefix-cache.sh
 set -euo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-f=.dev/bin/blockserve.xz
-[ -x .dev/bin/blockserve ] || { python3 -c "import lzma,sys; open(sys.argv[1][:-3],'wb').write(lzma.open(sys.argv[1]).read())" "$f"; chmod +x .dev/bin/blockserve; }
+D=${BIN_DIR:-.dev/bin}; f=$D/blockserve.xz
+[ -x $D/blockserve ] || { python3 -c "import lzma,sys; open(sys.argv[1][:-3],'wb').write(lzma.open(sys.argv[1]).read())" "$f"; chmod +x $D/blockserve; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-.dev/bin/blockserve bench --preset block_main_b4_85 --device cuda --dtype bf16 --setting shared-prefix \
+$D/blockserve bench --preset block_main_b4_85 --device cuda --dtype bf16 --setting shared-prefix \
   --prefixes "${PREFIXES:-16}" --prefix-len 2048 --batch "${BATCHES:-256,1024,2048}" --prefix-cache off,on --token-budget "${TOKEN_BUDGET:-32768}"
