@@ -12,6 +12,7 @@
 
 pub mod error;
 pub mod model;
+pub mod prefix;
 pub mod presets;
 pub mod reference_yaml;
 pub mod request;

@@ -41,9 +41,10 @@ pub struct SchedulerConfig {
 }
 
 impl SchedulerConfig {
-    /// A pool of `kv_bytes` for `model` with 16-block pages.
+    /// A pool of `kv_bytes` for `model` with pages of
+    /// [`KV_PAGE_BLOCKS`](blockserve_config::prefix::KV_PAGE_BLOCKS) blocks.
     pub fn for_memory(model: &BlockTransformer, kv_bytes: usize, token_budget: usize) -> Self {
-        let page_size = 16;
+        let page_size = blockserve_config::prefix::KV_PAGE_BLOCKS;
         let page = model.block_decoder().bytes_per_block(model.dtype()) * page_size;
         Self { kv_pages: (kv_bytes / page).max(1), page_size, token_budget: token_budget.max(1), prefix_cache: false }
     }

@@ -16,21 +16,11 @@
 //! evicted, so an admitted session never loses its prefix.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
 
 /// The chain hash of every whole page of `ids` (blocks of `block_len` ids,
 /// pages of `page_size` blocks).
 pub fn page_hashes(ids: &[u32], block_len: usize, page_size: usize) -> Vec<u64> {
-    let per_page = block_len * page_size;
-    let mut parent = 0u64;
-    ids.chunks_exact(per_page)
-        .map(|page| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (parent, page).hash(&mut h);
-            parent = h.finish();
-            parent
-        })
-        .collect()
+    blockserve_config::prefix::page_chain(ids, block_len * page_size)
 }
 
 struct Entry {

@@ -12,10 +12,8 @@
 //! prefill, never a wrong token.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
 
-/// Blocks per KV page of the block decoder's pool.
-pub const PAGE_BLOCKS: usize = 16;
+use blockserve_config::prefix::{page_chain, KV_PAGE_BLOCKS as PAGE_BLOCKS};
 
 /// Pages the index remembers (about 60 MB at most).
 pub const DEFAULT_CAPACITY: usize = 1 << 20;
@@ -29,16 +27,7 @@ pub fn page_hashes(prompt: &[u32], block_length: usize) -> Vec<u64> {
     let blocks = (pad + prompt.len()) / block_length;
     let pages = blocks.saturating_sub(1) / PAGE_BLOCKS;
     let padded: Vec<u32> = std::iter::repeat_n(0, pad).chain(prompt.iter().copied()).take(pages * PAGE_BLOCKS * block_length).collect();
-    let mut parent = 0u64;
-    padded
-        .chunks_exact(PAGE_BLOCKS * block_length)
-        .map(|page| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (parent, page).hash(&mut h);
-            parent = h.finish();
-            parent
-        })
-        .collect()
+    page_chain(&padded, PAGE_BLOCKS * block_length)
 }
 
 /// Where the router sent each prompt page last.
