@@ -19,7 +19,10 @@
 # blockserve-latency-proxy (LP [target/release/blockserve-latency-proxy]),
 # which adds this round trip in milliseconds], BD_ARGS / TD_ARGS [extra flags],
 # BD_ENV / TD_ENV / ROUTER_ENV [extra VAR=VALUE settings for that tier's
-# processes, e.g. TOKIO_WORKER_THREADS=8].
+# processes, e.g. TOKIO_WORKER_THREADS=8], ROUTER_ARGS [extra router flags],
+# BLOCK_DECODERS [1; more start one block decoder each on the devices of
+# BD_DEVICES (a space-separated list, default $DEVICE for each); LINK_RTT_MS
+# then applies to the first only].
 set -euo pipefail
 BS=${BS:-target/release/blockserve}
 LT=${LT:-target/release/blockserve-loadtest}
@@ -73,6 +76,7 @@ else
 # Every tier serves metrics: the load generator reads each one's CPU time
 # (`--metrics`) and prints CPU per generated token.
 metrics=()
+bd_devices=(${BD_DEVICES:-})
 bdp=$(free_port); bdm=$(free_port); metrics+=("block-decoder=127.0.0.1:$bdm")
 # With LINK_RTT_MS the block decoder registers the proxy's address, so that is
 # what token decoders dial.
@@ -83,10 +87,18 @@ if [ -n "${LINK_RTT_MS:-}" ]; then
   pids+=($!); names+=(latency-proxy)
   advertise=(--advertise "http://127.0.0.1:$proxy")
 fi
-env ${BD_ENV:-} ${BD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$BD_SM_PERCENT} "$BS" block-decoder --listen 127.0.0.1:$bdp "${advertise[@]}" ${BD_ARGS:-} --metrics-listen 127.0.0.1:$bdm --device "$DEVICE" --kv-cache-mib "${KV_MIB:-1024}" \
-  --max-sessions "${MAX_SESSIONS:-4096}" --token-budget "${TOKEN_BUDGET:-8192}" --micro-batches "${MICRO_BATCHES:-2}" >"$LOGS/block-decoder.log" 2>&1 &
-pids+=($!); names+=(block-decoder)
-wait_port "$bdp"
+start_bd() { # name, listen port, metrics port, device, then extra flags
+  local name=$1 port=$2 mport=$3 dev=$4; shift 4
+  env ${BD_ENV:-} ${BD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$BD_SM_PERCENT} "$BS" block-decoder --listen 127.0.0.1:$port "$@" ${BD_ARGS:-} --metrics-listen 127.0.0.1:$mport --device "$dev" --kv-cache-mib "${KV_MIB:-1024}" \
+    --max-sessions "${MAX_SESSIONS:-4096}" --token-budget "${TOKEN_BUDGET:-8192}" --micro-batches "${MICRO_BATCHES:-2}" >"$LOGS/$name.log" 2>&1 &
+  pids+=($!); names+=($name)
+  wait_port "$port"
+}
+start_bd block-decoder $bdp $bdm "${bd_devices[0]:-$DEVICE}" "${advertise[@]}"
+for i in $(seq 2 "${BLOCK_DECODERS:-1}"); do
+  p=$(free_port); m=$(free_port); metrics+=("block-decoder-$i=127.0.0.1:$m")
+  start_bd block-decoder-$i $p $m "${bd_devices[$((i - 1))]:-$DEVICE}"
+done
 for i in $(seq 1 "$TOKEN_DECODERS"); do
   tdp=$(free_port); tdm=$(free_port); metrics+=("token-decoder-$i=127.0.0.1:$tdm")
   env ${TD_ENV:-} ${TD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$TD_SM_PERCENT} "$BS" token-decoder --listen 127.0.0.1:$tdp ${TD_ARGS:-} --metrics-listen 127.0.0.1:$tdm --device "$TD_DEVICE" --max-batch "${MAX_BATCH:-1024}" \
@@ -95,11 +107,11 @@ for i in $(seq 1 "$TOKEN_DECODERS"); do
   wait_port "$tdp"
 done
 rtp=$(free_port); rtm=$(free_port); metrics+=("router=127.0.0.1:$rtm")
-$NICE env ${ROUTER_ENV:-} "$BS" router --listen 127.0.0.1:$rtp --metrics-listen 127.0.0.1:$rtm --max-new-tokens 4096 >"$LOGS/router.log" 2>&1 &
+$NICE env ${ROUTER_ENV:-} "$BS" router --listen 127.0.0.1:$rtp --metrics-listen 127.0.0.1:$rtm --max-new-tokens 4096 ${ROUTER_ARGS:-} >"$LOGS/router.log" 2>&1 &
 pids+=($!); names+=(router)
 wait_port "$rtp"
 sleep 1
-echo "stack: router :$rtp, block decoder :$bdp ($DEVICE${LINK_RTT_MS:+, +$LINK_RTT_MS ms round trip to it}), $TOKEN_DECODERS token decoder(s) ($TD_DEVICE), redis :$rp, model $MODEL_DIR ($DTYPE)" >&2
+echo "stack: router :$rtp ${ROUTER_ARGS:-}, ${BLOCK_DECODERS:-1} block decoder(s), the first :$bdp (${bd_devices[0]:-$DEVICE}${LINK_RTT_MS:+, +$LINK_RTT_MS ms round trip to it}), $TOKEN_DECODERS token decoder(s) ($TD_DEVICE), redis :$rp, model $MODEL_DIR ($DTYPE)" >&2
 export LOADTEST_METRICS=$(IFS=,; echo "${metrics[*]}")
 fi
 # CPU seconds each process used (the machine's load is part of the result:
@@ -107,6 +119,18 @@ fi
 cpu_of() { awk -v t="$(getconf CLK_TCK)" '{ printf "%.1f", ($14 + $15) / t }' "/proc/$1/stat" 2>/dev/null; }
 TIMEFORMAT="load generator: %R s wall, %U s user + %S s system CPU"
 time $NICE "$LT" --target "http://127.0.0.1:$rtp" "$@"
+# Block decoders' prefix caches and the router's choices, when used.
+if [ -n "${LOADTEST_METRICS:-}" ]; then
+  python3 - "$LOADTEST_METRICS" <<'PY'
+import sys, urllib.request
+for item in sys.argv[1].split(","):
+    name, addr = item.split("=", 1)
+    text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=5).read().decode()
+    rows = [l for l in text.splitlines() if l.startswith(("blockserve_prefix_cache_blocks_total", "blockserve_routing_choices_total"))]
+    if rows:
+        print(name + ": " + ", ".join(rows))
+PY
+fi
 echo -n "CPU seconds:"
 for i in "${!pids[@]}"; do echo -n " ${names[$i]} $(cpu_of "${pids[$i]}")"; done
 echo " (of $(nproc) cores)"

@@ -53,11 +53,17 @@ impl PrefixIndex {
         Some((first.as_str(), n))
     }
 
-    /// Remember that the prompt's pages went to `address`.
-    pub fn record(&mut self, hashes: &[u64], address: &str) {
+    /// Remember that the prompt's pages went to `address`. With `keep`, a
+    /// page already placed elsewhere keeps its place (the session was sent
+    /// elsewhere only because that block decoder was busy, and it still
+    /// holds the page): otherwise every diversion would move a prefix's home
+    /// and, under a burst, spread each prefix over every block decoder.
+    pub fn record(&mut self, hashes: &[u64], address: &str, keep: bool) {
         for &h in hashes {
             self.tick += 1;
-            if let Some((_, old)) = self.pages.insert(h, (address.to_string(), self.tick)) {
+            let kept = keep && self.pages.get(&h).is_some_and(|(a, _)| a != address);
+            let place = if kept { self.pages[&h].0.clone() } else { address.to_string() };
+            if let Some((_, old)) = self.pages.insert(h, (place, self.tick)) {
                 self.by_age.remove(&old);
             }
             self.by_age.insert(self.tick, h);
@@ -99,14 +105,18 @@ mod tests {
 
     #[test]
     fn the_longest_run_on_one_block_decoder_and_the_oldest_forgotten() {
-        let mut ix = PrefixIndex::new(3);
-        ix.record(&[1, 2, 3], "a");
+        let mut ix = PrefixIndex::new(4);
+        ix.record(&[1, 2, 3], "a", false);
         assert_eq!(ix.longest(&[1, 2, 3, 4]), Some(("a", 3)));
-        ix.record(&[1, 2, 5], "b");
-        assert_eq!(ix.longest(&[1, 2, 3]), Some(("b", 2)), "the pages went to b last");
+        ix.record(&[1, 2, 5], "b", true);
+        assert_eq!(ix.longest(&[1, 2, 3]), Some(("a", 3)), "a diversion to b leaves the pages with a");
+        assert_eq!(ix.longest(&[5]), Some(("b", 1)), "a new page goes where it was sent");
+        ix.record(&[1, 2, 5], "b", false);
+        assert_eq!(ix.longest(&[1, 2, 3]), Some(("b", 2)), "a is gone: the pages moved to b");
         assert_eq!(ix.longest(&[7]), None);
-        // Capacity 3: page 3 (the oldest) is forgotten.
-        assert_eq!(ix.pages.len(), 3);
+        // Capacity 4: a fifth page makes the least recently routed (3) go.
+        ix.record(&[6], "a", false);
+        assert_eq!(ix.pages.len(), 4);
         assert!(!ix.pages.contains_key(&3));
     }
 

@@ -210,7 +210,7 @@ impl Router {
             known_pages = known.as_ref().map_or(0, |k| k.1),
             "block decoder chosen"
         );
-        index.lock().unwrap_or_else(|p| p.into_inner()).record(&hashes, &bd.address);
+        index.lock().unwrap_or_else(|p| p.into_inner()).record(&hashes, &bd.address, choice == Choice::PrefixOverloaded);
         Ok((bd, routed))
     }
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Prefix-aware routing against least-loaded routing (issue 21): the same
+# shared-prefix load through one router over BLOCK_DECODERS block decoders
+# that run their prefix cache, first routed by load, then by prefix (a fresh
+# stack each time, so both start with empty caches). Every tier a process,
+# real Redis (loadtest/run-stack.sh).
+#
+#   cargo build --release -p blockserve -p blockserve-loadtest && bash bench/prefix-routing.sh
+#   # on the device (nvidia-h200-x2), with the CUDA build in .dev/min:
+#   BIN=.dev/min DEVICE=cuda PRESET=block_main_b4_85 DTYPE=bf16 BD_DEVICES="cuda:0 cuda:1" TD_DEVICE=cuda:1 \
+#     LOAD="--setting shared-prefix --prefixes 16 --concurrency 1024 --requests 4096" bash bench/prefix-routing.sh
+set -uo pipefail
+if [ -n "${BIN:-}" ]; then
+  export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+  for f in "$BIN"/*.xz; do [ -x "${f%.xz}" ] || { python3 -c "import lzma,sys; open(sys.argv[1][:-3],'wb').write(lzma.open(sys.argv[1]).read())" "$f"; chmod +x "${f%.xz}"; }; done
+  export BS=$PWD/$BIN/blockserve LT=$PWD/$BIN/blockserve-loadtest REDIS_SERVER=$PWD/$BIN/redis-server
+fi
+export BLOCK_DECODERS=${BLOCK_DECODERS:-2} BD_ARGS="--prefix-cache true ${BD_ARGS:-}"
+LOAD=${LOAD:---setting shared-prefix --prefixes 8 --prefix-len 512 --gen-len 32 --concurrency 8 --requests 64}
+for routing in false true; do
+  echo "== --prefix-routing $routing"
+  LOGS=/tmp/prefix-routing-$routing ROUTER_ARGS="--prefix-routing $routing" bash loadtest/run-stack.sh $LOAD
+done
