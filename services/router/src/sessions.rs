@@ -192,16 +192,24 @@ impl Router {
     /// sessions spreads over the instances instead of all taking the one that
     /// looked least loaded.
     pub(crate) async fn pick(&self, tier: Tier, exclude: &[String]) -> Result<(InstanceInfo, Routed), Status> {
-        self.pick_preferring(tier, exclude, None).await.map(|(i, r, _)| (i, r))
+        let all = self.candidates(tier, exclude).await?;
+        self.choose(tier, all, None).map(|(i, r, _)| (i, r))
     }
 
     /// The block decoder for a new session's prompt: by prefix when this
     /// router routes so (see [`crate::prefix_routing`]), else the least loaded.
+    /// The lookup, the choice and the record happen under the index's lock:
+    /// in a burst, the sessions of a new prefix after the first already see
+    /// where the first went.
     pub(crate) async fn pick_block_decoder(&self, prompt: &[u32]) -> Result<(InstanceInfo, Routed), Status> {
         let Some(index) = &self.prefix_index else { return self.pick(Tier::BlockDecoder, &[]).await };
         let hashes = prefix_routing::page_hashes(prompt, self.model.block_length);
-        let known = index.lock().unwrap_or_else(|p| p.into_inner()).longest(&hashes).map(|(a, n)| (a.to_string(), n));
-        let (bd, routed, choice) = self.pick_preferring(Tier::BlockDecoder, &[], known.as_ref().map(|(a, _)| a.as_str())).await?;
+        let all = self.candidates(Tier::BlockDecoder, &[]).await?;
+        let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
+        let known = index.longest(&hashes).map(|(a, n)| (a.to_string(), n));
+        let (bd, routed, choice) = self.choose(Tier::BlockDecoder, all, known.as_ref().map(|(a, _)| a.as_str()))?;
+        index.record(&hashes, &bd.address, choice == Choice::PrefixOverloaded);
+        drop(index);
         METRICS.routing_choices.with_label_values(&["block_decoder", choice.as_str()]).inc();
         tracing::debug!(
             block_decoder = %bd.address,
@@ -210,13 +218,11 @@ impl Router {
             known_pages = known.as_ref().map_or(0, |k| k.1),
             "block decoder chosen"
         );
-        index.lock().unwrap_or_else(|p| p.into_inner()).record(&hashes, &bd.address, choice == Choice::PrefixOverloaded);
         Ok((bd, routed))
     }
 
-    /// [`pick`](Self::pick), taking the instance at `prefer` instead when it
-    /// has room and is not overloaded next to the least loaded one.
-    async fn pick_preferring(&self, tier: Tier, exclude: &[String], prefer: Option<&str>) -> Result<(InstanceInfo, Routed, Choice), Status> {
+    /// The live instances of `tier` but those in `exclude`.
+    async fn candidates(&self, tier: Tier, exclude: &[String]) -> Result<Vec<InstanceInfo>, Status> {
         let mut all = self.store.instances(tier).await.map_err(status::from_store)?;
         let name = tier.as_str().replace('_', " ");
         if all.is_empty() {
@@ -226,6 +232,13 @@ impl Router {
         if all.is_empty() {
             return Err(Status::unavailable(format!("no live {name} instance other than the {} that failed this session", exclude.len())));
         }
+        Ok(all)
+    }
+
+    /// The least-loaded of `all` with room for a session, or the instance at
+    /// `prefer` when it has room and is not overloaded next to that one.
+    fn choose(&self, tier: Tier, all: Vec<InstanceInfo>, prefer: Option<&str>) -> Result<(InstanceInfo, Routed, Choice), Status> {
+        let name = tier.as_str().replace('_', " ");
         let mut picks = self.routed.lock().unwrap_or_else(|p| p.into_inner());
         // Reported load plus what this router sent since (it may double count
         // for a lease period, alike for every instance); then the one picked
