@@ -170,12 +170,13 @@ struct Shape {
     include_usage: bool,
 }
 
+/// A handler's answer, or its error in OpenAI's body, counted by path.
+fn answer(path: &str, r: Result<Response, ApiError>) -> Response {
+    counted(path, r.unwrap_or_else(IntoResponse::into_response))
+}
+
 async fn completions(State(h): State<Arc<Http>>, headers: HeaderMap, body: Bytes) -> Response {
-    let r = match completion(&h, &headers, &body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    };
-    counted("/v1/completions", r)
+    answer("/v1/completions", completion(&h, &headers, &body).await)
 }
 
 async fn completion(h: &Arc<Http>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
@@ -198,11 +199,7 @@ async fn completion(h: &Arc<Http>, headers: &HeaderMap, body: &[u8]) -> Result<R
 }
 
 async fn chat(State(h): State<Arc<Http>>, headers: HeaderMap, body: Bytes) -> Response {
-    let r = match chat_completion(&h, &headers, &body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    };
-    counted("/v1/chat/completions", r)
+    answer("/v1/chat/completions", chat_completion(&h, &headers, &body).await)
 }
 
 async fn chat_completion(h: &Arc<Http>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
