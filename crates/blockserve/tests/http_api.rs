@@ -198,7 +198,7 @@ async fn the_openai_package_gets_what_the_grpc_api_gives() {
 
     // Chat: the template applied, then the same generation.
     let (text, tokens, _) = g.generate(&templated("def add(a, b):"), greedy(12)).await;
-    for case in ["chat", "chat_stream"] {
+    for case in ["chat", "chat_stream", "chat_parts"] {
         assert_eq!((ids(&r[case]["token_ids"]), r[case]["text"].as_str().unwrap()), (tokens.clone(), text.as_str()), "{case}");
     }
     let chat_prompt = g.score(score_request::Input::Text(templated("def add(a, b):"))).await.token_ids.len();
@@ -221,6 +221,8 @@ async fn the_openai_package_gets_what_the_grpc_api_gives() {
     assert_eq!(message(&e["model"]), "the model `gpt-4` does not exist; this server serves `code-block`");
     assert_eq!(error_of(&e["unauthorized"]), (401, "invalid_request_error", None, Some("invalid_api_key")));
     assert_eq!(error_of(&e["deadline"]), (504, "server_error", None, Some("timeout")), "{}", e["deadline"]);
+    assert_eq!(error_of(&e["image_part"]), (400, "invalid_request_error", Some("messages"), None));
+    assert_eq!(message(&e["image_part"]), "messages[0].content[1]: parts of type \"image_url\" are not supported; this model reads text only");
 
     // curl: no token is a 401 that says so; an unknown session a 404.
     let (status, _, body) = curl(&[&format!("http://{http}/v1/models")]);

@@ -64,6 +64,10 @@ chat = client.chat.completions.create(model=model, messages=messages, max_tokens
 out["chat"] = {"text": chat.choices[0].message.content, "token_ids": chat.choices[0].model_dump()["token_ids"],
                "finish_reason": chat.choices[0].finish_reason, "usage": chat.usage.model_dump(exclude_none=True)}
 out["chat_stream"] = streamed(client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0, stream=True))
+# The same message as a list of text parts.
+parts = [{"role": "user", "content": [{"type": "text", "text": "def add("}, {"type": "text", "text": "a, b):"}]}]
+chat = client.chat.completions.create(model=model, messages=parts, max_tokens=12, temperature=0)
+out["chat_parts"] = {"text": chat.choices[0].message.content, "token_ids": chat.choices[0].model_dump()["token_ids"]}
 
 out["models"] = client.models.list().model_dump()
 
@@ -79,5 +83,7 @@ out["errors"] = {
     "model": error(lambda: client.completions.create(**(greedy | {"model": "gpt-4"}))),
     "unauthorized": error(lambda: OpenAI(base_url=base_url, api_key="wrong", max_retries=0).completions.create(**greedy)),
     "deadline": error(lambda: client.completions.create(**(greedy | {"max_tokens": 512}), extra_headers={"x-request-timeout": "0.001"})),
+    "image_part": error(lambda: client.chat.completions.create(model=model, max_tokens=4, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])),
 }
 print(json.dumps(out))

@@ -219,7 +219,8 @@ async fn chat_completion(h: &Arc<Http>, headers: &HeaderMap, body: &[u8]) -> Res
     if req.top_logprobs.is_some_and(|n| n > 1) {
         return Err(ApiError::invalid("top_logprobs", "top_logprobs: at most 1 (only the chosen token's log-probability is computed)"));
     }
-    let messages: Vec<Value> = req.messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect();
+    let messages: Vec<Value> =
+        req.messages.iter().enumerate().map(|(i, m)| Ok(json!({"role": m.role, "content": m.content.text(i)?}))).collect::<Result<_, ApiError>>()?;
     let env = minijinja::Environment::new();
     let prompt = env
         .render_str(template, minijinja::context! { messages => messages, add_generation_prompt => true, bos_token => "", eos_token => "" })

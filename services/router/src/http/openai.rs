@@ -78,7 +78,45 @@ pub struct CompletionRequest {
 #[derive(Deserialize)]
 pub struct Message {
     pub role: String,
-    pub content: String,
+    pub content: Content,
+}
+
+/// A message's content: a string, or a list of parts (only text parts: the
+/// model reads nothing else).
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: String,
+}
+
+impl Content {
+    /// The text, or a 400 naming the first part that is not text.
+    pub fn text(&self, message: usize) -> Result<String, ApiError> {
+        match self {
+            Content::Text(t) => Ok(t.clone()),
+            Content::Parts(parts) => {
+                if let Some((j, p)) = parts.iter().enumerate().find(|(_, p)| p.kind != "text") {
+                    return Err(ApiError::invalid(
+                        "messages",
+                        format!(
+                            "messages[{message}].content[{j}]: parts of type {} are not supported; this model reads text only",
+                            crate::validate::echo(&p.kind)
+                        ),
+                    ));
+                }
+                Ok(parts.iter().map(|p| p.text.as_str()).collect())
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]
