@@ -84,3 +84,41 @@ async fn sessions_go_where_their_prefix_is_cached() {
     let got: Vec<Vec<u32>> = by_prefix.into_iter().chain(spread).map(|s| s.2).collect();
     assert_eq!(got, want);
 }
+
+/// A session whose token decoder dies moves to the other one, which sends
+/// its prompt and output so far to the same block decoder: the prompt's four
+/// cached pages are found there (GetSession says 64 blocks reused after the
+/// move), and the tokens are still the in-process engine's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_moved_session_finds_its_prompt_in_the_cache() {
+    let model = fixture_model();
+    let mut cluster =
+        Cluster::start(&model, &[("block-decoder", 1, &["--prefix-cache", "true"]), ("token-decoder", 2, &[]), ("router", 1, &["--max-new-tokens", "4000"])])
+            .await;
+    let mut c = GenerationClient::connect(cluster.routers()[0].clone()).await.unwrap();
+    let params = GenerationParameters { max_new_tokens: Some(3000), ignore_eos: true, temperature: Some(0.0), ..Default::default() };
+    let req = GenerateRequest { session_id: "moved".into(), ..ids_request(prompt(5, 0), params) };
+    let mut stream = c.generate(req).await.unwrap().into_inner();
+    let mut tokens = vec![];
+    let mut killed = false;
+    while let Some(m) = stream.message().await.unwrap() {
+        match m.event {
+            Some(generate_response::Event::Tokens(t)) => {
+                tokens.extend(t.token_ids);
+                if !killed && tokens.len() >= 40 {
+                    let info = c.get_session(GetSessionRequest { session_id: "moved".into() }).await.unwrap().into_inner();
+                    assert_eq!(info.reused_prompt_blocks, 0, "the first start found nothing");
+                    let victim = cluster.of("token-decoder").into_iter().find(|&i| cluster.procs[i].address() == info.token_decoder).unwrap();
+                    cluster.procs[victim].kill();
+                    killed = true;
+                }
+            }
+            Some(generate_response::Event::Finished(_)) => break,
+            _ => {}
+        }
+    }
+    assert!(killed && tokens.len() == 3000, "{} tokens", tokens.len());
+    let info = c.get_session(GetSessionRequest { session_id: "moved".into() }).await.unwrap().into_inner();
+    assert_eq!((info.migrations, info.reused_prompt_blocks), (1, 64));
+    assert_eq!(tokens, greedy_reference(&model, &[prompt(5, 0)], 3000)[0]);
+}
