@@ -45,22 +45,9 @@ impl Generation for GenerationService {
     async fn generate_unary(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateUnaryResponse>, Status> {
         metrics::rpc(TIER, "GenerateUnary", blockserve_runtime::telemetry::from_metadata(req.metadata()), async move {
             let deadline = grpc_timeout(req.metadata());
-            let (id, mut rx) = self.0.start(req.into_inner(), deadline).await?;
-            let mut out = GenerateUnaryResponse { session_id: id, ..Default::default() };
-            while let Some(msg) = rx.recv().await {
-                match msg?.event {
-                    Some(generate_response::Event::Tokens(c)) => {
-                        out.token_ids.extend(c.token_ids);
-                        out.text.push_str(&c.text);
-                    }
-                    Some(generate_response::Event::Finished(f)) => {
-                        out.finished = Some(f);
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            Ok(Response::new(out))
+            let (session_id, rx) = self.0.start(req.into_inner(), deadline).await?;
+            let (token_ids, text, finished) = crate::sessions::collect(rx).await?;
+            Ok(Response::new(GenerateUnaryResponse { session_id, token_ids, text, finished }))
         })
         .await
     }

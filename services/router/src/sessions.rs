@@ -139,6 +139,23 @@ pub(crate) fn wire_state(s: blockserve_store::SessionState) -> SessionState {
     }
 }
 
+/// A session's whole output from its events: tokens, text, and its end
+/// (none when the stream stopped without one).
+pub(crate) async fn collect(mut events: mpsc::Receiver<Result<GenerateResponse, Status>>) -> Result<(Vec<u32>, String, Option<Finished>), Status> {
+    let (mut tokens, mut text) = (vec![], String::new());
+    while let Some(msg) = events.recv().await {
+        match msg?.event {
+            Some(generate_response::Event::Tokens(c)) => {
+                tokens.extend(c.token_ids);
+                text.push_str(&c.text);
+            }
+            Some(generate_response::Event::Finished(f)) => return Ok((tokens, text, Some(f))),
+            _ => {}
+        }
+    }
+    Ok((tokens, text, None))
+}
+
 /// The final message of a stored session.
 pub(crate) fn finished_from_record(r: &SessionRecord) -> Finished {
     let created = r.spec.created_at_ms;
@@ -224,13 +241,13 @@ impl Router {
     /// The live instances of `tier` but those in `exclude`.
     async fn candidates(&self, tier: Tier, exclude: &[String]) -> Result<Vec<InstanceInfo>, Status> {
         let mut all = self.store.instances(tier).await.map_err(status::from_store)?;
-        let name = tier.as_str().replace('_', " ");
+        let name = || tier.as_str().replace('_', " ");
         if all.is_empty() {
-            return Err(Status::unavailable(format!("no live {name} instance is registered")));
+            return Err(Status::unavailable(format!("no live {} instance is registered", name())));
         }
         all.retain(|i| !exclude.contains(&i.id));
         if all.is_empty() {
-            return Err(Status::unavailable(format!("no live {name} instance other than the {} that failed this session", exclude.len())));
+            return Err(Status::unavailable(format!("no live {} instance other than the {} that failed this session", name(), exclude.len())));
         }
         Ok(all)
     }
@@ -238,7 +255,6 @@ impl Router {
     /// The least-loaded of `all` with room for a session, or the instance at
     /// `prefer` when it has room and is not overloaded next to that one.
     fn choose(&self, tier: Tier, all: Vec<InstanceInfo>, prefer: Option<&str>) -> Result<(InstanceInfo, Routed, Choice), Status> {
-        let name = tier.as_str().replace('_', " ");
         let mut picks = self.routed.lock().unwrap_or_else(|p| p.into_inner());
         // Reported load plus what this router sent since (it may double count
         // for a lease period, alike for every instance); then the one picked
@@ -249,7 +265,10 @@ impl Router {
             (i.load_key().0 + running, i.load_key(), picks.last.get(&i.address).copied().unwrap_or(0))
         };
         let open: Vec<InstanceInfo> = all.into_iter().filter(|i| i.free_capacity > 0).collect();
-        let least = open.iter().min_by_key(|i| key(i)).ok_or_else(|| Status::resource_exhausted(format!("every {name} is at capacity; retry later")))?;
+        let least = open
+            .iter()
+            .min_by_key(|i| key(i))
+            .ok_or_else(|| Status::resource_exhausted(format!("every {} is at capacity; retry later", tier.as_str().replace('_', " "))))?;
         let preferred = prefer.and_then(|a| open.iter().find(|i| i.address == a));
         let (best, choice) = match preferred {
             Some(p) if prefix_routing::within_slack(key(p).0, key(least).0) => (p.clone(), Choice::Prefix),

@@ -246,7 +246,9 @@ async fn chat_completion(h: &Arc<Http>, headers: &HeaderMap, body: &[u8]) -> Res
 /// Start a session; answer whole or as a stream.
 async fn run(h: &Arc<Http>, generate: GenerateRequest, stream: bool, deadline: Option<Duration>, shape: Shape) -> Result<Response, ApiError> {
     let (id, events) = h.core.start(generate, deadline).await?;
-    let prompt_ids = h.core.record(&id).await?.spec.prompt_ids;
+    // The prompt's ids are needed only to score the output (usage comes
+    // with the session's end): no store read otherwise.
+    let prompt_ids = if shape.logprobs.is_some() { h.core.record(&id).await?.spec.prompt_ids } else { vec![] };
     if stream {
         return Ok(sse(h.clone(), id, events, 0, prompt_ids, shape));
     }
@@ -279,24 +281,11 @@ async fn resume(h: &Arc<Http>, last: &HeaderValue, shape: Shape) -> Result<Respo
 async fn whole(
     h: &Arc<Http>,
     id: String,
-    mut events: mpsc::Receiver<Result<GenerateResponse, Status>>,
+    events: mpsc::Receiver<Result<GenerateResponse, Status>>,
     prompt_ids: Vec<u32>,
     shape: Shape,
 ) -> Result<Response, ApiError> {
-    let (mut tokens, mut text, mut finished) = (vec![], String::new(), None);
-    while let Some(msg) = events.recv().await {
-        match msg?.event {
-            Some(generate_response::Event::Tokens(c)) => {
-                tokens.extend_from_slice(&c.token_ids);
-                text.push_str(&c.text);
-            }
-            Some(generate_response::Event::Finished(f)) => {
-                finished = Some(f);
-                break;
-            }
-            _ => {}
-        }
-    }
+    let (tokens, text, finished) = crate::sessions::collect(events).await?;
     let f = finished.ok_or_else(|| ApiError::from(Status::unavailable("the session's stream ended without its end")))?;
     if !f.error.is_empty() {
         return Err(ApiError::from(Status::internal(f.error)));
@@ -306,7 +295,7 @@ async fn whole(
         None => None,
     };
     let reason = openai::finish_reason(f.reason);
-    let usage = openai::usage(prompt_ids.len() as u32, tokens.len() as u32);
+    let usage = f.usage.map(|u| openai::usage(u.prompt_tokens, u.generated_tokens)).unwrap_or(Value::Null);
     let created = now_s();
     let body = match shape.kind {
         Kind::Completion => {
@@ -358,6 +347,13 @@ async fn logprobs(h: &Arc<Http>, prompt: &[u32], before: &[u32], new: &[u32], to
     })
 }
 
+/// Send one SSE event, waiting for room while the client reads (a slow
+/// client slows its own stream only). A client gone makes it fail at once;
+/// the session is still read to its end.
+async fn emit(tx: &mpsc::Sender<Result<Bytes, std::convert::Infallible>>, event: String) {
+    let _ = tx.send(Ok(Bytes::from(event))).await;
+}
+
 /// A streamed answer: Server-Sent Events, each with `id: <session>:<offset>`.
 /// The forwarding task reads the session to its end even when the client
 /// has gone: the session stays whole and resumable.
@@ -382,20 +378,11 @@ fn sse(h: Arc<Http>, id: String, mut events: mpsc::Receiver<Result<GenerateRespo
             };
             json!({"id": format!("{prefix}-{session}"), "object": object, "created": created, "model": shape.model, "choices": [choice]})
         };
-        // Each send waits for room while the client reads (a slow client slows
-        // its own stream only). A client gone makes sends fail at once, and the
-        // session is still read to its end.
-        let send = |tx: &mpsc::Sender<Result<Bytes, std::convert::Infallible>>, event: String| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(Ok(Bytes::from(event))).await;
-            }
-        };
         let mut offset = from;
         let mut generated: Vec<u32> = vec![];
         let mut first = from == 0;
         if let Some(echo) = &shape.echo {
-            send(&tx, format!("id: {session}:0\ndata: {}\n\n", chunk(echo, &[], Value::Null, None, true))).await;
+            emit(&tx, format!("id: {session}:0\ndata: {}\n\n", chunk(echo, &[], Value::Null, None, true))).await;
             first = false;
         }
         while let Some(msg) = events.recv().await {
@@ -407,30 +394,32 @@ fn sse(h: Arc<Http>, id: String, mut events: mpsc::Receiver<Result<GenerateRespo
                         Some(top) if !tx.is_closed() => logprobs(&h, &prompt_ids, &generated, &c.token_ids, top, shape.kind).await.unwrap_or(Value::Null),
                         _ => Value::Null,
                     };
-                    generated.extend_from_slice(&c.token_ids);
+                    if shape.logprobs.is_some() {
+                        generated.extend_from_slice(&c.token_ids);
+                    }
                     offset = c.offset as usize + n;
                     let event = format!("id: {session}:{offset}\ndata: {}\n\n", chunk(&c.text, &c.token_ids, lp, None, first));
                     first = false;
-                    send(&tx, event).await;
+                    emit(&tx, event).await;
                 }
                 Ok(Some(generate_response::Event::Finished(f))) => {
                     let reason = if f.error.is_empty() { openai::finish_reason(f.reason) } else { "error" };
-                    send(&tx, format!("id: {session}:{offset}\ndata: {}\n\n", chunk("", &[], Value::Null, Some(reason), first))).await;
+                    emit(&tx, format!("id: {session}:{offset}\ndata: {}\n\n", chunk("", &[], Value::Null, Some(reason), first))).await;
                     if shape.include_usage {
                         let usage = f.usage.map(|u| openai::usage(u.prompt_tokens, u.generated_tokens)).unwrap_or(Value::Null);
                         let last = json!({"id": format!("{prefix}-{session}"), "object": object, "created": created, "model": shape.model, "choices": [], "usage": usage});
-                        send(&tx, format!("data: {last}\n\n")).await;
+                        emit(&tx, format!("data: {last}\n\n")).await;
                     }
                     break;
                 }
                 Ok(_) => {}
                 Err(st) => {
-                    send(&tx, format!("data: {}\n\n", ApiError::from(st).body())).await;
+                    emit(&tx, format!("data: {}\n\n", ApiError::from(st).body())).await;
                     break;
                 }
             }
         }
-        send(&tx, "data: [DONE]\n\n".to_string()).await;
+        emit(&tx, "data: [DONE]\n\n".to_string()).await;
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut r = (StatusCode::OK, body).into_response();
