@@ -120,6 +120,7 @@ fn init_writes_a_deterministic_loadable_preset_model() {
         prompt: vec![5, 6, 7],
         sampling: blockserve_model::SamplingParams::greedy(),
         stop: blockserve_model::StopCriteria { max_new_tokens: 8, eos_token_id: None, stop_token_ids: vec![] },
+        layout: Default::default(),
     };
     let want = model.generate(&[req], false).unwrap().remove(0);
     assert_eq!(want.tokens.len(), 8);

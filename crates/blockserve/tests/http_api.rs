@@ -224,6 +224,24 @@ async fn the_openai_package_gets_what_the_grpc_api_gives() {
     assert_eq!(error_of(&e["image_part"]), (400, "invalid_request_error", Some("messages"), None));
     assert_eq!(message(&e["image_part"]), "messages[0].content[1]: parts of type \"image_url\" are not supported; this model reads text only");
 
+    // The aligned prompt layout, asked for by name: the gRPC API's tokens
+    // (and not the reference layout's); a name it does not know is a 400.
+    let prompt: Vec<u32> = (100..110).collect();
+    let aligned = GenerationParameters { prompt_layout: PromptLayout::Aligned as i32, ..greedy(8) };
+    let (_, want) = g.generate_ids(prompt.clone(), aligned).await;
+    let (_, reference) = g.generate_ids(prompt.clone(), greedy(8)).await;
+    assert_ne!(want, reference, "the layout changes this output");
+    let completion = |layout: &str| {
+        let body = json!({ "prompt": prompt, "max_tokens": 8, "temperature": 0, "prompt_layout": layout }).to_string();
+        curl(&[&format!("http://{http}/v1/completions"), "-H", "authorization: Bearer s3cret", "-H", "content-type: application/json", "-d", &body])
+    };
+    let (status, _, body) = completion("aligned");
+    assert_eq!((status, ids(&serde_json::from_str::<Value>(&body).unwrap()["choices"][0]["token_ids"])), (200, want), "{body}");
+    let (status, _, body) = completion("left");
+    let e = &serde_json::from_str::<Value>(&body).unwrap()["error"];
+    assert_eq!((status, e["type"].as_str(), e["param"].as_str()), (400, Some("invalid_request_error"), Some("prompt_layout")), "{body}");
+    assert_eq!(e["message"], "prompt_layout must be \"reference\" or \"aligned\", got \"left\"");
+
     // curl: no token is a 401 that says so; an unknown session a 404.
     let (status, _, body) = curl(&[&format!("http://{http}/v1/models")]);
     assert_eq!(status, 401);

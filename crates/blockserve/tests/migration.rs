@@ -4,7 +4,9 @@
 //!   streams continue from the surviving token decoder with the fault-free
 //!   output; the time each client waited is printed (`RELAYED_SESSIONS`,
 //!   default 8, sets the number of sessions; `RESTART=1` restarts the killed
-//!   process on its address at once, as the chaos test does);
+//!   process on its address at once, as the chaos test does); every other
+//!   session has a prompt of 6 ids in the aligned layout, whose first block
+//!   starts with the prompt's last 2;
 //! - sessions nobody follows: their router is killed and their clients never
 //!   come back, then the token decoder running half of them is killed too.
 //!   The other router's orphan sweep must move those sessions to the
@@ -15,6 +17,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use blockserve_model::PromptLayout;
 use blockserve_proto::v1::generation_client::GenerationClient;
 use blockserve_proto::v1::*;
 use blockserve_store::{SessionState, SessionStore};
@@ -27,12 +30,21 @@ fn prompt(i: usize) -> Vec<u32> {
     vec![7 + i as u32, 40, 3 * i as u32 + 1]
 }
 
+/// The relayed test's sessions: odd ones in the aligned layout, with a prompt
+/// of a whole block and 2 ids more.
+fn relayed_prompt(i: usize) -> (Vec<u32>, PromptLayout) {
+    match i % 2 {
+        0 => (prompt(i), PromptLayout::Reference),
+        _ => ([prompt(i), vec![11, 12, 13]].concat(), PromptLayout::Aligned),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relayed_session_moves_when_its_token_decoder_dies() {
     let n: usize = std::env::var("RELAYED_SESSIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
     const LONG: u32 = 1000;
     let model = fixture_model();
-    let want = greedy_reference(&model, &(0..n).map(prompt).collect::<Vec<_>>(), LONG);
+    let want = greedy_reference_in(&model, &(0..n).map(relayed_prompt).collect::<Vec<_>>(), LONG);
     let mut cluster = Cluster::start(&model, &[("block-decoder", 1, &[]), ("token-decoder", 2, &[]), ("router", 1, &[])]).await;
     let store = cluster.store().await;
     let router = cluster.procs[cluster.of("router")[0]].address();
@@ -41,8 +53,13 @@ async fn a_relayed_session_moves_when_its_token_decoder_dies() {
             let router = router.clone();
             tokio::spawn(async move {
                 let mut client = GenerationClient::connect(router).await.unwrap();
-                let params = GenerationParameters { max_new_tokens: Some(LONG), ignore_eos: true, ..Default::default() };
-                let mut req = ids_request(prompt(i), params);
+                let (prompt, layout) = relayed_prompt(i);
+                let layout = match layout {
+                    PromptLayout::Reference => blockserve_proto::v1::PromptLayout::Reference,
+                    PromptLayout::Aligned => blockserve_proto::v1::PromptLayout::Aligned,
+                };
+                let params = GenerationParameters { max_new_tokens: Some(LONG), ignore_eos: true, prompt_layout: layout as i32, ..Default::default() };
+                let mut req = ids_request(prompt, params);
                 req.session_id = format!("relayed-{i}");
                 let mut s = client.generate(req).await.unwrap().into_inner();
                 let (mut tokens, mut arrivals) = (vec![], vec![]);

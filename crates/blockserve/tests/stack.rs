@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use blockserve_model::{loader::load_model, GenerationRequest, Model, SamplingParams, StopCriteria};
+use blockserve_model::{loader::load_model, GenerationRequest, Model, PromptLayout, SamplingParams, StopCriteria};
 use blockserve_proto::v1::generation_client::GenerationClient;
 use blockserve_proto::v1::*;
 use blockserve_store::{RedisStore, SessionStore, Tier};
@@ -94,7 +94,8 @@ impl Stack {
     }
 }
 
-/// 20 sessions at once, greedy and seeded, against the in-process engine.
+/// 20 sessions at once, greedy and seeded, against the in-process engine;
+/// prompts of every length modulo L, the last ten in the aligned layout.
 async fn matches_engine(model: &Path) {
     let stack = Stack::start(model, &[]).await;
     let engine = load_model(model, None, DType::F32, &Device::Cpu).unwrap();
@@ -102,8 +103,9 @@ async fn matches_engine(model: &Path) {
     let vocab = bt.config.vocab_size as u32;
     let mut cases = vec![];
     for i in 0..20u32 {
-        let prompt: Vec<u32> = (0..(3 + i * 2)).map(|j| 1 + (i * 31 + j * 17) % (vocab - 1)).collect();
+        let prompt: Vec<u32> = (0..(3 + i * 3)).map(|j| 1 + (i * 31 + j * 17) % (vocab - 1)).collect();
         let sampled = i % 2 == 1;
+        let layout = if i >= 10 { PromptLayout::Aligned } else { PromptLayout::Reference };
         let params = GenerationParameters {
             max_new_tokens: Some(5 + i),
             temperature: Some(if sampled { 0.8 } else { 0.0 }),
@@ -112,6 +114,7 @@ async fn matches_engine(model: &Path) {
             // Every third session also penalises repeats (history-dependent sampling).
             repetition_penalty: Some(if i % 3 == 0 { 1.3 } else { 1.0 }),
             seed: Some(100 + i as u64),
+            prompt_layout: if i >= 10 { 2 } else { 0 },
             ..Default::default()
         };
         let want = engine
@@ -126,15 +129,16 @@ async fn matches_engine(model: &Path) {
                         seed: params.seed.unwrap(),
                     },
                     stop: StopCriteria { max_new_tokens: 5 + i as usize, eos_token_id: bt.config.eos_token_id, stop_token_ids: vec![] },
+                    layout,
                 }],
                 false,
             )
             .unwrap()
             .remove(0);
-        cases.push((prompt, params, want));
+        cases.push((prompt, params, want, layout));
     }
     // The penalty must matter somewhere, or the history path goes untested.
-    let penalised_differs = cases.iter().filter(|c| c.1.repetition_penalty != Some(1.0)).any(|(prompt, params, want)| {
+    let penalised_differs = cases.iter().filter(|c| c.1.repetition_penalty != Some(1.0)).any(|(prompt, params, want, layout)| {
         let plain = GenerationRequest {
             prompt: prompt.clone(),
             sampling: SamplingParams {
@@ -145,12 +149,13 @@ async fn matches_engine(model: &Path) {
                 seed: params.seed.unwrap(),
             },
             stop: StopCriteria { max_new_tokens: params.max_new_tokens.unwrap() as usize, eos_token_id: bt.config.eos_token_id, stop_token_ids: vec![] },
+            layout: *layout,
         };
         engine.generate(&[plain], false).unwrap()[0].tokens != want.tokens
     });
     assert!(penalised_differs, "repetition penalty changed no output");
     let mut handles = vec![];
-    for (i, (prompt, params, _)) in cases.iter().enumerate() {
+    for (i, (prompt, params, ..)) in cases.iter().enumerate() {
         let mut c = stack.client(i % 2).await;
         let req = ids_request(prompt.clone(), params.clone());
         handles.push(tokio::spawn(async move { collect(c.generate(req).await?.into_inner()).await }));
@@ -158,7 +163,7 @@ async fn matches_engine(model: &Path) {
     let store = stack.store().await;
     let (l, d) = (bt.block_length(), bt.config.block_decoder.hidden_size);
     let (mut wire, mut generated) = (0u64, 0u64);
-    for (h, (prompt, _, want)) in handles.into_iter().zip(&cases) {
+    for (h, (prompt, _, want, layout)) in handles.into_iter().zip(&cases) {
         let (id, tokens, finished) = h.await.unwrap().unwrap();
         assert_eq!(tokens, want.tokens);
         let want_reason = match want.finish_reason {
@@ -174,20 +179,24 @@ async fn matches_engine(model: &Path) {
         // Only the prompt, block ids and context embeddings cross between the tiers:
         // the byte count equals those messages' sizes, rebuilt here.
         let usage = finished.usage.unwrap();
-        assert_eq!(usage.internal_wire_bytes, expected_wire_bytes(prompt, &tokens, l, d));
+        assert_eq!(usage.internal_wire_bytes, expected_wire_bytes(prompt, &tokens, l, d, *layout));
         wire += usage.internal_wire_bytes;
         generated += tokens.len() as u64;
     }
     eprintln!("{}: {wire} bytes between tiers for {generated} generated tokens = {:.1} bytes/token", model.display(), wire as f64 / generated as f64);
 }
 
-/// Payload bytes of one session on the link: the padded prompt up, every
-/// generated block but the last up (the session ends with it), 4 bytes per id,
-/// and one f32 context per decoded block down.
-fn expected_wire_bytes(prompt: &[u32], tokens: &[u32], l: usize, d: usize) -> u64 {
-    let padded = prompt.len().div_ceil(l) * l;
-    let decoded = tokens.len().div_ceil(l);
-    (4 * padded + decoded * 4 * d + decoded.saturating_sub(1) * 4 * l) as u64
+/// Payload bytes of one session on the link: the prompt's blocks up, every
+/// decoded block but the last up (the session ends with it), 4 bytes per id,
+/// and one f32 context per decoded block down. In the aligned layout the
+/// prompt's partial block is not sent alone: it starts the first decoded block.
+fn expected_wire_bytes(prompt: &[u32], tokens: &[u32], l: usize, d: usize, layout: PromptLayout) -> u64 {
+    let (blocks, forced) = match layout {
+        PromptLayout::Aligned if prompt.len() >= l => (prompt.len() / l, prompt.len() % l),
+        _ => (prompt.len().div_ceil(l), 0),
+    };
+    let decoded = (forced + tokens.len()).div_ceil(l);
+    (4 * blocks * l + decoded * 4 * d + decoded.saturating_sub(1) * 4 * l) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

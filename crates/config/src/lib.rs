@@ -20,5 +20,5 @@ pub mod source;
 
 pub use error::{ConfigError, Result};
 pub use model::ModelConfig;
-pub use request::{FinishReason, SamplingParams, StopCriteria};
+pub use request::{FinishReason, PromptLayout, SamplingParams, StopCriteria};
 pub use source::{resolve_config, ConfigSource};

@@ -1,5 +1,6 @@
 //! What a request asks of the model, as plain values: how to choose tokens
-//! ([`SamplingParams`]) and when to stop ([`StopCriteria`]). The model crate
+//! ([`SamplingParams`]), when to stop ([`StopCriteria`]) and how its prompt
+//! is cut into blocks ([`PromptLayout`]). The model crate
 //! applies them to logits; the router validates them without any tensor code.
 
 use serde::{Deserialize, Serialize};
@@ -59,6 +60,59 @@ impl SamplingParams {
             return bad(format!("repetition_penalty must be finite and > 0, got {}", self.repetition_penalty));
         }
         Ok(())
+    }
+}
+
+/// How a prompt is cut into blocks of L tokens (`docs/prefix-cache.md`,
+/// "The prompt layouts"; the model crate's `prompt` module lays them out).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptLayout {
+    /// The reference implementation's: the prompt is left-padded with id 0 to
+    /// a whole number of blocks, so generation starts on a block boundary.
+    /// Outputs equal the reference's; where block boundaries fall depends on
+    /// the prompt's length modulo L.
+    #[default]
+    Reference,
+    /// Block boundaries fixed from the prompt's first token: the block decoder
+    /// sees the prompt's whole blocks, and its last `n mod L` tokens are the
+    /// forced start of the first generated block. A shared prefix then falls
+    /// on the same blocks whatever follows it. Prompts shorter than one block
+    /// are left-padded as in `Reference`.
+    Aligned,
+}
+
+impl PromptLayout {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PromptLayout::Reference => "reference",
+            PromptLayout::Aligned => "aligned",
+        }
+    }
+
+    /// Pad ids in front of a prompt of `n` tokens cut into blocks of `l`.
+    pub fn pad(&self, n: usize, l: usize) -> usize {
+        match self {
+            PromptLayout::Aligned if n >= l => 0,
+            _ => (l - n % l) % l,
+        }
+    }
+}
+
+impl std::fmt::Display for PromptLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PromptLayout {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "reference" => Ok(PromptLayout::Reference),
+            "aligned" => Ok(PromptLayout::Aligned),
+            _ => Err(ConfigError::Input(format!("prompt layout must be \"reference\" or \"aligned\", got {s:?}"))),
+        }
     }
 }
 

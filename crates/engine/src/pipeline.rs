@@ -45,6 +45,8 @@ struct Live<'r> {
     tokens: Vec<u32>,
     history: Vec<u32>,
     first_token_s: Option<f64>,
+    /// The forced start of the first block (aligned prompt layout).
+    forced: Vec<u32>,
 }
 
 /// Run `reqs` to completion; outcomes are in request order. `memory` samples
@@ -61,14 +63,15 @@ pub fn run(
     let mut stats = RunStats::default();
     let mut live: Vec<Live> = Vec::with_capacity(reqs.len());
     for (i, req) in reqs.iter().enumerate() {
-        let padded = PaddedPrompt::new(&req.prompt, l)?;
+        let padded = PaddedPrompt::lay_out(&req.prompt, &[], l, req.layout)?;
         let history = if req.sampling.uses_history() { req.prompt.clone() } else { vec![] };
-        live.push(Live { req, out: None, tokens: vec![], history, first_token_s: None });
+        let new_blocks = padded.new_blocks(req.stop.max_new_tokens, l);
+        live.push(Live { req, out: None, tokens: vec![], history, first_token_s: None, forced: padded.forced });
         if req.stop.max_new_tokens == 0 {
             live[i].out = Some(Outcome { tokens: vec![], finish_reason: FinishReason::Length, first_token_s: 0.0, finished_s: 0.0 });
             continue;
         }
-        sched.submit(i as u64, padded.ids, req.stop.max_new_tokens.div_ceil(l))?;
+        sched.submit(i as u64, padded.ids, new_blocks)?;
     }
     while sched.has_work() {
         let t = Instant::now();
@@ -87,7 +90,7 @@ pub fn run(
             .iter()
             .map(|&(key, _)| {
                 let s = &live[key as usize];
-                BlockJob { sampling: s.req.sampling.clone(), history: s.history.clone(), generated: s.tokens.len() as u64 }
+                BlockJob { sampling: s.req.sampling.clone(), history: s.history.clone(), generated: s.tokens.len() as u64, forced: s.forced.clone() }
             })
             .collect();
         let blocks = batcher.decode(&ctx.tensor, &jobs)?;
@@ -97,7 +100,8 @@ pub fn run(
         for (&(key, _), block) in ctx.rows.iter().zip(blocks) {
             let s = &mut live[key as usize];
             s.first_token_s.get_or_insert(now);
-            let finish = s.req.stop.extend(&mut s.tokens, &block);
+            let new = &block[std::mem::take(&mut s.forced).len()..];
+            let finish = s.req.stop.extend(&mut s.tokens, new);
             match finish {
                 Some(reason) => {
                     s.out = Some(Outcome {
@@ -110,7 +114,7 @@ pub fn run(
                 }
                 None => {
                     if s.req.sampling.uses_history() {
-                        s.history.extend_from_slice(&block);
+                        s.history.extend_from_slice(new);
                     }
                     sched.push_block(key, block)?;
                 }

@@ -2,7 +2,9 @@
 //! its next block together, block-synchronously (the prefix pass, then L-1 token
 //! steps), in batches of at most `max_batch` rows over one preallocated local
 //! cache. Plain greedy rows take their argmax on the device; other rows read
-//! their logits back and sample on the host with their own seed stream.
+//! their logits back and sample on the host with their own seed stream. A row
+//! may start with forced tokens (the aligned prompt layout's prompt tail): the
+//! decoder reads them in place of its own choice.
 
 use std::sync::Arc;
 
@@ -22,11 +24,19 @@ pub struct BlockJob {
     pub history: Vec<u32>,
     /// Tokens generated before this block (the index of its first draw).
     pub generated: u64,
+    /// The block's first tokens, given rather than chosen (fewer than L; the
+    /// returned block holds them too).
+    pub forced: Vec<u32>,
 }
 
 impl BlockJob {
     pub fn greedy(generated: u64) -> Self {
-        Self { sampling: SamplingParams::greedy(), history: vec![], generated }
+        Self { sampling: SamplingParams::greedy(), history: vec![], generated, forced: vec![] }
+    }
+
+    /// Whether the block is the device's plain argmax all through.
+    fn is_plain_greedy(&self) -> bool {
+        self.sampling.is_plain_greedy() && self.forced.is_empty()
     }
 }
 
@@ -69,7 +79,7 @@ impl TokenBatcher {
     pub fn warm_up(&mut self) -> Result<()> {
         let m = &self.model;
         let ctx = Tensor::zeros((1, m.config.block_decoder.hidden_size), m.dtype(), m.device())?;
-        let sampled = BlockJob { sampling: SamplingParams { temperature: 0.8, top_k: 5, ..SamplingParams::greedy() }, history: vec![], generated: 0 };
+        let sampled = BlockJob { sampling: SamplingParams { temperature: 0.8, top_k: 5, ..SamplingParams::greedy() }, ..BlockJob::greedy(0) };
         self.decode(&ctx, &[BlockJob::greedy(0)])?;
         self.decode(&ctx, &[sampled])?;
         Ok(())
@@ -95,7 +105,7 @@ impl TokenBatcher {
     }
 
     fn decode_chunk(&mut self, ctx: &Tensor, jobs: &[BlockJob]) -> Result<Vec<Vec<u32>>> {
-        if jobs.iter().all(|j| j.sampling.is_plain_greedy()) {
+        if jobs.iter().all(BlockJob::is_plain_greedy) {
             return self.decode_greedy(ctx);
         }
         let m = &self.model;
@@ -107,12 +117,16 @@ impl TokenBatcher {
             let rows = read_rows(&logits, &on_host)?;
             let mut toks = Vec::with_capacity(jobs.len());
             for ((job, row), block) in jobs.iter().zip(rows).zip(out.iter_mut()) {
-                let n = job.generated + k as u64;
+                let forced = job.forced.len();
+                // The draw's index in the output (forced tokens are not drawn).
+                let n = (job.generated + k as u64).wrapping_sub(forced as u64);
                 let t = match row {
+                    _ if k < forced => job.forced[k],
                     Row::Token(t) => t,
                     Row::Logits(row) if job.sampling.uses_history() => {
+                        // The history (prompt and output) holds the forced tokens.
                         let mut history = job.history.clone();
-                        history.extend_from_slice(block);
+                        history.extend_from_slice(&block[forced..]);
                         sample(&job.sampling, &row, &history, n)
                     }
                     Row::Logits(row) => sample(&job.sampling, &row, &[], n),

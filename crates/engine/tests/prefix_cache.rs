@@ -2,8 +2,10 @@
 //! (`models/code-block`, f32):
 //! - the same requests with the cache on and off give the same tokens, greedy
 //!   and seeded, for prompts sharing prefixes of several lengths and of every
-//!   length modulo L, prefilled in small chunks;
-//! - a later session finds exactly the whole pages an earlier one left;
+//!   length modulo L, prefilled in small chunks, in both prompt layouts (and
+//!   in the aligned layout the same tokens as the model's own driver);
+//! - a later session finds exactly the whole pages an earlier one left, and in
+//!   the aligned layout whatever its prompt's length modulo L;
 //! - with a pool too small to keep everything, idle pages are evicted and every
 //!   session still gets its tokens;
 //! - a session waiting for a page another is writing is admitted when that one
@@ -18,7 +20,7 @@ use blockserve_engine::prefix_cache::CacheStats;
 use blockserve_engine::{BlockScheduler, SchedulerConfig, TokenBatcher};
 use blockserve_model::loader::load_model;
 use blockserve_model::prompt::PaddedPrompt;
-use blockserve_model::{BlockTransformer, GenerationRequest, Model, SamplingParams, StopCriteria};
+use blockserve_model::{BlockTransformer, GenerationRequest, Model, PromptLayout, SamplingParams, StopCriteria};
 use candle_core::{DType, Device};
 
 /// Blocks per page (what serving uses).
@@ -40,7 +42,11 @@ fn request(prompt: Vec<u32>, seeded: Option<u64>, max_new_tokens: usize) -> Gene
         Some(seed) => SamplingParams { temperature: 0.8, seed, ..Default::default() },
         None => SamplingParams::greedy(),
     };
-    GenerationRequest { prompt, sampling, stop: StopCriteria { max_new_tokens, eos_token_id: None, stop_token_ids: vec![] } }
+    GenerationRequest { prompt, sampling, stop: StopCriteria { max_new_tokens, eos_token_id: None, stop_token_ids: vec![] }, layout: PromptLayout::Reference }
+}
+
+fn in_layout(reqs: Vec<GenerationRequest>, layout: PromptLayout) -> Vec<GenerationRequest> {
+    reqs.into_iter().map(|r| GenerationRequest { layout, ..r }).collect()
 }
 
 fn scheduler(m: &Arc<BlockTransformer>, kv_pages: usize, token_budget: usize, prefix_cache: bool) -> BlockScheduler {
@@ -77,8 +83,24 @@ fn shared_prefix_requests() -> Vec<GenerationRequest> {
 
 #[test]
 fn the_cache_changes_no_token_and_reuses_pages() {
+    cache_changes_no_token(PromptLayout::Reference);
+}
+
+#[test]
+fn the_cache_changes_no_token_and_reuses_pages_in_the_aligned_layout() {
+    let reqs = cache_changes_no_token(PromptLayout::Aligned);
+    // The model's block-synchronous driver, with its own handling of the
+    // forced start, gives the engine's tokens.
+    let m = Model::Block(Arc::into_inner(model()).unwrap());
+    let driver: Vec<Vec<u32>> = m.generate(&in_layout(shared_prefix_requests(), PromptLayout::Aligned), false).unwrap().into_iter().map(|o| o.tokens).collect();
+    assert_eq!(driver, reqs);
+}
+
+/// The shared-prefix requests in `layout`, with the cache off, on, and on
+/// again warm: the same tokens (returned).
+fn cache_changes_no_token(layout: PromptLayout) -> Vec<Vec<u32>> {
     let m = model();
-    let reqs = shared_prefix_requests();
+    let reqs = in_layout(shared_prefix_requests(), layout);
     let mut batcher = TokenBatcher::new(m.clone(), 64).unwrap();
     // Small prefill chunks: pages complete over several passes.
     let want = run(&mut scheduler(&m, 256, 24, false), &mut batcher, &reqs);
@@ -95,6 +117,7 @@ fn the_cache_changes_no_token_and_reuses_pages() {
     assert_eq!(run(&mut cached, &mut batcher, &reqs), want);
     assert!(cached.prefix_cache().1.hits > stats.hits);
     assert_no_page_lost(&cached, 256);
+    want
 }
 
 #[test]
@@ -115,6 +138,29 @@ fn a_later_session_finds_exactly_the_whole_pages_an_earlier_one_left() {
     let mut plain = scheduler(&m, 64, 8192, false);
     assert_eq!(got, run(&mut plain, &mut batcher, &later));
     assert_no_page_lost(&sched, 64);
+}
+
+#[test]
+fn aligned_prompts_of_every_length_find_the_prefix() {
+    let m = model();
+    let mut batcher = TokenBatcher::new(m.clone(), 8).unwrap();
+    let prefix = ids(7, 256);
+    let first = request([prefix.clone(), ids(8, 4)].concat(), None, 8);
+    // Own parts of 5 to 8 ids: 261..264 ids, every length modulo 4.
+    let later: Vec<GenerationRequest> = [5usize, 6, 7, 8].iter().map(|&s| request([prefix.clone(), ids(9 + s as u32, s)].concat(), Some(3), 8)).collect();
+    for (layout, hits) in [(PromptLayout::Reference, 4), (PromptLayout::Aligned, 16)] {
+        let mut sched = scheduler(&m, 64, 8192, true);
+        run(&mut sched, &mut batcher, &in_layout(vec![first.clone()], layout));
+        let later = in_layout(later.clone(), layout);
+        let got = run(&mut sched, &mut batcher, &later);
+        // Each later prompt has 65 or 66 whole blocks (in the reference layout,
+        // after 3, 2, 1 or no pads): the 4 pages before its last block are
+        // looked up. Aligned, they are the first session's 4 pages; padded,
+        // only the unpadded prompt's are.
+        assert_eq!(sched.prefix_cache().1, CacheStats { looked_up: 4 + 16, hits, evictions: 0 }, "{layout}");
+        assert_eq!(got, run(&mut scheduler(&m, 64, 8192, false), &mut batcher, &later), "{layout}");
+        assert_no_page_lost(&sched, 64);
+    }
 }
 
 #[test]

@@ -43,6 +43,7 @@ fn main() {
                 prompt,
                 sampling: SamplingParams::greedy(),
                 stop: StopCriteria { max_new_tokens: want.len(), eos_token_id: None, stop_token_ids: vec![] },
+                layout: Default::default(),
             };
             let out = model.generate(&[req], true).unwrap().remove(0);
             let verdict = match out.tokens.iter().zip(&want).position(|(a, b)| a != b) {

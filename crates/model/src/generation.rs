@@ -10,7 +10,7 @@ use crate::block_transformer::{check_ids, BlockTransformer};
 use crate::causal_lm::CausalLm;
 use crate::error::{input_err, Result};
 use crate::paged::SeqKv;
-use crate::prompt::PaddedPrompt;
+use crate::prompt::{PaddedPrompt, PromptLayout};
 use crate::sampling::{read_rows, sample, Row, SamplingParams};
 use crate::Model;
 
@@ -21,6 +21,8 @@ pub struct GenerationRequest {
     pub prompt: Vec<u32>,
     pub sampling: SamplingParams,
     pub stop: StopCriteria,
+    /// How the prompt is cut into blocks (Block Transformers only).
+    pub layout: PromptLayout,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +41,8 @@ struct Session<'r> {
     out: GenerationOutput,
     done: bool,
     kv: SeqKv,
+    /// The forced start of the next block (the aligned layout's prompt tail).
+    forced: Vec<u32>,
 }
 
 impl<'r> Session<'r> {
@@ -49,6 +53,15 @@ impl<'r> Session<'r> {
             out: GenerationOutput { tokens: vec![], finish_reason: FinishReason::Length, logits: vec![] },
             done: false,
             kv: SeqKv::default(),
+            forced: vec![],
+        }
+    }
+
+    /// Token `k` of the session's current block: forced, or chosen from `row`.
+    fn next(&mut self, k: usize, row: Row, record: bool) -> u32 {
+        match self.forced.get(k) {
+            Some(&t) => t,
+            None => self.push(row, record),
         }
     }
 
@@ -148,10 +161,11 @@ fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: boo
     let mut pages = 0;
     for req in reqs {
         validate(req, m.config.vocab_size, max_tokens, "block decoder's context")?;
-        let padded = PaddedPrompt::new(&req.prompt, l)?;
-        pages += (padded.num_blocks(l) + req.stop.max_new_tokens.div_ceil(l)).div_ceil(PAGE_SIZE);
+        let padded = PaddedPrompt::lay_out(&req.prompt, &[], l, req.layout)?;
+        pages += (padded.num_blocks(l) + padded.new_blocks(req.stop.max_new_tokens, l)).div_ceil(PAGE_SIZE);
         let mut s = Session::new(req);
         s.done = req.stop.max_new_tokens == 0;
+        s.forced = padded.forced;
         sessions.push(s);
         prompts.push(padded.ids);
     }
@@ -178,7 +192,7 @@ fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: boo
         let on_host: Vec<bool> = live.iter().map(|&i| sessions[i].on_host(record)).collect();
         for k in 0..l {
             let rows = read_rows(&logits, &on_host)?;
-            let toks: Vec<u32> = live.iter().zip(rows).map(|(&i, r)| sessions[i].push(r, record)).collect();
+            let toks: Vec<u32> = live.iter().zip(rows).map(|(&i, r)| sessions[i].next(k, r, record)).collect();
             for (b, t) in blocks.iter_mut().zip(&toks) {
                 b.push(*t);
             }
@@ -186,6 +200,9 @@ fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: boo
                 let t = Tensor::from_vec(toks, live.len(), device)?;
                 logits = m.token_decoder().next_token(&t, &mut local)?;
             }
+        }
+        for &i in &live {
+            sessions[i].forced.clear();
         }
         // Sessions still running feed their new block to the block decoder.
         let keep: Vec<usize> = (0..live.len()).filter(|&j| !sessions[live[j]].done).collect();

@@ -39,6 +39,7 @@ pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use generation::{FinishReason, GenerationOutput, GenerationRequest, StopCriteria};
 pub use paged::{KvPool, PagedPass, SeqKv};
+pub use prompt::PromptLayout;
 pub use sampling::SamplingParams;
 
 /// A loaded model of either kind.

@@ -9,7 +9,7 @@ use candle_core::DType;
 use common::*;
 
 fn request(prompt: Vec<u32>, n: usize, sampling: SamplingParams) -> GenerationRequest {
-    GenerationRequest { prompt, sampling, stop: StopCriteria { max_new_tokens: n, eos_token_id: None, stop_token_ids: vec![] } }
+    GenerationRequest { prompt, sampling, stop: StopCriteria { max_new_tokens: n, eos_token_id: None, stop_token_ids: vec![] }, layout: Default::default() }
 }
 
 /// Prompts of 8, 9, 20 tokens (2, 3 and 5 blocks) plus two more lengths.
@@ -80,4 +80,32 @@ fn seeded_sampling_repeats_across_runs_and_batch_compositions() {
         other.sampling.seed += 1;
         assert_ne!(model.generate(&[other], false).unwrap()[0].tokens, batched[0].tokens, "{name}");
     }
+}
+
+/// The aligned prompt layout hands the token decoder the prompt's last
+/// partial block as the start of the first generated block: the decoder must
+/// read those tokens as if it had chosen them. So a greedy session of prompt
+/// `p` with output `o` and one of prompt `p + o[..k]`, still inside the same
+/// block, go on the same way, logits included.
+#[test]
+fn the_aligned_layout_reads_the_prompt_tail_as_if_it_had_chosen_it() {
+    use blockserve_model::PromptLayout;
+    let model = load(BLOCK, DType::F32);
+    let aligned = |prompt: Vec<u32>, n: usize| GenerationRequest { layout: PromptLayout::Aligned, ..request(prompt, n, SamplingParams::greedy()) };
+    let mut differs_from_reference = false;
+    // 9, 10 and 11 ids: 2 whole blocks and 1, 2 or 3 forced tokens.
+    for n in 9..12u32 {
+        let prompt: Vec<u32> = (1..=n).map(|i| i * 37 % 97 + 1).collect();
+        let whole = model.generate(&[aligned(prompt.clone(), 12)], true).unwrap().remove(0);
+        for k in 1..(4 - n as usize % 4) {
+            let longer = [prompt.clone(), whole.tokens[..k].to_vec()].concat();
+            let rest = model.generate(&[aligned(longer, 12 - k)], true).unwrap().remove(0);
+            assert_eq!(rest.tokens, whole.tokens[k..], "prompt of {n} ids, {k} more");
+            let err = rows_diff(&rest.logits, &candle_core::Tensor::new(whole.logits[k..].to_vec(), &candle_core::Device::Cpu).unwrap());
+            assert!(err <= 1e-5, "prompt of {n} ids, {k} more: logits differ by {err}");
+        }
+        let reference = model.generate(&[request(prompt, 12, SamplingParams::greedy())], false).unwrap().remove(0);
+        differs_from_reference |= reference.tokens != whole.tokens;
+    }
+    assert!(differs_from_reference, "the layout changed no output");
 }

@@ -8,7 +8,12 @@ use candle_core::DType;
 use common::*;
 
 fn greedy(prompt: Vec<u32>, n: usize) -> GenerationRequest {
-    GenerationRequest { prompt, sampling: SamplingParams::greedy(), stop: StopCriteria { max_new_tokens: n, eos_token_id: Some(0), stop_token_ids: vec![] } }
+    GenerationRequest {
+        prompt,
+        sampling: SamplingParams::greedy(),
+        stop: StopCriteria { max_new_tokens: n, eos_token_id: Some(0), stop_token_ids: vec![] },
+        layout: Default::default(),
+    }
 }
 
 #[test]

@@ -59,6 +59,15 @@ pub struct Args {
     /// --prefix-cache; off: the least loaded always.
     #[arg(long, env = "BLOCKSERVE_PREFIX_ROUTING", default_value_t = false, action = clap::ArgAction::Set)]
     pub prefix_routing: bool,
+    /// How prompts are cut into blocks when a request does not say
+    /// (parameters.prompt_layout): "reference", left-padded with id 0 to whole
+    /// blocks as the reference implementation does (outputs equal its), or
+    /// "aligned", blocks from the prompt's first token with the last
+    /// partial block starting the first generated one, so that the block
+    /// decoders' prefix caches find a shared prefix whatever the prompt's
+    /// length (docs/prefix-cache.md).
+    #[arg(long, env = "BLOCKSERVE_PROMPT_LAYOUT", default_value_t = blockserve_config::PromptLayout::Reference)]
+    pub prompt_layout: blockserve_config::PromptLayout,
     /// Seconds a finished session stays queryable.
     #[arg(long, env = "BLOCKSERVE_SESSION_TTL_S", default_value_t = 3600)]
     pub session_ttl_s: u64,
@@ -114,6 +123,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     if args.prefix_routing {
         router.prefix_index = Some(std::sync::Mutex::new(prefix_routing::PrefixIndex::new(prefix_routing::DEFAULT_CAPACITY)));
     }
+    router.prompt_layout = args.prompt_layout;
     router.max_streams = args.max_streams.max(1);
     router.streams = Arc::new(tokio::sync::Semaphore::new(router.max_streams));
     let router = Arc::new(router);

@@ -4,8 +4,7 @@
 //!
 //! The router does not ask the block decoders what they cache. It remembers
 //! where it sent each prompt page (the block decoder's unit of caching: 16
-//! blocks of the prompt as the token decoder lays it out, left-padded to
-//! whole blocks), by a hash chain over the pages, in a bounded map that
+//! blocks of the prompt as the token decoder lays it out), by a hash chain over the pages, in a bounded map that
 //! forgets the least recently routed pages first. Like any router-side index
 //! it is a guess: a block decoder may have evicted a page, and another router
 //! may have sent the same prefix elsewhere. A wrong guess costs only a
@@ -14,16 +13,17 @@
 use std::collections::{BTreeMap, HashMap};
 
 use blockserve_config::prefix::{page_chain, KV_PAGE_BLOCKS as PAGE_BLOCKS};
+use blockserve_config::PromptLayout;
 
 /// Pages the index remembers (about 60 MB at most).
 pub const DEFAULT_CAPACITY: usize = 1 << 20;
 
 /// The chain hashes of the whole prompt pages the block decoder could reuse
-/// for `prompt`: left-padded with id 0 to whole blocks of `block_length`, as
-/// the token decoder sends it, and never the page of the last block (which
-/// the block decoder always computes).
-pub fn page_hashes(prompt: &[u32], block_length: usize) -> Vec<u64> {
-    let pad = (block_length - prompt.len() % block_length) % block_length;
+/// for `prompt`: laid out in whole blocks of `block_length` as the token
+/// decoder sends it (padded in front, or not, by `layout`), and never the page
+/// of the last whole block (which the block decoder always computes).
+pub fn page_hashes(prompt: &[u32], block_length: usize, layout: PromptLayout) -> Vec<u64> {
+    let pad = layout.pad(prompt.len(), block_length);
     let blocks = (pad + prompt.len()) / block_length;
     let pages = blocks.saturating_sub(1) / PAGE_BLOCKS;
     let padded: Vec<u32> = std::iter::repeat_n(0, pad).chain(prompt.iter().copied()).take(pages * PAGE_BLOCKS * block_length).collect();
@@ -88,19 +88,25 @@ mod tests {
     #[test]
     fn pages_follow_the_block_decoders_layout() {
         // L = 4: 257 ids get 3 pads -> 65 blocks -> 4 pages before the last block.
+        let hashes = |p: &[u32]| page_hashes(p, 4, PromptLayout::Reference);
         let p: Vec<u32> = (1..=257).collect();
-        assert_eq!(page_hashes(&p, 4).len(), 4);
+        assert_eq!(hashes(&p).len(), 4);
         // 256 ids: 64 blocks, the last in page 3: 3 pages.
-        assert_eq!(page_hashes(&p[..256], 4).len(), 3);
+        assert_eq!(hashes(&p[..256]).len(), 3);
         // Same ids, another padding: no page in common.
         let q: Vec<u32> = (1..=258).collect();
-        assert!(page_hashes(&p, 4).iter().all(|h| !page_hashes(&q, 4).contains(h)));
+        assert!(hashes(&p).iter().all(|h| !hashes(&q).contains(h)));
         // A common prefix of the same padding: the same first pages.
         let mut r = p.clone();
         r[200] = 9999;
-        let (hp, hr) = (page_hashes(&p, 4), page_hashes(&r, 4));
+        let (hp, hr) = (hashes(&p), hashes(&r));
         assert_eq!(hp[..3], hr[..3]);
         assert_ne!(hp[3], hr[3]);
+        // Aligned: the whole blocks from the first id, whatever the length.
+        let aligned = |p: &[u32]| page_hashes(p, 4, PromptLayout::Aligned);
+        assert_eq!(aligned(&p), aligned(&q)[..4]);
+        assert_eq!(aligned(&q).len(), 4);
+        assert_eq!(aligned(&p[..259 - 3]), aligned(&p)[..3]);
     }
 
     #[test]

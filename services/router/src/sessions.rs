@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use blockserve_config::PromptLayout;
 use blockserve_proto::v1::*;
 use blockserve_runtime::metrics::METRICS;
 use blockserve_runtime::{status, telemetry};
@@ -68,6 +69,8 @@ pub struct Router {
     /// Where this router sent prompt pages, when it routes by prefix
     /// (`--prefix-routing`).
     pub prefix_index: Option<std::sync::Mutex<PrefixIndex>>,
+    /// The prompt layout of requests that leave theirs unset (`--prompt-layout`).
+    pub prompt_layout: PromptLayout,
 }
 
 /// Why an instance was chosen (a metric label).
@@ -194,6 +197,7 @@ impl Router {
             relay_links: Default::default(),
             routed: Default::default(),
             prefix_index: None,
+            prompt_layout: PromptLayout::Reference,
         }
     }
 
@@ -218,9 +222,9 @@ impl Router {
     /// The lookup, the choice and the record happen under the index's lock:
     /// in a burst, the sessions of a new prefix after the first already see
     /// where the first went.
-    pub(crate) async fn pick_block_decoder(&self, prompt: &[u32]) -> Result<(InstanceInfo, Routed), Status> {
+    pub(crate) async fn pick_block_decoder(&self, prompt: &[u32], layout: PromptLayout) -> Result<(InstanceInfo, Routed), Status> {
         let Some(index) = &self.prefix_index else { return self.pick(Tier::BlockDecoder, &[]).await };
-        let hashes = prefix_routing::page_hashes(prompt, self.model.block_length);
+        let hashes = prefix_routing::page_hashes(prompt, self.model.block_length, layout);
         let all = self.candidates(Tier::BlockDecoder, &[]).await?;
         let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
         let known = index.longest(&hashes).map(|(a, n)| (a.to_string(), n));

@@ -45,7 +45,7 @@ impl Router {
         }
         let m = &self.model;
         let prompt = self.prompt_ids(validate::generate_prompt(&req)?).await?;
-        let parameters = params::validate(&req.parameters.clone().unwrap_or_default(), m.vocab)?;
+        let parameters = params::validate(&req.parameters.clone().unwrap_or_default(), m.vocab, self.prompt_layout)?;
         let max_new = parameters.max_new_tokens.unwrap_or_default() as usize;
         validate::lengths(prompt.len(), max_new, self.max_new_tokens, m.max_total_tokens)?;
         let spec = SessionSpec { id: req.session_id.clone(), prompt_ids: prompt.clone(), parameters: parameters.clone(), created_at_ms: now_ms() };
@@ -55,7 +55,7 @@ impl Router {
             }
         }
         let (td, td_routed) = self.pick(Tier::TokenDecoder, &[]).await?;
-        let (bd, bd_routed) = self.pick_block_decoder(&prompt).await?;
+        let (bd, bd_routed) = self.pick_block_decoder(&prompt, params::resolve(&parameters, m.eos).layout).await?;
         let routed = (td_routed, bd_routed);
         let id = if req.session_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { req.session_id.clone() };
         let spec = SessionSpec { id: id.clone(), ..spec };

@@ -29,7 +29,7 @@ fn check(req: &GenerateRequest, tok: &Tokenizer) -> Result<(), tonic::Status> {
         validate::session_id(&req.session_id)?;
     }
     let prompt = validate::prompt_ids(validate::generate_prompt(req)?, Some(tok), limits(tok))?;
-    let p = params::validate(&req.parameters.clone().unwrap_or_default(), VOCAB)?;
+    let p = params::validate(&req.parameters.clone().unwrap_or_default(), VOCAB, blockserve_config::PromptLayout::Reference)?;
     validate::lengths(prompt.len(), p.max_new_tokens.unwrap() as usize, 1024, 2048 * 4)
 }
 
@@ -60,8 +60,9 @@ prop_compose! {
         stop in proptest::collection::vec(".{0,8}", 0..4),
         stop_token_ids in proptest::collection::vec(any::<u32>(), 0..4),
         ignore_eos in any::<bool>(),
+        prompt_layout in prop_oneof![0i32..3, any::<i32>()],
     ) -> GenerationParameters {
-        GenerationParameters { max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stop_token_ids, ignore_eos }
+        GenerationParameters { max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stop_token_ids, ignore_eos, prompt_layout }
     }
 }
 

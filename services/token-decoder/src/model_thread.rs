@@ -46,9 +46,11 @@ pub struct OpenRequest {
     pub key: u64,
     pub session_id: String,
     pub link: Arc<Link>,
-    /// Padded to whole blocks; for a migrated session, the prompt followed by
-    /// `generated`.
+    /// Laid out in whole blocks; for a migrated session, the prompt followed
+    /// by `generated`.
     pub prompt: Vec<u32>,
+    /// The first block's forced start (the aligned layout's prompt tail).
+    pub forced: Vec<u32>,
     /// Output the session produced before (whole blocks): decoding goes on
     /// after it, with the stop criteria and sampler positions it implies.
     pub generated: Vec<u32>,
@@ -196,6 +198,8 @@ struct Session {
     link: Arc<Link>,
     spec: Spec,
     tokens: Vec<u32>,
+    /// The forced start of the next block (until the first block is decoded).
+    forced: Vec<u32>,
     /// Index of the block whose context comes next.
     next_context: u32,
     events: mpsc::UnboundedSender<Event>,
@@ -384,6 +388,7 @@ impl Thread {
                     link: o.link,
                     spec: o.spec,
                     tokens: o.generated,
+                    forced: o.forced,
                     next_context: prompt_blocks - 1,
                     events: o.events,
                     unread,
@@ -488,7 +493,9 @@ impl Thread {
             .keys
             .iter()
             .map(|key| match self.sessions.get(key) {
-                Some(s) => BlockJob { sampling: s.spec.sampling.clone(), history: s.spec.history.clone(), generated: s.tokens.len() as u64 },
+                Some(s) => {
+                    BlockJob { sampling: s.spec.sampling.clone(), history: s.spec.history.clone(), generated: s.tokens.len() as u64, forced: s.forced.clone() }
+                }
                 None => BlockJob::greedy(0),
             })
             .collect();
@@ -521,13 +528,14 @@ impl Thread {
         for (key, block) in rows.keys.into_iter().zip(blocks) {
             let Some(s) = self.sessions.get_mut(&key) else { continue };
             let start = s.tokens.len();
-            let finish = s.spec.stop.extend(&mut s.tokens, &block);
+            let chosen = &block[std::mem::take(&mut s.forced).len()..];
+            let finish = s.spec.stop.extend(&mut s.tokens, chosen);
             let new = s.tokens[start..].to_vec();
             generated += new.len() as u64;
             let mut wire_bytes = rows.row_bytes;
             if finish.is_none() {
                 if s.spec.sampling.uses_history() {
-                    s.spec.history.extend_from_slice(&block);
+                    s.spec.history.extend_from_slice(chosen);
                 }
                 s.next_context += 1;
                 wire_bytes += 4 * l;
@@ -592,6 +600,7 @@ mod tests {
             session_id: "s".into(),
             link,
             prompt: vec![1, 2, 3, 4],
+            forced: vec![],
             generated: vec![],
             max_new_blocks: max_new_tokens.div_ceil(4) as u32,
             traceparent: String::new(),

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockserve_model::prompt::PaddedPrompt;
+use blockserve_model::prompt::{PaddedPrompt, PromptLayout};
 use blockserve_model::FinishReason as ModelFinish;
 use blockserve_proto::v1::{run_event, FinishReason, Finished, RunEvent, RunRequest, Timings, TokenChunk, Usage};
 use blockserve_runtime::metrics::METRICS;
@@ -160,10 +160,13 @@ async fn drive(shared: &Shared, req: &RunRequest, relay: &mut Relay, out: &mut O
     let l = shared.model.block_length();
     // The router validated them; a Run request from elsewhere gets the same
     // check (it returns validated parameters unchanged).
-    let p = params::resolve(&params::validate(&req.parameters.clone().unwrap_or_default(), shared.model.config.vocab_size)?, req.eos_token_id);
-    if !out.tokens.len().is_multiple_of(l) {
-        return Err(Status::invalid_argument(format!("generated_ids: {} tokens is not a whole number of {l}-token blocks", out.tokens.len())));
-    }
+    // (An unset layout is the reference's: the router always sets one.)
+    let p = params::resolve(
+        &params::validate(&req.parameters.clone().unwrap_or_default(), shared.model.config.vocab_size, PromptLayout::Reference)?,
+        req.eos_token_id,
+    );
+    // Output so far must end on a block boundary of the session's layout.
+    PaddedPrompt::lay_out(&req.prompt_ids, &out.tokens, l, p.layout).map_err(|e| Status::invalid_argument(e.to_string()))?;
     if out.tokens.len() >= p.stop.max_new_tokens {
         return Ok(End::Done(ModelFinish::Length));
     }
@@ -225,18 +228,18 @@ async fn decode_on(
 ) -> Result<End, Status> {
     let l = shared.model.block_length();
     let link = shared.links.get(block_decoder).await?;
-    let context: Vec<u32> = req.prompt_ids.iter().chain(&out.tokens).copied().collect();
-    let padded = PaddedPrompt::new(&context, l).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let padded = PaddedPrompt::lay_out(&req.prompt_ids, &out.tokens, l, p.layout).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let (events_tx, mut events) = mpsc::unbounded_channel();
     out.wire_bytes += 4 * padded.ids.len() as u64;
-    let history = if p.sampling.uses_history() { context.clone() } else { vec![] };
+    let history = if p.sampling.uses_history() { req.prompt_ids.iter().chain(&out.tokens).copied().collect() } else { vec![] };
     let open = shared.engine.open(OpenRequest {
         key: shared.next_key.fetch_add(1, Ordering::Relaxed),
         session_id: req.session_id.clone(),
         link,
+        max_new_blocks: padded.new_blocks(p.stop.max_new_tokens - out.tokens.len(), l) as u32,
         prompt: padded.ids,
+        forced: padded.forced,
         generated: out.tokens.clone(),
-        max_new_blocks: (p.stop.max_new_tokens - out.tokens.len()).div_ceil(l) as u32,
         traceparent: blockserve_runtime::telemetry::headers(&tracing::Span::current()).remove("traceparent").unwrap_or_default(),
         spec: Spec { sampling: p.sampling.clone(), stop: p.stop.clone(), history },
         events: events_tx,

@@ -10,7 +10,9 @@
 //! `--setting shared-prefix` is the prefix cache's scenario: `--prefixes`
 //! distinct prompt prefixes of `--prefix-len` tokens, each request one of them
 //! (in turn) followed by a suffix of its own; `--prefix-cache off,on` runs the
-//! same requests without and with the block decoder's prefix cache.
+//! same requests without and with the block decoder's prefix cache, and
+//! `--prompt-layout reference,aligned` in both prompt layouts
+//! (`--suffix-spread 4` gives the requests' own parts every length modulo L).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,7 +23,7 @@ use blockserve_engine::{BlockScheduler, SchedulerConfig, TokenBatcher};
 use blockserve_model::init::random_weights;
 use blockserve_model::loader::build;
 use blockserve_model::weights::Weights;
-use blockserve_model::{device_memory, presets, BlockTransformer, GenerationRequest, Model, ModelConfig, SamplingParams, StopCriteria};
+use blockserve_model::{device_memory, presets, BlockTransformer, GenerationRequest, Model, ModelConfig, PromptLayout, SamplingParams, StopCriteria};
 use blockserve_worker::model_args::{parse_device, parse_dtype};
 use candle_core::{DType, Device, Tensor};
 
@@ -51,6 +53,16 @@ pub struct Args {
     /// (comma separated, in that order).
     #[arg(long, value_delimiter = ',', default_value = "off")]
     prefix_cache: Vec<String>,
+    /// shared-prefix: request i's own part is (i mod this) tokens shorter
+    /// than the setting's 64, so that with 4 the prompts take every length
+    /// modulo L = 4.
+    #[arg(long, default_value_t = 1)]
+    suffix_spread: usize,
+    /// How prompts are cut into blocks: reference (left-padded, as the
+    /// reference implementation), aligned (blocks from the first token), or
+    /// both, comma separated (each runs every --prefix-cache setting).
+    #[arg(long, value_delimiter = ',', default_value = "reference")]
+    prompt_layout: Vec<PromptLayout>,
     /// Prompt tokens per request (overrides the setting's).
     #[arg(long)]
     prompt_len: Option<usize>,
@@ -130,19 +142,33 @@ fn requests(b: usize, prompt_len: usize, gen_len: usize, vocab: u32, seed: u64) 
             prompt: (0..prompt_len).map(|j| 1 + ((i * 7919 + j * 104729 + seed as usize) as u32 % (vocab - 1))).collect(),
             sampling: SamplingParams::greedy(),
             stop: StopCriteria { max_new_tokens: gen_len, eos_token_id: None, stop_token_ids: vec![] },
+            layout: PromptLayout::Reference,
         })
         .collect()
 }
 
+/// What the shared-prefix scenario's requests look like.
+struct SharedPrefix {
+    prefixes: usize,
+    prefix_len: usize,
+    /// Request i's own part is `i % spread` ids shorter than the rest of the prompt.
+    spread: usize,
+}
+
 /// The shared-prefix scenario's requests: request i is prefix `i % prefixes`
-/// (`prefix_len` ids) followed by `prompt_len - prefix_len` ids of its own.
-fn shared_prefix_requests(b: usize, prefixes: usize, prefix_len: usize, prompt_len: usize, gen_len: usize, vocab: u32, seed: u64) -> Vec<GenerationRequest> {
+/// (`prefix_len` ids) followed by ids of its own, up to `prompt_len` less
+/// `i % spread`.
+fn shared_prefix_requests(b: usize, s: &SharedPrefix, prompt_len: usize, gen_len: usize, vocab: u32, seed: u64) -> Vec<GenerationRequest> {
     let id = |a: usize, j: usize| 1 + ((a * 7919 + j * 104729 + seed as usize) as u32 % (vocab - 1));
     (0..b)
-        .map(|i| GenerationRequest {
-            prompt: (0..prefix_len).map(|j| id(i % prefixes, j)).chain((prefix_len..prompt_len).map(|j| id(1_000_003 + i, j))).collect(),
-            sampling: SamplingParams::greedy(),
-            stop: StopCriteria { max_new_tokens: gen_len, eos_token_id: None, stop_token_ids: vec![] },
+        .map(|i| {
+            let own = s.prefix_len..prompt_len - i % s.spread;
+            GenerationRequest {
+                prompt: (0..s.prefix_len).map(|j| id(i % s.prefixes, j)).chain(own.map(|j| id(1_000_003 + i, j))).collect(),
+                sampling: SamplingParams::greedy(),
+                stop: StopCriteria { max_new_tokens: gen_len, eos_token_id: None, stop_token_ids: vec![] },
+                layout: PromptLayout::Reference,
+            }
         })
         .collect()
 }
@@ -194,9 +220,14 @@ pub fn run(a: Args) -> Result<()> {
     };
     let (prompt_len, gen_len) = (a.prompt_len.unwrap_or(p), a.gen_len.unwrap_or(g));
     let shared = a.setting == "shared-prefix";
-    if shared && (a.prefixes == 0 || a.prefix_len > prompt_len) {
-        bail!("--setting shared-prefix needs --prefixes > 0 and --prefix-len ({}) <= the prompt length ({prompt_len})", a.prefix_len);
+    if shared && (a.prefixes == 0 || a.suffix_spread == 0 || a.prefix_len + a.suffix_spread > prompt_len + 1) {
+        bail!(
+            "--setting shared-prefix needs --prefixes > 0, --suffix-spread > 0 and --prefix-len ({}) + --suffix-spread ({}) - 1 <= the prompt length ({prompt_len})",
+            a.prefix_len,
+            a.suffix_spread
+        );
     }
+    let shape = SharedPrefix { prefixes: a.prefixes, prefix_len: a.prefix_len, spread: a.suffix_spread };
     let caches: Vec<bool> = a
         .prefix_cache
         .iter()
@@ -232,9 +263,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let vocab = config.vocab_size() as u32;
     println!(
-        "| preset | setting | batch | prefix cache | wall s | tokens/s | TTFT mean s | TTFT p50 s | TTFT p99 s | peak GiB | TFLOP/s (% ceil) | GB/s (% ceil) |"
+        "| preset | setting | batch | prompt layout | prefix cache | wall s | tokens/s | TTFT mean s | TTFT p50 s | TTFT p99 s | peak GiB | TFLOP/s (% ceil) | GB/s (% ceil) |"
     );
-    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let model = match model {
         Model::Block(m) => Arc::new(m),
         Model::Vanilla(_) => return bench_vanilla(&a, &name, &model, &device, prompt_len, gen_len, vocab),
@@ -255,70 +286,77 @@ pub fn run(a: Args) -> Result<()> {
             let blocks = (prompt_len + gen_len).div_ceil(model.block_length()) + 16;
             b * blocks * model.block_decoder().bytes_per_block(dtype)
         };
-        // The tokens of the batch's first run, to compare the others with.
-        let mut first_tokens: Option<Vec<Vec<u32>>> = None;
-        for &cache in &caches {
-            let mut sched =
-                BlockScheduler::new(model.clone(), SchedulerConfig { prefix_cache: cache, ..SchedulerConfig::for_memory(&model, kv_bytes, a.token_budget) })?;
-            let token_batch = if a.token_batch == 0 { b } else { a.token_batch };
-            let mut batcher = TokenBatcher::new(model.clone(), token_batch)?;
-            batcher.set_cuda_graphs(a.cuda_graphs);
-            // Warm-up: module loads, cuBLAS handles and the batch's local passes.
-            pipeline::run(&mut sched, &mut batcher, &requests(b.min(token_batch), 8, 8, vocab, a.seed), &|| None)?;
-            device.synchronize()?;
-            let reqs = if shared {
-                shared_prefix_requests(b, a.prefixes, a.prefix_len, prompt_len, gen_len, vocab, a.seed)
-            } else {
-                requests(b, prompt_len, gen_len, vocab, a.seed)
-            };
-            let memory = || device_memory(&device).map(|(free, total)| total - free);
-            let (outs, stats) = pipeline::run(&mut sched, &mut batcher, &reqs, &memory)?;
-            device.synchronize()?;
-            let generated: usize = outs.iter().map(|o| o.tokens.len()).sum();
-            if generated != b * gen_len {
-                bail!("generated {generated} tokens, expected {}", b * gen_len);
-            }
-            let mut ttft: Vec<f64> = outs.iter().map(|o| o.first_token_s).collect();
-            ttft.sort_by(f64::total_cmp);
-            let (flops, bytes) = block_work(&model, b, prompt_len, gen_len, &stats, dtype);
-            // The work counts assume every prompt is prefilled: not with the cache.
-            let rates = match &ceilings {
-                _ if cache => ("-".into(), "-".into()),
-                Some(c) => (
-                    format!("{:.1} ({:.0}%)", flops / stats.wall_s / 1e12, 100.0 * flops / stats.wall_s / c.flop_per_s),
-                    format!("{:.0} ({:.0}%)", bytes / stats.wall_s / 1e9, 100.0 * bytes / stats.wall_s / c.bytes_per_s),
-                ),
-                None => (format!("{:.1}", flops / stats.wall_s / 1e12), format!("{:.0}", bytes / stats.wall_s / 1e9)),
-            };
-            println!(
-                "| {} | {prompt_len}/{gen_len} | {b} | {} | {:.2} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} |",
-                name,
-                if cache { "on" } else { "off" },
-                stats.wall_s,
-                generated as f64 / stats.wall_s,
-                ttft.iter().sum::<f64>() / ttft.len() as f64,
-                percentile(&ttft, 0.5),
-                percentile(&ttft, 0.99),
-                stats.peak_memory_bytes.map_or("-".into(), |m| format!("{:.1}", m as f64 / (1u64 << 30) as f64)),
-                rates.0,
-                rates.1,
-            );
-            let tokens: Vec<Vec<u32>> = outs.iter().map(|o| o.tokens.clone()).collect();
-            let same = match &first_tokens {
-                None => {
-                    first_tokens = Some(tokens);
-                    String::new()
+        for &layout in &a.prompt_layout {
+            // The tokens of the layout's first run, to compare the others with.
+            let mut first_tokens: Option<Vec<Vec<u32>>> = None;
+            for &cache in &caches {
+                let mut sched = BlockScheduler::new(
+                    model.clone(),
+                    SchedulerConfig { prefix_cache: cache, ..SchedulerConfig::for_memory(&model, kv_bytes, a.token_budget) },
+                )?;
+                let token_batch = if a.token_batch == 0 { b } else { a.token_batch };
+                let mut batcher = TokenBatcher::new(model.clone(), token_batch)?;
+                batcher.set_cuda_graphs(a.cuda_graphs);
+                // Warm-up: module loads, cuBLAS handles and the batch's local passes.
+                pipeline::run(&mut sched, &mut batcher, &requests(b.min(token_batch), 8, 8, vocab, a.seed), &|| None)?;
+                device.synchronize()?;
+                let mut reqs = if shared {
+                    shared_prefix_requests(b, &shape, prompt_len, gen_len, vocab, a.seed)
+                } else {
+                    requests(b, prompt_len, gen_len, vocab, a.seed)
+                };
+                for r in &mut reqs {
+                    r.layout = layout;
                 }
-                Some(first) => {
-                    let differ = first.iter().zip(&tokens).filter(|(a, b)| a != b).count();
-                    format!("; tokens: {differ} of {b} requests differ from the first run's")
+                let memory = || device_memory(&device).map(|(free, total)| total - free);
+                let (outs, stats) = pipeline::run(&mut sched, &mut batcher, &reqs, &memory)?;
+                device.synchronize()?;
+                let generated: usize = outs.iter().map(|o| o.tokens.len()).sum();
+                if generated != b * gen_len {
+                    bail!("generated {generated} tokens, expected {}", b * gen_len);
                 }
-            };
-            let cached = sched.prefix_cache().1;
-            eprintln!(
+                let mut ttft: Vec<f64> = outs.iter().map(|o| o.first_token_s).collect();
+                ttft.sort_by(f64::total_cmp);
+                let (flops, bytes) = block_work(&model, b, prompt_len, gen_len, &stats, dtype);
+                // The work counts assume every prompt is prefilled: not with the cache.
+                let rates = match &ceilings {
+                    _ if cache => ("-".into(), "-".into()),
+                    Some(c) => (
+                        format!("{:.1} ({:.0}%)", flops / stats.wall_s / 1e12, 100.0 * flops / stats.wall_s / c.flop_per_s),
+                        format!("{:.0} ({:.0}%)", bytes / stats.wall_s / 1e9, 100.0 * bytes / stats.wall_s / c.bytes_per_s),
+                    ),
+                    None => (format!("{:.1}", flops / stats.wall_s / 1e12), format!("{:.0}", bytes / stats.wall_s / 1e9)),
+                };
+                println!(
+                    "| {} | {prompt_len}/{gen_len} | {b} | {layout} | {} | {:.2} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} |",
+                    name,
+                    if cache { "on" } else { "off" },
+                    stats.wall_s,
+                    generated as f64 / stats.wall_s,
+                    ttft.iter().sum::<f64>() / ttft.len() as f64,
+                    percentile(&ttft, 0.5),
+                    percentile(&ttft, 0.99),
+                    stats.peak_memory_bytes.map_or("-".into(), |m| format!("{:.1}", m as f64 / (1u64 << 30) as f64)),
+                    rates.0,
+                    rates.1,
+                );
+                let tokens: Vec<Vec<u32>> = outs.iter().map(|o| o.tokens.clone()).collect();
+                let same = match &first_tokens {
+                    None => {
+                        first_tokens = Some(tokens);
+                        String::new()
+                    }
+                    Some(first) => {
+                        let differ = first.iter().zip(&tokens).filter(|(a, b)| a != b).count();
+                        format!("; tokens: {differ} of {b} requests differ from the first run's")
+                    }
+                };
+                let cached = sched.prefix_cache().1;
+                eprintln!(
                 "  passes {} (decode rows {}, prompt blocks {}), host time in block passes {:.2} s, in token blocks (incl. device wait) {:.2} s; prefix cache: {} of {} pages found, {} evicted{same}",
                 stats.passes, stats.decode_rows, stats.prefill_blocks, stats.block_phase_s, stats.token_phase_s, cached.hits, cached.looked_up, cached.evictions
             );
+            }
         }
     }
     Ok(())

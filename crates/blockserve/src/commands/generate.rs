@@ -2,7 +2,7 @@
 //! incremental API the serving tiers use.
 
 use anyhow::{bail, Result};
-use blockserve_model::{GenerationRequest, StopCriteria};
+use blockserve_model::{GenerationRequest, PromptLayout, StopCriteria};
 
 use blockserve_worker::model_args::ModelArgs;
 
@@ -10,10 +10,15 @@ use blockserve_worker::model_args::ModelArgs;
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// Prompt token ids, comma separated (e.g. 1,2,3). The Block Transformer
-    /// left-pads it with id 0 to a whole number of blocks, as the reference does.
+    /// Prompt token ids, comma separated (e.g. 1,2,3).
     #[arg(long, value_delimiter = ',', required = true)]
     prompt_ids: Vec<u32>,
+    /// How a Block Transformer cuts the prompt into blocks: reference
+    /// (left-padded with id 0 to whole blocks, as the reference
+    /// implementation does) or aligned (blocks from the first token; the last
+    /// partial block starts the first generated one).
+    #[arg(long, default_value_t = PromptLayout::Reference)]
+    prompt_layout: PromptLayout,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -38,6 +43,7 @@ pub fn run(args: Args) -> Result<()> {
         prompt: args.prompt_ids,
         sampling,
         stop: StopCriteria { max_new_tokens: args.max_new_tokens, eos_token_id: eos, stop_token_ids: args.stop_token_ids },
+        layout: args.prompt_layout,
     };
     let Some(out) = model.generate(&[req], false)?.pop() else { bail!("no output") };
     if args.json {

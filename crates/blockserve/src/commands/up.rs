@@ -57,6 +57,10 @@ pub struct Args {
     /// `blockserve block-decoder --help`).
     #[arg(long, env = "BLOCKSERVE_PREFIX_CACHE", default_value_t = false, action = clap::ArgAction::Set)]
     prefix_cache: bool,
+    /// How prompts are cut into blocks when a request does not say: reference
+    /// or aligned (see `blockserve router --help`).
+    #[arg(long, env = "BLOCKSERVE_PROMPT_LAYOUT", default_value_t = blockserve_model::PromptLayout::Reference)]
+    prompt_layout: blockserve_model::PromptLayout,
     /// Most sessions each decoder tier instance holds.
     #[arg(long, env = "BLOCKSERVE_MAX_SESSIONS", default_value_t = 1024)]
     max_sessions: u32,
@@ -143,6 +147,7 @@ pub async fn run(args: Args) -> Result<()> {
         http_listen: Some(args.http_listen),
         max_new_tokens: args.max_new_tokens,
         prefix_routing: args.prefix_cache,
+        prompt_layout: args.prompt_layout,
         session_ttl_s: 3600,
         api_token: args.api_token.clone(),
         max_migrations: blockserve_router::sessions::DEFAULT_MAX_MIGRATIONS,

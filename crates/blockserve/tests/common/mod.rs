@@ -58,11 +58,19 @@ pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> ChildGuard {
 /// Greedy output of each prompt from the in-process engine (f32, CPU): what
 /// the stack must produce, faults or not.
 pub fn greedy_reference(model: &std::path::Path, prompts: &[Vec<u32>], max_new_tokens: u32) -> Vec<Vec<u32>> {
+    let prompts: Vec<_> = prompts.iter().map(|p| (p.clone(), blockserve_model::PromptLayout::Reference)).collect();
+    greedy_reference_in(model, &prompts, max_new_tokens)
+}
+
+/// [`greedy_reference`] for prompts each in its own layout.
+pub fn greedy_reference_in(model: &std::path::Path, prompts: &[(Vec<u32>, blockserve_model::PromptLayout)], max_new_tokens: u32) -> Vec<Vec<u32>> {
     use blockserve_model::{loader::load_model, GenerationRequest, SamplingParams, StopCriteria};
     let engine = load_model(model, None, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
     let stop = StopCriteria { max_new_tokens: max_new_tokens as usize, eos_token_id: None, stop_token_ids: vec![] };
-    let reqs: Vec<GenerationRequest> =
-        prompts.iter().map(|p| GenerationRequest { prompt: p.clone(), sampling: SamplingParams::greedy(), stop: stop.clone() }).collect();
+    let reqs: Vec<GenerationRequest> = prompts
+        .iter()
+        .map(|(p, layout)| GenerationRequest { prompt: p.clone(), sampling: SamplingParams::greedy(), stop: stop.clone(), layout: *layout })
+        .collect();
     engine.generate(&reqs, false).unwrap().into_iter().map(|o| o.tokens).collect()
 }
 

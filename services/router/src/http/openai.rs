@@ -6,7 +6,7 @@
 //! frequency penalties, `logit_bias`, more than the chosen token's
 //! log-probability, and any field this front door does not know.
 
-use blockserve_proto::v1::{generate_request, GenerateRequest, GenerationParameters, TokenIds};
+use blockserve_proto::v1::{generate_request, GenerateRequest, GenerationParameters, PromptLayout, TokenIds};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -54,6 +54,8 @@ pub struct Common {
     pub repetition_penalty: Option<f32>,
     #[serde(default)]
     pub ignore_eos: bool,
+    /// "reference" or "aligned" (unset: the router's --prompt-layout).
+    pub prompt_layout: Option<String>,
     // Accepted only at the values that ask for nothing this server lacks.
     pub n: Option<u32>,
     pub presence_penalty: Option<f32>,
@@ -144,6 +146,7 @@ const COMMON: &[&str] = &[
     "top_k",
     "repetition_penalty",
     "ignore_eos",
+    "prompt_layout",
     "n",
     "presence_penalty",
     "frequency_penalty",
@@ -191,7 +194,19 @@ impl Common {
         if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
             return Err(ApiError::invalid("logit_bias", "logit_bias is not supported"));
         }
+        self.prompt_layout()?;
         Ok(())
+    }
+
+    fn prompt_layout(&self) -> Result<PromptLayout, ApiError> {
+        match self.prompt_layout.as_deref() {
+            None => Ok(PromptLayout::Unspecified),
+            Some("reference") => Ok(PromptLayout::Reference),
+            Some("aligned") => Ok(PromptLayout::Aligned),
+            Some(other) => {
+                Err(ApiError::invalid("prompt_layout", format!("prompt_layout must be \"reference\" or \"aligned\", got {}", crate::validate::echo(other))))
+            }
+        }
     }
 
     /// The generation parameters, with OpenAI's defaults for what is unset
@@ -211,6 +226,8 @@ impl Common {
             },
             stop_token_ids: vec![],
             ignore_eos: self.ignore_eos,
+            // Checked by `check`.
+            prompt_layout: self.prompt_layout().unwrap_or_default() as i32,
         }
     }
 
