@@ -22,7 +22,8 @@
 # processes, e.g. TOKIO_WORKER_THREADS=8], ROUTER_ARGS [extra router flags],
 # BLOCK_DECODERS [1; more start one block decoder each on the devices of
 # BD_DEVICES (a space-separated list, default $DEVICE for each); LINK_RTT_MS
-# then applies to the first only].
+# then applies to the first only], TD_DEVICES [unset; a space-separated list:
+# token decoder i runs on its (i mod length)-th device instead of TD_DEVICE].
 set -euo pipefail
 BS=${BS:-target/release/blockserve}
 LT=${LT:-target/release/blockserve-loadtest}
@@ -99,9 +100,11 @@ for i in $(seq 2 "${BLOCK_DECODERS:-1}"); do
   p=$(free_port); m=$(free_port); metrics+=("block-decoder-$i=127.0.0.1:$m")
   start_bd block-decoder-$i $p $m "${bd_devices[$((i - 1))]:-$DEVICE}"
 done
+td_devices=(${TD_DEVICES:-$TD_DEVICE})
 for i in $(seq 1 "$TOKEN_DECODERS"); do
+  td_device=${td_devices[$(((i - 1) % ${#td_devices[@]}))]}
   tdp=$(free_port); tdm=$(free_port); metrics+=("token-decoder-$i=127.0.0.1:$tdm")
-  env ${TD_ENV:-} ${TD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$TD_SM_PERCENT} "$BS" token-decoder --listen 127.0.0.1:$tdp ${TD_ARGS:-} --metrics-listen 127.0.0.1:$tdm --device "$TD_DEVICE" --max-batch "${MAX_BATCH:-1024}" \
+  env ${TD_ENV:-} ${TD_SM_PERCENT:+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$TD_SM_PERCENT} "$BS" token-decoder --listen 127.0.0.1:$tdp ${TD_ARGS:-} --metrics-listen 127.0.0.1:$tdm --device "$td_device" --max-batch "${MAX_BATCH:-1024}" \
     --max-sessions "${MAX_SESSIONS:-4096}" --max-unread-blocks "${MAX_UNREAD:-8}" >"$LOGS/token-decoder-$i.log" 2>&1 &
   pids+=($!); names+=(token-decoder-$i)
   wait_port "$tdp"
@@ -111,7 +114,7 @@ $NICE env ${ROUTER_ENV:-} "$BS" router --listen 127.0.0.1:$rtp --metrics-listen 
 pids+=($!); names+=(router)
 wait_port "$rtp"
 sleep 1
-echo "stack: router :$rtp ${ROUTER_ARGS:-}, ${BLOCK_DECODERS:-1} block decoder(s), the first :$bdp (${bd_devices[0]:-$DEVICE}${LINK_RTT_MS:+, +$LINK_RTT_MS ms round trip to it}), $TOKEN_DECODERS token decoder(s) ($TD_DEVICE), redis :$rp, model $MODEL_DIR ($DTYPE)" >&2
+echo "stack: router :$rtp ${ROUTER_ARGS:-}, ${BLOCK_DECODERS:-1} block decoder(s), the first :$bdp (${bd_devices[0]:-$DEVICE}${LINK_RTT_MS:+, +$LINK_RTT_MS ms round trip to it}), $TOKEN_DECODERS token decoder(s) (${TD_DEVICES:-$TD_DEVICE}), redis :$rp, model $MODEL_DIR ($DTYPE)" >&2
 export LOADTEST_METRICS=$(IFS=,; echo "${metrics[*]}")
 fi
 # CPU seconds each process used (the machine's load is part of the result:

@@ -68,6 +68,11 @@ struct Args {
     /// shared-prefix: tokens of each prefix.
     #[arg(long, default_value_t = 2048)]
     prefix_len: usize,
+    /// shared-prefix: request i's own part is (i mod this) tokens shorter, so
+    /// that with 4 the prompts take every length modulo L = 4 (see the
+    /// router's --prompt-layout).
+    #[arg(long, default_value_t = 1)]
+    suffix_spread: usize,
     /// Prompt tokens per request (overrides the setting's).
     #[arg(long)]
     prompt_len: Option<usize>,
@@ -219,7 +224,7 @@ async fn main() -> Result<()> {
     for w in 0..a.concurrency {
         let client = (!channels.is_empty()).then(|| GenerationClient::new(channels[w % channels.len()].clone()));
         let (samples, next, http) = (samples.clone(), next.clone(), a.http.clone());
-        let seed = a.seed as usize;
+        let (seed, spread) = (a.seed as usize, a.suffix_spread.max(1));
         workers.push(tokio::spawn(async move {
             let mut conn = None;
             loop {
@@ -230,7 +235,9 @@ async fn main() -> Result<()> {
                 // shared-prefix: the first prefix_len ids are prefix i mod prefixes.
                 let id = |a: usize, j: usize| 1 + ((a * 7919 + j * 104729 + seed) as u32 % (vocab - 1));
                 let prompt: Vec<u32> = match shared {
-                    Some((prefixes, prefix_len)) => (0..prompt_len).map(|j| if j < prefix_len { id(i % prefixes, j) } else { id(1_000_003 + i, j) }).collect(),
+                    Some((prefixes, prefix_len)) => (0..(prompt_len - i % spread).max(prefix_len))
+                        .map(|j| if j < prefix_len { id(i % prefixes, j) } else { id(1_000_003 + i, j) })
+                        .collect(),
                     None => (0..prompt_len).map(|j| id(i, j)).collect(),
                 };
                 let start = Instant::now();

@@ -14,10 +14,16 @@ pub fn page_chain(ids: &[u32], page_len: usize) -> Vec<u64> {
     let mut parent = 0u64;
     ids.chunks_exact(page_len)
         .map(|page| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (parent, page).hash(&mut h);
-            parent = h.finish();
+            parent = page_hash(parent, page);
             parent
         })
         .collect()
+}
+
+/// One link of the chain: the hash of `page` after the page hashed `parent`
+/// (0 before the first page).
+pub fn page_hash(parent: u64, page: &[u32]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (parent, page).hash(&mut h);
+    h.finish()
 }

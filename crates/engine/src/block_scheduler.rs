@@ -10,8 +10,8 @@
 //!
 //! With the prefix cache on ([`SchedulerConfig::prefix_cache`]), a session
 //! starts from the cached pages of its prompt's longest cached prefix and
-//! prefills only the rest; its own whole prompt pages join the cache as they
-//! are written. A session whose next page another session is writing right
+//! prefills only the rest; its own whole pages, of prompt and of generated
+//! blocks, join the cache as they are written. A session whose next page another session is writing right
 //! now waits for it (sessions behind it are admitted meanwhile) rather than
 //! computing it twice. Idle cached pages count as free memory: admission and
 //! growth evict them, least recently used first.
@@ -24,7 +24,7 @@ use std::sync::Arc;
 use blockserve_model::{BlockTransformer, KvPool, ModelError, SeqKv};
 use candle_core::Tensor;
 
-use crate::prefix_cache::{page_hashes, CacheStats, PrefixCache};
+use crate::prefix_cache::{page_hash, page_hashes, CacheStats, PrefixCache};
 
 type Result<T> = std::result::Result<T, ModelError>;
 
@@ -52,37 +52,36 @@ impl SchedulerConfig {
 
 struct Session {
     kv: SeqKv,
-    /// The padded prompt's ids (whole blocks).
-    prompt: Vec<u32>,
+    /// The prompt's ids (whole blocks), followed, with the cache on, by every
+    /// block pushed since (to name the pages they fill).
+    ids: Vec<u32>,
+    prompt_blocks: usize,
     /// Prompt blocks already in the cache.
     prefilled: usize,
     /// Blocks to reserve at admission: prompt plus the most it may generate.
     reserve: usize,
-    /// Chain hashes of the prompt's whole pages (none with the cache off).
+    /// Chain hashes of the prompt's whole pages, then of each later page
+    /// once written (none with the cache off).
     hashes: Vec<u64>,
     /// (page index, hash) of the pages this session holds in the cache.
     held: Vec<(usize, u64)>,
-    /// Whole prompt pages offered to the cache so far (or found there).
+    /// Whole pages offered to the cache so far (or found there).
     offered: usize,
     /// Prompt blocks found in the cache at admission.
     reused_blocks: usize,
 }
 
 impl Session {
-    fn prompt_blocks(&self, l: usize) -> usize {
-        self.prompt.len() / l
-    }
-
     /// Page `i`'s ids.
     fn page_ids(&self, i: usize, l: usize, page_size: usize) -> &[u32] {
         let per_page = l * page_size;
-        &self.prompt[i * per_page..(i + 1) * per_page]
+        &self.ids[i * per_page..(i + 1) * per_page]
     }
 
     /// Pages a lookup may take: never the page of the last prompt block,
     /// whose context the session needs from a pass of its own.
-    fn reusable_pages(&self, l: usize, page_size: usize) -> usize {
-        self.hashes.len().min((self.prompt_blocks(l) - 1) / page_size)
+    fn reusable_pages(&self, page_size: usize) -> usize {
+        self.hashes.len().min((self.prompt_blocks - 1) / page_size)
     }
 }
 
@@ -225,7 +224,9 @@ impl BlockScheduler {
             )));
         }
         let hashes = if self.config.prefix_cache { page_hashes(&prompt, l, self.config.page_size) } else { vec![] };
-        self.sessions.insert(key, Session { kv: SeqKv::default(), prompt, prefilled: 0, reserve, hashes, held: vec![], offered: 0, reused_blocks: 0 });
+        let prompt_blocks = prompt.len() / l;
+        let s = Session { kv: SeqKv::default(), ids: prompt, prompt_blocks, prefilled: 0, reserve, hashes, held: vec![], offered: 0, reused_blocks: 0 };
+        self.sessions.insert(key, s);
         self.waiting.push_back(key);
         Ok(())
     }
@@ -233,12 +234,15 @@ impl BlockScheduler {
     /// Queue the next block (L ids) of a running session for the next pass.
     pub fn push_block(&mut self, key: u64, ids: Vec<u32>) -> Result<()> {
         let l = self.model.block_length();
-        let s = self.sessions.get(&key).ok_or_else(|| ModelError::Input(format!("no open session {key}")))?;
-        if s.prefilled < s.prompt_blocks(l) {
+        let s = self.sessions.get_mut(&key).ok_or_else(|| ModelError::Input(format!("no open session {key}")))?;
+        if s.prefilled < s.prompt_blocks {
             return Err(ModelError::Input(format!("session {key} is still prefilling")));
         }
         if ids.len() != l {
             return Err(ModelError::Input(format!("a block holds {l} ids, got {}", ids.len())));
+        }
+        if self.config.prefix_cache {
+            s.ids.extend_from_slice(&ids);
         }
         // Past its reservation a session's cache grows page by page while the
         // pool has free pages; the pass fails with a capacity error if not.
@@ -316,7 +320,7 @@ impl BlockScheduler {
     fn admission(&self, key: u64) -> Admission {
         let s = &self.sessions[&key];
         let (l, ps) = (self.model.block_length(), self.config.page_size);
-        let usable = s.reusable_pages(l, ps);
+        let usable = s.reusable_pages(ps);
         let pages: Vec<&[u32]> = (0..usable).map(|i| s.page_ids(i, l, ps)).collect();
         let (found, idle_found) = self.cache.lookup(&s.hashes[..usable], &pages);
         if found < usable && self.inflight.contains_key(&s.hashes[found]) {
@@ -346,11 +350,11 @@ impl BlockScheduler {
 
     /// Admit waiting sessions in order while their reservations fit.
     fn admit(&mut self) {
-        let (l, ps) = (self.model.block_length(), self.config.page_size);
+        let ps = self.config.page_size;
         while let Some((at, key, found)) = self.next_admission() {
             self.waiting.remove(at);
             let s = self.sessions.get_mut(&key).expect("waiting sessions exist");
-            let usable = s.reusable_pages(l, ps);
+            let usable = s.reusable_pages(ps);
             let pages = self.cache.acquire(&s.hashes, found, usable);
             s.kv = SeqKv::from_prefix(pages, found * ps);
             s.prefilled = found * ps;
@@ -369,15 +373,20 @@ impl BlockScheduler {
         }
     }
 
-    /// Offer the cache the whole prompt pages `keys` completed in the pass
-    /// that just ran.
+    /// Offer the cache the whole pages `keys` completed in the pass that
+    /// just ran: prompt pages, and pages of blocks the session generated
+    /// (which a migrated or resumed session sends again as its prompt).
     fn offer_pages(&mut self, keys: &[u64]) {
         let (l, ps) = (self.model.block_length(), self.config.page_size);
         for key in keys {
             let s = self.sessions.get_mut(key).expect("row of a live session");
-            let done = (s.prefilled / ps).min(s.hashes.len());
+            let done = s.kv.len() / ps;
             for i in s.offered..done {
-                let (hash, parent) = (s.hashes[i], if i == 0 { 0 } else { s.hashes[i - 1] });
+                let parent = if i == 0 { 0 } else { s.hashes[i - 1] };
+                if i == s.hashes.len() {
+                    s.hashes.push(page_hash(parent, s.page_ids(i, l, ps)));
+                }
+                let hash = s.hashes[i];
                 if self.inflight.get(&hash) == Some(key) {
                     self.inflight.remove(&hash);
                 }
@@ -417,9 +426,9 @@ impl BlockScheduler {
                 break;
             }
             let s = &self.sessions[&key];
-            let n = (s.prompt_blocks(l) - s.prefilled).min(left);
-            ids.extend_from_slice(&s.prompt[s.prefilled * l..(s.prefilled + n) * l]);
-            rows.push((key, n, s.prefilled + n == s.prompt_blocks(l)));
+            let n = (s.prompt_blocks - s.prefilled).min(left);
+            ids.extend_from_slice(&s.ids[s.prefilled * l..(s.prefilled + n) * l]);
+            rows.push((key, n, s.prefilled + n == s.prompt_blocks));
             left -= n;
             prefill_blocks += n;
         }
@@ -454,13 +463,13 @@ impl BlockScheduler {
             s.prefilled += n;
         }
         let sessions = &self.sessions;
-        self.prefilling.retain(|k| sessions[k].prefilled < sessions[k].prompt_blocks(l));
+        self.prefilling.retain(|k| sessions[k].prefilled < sessions[k].prompt_blocks);
         let m = self.model.clone();
         let contexts = m.block_decoder().forward_paged(&m.embed_ids(&ids)?, &self.pool, &pass)?;
         let tensor = contexts.index_select(&Tensor::new(picks, m.device())?, 0)?;
         if self.config.prefix_cache {
-            let prefilled: Vec<u64> = rows[decode_rows..].iter().map(|r| r.0).collect();
-            self.offer_pages(&prefilled);
+            let written: Vec<u64> = rows.iter().map(|r| r.0).collect();
+            self.offer_pages(&written);
         }
         Ok(Some(Contexts { tensor, rows: out_rows, decode_rows, prefill_blocks }))
     }

@@ -9,13 +9,16 @@
 //! Each entry also keeps its parent and its ids, and a lookup compares them, so
 //! a hash collision is a miss, never wrong keys.
 //!
-//! Only whole pages of prompt blocks are cached; they are never written again
-//! once complete (a session's own blocks go to later pages). Pages nobody
+//! Only whole pages are cached, of prompt blocks and of the blocks a session
+//! generated after them (a migrated or resumed session sends its output
+//! again as part of its prompt); a page is never written again once whole. Pages nobody
 //! holds stay in the cache until the pool needs them: [`PrefixCache::evict`]
 //! hands back the least recently used one. A page some session holds is never
 //! evicted, so an admitted session never loses its prefix.
 
 use std::collections::{BTreeMap, HashMap};
+
+pub use blockserve_config::prefix::page_hash;
 
 /// The chain hash of every whole page of `ids` (blocks of `block_len` ids,
 /// pages of `page_size` blocks).

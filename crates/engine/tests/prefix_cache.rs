@@ -140,6 +140,27 @@ fn a_later_session_finds_exactly_the_whole_pages_an_earlier_one_left() {
     assert_no_page_lost(&sched, 64);
 }
 
+/// A session sent again with its output so far as part of its prompt (as a
+/// migrated or resumed session is) finds the pages of its prompt and of its
+/// output, and goes on as the first run did.
+#[test]
+fn a_resent_session_finds_its_output_pages_too() {
+    let m = model();
+    let mut batcher = TokenBatcher::new(m.clone(), 8).unwrap();
+    let mut sched = scheduler(&m, 64, 8192, true);
+    let prompt = [ids(7, 256), ids(8, 4)].concat();
+    let first = run(&mut sched, &mut batcher, &[request(prompt.clone(), None, 140)]).remove(0);
+    // 65 prompt blocks and 34 of the 35 generated were written (the last ends
+    // the session): 6 whole pages, all cached.
+    assert_eq!(sched.prefix_cache(), (6, CacheStats { looked_up: 4, hits: 0, evictions: 0 }));
+    // Again after 128 tokens (32 blocks): 97 blocks, 6 pages before the last.
+    let resent = request([prompt, first[..128].to_vec()].concat(), None, 12);
+    let got = run(&mut sched, &mut batcher, &[resent]).remove(0);
+    assert_eq!(sched.prefix_cache().1, CacheStats { looked_up: 4 + 6, hits: 6, evictions: 0 });
+    assert_eq!(got, first[128..]);
+    assert_no_page_lost(&sched, 64);
+}
+
 #[test]
 fn aligned_prompts_of_every_length_find_the_prefix() {
     let m = model();
