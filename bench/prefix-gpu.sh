@@ -3,8 +3,8 @@
 # CUDA build in .dev/min (blockserve, blockserve-loadtest, redis-server, xz):
 #  1. the engine on GPU 0: the shared-prefix scenario (16 prefixes of 2048
 #     tokens, 64 of each request's own, 128 generated) with the prefix cache
-#     off and on, in both prompt layouts, the requests' own parts of one
-#     length and of every length modulo L (--suffix-spread 4);
+#     off and on, in both prompt layouts; then 256 prefixes used 4 times
+#     each, the requests' own parts of every length modulo L;
 #  2. prefix routing against least-loaded routing over two block decoders
 #     (one per GPU) and two token decoders (one per GPU), aligned layout:
 #     the 16-prefix load, then 256 prefixes with a KV pool per block decoder
@@ -16,12 +16,13 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 for f in "$BIN"/*.xz; do [ -x "${f%.xz}" ] || { python3 -c "import lzma,sys; open(sys.argv[1][:-3],'wb').write(lzma.open(sys.argv[1]).read())" "$f"; chmod +x "${f%.xz}"; }; done
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 echo "== 1. engine, cuda:0"
-for spread in 1 4; do
-  "$BIN/blockserve" bench --preset block_main_b4_85 --device cuda:0 --dtype bf16 --setting shared-prefix --batch 1024 \
-    --suffix-spread $spread --prompt-layout reference,aligned --prefix-cache off,on
-done
-"$BIN/blockserve" bench --preset block_main_b4_85 --device cuda:0 --dtype bf16 --setting shared-prefix --batch 2048 \
-  --suffix-spread 4 --prompt-layout aligned --prefix-cache off,on
+# The issue's scenario (16 prefixes, own parts of 64), both layouts.
+"$BIN/blockserve" bench --preset block_main_b4_85 --device cuda:0 --dtype bf16 --setting shared-prefix --batch 1024,2048 \
+  --prompt-layout reference,aligned --prefix-cache off,on
+# Few uses per prefix (256 prefixes, 4 requests each) and own parts of every
+# length modulo 4: where the layouts differ.
+"$BIN/blockserve" bench --preset block_main_b4_85 --device cuda:0 --dtype bf16 --setting shared-prefix --batch 1024 \
+  --prefixes 256 --suffix-spread 4 --prompt-layout reference,aligned --prefix-cache off,on
 echo "== 2. routing"
 common="BIN=$BIN DEVICE=cuda PRESET=block_main_b4_85 DTYPE=bf16 BD_DEVICES='cuda:0 cuda:1' TOKEN_DECODERS=2 TD_DEVICES='cuda:0 cuda:1' LAYOUT=aligned"
 eval "$common KV_MIB=16384 LOAD='--setting shared-prefix --prefixes 16 --suffix-spread 4 --concurrency 1024 --requests 8192' bash bench/prefix-routing.sh"
