@@ -68,9 +68,10 @@ struct Args {
     /// shared-prefix: tokens of each prefix.
     #[arg(long, default_value_t = 2048)]
     prefix_len: usize,
-    /// shared-prefix: request i's own part is (i mod this) tokens shorter, so
-    /// that with 4 the prompts take every length modulo L = 4 (see the
-    /// router's --prompt-layout).
+    /// shared-prefix: the k-th request of each prefix (request i is the
+    /// (i / prefixes)-th of prefix i mod prefixes) has an own part (k mod
+    /// this) tokens shorter, so that with 4 the prompts sharing a prefix take
+    /// every length modulo L = 4 (see the router's --prompt-layout).
     #[arg(long, default_value_t = 1)]
     suffix_spread: usize,
     /// Prompt tokens per request (overrides the setting's).
@@ -235,7 +236,7 @@ async fn main() -> Result<()> {
                 // shared-prefix: the first prefix_len ids are prefix i mod prefixes.
                 let id = |a: usize, j: usize| 1 + ((a * 7919 + j * 104729 + seed) as u32 % (vocab - 1));
                 let prompt: Vec<u32> = match shared {
-                    Some((prefixes, prefix_len)) => (0..(prompt_len - i % spread).max(prefix_len))
+                    Some((prefixes, prefix_len)) => (0..(prompt_len - (i / prefixes) % spread).max(prefix_len))
                         .map(|j| if j < prefix_len { id(i % prefixes, j) } else { id(1_000_003 + i, j) })
                         .collect(),
                     None => (0..prompt_len).map(|j| id(i, j)).collect(),

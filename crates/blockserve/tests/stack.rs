@@ -310,6 +310,7 @@ async fn bad_input_gets_status_and_message() {
         queued: 0,
         free_capacity: 0,
         updated_at_ms: 0,
+        cache_limit_pages: 0,
     };
     full.register(&inst, Duration::from_secs(60)).await.unwrap();
     assert_status(lonely.generate(ids_request(vec![1], p())).await, Code::ResourceExhausted, "every token decoder is at capacity");

@@ -12,6 +12,11 @@ use tokio::sync::watch;
 pub trait LoadReport: Send + Sync + 'static {
     /// (active sessions, queued work, free capacity in sessions)
     fn load(&self) -> (u32, u32, u32);
+
+    /// The prefix cache's size when it last evicted (block decoders; 0: none).
+    fn cache_limit_pages(&self) -> u32 {
+        0
+    }
 }
 
 pub struct Lease {
@@ -36,6 +41,7 @@ impl Lease {
             queued,
             free_capacity: free,
             updated_at_ms: now_ms(),
+            cache_limit_pages: load.cache_limit_pages(),
         }
     }
 

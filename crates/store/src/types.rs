@@ -32,6 +32,12 @@ pub struct InstanceInfo {
     /// Sessions it can still admit.
     pub free_capacity: u32,
     pub updated_at_ms: u64,
+    /// Block decoders with a prefix cache: the pages the cache kept when it
+    /// last had to evict, i.e. about what it holds under the current load
+    /// (0: it has not had to evict; other tiers: 0). Prefix routing sizes its
+    /// model of the cache by it.
+    #[serde(default)]
+    pub cache_limit_pages: u32,
 }
 
 impl InstanceInfo {

@@ -25,7 +25,16 @@ fn app(id: &str, epoch: Epoch, offset: usize, tokens: &[u32]) -> Append {
 }
 
 fn inst(id: &str, tier: Tier, active: u32) -> InstanceInfo {
-    InstanceInfo { id: id.into(), tier, address: format!("http://{id}"), active_sessions: active, queued: 0, free_capacity: 10, updated_at_ms: 1 }
+    InstanceInfo {
+        id: id.into(),
+        tier,
+        address: format!("http://{id}"),
+        active_sessions: active,
+        queued: 0,
+        free_capacity: 10,
+        updated_at_ms: 1,
+        cache_limit_pages: 0,
+    }
 }
 
 async fn contract(store: Arc<dyn SessionStore>) {

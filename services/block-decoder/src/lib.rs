@@ -66,6 +66,10 @@ impl LoadReport for Load {
         let a = self.0.active.load(Ordering::Relaxed);
         (a, self.0.queued.load(Ordering::Relaxed), self.1.saturating_sub(a))
     }
+
+    fn cache_limit_pages(&self) -> u32 {
+        self.0.cache_limit_pages.load(Ordering::Relaxed)
+    }
 }
 
 /// Load the model, serve, register, and run until `stop` turns true.

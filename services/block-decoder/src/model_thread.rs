@@ -57,6 +57,8 @@ pub struct ModelThread {
     pub active: Arc<AtomicU32>,
     /// Commands waiting for the model thread.
     pub queued: Arc<AtomicU32>,
+    /// Pages the prefix cache held at its latest eviction (0: none yet).
+    pub cache_limit_pages: Arc<AtomicU32>,
 }
 
 fn stopped() -> EngineError {
@@ -77,7 +79,8 @@ impl ModelThread {
         let (tx, rx) = std::sync::mpsc::channel();
         let active = Arc::new(AtomicU32::new(0));
         let queued = Arc::new(AtomicU32::new(0));
-        let (a, q) = (active.clone(), queued.clone());
+        let cache_limit_pages = Arc::new(AtomicU32::new(0));
+        let (a, q, c) = (active.clone(), queued.clone(), cache_limit_pages.clone());
         std::thread::Builder::new()
             .name("block-decoder-engine".into())
             .spawn(move || {
@@ -90,12 +93,13 @@ impl ModelThread {
                     phases: Phases::default(),
                     downloads: Downloads::default(),
                     cache_reported: CacheStats::default(),
+                    cache_limit_pages: c,
                     page_blocks,
                 };
                 t.run(rx)
             })
             .expect("spawn engine thread");
-        Ok(Self { tx, active, queued })
+        Ok(Self { tx, active, queued, cache_limit_pages })
     }
 
     fn send(&self, c: Command) -> Result<(), EngineError> {
@@ -184,6 +188,7 @@ struct Thread {
     downloads: Downloads,
     /// The prefix cache's counts at the last metrics report.
     cache_reported: CacheStats,
+    cache_limit_pages: Arc<AtomicU32>,
     page_blocks: usize,
 }
 
@@ -339,6 +344,9 @@ impl Thread {
         // The scheduler counts since it started; the counters take the change.
         let (pages, stats) = self.sched.prefix_cache();
         let (last, ps) = (self.cache_reported, self.page_blocks as u64);
+        if stats.evictions > last.evictions {
+            self.cache_limit_pages.store(pages as u32, Ordering::Relaxed);
+        }
         METRICS.prefix_cache_pages.with_label_values(&["block_decoder"]).set(pages as i64);
         METRICS.prefix_cache_blocks.with_label_values(&["hit"]).inc_by((stats.hits - last.hits) * ps);
         METRICS.prefix_cache_blocks.with_label_values(&["miss"]).inc_by(((stats.looked_up - stats.hits) - (last.looked_up - last.hits)) * ps);

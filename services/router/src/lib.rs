@@ -52,11 +52,12 @@ pub struct Args {
     /// Largest max_new_tokens a request may ask for.
     #[arg(long, env = "BLOCKSERVE_MAX_NEW_TOKENS", default_value_t = 1024)]
     pub max_new_tokens: usize,
-    /// Send a new session to the block decoder that most likely holds its
-    /// prompt's longest cached prefix (where this router sent the same prompt
-    /// pages last), unless that one has more than a quarter (or two) more
-    /// sessions than the least loaded. For block decoders run with
-    /// --prefix-cache; off: the least loaded always.
+    /// Send a new session to the block decoder that most likely holds the
+    /// longest cached prefix of its prompt (by a model of each one's cache:
+    /// the prompt pages this router sent there, as many as its cache keeps),
+    /// among those with at most a quarter (or two) more sessions than the
+    /// least loaded; between equals, the least loaded. For block decoders run
+    /// with --prefix-cache; off: the least loaded always.
     #[arg(long, env = "BLOCKSERVE_PREFIX_ROUTING", default_value_t = false, action = clap::ArgAction::Set)]
     pub prefix_routing: bool,
     /// How prompts are cut into blocks when a request does not say
@@ -121,7 +122,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     router.channels = blockserve_runtime::channels::Channels::new(Arc::new(Dialer::from_args(&args.dial)?));
     router.max_migrations = args.max_migrations;
     if args.prefix_routing {
-        router.prefix_index = Some(std::sync::Mutex::new(prefix_routing::PrefixIndex::new(prefix_routing::DEFAULT_CAPACITY)));
+        router.prefix_index = Some(std::sync::Mutex::new(prefix_routing::PrefixIndex::default()));
     }
     router.prompt_layout = args.prompt_layout;
     router.max_streams = args.max_streams.max(1);

@@ -1,13 +1,20 @@
-//! Prefix-aware choice of block decoder (`--prefix-routing`): a session goes
-//! to the block decoder that most likely holds its prompt's longest cached
-//! prefix, unless that one is overloaded.
+//! Prefix-aware choice of block decoder (`--prefix-routing`): among the
+//! block decoders that are not overloaded, a session goes to the one that
+//! most likely holds the longest cached prefix of its prompt; between equals,
+//! to the least loaded.
 //!
-//! The router does not ask the block decoders what they cache. It remembers
-//! where it sent each prompt page (the block decoder's unit of caching: 16
-//! blocks of the prompt as the token decoder lays it out), by a hash chain over the pages, in a bounded map that
-//! forgets the least recently routed pages first. Like any router-side index
-//! it is a guess: a block decoder may have evicted a page, and another router
-//! may have sent the same prefix elsewhere. A wrong guess costs only a
+//! The router does not ask the block decoders what they cache. It keeps a
+//! model of each one's cache: the prompt pages (the block decoder's unit of
+//! caching: 16 blocks of the prompt as the token decoder lays it out) this
+//! router sent there, named by the same hash chain, least recently sent
+//! first out once the model holds as many pages as that block decoder's
+//! cache kept when it last had to evict (it reports that in its instance
+//! record; until it has evicted, the model forgets nothing but the oldest
+//! pages beyond a bound). So a prefix that two block decoders both computed
+//! is known on both, and its sessions are spread between them; one a block
+//! decoder has most likely evicted is known nowhere, and its session goes
+//! to the least loaded. Like any router-side index it is a guess: another
+//! router's sessions fill the caches too. A wrong guess costs only a
 //! prefill, never a wrong token.
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use blockserve_config::prefix::{page_chain, KV_PAGE_BLOCKS as PAGE_BLOCKS};
 use blockserve_config::PromptLayout;
 
-/// Pages the index remembers (about 60 MB at most).
+/// Most pages the index remembers per block decoder (about 60 MB).
 pub const DEFAULT_CAPACITY: usize = 1 << 20;
 
 /// The chain hashes of the whole prompt pages the block decoder could reuse
@@ -30,48 +37,50 @@ pub fn page_hashes(prompt: &[u32], block_length: usize, layout: PromptLayout) ->
     page_chain(&padded, PAGE_BLOCKS * block_length)
 }
 
-/// Where the router sent each prompt page last.
+/// What this router believes each block decoder's prefix cache holds.
+#[derive(Default)]
 pub struct PrefixIndex {
-    /// Page hash -> (block decoder address, tick of its last use).
-    pages: HashMap<u64, (String, u64)>,
-    /// Tick -> page hash, oldest first.
-    by_age: BTreeMap<u64, u64>,
+    decoders: HashMap<String, CacheModel>,
     tick: u64,
-    capacity: usize,
+}
+
+/// The pages this router sent to one block decoder, least recently sent first.
+#[derive(Default)]
+struct CacheModel {
+    /// Page hash -> tick of the last send.
+    pages: HashMap<u64, u64>,
+    /// Tick -> page hash.
+    by_age: BTreeMap<u64, u64>,
 }
 
 impl PrefixIndex {
-    pub fn new(capacity: usize) -> Self {
-        Self { pages: HashMap::new(), by_age: BTreeMap::new(), tick: 0, capacity: capacity.max(1) }
+    /// How many leading pages of `hashes` `address` most likely holds.
+    pub fn known(&self, address: &str, hashes: &[u64]) -> usize {
+        self.decoders.get(address).map_or(0, |m| hashes.iter().take_while(|h| m.pages.contains_key(h)).count())
     }
 
-    /// The block decoder the prompt's first page went to last, and how many
-    /// leading pages went there with it.
-    pub fn longest(&self, hashes: &[u64]) -> Option<(&str, usize)> {
-        let (first, _) = self.pages.get(hashes.first()?)?;
-        let n = hashes.iter().take_while(|h| self.pages.get(h).is_some_and(|(a, _)| a == first)).count();
-        Some((first.as_str(), n))
-    }
-
-    /// Remember that the prompt's pages went to `address`. With `keep`, a
-    /// page already placed elsewhere keeps its place (the session was sent
-    /// elsewhere only because that block decoder was busy, and it still
-    /// holds the page): otherwise every diversion would move a prefix's home
-    /// and, under a burst, spread each prefix over every block decoder.
-    pub fn record(&mut self, hashes: &[u64], address: &str, keep: bool) {
+    /// Remember that the prompt's pages went to `address`, whose cache keeps
+    /// about `limit` pages (0: no limit seen yet; the model then keeps at
+    /// most [`DEFAULT_CAPACITY`]).
+    pub fn record(&mut self, hashes: &[u64], address: &str, limit: usize) {
+        let m = self.decoders.entry(address.to_string()).or_default();
         for &h in hashes {
             self.tick += 1;
-            let kept = keep && self.pages.get(&h).is_some_and(|(a, _)| a != address);
-            let place = if kept { self.pages[&h].0.clone() } else { address.to_string() };
-            if let Some((_, old)) = self.pages.insert(h, (place, self.tick)) {
-                self.by_age.remove(&old);
+            if let Some(old) = m.pages.insert(h, self.tick) {
+                m.by_age.remove(&old);
             }
-            self.by_age.insert(self.tick, h);
+            m.by_age.insert(self.tick, h);
         }
-        while self.pages.len() > self.capacity {
-            let Some((_, h)) = self.by_age.pop_first() else { break };
-            self.pages.remove(&h);
+        let capacity = if limit == 0 { DEFAULT_CAPACITY } else { limit.min(DEFAULT_CAPACITY) };
+        while m.pages.len() > capacity {
+            let Some((_, h)) = m.by_age.pop_first() else { break };
+            m.pages.remove(&h);
         }
+    }
+
+    /// Forget block decoders that are no longer registered.
+    pub fn retain(&mut self, live: &[&str]) {
+        self.decoders.retain(|a, _| live.contains(&a.as_str()));
     }
 }
 
@@ -104,26 +113,32 @@ mod tests {
         assert_ne!(hp[3], hr[3]);
         // Aligned: the whole blocks from the first id, whatever the length.
         let aligned = |p: &[u32]| page_hashes(p, 4, PromptLayout::Aligned);
-        assert_eq!(aligned(&p), aligned(&q)[..4]);
-        assert_eq!(aligned(&q).len(), 4);
-        assert_eq!(aligned(&p[..259 - 3]), aligned(&p)[..3]);
+        // 257 and 258 ids: 64 whole blocks, 3 pages before the last; padded,
+        // they had nothing in common.
+        assert_eq!((aligned(&p).len(), aligned(&p)), (3, aligned(&q)));
+        // 300 ids: 75 blocks, 4 pages, the first 3 the same.
+        let long: Vec<u32> = (1..=300).collect();
+        assert_eq!((aligned(&long).len(), &aligned(&long)[..3]), (4, &aligned(&p)[..]));
     }
 
     #[test]
-    fn the_longest_run_on_one_block_decoder_and_the_oldest_forgotten() {
-        let mut ix = PrefixIndex::new(4);
-        ix.record(&[1, 2, 3], "a", false);
-        assert_eq!(ix.longest(&[1, 2, 3, 4]), Some(("a", 3)));
-        ix.record(&[1, 2, 5], "b", true);
-        assert_eq!(ix.longest(&[1, 2, 3]), Some(("a", 3)), "a diversion to b leaves the pages with a");
-        assert_eq!(ix.longest(&[5]), Some(("b", 1)), "a new page goes where it was sent");
-        ix.record(&[1, 2, 5], "b", false);
-        assert_eq!(ix.longest(&[1, 2, 3]), Some(("b", 2)), "a is gone: the pages moved to b");
-        assert_eq!(ix.longest(&[7]), None);
-        // Capacity 4: a fifth page makes the least recently routed (3) go.
-        ix.record(&[6], "a", false);
-        assert_eq!(ix.pages.len(), 4);
-        assert!(!ix.pages.contains_key(&3));
+    fn each_block_decoder_keeps_what_was_sent_to_it_up_to_its_limit() {
+        let mut ix = PrefixIndex::default();
+        ix.record(&[1, 2, 3], "a", 0);
+        assert_eq!((ix.known("a", &[1, 2, 3, 4]), ix.known("b", &[1, 2, 3])), (3, 0));
+        // Sent to b as well: known on both.
+        ix.record(&[1, 2, 5], "b", 0);
+        assert_eq!((ix.known("a", &[1, 2, 3]), ix.known("b", &[1, 2, 3]), ix.known("b", &[1, 2, 5])), (3, 2, 3));
+        // A chain is known only from its first page.
+        assert_eq!(ix.known("a", &[2, 3]), 2);
+        assert_eq!(ix.known("a", &[7, 1]), 0);
+        // b reports a cache of 4 pages: a fifth page sent there pushes out the
+        // least recently sent (1), and with it every chain through it.
+        ix.record(&[6, 7], "b", 4);
+        assert_eq!((ix.known("b", &[1, 2, 5]), ix.known("b", &[6, 7])), (0, 2));
+        assert_eq!(ix.known("a", &[1, 2, 3]), 3, "a's model is a's alone");
+        ix.retain(&["b"]);
+        assert_eq!(ix.known("a", &[1, 2, 3]), 0);
     }
 
     #[test]

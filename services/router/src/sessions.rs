@@ -214,7 +214,7 @@ impl Router {
     /// looked least loaded.
     pub(crate) async fn pick(&self, tier: Tier, exclude: &[String]) -> Result<(InstanceInfo, Routed), Status> {
         let all = self.candidates(tier, exclude).await?;
-        self.choose(tier, all, None).map(|(i, r, _)| (i, r))
+        self.choose(tier, all, &|_| 0).map(|(i, r, _)| (i, r))
     }
 
     /// The block decoder for a new session's prompt: by prefix when this
@@ -227,18 +227,13 @@ impl Router {
         let hashes = prefix_routing::page_hashes(prompt, self.model.block_length, layout);
         let all = self.candidates(Tier::BlockDecoder, &[]).await?;
         let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
-        let known = index.longest(&hashes).map(|(a, n)| (a.to_string(), n));
-        let (bd, routed, choice) = self.choose(Tier::BlockDecoder, all, known.as_ref().map(|(a, _)| a.as_str()))?;
-        index.record(&hashes, &bd.address, choice == Choice::PrefixOverloaded);
+        index.retain(&all.iter().map(|i| i.address.as_str()).collect::<Vec<_>>());
+        let (bd, routed, choice) = self.choose(Tier::BlockDecoder, all, &|i| index.known(&i.address, &hashes))?;
+        let known = index.known(&bd.address, &hashes);
+        index.record(&hashes, &bd.address, bd.cache_limit_pages as usize);
         drop(index);
         METRICS.routing_choices.with_label_values(&["block_decoder", choice.as_str()]).inc();
-        tracing::debug!(
-            block_decoder = %bd.address,
-            reason = choice.as_str(),
-            prompt_pages = hashes.len(),
-            known_pages = known.as_ref().map_or(0, |k| k.1),
-            "block decoder chosen"
-        );
+        tracing::debug!(block_decoder = %bd.address, reason = choice.as_str(), prompt_pages = hashes.len(), known_pages = known, "block decoder chosen");
         Ok((bd, routed))
     }
 
@@ -258,7 +253,11 @@ impl Router {
 
     /// The least-loaded of `all` with room for a session, or the instance at
     /// `prefer` when it has room and is not overloaded next to that one.
-    fn choose(&self, tier: Tier, all: Vec<InstanceInfo>, prefer: Option<&str>) -> Result<(InstanceInfo, Routed, Choice), Status> {
+    /// The instance for a new session: among those not overloaded next to
+    /// the least loaded (see [`prefix_routing::within_slack`]), the one that
+    /// most likely holds the most of the prompt's pages (`known`; 0 for
+    /// every instance when routing by load), then the least loaded.
+    fn choose(&self, tier: Tier, all: Vec<InstanceInfo>, known: &dyn Fn(&InstanceInfo) -> usize) -> Result<(InstanceInfo, Routed, Choice), Status> {
         let mut picks = self.routed.lock().unwrap_or_else(|p| p.into_inner());
         // Reported load plus what this router sent since (it may double count
         // for a lease period, alike for every instance); then the one picked
@@ -271,13 +270,20 @@ impl Router {
         let open: Vec<InstanceInfo> = all.into_iter().filter(|i| i.free_capacity > 0).collect();
         let least = open
             .iter()
-            .min_by_key(|i| key(i))
+            .map(|i| key(i).0)
+            .min()
             .ok_or_else(|| Status::resource_exhausted(format!("every {} is at capacity; retry later", tier.as_str().replace('_', " "))))?;
-        let preferred = prefer.and_then(|a| open.iter().find(|i| i.address == a));
-        let (best, choice) = match preferred {
-            Some(p) if prefix_routing::within_slack(key(p).0, key(least).0) => (p.clone(), Choice::Prefix),
-            Some(_) => (least.clone(), Choice::PrefixOverloaded),
-            None => (least.clone(), Choice::LeastLoaded),
+        let most_known = open.iter().map(known).max().unwrap_or(0);
+        let best = open
+            .iter()
+            .filter(|i| prefix_routing::within_slack(key(i).0, least))
+            .min_by(|a, b| known(b).cmp(&known(a)).then_with(|| key(a).cmp(&key(b))))
+            .expect("the least loaded is within its own slack")
+            .clone();
+        let choice = match known(&best) {
+            0 if most_known == 0 => Choice::LeastLoaded,
+            n if n < most_known => Choice::PrefixOverloaded,
+            _ => Choice::Prefix,
         };
         picks.count += 1;
         let n = picks.count;

@@ -53,9 +53,10 @@ pub struct Args {
     /// (comma separated, in that order).
     #[arg(long, value_delimiter = ',', default_value = "off")]
     prefix_cache: Vec<String>,
-    /// shared-prefix: request i's own part is (i mod this) tokens shorter
-    /// than the setting's 64, so that with 4 the prompts take every length
-    /// modulo L = 4.
+    /// shared-prefix: the k-th request of each prefix (request i is the
+    /// (i / prefixes)-th of prefix i mod prefixes) has an own part (k mod
+    /// this) tokens shorter than the setting's 64, so that with 4 the prompts
+    /// sharing a prefix take every length modulo L = 4.
     #[arg(long, default_value_t = 1)]
     suffix_spread: usize,
     /// How prompts are cut into blocks: reference (left-padded, as the
@@ -151,18 +152,18 @@ fn requests(b: usize, prompt_len: usize, gen_len: usize, vocab: u32, seed: u64) 
 struct SharedPrefix {
     prefixes: usize,
     prefix_len: usize,
-    /// Request i's own part is `i % spread` ids shorter than the rest of the prompt.
+    /// The k-th request of a prefix has an own part `k % spread` ids shorter.
     spread: usize,
 }
 
 /// The shared-prefix scenario's requests: request i is prefix `i % prefixes`
 /// (`prefix_len` ids) followed by ids of its own, up to `prompt_len` less
-/// `i % spread`.
+/// `(i / prefixes) % spread`.
 fn shared_prefix_requests(b: usize, s: &SharedPrefix, prompt_len: usize, gen_len: usize, vocab: u32, seed: u64) -> Vec<GenerationRequest> {
     let id = |a: usize, j: usize| 1 + ((a * 7919 + j * 104729 + seed as usize) as u32 % (vocab - 1));
     (0..b)
         .map(|i| {
-            let own = s.prefix_len..prompt_len - i % s.spread;
+            let own = s.prefix_len..prompt_len - (i / s.prefixes) % s.spread;
             GenerationRequest {
                 prompt: (0..s.prefix_len).map(|j| id(i % s.prefixes, j)).chain(own.map(|j| id(1_000_003 + i, j))).collect(),
                 sampling: SamplingParams::greedy(),
