@@ -11,9 +11,10 @@
 //! cache kept when it last had to evict (it reports that in its instance
 //! record; until it has evicted, the model forgets nothing but the oldest
 //! pages beyond a bound). So a prefix that two block decoders both computed
-//! is known on both, and its sessions are spread between them; one a block
-//! decoder has most likely evicted is known nowhere, and its session goes
-//! to the least loaded. Like any router-side index it is a guess: another
+//! is known on both, and its sessions are spread between them by load while
+//! no cache has had to evict (then it keeps to the one it went to last); one
+//! a block decoder has most likely evicted is known nowhere, and its session
+//! goes to the least loaded. Like any router-side index it is a guess: another
 //! router's sessions fill the caches too. A wrong guess costs only a
 //! prefill, never a wrong token.
 
@@ -54,9 +55,12 @@ struct CacheModel {
 }
 
 impl PrefixIndex {
-    /// How many leading pages of `hashes` `address` most likely holds.
-    pub fn known(&self, address: &str, hashes: &[u64]) -> usize {
-        self.decoders.get(address).map_or(0, |m| hashes.iter().take_while(|h| m.pages.contains_key(h)).count())
+    /// How many leading pages of `hashes` `address` most likely holds, and
+    /// when (index tick) the first was last sent there (0: none).
+    pub fn known(&self, address: &str, hashes: &[u64]) -> (usize, u64) {
+        let Some(m) = self.decoders.get(address) else { return (0, 0) };
+        let n = hashes.iter().take_while(|h| m.pages.contains_key(h)).count();
+        (n, hashes.first().and_then(|h| m.pages.get(h)).copied().unwrap_or(0))
     }
 
     /// Remember that the prompt's pages went to `address`, whose cache keeps
@@ -124,21 +128,22 @@ mod tests {
     #[test]
     fn each_block_decoder_keeps_what_was_sent_to_it_up_to_its_limit() {
         let mut ix = PrefixIndex::default();
+        let pages = |ix: &PrefixIndex, a: &str, h: &[u64]| ix.known(a, h).0;
         ix.record(&[1, 2, 3], "a", 0);
-        assert_eq!((ix.known("a", &[1, 2, 3, 4]), ix.known("b", &[1, 2, 3])), (3, 0));
-        // Sent to b as well: known on both.
+        assert_eq!((ix.known("a", &[1, 2, 3, 4]), ix.known("b", &[1, 2, 3])), ((3, 1), (0, 0)));
+        // Sent to b as well: known on both, sent to b last.
         ix.record(&[1, 2, 5], "b", 0);
-        assert_eq!((ix.known("a", &[1, 2, 3]), ix.known("b", &[1, 2, 3]), ix.known("b", &[1, 2, 5])), (3, 2, 3));
+        assert_eq!((ix.known("a", &[1, 2, 3]), ix.known("b", &[1, 2, 3]), ix.known("b", &[1, 2, 5])), ((3, 1), (2, 4), (3, 4)));
         // A chain is known only from its first page.
-        assert_eq!(ix.known("a", &[2, 3]), 2);
-        assert_eq!(ix.known("a", &[7, 1]), 0);
+        assert_eq!(pages(&ix, "a", &[2, 3]), 2);
+        assert_eq!(pages(&ix, "a", &[7, 1]), 0);
         // b reports a cache of 4 pages: a fifth page sent there pushes out the
         // least recently sent (1), and with it every chain through it.
         ix.record(&[6, 7], "b", 4);
-        assert_eq!((ix.known("b", &[1, 2, 5]), ix.known("b", &[6, 7])), (0, 2));
-        assert_eq!(ix.known("a", &[1, 2, 3]), 3, "a's model is a's alone");
+        assert_eq!((pages(&ix, "b", &[1, 2, 5]), pages(&ix, "b", &[6, 7])), (0, 2));
+        assert_eq!(pages(&ix, "a", &[1, 2, 3]), 3, "a's model is a's alone");
         ix.retain(&["b"]);
-        assert_eq!(ix.known("a", &[1, 2, 3]), 0);
+        assert_eq!(pages(&ix, "a", &[1, 2, 3]), 0);
     }
 
     #[test]

@@ -214,7 +214,7 @@ impl Router {
     /// looked least loaded.
     pub(crate) async fn pick(&self, tier: Tier, exclude: &[String]) -> Result<(InstanceInfo, Routed), Status> {
         let all = self.candidates(tier, exclude).await?;
-        self.choose(tier, all, &|_| 0).map(|(i, r, _)| (i, r))
+        self.choose(tier, all, &|_| (0, 0)).map(|(i, r, _)| (i, r))
     }
 
     /// The block decoder for a new session's prompt: by prefix when this
@@ -228,8 +228,16 @@ impl Router {
         let all = self.candidates(Tier::BlockDecoder, &[]).await?;
         let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
         index.retain(&all.iter().map(|i| i.address.as_str()).collect::<Vec<_>>());
-        let (bd, routed, choice) = self.choose(Tier::BlockDecoder, all, &|i| index.known(&i.address, &hashes))?;
-        let known = index.known(&bd.address, &hashes);
+        // While no cache has had to evict, a prefix held twice costs nothing:
+        // between holders, load decides. Once caches are full, each prefix
+        // keeps to the holder it was sent to last (the other may soon drop it).
+        let pressure = all.iter().any(|i| i.cache_limit_pages > 0);
+        let affinity = |i: &InstanceInfo| {
+            let (pages, sent) = index.known(&i.address, &hashes);
+            (pages, if pressure { sent } else { 0 })
+        };
+        let (bd, routed, choice) = self.choose(Tier::BlockDecoder, all, &affinity)?;
+        let known = index.known(&bd.address, &hashes).0;
         index.record(&hashes, &bd.address, bd.cache_limit_pages as usize);
         drop(index);
         METRICS.routing_choices.with_label_values(&["block_decoder", choice.as_str()]).inc();
@@ -254,10 +262,12 @@ impl Router {
     /// The least-loaded of `all` with room for a session, or the instance at
     /// `prefer` when it has room and is not overloaded next to that one.
     /// The instance for a new session: among those not overloaded next to
-    /// the least loaded (see [`prefix_routing::within_slack`]), the one that
-    /// most likely holds the most of the prompt's pages (`known`; 0 for
-    /// every instance when routing by load), then the least loaded.
-    fn choose(&self, tier: Tier, all: Vec<InstanceInfo>, known: &dyn Fn(&InstanceInfo) -> usize) -> Result<(InstanceInfo, Routed, Choice), Status> {
+    /// the least loaded (see [`prefix_routing::within_slack`]), the one of
+    /// greatest `affinity` (the prompt pages it most likely holds, then a
+    /// tie-break; (0, 0) for every instance when routing by load), then the
+    /// least loaded.
+    fn choose(&self, tier: Tier, all: Vec<InstanceInfo>, affinity: &dyn Fn(&InstanceInfo) -> (usize, u64)) -> Result<(InstanceInfo, Routed, Choice), Status> {
+        let known = |i: &InstanceInfo| affinity(i).0;
         let mut picks = self.routed.lock().unwrap_or_else(|p| p.into_inner());
         // Reported load plus what this router sent since (it may double count
         // for a lease period, alike for every instance); then the one picked
@@ -277,7 +287,7 @@ impl Router {
         let best = open
             .iter()
             .filter(|i| prefix_routing::within_slack(key(i).0, least))
-            .min_by(|a, b| known(b).cmp(&known(a)).then_with(|| key(a).cmp(&key(b))))
+            .min_by(|a, b| affinity(b).cmp(&affinity(a)).then_with(|| key(a).cmp(&key(b))))
             .expect("the least loaded is within its own slack")
             .clone();
         let choice = match known(&best) {
