@@ -10,11 +10,14 @@
 #     the 16-prefix load, then 256 prefixes with a KV pool per block decoder
 #     that holds about half of them.
 #   bash bench/prefix-gpu.sh 2>&1 | tee bench/logs/prefix-gpu-<date>.log
+# PARTS="engine routing" (the default) picks the parts to run.
 set -uo pipefail
 BIN=${BIN:-.dev/min}
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 for f in "$BIN"/*.xz; do [ -x "${f%.xz}" ] || { python3 -c "import lzma,sys; open(sys.argv[1][:-3],'wb').write(lzma.open(sys.argv[1]).read())" "$f"; chmod +x "${f%.xz}"; }; done
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+PARTS=${PARTS:-engine routing}
+if [[ " $PARTS " == *" engine "* ]]; then
 echo "== 1. engine, cuda:0"
 # The scenario (16 prefixes, own parts of 64), both layouts.
 "$BIN/blockserve" bench --preset block_main_b4_85 --device cuda:0 --dtype bf16 --setting shared-prefix --batch 1024,2048 \
@@ -23,6 +26,8 @@ echo "== 1. engine, cuda:0"
 # length modulo 4: where the layouts differ.
 "$BIN/blockserve" bench --preset block_main_b4_85 --device cuda:0 --dtype bf16 --setting shared-prefix --batch 1024 \
   --prefixes 256 --suffix-spread 4 --prompt-layout reference,aligned --prefix-cache off,on
+fi
+[[ " $PARTS " == *" routing "* ]] || exit 0
 echo "== 2. routing"
 common="BIN=$BIN DEVICE=cuda PRESET=block_main_b4_85 DTYPE=bf16 BD_DEVICES='cuda:0 cuda:1' TOKEN_DECODERS=2 TD_DEVICES='cuda:0 cuda:1' LAYOUT=aligned"
 eval "$common KV_MIB=16384 LOAD='--setting shared-prefix --prefixes 16 --suffix-spread 4 --concurrency 1024 --requests 8192' bash bench/prefix-routing.sh"
