@@ -4,7 +4,8 @@
 # that run their prefix cache, first routed by load, then by prefix (a fresh
 # stack each time, so both start with empty caches). Every tier a process,
 # real Redis (loadtest/run-stack.sh). LAYOUT (default reference) is the
-# router's --prompt-layout.
+# router's --prompt-layout; ROUTINGS (default "false true") the order of the
+# runs, e.g. "false true true false" to see the order's own effect.
 #
 #   cargo build --release -p blockserve -p blockserve-loadtest && bash bench/prefix-routing.sh
 #   # on the device (nvidia-h200-x2), with the CUDA build in .dev/min: one
@@ -21,7 +22,7 @@ if [ -n "${BIN:-}" ]; then
 fi
 export BLOCK_DECODERS=${BLOCK_DECODERS:-2} BD_ARGS="--prefix-cache true ${BD_ARGS:-}"
 LOAD=${LOAD:---setting shared-prefix --prefixes 8 --prefix-len 512 --gen-len 32 --concurrency 8 --requests 64}
-for routing in false true; do
+for routing in ${ROUTINGS:-false true}; do
   echo "== --prefix-routing $routing --prompt-layout ${LAYOUT:-reference}"
   LOGS=/tmp/prefix-routing-$routing ROUTER_ARGS="--prefix-routing $routing --prompt-layout ${LAYOUT:-reference}" bash loadtest/run-stack.sh $LOAD
 done
