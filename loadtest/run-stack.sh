@@ -54,7 +54,10 @@ wait_port() {
 # Without MODEL_DIR: a random-weight model written by this binary (one an
 # older build left there is written again). A given MODEL_DIR is used as it
 # is, and written only when it holds no model.
-if [ -n "$default_model" ] && ! [ "$MODEL_DIR/config.json" -nt "$BS" ] || ! [ -e "$MODEL_DIR/config.json" ]; then
+if [ -n "$default_model" ] && ! [ "$MODEL_DIR/config.json" -nt "$BS" ]; then
+  rm -rf "$MODEL_DIR"
+fi
+if ! [ -e "$MODEL_DIR/config.json" ]; then
   "$BS" init --preset "$PRESET" --out "$MODEL_DIR" --dtype "$([ "$DTYPE" = f32 ] && echo f32 || echo bf16)" >/dev/null
 fi
 rp=$(free_port)
