@@ -1,6 +1,6 @@
-//! The block decoder's prefix cache: whole KV pages, found by content,
-//! shared between sessions by reference count, evicted least recently used,
-//! pages nobody found first.
+//! The block decoder's prefix cache: KV pages of finished prompt pages, found
+//! by content, shared between sessions by reference count, evicted least
+//! recently used.
 //!
 //! A page holds `page_size` blocks. Page `i` of a prompt is named by a hash
 //! chain, `h_i = H(h_{i-1}, ids of the page's blocks)`, so a page is found only
@@ -11,13 +11,10 @@
 //!
 //! Only whole pages are cached, of prompt blocks and of the blocks a session
 //! generated after them (a migrated or resumed session sends its output
-//! again as part of its prompt); a page is never written again once whole.
-//! Pages nobody holds stay in the cache until the pool needs them:
-//! [`PrefixCache::evict`] hands back the least recently used one of those no
-//! later session ever found (a session's own prompt tail and output, which
-//! only a moved session looks for), and only when there is none of those the
-//! least recently used of the others (shared prefixes). A page some session
-//! holds is never evicted, so an admitted session never loses its prefix.
+//! again as part of its prompt); a page is never written again once whole. Pages nobody
+//! holds stay in the cache until the pool needs them: [`PrefixCache::evict`]
+//! hands back the least recently used one. A page some session holds is never
+//! evicted, so an admitted session never loses its prefix.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -35,8 +32,6 @@ struct Entry {
     ids: Box<[u32]>,
     /// Sessions holding the page.
     refs: u32,
-    /// Whether a session other than its writer ever found it.
-    found: bool,
     /// When it was last released (its key in the LRU while nobody holds it).
     tick: u64,
 }
@@ -53,11 +48,8 @@ pub struct CacheStats {
 #[derive(Default)]
 pub struct PrefixCache {
     entries: HashMap<u64, Entry>,
-    /// Entries nobody holds and nobody found, by the tick they were released
-    /// at (oldest first): evicted first.
+    /// Entries nobody holds, by the tick they were released at (oldest first).
     idle: BTreeMap<u64, u64>,
-    /// Entries nobody holds that were found, the same way.
-    idle_found: BTreeMap<u64, u64>,
     tick: u64,
     stats: CacheStats,
 }
@@ -74,7 +66,7 @@ impl PrefixCache {
 
     /// Pages nobody holds: free for the pool at the cost of an eviction.
     pub fn idle(&self) -> usize {
-        self.idle.len() + self.idle_found.len()
+        self.idle.len()
     }
 
     fn matches(&self, hash: u64, parent: u64, ids: &[u32]) -> Option<&Entry> {
@@ -110,10 +102,9 @@ impl PrefixCache {
             .map(|h| {
                 let e = self.entries.get_mut(h).expect("acquired pages were looked up");
                 if e.refs == 0 {
-                    if e.found { &mut self.idle_found } else { &mut self.idle }.remove(&e.tick);
+                    self.idle.remove(&e.tick);
                 }
                 e.refs += 1;
-                e.found = true;
                 e.page
             })
             .collect()
@@ -125,7 +116,7 @@ impl PrefixCache {
         if self.entries.contains_key(&hash) {
             return false;
         }
-        self.entries.insert(hash, Entry { page, parent, ids: ids.into(), refs: 1, found: false, tick: 0 });
+        self.entries.insert(hash, Entry { page, parent, ids: ids.into(), refs: 1, tick: 0 });
         true
     }
 
@@ -136,14 +127,13 @@ impl PrefixCache {
         if e.refs == 0 {
             self.tick += 1;
             e.tick = self.tick;
-            if e.found { &mut self.idle_found } else { &mut self.idle }.insert(self.tick, hash);
+            self.idle.insert(self.tick, hash);
         }
     }
 
-    /// Drop the least recently used idle page that nobody found, or if there
-    /// is none the least recently used idle page; returns it for the pool.
+    /// Drop the least recently used idle page; returns it for the pool.
     pub fn evict(&mut self) -> Option<u32> {
-        let (_, hash) = self.idle.pop_first().or_else(|| self.idle_found.pop_first())?;
+        let (_, hash) = self.idle.pop_first()?;
         self.stats.evictions += 1;
         self.entries.remove(&hash).map(|e| e.page)
     }
@@ -201,21 +191,5 @@ mod tests {
         c.release(h[0]);
         assert_eq!(c.evict(), Some(7));
         assert_eq!(c.stats(), CacheStats { looked_up: 2, hits: 1, evictions: 2 });
-    }
-
-    #[test]
-    fn pages_nobody_found_go_before_pages_found_once() {
-        let (a, b): (Vec<u32>, Vec<u32>) = ((0..4).collect(), (10..14).collect());
-        let (ha, hb) = (page_hashes(&a, 2, 2)[0], page_hashes(&b, 2, 2)[0]);
-        let mut c = PrefixCache::default();
-        assert!(c.insert(ha, 0, &a, 1));
-        c.release(ha);
-        // A later session finds a and lets go of it again.
-        assert_eq!(c.acquire(&[ha], 1, 1), vec![1]);
-        c.release(ha);
-        // b is released later, but nobody found it: it goes first.
-        assert!(c.insert(hb, 0, &b, 2));
-        c.release(hb);
-        assert_eq!((c.idle(), c.evict(), c.evict(), c.evict()), (2, Some(2), Some(1), None));
     }
 }
