@@ -6,7 +6,8 @@
 //!   default 8, sets the number of sessions; `RESTART=1` restarts the killed
 //!   process on its address at once, as the chaos test does); every other
 //!   session has a prompt of 6 ids in the aligned layout, whose first block
-//!   starts with the prompt's last 2;
+//!   starts with the prompt's last 2, and the killed token decoder is one
+//!   such session's;
 //! - sessions nobody follows: their router is killed and their clients never
 //!   come back, then the token decoder running half of them is killed too.
 //!   The other router's orphan sweep must move those sessions to the
@@ -78,7 +79,7 @@ async fn a_relayed_session_moves_when_its_token_decoder_dies() {
             })
         })
         .collect();
-    // Once every session has output, kill the token decoder of session 0.
+    // Once every session has output, kill the token decoder of one of them.
     loop {
         let mut started = 0;
         for i in 0..n {
@@ -97,7 +98,10 @@ async fn a_relayed_session_moves_when_its_token_decoder_dies() {
     let counts: Vec<usize> = per_td.values().copied().collect();
     println!("relayed migration: sessions per token decoder {counts:?}");
     assert!(counts.len() == 2 && counts.iter().max().unwrap() - counts.iter().min().unwrap() <= n / 4, "uneven routing: {per_td:?}");
-    let first = store.session("relayed-0").await.unwrap().unwrap();
+    // The token decoder of session 1 (aligned layout) dies, so at least one
+    // aligned session moves.
+    let moved = format!("relayed-{}", n.min(2) - 1);
+    let first = store.session(&moved).await.unwrap().unwrap();
     let victim = cluster.of("token-decoder").into_iter().find(|&i| first.assignment.token_decoder == cluster.procs[i].address()).unwrap();
     cluster.procs[victim].kill();
     let killed_at = Instant::now();
@@ -115,6 +119,7 @@ async fn a_relayed_session_moves_when_its_token_decoder_dies() {
         }
     }
     assert!(!waits.is_empty());
+    assert!(store.session(&moved).await.unwrap().unwrap().migrations > 0, "{moved} moved");
     waits.sort_by(f64::total_cmp);
     println!(
         "relayed migration: {} sessions moved; from the kill to their next chunk: min {:.0} ms, max {:.0} ms",
