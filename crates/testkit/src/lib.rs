@@ -11,15 +11,20 @@ use std::time::{Duration, Instant};
 /// out for `bind(0)` can be given again as the source port of an outgoing
 /// connection (to Redis, between tiers) before the server meant for it binds
 /// it, which fails that server with "address already in use". Ports are
-/// tried from a start that differs per process and call, so test binaries
-/// running at once rarely try the same ones.
+/// tried in a sequence that starts somewhere different in each process, so
+/// test binaries running at once rarely try the same ones, and that never
+/// repeats within a process (a step coprime to the span): a port handed to
+/// one test but not bound yet is never handed to a test running beside it.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
+    static SEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     const LOW: u32 = 20_000;
     const SPAN: u32 = 12_000;
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    let seed = std::process::id().wrapping_mul(7_919).wrapping_add(nanos);
+    let seed = *SEED.get_or_init(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        std::process::id().wrapping_mul(7_919).wrapping_add(nanos) % SPAN
+    });
     for _ in 0..SPAN {
         let port = (LOW + (seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(4_099))) % SPAN) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
