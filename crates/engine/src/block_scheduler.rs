@@ -11,9 +11,9 @@
 //! With the prefix cache on ([`SchedulerConfig::prefix_cache`]), a session
 //! starts from the cached pages of its prompt's longest cached prefix and
 //! prefills only the rest; its own whole pages, of prompt and of generated
-//! blocks, join the cache as they are written. A session whose next page another session is writing right
-//! now waits for it (sessions behind it are admitted meanwhile) rather than
-//! computing it twice. Idle cached pages count as free memory: admission and
+//! blocks, join the cache as they are written. A session whose next page
+//! another session is writing right now waits for it (sessions behind it are
+//! admitted meanwhile) rather than computing it twice. Idle cached pages count as free memory: admission and
 //! growth evict them, least recently used first.
 //!
 //! [`iterate`]: BlockScheduler::iterate
@@ -373,8 +373,8 @@ impl BlockScheduler {
         }
     }
 
-    /// Offer the cache the whole pages `keys` completed in the pass that
-    /// just ran: prompt pages, and pages of blocks the session generated
+    /// Offer the cache the whole pages `keys` filled in the pass that just
+    /// ran: prompt pages, and pages of blocks the session generated
     /// (which a migrated or resumed session sends again as its prompt).
     fn offer_pages(&mut self, keys: &[u64]) {
         let (l, ps) = (self.model.block_length(), self.config.page_size);
@@ -447,11 +447,17 @@ impl BlockScheduler {
         };
         let mut out_rows = vec![];
         let mut picks = vec![];
+        // Sessions whose pass fills a page: offered to the cache after it.
+        let mut filled = vec![];
+        let (cache, ps) = (self.config.prefix_cache, self.config.page_size);
         let mut end = 0u32;
         for ((key, n, emits), kv) in rows.iter().zip(seqs) {
             end += *n as u32;
             let s = self.sessions.get_mut(key).expect("row of a live session");
             s.kv = kv;
+            if cache && s.kv.len() / ps > s.offered {
+                filled.push(*key);
+            }
             if *emits {
                 out_rows.push((*key, s.kv.len() as u32 - 1));
                 picks.push(end - 1);
@@ -467,10 +473,7 @@ impl BlockScheduler {
         let m = self.model.clone();
         let contexts = m.block_decoder().forward_paged(&m.embed_ids(&ids)?, &self.pool, &pass)?;
         let tensor = contexts.index_select(&Tensor::new(picks, m.device())?, 0)?;
-        if self.config.prefix_cache {
-            let written: Vec<u64> = rows.iter().map(|r| r.0).collect();
-            self.offer_pages(&written);
-        }
+        self.offer_pages(&filled);
         Ok(Some(Contexts { tensor, rows: out_rows, decode_rows, prefill_blocks }))
     }
 }

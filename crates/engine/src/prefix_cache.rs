@@ -1,6 +1,5 @@
-//! The block decoder's prefix cache: KV pages of finished prompt pages, found
-//! by content, shared between sessions by reference count, evicted least
-//! recently used.
+//! The block decoder's prefix cache: whole KV pages, found by content,
+//! shared between sessions by reference count, evicted least recently used.
 //!
 //! A page holds `page_size` blocks. Page `i` of a prompt is named by a hash
 //! chain, `h_i = H(h_{i-1}, ids of the page's blocks)`, so a page is found only
@@ -11,10 +10,11 @@
 //!
 //! Only whole pages are cached, of prompt blocks and of the blocks a session
 //! generated after them (a migrated or resumed session sends its output
-//! again as part of its prompt); a page is never written again once whole. Pages nobody
-//! holds stay in the cache until the pool needs them: [`PrefixCache::evict`]
-//! hands back the least recently used one. A page some session holds is never
-//! evicted, so an admitted session never loses its prefix.
+//! again as part of its prompt); a page is never written again once whole.
+//! Pages nobody holds stay in the cache until the pool needs them:
+//! [`PrefixCache::evict`] hands back the least recently used one. A page some
+//! session holds is never evicted, so an admitted session never loses its
+//! prefix.
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -33,9 +33,13 @@ pub const DEFAULT_CAPACITY: usize = 1 << 20;
 pub fn page_hashes(prompt: &[u32], block_length: usize, layout: PromptLayout) -> Vec<u64> {
     let pad = layout.pad(prompt.len(), block_length);
     let blocks = (pad + prompt.len()) / block_length;
-    let pages = blocks.saturating_sub(1) / PAGE_BLOCKS;
-    let padded: Vec<u32> = std::iter::repeat_n(0, pad).chain(prompt.iter().copied()).take(pages * PAGE_BLOCKS * block_length).collect();
-    page_chain(&padded, PAGE_BLOCKS * block_length)
+    let page_len = PAGE_BLOCKS * block_length;
+    let len = blocks.saturating_sub(1) / PAGE_BLOCKS * page_len;
+    if pad == 0 {
+        return page_chain(&prompt[..len], page_len);
+    }
+    let padded: Vec<u32> = std::iter::repeat_n(0, pad).chain(prompt.iter().copied()).take(len).collect();
+    page_chain(&padded, page_len)
 }
 
 /// What this router believes each block decoder's prefix cache holds.
@@ -82,9 +86,10 @@ impl PrefixIndex {
         }
     }
 
-    /// Forget block decoders that are no longer registered.
-    pub fn retain(&mut self, live: &[&str]) {
-        self.decoders.retain(|a, _| live.contains(&a.as_str()));
+    /// Forget block decoders that are no longer registered (`live` says
+    /// which addresses are).
+    pub fn retain(&mut self, live: impl Fn(&str) -> bool) {
+        self.decoders.retain(|a, _| live(a));
     }
 }
 
@@ -142,7 +147,7 @@ mod tests {
         ix.record(&[6, 7], "b", 4);
         assert_eq!((pages(&ix, "b", &[1, 2, 5]), pages(&ix, "b", &[6, 7])), (0, 2));
         assert_eq!(pages(&ix, "a", &[1, 2, 3]), 3, "a's model is a's alone");
-        ix.retain(&["b"]);
+        ix.retain(|a| a == "b");
         assert_eq!(pages(&ix, "a", &[1, 2, 3]), 0);
     }
 

@@ -214,7 +214,7 @@ impl Router {
     /// looked least loaded.
     pub(crate) async fn pick(&self, tier: Tier, exclude: &[String]) -> Result<(InstanceInfo, Routed), Status> {
         let all = self.candidates(tier, exclude).await?;
-        self.choose(tier, all, &|_| (0, 0)).map(|(i, r, _)| (i, r))
+        self.choose(tier, all, &|_| (0, 0)).map(|(i, r, _, _)| (i, r))
     }
 
     /// The block decoder for a new session's prompt: by prefix when this
@@ -227,7 +227,7 @@ impl Router {
         let hashes = prefix_routing::page_hashes(prompt, self.model.block_length, layout);
         let all = self.candidates(Tier::BlockDecoder, &[]).await?;
         let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
-        index.retain(&all.iter().map(|i| i.address.as_str()).collect::<Vec<_>>());
+        index.retain(|a| all.iter().any(|i| i.address == a));
         // While no cache has had to evict, a prefix held twice costs nothing:
         // between holders, load decides. Once caches are full, each prefix
         // keeps to the holder it was sent to last (the other may soon drop it).
@@ -236,8 +236,7 @@ impl Router {
             let (pages, sent) = index.known(&i.address, &hashes);
             (pages, if pressure { sent } else { 0 })
         };
-        let (bd, routed, choice) = self.choose(Tier::BlockDecoder, all, &affinity)?;
-        let known = index.known(&bd.address, &hashes).0;
+        let (bd, routed, choice, known) = self.choose(Tier::BlockDecoder, all, &affinity)?;
         index.record(&hashes, &bd.address, bd.cache_limit_pages as usize);
         drop(index);
         METRICS.routing_choices.with_label_values(&["block_decoder", choice.as_str()]).inc();
@@ -259,38 +258,45 @@ impl Router {
         Ok(all)
     }
 
-    /// The least-loaded of `all` with room for a session, or the instance at
-    /// `prefer` when it has room and is not overloaded next to that one.
     /// The instance for a new session: among those not overloaded next to
     /// the least loaded (see [`prefix_routing::within_slack`]), the one of
     /// greatest `affinity` (the prompt pages it most likely holds, then a
     /// tie-break; (0, 0) for every instance when routing by load), then the
-    /// least loaded.
-    fn choose(&self, tier: Tier, all: Vec<InstanceInfo>, affinity: &dyn Fn(&InstanceInfo) -> (usize, u64)) -> Result<(InstanceInfo, Routed, Choice), Status> {
-        let known = |i: &InstanceInfo| affinity(i).0;
+    /// least loaded. Returns it with why, and the pages it most likely holds.
+    fn choose(
+        &self,
+        tier: Tier,
+        all: Vec<InstanceInfo>,
+        affinity: &dyn Fn(&InstanceInfo) -> (usize, u64),
+    ) -> Result<(InstanceInfo, Routed, Choice, usize), Status> {
         let mut picks = self.routed.lock().unwrap_or_else(|p| p.into_inner());
         // Reported load plus what this router sent since (it may double count
         // for a lease period, alike for every instance); then the one picked
         // longest ago, so sessions started one after another alternate
-        // instead of all taking the first of equals.
-        let key = |i: &InstanceInfo| {
-            let running = picks.running.get(&i.address).copied().unwrap_or(0);
-            (i.load_key().0 + running, i.load_key(), picks.last.get(&i.address).copied().unwrap_or(0))
-        };
-        let open: Vec<InstanceInfo> = all.into_iter().filter(|i| i.free_capacity > 0).collect();
-        let least = open
+        // instead of all taking the first of equals. Each instance with room
+        // is scored once: (affinity, load key).
+        let scored: Vec<_> = all
+            .into_iter()
+            .filter(|i| i.free_capacity > 0)
+            .map(|i| {
+                let running = picks.running.get(&i.address).copied().unwrap_or(0);
+                let key = (i.load_key().0 + running, i.load_key(), picks.last.get(&i.address).copied().unwrap_or(0));
+                (affinity(&i), key, i)
+            })
+            .collect();
+        let least = scored
             .iter()
-            .map(|i| key(i).0)
+            .map(|(_, key, _)| key.0)
             .min()
             .ok_or_else(|| Status::resource_exhausted(format!("every {} is at capacity; retry later", tier.as_str().replace('_', " "))))?;
-        let most_known = open.iter().map(known).max().unwrap_or(0);
-        let best = open
-            .iter()
-            .filter(|i| prefix_routing::within_slack(key(i).0, least))
-            .min_by(|a, b| affinity(b).cmp(&affinity(a)).then_with(|| key(a).cmp(&key(b))))
-            .expect("the least loaded is within its own slack")
-            .clone();
-        let choice = match known(&best) {
+        let most_known = scored.iter().map(|(a, _, _)| a.0).max().unwrap_or(0);
+        let (affinity, _, best) = scored
+            .into_iter()
+            .filter(|(_, key, _)| prefix_routing::within_slack(key.0, least))
+            .min_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)))
+            .expect("the least loaded is within its own slack");
+        let known = affinity.0;
+        let choice = match known {
             0 if most_known == 0 => Choice::LeastLoaded,
             n if n < most_known => Choice::PrefixOverloaded,
             _ => Choice::Prefix,
@@ -300,7 +306,7 @@ impl Router {
         picks.last.insert(best.address.clone(), n);
         *picks.running.entry(best.address.clone()).or_default() += 1;
         let guard = Routed(self.routed.clone(), best.address.clone());
-        Ok((best, guard, choice))
+        Ok((best, guard, choice, known))
     }
 
     pub(crate) async fn record(&self, id: &str) -> Result<SessionRecord, Status> {
