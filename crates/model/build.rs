@@ -10,7 +10,7 @@ fn main() {
     }
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
-    for name in ["paged_attention", "argmax", "elementwise"] {
+    for name in ["paged_attention", "argmax", "elementwise", "layer_norm"] {
         let status = std::process::Command::new("nvcc")
             .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), &format!("kernels/{name}.cu"), "-o"])
             .arg(out_dir.join(format!("{name}.ptx")))

@@ -3,6 +3,9 @@
 //! on random weights and inputs. Prints a table; asserts nothing.
 //!
 //!   cargo run --release --features cuda --example step_profile -- cuda bf16 2048 288
+//!
+//! `PROFILE=block|prefill|token` brackets one block-decoder step, one prefill
+//! pass or one whole token-decoder block for `ncu --profile-from-start off`.
 
 use std::time::Instant;
 
@@ -83,6 +86,12 @@ fn main() {
         m.block_decoder().forward_paged(&x, &pool, &pass).unwrap();
     });
     println!("| block-decoder step (all {} layers) | {t:.3} |", c.num_hidden_layers);
+    if std::env::var("PROFILE").as_deref() == Ok("block") {
+        let pass = step(&mut pool, &mut seqs);
+        profiled(&device, || {
+            m.block_decoder().forward_paged(&x, &pool, &pass).unwrap();
+        });
+    }
     let shape = HeadShape { heads: c.num_attention_heads, head_dim: c.head_dim(), rot: c.rotary_dim(), rope_base: c.rotary_emb_base as f32 };
     let qkv = rnd(&[b, 3 * d]);
     let pass = step(&mut pool, &mut seqs);
@@ -161,20 +170,18 @@ fn main() {
     let ctx = rnd(&[b, d]);
     let mut local = m.token_decoder().new_local(b, dtype, &device).unwrap();
     let l = m.block_length();
-    let t = median_ms(&device, || {
+    let mut block = || {
         let mut ids = vec![blockserve_model::argmax::argmax_rows(&m.token_decoder().begin_block(&ctx, &mut local).unwrap()).unwrap()];
         for _ in 1..l {
             let next = m.token_decoder().next_token(ids.last().unwrap(), &mut local).unwrap();
             ids.push(blockserve_model::argmax::argmax_rows(&next).unwrap());
         }
         Tensor::stack(&ids, 1).unwrap().to_vec2::<u32>().unwrap();
-    });
+    };
+    let t = median_ms(&device, &mut block);
     println!("| token-decoder block ({l} steps, argmax on device, one read) | {t:.3} |");
     if std::env::var("PROFILE").as_deref() == Ok("token") {
-        profiled(&device, || {
-            let logits = m.token_decoder().begin_block(&ctx, &mut local).unwrap();
-            blockserve_model::argmax::argmax_rows(&logits).unwrap();
-        });
+        profiled(&device, &mut block);
     }
     let ids = Tensor::zeros(b, DType::U32, &device).unwrap();
     m.token_decoder().begin_block(&ctx, &mut local).unwrap();

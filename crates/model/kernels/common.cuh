@@ -11,3 +11,14 @@ template <typename T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// 16 bytes of one dtype, moved with one access: 8 bf16/f16 or 4 f32. Callers
+// guarantee 16-byte alignment.
+template <typename T> struct VecOf { static constexpr int N = 16 / sizeof(T); };
+template <typename T> struct __align__(16) Vec { T e[VecOf<T>::N]; };
+template <typename T> __device__ __forceinline__ Vec<T> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T>*>(p);
+}
+template <typename T> __device__ __forceinline__ void store_vec(T* p, const Vec<T>& v) {
+  *reinterpret_cast<Vec<T>*>(p) = v;
+}

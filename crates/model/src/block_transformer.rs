@@ -14,6 +14,7 @@ use candle_nn::Linear;
 
 use crate::config::BlockTransformerConfig;
 use crate::error::{input_err, Result};
+use crate::fused::{self, Epilogue};
 use crate::gpt_neox::{linear, GptNeoX};
 use crate::paged::{KvPool, PagedPass, SeqKv};
 use crate::weights::Weights;
@@ -96,7 +97,7 @@ impl TokenDecoder {
     /// (output channels `[0, D_t)` are P1).
     pub fn prefix(&self, context: &Tensor) -> Result<Tensor> {
         let n = context.dim(0)?;
-        Ok(self.expansion.forward(context)?.reshape((n, self.ratio, ()))?)
+        Ok(fused::linear(&self.expansion, context, Epilogue::Bias)?.reshape((n, self.ratio, ()))?)
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {

@@ -1,14 +1,15 @@
-//! Fused layer pieces: bias (+ GELU) on a matmul's output in place, and the
-//! three-way parallel residual. On CUDA they are single kernels
-//! (`kernels/elementwise.cu`); elsewhere they are candle's ops, which define
-//! the result (the CUDA f32 fixture tests hold the kernels to it). Training
-//! takes candle's ops everywhere, since the kernels have no backward pass.
+//! Fused layer pieces: bias (+ GELU) on a matmul's output in place, the
+//! three-way parallel residual, and LayerNorm (one or two norms of the same
+//! rows from one read). On CUDA they are single kernels
+//! (`kernels/elementwise.cu`, `kernels/layer_norm.cu`); elsewhere they are
+//! candle's ops, which define the result (the CUDA f32 fixture tests hold the
+//! kernels to it). Training takes candle's ops everywhere, since the kernels
+//! have no backward pass.
 
-use candle_core::{Module, Tensor};
-use candle_nn::Linear;
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{LayerNorm, Linear};
 
 use crate::error::Result;
-#[cfg(feature = "cuda")]
 use crate::gpt_neox::differentiable;
 
 /// What follows a linear layer's matmul.
@@ -35,6 +36,24 @@ pub fn linear(lin: &Linear, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
     })
 }
 
+/// `norms[i](x)` for each norm (one or two) of the same rows `x` `[.., d]`.
+pub(crate) fn layer_norms(norms: &[&LayerNorm], x: &Tensor) -> Result<Vec<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if let Some(out) = cuda::layer_norms(norms, x)? {
+        return Ok(out);
+    }
+    norms.iter().map(|ln| layer_norm_op(ln, x)).collect()
+}
+
+/// candle's LayerNorm: its fused op, or the composite one where gradients flow
+/// (or in f64, where the fused op has no kernel: the gradient checks run in it).
+fn layer_norm_op(ln: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+    if differentiable(x) || x.dtype() == DType::F64 {
+        return Ok(candle_nn::ops::layer_norm_slow(x, ln.weight(), ln.bias().expect("GPT-NeoX norms have a bias"), ln.eps() as f32)?);
+    }
+    Ok(ln.forward(x)?)
+}
+
 /// `(a + b) + c`.
 pub(crate) fn add3(a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
@@ -47,18 +66,36 @@ pub(crate) fn add3(a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CpuStorage, CudaStorage, CustomOp3, InplaceOp2, Layout, Result, Shape, WithDType};
+    use candle_core::{CpuStorage, CudaStorage, CustomOp3, InplaceOp2, Layout, Result, Shape, Storage, Tensor, WithDType};
+    use candle_nn::LayerNorm;
+
+    use crate::gpt_neox::differentiable;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
     const MODULE: &str = "blockserve_elementwise";
+    const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/layer_norm.ptx"));
+    const NORM_MODULE: &str = "blockserve_layer_norm";
 
     use crate::cuda_util::{dispatch_float, range, suffix};
 
     fn cfg(n: usize) -> LaunchConfig {
         let blocks = n.div_ceil(256).min(132 * 16) as u32;
         LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// Elements of `T` in one 16-byte access.
+    fn vec_width<T>() -> usize {
+        16 / std::mem::size_of::<T>()
+    }
+
+    /// Whether every size and element offset divides into 16-byte vectors (the
+    /// buffers themselves start 256-byte aligned), and the count fits the
+    /// vector kernels' 32-bit indices.
+    fn vectors<T>(sizes: &[usize]) -> bool {
+        let w = vec_width::<T>();
+        sizes.iter().all(|s| s % w == 0) && sizes[0] / w <= u32::MAX as usize
     }
 
     pub struct BiasAct {
@@ -84,15 +121,27 @@ mod cuda {
                     return Ok(());
                 }
                 let dev = bias.device().clone();
-                let func = dev.get_or_load_custom_func(&format!("bias_act_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+                let vector = vectors::<T>(&[n, cols, ya, ba]);
+                let name = if vector { "bias_act_v" } else { "bias_act" };
+                let func = dev.get_or_load_custom_func(&format!("{name}_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
                 let b = bias.as_cuda_slice::<T>()?.slice(ba..bb);
                 let mut yv = y.as_cuda_slice_mut::<T>()?.slice_mut(ya..yb);
                 let mut builder = func.builder();
                 builder.arg(&mut yv);
                 builder.arg(&b);
-                candle_core::builder_arg!(builder, n as u64, cols as i32, gelu as i32);
-                // SAFETY: n elements of y, rows of `cols`, and a bias of `cols`.
-                unsafe { builder.launch(cfg(n)) }.w()?;
+                let width = vec_width::<T>();
+                let (nv, cv, n64, cols32, gelu) = ((n / width) as u32, (cols / width) as u32, n as u64, cols as i32, gelu as i32);
+                if vector {
+                    builder.arg(&nv);
+                    builder.arg(&cv);
+                } else {
+                    builder.arg(&n64);
+                    builder.arg(&cols32);
+                }
+                builder.arg(&gelu);
+                // SAFETY: n elements of y, rows of `cols`, and a bias of `cols`
+                // (as n / width and cols / width whole vectors for the vector form).
+                unsafe { builder.launch(cfg(if vector { nv as usize } else { n })) }.w()?;
                 Ok(())
             }
             if yl.dims().last() != bl.dims().last() || bl.dims().len() != 1 {
@@ -129,16 +178,23 @@ mod cuda {
                 let dev = a.device().clone();
                 let out = unsafe { dev.alloc::<T>(n)? };
                 if n > 0 {
-                    let func = dev.get_or_load_custom_func(&format!("add3_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+                    let vector = vectors::<T>(&[n, aa, ba, ca]);
+                    let name = if vector { "add3_v" } else { "add3" };
+                    let func = dev.get_or_load_custom_func(&format!("{name}_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
                     let (x, y, z) = (a.as_cuda_slice::<T>()?.slice(aa..ab), b.as_cuda_slice::<T>()?.slice(ba..bb), c.as_cuda_slice::<T>()?.slice(ca..cb));
                     let mut builder = func.builder();
                     builder.arg(&out);
                     builder.arg(&x);
                     builder.arg(&y);
                     builder.arg(&z);
-                    candle_core::builder_arg!(builder, n as u64);
+                    let (nv, n64) = ((n / vec_width::<T>()) as u32, n as u64);
+                    if vector {
+                        builder.arg(&nv);
+                    } else {
+                        builder.arg(&n64);
+                    }
                     // SAFETY: three inputs and the output of n elements each.
-                    unsafe { builder.launch(cfg(n)) }.w()?;
+                    unsafe { builder.launch(cfg(if vector { nv as usize } else { n })) }.w()?;
                 }
                 Ok(CudaStorage::wrap_cuda_slice(out, dev))
             }
@@ -147,6 +203,113 @@ mod cuda {
             }
             let out = dispatch_float!(a.dtype(), go(a, al, b, bl, c, cl))?;
             Ok((out, al.shape().clone()))
+        }
+    }
+
+    /// One kernel for one or two LayerNorms of the same contiguous rows on
+    /// CUDA; None where the kernel does not apply (other devices, gradients,
+    /// rows that do not divide into 16-byte vectors or exceed the kernel's
+    /// eight vectors per lane), and candle's op runs.
+    pub(super) fn layer_norms(norms: &[&LayerNorm], x: &Tensor) -> crate::error::Result<Option<Vec<Tensor>>> {
+        let params = |ln: &LayerNorm| (ln.weight().clone(), ln.bias().expect("GPT-NeoX norms have a bias").clone());
+        let d = x.dim(candle_core::D::Minus1)?;
+        let usable = x.device().is_cuda()
+            && matches!(norms.len(), 1 | 2)
+            && x.is_contiguous()
+            && !differentiable(x)
+            && norms.iter().all(|ln| !differentiable(ln.weight()) && ln.weight().is_contiguous() && norms[0].eps() == ln.eps())
+            && d % (16 / x.dtype().size_in_bytes()) == 0
+            && d <= 8 * 32 * (16 / x.dtype().size_in_bytes())
+            && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::BF16 | candle_core::DType::F16);
+        if !usable {
+            return Ok(None);
+        }
+        let (w1, b1) = params(norms[0]);
+        let op = LayerNorms { second: norms.get(1).map(|ln| params(ln)), eps: norms[0].eps() as f32 };
+        let both = x.apply_op3_no_bwd(&w1, &b1, &op)?;
+        let shape = x.dims();
+        Ok(Some((0..norms.len()).map(|i| both.get(i)?.reshape(shape)).collect::<candle_core::Result<Vec<_>>>()?))
+    }
+
+    /// `x` with the first norm's weight and bias as the op's three inputs; the
+    /// second norm's (if any) read from their tensors inside the launch.
+    struct LayerNorms {
+        second: Option<(Tensor, Tensor)>,
+        eps: f32,
+    }
+
+    impl CustomOp3 for LayerNorms {
+        fn name(&self) -> &'static str {
+            "layer-norms"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("layer-norms runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+            let cols = *xl.dims().last().unwrap_or(&0);
+            let rows = if cols == 0 { 0 } else { xl.shape().elem_count() / cols };
+            let k = 1 + self.second.is_some() as usize;
+            // The second norm's storages stay read-locked for the launch.
+            let second = self.second.as_ref().map(|(w, b)| (w.storage_and_layout(), b.storage_and_layout()));
+            fn cuda(s: &Storage) -> Result<&CudaStorage> {
+                match s {
+                    Storage::Cuda(c) => Ok(c),
+                    _ => candle_core::bail!("layer-norms: the second norm is not on CUDA"),
+                }
+            }
+            let (w2, w2l, b2, b2l) = match &second {
+                Some(((ws, wl2), (bs, bl2))) => (cuda(ws)?, *wl2, cuda(bs)?, *bl2),
+                None => (w, wl, b, bl),
+            };
+            fn go<T: CudaDType + DeviceRepr + WithDType>(
+                eps: f32,
+                k: usize,
+                (rows, cols): (usize, usize),
+                x: (&CudaStorage, &Layout),
+                p: [(&CudaStorage, &Layout); 4],
+            ) -> Result<CudaStorage> {
+                let dev = x.0.device().clone();
+                let out = unsafe { dev.alloc::<T>(k * rows * cols)? };
+                if rows == 0 {
+                    return Ok(CudaStorage::wrap_cuda_slice(out, dev));
+                }
+                fn slice<'a, T: CudaDType + DeviceRepr>((s, l): (&'a CudaStorage, &Layout), len: usize) -> Result<CudaView<'a, T>> {
+                    let (a, e) = range(l)?;
+                    if e - a != len || a % vec_width::<T>() != 0 {
+                        candle_core::bail!("layer-norms: an input of {} elements at offset {a}, expected {len} aligned", e - a);
+                    }
+                    Ok(s.as_cuda_slice::<T>()?.slice(a..e))
+                }
+                let xs = slice::<T>(x, rows * cols)?;
+                let [w1, b1, w2, b2] = p;
+                let (w1, b1, w2, b2) = (slice::<T>(w1, cols)?, slice::<T>(b1, cols)?, slice::<T>(w2, cols)?, slice::<T>(b2, cols)?);
+                let (rows32, cols32, k32) = (rows as i32, cols as i32, k as i32);
+                let func = dev.get_or_load_custom_func(&format!("layer_norm_{}", suffix(T::DTYPE)?), NORM_MODULE, NORM_PTX)?;
+                let mut builder = func.builder();
+                builder.arg(&out);
+                builder.arg(&xs);
+                builder.arg(&w1);
+                builder.arg(&b1);
+                builder.arg(&w2);
+                builder.arg(&b2);
+                builder.arg(&rows32);
+                builder.arg(&cols32);
+                builder.arg(&k32);
+                builder.arg(&eps);
+                // One warp per row, eight rows per CTA.
+                let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: rows x cols of x, cols of each weight and bias (checked
+                // above), and k x rows x cols of output.
+                unsafe { builder.launch(cfg) }.w()?;
+                Ok(CudaStorage::wrap_cuda_slice(out, dev))
+            }
+            let params = [(w, wl), (b, bl), (w2, w2l), (b2, b2l)];
+            let out = dispatch_float!(x.dtype(), go(self.eps, k, (rows, cols), (x, xl), params))?;
+            let mut dims = vec![k];
+            dims.extend_from_slice(xl.dims());
+            Ok((out, Shape::from(dims)))
         }
     }
 }

@@ -75,13 +75,9 @@ pub(crate) fn differentiable(x: &Tensor) -> bool {
     x.track_op()
 }
 
-/// LayerNorm, fused unless `x` needs gradients.
+/// LayerNorm (one kernel on CUDA unless `x` needs gradients).
 fn norm(ln: &LayerNorm, x: &Tensor) -> Result<Tensor> {
-    // candle's fused LayerNorm has no f64 kernel (gradient checks run in f64).
-    if differentiable(x) || x.dtype() == DType::F64 {
-        return Ok(candle_nn::ops::layer_norm_slow(x, ln.weight(), ln.bias().expect("GPT-NeoX norms have a bias"), ln.eps() as f32)?);
-    }
-    Ok(ln.forward(x)?)
+    Ok(fused::layer_norms(&[ln], x)?.remove(0))
 }
 
 struct Attention {
@@ -186,11 +182,14 @@ struct Layer {
 impl Layer {
     /// The block around attention: `attn` maps `ln1(x)` to the attention output.
     fn forward(&self, x: &Tensor, attn: impl FnOnce(&Attention, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
-        let attn = attn(&self.attn, &norm(&self.ln1, x)?)?;
         if self.parallel {
-            let mlp = self.mlp.forward(&norm(&self.ln2, x)?)?;
+            // Both norms of x from one kernel.
+            let [n1, n2]: [Tensor; 2] = fused::layer_norms(&[&self.ln1, &self.ln2], x)?.try_into().expect("two norms");
+            let attn = attn(&self.attn, &n1)?;
+            let mlp = self.mlp.forward(&n2)?;
             fused::add3(&mlp, &attn, x)
         } else {
+            let attn = attn(&self.attn, &norm(&self.ln1, x)?)?;
             let h = (attn + x)?;
             Ok((self.mlp.forward(&norm(&self.ln2, &h)?)? + h)?)
         }
@@ -284,6 +283,6 @@ impl GptNeoX {
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(&h, |a, x| a.forward_paged(x, shape, pool.layer(i), pass))?;
         }
-        Ok(self.final_ln.forward(&h)?)
+        norm(&self.final_ln, &h)
     }
 }

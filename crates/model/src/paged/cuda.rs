@@ -38,7 +38,10 @@ pub(super) fn kv_write(op: &KvWrite, pool: &mut CudaStorage, pl: &Layout, qkv: &
         b.arg(&q);
         b.arg(&idx);
         candle_core::builder_arg!(b, s.heads as i32, s.head_dim as i32, s.rot as i32, s.rope_base);
-        let cfg = LaunchConfig { grid_dim: (n as u32, s.heads as u32, 1), block_dim: (s.head_dim as u32, 1, 1), shared_mem_bytes: 0 };
+        // A thread per eight channels of a head, up to 256 threads a CTA.
+        let threads = s.heads * s.head_dim / 8;
+        let block = threads.next_multiple_of(32).min(256);
+        let cfg = LaunchConfig { grid_dim: (n as u32, threads.div_ceil(block) as u32, 1), block_dim: (block as u32, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the kernel reads n tokens of qkv and n meta triples, and writes
         // the slots those triples name, all inside the pool (planned by KvPool).
         unsafe { b.launch(cfg) }.w()?;
@@ -46,6 +49,9 @@ pub(super) fn kv_write(op: &KvWrite, pool: &mut CudaStorage, pl: &Layout, qkv: &
     }
     if pl.start_offset() != 0 {
         candle_core::bail!("the KV pool must be a whole tensor");
+    }
+    if op.shape.head_dim % 8 != 0 {
+        candle_core::bail!("the KV write kernel needs head_dim a multiple of 8, not {}", op.shape.head_dim);
     }
     dispatch_float!(qkv.dtype(), go(op, pool, qkv, ql, index, il))
 }
@@ -77,7 +83,11 @@ pub(super) fn attend(
         // tensor-core kernel (one warp per group); otherwise CUDA cores, with
         // groups split into CTAs of `group_cta` tokens.
         let tensor_cores = op.max_group > 1 && T::DTYPE != DType::F32 && op.page_size == 16 && matches!(s.head_dim, 64 | 128);
-        let group_cta = if op.max_group > 1 { 4 } else { 1 };
+        let group_cta = match op.max_group {
+            0 | 1 => 1,
+            2 => 2,
+            _ => 4,
+        };
         let name = if tensor_cores {
             format!("paged_attn_tc_{}_{}", suffix(T::DTYPE)?, s.head_dim)
         } else {
