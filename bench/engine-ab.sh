@@ -7,6 +7,8 @@
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export BLOCKSERVE_FIXTURES=$PWD/crates/model/tests/fixtures
+# cuBLASLt reports why a call failed (errors only).
+export CUBLASLT_LOG_LEVEL=${CUBLASLT_LOG_LEVEL:-1}
 BASE=${BASE:-.dev/base}
 # Binaries may travel as one tar.xz with a large dictionary (scripts/pack-cuda.sh
 # with PACK_WITH): builds that share most of their bytes then cost little more than one.

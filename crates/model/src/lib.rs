@@ -23,6 +23,8 @@ mod error;
 mod fused;
 mod generation;
 mod gpt_neox;
+#[cfg(feature = "cuda")]
+mod lt_linear;
 pub mod init;
 pub mod loader;
 pub mod paged;

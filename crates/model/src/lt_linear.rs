@@ -1,0 +1,231 @@
+//! `x W^T + b` as one cuBLASLt call with the bias added in the GEMM's
+//! epilogue (bf16 and f16 on CUDA). A separate bias pass reads and writes
+//! every output again: after the fused kernels it was the largest elementwise
+//! cost of a token-decoder step (an H200 profile, `docs/performance.md`).
+//!
+//! Numerics: the epilogue adds the bias to the f32 accumulator and rounds
+//! once, where matmul-then-add rounds twice. f32 runs keep candle's matmul
+//! (cuBLASLt's f32 path would use TF32), so the f32 fixture tests are
+//! untouched; bf16 results move within one rounding.
+//!
+//! Each thread keeps one cuBLASLt handle and workspace per device and one plan
+//! (descriptors and the heuristic's algorithm) per shape, so a call costs a
+//! descriptor update and the launch: the block decoder's steps are not
+//! captured in CUDA graphs and pay the host time of every call.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::mem::size_of;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublaslt::{result, sys};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+
+use crate::cuda_util::range;
+
+/// `x` `[m, k]` times `w^T` (`w` `[n, k]`) plus `bias` `[n]`, or None where
+/// this path does not apply (not CUDA, not bf16/f16, not contiguous, rows
+/// that are not whole 16-byte vectors).
+pub(crate) fn linear_bias(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
+    let usable = x.device().is_cuda()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && x.rank() == 2
+        && w.rank() == 2
+        && w.dims().iter().all(|d| d % 8 == 0)
+        && x.is_contiguous()
+        && w.is_contiguous()
+        && bias.is_contiguous()
+        && w.dtype() == x.dtype()
+        && bias.dtype() == x.dtype();
+    if !usable {
+        return Ok(None);
+    }
+    Ok(Some(x.apply_op3_no_bwd(w, bias, &LinearBias)?))
+}
+
+struct LinearBias;
+
+impl CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "lt-linear-bias"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("lt-linear-bias runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (m, k) = (xl.dims()[0], xl.dims()[1]);
+        let n = wl.dims()[0];
+        if wl.dims() != [n, k] || bl.dims() != [n] {
+            candle_core::bail!("lt-linear-bias: x {:?}, weight {:?}, bias {:?}", xl.dims(), wl.dims(), bl.dims());
+        }
+        fn go<T: CudaDType + DeviceRepr + WithDType>(
+            (m, n, k): (usize, usize, usize),
+            (x, xl): (&CudaStorage, &Layout),
+            (w, wl): (&CudaStorage, &Layout),
+            (b, bl): (&CudaStorage, &Layout),
+        ) -> Result<CudaStorage> {
+            let dev = x.device().clone();
+            let out = unsafe { dev.alloc::<T>(m * n)? };
+            if m == 0 {
+                return Ok(CudaStorage::wrap_cuda_slice(out, dev));
+            }
+            fn view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+                let (a, e) = range(l)?;
+                Ok(s.as_cuda_slice::<T>()?.slice(a..e))
+            }
+            let (xv, wv, bv) = (view::<T>(x, xl)?, view::<T>(w, wl)?, view::<T>(b, bl)?);
+            let stream = dev.cuda_stream();
+            {
+                let (xp, _rx) = xv.device_ptr(&stream);
+                let (wp, _rw) = wv.device_ptr(&stream);
+                let (bp, _rb) = bv.device_ptr(&stream);
+                let (op, _ro) = out.device_ptr(&stream);
+                for p in [xp, wp, bp, op] {
+                    if p % 16 != 0 {
+                        candle_core::bail!("lt-linear-bias: an operand is not 16-byte aligned");
+                    }
+                }
+                LT.with(|lt| -> Result<()> {
+                    let mut lt = lt.borrow_mut();
+                    let ctx = match lt.entry(dev.id()) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(v) => v.insert(Lt::new(&dev)?),
+                    };
+                    ctx.matmul(T::DTYPE, (m, n, k), [xp, wp, bp, op], stream.cu_stream() as sys::cudaStream_t)
+                })?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        }
+        let out = match x.dtype() {
+            DType::BF16 => go::<half::bf16>((m, n, k), (x, xl), (w, wl), (b, bl))?,
+            DType::F16 => go::<half::f16>((m, n, k), (x, xl), (w, wl), (b, bl))?,
+            d => candle_core::bail!("lt-linear-bias: dtype {d:?}"),
+        };
+        Ok((out, Shape::from((m, n))))
+    }
+}
+
+thread_local! {
+    static LT: RefCell<HashMap<candle_core::cuda_backend::DeviceId, Lt>> = RefCell::new(HashMap::new());
+}
+
+/// One thread's cuBLASLt handle and workspace on one device, and its plans.
+struct Lt {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    plans: HashMap<(DType, usize, usize, usize), Plan>,
+    // Keeps the device (and its context) alive as long as the handle.
+    _device: CudaDevice,
+}
+
+/// The descriptors of one shape and the algorithm the heuristic chose for it.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    layouts: [sys::cublasLtMatrixLayout_t; 3],
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+/// Hopper's recommended workspace (cuBLAS documentation).
+const WORKSPACE: usize = 32 << 20;
+
+fn lt_err(e: impl std::fmt::Debug) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cuBLASLt: {e:?}"))
+}
+
+impl Lt {
+    fn new(dev: &CudaDevice) -> Result<Self> {
+        let handle = result::create_handle().map_err(lt_err)?;
+        let workspace = unsafe { dev.alloc::<u8>(WORKSPACE)? };
+        Ok(Self { handle, workspace, plans: HashMap::new(), _device: dev.clone() })
+    }
+
+    /// `out` `[m, n]` (row-major) = `x` `[m, k]` `w^T` + `bias`. In cuBLASLt's
+    /// column-major terms: D `[n, m]` = op_T(W stored `[k, n]`) X (stored
+    /// `[k, m]`), the bias broadcast along D's rows.
+    fn matmul(&mut self, dtype: DType, (m, n, k): (usize, usize, usize), [x, w, bias, out]: [u64; 4], stream: sys::cudaStream_t) -> Result<()> {
+        let key = (dtype, m, n, k);
+        if !self.plans.contains_key(&key) {
+            let plan = unsafe { self.plan(dtype, (m, n, k), bias)? };
+            self.plans.insert(key, plan);
+        }
+        let plan = &self.plans[&key];
+        let (alpha, beta) = (1f32, 0f32);
+        let (ws, _rws) = self.workspace.device_ptr(self.workspace.stream());
+        unsafe {
+            set_desc(plan.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+            result::matmul(
+                self.handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                w as *const c_void,
+                plan.layouts[0],
+                x as *const c_void,
+                plan.layouts[1],
+                out as *const c_void,
+                plan.layouts[2],
+                out as *mut c_void,
+                plan.layouts[2],
+                &plan.algo,
+                ws as *mut c_void,
+                WORKSPACE,
+                stream,
+            )
+            .map_err(lt_err)
+        }
+    }
+
+    unsafe fn plan(&self, dtype: DType, (m, n, k): (usize, usize, usize), bias: u64) -> Result<Plan> {
+        let ty = if dtype == DType::BF16 { sys::cudaDataType_t::CUDA_R_16BF } else { sys::cudaDataType_t::CUDA_R_16F };
+        let desc = result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F).map_err(lt_err)?;
+        set_desc(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T)?;
+        set_desc(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS)?;
+        set_desc(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+        let layouts = [
+            result::create_matrix_layout(ty, k as u64, n as u64, k as i64).map_err(lt_err)?,
+            result::create_matrix_layout(ty, k as u64, m as u64, k as i64).map_err(lt_err)?,
+            result::create_matrix_layout(ty, n as u64, m as u64, n as i64).map_err(lt_err)?,
+        ];
+        let pref = result::create_matmul_pref().map_err(lt_err)?;
+        // Each attribute has its own width: u64 for the workspace, u32 for alignments.
+        unsafe fn set_pref<V>(pref: sys::cublasLtMatmulPreference_t, attr: sys::cublasLtMatmulPreferenceAttributes_t, v: V) -> Result<()> {
+            result::set_matmul_pref_attribute(pref, attr, &v as *const V as *const c_void, size_of::<V>()).map_err(lt_err)
+        }
+        set_pref(pref, sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, WORKSPACE as u64)?;
+        // Operands are only promised 16-byte alignment (views at row offsets).
+        for attr in [
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+        ] {
+            set_pref(pref, attr, 16u32)?;
+        }
+        let heuristic = result::get_matmul_algo_heuristic(self.handle, desc, layouts[0], layouts[1], layouts[2], layouts[2], pref);
+        result::destroy_matmul_pref(pref).map_err(lt_err)?;
+        Ok(Plan { desc, layouts, algo: heuristic.map_err(lt_err)?.algo })
+    }
+}
+
+unsafe fn set_desc<V>(desc: sys::cublasLtMatmulDesc_t, attr: sys::cublasLtMatmulDescAttributes_t, v: &V) -> Result<()> {
+    result::set_matmul_desc_attribute(desc, attr, v as *const V as *const c_void, size_of::<V>()).map_err(lt_err)
+}
+
+impl Drop for Lt {
+    fn drop(&mut self) {
+        unsafe {
+            for plan in self.plans.values() {
+                let _ = result::destroy_matmul_desc(plan.desc);
+                for l in plan.layouts {
+                    let _ = result::destroy_matrix_layout(l);
+                }
+            }
+            let _ = result::destroy_handle(self.handle);
+        }
+    }
+}
