@@ -193,6 +193,101 @@ __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
   }
 }
 
+// Attention over short rows (every row at most MAX_LOCAL_KEYS positions: the
+// token decoder's R + L - 1 = 5). One warp per (new token, head), HD / 32
+// channels per lane: the query's rotation takes its partner channel from
+// another lane by shuffle, and every key and value of the row is loaded at
+// once before the scores, so a warp waits for memory about three times (index,
+// query and page table, keys and values). The general kernel above spent most
+// of 37 us a launch of the token decoder's [2048 tokens, 12 heads] waiting on
+// one dependent load after another. Scores and softmax in f32.
+#define MAX_LOCAL_KEYS 8
+template <typename T, int HD>
+__device__ void local_attn(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads, int rot,
+                           float base, int page_size, int max_pages, float scale) {
+  constexpr int C = HD / 32;
+  const int item = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (item >= n * heads) return;  // whole warps: n * heads is the warp count
+  const int i = item / heads, h = item % heads;
+  const int pos = index[3 * i + 1], row = index[3 * i + 2];
+  const uint32_t* table = index + 3 * (size_t)n + (size_t)row * max_pages;
+  const T* q = qkv + ((size_t)i * heads + h) * 3 * HD;
+  float qv[C];
+#pragma unroll
+  for (int c = 0; c < C; c++) qv[c] = to_f(q[lane * C + c]);
+  // Rotate-half over the first `rot` channels: channel ch pairs with ch +- half,
+  // held by lane (ch +- half) / C in the same register (half is a multiple of C).
+  const int half = rot / 2;
+#pragma unroll
+  for (int c = 0; c < C; c++) {
+    const int ch = lane * C + c;
+    const int partner = ch < half ? ch + half : ch - half;
+    const float pv = __shfl_sync(0xffffffff, qv[c], ch < rot ? partner / C : lane);
+    if (ch < rot) {
+      const int f = ch < half ? ch : ch - half;
+      const float inv_freq = 1.0f / powf(base, (float)(2 * f) / (float)rot);
+      float sn, co;
+      sincosf((float)pos * inv_freq, &sn, &co);
+      qv[c] = ch < half ? qv[c] * co - pv * sn : qv[c] * co + pv * sn;
+    }
+    qv[c] *= scale;
+  }
+  float kf[MAX_LOCAL_KEYS][C], vf[MAX_LOCAL_KEYS][C];
+#pragma unroll
+  for (int j = 0; j < MAX_LOCAL_KEYS; j++) {
+    if (j <= pos) {
+      const uint32_t slot = table[j / page_size] * (uint32_t)page_size + j % page_size;
+      const T* kp = pool + ((size_t)slot * 2 * heads + h) * HD + lane * C;
+#pragma unroll
+      for (int c = 0; c < C; c++) {
+        kf[j][c] = to_f(kp[c]);
+        vf[j][c] = to_f(kp[(size_t)heads * HD + c]);
+      }
+    }
+  }
+  float sc[MAX_LOCAL_KEYS], mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < MAX_LOCAL_KEYS; j++) {
+    float d = 0.f;
+    if (j <= pos) {
+#pragma unroll
+      for (int c = 0; c < C; c++) d += qv[c] * kf[j][c];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) d += __shfl_xor_sync(0xffffffff, d, o);
+    sc[j] = d;
+    if (j <= pos) mx = fmaxf(mx, d);
+  }
+  float l = 0.f, acc[C];
+#pragma unroll
+  for (int c = 0; c < C; c++) acc[c] = 0.f;
+#pragma unroll
+  for (int j = 0; j < MAX_LOCAL_KEYS; j++) {
+    if (j <= pos) {
+      const float p = __expf(sc[j] - mx);
+      l += p;
+#pragma unroll
+      for (int c = 0; c < C; c++) acc[c] += p * vf[j][c];
+    }
+  }
+  T* o = out + ((size_t)i * heads + h) * HD + lane * C;
+#pragma unroll
+  for (int c = 0; c < C; c++) o[c] = from_f<T>(acc[c] / l);
+}
+
+#define LOCAL(NAME, T, HD)                                                                                   \
+  extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads, \
+                                  int rot, float base, int page_size, int max_pages, float scale) {          \
+    local_attn<T, HD>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, scale);              \
+  }
+#define LOCAL_ALL(HD)                                \
+  LOCAL(local_attn_f32_##HD, float, HD)              \
+  LOCAL(local_attn_bf16_##HD, __nv_bfloat16, HD)     \
+  LOCAL(local_attn_f16_##HD, __half, HD)
+LOCAL_ALL(32)
+LOCAL_ALL(64)
+LOCAL_ALL(128)
+
 // Tensor-core attention for prefill groups (bf16/f16, 16-position pages): one
 // warp per (group of up to 16 consecutive tokens of one row, head). For each
 // 16-key page: S = Q K^T with WMMA (K loaded straight from the page), causal

@@ -53,12 +53,20 @@ fn reference(row: &[f32], t: usize, s: &HeadShape) -> Vec<f32> {
 }
 
 fn check(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32) {
+    // Row lengths and the split into two passes (first chunk, then the rest).
+    check_rows(heads, head_dim, page_size, dtype, tol, &[5, 40, 17, 4, 33], &[3, 33, 16, 1, 1]);
+}
+
+/// Rows of at most eight positions, as the token decoder's local cache holds
+/// (the CUDA build's warp-per-token kernel): a two-position prefix, then steps.
+fn check_short(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32) {
+    check_rows(heads, head_dim, page_size, dtype, tol, &[5, 2, 8, 1, 3], &[2, 2, 7, 1, 2]);
+}
+
+fn check_rows(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32, lens: &[usize], first: &[usize]) {
     let device = common::device();
     let shape = HeadShape { heads, head_dim, rot: head_dim / 4, rope_base: 10000.0 };
-    let mut rng = rand::rngs::StdRng::seed_from_u64((heads * 1000 + head_dim * 10 + page_size) as u64);
-    // Row lengths and the split into two passes (first chunk, then the rest).
-    let lens = [5usize, 40, 17, 4, 33];
-    let first = [3usize, 33, 16, 1, 1];
+    let mut rng = rand::rngs::StdRng::seed_from_u64((heads * 1000 + head_dim * 10 + page_size + lens[0]) as u64);
     let width = heads * 3 * head_dim;
     let rows: Vec<Vec<f32>> = lens.iter().map(|&n| (0..n * width).map(|_| rng.gen_range(-2.0f32..2.0)).collect()).collect();
     // Round the inputs to the run dtype so the reference sees what the kernel sees.
@@ -69,7 +77,7 @@ fn check(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32
     let pool_shape = PoolShape { layers: 1, heads, head_dim, max_positions: 64 };
     let mut pool = KvPool::with_shape(pool_shape, 64, page_size, dtype, &device).unwrap();
     let mut seqs: Vec<SeqKv> = lens.iter().map(|_| SeqKv::default()).collect();
-    for (pass_no, counts) in [first.to_vec(), lens.iter().zip(&first).map(|(l, f)| l - f).collect::<Vec<_>>()].into_iter().enumerate() {
+    for (pass_no, counts) in [first.to_vec(), lens.iter().zip(first).map(|(l, f)| l - f).collect::<Vec<_>>()].into_iter().enumerate() {
         let starts: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
         let mut refs: Vec<&mut SeqKv> = seqs.iter_mut().collect();
         let pass = pool.plan(&mut refs, &counts, &device).unwrap();
@@ -100,6 +108,15 @@ fn paged_attention_matches_dense_reference_f32() {
     check(4, 16, 16, DType::F32, 1e-5);
     check(12, 64, 16, DType::F32, 1e-5);
     check(2, 128, 4, DType::F32, 1e-5);
+}
+
+#[test]
+fn short_rows_match_dense_reference() {
+    check_short(12, 64, 5, DType::F32, 1e-5);
+    check_short(4, 32, 16, DType::F32, 1e-5);
+    check_short(2, 128, 4, DType::F32, 1e-5);
+    check_short(12, 64, 5, DType::BF16, 2e-2);
+    check_short(2, 128, 8, DType::BF16, 2e-2);
 }
 
 #[test]

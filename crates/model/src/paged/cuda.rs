@@ -79,6 +79,35 @@ pub(super) fn attend(
         if !matches!(s.head_dim, 16 | 32 | 64 | 128 | 256) {
             candle_core::bail!("paged attention supports head_dim 16, 32, 64, 128 or 256, not {}", s.head_dim);
         }
+        let (qa, qb) = offsets(ql)?;
+        let (pa, pb) = offsets(pl)?;
+        let (ia, ib) = offsets(il)?;
+        let q = qkv.as_cuda_slice::<T>()?.slice(qa..qb);
+        let p = pool.as_cuda_slice::<T>()?.slice(pa..pb);
+        let idx = index.as_cuda_slice::<u32>()?.slice(ia..ib);
+        let n = op.tokens;
+        // Rows of at most MAX_LOCAL_KEYS (8) positions, the token decoder's,
+        // take a warp per token and head (the lanes' channels must split the
+        // rotary half evenly, which 25% rotary over 32, 64 or 128 does).
+        let lanes_channels = s.head_dim / 32;
+        if op.max_keys <= 8 && matches!(s.head_dim, 32 | 64 | 128) && (s.rot / 2) % lanes_channels == 0 {
+            let func = dev.get_or_load_custom_func(&format!("local_attn_{}_{}", suffix(T::DTYPE)?, s.head_dim), MODULE, PTX)?;
+            let out = unsafe { dev.alloc::<T>(n * s.heads * s.head_dim)? };
+            if n == 0 {
+                return Ok(CudaStorage::wrap_cuda_slice(out, dev));
+            }
+            let mut b = func.builder();
+            b.arg(&out);
+            b.arg(&q);
+            b.arg(&p);
+            b.arg(&idx);
+            candle_core::builder_arg!(b, n as i32, s.heads as i32, s.rot as i32, s.rope_base, op.page_size as i32, op.max_pages as i32, op.scale);
+            // Four warps a CTA, a warp per (token, head).
+            let cfg = LaunchConfig { grid_dim: ((n * s.heads).div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: as below; every row's keys (at most 8) lie in its pages.
+            unsafe { b.launch(cfg) }.w()?;
+            return Ok(CudaStorage::wrap_cuda_slice(out, dev));
+        }
         // Prefill groups in 2-byte dtypes over 16-position pages take the
         // tensor-core kernel (one warp per group); otherwise CUDA cores, with
         // groups split into CTAs of `group_cta` tokens.
@@ -94,13 +123,6 @@ pub(super) fn attend(
             format!("paged_attn{group_cta}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
         };
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-        let (qa, qb) = offsets(ql)?;
-        let (pa, pb) = offsets(pl)?;
-        let (ia, ib) = offsets(il)?;
-        let q = qkv.as_cuda_slice::<T>()?.slice(qa..qb);
-        let p = pool.as_cuda_slice::<T>()?.slice(pa..pb);
-        let idx = index.as_cuda_slice::<u32>()?.slice(ia..ib);
-        let n = op.tokens;
         let out = unsafe { dev.alloc::<T>(n * s.heads * s.head_dim)? };
         if n == 0 {
             return Ok(CudaStorage::wrap_cuda_slice(out, dev));
