@@ -101,7 +101,7 @@ mod cuda {
     /// vector kernels' 32-bit indices.
     fn vectors<T>(sizes: &[usize]) -> bool {
         let w = vec_width::<T>();
-        sizes.iter().all(|s| s % w == 0) && sizes[0] / w <= u32::MAX as usize
+        sizes.iter().all(|s| s.is_multiple_of(w)) && sizes[0] / w <= u32::MAX as usize
     }
 
     pub struct BiasAct {
@@ -224,7 +224,7 @@ mod cuda {
             && x.is_contiguous()
             && !differentiable(x)
             && norms.iter().all(|ln| !differentiable(ln.weight()) && ln.weight().is_contiguous() && norms[0].eps() == ln.eps())
-            && d % (16 / x.dtype().size_in_bytes()) == 0
+            && d.is_multiple_of(16 / x.dtype().size_in_bytes())
             && d <= 8 * 32 * (16 / x.dtype().size_in_bytes())
             && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::BF16 | candle_core::DType::F16);
         if !usable {
@@ -255,7 +255,7 @@ mod cuda {
 
         fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
             let cols = *xl.dims().last().unwrap_or(&0);
-            let rows = if cols == 0 { 0 } else { xl.shape().elem_count() / cols };
+            let rows = xl.shape().elem_count().checked_div(cols).unwrap_or(0);
             let k = 1 + self.second.is_some() as usize;
             // The second norm's storages stay read-locked for the launch.
             let second = self.second.as_ref().map(|(w, b)| (w.storage_and_layout(), b.storage_and_layout()));
@@ -283,7 +283,7 @@ mod cuda {
                 }
                 fn slice<'a, T: CudaDType + DeviceRepr>((s, l): (&'a CudaStorage, &Layout), len: usize) -> Result<CudaView<'a, T>> {
                     let (a, e) = range(l)?;
-                    if e - a != len || a % vec_width::<T>() != 0 {
+                    if e - a != len || !a.is_multiple_of(vec_width::<T>()) {
                         candle_core::bail!("layer-norms: an input of {} elements at offset {a}, expected {len} aligned", e - a);
                     }
                     Ok(s.as_cuda_slice::<T>()?.slice(a..e))

@@ -23,10 +23,10 @@ mod error;
 mod fused;
 mod generation;
 mod gpt_neox;
-#[cfg(feature = "cuda")]
-mod lt_linear;
 pub mod init;
 pub mod loader;
+#[cfg(feature = "cuda")]
+mod lt_linear;
 pub mod paged;
 pub mod prompt;
 pub mod sampling;

@@ -34,7 +34,7 @@ pub(crate) fn linear_bias(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Optio
         && matches!(x.dtype(), DType::BF16 | DType::F16)
         && x.rank() == 2
         && w.rank() == 2
-        && w.dims().iter().all(|d| d % 8 == 0)
+        && w.dims().iter().all(|d| d.is_multiple_of(8))
         && x.is_contiguous()
         && w.is_contiguous()
         && bias.is_contiguous()
@@ -86,7 +86,7 @@ impl CustomOp3 for LinearBias {
                 let (bp, _rb) = bv.device_ptr(&stream);
                 let (op, _ro) = out.device_ptr(&stream);
                 for p in [xp, wp, bp, op] {
-                    if p % 16 != 0 {
+                    if !p.is_multiple_of(16) {
                         candle_core::bail!("lt-linear-bias: an operand is not 16-byte aligned");
                     }
                 }
@@ -183,7 +183,11 @@ impl Lt {
     unsafe fn plan(&self, dtype: DType, (m, n, k): (usize, usize, usize), bias: u64) -> Result<Plan> {
         let ty = if dtype == DType::BF16 { sys::cudaDataType_t::CUDA_R_16BF } else { sys::cudaDataType_t::CUDA_R_16F };
         let desc = result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F).map_err(lt_err)?;
-        set_desc(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T)?;
+        set_desc(
+            desc,
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+            &candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+        )?;
         set_desc(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS)?;
         set_desc(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
         let layouts = [

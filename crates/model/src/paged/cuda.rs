@@ -50,7 +50,7 @@ pub(super) fn kv_write(op: &KvWrite, pool: &mut CudaStorage, pl: &Layout, qkv: &
     if pl.start_offset() != 0 {
         candle_core::bail!("the KV pool must be a whole tensor");
     }
-    if op.shape.head_dim % 8 != 0 {
+    if !op.shape.head_dim.is_multiple_of(8) {
         candle_core::bail!("the KV write kernel needs head_dim a multiple of 8, not {}", op.shape.head_dim);
     }
     dispatch_float!(qkv.dtype(), go(op, pool, qkv, ql, index, il))
@@ -90,7 +90,7 @@ pub(super) fn attend(
         // take a warp per token and head (the lanes' channels must split the
         // rotary half evenly, which 25% rotary over 32, 64 or 128 does).
         let lanes_channels = s.head_dim / 32;
-        if op.max_keys <= 8 && matches!(s.head_dim, 32 | 64 | 128) && (s.rot / 2) % lanes_channels == 0 {
+        if op.max_keys <= 8 && matches!(s.head_dim, 32 | 64 | 128) && (s.rot / 2).is_multiple_of(lanes_channels) {
             let func = dev.get_or_load_custom_func(&format!("local_attn_{}_{}", suffix(T::DTYPE)?, s.head_dim), MODULE, PTX)?;
             let out = unsafe { dev.alloc::<T>(n * s.heads * s.head_dim)? };
             if n == 0 {
