@@ -1,8 +1,10 @@
 //! What every kernel launch of this crate needs (CUDA builds only): the kernel
-//! name suffix of a dtype, the element range of a contiguous input, and a
-//! dispatch from a float dtype to a generic launch function.
+//! name suffix of a dtype, the element range (and typed view) of a contiguous
+//! input, and a dispatch from a float dtype to a generic launch function.
 
-use candle_core::{DType, Layout, Result};
+use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaStorage, DType, Layout, Result};
 
 /// `f32`, `bf16` or `f16`: the suffix of the kernels built for a dtype.
 pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {
@@ -17,6 +19,12 @@ pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {
 /// Start and end element of a contiguous input.
 pub(crate) fn range(l: &Layout) -> Result<(usize, usize)> {
     l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("blockserve's CUDA kernels need contiguous inputs".into()))
+}
+
+/// The elements of a contiguous input as a typed device view.
+pub(crate) fn view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    let (a, e) = range(l)?;
+    Ok(s.as_cuda_slice::<T>()?.slice(a..e))
 }
 
 /// `$go::<T>($args)` with T the Rust type of the float dtype `$dtype`.

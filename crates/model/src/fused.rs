@@ -84,7 +84,7 @@ mod cuda {
     const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/layer_norm.ptx"));
     const NORM_MODULE: &str = "blockserve_layer_norm";
 
-    use crate::cuda_util::{dispatch_float, range, suffix};
+    use crate::cuda_util::{dispatch_float, range, suffix, view};
 
     fn cfg(n: usize) -> LaunchConfig {
         let blocks = n.div_ceil(256).min(132 * 16) as u32;
@@ -219,14 +219,16 @@ mod cuda {
     pub(super) fn layer_norms(norms: &[&LayerNorm], x: &Tensor) -> crate::error::Result<Option<Vec<Tensor>>> {
         let params = |ln: &LayerNorm| (ln.weight().clone(), ln.bias().expect("GPT-NeoX norms have a bias").clone());
         let d = x.dim(candle_core::D::Minus1)?;
+        // Elements in one 16-byte access; the kernel holds eight per lane.
+        let width = 16 / x.dtype().size_in_bytes();
         let usable = x.device().is_cuda()
             && matches!(norms.len(), 1 | 2)
             && x.is_contiguous()
             && !differentiable(x)
             && norms.iter().all(|ln| !differentiable(ln.weight()) && ln.weight().is_contiguous() && norms[0].eps() == ln.eps())
-            && d.is_multiple_of(16 / x.dtype().size_in_bytes())
-            && d <= 8 * 32 * (16 / x.dtype().size_in_bytes())
-            && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::BF16 | candle_core::DType::F16);
+            && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::BF16 | candle_core::DType::F16)
+            && d.is_multiple_of(width)
+            && d <= 8 * 32 * width;
         if !usable {
             return Ok(None);
         }
@@ -282,11 +284,11 @@ mod cuda {
                     return Ok(CudaStorage::wrap_cuda_slice(out, dev));
                 }
                 fn slice<'a, T: CudaDType + DeviceRepr>((s, l): (&'a CudaStorage, &Layout), len: usize) -> Result<CudaView<'a, T>> {
-                    let (a, e) = range(l)?;
-                    if e - a != len || !a.is_multiple_of(vec_width::<T>()) {
-                        candle_core::bail!("layer-norms: an input of {} elements at offset {a}, expected {len} aligned", e - a);
+                    let at = l.start_offset();
+                    if l.shape().elem_count() != len || !at.is_multiple_of(vec_width::<T>()) {
+                        candle_core::bail!("layer-norms: an input of {} elements at offset {at}, expected {len} aligned", l.shape().elem_count());
                     }
-                    Ok(s.as_cuda_slice::<T>()?.slice(a..e))
+                    view(s, l)
                 }
                 let xs = slice::<T>(x, rows * cols)?;
                 let [w1, b1, w2, b2] = p;

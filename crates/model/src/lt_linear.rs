@@ -20,11 +20,11 @@ use std::mem::size_of;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublaslt::{result, sys};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use crate::cuda_util::range;
+use crate::cuda_util::view;
 
 /// `x` `[m, k]` times `w^T` (`w` `[n, k]`) plus `bias` `[n]`, or None where
 /// this path does not apply (not CUDA, not bf16/f16, not contiguous, rows
@@ -73,10 +73,6 @@ impl CustomOp3 for LinearBias {
             let out = unsafe { dev.alloc::<T>(m * n)? };
             if m == 0 {
                 return Ok(CudaStorage::wrap_cuda_slice(out, dev));
-            }
-            fn view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
-                let (a, e) = range(l)?;
-                Ok(s.as_cuda_slice::<T>()?.slice(a..e))
             }
             let (xv, wv, bv) = (view::<T>(x, xl)?, view::<T>(w, wl)?, view::<T>(b, bl)?);
             let stream = dev.cuda_stream();

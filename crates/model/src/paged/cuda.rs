@@ -7,7 +7,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Shape};
 
 use super::ops::{KvWrite, PagedAttention};
-use crate::cuda_util::{dispatch_float, range as offsets, suffix};
+use crate::cuda_util::{dispatch_float, range as offsets, suffix, view};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 const MODULE: &str = "blockserve_paged_attention";
@@ -79,23 +79,18 @@ pub(super) fn attend(
         if !matches!(s.head_dim, 16 | 32 | 64 | 128 | 256) {
             candle_core::bail!("paged attention supports head_dim 16, 32, 64, 128 or 256, not {}", s.head_dim);
         }
-        let (qa, qb) = offsets(ql)?;
-        let (pa, pb) = offsets(pl)?;
-        let (ia, ib) = offsets(il)?;
-        let q = qkv.as_cuda_slice::<T>()?.slice(qa..qb);
-        let p = pool.as_cuda_slice::<T>()?.slice(pa..pb);
-        let idx = index.as_cuda_slice::<u32>()?.slice(ia..ib);
+        let (q, p, idx) = (view::<T>(qkv, ql)?, view::<T>(pool, pl)?, view::<u32>(index, il)?);
         let n = op.tokens;
+        let out = unsafe { dev.alloc::<T>(n * s.heads * s.head_dim)? };
+        if n == 0 {
+            return Ok(CudaStorage::wrap_cuda_slice(out, dev));
+        }
         // Rows of at most MAX_LOCAL_KEYS (8) positions, the token decoder's,
         // take a warp per token and head (the lanes' channels must split the
         // rotary half evenly, which 25% rotary over 32, 64 or 128 does).
         let lanes_channels = s.head_dim / 32;
         if op.max_keys <= 8 && matches!(s.head_dim, 32 | 64 | 128) && (s.rot / 2).is_multiple_of(lanes_channels) {
             let func = dev.get_or_load_custom_func(&format!("local_attn_{}_{}", suffix(T::DTYPE)?, s.head_dim), MODULE, PTX)?;
-            let out = unsafe { dev.alloc::<T>(n * s.heads * s.head_dim)? };
-            if n == 0 {
-                return Ok(CudaStorage::wrap_cuda_slice(out, dev));
-            }
             let mut b = func.builder();
             b.arg(&out);
             b.arg(&q);
@@ -123,10 +118,6 @@ pub(super) fn attend(
             format!("paged_attn{group_cta}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
         };
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-        let out = unsafe { dev.alloc::<T>(n * s.heads * s.head_dim)? };
-        if n == 0 {
-            return Ok(CudaStorage::wrap_cuda_slice(out, dev));
-        }
         // One warp covers 32 / (head_dim / 8) keys per round; up to 4 warps.
         let keys_per_warp = 32 / (s.head_dim / 8);
         let warps = if tensor_cores { 1 } else { op.max_keys.div_ceil(keys_per_warp).clamp(1, 4) };
