@@ -14,6 +14,8 @@
 //!   once per batch shape and replayed as CUDA graphs.
 //! - [`download`]: a pass's contexts to the host without waiting for the
 //!   next pass, which the block decoder launches behind it.
+//! - [`token_thread`]: a token batcher on a thread (and so a CUDA stream) of
+//!   its own, for the pipeline's overlap of the two tiers.
 //! - [`pipeline`]: both in one process, driving requests to completion with
 //!   per-session timings (what `blockserve bench` measures).
 
@@ -26,7 +28,9 @@ pub mod gather;
 pub mod pipeline;
 pub mod prefix_cache;
 pub mod token_batcher;
+pub mod token_thread;
 
 pub use block_scheduler::{BlockScheduler, Contexts, SchedulerConfig};
 pub use error::EngineError;
 pub use token_batcher::{BlockJob, TokenBatcher};
+pub use token_thread::TokenThread;

@@ -1,6 +1,11 @@
 //! Both tiers in one process, no gRPC: the block scheduler's passes feed the
 //! token batcher, whose blocks go back to the scheduler, until every request
 //! has finished. This is the engine `blockserve bench` measures.
+//!
+//! The token batcher runs either inline (a pass, then its block, one after the
+//! other) or on a [`TokenThread`], where the decoding sessions form two
+//! groups: one group's block decodes on the token thread's stream while the
+//! other group's pass runs on the caller's, so both tiers keep the GPU busy.
 
 use std::time::Instant;
 
@@ -9,6 +14,7 @@ use blockserve_model::{FinishReason, GenerationRequest, ModelError};
 
 use crate::block_scheduler::BlockScheduler;
 use crate::token_batcher::{BlockJob, TokenBatcher};
+use crate::token_thread::{Decoded, Group, TokenThread};
 
 type Result<T> = std::result::Result<T, ModelError>;
 
@@ -28,7 +34,8 @@ pub struct RunStats {
     /// Block-decoder passes (host time; the GPU queue drains during the token phase).
     pub passes: usize,
     pub block_phase_s: f64,
-    /// Token-decoder blocks, including waiting for the device to finish.
+    /// Token-decoder blocks, including waiting for the device to finish (on
+    /// the token thread, if there is one).
     pub token_phase_s: f64,
     pub decode_rows: usize,
     pub prefill_blocks: usize,
@@ -49,11 +56,67 @@ struct Live<'r> {
     forced: Vec<u32>,
 }
 
-/// Run `reqs` to completion; outcomes are in request order. `memory` samples
-/// the device's used memory after each pass (for the peak).
+/// Where the token decoder's blocks run.
+pub enum Tokens<'a> {
+    /// On the calling thread, after each pass.
+    Inline(&'a mut TokenBatcher),
+    /// On their own thread, while the calling thread runs the next pass.
+    Thread(&'a TokenThread),
+}
+
+impl Tokens<'_> {
+    /// The same place, for another run.
+    pub fn reborrow(&mut self) -> Tokens<'_> {
+        match self {
+            Tokens::Inline(b) => Tokens::Inline(b),
+            Tokens::Thread(t) => Tokens::Thread(t),
+        }
+    }
+
+    /// Groups in flight at once: the overlap needs two.
+    fn depth(&self) -> usize {
+        match self {
+            Tokens::Inline(_) => 1,
+            Tokens::Thread(_) => 2,
+        }
+    }
+
+    fn submit(&mut self, group: Group, done: &mut Option<Decoded>) -> Result<()> {
+        match self {
+            Tokens::Inline(batcher) => {
+                let t = Instant::now();
+                let blocks = batcher.decode(&group.contexts, &group.jobs)?;
+                *done = Some(Decoded { rows: group.rows, blocks, busy_s: t.elapsed().as_secs_f64() });
+                Ok(())
+            }
+            Tokens::Thread(thread) => thread.submit(group),
+        }
+    }
+
+    fn recv(&mut self, done: &mut Option<Decoded>) -> Result<Decoded> {
+        match self {
+            Tokens::Inline(_) => Ok(done.take().expect("inline groups decode at submit")),
+            Tokens::Thread(thread) => thread.recv(),
+        }
+    }
+}
+
+/// Run `reqs` to completion with the token batcher inline; outcomes are in
+/// request order. `memory` samples the device's used memory after each pass
+/// (for the peak).
 pub fn run(
     sched: &mut BlockScheduler,
     batcher: &mut TokenBatcher,
+    reqs: &[GenerationRequest],
+    memory: &dyn Fn() -> Option<usize>,
+) -> Result<(Vec<Outcome>, RunStats)> {
+    run_with(sched, Tokens::Inline(batcher), reqs, memory)
+}
+
+/// [`run`] with the token decoder where `tokens` says.
+pub fn run_with(
+    sched: &mut BlockScheduler,
+    mut tokens: Tokens,
     reqs: &[GenerationRequest],
     memory: &dyn Fn() -> Option<usize>,
 ) -> Result<(Vec<Outcome>, RunStats)> {
@@ -73,31 +136,44 @@ pub fn run(
         }
         sched.submit(i as u64, padded.ids, new_blocks)?;
     }
-    while sched.has_work() {
-        let t = Instant::now();
-        let Some(ctx) = sched.iterate()? else { break };
-        stats.passes += 1;
-        stats.decode_rows += ctx.decode_rows;
-        stats.prefill_blocks += ctx.prefill_blocks;
-        stats.attended_blocks += ctx.rows.iter().map(|r| r.1 as u64 + 1).sum::<u64>();
-        stats.block_phase_s += t.elapsed().as_secs_f64();
-        if ctx.rows.is_empty() {
+    let depth = tokens.depth();
+    let (mut in_flight, mut inline_done) = (0, None);
+    loop {
+        if in_flight < depth && sched.has_work() {
+            // With two groups in flight a pass takes at most half of the
+            // decoding sessions' blocks, so that the groups stay apart.
+            let most = if depth > 1 { sched.decoding().div_ceil(depth).max(1) } else { usize::MAX };
+            let t = Instant::now();
+            let Some(ctx) = sched.iterate_with(most)? else { break };
+            stats.passes += 1;
+            stats.decode_rows += ctx.decode_rows;
+            stats.prefill_blocks += ctx.prefill_blocks;
+            stats.attended_blocks += ctx.rows.iter().map(|r| r.1 as u64 + 1).sum::<u64>();
+            stats.block_phase_s += t.elapsed().as_secs_f64();
+            if ctx.rows.is_empty() {
+                continue;
+            }
+            let jobs: Vec<BlockJob> = ctx
+                .rows
+                .iter()
+                .map(|&(key, _)| {
+                    let s = &live[key as usize];
+                    BlockJob { sampling: s.req.sampling.clone(), history: s.history.clone(), generated: s.tokens.len() as u64, forced: s.forced.clone() }
+                })
+                .collect();
+            tokens.submit(Group { contexts: ctx.tensor, jobs, rows: ctx.rows }, &mut inline_done)?;
+            in_flight += 1;
             continue;
         }
-        let t = Instant::now();
-        let jobs: Vec<BlockJob> = ctx
-            .rows
-            .iter()
-            .map(|&(key, _)| {
-                let s = &live[key as usize];
-                BlockJob { sampling: s.req.sampling.clone(), history: s.history.clone(), generated: s.tokens.len() as u64, forced: s.forced.clone() }
-            })
-            .collect();
-        let blocks = batcher.decode(&ctx.tensor, &jobs)?;
+        if in_flight == 0 {
+            break;
+        }
+        let Decoded { rows, blocks, busy_s } = tokens.recv(&mut inline_done)?;
+        in_flight -= 1;
         stats.token_rows += blocks.len();
+        stats.token_phase_s += busy_s;
         let now = t0.elapsed().as_secs_f64();
-        stats.token_phase_s += t.elapsed().as_secs_f64();
-        for (&(key, _), block) in ctx.rows.iter().zip(blocks) {
+        for (&(key, _), block) in rows.iter().zip(blocks) {
             let s = &mut live[key as usize];
             s.first_token_s.get_or_insert(now);
             let new = &block[std::mem::take(&mut s.forced).len()..];

@@ -143,7 +143,7 @@ impl TokenDecoder {
         let h = self.stack.forward_paged(&prefix.reshape((b * self.ratio, d))?, &local.pool, local.pass(0))?;
         // Each row's last prefix position predicts its first token.
         let last = h.reshape((b, self.ratio, d))?.narrow(1, self.ratio - 1, 1)?.squeeze(1)?.contiguous()?;
-        Ok(self.lm_head.forward(&last)?)
+        fused::linear(&self.lm_head, &last, Epilogue::Bias)
     }
 
     /// Feed each row's newest token `[b]` (u32) and return the next logits `[b, V]`.
@@ -157,7 +157,7 @@ impl TokenDecoder {
         }
         local.step += 1;
         let h = self.stack.forward_paged(&self.embed(tokens)?, &local.pool, local.pass(local.step))?;
-        Ok(self.lm_head.forward(&h)?)
+        fused::linear(&self.lm_head, &h, Epilogue::Bias)
     }
 }
 

@@ -15,25 +15,29 @@ use crate::gpt_neox::differentiable;
 /// What follows a linear layer's matmul.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Epilogue {
+    /// The layer's bias, if it has one.
     Bias,
+    /// The bias, then GELU (exact).
     BiasGelu,
 }
 
-/// `x W^T + b`, then GELU (exact) for [`Epilogue::BiasGelu`].
+/// `x W^T (+ b)`, then GELU (exact) for [`Epilogue::BiasGelu`].
 pub fn linear(lin: &Linear, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && x.rank() == 2 && !differentiable(x) && !differentiable(lin.weight()) {
-        if let Some(bias) = lin.bias() {
-            // bf16/f16: the bias in the GEMM's epilogue, no second pass.
-            if epilogue == Epilogue::Bias {
-                if let Some(y) = crate::lt_linear::linear_bias(x, lin.weight(), bias)? {
-                    return Ok(y);
-                }
-            }
-            let y = x.matmul(&lin.weight().t()?)?;
-            y.inplace_op2(bias, &cuda::BiasAct { gelu: epilogue == Epilogue::BiasGelu })?;
-            return Ok(y);
+        // bf16/f16: cuBLASLt, with the bias in the GEMM's epilogue unless
+        // GELU follows (cuBLASLt's GELU is the tanh approximation).
+        let in_epilogue = lin.bias().filter(|_| epilogue == Epilogue::Bias);
+        let (y, bias_done) = match crate::lt_linear::linear(x, lin.weight(), in_epilogue)? {
+            Some(y) => (y, in_epilogue.is_some()),
+            None => (x.matmul(&lin.weight().t()?)?, false),
+        };
+        match lin.bias() {
+            Some(bias) if !bias_done => y.inplace_op2(bias, &cuda::BiasAct { gelu: epilogue == Epilogue::BiasGelu })?,
+            None if epilogue == Epilogue::BiasGelu => return Ok(y.gelu_erf()?),
+            _ => {}
         }
+        return Ok(y);
     }
     let y = lin.forward(x)?;
     Ok(match epilogue {

@@ -2,6 +2,11 @@
 //! epilogue (bf16 and f16 on CUDA). A separate bias pass reads and writes
 //! every output again: after the fused kernels it was the largest elementwise
 //! cost of a token-decoder step (an H200 profile, `docs/performance.md`).
+//! Layers without a bias in the epilogue (the LM head, and the MLP's up
+//! projection, whose exact GELU follows in a pass of its own) take the same
+//! path, so that in bf16/f16 the engine's matmuls never touch candle's cuBLAS
+//! handle: that one handle (and its workspace) is shared by every thread,
+//! while the in-process pipeline runs the two tiers on two threads at once.
 //!
 //! Numerics: the epilogue adds the bias to the f32 accumulator and rounds
 //! once, where matmul-then-add rounds twice. f32 runs keep candle's matmul
@@ -22,14 +27,14 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublaslt::{result, sys};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use crate::cuda_util::view;
 
-/// `x` `[m, k]` times `w^T` (`w` `[n, k]`) plus `bias` `[n]`, or None where
-/// this path does not apply (not CUDA, not bf16/f16, not contiguous, rows
-/// that are not whole 16-byte vectors).
-pub(crate) fn linear_bias(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
+/// `x` `[m, k]` times `w^T` (`w` `[n, k]`), plus `bias` `[n]` in the
+/// epilogue if given, or None where this path does not apply (not CUDA, not
+/// bf16/f16, not contiguous, rows that are not whole 16-byte vectors).
+pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     let usable = x.device().is_cuda()
         && matches!(x.dtype(), DType::BF16 | DType::F16)
         && x.rank() == 2
@@ -37,16 +42,85 @@ pub(crate) fn linear_bias(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Optio
         && w.dims().iter().all(|d| d.is_multiple_of(8))
         && x.is_contiguous()
         && w.is_contiguous()
-        && bias.is_contiguous()
         && w.dtype() == x.dtype()
-        && bias.dtype() == x.dtype();
+        && bias.is_none_or(|b| b.is_contiguous() && b.dtype() == x.dtype());
     if !usable {
         return Ok(None);
     }
-    Ok(Some(x.apply_op3_no_bwd(w, bias, &LinearBias)?))
+    Ok(Some(match bias {
+        Some(bias) => x.apply_op3_no_bwd(w, bias, &LinearBias)?,
+        None => x.apply_op2_no_bwd(w, &LinearBias)?,
+    }))
 }
 
+/// The cuBLASLt linear as a candle op: two operands without a bias, three with.
 struct LinearBias;
+
+impl LinearBias {
+    fn fwd(x: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout), b: Option<(&CudaStorage, &Layout)>) -> Result<(CudaStorage, Shape)> {
+        let (m, k) = (x.1.dims()[0], x.1.dims()[1]);
+        let n = w.1.dims()[0];
+        if w.1.dims() != [n, k] || b.is_some_and(|b| b.1.dims() != [n]) {
+            candle_core::bail!("lt-linear: x {:?}, weight {:?}, bias {:?}", x.1.dims(), w.1.dims(), b.map(|b| b.1.dims()));
+        }
+        fn go<T: CudaDType + DeviceRepr + WithDType>(
+            (m, n, k): (usize, usize, usize),
+            x: (&CudaStorage, &Layout),
+            w: (&CudaStorage, &Layout),
+            b: Option<(&CudaStorage, &Layout)>,
+        ) -> Result<CudaStorage> {
+            let dev = x.0.device().clone();
+            let out = unsafe { dev.alloc::<T>(m * n)? };
+            if m == 0 {
+                return Ok(CudaStorage::wrap_cuda_slice(out, dev));
+            }
+            let (xv, wv) = (view::<T>(x.0, x.1)?, view::<T>(w.0, w.1)?);
+            let bv = b.map(|b| view::<T>(b.0, b.1)).transpose()?;
+            let stream = dev.cuda_stream();
+            {
+                let (xp, _rx) = xv.device_ptr(&stream);
+                let (wp, _rw) = wv.device_ptr(&stream);
+                let bp = bv.as_ref().map(|bv| bv.device_ptr(&stream));
+                let (op, _ro) = out.device_ptr(&stream);
+                let bias = bp.as_ref().map(|(p, _)| *p);
+                for p in [xp, wp, op].into_iter().chain(bias) {
+                    if !p.is_multiple_of(16) {
+                        candle_core::bail!("lt-linear: an operand is not 16-byte aligned");
+                    }
+                }
+                LT.with(|lt| -> Result<()> {
+                    let mut lt = lt.borrow_mut();
+                    let ctx = match lt.entry(dev.id()) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(v) => v.insert(Lt::new(&dev)?),
+                    };
+                    ctx.matmul(T::DTYPE, (m, n, k), [xp, wp, op], bias, stream.cu_stream() as sys::cudaStream_t)
+                })?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        }
+        let out = match x.0.dtype() {
+            DType::BF16 => go::<half::bf16>((m, n, k), x, w, b)?,
+            DType::F16 => go::<half::f16>((m, n, k), x, w, b)?,
+            d => candle_core::bail!("lt-linear: dtype {d:?}"),
+        };
+        Ok((out, Shape::from((m, n))))
+    }
+}
+
+impl CustomOp2 for LinearBias {
+    fn name(&self) -> &'static str {
+        "lt-linear"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("lt-linear runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
+        Self::fwd((x, xl), (w, wl), None)
+    }
+}
 
 impl CustomOp3 for LinearBias {
     fn name(&self) -> &'static str {
@@ -58,51 +132,7 @@ impl CustomOp3 for LinearBias {
     }
 
     fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let (m, k) = (xl.dims()[0], xl.dims()[1]);
-        let n = wl.dims()[0];
-        if wl.dims() != [n, k] || bl.dims() != [n] {
-            candle_core::bail!("lt-linear-bias: x {:?}, weight {:?}, bias {:?}", xl.dims(), wl.dims(), bl.dims());
-        }
-        fn go<T: CudaDType + DeviceRepr + WithDType>(
-            (m, n, k): (usize, usize, usize),
-            (x, xl): (&CudaStorage, &Layout),
-            (w, wl): (&CudaStorage, &Layout),
-            (b, bl): (&CudaStorage, &Layout),
-        ) -> Result<CudaStorage> {
-            let dev = x.device().clone();
-            let out = unsafe { dev.alloc::<T>(m * n)? };
-            if m == 0 {
-                return Ok(CudaStorage::wrap_cuda_slice(out, dev));
-            }
-            let (xv, wv, bv) = (view::<T>(x, xl)?, view::<T>(w, wl)?, view::<T>(b, bl)?);
-            let stream = dev.cuda_stream();
-            {
-                let (xp, _rx) = xv.device_ptr(&stream);
-                let (wp, _rw) = wv.device_ptr(&stream);
-                let (bp, _rb) = bv.device_ptr(&stream);
-                let (op, _ro) = out.device_ptr(&stream);
-                for p in [xp, wp, bp, op] {
-                    if !p.is_multiple_of(16) {
-                        candle_core::bail!("lt-linear-bias: an operand is not 16-byte aligned");
-                    }
-                }
-                LT.with(|lt| -> Result<()> {
-                    let mut lt = lt.borrow_mut();
-                    let ctx = match lt.entry(dev.id()) {
-                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(v) => v.insert(Lt::new(&dev)?),
-                    };
-                    ctx.matmul(T::DTYPE, (m, n, k), [xp, wp, bp, op], stream.cu_stream() as sys::cudaStream_t)
-                })?;
-            }
-            Ok(CudaStorage::wrap_cuda_slice(out, dev))
-        }
-        let out = match x.dtype() {
-            DType::BF16 => go::<half::bf16>((m, n, k), (x, xl), (w, wl), (b, bl))?,
-            DType::F16 => go::<half::f16>((m, n, k), (x, xl), (w, wl), (b, bl))?,
-            d => candle_core::bail!("lt-linear-bias: dtype {d:?}"),
-        };
-        Ok((out, Shape::from((m, n))))
+        Self::fwd((x, xl), (w, wl), Some((b, bl)))
     }
 }
 
@@ -114,7 +144,8 @@ thread_local! {
 struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    plans: HashMap<(DType, usize, usize, usize), Plan>,
+    /// By (dtype, m, n, k, with a bias).
+    plans: HashMap<(DType, usize, usize, usize, bool), Plan>,
     // Keeps the device (and its context) alive as long as the handle.
     _device: CudaDevice,
 }
@@ -140,11 +171,11 @@ impl Lt {
         Ok(Self { handle, workspace, plans: HashMap::new(), _device: dev.clone() })
     }
 
-    /// `out` `[m, n]` (row-major) = `x` `[m, k]` `w^T` + `bias`. In cuBLASLt's
+    /// `out` `[m, n]` (row-major) = `x` `[m, k]` `w^T` (+ `bias`). In cuBLASLt's
     /// column-major terms: D `[n, m]` = op_T(W stored `[k, n]`) X (stored
     /// `[k, m]`), the bias broadcast along D's rows.
-    fn matmul(&mut self, dtype: DType, (m, n, k): (usize, usize, usize), [x, w, bias, out]: [u64; 4], stream: sys::cudaStream_t) -> Result<()> {
-        let key = (dtype, m, n, k);
+    fn matmul(&mut self, dtype: DType, (m, n, k): (usize, usize, usize), [x, w, out]: [u64; 3], bias: Option<u64>, stream: sys::cudaStream_t) -> Result<()> {
+        let key = (dtype, m, n, k, bias.is_some());
         if !self.plans.contains_key(&key) {
             let plan = unsafe { self.plan(dtype, (m, n, k), bias)? };
             self.plans.insert(key, plan);
@@ -153,7 +184,9 @@ impl Lt {
         let (alpha, beta) = (1f32, 0f32);
         let (ws, _rws) = self.workspace.device_ptr(self.workspace.stream());
         unsafe {
-            set_desc(plan.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+            if let Some(bias) = bias {
+                set_desc(plan.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+            }
             result::matmul(
                 self.handle,
                 plan.desc,
@@ -176,7 +209,7 @@ impl Lt {
         }
     }
 
-    unsafe fn plan(&self, dtype: DType, (m, n, k): (usize, usize, usize), bias: u64) -> Result<Plan> {
+    unsafe fn plan(&self, dtype: DType, (m, n, k): (usize, usize, usize), bias: Option<u64>) -> Result<Plan> {
         let ty = if dtype == DType::BF16 { sys::cudaDataType_t::CUDA_R_16BF } else { sys::cudaDataType_t::CUDA_R_16F };
         let desc = result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F).map_err(lt_err)?;
         set_desc(
@@ -184,8 +217,10 @@ impl Lt {
             sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
             &candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
         )?;
-        set_desc(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS)?;
-        set_desc(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+        if let Some(bias) = bias {
+            set_desc(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS)?;
+            set_desc(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+        }
         let layouts = [
             result::create_matrix_layout(ty, k as u64, n as u64, k as i64).map_err(lt_err)?,
             result::create_matrix_layout(ty, k as u64, m as u64, k as i64).map_err(lt_err)?,

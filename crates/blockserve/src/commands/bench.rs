@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use blockserve_engine::pipeline::{self, RunStats};
-use blockserve_engine::{BlockScheduler, SchedulerConfig, TokenBatcher};
+use blockserve_engine::pipeline::{self, RunStats, Tokens};
+use blockserve_engine::{BlockScheduler, SchedulerConfig, TokenBatcher, TokenThread};
 use blockserve_model::init::random_weights;
 use blockserve_model::loader::build;
 use blockserve_model::weights::Weights;
@@ -90,6 +90,12 @@ pub struct Args {
     /// Most rows in one token-decoder batch (0: the whole batch).
     #[arg(long, env = "BLOCKSERVE_TOKEN_BATCH", default_value_t = 0)]
     token_batch: usize,
+    /// Run the token decoder on a thread of its own, so that on CUDA its blocks
+    /// (on that thread's stream) overlap the block decoder's passes: on, off,
+    /// or auto (on for CUDA in bf16/f16, where every matmul goes through
+    /// per-thread cuBLASLt handles).
+    #[arg(long, env = "BENCH_OVERLAP", default_value = "auto")]
+    overlap: String,
     /// Replay the token decoder's greedy blocks from CUDA graphs (CUDA only).
     #[arg(long, env = "BLOCKSERVE_CUDA_GRAPHS", default_value_t = true, action = clap::ArgAction::Set)]
     cuda_graphs: bool,
@@ -240,6 +246,12 @@ pub fn run(a: Args) -> Result<()> {
         .collect::<Result<_>>()?;
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype)?;
+    let overlap = match a.overlap.as_str() {
+        "on" | "true" => true,
+        "off" | "false" => false,
+        "auto" => device.is_cuda() && matches!(dtype, DType::BF16 | DType::F16),
+        other => bail!("--overlap {other:?}: expected on, off or auto"),
+    };
     let (mut config, name) = match &a.model {
         Some(dir) => (blockserve_model::loader::resolve_config(dir, None)?.0, dir.display().to_string()),
         None => (presets::preset(&a.preset)?, a.preset.clone()),
@@ -296,10 +308,17 @@ pub fn run(a: Args) -> Result<()> {
                     SchedulerConfig { prefix_cache: cache, ..SchedulerConfig::for_memory(&model, kv_bytes, a.token_budget) },
                 )?;
                 let token_batch = if a.token_batch == 0 { b } else { a.token_batch };
-                let mut batcher = TokenBatcher::new(model.clone(), token_batch)?;
-                batcher.set_cuda_graphs(a.cuda_graphs);
+                let (mut batcher, thread);
+                let mut tokens = if overlap {
+                    thread = TokenThread::spawn(model.clone(), token_batch, a.cuda_graphs)?;
+                    Tokens::Thread(&thread)
+                } else {
+                    batcher = TokenBatcher::new(model.clone(), token_batch)?;
+                    batcher.set_cuda_graphs(a.cuda_graphs);
+                    Tokens::Inline(&mut batcher)
+                };
                 // Warm-up: module loads, cuBLAS handles and the batch's local passes.
-                pipeline::run(&mut sched, &mut batcher, &requests(b.min(token_batch), 8, 8, vocab, a.seed), &|| None)?;
+                pipeline::run_with(&mut sched, tokens.reborrow(), &requests(b.min(token_batch), 8, 8, vocab, a.seed), &|| None)?;
                 device.synchronize()?;
                 let mut reqs = if shared {
                     shared_prefix_requests(b, &shape, prompt_len, gen_len, vocab, a.seed)
@@ -310,7 +329,7 @@ pub fn run(a: Args) -> Result<()> {
                     r.layout = layout;
                 }
                 let memory = || device_memory(&device).map(|(free, total)| total - free);
-                let (outs, stats) = pipeline::run(&mut sched, &mut batcher, &reqs, &memory)?;
+                let (outs, stats) = pipeline::run_with(&mut sched, tokens, &reqs, &memory)?;
                 device.synchronize()?;
                 let generated: usize = outs.iter().map(|o| o.tokens.len()).sum();
                 if generated != b * gen_len {
@@ -354,8 +373,8 @@ pub fn run(a: Args) -> Result<()> {
                 };
                 let cached = sched.prefix_cache().1;
                 eprintln!(
-                "  passes {} (decode rows {}, prompt blocks {}), host time in block passes {:.2} s, in token blocks (incl. device wait) {:.2} s; prefix cache: {} of {} pages found, {} evicted{same}",
-                stats.passes, stats.decode_rows, stats.prefill_blocks, stats.block_phase_s, stats.token_phase_s, cached.hits, cached.looked_up, cached.evictions
+                "  passes {} (decode rows {}, prompt blocks {}), host time in block passes {:.2} s, in token blocks (incl. device wait{}) {:.2} s; prefix cache: {} of {} pages found, {} evicted{same}",
+                stats.passes, stats.decode_rows, stats.prefill_blocks, stats.block_phase_s, if overlap { ", on the token thread" } else { "" }, stats.token_phase_s, cached.hits, cached.looked_up, cached.evictions
             );
             }
         }

@@ -1,0 +1,67 @@
+//! The in-process pipeline with the token decoder on its own thread (the two
+//! tiers overlapping), on the CPU with the bundled model (`models/code-block`,
+//! f32): the same tokens as the inline pipeline and as the model's own
+//! driver, greedy and seeded, for requests of different prompt and output
+//! lengths prefilled in small chunks; afterwards no KV page is held.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use blockserve_engine::pipeline::{self, Tokens};
+use blockserve_engine::{BlockScheduler, SchedulerConfig, TokenBatcher, TokenThread};
+use blockserve_model::loader::load_model;
+use blockserve_model::{BlockTransformer, GenerationRequest, Model, PromptLayout, SamplingParams, StopCriteria};
+use candle_core::{DType, Device};
+
+fn model() -> Arc<BlockTransformer> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/code-block");
+    let Model::Block(m) = load_model(&dir, None, DType::F32, &Device::Cpu).expect("the bundled model loads") else { panic!("a block model") };
+    Arc::new(m)
+}
+
+/// 24 requests: prompts of 5 to 40 ids, 3 to 25 new tokens, every third
+/// seeded (temperature 0.8, top-k 20), in the aligned layout.
+fn requests() -> Vec<GenerationRequest> {
+    (0..24u32)
+        .map(|i| {
+            let prompt: Vec<u32> = (0..5 + (i * 7) % 36).map(|j| 1 + (i * 7919 + j * 104_729) % 8191).collect();
+            let sampling = if i % 3 == 0 { SamplingParams { temperature: 0.8, top_k: 20, seed: i as u64, ..Default::default() } } else { SamplingParams::greedy() };
+            let stop = StopCriteria { max_new_tokens: 3 + (i as usize * 5) % 23, eos_token_id: None, stop_token_ids: vec![] };
+            GenerationRequest { prompt, sampling, stop, layout: PromptLayout::Aligned }
+        })
+        .collect()
+}
+
+fn scheduler(m: &Arc<BlockTransformer>) -> BlockScheduler {
+    // 16 blocks a pass: the prompts take several passes, interleaved with decode rows.
+    BlockScheduler::new(m.clone(), SchedulerConfig { kv_pages: 64, page_size: 16, token_budget: 16, prefix_cache: false }).unwrap()
+}
+
+#[test]
+fn the_token_thread_gives_the_inline_pipelines_tokens() {
+    let m = model();
+    let reqs = requests();
+    let mut batcher = TokenBatcher::new(m.clone(), 32).unwrap();
+    let (inline, _) = pipeline::run(&mut scheduler(&m), &mut batcher, &reqs, &|| None).unwrap();
+    let inline: Vec<Vec<u32>> = inline.into_iter().map(|o| o.tokens).collect();
+    for (i, (t, r)) in inline.iter().zip(&reqs).enumerate() {
+        assert_eq!(t.len(), r.stop.max_new_tokens, "request {i}");
+    }
+
+    let thread = TokenThread::spawn(m.clone(), 32, true).unwrap();
+    let mut sched = scheduler(&m);
+    // Twice on the same thread: it serves run after run.
+    for run in 0..2 {
+        let (outs, stats) = pipeline::run_with(&mut sched, Tokens::Thread(&thread), &reqs, &|| None).unwrap();
+        let got: Vec<Vec<u32>> = outs.into_iter().map(|o| o.tokens).collect();
+        for (i, (g, w)) in got.iter().zip(&inline).enumerate() {
+            assert_eq!(g, w, "run {run}, request {i}");
+        }
+        assert_eq!(stats.token_rows, stats.decode_rows + reqs.len(), "every context decoded once");
+        assert_eq!(sched.kv_pages(), (0, 64, 0), "no page held after the run");
+    }
+
+    // The model's own block-synchronous driver agrees.
+    let driver: Vec<Vec<u32>> = Model::Block(Arc::into_inner(model()).unwrap()).generate(&reqs, false).unwrap().into_iter().map(|o| o.tokens).collect();
+    assert_eq!(driver, inline);
+}
