@@ -4,6 +4,13 @@
 # and the CUDA check binaries from .dev/bin (bash scripts/pack-cuda.sh first),
 # and ../shared/anchor-kit with its wheels (fetched here) unzipped, which xz
 # packs to 6 MB instead of 15.
+#
+# The shared kit's copy of the reference (bt/) lacks bt/conf/, the reference's
+# model configs: the reference's own .gitignore lists conf/, so a copy that
+# honours it drops them. REF_REPO names a checkout (or bare mirror) of
+# itsnamgyu/block-transformer; its conf/ at commit 17842dd goes into the
+# packed kit (nothing of it is committed here).
+#   REF_REPO=/path/to/block-transformer bash bench/pack-headline.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
@@ -15,6 +22,11 @@ tar cf - -C "$work" bin | xz -T2 -6 --lzma2=preset=6,dict=384MiB > .dev/pack/bin
 kit=../shared/anchor-kit
 cp -r "$kit" "$work/anchor-kit"
 [ -d "$work/anchor-kit/whl" ] || bash "$work/anchor-kit/fetch-wheels.sh" >/dev/null
+if [ ! -d "$work/anchor-kit/bt/conf" ]; then
+  : "${REF_REPO:?the kit has no bt/conf: set REF_REPO to a clone of itsnamgyu/block-transformer}"
+  git -C "$REF_REPO" archive 17842dd conf | tar xf - -C "$work/anchor-kit/bt"
+fi
+chmod -R u+w "$work/anchor-kit"
 for w in "$work"/anchor-kit/whl/*.whl; do
   mkdir "${w%.whl}.d" && python3 -m zipfile -e "$w" "${w%.whl}.d" && rm "$w"
 done

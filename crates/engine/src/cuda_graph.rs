@@ -82,7 +82,7 @@ impl GreedyGraphs {
         let c = &self.captured[&rows];
         c.input.slice_set(contexts, 0, 0)?;
         c.graph.launch().map_err(|e| driver_err("launch", e))?;
-        Ok(c.ids.narrow(0, 0, b)?.to_vec2::<u32>()?)
+        Ok(blockserve_model::settled(&c.ids.narrow(0, 0, b)?, |t| t.to_vec2::<u32>())?)
     }
 
     /// How many graphs are held (one per bucket used so far).

@@ -151,7 +151,7 @@ impl TokenBatcher {
         if let Some(graphs) = &mut self.graphs {
             return graphs.decode(ctx, self.max_batch, &mut |ctx| greedy_block(model, local, ctx));
         }
-        Ok(greedy_block(model, local, ctx)?.to_vec2::<u32>()?)
+        Ok(blockserve_model::settled(&greedy_block(model, local, ctx)?, |t| t.to_vec2::<u32>())?)
     }
 }
 

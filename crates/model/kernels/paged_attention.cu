@@ -202,9 +202,13 @@ __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
 // of 37 us a launch of the token decoder's [2048 tokens, 12 heads] waiting on
 // one dependent load after another. Scores and softmax in f32.
 #define MAX_LOCAL_KEYS 8
+// With `write` (every row adds one token), the warp also stores its token's
+// rotated key and value into the token's slot (index[3 * i]) and attends over
+// them from registers: no separate KV-write launch, and no other warp reads
+// that slot in the launch.
 template <typename T, int HD>
-__device__ void local_attn(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads, int rot,
-                           float base, int page_size, int max_pages, float scale) {
+__device__ void local_attn(T* out, const T* qkv, T* pool, const uint32_t* index, int n, int heads, int rot,
+                           float base, int page_size, int max_pages, float scale, int write) {
   constexpr int C = HD / 32;
   const int item = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (item >= n * heads) return;  // whole warps: n * heads is the warp count
@@ -235,7 +239,18 @@ __device__ void local_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
   float kf[MAX_LOCAL_KEYS][C], vf[MAX_LOCAL_KEYS][C];
 #pragma unroll
   for (int j = 0; j < MAX_LOCAL_KEYS; j++) {
-    if (j <= pos) {
+    if (write && j == pos) {
+      // The same rounding as kv_write: the rotated key is stored as T.
+      T* kp = pool + ((size_t)index[3 * i] * 2 * heads + h) * HD + lane * C;
+#pragma unroll
+      for (int c = 0; c < C; c++) {
+        const T k = from_f<T>(rope_at(q + HD, lane * C + c, rot, pos, base)), v = q[2 * HD + lane * C + c];
+        kp[c] = k;
+        kp[(size_t)heads * HD + c] = v;
+        kf[j][c] = to_f(k);
+        vf[j][c] = to_f(v);
+      }
+    } else if (j <= pos) {
       const uint32_t slot = table[j / page_size] * (uint32_t)page_size + j % page_size;
       const T* kp = pool + ((size_t)slot * 2 * heads + h) * HD + lane * C;
 #pragma unroll
@@ -276,9 +291,9 @@ __device__ void local_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
 }
 
 #define LOCAL(NAME, T, HD)                                                                                   \
-  extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads, \
-                                  int rot, float base, int page_size, int max_pages, float scale) {          \
-    local_attn<T, HD>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, scale);              \
+  extern "C" __global__ void NAME(T* out, const T* qkv, T* pool, const uint32_t* index, int n, int heads,   \
+                                  int rot, float base, int page_size, int max_pages, float scale, int write) { \
+    local_attn<T, HD>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, scale, write);         \
   }
 #define LOCAL_ALL(HD)                                \
   LOCAL(local_attn_f32_##HD, float, HD)              \

@@ -68,11 +68,61 @@ pub fn cuda_device(ordinal: usize) -> Result<candle_core::Device> {
     let device = candle_core::Device::new_cuda(ordinal)?;
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(d) = &device {
-        // SAFETY: blockserve uses only this device's default stream, so work on
-        // every tensor is ordered without events.
+        // SAFETY: blockserve launches only on the per-thread default streams of
+        // this device, and orders work across threads itself (the engine's
+        // token thread waits for the caller's stream), so no events are needed.
         unsafe { d.disable_event_tracking() };
+        keep_freed_memory(d)?;
     }
     Ok(device)
+}
+
+/// Set up the device's stream-ordered memory pool (what candle allocates from):
+/// - keep freed memory in the pool instead of returning it to the driver at
+///   every synchronisation (the default release threshold is 0): every pass
+///   allocates and frees its activations;
+/// - never make one stream wait for another to reuse memory freed there (the
+///   pool's "internal dependencies"): the engine's two threads launch on two
+///   streams, and such a wait would order one tier's pass behind the other's.
+///   Memory whose free has completed is still reused across streams.
+///
+/// Neither changed the engine's figures measurably on an H200 (2026-11-30,
+/// `docs/performance.md`); they are here so that the pool cannot couple the
+/// two streams.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(d: &candle_core::CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use sys::CUmemPool_attribute as Attr;
+    let err = |what: &str, e: sys::CUresult| ModelError::Candle(candle_core::Error::Msg(format!("CUDA memory pool {what}: {e:?}")));
+    let ctx = d.cuda_stream().context().clone();
+    ctx.bind_to_thread().map_err(|e| ModelError::Candle(candle_core::Error::Msg(format!("CUDA context: {e:?}"))))?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    match unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) } {
+        sys::CUresult::CUDA_SUCCESS => {}
+        e => return Err(err("lookup", e)),
+    }
+    let (mut threshold, mut no) = (u64::MAX, 0i32);
+    let settings: [(Attr, *mut std::ffi::c_void, &str); 2] = [
+        (Attr::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut _, "release threshold"),
+        (Attr::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES, &mut no as *mut i32 as *mut _, "reuse policy"),
+    ];
+    for (attr, value, what) in settings {
+        match unsafe { sys::cuMemPoolSetAttribute(pool, attr, value) } {
+            sys::CUresult::CUDA_SUCCESS => {}
+            e => return Err(err(what, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Wait for this thread's device work, then read: a read into ordinary
+/// (pageable) host memory that has to wait for the device holds up other
+/// threads' host-device copies meanwhile (the engine's block-decoder thread
+/// uploads each pass's indices while the token thread waits for its block),
+/// so the waiting is done first, on the stream alone.
+pub fn settled<T>(t: &candle_core::Tensor, read: impl FnOnce(&candle_core::Tensor) -> candle_core::Result<T>) -> candle_core::Result<T> {
+    t.device().synchronize()?;
+    read(t)
 }
 
 /// The elements of a float tensor as row-major little-endian bytes, copied to

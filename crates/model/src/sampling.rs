@@ -28,10 +28,10 @@ pub enum Row {
 /// the others bring back the whole row.
 pub fn read_rows(logits: &Tensor, on_host: &[bool]) -> Result<Vec<Row>> {
     if on_host.iter().all(|&h| h) {
-        let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let rows = crate::settled(&logits.to_dtype(DType::F32)?, |t| t.to_vec2::<f32>())?;
         return Ok(rows.into_iter().map(Row::Logits).collect());
     }
-    let ids = crate::argmax::argmax_rows(logits)?.to_vec1::<u32>()?;
+    let ids = crate::settled(&crate::argmax::argmax_rows(logits)?, |t| t.to_vec1::<u32>())?;
     let host: Vec<u32> = (0..on_host.len() as u32).filter(|&i| on_host[i as usize]).collect();
     let mut full = if host.is_empty() {
         vec![]

@@ -6,7 +6,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Shape};
 
-use super::ops::{KvWrite, PagedAttention};
+use super::ops::{short_rows, KvWrite, PagedAttention};
 use crate::cuda_util::{dispatch_float, range as offsets, suffix, view};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
@@ -86,20 +86,21 @@ pub(super) fn attend(
             return Ok(CudaStorage::wrap_cuda_slice(out, dev));
         }
         // Rows of at most MAX_LOCAL_KEYS (8) positions, the token decoder's,
-        // take a warp per token and head (the lanes' channels must split the
-        // rotary half evenly, which 25% rotary over 32, 64 or 128 does).
-        let lanes_channels = s.head_dim / 32;
-        if op.max_keys <= 8 && matches!(s.head_dim, 32 | 64 | 128) && (s.rot / 2).is_multiple_of(lanes_channels) {
+        // take a warp per token and head.
+        if short_rows(&s, op.max_keys) {
             let func = dev.get_or_load_custom_func(&format!("local_attn_{}_{}", suffix(T::DTYPE)?, s.head_dim), MODULE, PTX)?;
             let mut b = func.builder();
             b.arg(&out);
             b.arg(&q);
             b.arg(&p);
             b.arg(&idx);
-            candle_core::builder_arg!(b, n as i32, s.heads as i32, s.rot as i32, s.rope_base, op.page_size as i32, op.max_pages as i32, op.scale);
+            candle_core::builder_arg!(b, n as i32, s.heads as i32, s.rot as i32, s.rope_base, op.page_size as i32, op.max_pages as i32, op.scale, op.write_kv as i32);
             // Four warps a CTA, a warp per (token, head).
             let cfg = LaunchConfig { grid_dim: ((n * s.heads).div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: as below; every row's keys (at most 8) lie in its pages.
+            // With write_kv the kernel also stores into the pool (through the
+            // view's pointer): each token's own slot, which the pass reserved
+            // for it and no other warp of the launch reads.
             unsafe { b.launch(cfg) }.w()?;
             return Ok(CudaStorage::wrap_cuda_slice(out, dev));
         }
