@@ -50,6 +50,8 @@ if has checks; then
       echo "$t: missing"; status=1
     fi
   done
+  # Figures of a build that fails its checks are worth nothing: stop here.
+  [ $status = 0 ] || { log "CUDA checks failed: stopping"; exit 1; }
 fi
 
 if has engine; then
@@ -69,7 +71,8 @@ if has vanilla; then
   done
 fi
 
-for run in ref:a,b hf:c1,c2; do
+# ANCHOR_RUNS: which of the kit's runs, as step:runs pairs.
+for run in ${ANCHOR_RUNS:-ref:a,b hf:c1,c2}; do
   has "anchor-${run%%:*}" || continue
   log "== anchor kit: runs ${run#*:} (same GPU, after the engine)"
   ONLY=${run#*:} BUDGET_S=$(( ${ANCHOR_BUDGET_S:-560} - SECONDS )) bash .dev/anchor-kit/run.sh "$OUT/anchor-${run%%:*}" >/dev/null 2>&1 || status=1
