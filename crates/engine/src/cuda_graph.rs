@@ -24,6 +24,7 @@
 //! serve every batch size; padded rows decode whatever context their slot last
 //! held, and their ids are not read.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -64,22 +65,24 @@ impl GreedyGraphs {
         let Device::Cuda(dev) = contexts.device() else {
             return Err(ModelError::Input("CUDA graphs need a CUDA device".into()));
         };
-        if !self.captured.contains_key(&rows) {
-            let input = Tensor::zeros((rows, contexts.dim(1)?), contexts.dtype(), contexts.device())?;
-            let _cache = dev.enable_cuda_graph_htod_cache();
-            // The warm-up run loads modules, plans the bucket's passes, sizes
-            // cuBLAS's workspace and fills the htod cache, none of which may
-            // happen inside a capture.
-            block(&input)?;
-            let stream = dev.cuda_stream();
-            stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(|e| driver_err("capture", e))?;
-            let ids = block(&input);
-            let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-            let ids = ids?;
-            let graph = graph.map_err(|e| driver_err("instantiate", e))?.ok_or_else(|| driver_err("capture", "nothing was captured"))?;
-            self.captured.insert(rows, Captured { input, ids, graph });
-        }
-        let c = &self.captured[&rows];
+        let c = match self.captured.entry(rows) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(slot) => {
+                let input = Tensor::zeros((rows, contexts.dim(1)?), contexts.dtype(), contexts.device())?;
+                let _cache = dev.enable_cuda_graph_htod_cache();
+                // The warm-up run loads modules, plans the bucket's passes, sizes
+                // cuBLAS's workspace and fills the htod cache, none of which may
+                // happen inside a capture.
+                block(&input)?;
+                let stream = dev.cuda_stream();
+                stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(|e| driver_err("capture", e))?;
+                let ids = block(&input);
+                let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+                let ids = ids?;
+                let graph = graph.map_err(|e| driver_err("instantiate", e))?.ok_or_else(|| driver_err("capture", "nothing was captured"))?;
+                slot.insert(Captured { input, ids, graph })
+            }
+        };
         c.input.slice_set(contexts, 0, 0)?;
         c.graph.launch().map_err(|e| driver_err("launch", e))?;
         Ok(blockserve_model::settled(&c.ids.narrow(0, 0, b)?, |t| t.to_vec2::<u32>())?)
