@@ -25,7 +25,8 @@ fn requests() -> Vec<GenerationRequest> {
     (0..24u32)
         .map(|i| {
             let prompt: Vec<u32> = (0..5 + (i * 7) % 36).map(|j| 1 + (i * 7919 + j * 104_729) % 8191).collect();
-            let sampling = if i % 3 == 0 { SamplingParams { temperature: 0.8, top_k: 20, seed: i as u64, ..Default::default() } } else { SamplingParams::greedy() };
+            let sampling =
+                if i % 3 == 0 { SamplingParams { temperature: 0.8, top_k: 20, seed: i as u64, ..Default::default() } } else { SamplingParams::greedy() };
             let stop = StopCriteria { max_new_tokens: 3 + (i as usize * 5) % 23, eos_token_id: None, stop_token_ids: vec![] };
             GenerationRequest { prompt, sampling, stop, layout: PromptLayout::Aligned }
         })

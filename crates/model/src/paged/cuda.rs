@@ -94,7 +94,17 @@ pub(super) fn attend(
             b.arg(&q);
             b.arg(&p);
             b.arg(&idx);
-            candle_core::builder_arg!(b, n as i32, s.heads as i32, s.rot as i32, s.rope_base, op.page_size as i32, op.max_pages as i32, op.scale, op.write_kv as i32);
+            candle_core::builder_arg!(
+                b,
+                n as i32,
+                s.heads as i32,
+                s.rot as i32,
+                s.rope_base,
+                op.page_size as i32,
+                op.max_pages as i32,
+                op.scale,
+                op.write_kv as i32
+            );
             // Four warps a CTA, a warp per (token, head).
             let cfg = LaunchConfig { grid_dim: ((n * s.heads).div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: as below; every row's keys (at most 8) lie in its pages.
