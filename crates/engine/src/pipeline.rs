@@ -138,68 +138,80 @@ pub fn run_with(
     }
     let depth = tokens.depth();
     let (mut in_flight, mut inline_done) = (0, None);
-    loop {
-        if in_flight < depth && sched.has_work() {
-            // With two groups in flight a pass takes at most half of the
-            // decoding sessions' blocks, so that the groups stay apart.
-            let most = if depth > 1 { sched.decoding().div_ceil(depth).max(1) } else { usize::MAX };
-            let t = Instant::now();
-            let Some(ctx) = sched.iterate_with(most)? else { break };
-            stats.passes += 1;
-            stats.decode_rows += ctx.decode_rows;
-            stats.prefill_blocks += ctx.prefill_blocks;
-            stats.attended_blocks += ctx.rows.iter().map(|r| r.1 as u64 + 1).sum::<u64>();
-            stats.block_phase_s += t.elapsed().as_secs_f64();
-            if ctx.rows.is_empty() {
+    let mut drive = || -> Result<()> {
+        loop {
+            if in_flight < depth && sched.has_work() {
+                // With two groups in flight a pass takes at most half of the
+                // decoding sessions' blocks, so that the groups stay apart.
+                let most = if depth > 1 { sched.decoding().div_ceil(depth).max(1) } else { usize::MAX };
+                let t = Instant::now();
+                let Some(ctx) = sched.iterate_with(most)? else { return Ok(()) };
+                stats.passes += 1;
+                stats.decode_rows += ctx.decode_rows;
+                stats.prefill_blocks += ctx.prefill_blocks;
+                stats.attended_blocks += ctx.rows.iter().map(|r| r.1 as u64 + 1).sum::<u64>();
+                stats.block_phase_s += t.elapsed().as_secs_f64();
+                if ctx.rows.is_empty() {
+                    continue;
+                }
+                let jobs: Vec<BlockJob> = ctx
+                    .rows
+                    .iter()
+                    .map(|&(key, _)| {
+                        let s = &live[key as usize];
+                        BlockJob { sampling: s.req.sampling.clone(), history: s.history.clone(), generated: s.tokens.len() as u64, forced: s.forced.clone() }
+                    })
+                    .collect();
+                tokens.submit(Group { contexts: ctx.tensor, jobs, rows: ctx.rows }, &mut inline_done)?;
+                in_flight += 1;
                 continue;
             }
-            let jobs: Vec<BlockJob> = ctx
-                .rows
-                .iter()
-                .map(|&(key, _)| {
-                    let s = &live[key as usize];
-                    BlockJob { sampling: s.req.sampling.clone(), history: s.history.clone(), generated: s.tokens.len() as u64, forced: s.forced.clone() }
-                })
-                .collect();
-            tokens.submit(Group { contexts: ctx.tensor, jobs, rows: ctx.rows }, &mut inline_done)?;
-            in_flight += 1;
-            continue;
-        }
-        if in_flight == 0 {
-            break;
-        }
-        let Decoded { rows, blocks, busy_s } = tokens.recv(&mut inline_done)?;
-        in_flight -= 1;
-        stats.token_rows += blocks.len();
-        stats.token_phase_s += busy_s;
-        let now = t0.elapsed().as_secs_f64();
-        for (&(key, _), block) in rows.iter().zip(blocks) {
-            let s = &mut live[key as usize];
-            s.first_token_s.get_or_insert(now);
-            let new = &block[std::mem::take(&mut s.forced).len()..];
-            let finish = s.req.stop.extend(&mut s.tokens, new);
-            match finish {
-                Some(reason) => {
-                    s.out = Some(Outcome {
-                        tokens: std::mem::take(&mut s.tokens),
-                        finish_reason: reason,
-                        first_token_s: s.first_token_s.unwrap_or(now),
-                        finished_s: now,
-                    });
-                    sched.close(key);
-                }
-                None => {
-                    if s.req.sampling.uses_history() {
-                        s.history.extend_from_slice(new);
+            if in_flight == 0 {
+                return Ok(());
+            }
+            let decoded = tokens.recv(&mut inline_done);
+            in_flight -= 1;
+            let Decoded { rows, blocks, busy_s } = decoded?;
+            stats.token_rows += blocks.len();
+            stats.token_phase_s += busy_s;
+            let now = t0.elapsed().as_secs_f64();
+            for (&(key, _), block) in rows.iter().zip(blocks) {
+                let s = &mut live[key as usize];
+                s.first_token_s.get_or_insert(now);
+                let new = &block[std::mem::take(&mut s.forced).len()..];
+                let finish = s.req.stop.extend(&mut s.tokens, new);
+                match finish {
+                    Some(reason) => {
+                        s.out = Some(Outcome {
+                            tokens: std::mem::take(&mut s.tokens),
+                            finish_reason: reason,
+                            first_token_s: s.first_token_s.unwrap_or(now),
+                            finished_s: now,
+                        });
+                        sched.close(key);
                     }
-                    sched.push_block(key, block)?;
+                    None => {
+                        if s.req.sampling.uses_history() {
+                            s.history.extend_from_slice(new);
+                        }
+                        sched.push_block(key, block)?;
+                    }
                 }
             }
+            if let Some(used) = memory() {
+                stats.peak_memory_bytes = Some(stats.peak_memory_bytes.unwrap_or(0).max(used));
+            }
         }
-        if let Some(used) = memory() {
-            stats.peak_memory_bytes = Some(stats.peak_memory_bytes.unwrap_or(0).max(used));
+    };
+    let driven = drive();
+    if driven.is_err() {
+        // Collect what the token thread still holds for this run, so that the
+        // next run on it does not receive this one's blocks.
+        for _ in 0..in_flight {
+            let _ = tokens.recv(&mut inline_done);
         }
     }
+    driven?;
     stats.wall_s = t0.elapsed().as_secs_f64();
     let outcomes = live
         .into_iter()
