@@ -93,7 +93,7 @@ pub struct Args {
     /// Run the token decoder on a thread of its own, so that on CUDA its blocks
     /// (on that thread's stream) overlap the block decoder's passes: on, off,
     /// or auto (on for CUDA in bf16/f16, where every matmul goes through
-    /// per-thread cuBLASLt handles).
+    /// per-thread cuBLASLt handles; on CUDA, f32 cannot overlap).
     #[arg(long, env = "BENCH_OVERLAP", default_value = "auto")]
     overlap: String,
     /// Replay the token decoder's greedy blocks from CUDA graphs (CUDA only).
@@ -246,10 +246,16 @@ pub fn run(a: Args) -> Result<()> {
         .collect::<Result<_>>()?;
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype)?;
+    // On CUDA the overlap needs every matmul on per-thread cuBLASLt handles,
+    // which bf16/f16 have; f32 matmuls share candle's one cuBLAS handle.
+    let lt_matmuls = matches!(dtype, DType::BF16 | DType::F16);
     let overlap = match a.overlap.as_str() {
+        "on" | "true" if device.is_cuda() && !lt_matmuls => {
+            bail!("--overlap on: on CUDA the overlap needs --dtype bf16 or f16 (f32 matmuls share one cuBLAS handle)")
+        }
         "on" | "true" => true,
         "off" | "false" => false,
-        "auto" => device.is_cuda() && matches!(dtype, DType::BF16 | DType::F16),
+        "auto" => device.is_cuda() && lt_matmuls,
         other => bail!("--overlap {other:?}: expected on, off or auto"),
     };
     let (mut config, name) = match &a.model {
