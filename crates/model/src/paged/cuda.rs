@@ -87,24 +87,23 @@ pub(super) fn attend(
         }
         // Rows of at most MAX_LOCAL_KEYS (8) positions, the token decoder's,
         // take a warp per token and head.
+        // The arguments both kernels start with. Launch arguments are pushed
+        // by reference and must live until the launch: a macro, so that they
+        // are locals of the launching block.
+        macro_rules! leading_args {
+            ($b:ident) => {
+                $b.arg(&out);
+                $b.arg(&q);
+                $b.arg(&p);
+                $b.arg(&idx);
+                candle_core::builder_arg!($b, n as i32, s.heads as i32, s.rot as i32, s.rope_base, op.page_size as i32, op.max_pages as i32);
+            };
+        }
         if short_rows(&s, op.max_keys) {
             let func = dev.get_or_load_custom_func(&format!("local_attn_{}_{}", suffix(T::DTYPE)?, s.head_dim), MODULE, PTX)?;
             let mut b = func.builder();
-            b.arg(&out);
-            b.arg(&q);
-            b.arg(&p);
-            b.arg(&idx);
-            candle_core::builder_arg!(
-                b,
-                n as i32,
-                s.heads as i32,
-                s.rot as i32,
-                s.rope_base,
-                op.page_size as i32,
-                op.max_pages as i32,
-                op.scale,
-                op.write_kv as i32
-            );
+            leading_args!(b);
+            candle_core::builder_arg!(b, op.scale, op.write_kv as i32);
             // Four warps a CTA, a warp per (token, head).
             let cfg = LaunchConfig { grid_dim: ((n * s.heads).div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: as below; every row's keys (at most 8) lie in its pages.
@@ -135,22 +134,8 @@ pub(super) fn attend(
         let subs = if tensor_cores { 1 } else { op.max_group.div_ceil(group_cta) };
         let ctas = op.groups * subs;
         let mut b = func.builder();
-        b.arg(&out);
-        b.arg(&q);
-        b.arg(&p);
-        b.arg(&idx);
-        candle_core::builder_arg!(
-            b,
-            n as i32,
-            s.heads as i32,
-            s.rot as i32,
-            s.rope_base,
-            op.page_size as i32,
-            op.max_pages as i32,
-            op.rows as i32,
-            op.scale,
-            subs as i32
-        );
+        leading_args!(b);
+        candle_core::builder_arg!(b, op.rows as i32, op.scale, subs as i32);
         let cfg = LaunchConfig { grid_dim: (ctas as u32, s.heads as u32, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: every token's keys lie in pages its row's table names, which the
         // pool planned; the output holds n * heads * head_dim elements.
