@@ -72,30 +72,40 @@ impl Tokens<'_> {
             Tokens::Thread(t) => Tokens::Thread(t),
         }
     }
+}
 
+/// The token side of one run: where blocks decode, and the group an inline
+/// batcher decoded at submission and has not handed back yet.
+struct Stage<'a> {
+    tokens: Tokens<'a>,
+    inline: Option<Decoded>,
+}
+
+impl Stage<'_> {
     /// Groups in flight at once: the overlap needs two.
     fn depth(&self) -> usize {
-        match self {
+        match self.tokens {
             Tokens::Inline(_) => 1,
             Tokens::Thread(_) => 2,
         }
     }
 
-    fn submit(&mut self, group: Group, done: &mut Option<Decoded>) -> Result<()> {
-        match self {
+    fn submit(&mut self, group: Group) -> Result<()> {
+        match &mut self.tokens {
             Tokens::Inline(batcher) => {
                 let t = Instant::now();
                 let blocks = batcher.decode(&group.contexts, &group.jobs)?;
-                *done = Some(Decoded { rows: group.rows, blocks, busy_s: t.elapsed().as_secs_f64() });
+                self.inline = Some(Decoded { rows: group.rows, blocks, busy_s: t.elapsed().as_secs_f64() });
                 Ok(())
             }
             Tokens::Thread(thread) => thread.submit(group),
         }
     }
 
-    fn recv(&mut self, done: &mut Option<Decoded>) -> Result<Decoded> {
-        match self {
-            Tokens::Inline(_) => Ok(done.take().expect("inline groups decode at submit")),
+    /// The oldest group in flight, decoded.
+    fn recv(&mut self) -> Result<Decoded> {
+        match &self.tokens {
+            Tokens::Inline(_) => Ok(self.inline.take().expect("inline groups decode at submit")),
             Tokens::Thread(thread) => thread.recv(),
         }
     }
@@ -116,7 +126,7 @@ pub fn run(
 /// [`run`] with the token decoder where `tokens` says.
 pub fn run_with(
     sched: &mut BlockScheduler,
-    mut tokens: Tokens,
+    tokens: Tokens,
     reqs: &[GenerationRequest],
     memory: &dyn Fn() -> Option<usize>,
 ) -> Result<(Vec<Outcome>, RunStats)> {
@@ -136,8 +146,9 @@ pub fn run_with(
         }
         sched.submit(i as u64, padded.ids, new_blocks)?;
     }
-    let depth = tokens.depth();
-    let (mut in_flight, mut inline_done) = (0, None);
+    let mut stage = Stage { tokens, inline: None };
+    let depth = stage.depth();
+    let mut in_flight = 0;
     let mut drive = || -> Result<()> {
         loop {
             if in_flight < depth && sched.has_work() {
@@ -162,14 +173,14 @@ pub fn run_with(
                         BlockJob { sampling: s.req.sampling.clone(), history: s.history.clone(), generated: s.tokens.len() as u64, forced: s.forced.clone() }
                     })
                     .collect();
-                tokens.submit(Group { contexts: ctx.tensor, jobs, rows: ctx.rows }, &mut inline_done)?;
+                stage.submit(Group { contexts: ctx.tensor, jobs, rows: ctx.rows })?;
                 in_flight += 1;
                 continue;
             }
             if in_flight == 0 {
                 return Ok(());
             }
-            let decoded = tokens.recv(&mut inline_done);
+            let decoded = stage.recv();
             in_flight -= 1;
             let Decoded { rows, blocks, busy_s } = decoded?;
             stats.token_rows += blocks.len();
@@ -208,7 +219,7 @@ pub fn run_with(
         // Collect what the token thread still holds for this run, so that the
         // next run on it does not receive this one's blocks.
         for _ in 0..in_flight {
-            let _ = tokens.recv(&mut inline_done);
+            let _ = stage.recv();
         }
     }
     driven?;
