@@ -15,9 +15,12 @@
 //!   before handing them over, so this thread's stream never reads a context
 //!   still being written;
 //! - the weights: written once at load, before either thread launches;
-//! - matmuls: in bf16/f16 every linear layer goes through the model's
-//!   cuBLASLt path, with a handle and workspace per thread (candle's one cuBLAS
-//!   handle, shared by all threads, is not used);
+//! - matmuls: in bf16/f16 the linear layers go through the model's cuBLASLt
+//!   path, with a handle and workspace per thread, so candle's one cuBLAS
+//!   handle (shared by all threads) is not used. The exception is a layer
+//!   with a dimension that is not a multiple of 8, which falls back to
+//!   candle's matmul (`BlockTransformer::linears_on_lt` says whether a model
+//!   has one; `blockserve bench` overlaps on CUDA only if not);
 //! - each tier's KV cache is its own.
 //!
 //! The batcher is built on the thread and never leaves it: its CUDA graphs are

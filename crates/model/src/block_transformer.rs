@@ -310,6 +310,16 @@ impl BlockTransformer {
         self.config.block_decoder.max_position_embeddings
     }
 
+    /// Whether every linear layer's dimensions are multiples of 8: in
+    /// bf16/f16 on CUDA they then all take the per-thread cuBLASLt path
+    /// (`lt_linear`), and none uses candle's cuBLAS handle, which all threads
+    /// share (what running the two tiers on two threads at once needs).
+    pub fn linears_on_lt(&self) -> bool {
+        let c = &self.config;
+        let (b, t) = (&c.block_decoder, &c.token_decoder.stack);
+        [b.hidden_size, b.intermediate_size, t.hidden_size, t.intermediate_size, c.vocab_size].iter().all(|d| d.is_multiple_of(8))
+    }
+
     pub fn block_length(&self) -> usize {
         self.config.block_length
     }

@@ -92,8 +92,10 @@ pub struct Args {
     token_batch: usize,
     /// Run the token decoder on a thread of its own, so that on CUDA its blocks
     /// (on that thread's stream) overlap the block decoder's passes: on, off,
-    /// or auto (on for CUDA in bf16/f16, where every matmul goes through
-    /// per-thread cuBLASLt handles; on CUDA, f32 cannot overlap).
+    /// or auto (on for CUDA in bf16/f16 when every layer dimension is a
+    /// multiple of 8: the matmuls then go through per-thread cuBLASLt handles;
+    /// on CUDA other runs cannot overlap, their matmuls sharing candle's one
+    /// cuBLAS handle).
     #[arg(long, env = "BENCH_OVERLAP", default_value = "auto")]
     overlap: String,
     /// Replay the token decoder's greedy blocks from CUDA graphs (CUDA only).
@@ -246,16 +248,11 @@ pub fn run(a: Args) -> Result<()> {
         .collect::<Result<_>>()?;
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype)?;
-    // On CUDA the overlap needs every matmul on per-thread cuBLASLt handles,
-    // which bf16/f16 have; f32 matmuls share candle's one cuBLAS handle.
-    let lt_matmuls = matches!(dtype, DType::BF16 | DType::F16);
-    let overlap = match a.overlap.as_str() {
-        "on" | "true" if device.is_cuda() && !lt_matmuls => {
-            bail!("--overlap on: on CUDA the overlap needs --dtype bf16 or f16 (f32 matmuls share one cuBLAS handle)")
-        }
-        "on" | "true" => true,
-        "off" | "false" => false,
-        "auto" => device.is_cuda() && lt_matmuls,
+    // None: auto, resolved once the model is built.
+    let overlap_choice = match a.overlap.as_str() {
+        "on" | "true" => Some(true),
+        "off" | "false" => Some(false),
+        "auto" => None,
         other => bail!("--overlap {other:?}: expected on, off or auto"),
     };
     let (mut config, name) = match &a.model {
@@ -288,6 +285,17 @@ pub fn run(a: Args) -> Result<()> {
     let model = match model {
         Model::Block(m) => Arc::new(m),
         Model::Vanilla(_) => return bench_vanilla(&a, &name, &model, &device, prompt_len, gen_len, vocab),
+    };
+    // On CUDA the overlap needs every matmul on per-thread cuBLASLt handles:
+    // bf16/f16, and layer dimensions that are multiples of 8. Other matmuls
+    // share candle's one cuBLAS handle across the two threads.
+    let lt_matmuls = matches!(dtype, DType::BF16 | DType::F16) && model.linears_on_lt();
+    let overlap = match overlap_choice {
+        Some(true) if device.is_cuda() && !lt_matmuls => {
+            bail!("--overlap on: on CUDA the overlap needs --dtype bf16 or f16 and layer dimensions that are multiples of 8 (other matmuls share one cuBLAS handle)")
+        }
+        Some(on) => on,
+        None => device.is_cuda() && lt_matmuls,
     };
     for &b in &a.batch {
         let b = if b > 0 {
