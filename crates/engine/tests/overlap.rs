@@ -91,3 +91,12 @@ fn a_failed_run_leaves_the_token_thread_clean() {
     let tokens = |outs: Vec<pipeline::Outcome>| outs.into_iter().map(|o| o.tokens).collect::<Vec<_>>();
     assert_eq!(tokens(got), tokens(want));
 }
+
+/// Which models may overlap on CUDA: the bundled model's layer dimensions
+/// (256, 1024, 8192) are all multiples of 8, the demo model's 257-token head
+/// is not, so its matmul would use candle's shared cuBLAS handle.
+#[test]
+fn only_models_whose_matmuls_all_take_cublaslt_may_overlap_on_cuda() {
+    assert!(model().linears_on_lt());
+    assert!(!load("demo").linears_on_lt());
+}
