@@ -17,7 +17,11 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p .dev/pack "$work/bin"
 rm -f .dev/pack/*.tar.xz
-cp .dev/bin/{blockserve,golden,batching,paged_attention,cuda_graph} "$work/bin/"
+# scripts/pack-cuda.sh leaves the binaries plain (TAR=1) or xz-compressed.
+for b in blockserve golden batching paged_attention cuda_graph; do
+  if [ -e ".dev/bin/$b" ]; then cp ".dev/bin/$b" "$work/bin/"; else xz -dc ".dev/bin/$b.xz" > "$work/bin/$b"; fi
+  chmod +x "$work/bin/$b"
+done
 tar cf - -C "$work" bin | xz -T2 -6 --lzma2=preset=6,dict=384MiB > .dev/pack/bin.tar.xz &
 kit=../shared/anchor-kit
 cp -r "$kit" "$work/anchor-kit"
