@@ -93,9 +93,7 @@ impl Stage<'_> {
     fn submit(&mut self, group: Group) -> Result<()> {
         match &mut self.tokens {
             Tokens::Inline(batcher) => {
-                let t = Instant::now();
-                let blocks = batcher.decode(&group.contexts, &group.jobs)?;
-                self.inline = Some(Decoded { rows: group.rows, blocks, busy_s: t.elapsed().as_secs_f64() });
+                self.inline = Some(group.decode(batcher)?);
                 Ok(())
             }
             Tokens::Thread(thread) => thread.submit(group),

@@ -46,7 +46,17 @@ pub struct Group {
     pub rows: Vec<(u64, u32)>,
 }
 
-/// A group's blocks (one per row, in order) and the thread's time on it.
+impl Group {
+    /// Decode the group on `batcher`, timing it. The contexts are dropped
+    /// here, on the decoding thread: freed on its stream, after its reads.
+    pub(crate) fn decode(self, batcher: &mut TokenBatcher) -> Result<Decoded> {
+        let t = Instant::now();
+        let blocks = batcher.decode(&self.contexts, &self.jobs)?;
+        Ok(Decoded { rows: self.rows, blocks, busy_s: t.elapsed().as_secs_f64() })
+    }
+}
+
+/// A group's blocks (one per row, in order) and the decoding thread's time on it.
 pub struct Decoded {
     pub rows: Vec<(u64, u32)>,
     pub blocks: Vec<Vec<u32>>,
@@ -85,11 +95,7 @@ impl TokenThread {
                 batcher.set_cuda_graphs(cuda_graphs);
                 let _ = ready_tx.send(Ok(()));
                 for g in groups {
-                    let t = Instant::now();
-                    let out = batcher.decode(&g.contexts, &g.jobs).map(|blocks| Decoded { rows: g.rows, blocks, busy_s: t.elapsed().as_secs_f64() });
-                    // The contexts are freed on this thread's stream, after its reads.
-                    drop(g.contexts);
-                    if done.send(out).is_err() {
+                    if done.send(g.decode(&mut batcher)).is_err() {
                         return;
                     }
                 }

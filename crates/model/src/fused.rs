@@ -32,12 +32,14 @@ pub fn linear(lin: &Linear, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
             Some(y) => (y, in_epilogue.is_some()),
             None => (x.matmul(&lin.weight().t()?)?, false),
         };
-        match lin.bias() {
-            Some(bias) if !bias_done => y.inplace_op2(bias, &cuda::BiasAct { gelu: epilogue == Epilogue::BiasGelu })?,
-            None if epilogue == Epilogue::BiasGelu => return Ok(y.gelu_erf()?),
-            _ => {}
-        }
-        return Ok(y);
+        return Ok(match lin.bias() {
+            Some(bias) if !bias_done => {
+                y.inplace_op2(bias, &cuda::BiasAct { gelu: epilogue == Epilogue::BiasGelu })?;
+                y
+            }
+            None if epilogue == Epilogue::BiasGelu => y.gelu_erf()?,
+            _ => y,
+        });
     }
     let y = lin.forward(x)?;
     Ok(match epilogue {
