@@ -15,17 +15,20 @@
 #include "common.cuh"
 
 
-// Eight consecutive elements as floats; p is 16-byte aligned for 2-byte types.
-__device__ __forceinline__ void load8(const float* p, float* o) {
-  float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
-  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
-}
-template <typename T> __device__ __forceinline__ void load8(const T* p, float* o) {
-  uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const T* e = reinterpret_cast<const T*>(&raw);
+// Eight consecutive elements as loaded, converted later (a load in flight
+// while other work runs): 32 bytes of f32, 16 of a 2-byte type.
+template <typename T> struct Raw8 {
+  uint4 r[sizeof(T) / 2];
+  __device__ __forceinline__ void load(const T* p) {
 #pragma unroll
-  for (int j = 0; j < 8; j++) o[j] = to_f(e[j]);
-}
+    for (int i = 0; i < (int)sizeof(T) / 2; i++) r[i] = reinterpret_cast<const uint4*>(p)[i];
+  }
+  __device__ __forceinline__ void to_float(float* o) const {
+    const T* e = reinterpret_cast<const T*>(r);
+#pragma unroll
+    for (int j = 0; j < 8; j++) o[j] = to_f(e[j]);
+  }
+};
 
 // Channel c of a rotated head vector x (first `rot` channels rotate-half).
 template <typename T>
@@ -85,7 +88,7 @@ __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / G, gl = lane % G;
   const uint32_t* groups = index + 3 * (size_t)n + (size_t)rows * max_pages;
-  // A group of up to 16 tokens spans `subs` CTAs of QB tokens each.
+  // A group of up to 64 tokens spans `subs` CTAs of QB tokens each.
   const int gi = blockIdx.x / subs, sub = blockIdx.x % subs;
   const int first = groups[2 * gi] + sub * QB, count = min(QB, (int)groups[2 * gi + 1] - sub * QB);
   if (count <= 0) return;
@@ -116,17 +119,28 @@ __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
 #pragma unroll
     for (int c = 0; c < 8; c++) acc[j][c] = 0.f;
   }
-  for (int base_key = warp * KP; base_key < nkeys; base_key += warps * KP) {
+  // The next round's key and value are loaded before this round's scores:
+  // two rounds of loads in flight per lane (one left decode attention waiting
+  // on memory at about 3.5 TB/s on an H200).
+  const int stride = warps * KP;
+  Raw8<T> kn, vn;
+  auto fetch = [&](int key) {
+    if (key < nkeys) {
+      uint32_t slot = table[key / page_size] * (uint32_t)page_size + key % page_size;
+      const T* kp = pool + ((size_t)slot * 2 * heads + h) * HD + gl * 8;
+      kn.load(kp);
+      vn.load(kp + (size_t)heads * HD);
+    }
+  };
+  fetch(warp * KP + g);
+  for (int base_key = warp * KP; base_key < nkeys; base_key += stride) {
     const int key = base_key + g;
     const bool valid = key < nkeys;
     float s[QB];
     float kf[8], vf[8];
-    if (valid) {
-      uint32_t slot = table[key / page_size] * (uint32_t)page_size + key % page_size;
-      const T* kp = pool + ((size_t)slot * 2 * heads + h) * HD + gl * 8;
-      load8(kp, kf);
-      load8(kp + (size_t)heads * HD, vf);
-    }
+    kn.to_float(kf);
+    vn.to_float(vf);
+    fetch(key + stride);
 #pragma unroll
     for (int j = 0; j < QB; j++) {
       s[j] = 0.f;
@@ -303,99 +317,208 @@ LOCAL_ALL(32)
 LOCAL_ALL(64)
 LOCAL_ALL(128)
 
-// Tensor-core attention for prefill groups (bf16/f16, 16-position pages): one
-// warp per (group of up to 16 consecutive tokens of one row, head). For each
-// 16-key page: S = Q K^T with WMMA (K loaded straight from the page), causal
-// mask and online softmax on S in shared memory, then O += P V with WMMA.
-#include <mma.h>
+// Tensor-core attention for prefill groups (bf16/f16, 16-position pages), in
+// the manner of FlashAttention-2. A CTA of four warps takes one query group (up
+// to 64 consecutive tokens of one row) and one head; warp w holds tokens
+// 16w..16w+15. Tiles of KT keys (KT / 16 pages) are copied into shared memory
+// with cp.async, the next tile while the current one is used, and all four
+// warps share them. S = Q K^T and O += P V run on mma.sync m16n8k16; the
+// scores, the online softmax and the output stay in registers (the layout of
+// an S accumulator pair is the layout of P as the A operand of P V). The
+// earlier one-warp WMMA kernel reloaded its output from shared memory on every
+// 16-key page and ran prefill attention at about 15 TFLOP/s.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16 bytes global -> shared; `bytes` 0 fills the 16 bytes with zeros.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+// c += a b for one 16x8 tile, f32 accumulators.
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1, __nv_bfloat16) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1, __half) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Two floats as one register of two 2-byte values (the lower column in the low half).
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, __nv_bfloat16) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, __half) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+#define TC_WARPS 4
 template <typename T, int HD>
 __device__ void paged_attn_tc(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads, int rot,
                               float base, int max_pages, int rows, float scale) {
-  using namespace nvcuda;
-  const int h = blockIdx.y, lane = threadIdx.x;
+  constexpr int KT = HD == 64 ? 64 : 32;  // keys per tile: 36 KB of double-buffered K and V
+  constexpr int LD = HD + 8;              // padded shared row: ldmatrix rows fall in distinct banks
+  constexpr int NT = KT / 8, OT = HD / 8, KS = HD / 16;
+  constexpr float LOG2E = 1.4426950408889634f;
+  __shared__ __align__(16) T ks[2][KT * LD];
+  __shared__ __align__(16) T vs[2][KT * LD];
+  const T tag{};
+  const int h = blockIdx.y, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t4 = lane % 4;
   const uint32_t* groups = index + 3 * (size_t)n + (size_t)rows * max_pages;
   const int first = groups[2 * blockIdx.x], count = groups[2 * blockIdx.x + 1];
   const int pos0 = index[3 * first + 1], row = index[3 * first + 2];
   const uint32_t* table = index + 3 * (size_t)n + (size_t)row * max_pages;
-  const int ld = 2 * heads * HD;  // elements between consecutive slots
+  const int last = pos0 + count - 1;  // the group's last position: keys 0..=last
+  const size_t ld = 2 * (size_t)heads * HD;  // elements between consecutive slots
+  const int tiles = last / KT + 1;
 
-  __shared__ __align__(32) T qs[16 * HD];
-  __shared__ __align__(32) float ss[16 * 16];
-  __shared__ __align__(32) T ps[16 * 16];
-  __shared__ __align__(32) float os[16 * HD];
-  __shared__ float ms[16], ls[16], cs[16];
-  for (int e = lane; e < 16 * HD; e += 32) {
-    int j = e / HD, c = e % HD;
-    const T* q = qkv + ((size_t)(first + j) * heads + h) * 3 * HD;
-    qs[e] = from_f<T>(j < count ? rope_at(q, c, rot, pos0 + j, base) * scale : 0.f);
-    os[e] = 0.f;
-  }
-  if (lane < 16) { ms[lane] = -INFINITY; ls[lane] = 0.f; }
-  __syncwarp();
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qa[HD / 16];
-#pragma unroll
-  for (int k = 0; k < HD / 16; k++) wmma::load_matrix_sync(qa[k], qs + k * 16, HD);
+  // Keys and values of tile `tile` into buffer `buf`; positions past `last`
+  // are zero-filled (their page may not exist).
+  auto load_tile = [&](int tile, int buf) {
+    for (int c = tid; c < KT * HD / 8; c += 32 * TC_WARPS) {
+      const int key = c / (HD / 8), ch = (c % (HD / 8)) * 8, pos = tile * KT + key;
+      const bool ok = pos <= last;
+      const T* k = ok ? pool + ((size_t)table[pos / 16] * 16 + pos % 16) * ld + (size_t)h * HD + ch : pool;
+      cp_async16(&ks[buf][key * LD + ch], k, ok ? 16 : 0);
+      cp_async16(&vs[buf][key * LD + ch], ok ? k + (size_t)heads * HD : pool, ok ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+  load_tile(0, 0);
 
-  const int last = pos0 + count - 1;
-  for (int page = 0; page * 16 <= last; page++) {
-    const T* kp = pool + ((size_t)table[page] * 16 * 2 * heads + h) * HD;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
-    wmma::fill_fragment(sf, 0.f);
+  // This warp's query rows: qa and qb = qa + 8 of the group (fragment rows g, g + 8).
+  const int q0 = warp * 16, qa = q0 + g, qb = qa + 8;
+  const bool active = q0 < count;
+  // Each row's last visible key (-1: not a query of the group).
+  const int lim_a = qa < count ? pos0 + qa : -1, lim_b = qb < count ? pos0 + qb : -1;
+  const int warp_last = pos0 + min(count, q0 + 16) - 1;
+  // Rotated, scaled queries as A fragments (rows g / g + 8, channel pairs 2 t4 (+8)).
+  uint32_t qf[KS][4];
 #pragma unroll
-    for (int k = 0; k < HD / 16; k++) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kb;
-      wmma::load_matrix_sync(kb, kp + k * 16, ld);
-      wmma::mma_sync(sf, qa[k], kb, sf);
-    }
-    wmma::store_matrix_sync(ss, sf, 16, wmma::mem_row_major);
-    __syncwarp();
-    // Two lanes per query row, eight keys each.
-    {
-      const int r = lane / 2, c0 = (lane % 2) * 8;
-      float v[8], mx = -INFINITY;
+  for (int kk = 0; kk < KS; kk++)
 #pragma unroll
-      for (int c = 0; c < 8; c++) {
-        int key = page * 16 + c0 + c;
-        v[c] = (r < count && key <= pos0 + r) ? ss[r * 16 + c0 + c] : -INFINITY;
-        mx = fmaxf(mx, v[c]);
+    for (int r = 0; r < 4; r++) {
+      const int j = (r & 1) ? qb : qa, ch = kk * 16 + (r >> 1) * 8 + 2 * t4;
+      float x0 = 0.f, x1 = 0.f;
+      if (j < count) {
+        const T* q = qkv + ((size_t)(first + j) * heads + h) * 3 * HD;
+        x0 = rope_at(q, ch, rot, pos0 + j, base) * scale;
+        x1 = rope_at(q, ch + 1, rot, pos0 + j, base) * scale;
       }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-      float m_old = ms[r], m_new = fmaxf(m_old, mx);
-      float sum = 0.f;
+      qf[kk][r] = pack2(x0, x1, tag);
+    }
+
+  float o[OT][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 #pragma unroll
-      for (int c = 0; c < 8; c++) {
-        float p = m_new == -INFINITY ? 0.f : __expf(v[c] - m_new);
-        sum += p;
-        ps[r * 16 + c0 + c] = from_f<T>(p);
+  for (int t = 0; t < OT; t++) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+
+  for (int tile = 0; tile < tiles; tile++) {
+    const int buf = tile & 1;
+    if (tile + 1 < tiles) {
+      load_tile(tile + 1, buf ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (active && tile * KT <= warp_last) {
+      const T* kt = ks[buf];
+      const T* vt = vs[buf];
+      float s[NT][4];
+#pragma unroll
+      for (int t = 0; t < NT; t++) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+      // S = Q K^T, two 8-key tiles per ldmatrix.
+#pragma unroll
+      for (int t2 = 0; t2 < NT / 2; t2++)
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) {
+          uint32_t b[4];
+          ldmatrix_x4(b, kt + (t2 * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+          mma16816(s[2 * t2], qf[kk], b[0], b[1], tag);
+          mma16816(s[2 * t2 + 1], qf[kk], b[2], b[3], tag);
+        }
+      // Causal mask and the online softmax (rows qa: elements 0, 1; qb: 2, 3;
+      // a row's values are spread over the four lanes of a quad).
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int key = tile * KT + t * 8 + 2 * t4 + (e & 1);
+          if (key > ((e >> 1) ? lim_b : lim_a)) s[t][e] = -INFINITY;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[t][e]);
+        }
+      float corr[2], ml[2];
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
+        const float mn = fmaxf(m[r], mx[r]);
+        corr[r] = mn == -INFINITY ? 1.f : exp2f((m[r] - mn) * LOG2E);
+        m[r] = mn;
+        ml[r] = mn == -INFINITY ? 0.f : mn * LOG2E;
+        l[r] *= corr[r];
       }
-      sum += __shfl_xor_sync(0xffffffff, sum, 1);
-      __syncwarp();
-      if (lane % 2 == 0) {
-        float corr = m_old == -INFINITY ? 0.f : __expf(m_old - m_new);
-        ls[r] = ls[r] * corr + sum;
-        ms[r] = m_new;
-        cs[r] = corr;
+#pragma unroll
+      for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const float p = exp2f(fmaf(s[t][e], LOG2E, -ml[e >> 1]));  // exp2(-inf) = 0 for masked keys
+          s[t][e] = p;
+          l[e >> 1] += p;
+        }
+#pragma unroll
+      for (int t = 0; t < OT; t++) {
+        o[t][0] *= corr[0];
+        o[t][1] *= corr[0];
+        o[t][2] *= corr[1];
+        o[t][3] *= corr[1];
+      }
+      // O += P V, 16 keys per step, two 8-channel tiles per ldmatrix.
+#pragma unroll
+      for (int kk = 0; kk < KT / 16; kk++) {
+        const uint32_t pa[4] = {pack2(s[2 * kk][0], s[2 * kk][1], tag), pack2(s[2 * kk][2], s[2 * kk][3], tag),
+                                pack2(s[2 * kk + 1][0], s[2 * kk + 1][1], tag), pack2(s[2 * kk + 1][2], s[2 * kk + 1][3], tag)};
+#pragma unroll
+        for (int t2 = 0; t2 < OT / 2; t2++) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, vt + (kk * 16 + (lane & 15)) * LD + t2 * 16 + (lane >> 4) * 8);
+          mma16816(o[2 * t2], pa, b[0], b[1], tag);
+          mma16816(o[2 * t2 + 1], pa, b[2], b[3], tag);
+        }
       }
     }
-    __syncwarp();
-    for (int e = lane; e < 16 * HD; e += 32) os[e] *= cs[e / HD];
-    __syncwarp();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa;
-    wmma::load_matrix_sync(pa, ps, 16);
-#pragma unroll
-    for (int t = 0; t < HD / 16; t++) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> of;
-      wmma::load_matrix_sync(vb, kp + (size_t)heads * HD + t * 16, ld);
-      wmma::load_matrix_sync(of, os + t * 16, HD, wmma::mem_row_major);
-      wmma::mma_sync(of, pa, vb, of);
-      wmma::store_matrix_sync(os + t * 16, of, HD, wmma::mem_row_major);
-    }
-    __syncwarp();
+    __syncthreads();  // the buffer is refilled by the next iteration's copy
   }
-  for (int e = lane; e < count * HD; e += 32) {
-    int j = e / HD, c = e % HD;
-    out[((size_t)(first + j) * heads + h) * HD + c] = from_f<T>(os[e] / ls[j]);
+  if (!active) return;
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
+  }
+#pragma unroll
+  for (int t = 0; t < OT; t++) {
+    const int ch = t * 8 + 2 * t4;
+    if (qa < count)
+      *reinterpret_cast<uint32_t*>(out + ((size_t)(first + qa) * heads + h) * HD + ch) = pack2(o[t][0] / l[0], o[t][1] / l[0], tag);
+    if (qb < count)
+      *reinterpret_cast<uint32_t*>(out + ((size_t)(first + qb) * heads + h) * HD + ch) = pack2(o[t][2] / l[1], o[t][3] / l[1], tag);
   }
 }
 

@@ -57,10 +57,21 @@ fn check(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32
     check_rows(heads, head_dim, page_size, dtype, tol, &[5, 40, 17, 4, 33], &[3, 33, 16, 1, 1]);
 }
 
+/// Prompts longer than one query group (64 tokens) and than one key tile, in
+/// chunks that start and end inside groups and pages, next to a one-token row:
+/// the tensor-core kernel's shared key tiles, its causal mask inside a tile and
+/// its zero-filled positions past a row's end.
+fn check_long(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32) {
+    check_rows(heads, head_dim, page_size, dtype, tol, &[200, 151, 2, 71, 131], &[130, 64, 1, 70, 3]);
+}
+
 /// Rows of at most eight positions, as the token decoder's local cache holds
 /// (the CUDA build's warp-per-token kernel): a two-position prefix, then steps.
 fn check_short(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32) {
     check_rows(heads, head_dim, page_size, dtype, tol, &[5, 2, 8, 1, 3], &[2, 2, 7, 1, 2]);
+    // Then one new token in every row: the CUDA kernel also writes that token's
+    // key and value (no separate write launch).
+    check_rows(heads, head_dim, page_size, dtype, tol, &[5, 3, 8, 2, 4], &[4, 2, 7, 1, 3]);
 }
 
 fn check_rows(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32, lens: &[usize], first: &[usize]) {
@@ -74,8 +85,9 @@ fn check_rows(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol
         .iter()
         .map(|r| Tensor::new(r.as_slice(), &candle_core::Device::Cpu).unwrap().to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap())
         .collect();
-    let pool_shape = PoolShape { layers: 1, heads, head_dim, max_positions: 64 };
-    let mut pool = KvPool::with_shape(pool_shape, 64, page_size, dtype, &device).unwrap();
+    let pool_shape = PoolShape { layers: 1, heads, head_dim, max_positions: 256 };
+    let pages: usize = lens.iter().map(|n| n.div_ceil(page_size)).sum();
+    let mut pool = KvPool::with_shape(pool_shape, pages + 4, page_size, dtype, &device).unwrap();
     let mut seqs: Vec<SeqKv> = lens.iter().map(|_| SeqKv::default()).collect();
     for (pass_no, counts) in [first.to_vec(), lens.iter().zip(first).map(|(l, f)| l - f).collect::<Vec<_>>()].into_iter().enumerate() {
         let starts: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
@@ -117,6 +129,15 @@ fn short_rows_match_dense_reference() {
     check_short(2, 128, 4, DType::F32, 1e-5);
     check_short(12, 64, 5, DType::BF16, 2e-2);
     check_short(2, 128, 8, DType::BF16, 2e-2);
+}
+
+#[test]
+fn long_prompts_match_dense_reference() {
+    check_long(4, 64, 16, DType::F32, 1e-5);
+    check_long(4, 64, 16, DType::BF16, 2e-2);
+    check_long(2, 128, 16, DType::BF16, 2e-2);
+    check_long(2, 128, 16, DType::F16, 1e-2);
+    check_long(2, 64, 8, DType::BF16, 2e-2);
 }
 
 #[test]

@@ -114,8 +114,9 @@ pub(super) fn attend(
             return Ok(CudaStorage::wrap_cuda_slice(out, dev));
         }
         // Prefill groups in 2-byte dtypes over 16-position pages take the
-        // tensor-core kernel (one warp per group); otherwise CUDA cores, with
-        // groups split into CTAs of `group_cta` tokens.
+        // tensor-core kernel (a CTA of four warps per group of up to 64
+        // tokens); otherwise CUDA cores, with groups split into CTAs of
+        // `group_cta` tokens.
         let tensor_cores = op.max_group > 1 && T::DTYPE != DType::F32 && op.page_size == 16 && matches!(s.head_dim, 64 | 128);
         let group_cta = match op.max_group {
             0 | 1 => 1,
@@ -130,7 +131,7 @@ pub(super) fn attend(
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         // One warp covers 32 / (head_dim / 8) keys per round; up to 4 warps.
         let keys_per_warp = 32 / (s.head_dim / 8);
-        let warps = if tensor_cores { 1 } else { op.max_keys.div_ceil(keys_per_warp).clamp(1, 4) };
+        let warps = if tensor_cores { 4 } else { op.max_keys.div_ceil(keys_per_warp).clamp(1, 4) };
         let subs = if tensor_cores { 1 } else { op.max_group.div_ceil(group_cta) };
         let ctas = op.groups * subs;
         let mut b = func.builder();

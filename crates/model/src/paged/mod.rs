@@ -24,8 +24,8 @@ use crate::config::GptNeoXConfig;
 use crate::error::{ModelError, Result};
 
 /// Most consecutive tokens of one row that the attention kernels take together
-/// (one tensor-core tile of queries).
-const QUERY_GROUP: usize = 16;
+/// (the tensor-core kernel's tile of queries: four warps of 16).
+const QUERY_GROUP: usize = 64;
 
 /// Pages of KV storage for one GPT-NeoX stack.
 pub struct KvPool {
