@@ -74,7 +74,7 @@ __device__ void kv_write(T* pool, const T* qkv, const uint32_t* meta, int heads,
 // positions QB = 2; decode rows, groups of one, use QB = 1 for its lower
 // register count).
 
-// Grid (query groups, heads), block 32 * warps threads. Softmax attention of each
+// Grid (query groups x heads), heads fastest; block 32 * warps threads. Softmax attention of each
 // token's rotated, scaled query over keys 0..=pos of its row. Lanes work in
 // groups of G = HD / 8, one key per group and eight channels per lane; each group
 // keeps an online softmax per query, merged across groups by shuffles and across
@@ -84,12 +84,15 @@ __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
                            int rot, float base, int page_size, int max_pages, int rows, float scale, int subs) {
   constexpr int G = HD / 8;
   constexpr int KP = 32 / G;
-  const int h = blockIdx.y;
+  // Heads vary fastest across the grid: the CTAs resident together read all
+  // heads of the same slots (whole 3 KB slots of b4_85, not one head's 128 B
+  // of many slots), which DRAM serves far better.
+  const int h = blockIdx.x % heads, cta = blockIdx.x / heads;
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / G, gl = lane % G;
   const uint32_t* groups = index + 3 * (size_t)n + (size_t)rows * max_pages;
   // A group of up to 64 tokens spans `subs` CTAs of QB tokens each.
-  const int gi = blockIdx.x / subs, sub = blockIdx.x % subs;
+  const int gi = cta / subs, sub = cta % subs;
   const int first = groups[2 * gi] + sub * QB, count = min(QB, (int)groups[2 * gi + 1] - sub * QB);
   if (count <= 0) return;
   const uint32_t pos0 = index[3 * first + 1], row = index[3 * first + 2];
@@ -378,10 +381,11 @@ __device__ void paged_attn_tc(T* out, const T* qkv, const T* pool, const uint32_
   __shared__ __align__(16) T ks[2][KT * LD];
   __shared__ __align__(16) T vs[2][KT * LD];
   const T tag{};
-  const int h = blockIdx.y, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // Heads vary fastest across the grid (as in paged_attn).
+  const int h = blockIdx.x % heads, gi = blockIdx.x / heads, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4;
   const uint32_t* groups = index + 3 * (size_t)n + (size_t)rows * max_pages;
-  const int first = groups[2 * blockIdx.x], count = groups[2 * blockIdx.x + 1];
+  const int first = groups[2 * gi], count = groups[2 * gi + 1];
   const int pos0 = index[3 * first + 1], row = index[3 * first + 2];
   const uint32_t* table = index + 3 * (size_t)n + (size_t)row * max_pages;
   const int last = pos0 + count - 1;  // the group's last position: keys 0..=last

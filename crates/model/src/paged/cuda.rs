@@ -137,7 +137,8 @@ pub(super) fn attend(
         let mut b = func.builder();
         leading_args!(b);
         candle_core::builder_arg!(b, op.rows as i32, op.scale, subs as i32);
-        let cfg = LaunchConfig { grid_dim: (ctas as u32, s.heads as u32, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: 0 };
+        // Heads vary fastest: blockIdx.x = cta * heads + head.
+        let cfg = LaunchConfig { grid_dim: ((ctas * s.heads) as u32, 1, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: every token's keys lie in pages its row's table names, which the
         // pool planned; the output holds n * heads * head_dim elements.
         unsafe { b.launch(cfg) }.w()?;
