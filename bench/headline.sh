@@ -55,8 +55,10 @@ if has checks; then
 fi
 
 if has engine; then
+  # ENGINE_SETTINGS / OVERLAPS narrow the runs (e.g. "decode-heavy" / "on").
   for setting in decode-heavy:${DECODE_BATCHES:-4096,4096} prefill-heavy:${PREFILL_BATCHES:-3072,3072}; do
-    for overlap in off on; do
+    [[ " ${ENGINE_SETTINGS:-decode-heavy prefill-heavy} " == *" ${setting%%:*} "* ]] || continue
+    for overlap in ${OVERLAPS:-off on}; do
       log "== block_main_b4_85 ${setting%%:*}, --overlap $overlap (batches ${setting#*:}; the first warms the process)"
       $bs bench --preset block_main_b4_85 --setting "${setting%%:*}" --batch "${setting#*:}" --device cuda --dtype bf16 \
         --overlap $overlap --ceilings ${ENGINE_ARGS:-} 2>&1 | grep -E "^\||ceilings|passes" || status=1
