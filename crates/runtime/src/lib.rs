@@ -2,6 +2,7 @@
 
 pub mod busy;
 pub mod channels;
+pub mod coalesce;
 pub mod guard;
 pub mod lease;
 pub mod metrics;

@@ -5,9 +5,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tonic::transport::server::{Router, TcpIncoming};
 use tower::layer::util::{Identity, Stack};
 
+use crate::coalesce::Coalesce;
 use crate::guard::{GuardLayer, HTTP2_MAX_HEADER_LIST};
 use crate::tls::{ServerTls, ServerTlsArgs};
 
@@ -179,10 +181,17 @@ pub async fn serve(
         let _ = stop2.wait_for(|s| *s).await;
         let _ = drained_tx.send(());
     };
+    // Every connection gathers a burst of responses into one write (coalesce.rs).
     let server = match listening.tls {
-        Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(crate::tls::incoming(listening.listener, tls), stopped)),
+        Some(tls) => {
+            let incoming = crate::tls::incoming(listening.listener, tls).map(|c| c.map(Coalesce::new));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
         // tonic applies its tcp_nodelay setting only to listeners it binds itself.
-        None => tokio::spawn(router.serve_with_incoming_shutdown(TcpIncoming::from(listening.listener).with_nodelay(Some(true)), stopped)),
+        None => {
+            let incoming = TcpIncoming::from(listening.listener).with_nodelay(Some(true)).map(|c| c.map(Coalesce::new));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
     };
     let _ = stop.wait_for(|s| *s).await;
     let _ = drained_rx.await;
