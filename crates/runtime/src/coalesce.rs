@@ -66,12 +66,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Coalesce<IO> {
 }
 
 impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        if self.buf.len() + data.len() > MAX_BUFFERED {
-            ready!(self.poll_drain(cx))?;
-        }
-        self.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(data)])
     }
 
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
