@@ -26,20 +26,21 @@ fn rope(x: &[f32], rot: usize, base: f32, pos: usize) -> Vec<f32> {
     out
 }
 
+/// Every key of a row rotated to its position: `[len * heads][hd]`.
+fn rotated_keys(row: &[f32], s: &HeadShape) -> Vec<Vec<f32>> {
+    let (h, hd) = (s.heads, s.head_dim);
+    (0..row.len() / (3 * h * hd) * h).map(|th| rope(&row[(th * 3 + 1) * hd..][..hd], s.rot, s.rope_base, th / h)).collect()
+}
+
 /// Dense causal attention of token `t` of a row over tokens 0..=t of the same
-/// row, from the row's `[len, heads, 3, hd]` projections.
-fn reference(row: &[f32], t: usize, s: &HeadShape) -> Vec<f32> {
+/// row, from the row's `[len, heads, 3, hd]` projections and its rotated keys.
+fn reference(row: &[f32], keys: &[Vec<f32>], t: usize, s: &HeadShape) -> Vec<f32> {
     let (h, hd) = (s.heads, s.head_dim);
     let at = |tok: usize, head: usize, part: usize| &row[((tok * h + head) * 3 + part) * hd..][..hd];
     let mut out = vec![0f32; h * hd];
     for head in 0..h {
         let q = rope(at(t, head, 0), s.rot, s.rope_base, t);
-        let scores: Vec<f32> = (0..=t)
-            .map(|k| {
-                let key = rope(at(k, head, 1), s.rot, s.rope_base, k);
-                q.iter().zip(&key).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt()
-            })
-            .collect();
+        let scores: Vec<f32> = (0..=t).map(|k| q.iter().zip(&keys[k * h + head]).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt()).collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let w: Vec<f32> = scores.iter().map(|x| (x - max).exp()).collect();
         let total: f32 = w.iter().sum();
@@ -65,6 +66,22 @@ fn check_long(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol
     check_rows(heads, head_dim, page_size, dtype, tol, &[200, 151, 2, 71, 131], &[130, 64, 1, 70, 3]);
 }
 
+/// Decode passes over long rows: every row adds exactly one token (the CUDA
+/// build's CTA-per-token kernel in bf16/f16). Few rows leave most of the GPU's
+/// resident CTAs free, so their keys are split across CTAs (up to 3 splits for
+/// the row of 130).
+fn check_decode(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32) {
+    check_rows(heads, head_dim, page_size, dtype, tol, &[40, 100, 17, 70, 9], &[39, 99, 16, 69, 8]);
+    check_rows(heads, head_dim, page_size, dtype, tol, &[130, 90, 9], &[129, 89, 8]);
+}
+
+/// 300 rows fill an H200's resident CTAs (4 per multiprocessor), so none is split.
+fn check_decode_unsplit(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32) {
+    let totals: Vec<usize> = (0..300).map(|r| 9 + r % 29).collect();
+    let prior: Vec<usize> = totals.iter().map(|t| t - 1).collect();
+    check_rows(heads, head_dim, page_size, dtype, tol, &totals, &prior);
+}
+
 /// Rows of at most eight positions, as the token decoder's local cache holds
 /// (the CUDA build's warp-per-token kernel): a two-position prefix, then steps.
 fn check_short(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32) {
@@ -85,6 +102,7 @@ fn check_rows(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol
         .iter()
         .map(|r| Tensor::new(r.as_slice(), &candle_core::Device::Cpu).unwrap().to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap())
         .collect();
+    let keys: Vec<Vec<Vec<f32>>> = rounded.iter().map(|r| rotated_keys(r, &shape)).collect();
     let pool_shape = PoolShape { layers: 1, heads, head_dim, max_positions: 256 };
     let pages: usize = lens.iter().map(|n| n.div_ceil(page_size)).sum();
     let mut pool = KvPool::with_shape(pool_shape, pages + 4, page_size, dtype, &device).unwrap();
@@ -101,7 +119,7 @@ fn check_rows(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol
         let mut i = 0;
         for (r, (&s, &c)) in starts.iter().zip(&counts).enumerate() {
             for t in s..s + c {
-                let want = reference(&rounded[r], t, &shape);
+                let want = reference(&rounded[r], &keys[r], t, &shape);
                 let err: f32 = out[i].iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
                 let norm: f32 = want.iter().map(|b| b * b).sum::<f32>().sqrt();
                 assert!(
@@ -138,6 +156,16 @@ fn long_prompts_match_dense_reference() {
     check_long(2, 128, 16, DType::BF16, 2e-2);
     check_long(2, 128, 16, DType::F16, 1e-2);
     check_long(2, 64, 8, DType::BF16, 2e-2);
+}
+
+#[test]
+fn decode_passes_over_long_rows_match_dense_reference() {
+    check_decode(12, 64, 16, DType::F32, 1e-5);
+    check_decode(12, 64, 16, DType::BF16, 2e-2);
+    check_decode_unsplit(12, 64, 16, DType::BF16, 2e-2);
+    check_decode(2, 128, 16, DType::BF16, 2e-2);
+    check_decode(8, 128, 16, DType::F16, 1e-2);
+    check_decode(5, 64, 8, DType::BF16, 2e-2);
 }
 
 #[test]

@@ -113,6 +113,9 @@ pub(super) fn attend(
             unsafe { b.launch(cfg) }.w()?;
             return Ok(CudaStorage::wrap_cuda_slice(out, dev));
         }
+        if op.max_group <= 1 && T::DTYPE != DType::F32 && matches!(s.head_dim, 64 | 128) && s.heads * s.head_dim <= 1024 && !per_head_decode() {
+            return decode_rows::<T>(op, &dev, out, &q, &p, &idx);
+        }
         // Prefill groups in 2-byte dtypes over 16-position pages take the
         // tensor-core kernel (a CTA of four warps per group of up to 64
         // tokens); otherwise CUDA cores, with groups split into CTAs of
@@ -146,4 +149,73 @@ pub(super) fn attend(
     }
     let out = dispatch_float!(qkv.dtype(), go(op, qkv, ql, pool, pl, index, il))?;
     Ok((out, Shape::from((op.tokens, op.shape.heads * op.shape.head_dim))))
+}
+
+/// `BLOCKSERVE_DECODE_ATTENTION=per-head` sends decode passes to the per-head
+/// kernel instead of `decode_rows` (for A/B measurements on the device).
+fn per_head_decode() -> bool {
+    static PER_HEAD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PER_HEAD.get_or_init(|| std::env::var("BLOCKSERVE_DECODE_ATTENTION").as_deref() == Ok("per-head"))
+}
+
+/// The device's multiprocessor count (one device per process; read once).
+fn multiprocessors(dev: &candle_core::CudaDevice) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+    static SMS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if let Some(&n) = SMS.get() {
+        return Ok(n);
+    }
+    let n = dev.cuda_stream().context().attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()? as usize;
+    Ok(*SMS.get_or_init(|| n))
+}
+
+/// Decode passes over long rows in 2-byte dtypes (`decode_rows` in the .cu
+/// file): a CTA per token (and key split) over all heads. Up to 48 KB of shared
+/// memory a CTA: four warps, each with `DR_STAGES` (4) slots in flight.
+fn decode_rows<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+    op: &PagedAttention,
+    dev: &candle_core::CudaDevice,
+    out: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    q: &candle_core::cuda_backend::cudarc::driver::CudaView<T>,
+    p: &candle_core::cuda_backend::cudarc::driver::CudaView<T>,
+    idx: &candle_core::cuda_backend::cudarc::driver::CudaView<u32>,
+) -> Result<CudaStorage> {
+    const STAGES: usize = 4;
+    const SMEM: usize = 48 * 1024;
+    let (s, n) = (op.shape, op.tokens);
+    let pieces = s.heads * s.head_dim / 8;
+    let slot_bytes = 2 * pieces * 16;
+    let warps = (SMEM / (STAGES * slot_bytes)).clamp(1, 4);
+    let smem = warps * STAGES * slot_bytes;
+    // Split rows' keys when the batch fills less than the resident CTAs of one
+    // wave (four a multiprocessor at 48 KB), keeping a split at least 64 keys.
+    let resident = multiprocessors(dev)? * (227 * 1024 / (smem + 1024)).max(1);
+    let splits = (resident / n).clamp(1, op.max_keys.div_ceil(64).max(1));
+    // SAFETY: every partial the combine reads is written first by its split.
+    let part = unsafe { dev.alloc::<f32>(if splits > 1 { n * splits * pieces * 10 } else { 1 })? };
+    let name = format!("decode_rows_{}_{}_{}", suffix(T::DTYPE)?, s.head_dim, pieces.div_ceil(32));
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(&out);
+    b.arg(&part);
+    b.arg(q);
+    b.arg(p);
+    b.arg(idx);
+    candle_core::builder_arg!(b, n as i32, s.heads as i32, s.rot as i32, s.rope_base, op.page_size as i32, op.max_pages as i32, op.scale, splits as i32);
+    let cfg = LaunchConfig { grid_dim: ((n * splits) as u32, 1, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: smem as u32 };
+    // SAFETY: every token's keys lie in pages its row's table names (planned by
+    // the pool); a CTA writes only its own token's outputs (or its split's
+    // partials, n * splits * pieces * 10 floats).
+    unsafe { b.launch(cfg) }.w()?;
+    if splits > 1 {
+        let func = dev.get_or_load_custom_func(&format!("decode_combine_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&out);
+        b.arg(&part);
+        candle_core::builder_arg!(b, n as i32, pieces as i32, splits as i32);
+        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (pieces.next_multiple_of(32).min(128) as u32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: reads the partials written above, writes n * pieces * 8 outputs.
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
