@@ -158,6 +158,13 @@ fn per_head_decode() -> bool {
     *PER_HEAD.get_or_init(|| std::env::var("BLOCKSERVE_DECODE_ATTENTION").as_deref() == Ok("per-head"))
 }
 
+/// `BLOCKSERVE_DECODE_SPLITS=k` forces k key splits a row in `decode_rows`
+/// (0 or unset: chosen from the batch; for sweeps on the device).
+fn decode_splits() -> usize {
+    static SPLITS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SPLITS.get_or_init(|| std::env::var("BLOCKSERVE_DECODE_SPLITS").ok().and_then(|v| v.parse().ok()).unwrap_or(0))
+}
+
 /// The device's multiprocessor count (one device per process; read once).
 fn multiprocessors(dev: &candle_core::CudaDevice) -> Result<usize> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
@@ -190,7 +197,10 @@ fn decode_rows<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     // Split rows' keys when the batch fills less than the resident CTAs of one
     // wave (four a multiprocessor at 48 KB), keeping a split at least 64 keys.
     let resident = multiprocessors(dev)? * (227 * 1024 / (smem + 1024)).max(1);
-    let splits = (resident / n).clamp(1, op.max_keys.div_ceil(64).max(1));
+    let splits = match decode_splits() {
+        0 => (resident / n).clamp(1, op.max_keys.div_ceil(64).max(1)),
+        forced => forced,
+    };
     // SAFETY: every partial the combine reads is written first by its split.
     let part = unsafe { dev.alloc::<f32>(if splits > 1 { n * splits * pieces * 10 } else { 1 })? };
     let name = format!("decode_rows_{}_{}_{}", suffix(T::DTYPE)?, s.head_dim, pieces.div_ceil(32));
