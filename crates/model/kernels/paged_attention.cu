@@ -569,36 +569,38 @@ ATTN_ALL(64)
 ATTN_ALL(128)
 ATTN_ALL(256)
 
-// Decode passes over long rows (every row adds one token, 2-byte dtypes).
-// The per-head kernel above reads each key as `heads` separate 128-byte pieces
-// from `heads` CTAs and stays near 3.5 TB/s on an H200. Here a CTA covers all
+// Decode passes over long rows (every row adds one token, 2-byte dtypes) in
+// batches that fill the GPU. The per-head kernel above reads each key as
+// `heads` separate 128-byte pieces from `heads` CTAs. Here a CTA covers all
 // heads of one token, so a key's whole slot (K of every head, then V: 2 * heads
 // * HD contiguous elements) is one warp's cp.async into shared memory, with
 // DR_STAGES - 1 keys in flight per warp and no registers spent holding them.
-// Warp w of the CTA takes keys k0 + w, k0 + w + warps, ... of the CTA's split.
-// Lane l holds 8-channel pieces l + 32 r (r < R) of the query: head
-// (l + 32 r) / G; a head's G lanes are consecutive, so its score is a shuffle
-// reduction over them. Warps merge in shared memory; a row's keys are cut into
-// `splits` CTAs when the batch alone would leave SMs idle, and then
-// decode_combine merges the splits' partial softmaxes.
+// Warp w of the CTA takes keys w, w + warps, ... Lane l holds 8-channel pieces
+// l + 32 r (r < R) of the query: head (l + 32 r) / G; a head's G lanes are
+// consecutive, so its score is a shuffle reduction over them. Warps merge in
+// shared memory.
 //
-// Grid n * splits (splits fastest), block 32 * warps; dynamic shared memory
-// warps * DR_STAGES * slot bytes (the host keeps it at most 48 KB).
-// part: [n, splits, pieces, 10] f32 = (max, sum, 8 weighted values), when splits > 1.
+// On an H200 (vanilla_160's heads, 1152 keys a row) this reads 4,102 GB/s at
+// batch 1024 against the per-head kernel's 3,974 (torch's sum reads 4,176).
+// Below a full wave of CTAs it loses: at batch 256 it read 3,247 GB/s, and
+// 3,421 at best with a row's keys split over CTAs and merged by a second
+// kernel, against 3,650 per head; so small batches stay per head.
+//
+// Grid n, block 32 * warps; dynamic shared memory warps * DR_STAGES * slot
+// bytes (the host keeps it at most 48 KB).
 #define DR_STAGES 4
 template <typename T, int HD, int R>
-__device__ void decode_rows(T* out, float* part, const T* qkv, const T* pool, const uint32_t* index, int n,
-                            int heads, int rot, float base, int page_size, int max_pages, float scale, int splits) {
+__device__ void decode_rows(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads, int rot,
+                            float base, int page_size, int max_pages, float scale) {
   constexpr int G = HD / 8;  // lanes (pieces) per head
   extern __shared__ __align__(16) unsigned char dsm[];
-  const int i = blockIdx.x / splits, split = blockIdx.x % splits;
+  const int i = blockIdx.x;
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int pieces = heads * G;      // 16-byte pieces of one slot's K (and of its V)
   const int slot16 = 2 * pieces;     // 16-byte pieces of a whole slot
   const int pos = index[3 * i + 1], row = index[3 * i + 2];
   const uint32_t* table = index + 3 * (size_t)n + (size_t)row * max_pages;
-  const int nkeys = pos + 1, chunk = (nkeys + splits - 1) / splits;
-  const int k0 = split * chunk, k1 = min(nkeys, k0 + chunk);
+  const int nkeys = pos + 1;
   uint4* ring = reinterpret_cast<uint4*>(dsm) + (size_t)warp * DR_STAGES * slot16;
 
   float q[R][8], m[R], l[R], acc[R][8];
@@ -617,8 +619,8 @@ __device__ void decode_rows(T* out, float* part, const T* qkv, const T* pool, co
   // This warp's t-th key into stage t % DR_STAGES. A group is committed even
   // when there is no key, so that the wait counts below hold.
   auto issue = [&](int t) {
-    const int key = k0 + warp + t * warps;
-    if (key < k1) {
+    const int key = warp + t * warps;
+    if (key < nkeys) {
       const size_t slot = (size_t)table[key / page_size] * page_size + key % page_size;
       const uint4* src = reinterpret_cast<const uint4*>(pool + slot * 2 * heads * HD);
       uint4* dst = ring + (t % DR_STAGES) * slot16;
@@ -626,7 +628,7 @@ __device__ void decode_rows(T* out, float* part, const T* qkv, const T* pool, co
     }
     cp_async_commit();
   };
-  const int mine = k1 > k0 + warp ? (k1 - k0 - warp + warps - 1) / warps : 0;
+  const int mine = nkeys > warp ? (nkeys - warp + warps - 1) / warps : 0;
 #pragma unroll
   for (int t = 0; t < DR_STAGES - 1; t++) issue(t);
   for (int t = 0; t < mine; t++) {
@@ -685,50 +687,16 @@ __device__ void decode_rows(T* out, float* part, const T* qkv, const T* pool, co
 #pragma unroll
       for (int e = 0; e < 8; e++) num[e] += sacc[(w * pieces + c) * 8 + e] * f;
     }
-    if (splits == 1) {
-      T* o = out + ((size_t)i * heads + c / G) * HD + (c % G) * 8;
-#pragma unroll
-      for (int e = 0; e < 8; e++) o[e] = from_f<T>(num[e] / den);
-    } else {
-      float* p = part + (((size_t)i * splits + split) * pieces + c) * 10;
-      p[0] = mx;
-      p[1] = den;
-#pragma unroll
-      for (int e = 0; e < 8; e++) p[2 + e] = num[e];
-    }
-  }
-}
-
-// Grid n, one thread per 8-channel piece: merge a token's splits.
-template <typename T>
-__device__ void decode_combine(T* out, const float* part, int n, int pieces, int splits) {
-  const int i = blockIdx.x;
-  for (int c = threadIdx.x; c < pieces; c += blockDim.x) {
-    const float* p = part + ((size_t)i * splits * pieces + c) * 10;
-    const size_t stride = (size_t)pieces * 10;
-    float mx = -INFINITY;
-    for (int s = 0; s < splits; s++) mx = fmaxf(mx, p[s * stride]);
-    float num[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, den = 0.f;
-    for (int s = 0; s < splits; s++) {
-      const float* q = p + s * stride;
-      if (q[0] == -INFINITY) continue;  // a split with no key
-      const float f = __expf(q[0] - mx);
-      den += q[1] * f;
-#pragma unroll
-      for (int e = 0; e < 8; e++) num[e] += q[2 + e] * f;
-    }
-    T* o = out + (size_t)i * pieces * 8 + c * 8;
+    T* o = out + ((size_t)i * heads + c / G) * HD + (c % G) * 8;
 #pragma unroll
     for (int e = 0; e < 8; e++) o[e] = from_f<T>(num[e] / den);
   }
 }
 
-#define DECODE(NAME, T, HD, R)                                                                              \
-  extern "C" __global__ void NAME(T* out, float* part, const T* qkv, const T* pool, const uint32_t* index, \
-                                  int n, int heads, int rot, float base, int page_size, int max_pages,     \
-                                  float scale, int splits) {                                                \
-    decode_rows<T, HD, R>(out, part, qkv, pool, index, n, heads, rot, base, page_size, max_pages, scale,    \
-                          splits);                                                                          \
+#define DECODE(NAME, T, HD, R)                                                                         \
+  extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n,     \
+                                  int heads, int rot, float base, int page_size, int max_pages, float scale) { \
+    decode_rows<T, HD, R>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, scale);      \
   }
 #define DECODE_R(HD, R)                                      \
   DECODE(decode_rows_bf16_##HD##_##R, __nv_bfloat16, HD, R) \
@@ -741,9 +709,3 @@ DECODE_R(128, 1)
 DECODE_R(128, 2)
 DECODE_R(128, 3)
 DECODE_R(128, 4)
-#define COMBINE(NAME, T)                                                                         \
-  extern "C" __global__ void NAME(T* out, const float* part, int n, int pieces, int splits) {   \
-    decode_combine<T>(out, part, n, pieces, splits);                                             \
-  }
-COMBINE(decode_combine_bf16, __nv_bfloat16)
-COMBINE(decode_combine_f16, __half)

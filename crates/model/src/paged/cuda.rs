@@ -113,8 +113,15 @@ pub(super) fn attend(
             unsafe { b.launch(cfg) }.w()?;
             return Ok(CudaStorage::wrap_cuda_slice(out, dev));
         }
-        if op.max_group <= 1 && T::DTYPE != DType::F32 && matches!(s.head_dim, 64 | 128) && s.heads * s.head_dim <= 1024 && !per_head_decode() {
-            return decode_rows::<T>(op, &dev, out, &q, &p, &idx);
+        // Decode passes over long rows in 2-byte dtypes, in batches that fill
+        // a wave of CTAs: a CTA per token over all heads (see the kernel).
+        if op.max_group <= 1 && T::DTYPE != DType::F32 && matches!(s.head_dim, 64 | 128) && s.heads * s.head_dim <= 1024 {
+            let fill = n >= decode_rows_wave(&dev, s.heads * s.head_dim)?;
+            match decode_attention() {
+                DecodeAttention::Rows => return decode_rows::<T>(op, &dev, out, &q, &p, &idx),
+                DecodeAttention::Auto if fill => return decode_rows::<T>(op, &dev, out, &q, &p, &idx),
+                _ => {}
+            }
         }
         // Prefill groups in 2-byte dtypes over 16-position pages take the
         // tensor-core kernel (a CTA of four warps per group of up to 64
@@ -151,18 +158,23 @@ pub(super) fn attend(
     Ok((out, Shape::from((op.tokens, op.shape.heads * op.shape.head_dim))))
 }
 
-/// `BLOCKSERVE_DECODE_ATTENTION=per-head` sends decode passes to the per-head
-/// kernel instead of `decode_rows` (for A/B measurements on the device).
-fn per_head_decode() -> bool {
-    static PER_HEAD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *PER_HEAD.get_or_init(|| std::env::var("BLOCKSERVE_DECODE_ATTENTION").as_deref() == Ok("per-head"))
+/// Which kernel decode passes take: `BLOCKSERVE_DECODE_ATTENTION=per-head` or
+/// `rows` forces one (for A/B measurements on the device); unset, `decode_rows`
+/// takes batches that fill a wave.
+#[derive(Clone, Copy, PartialEq)]
+enum DecodeAttention {
+    Auto,
+    PerHead,
+    Rows,
 }
 
-/// `BLOCKSERVE_DECODE_SPLITS=k` forces k key splits a row in `decode_rows`
-/// (0 or unset: chosen from the batch; for sweeps on the device).
-fn decode_splits() -> usize {
-    static SPLITS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SPLITS.get_or_init(|| std::env::var("BLOCKSERVE_DECODE_SPLITS").ok().and_then(|v| v.parse().ok()).unwrap_or(0))
+fn decode_attention() -> DecodeAttention {
+    static CHOICE: std::sync::OnceLock<DecodeAttention> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| match std::env::var("BLOCKSERVE_DECODE_ATTENTION").as_deref() {
+        Ok("per-head") => DecodeAttention::PerHead,
+        Ok("rows") => DecodeAttention::Rows,
+        _ => DecodeAttention::Auto,
+    })
 }
 
 /// The device's multiprocessor count (one device per process; read once).
@@ -176,9 +188,25 @@ fn multiprocessors(dev: &candle_core::CudaDevice) -> Result<usize> {
     Ok(*SMS.get_or_init(|| n))
 }
 
+/// `decode_rows`' launch shape for `width` = heads * head_dim channels: warps
+/// a CTA and bytes of shared memory. Four warps with `DR_STAGES` (4) slots each,
+/// fewer when a slot is large, within 48 KB.
+fn decode_rows_shape(width: usize) -> (usize, usize) {
+    const STAGES: usize = 4;
+    let slot_bytes = 2 * width * 2;
+    let warps = (48 * 1024 / (STAGES * slot_bytes)).clamp(1, 4);
+    (warps, warps * STAGES * slot_bytes)
+}
+
+/// Tokens that fill one wave of `decode_rows` CTAs (as many as the
+/// multiprocessors hold at once, limited by shared memory).
+fn decode_rows_wave(dev: &candle_core::CudaDevice, width: usize) -> Result<usize> {
+    let (_, smem) = decode_rows_shape(width);
+    Ok(multiprocessors(dev)? * (227 * 1024 / (smem + 1024)).max(1))
+}
+
 /// Decode passes over long rows in 2-byte dtypes (`decode_rows` in the .cu
-/// file): a CTA per token (and key split) over all heads. Up to 48 KB of shared
-/// memory a CTA: four warps, each with `DR_STAGES` (4) slots in flight.
+/// file): a CTA per token over all heads.
 fn decode_rows<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     op: &PagedAttention,
     dev: &candle_core::CudaDevice,
@@ -187,45 +215,19 @@ fn decode_rows<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     p: &candle_core::cuda_backend::cudarc::driver::CudaView<T>,
     idx: &candle_core::cuda_backend::cudarc::driver::CudaView<u32>,
 ) -> Result<CudaStorage> {
-    const STAGES: usize = 4;
-    const SMEM: usize = 48 * 1024;
     let (s, n) = (op.shape, op.tokens);
-    let pieces = s.heads * s.head_dim / 8;
-    let slot_bytes = 2 * pieces * 16;
-    let warps = (SMEM / (STAGES * slot_bytes)).clamp(1, 4);
-    let smem = warps * STAGES * slot_bytes;
-    // Split rows' keys when the batch fills less than the resident CTAs of one
-    // wave (four a multiprocessor at 48 KB), keeping a split at least 64 keys.
-    let resident = multiprocessors(dev)? * (227 * 1024 / (smem + 1024)).max(1);
-    let splits = match decode_splits() {
-        0 => (resident / n).clamp(1, op.max_keys.div_ceil(64).max(1)),
-        forced => forced,
-    };
-    // SAFETY: every partial the combine reads is written first by its split.
-    let part = unsafe { dev.alloc::<f32>(if splits > 1 { n * splits * pieces * 10 } else { 1 })? };
-    let name = format!("decode_rows_{}_{}_{}", suffix(T::DTYPE)?, s.head_dim, pieces.div_ceil(32));
+    let (warps, smem) = decode_rows_shape(s.heads * s.head_dim);
+    let name = format!("decode_rows_{}_{}_{}", suffix(T::DTYPE)?, s.head_dim, (s.heads * s.head_dim / 8).div_ceil(32));
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let mut b = func.builder();
     b.arg(&out);
-    b.arg(&part);
     b.arg(q);
     b.arg(p);
     b.arg(idx);
-    candle_core::builder_arg!(b, n as i32, s.heads as i32, s.rot as i32, s.rope_base, op.page_size as i32, op.max_pages as i32, op.scale, splits as i32);
-    let cfg = LaunchConfig { grid_dim: ((n * splits) as u32, 1, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: smem as u32 };
+    candle_core::builder_arg!(b, n as i32, s.heads as i32, s.rot as i32, s.rope_base, op.page_size as i32, op.max_pages as i32, op.scale);
+    let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: smem as u32 };
     // SAFETY: every token's keys lie in pages its row's table names (planned by
-    // the pool); a CTA writes only its own token's outputs (or its split's
-    // partials, n * splits * pieces * 10 floats).
+    // the pool); a CTA writes only its own token's heads * head_dim outputs.
     unsafe { b.launch(cfg) }.w()?;
-    if splits > 1 {
-        let func = dev.get_or_load_custom_func(&format!("decode_combine_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
-        let mut b = func.builder();
-        b.arg(&out);
-        b.arg(&part);
-        candle_core::builder_arg!(b, n as i32, pieces as i32, splits as i32);
-        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (pieces.next_multiple_of(32).min(128) as u32, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: reads the partials written above, writes n * pieces * 8 outputs.
-        unsafe { b.launch(cfg) }.w()?;
-    }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
