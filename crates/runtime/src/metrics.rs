@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::sync::LazyLock;
 use std::time::Instant;
 
+/// The type of one labelled counter (what a hot path keeps instead of looking its labels up each time).
+pub use prometheus::IntCounter;
 use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use tokio::sync::watch;
 

@@ -16,7 +16,7 @@
 //! Either way a session moves at most `max_migrations` times; then it fails
 //! with UNAVAILABLE and a message that says so.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blockserve_proto::v1::*;
@@ -26,7 +26,7 @@ use blockserve_store::{Assignment, Epoch, Outcome, Reassigned, SessionState, Tie
 use blockserve_text::IncrementalDecoder;
 use tonic::Status;
 
-use crate::relay_link::SessionStream;
+use crate::relay_link::{Deliver, SessionStream};
 use crate::sessions::{event, finished_from_record, EventTx, Router};
 
 const TIER: &str = "router";
@@ -50,6 +50,85 @@ pub(crate) struct Relay {
     pub arrived: Instant,
     /// The client's deadline (`grpc-timeout`), if it set one.
     pub deadline: Option<Instant>,
+}
+
+/// What a relayed session's client has been sent: kept by its task, and by
+/// the relay reader, which hands the session's chunks to the client itself
+/// while the client keeps up (`relay_link`).
+pub(crate) struct Delivery {
+    id: String,
+    tx: EventTx,
+    arrived: Instant,
+    relayed: blockserve_runtime::metrics::IntCounter,
+    progress: Mutex<Progress>,
+}
+
+#[derive(Default)]
+struct Progress {
+    /// Output the client has been sent (what a migration resumes after).
+    known: Vec<u32>,
+    last_chunk: Option<Instant>,
+    /// When the session lost its token decoder, until its next chunk.
+    failed_at: Option<Instant>,
+}
+
+impl Delivery {
+    fn new(r: &Relay) -> Self {
+        let relayed = METRICS.generated_tokens.with_label_values(&[TIER]);
+        Self { id: r.id.clone(), tx: r.tx.clone(), arrived: r.arrived, relayed, progress: Default::default() }
+    }
+
+    fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Count a chunk that goes to the client now, as the load generator
+    /// counts it: the first chunk's delay is the time to first token; a later
+    /// chunk's gap is shared by its tokens (one ITL sample each).
+    fn record(&self, c: &TokenChunk) {
+        let (now, n) = (Instant::now(), c.token_ids.len());
+        let mut p = self.progress();
+        match p.last_chunk.replace(now) {
+            None => METRICS.time_to_first_token.observe((now - self.arrived).as_secs_f64()),
+            Some(prev) => {
+                for _ in 0..n {
+                    METRICS.inter_token_latency.observe((now - prev).as_secs_f64() / n as f64);
+                }
+            }
+        }
+        if let Some(t) = p.failed_at.take() {
+            METRICS.migration_seconds.with_label_values(&[TIER]).observe(t.elapsed().as_secs_f64());
+        }
+        self.relayed.inc_by(n as u64);
+        p.known.extend_from_slice(&c.token_ids);
+    }
+
+    fn known(&self) -> Vec<u32> {
+        self.progress().known.clone()
+    }
+
+    fn set_known(&self, tokens: Vec<u32>) {
+        self.progress().known = tokens;
+    }
+
+    /// The session lost its token decoder (timed until its next chunk).
+    fn failed(&self) {
+        self.progress().failed_at.get_or_insert_with(Instant::now);
+    }
+}
+
+impl Deliver for Delivery {
+    fn try_deliver(&self, chunk: TokenChunk) -> Result<(), TokenChunk> {
+        match self.tx.try_reserve() {
+            Ok(permit) => {
+                self.record(&chunk);
+                permit.send(event(&self.id, generate_response::Event::Tokens(chunk)));
+                Ok(())
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Full(())) => Err(chunk),
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => Ok(()),
+        }
+    }
 }
 
 /// A session running on its new token decoder.
@@ -76,12 +155,9 @@ impl Router {
     /// released when the relay ends.
     pub(crate) async fn relay<H>(self: Arc<Self>, mut r: Relay, _held: H) {
         let _active = ActiveSession::new(TIER);
-        let relayed = METRICS.generated_tokens.with_label_values(&[TIER]);
-        let mut last_chunk: Option<Instant> = None;
-        // Output the client has been sent (what a migration resumes after).
-        let mut known: Vec<u32> = vec![];
+        let delivery = Arc::new(Delivery::new(&r));
+        r.events.deliver_directly(delivery.clone());
         let (mut epoch, mut failed): (Epoch, Vec<String>) = (0, vec![]);
-        let mut failed_at: Option<Instant> = None;
         let deadline = async move {
             match r.deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -107,24 +183,9 @@ impl Router {
                 }
             };
             let cause = match msg {
+                // (Chunks the reader could not hand over while the client's buffer was full.)
                 Ok(Some(RunEvent { kind: Some(run_event::Kind::Tokens(c)) })) => {
-                    // As the load generator counts it: the first chunk's delay
-                    // is the time to first token; a later chunk's gap is shared
-                    // by its tokens (one ITL sample each).
-                    let (now, n) = (Instant::now(), c.token_ids.len());
-                    match last_chunk.replace(now) {
-                        None => METRICS.time_to_first_token.observe((now - r.arrived).as_secs_f64()),
-                        Some(prev) => {
-                            for _ in 0..n {
-                                METRICS.inter_token_latency.observe((now - prev).as_secs_f64() / n as f64);
-                            }
-                        }
-                    }
-                    if let Some(t) = failed_at.take() {
-                        METRICS.migration_seconds.with_label_values(&[TIER]).observe(t.elapsed().as_secs_f64());
-                    }
-                    relayed.inc_by(n as u64);
-                    known.extend_from_slice(&c.token_ids);
+                    delivery.record(&c);
                     if r.tx.send(event(&r.id, generate_response::Event::Tokens(c))).await.is_err() {
                         r.events.cancel();
                         return;
@@ -141,14 +202,18 @@ impl Router {
                     return;
                 }
                 Err(st) if status::session_end_kind(&st) == Some("moved") => {
-                    return self.follow_from(r.id, known, r.tx).await;
+                    return self.follow_from(r.id, delivery.known(), r.tx).await;
                 }
                 Ok(None) => "the stream ended without the session's end".to_string(),
                 Err(st) => st.message().to_string(),
             };
+            // Dropping the old stream removes its route: nothing reaches the
+            // client from there any more, so `known` holds until the new one runs.
+            drop(r.events);
+            let known = delivery.known();
             tracing::warn!(session = %r.id, token_decoder = %r.token_decoder, error = %cause, tokens = known.len(), "lost the token decoder; migrating the session");
             failed.push(r.token_decoder_id.clone());
-            failed_at.get_or_insert_with(Instant::now);
+            delivery.failed();
             match self.migrate(&r.id, epoch, &mut failed, &known, "token_decoder_lost", &cause).await {
                 Ok((m, e)) => {
                     epoch = e;
@@ -160,9 +225,10 @@ impl Router {
                             m.events.cancel();
                             return;
                         }
-                        known = m.tokens;
+                        delivery.set_known(m.tokens);
                     }
                     (r.events, r.token_decoder, r.token_decoder_id) = (m.events, m.token_decoder, m.token_decoder_id);
+                    r.events.deliver_directly(delivery.clone());
                 }
                 Err(NotMoved::Final) | Err(NotMoved::Stale) => return self.follow_from(r.id, known, r.tx).await,
                 Err(NotMoved::Failed(st)) => {
