@@ -23,7 +23,8 @@
 # BLOCK_DECODERS [1; more start one block decoder each on the devices of
 # BD_DEVICES (a space-separated list, default $DEVICE for each); LINK_RTT_MS
 # then applies to the first only], TD_DEVICES [unset; a space-separated list:
-# token decoder i runs on its (i mod length)-th device instead of TD_DEVICE].
+# token decoder i runs on its (i mod length)-th device instead of TD_DEVICE], ROUTER_BS
+# [$BS; another build for the router alone, for A/B runs of the router].
 set -euo pipefail
 BS=${BS:-target/release/blockserve}
 LT=${LT:-target/release/blockserve-loadtest}
@@ -113,7 +114,7 @@ for i in $(seq 1 "$TOKEN_DECODERS"); do
   wait_port "$tdp"
 done
 rtp=$(free_port); rtm=$(free_port); metrics+=("router=127.0.0.1:$rtm")
-$NICE env ${ROUTER_ENV:-} "$BS" router --listen 127.0.0.1:$rtp --metrics-listen 127.0.0.1:$rtm --max-new-tokens 4096 ${ROUTER_ARGS:-} >"$LOGS/router.log" 2>&1 &
+$NICE env ${ROUTER_ENV:-} "${ROUTER_BS:-$BS}" router --listen 127.0.0.1:$rtp --metrics-listen 127.0.0.1:$rtm --max-new-tokens 4096 ${ROUTER_ARGS:-} >"$LOGS/router.log" 2>&1 &
 pids+=($!); names+=(router)
 wait_port "$rtp"
 sleep 1
