@@ -571,35 +571,33 @@ ATTN_ALL(256)
 
 // Decode passes over long rows (every row adds one token, 2-byte dtypes) in
 // batches that fill the GPU. The per-head kernel above reads each key as
-// `heads` separate 128-byte pieces from `heads` CTAs. Here a CTA covers a
-// group of `gh` consecutive heads of one token (all heads when the batch alone
-// fills a wave of CTAs), so a key's K of those heads, then their V (two runs of
-// gh * HD contiguous elements), are one warp's cp.async into shared memory,
-// with DR_STAGES - 1 keys in flight per warp and no registers spent holding
-// them. Warp w takes keys w, w + warps, ... Lane l holds 8-channel pieces
-// l + 32 r (r < R) of the group's query: head (l + 32 r) / G of the group; a
-// head's G lanes are consecutive, so its score is a shuffle reduction over
-// them. Warps merge in shared memory.
+// `heads` separate 128-byte pieces from `heads` CTAs. Here a CTA covers all
+// heads of one token, so a key's whole slot (K of every head, then V: 2 * heads
+// * HD contiguous elements) is one warp's cp.async into shared memory, with
+// DR_STAGES - 1 keys in flight per warp and no registers spent holding them.
+// Warp w of the CTA takes keys w, w + warps, ... Lane l holds 8-channel pieces
+// l + 32 r (r < R) of the query: head (l + 32 r) / G; a head's G lanes are
+// consecutive, so its score is a shuffle reduction over them. Warps merge in
+// shared memory.
 //
-// On an H200 (vanilla_160's heads, 1152 keys a row) one group of all heads
-// reads 4,102 GB/s at batch 1024 against the per-head kernel's 3,974 (torch's
-// sum reads 4,176). At batch 256 a CTA per token read 3,247 GB/s, and 3,421 at
-// best with a row's keys split over CTAs and merged by a second kernel,
-// against 3,650 per head: hence head groups, which add CTAs without a merge.
+// On an H200 (vanilla_160's heads, 1152 keys a row) this reads 4,102 GB/s at
+// batch 1024 against the per-head kernel's 3,974 (torch's sum reads 4,176).
+// Below a full wave of CTAs it loses: at batch 256 it read 3,247 GB/s, and
+// 3,421 at best with a row's keys split over CTAs and merged by a second
+// kernel, against 3,650 per head; so small batches stay per head.
 //
-// Grid n * (heads / gh), groups fastest; block 32 * warps; dynamic shared
-// memory warps * DR_STAGES * 2 * gh * HD * sizeof(T) (the host keeps it at
-// most 48 KB).
+// Grid n, block 32 * warps; dynamic shared memory warps * DR_STAGES * slot
+// bytes (the host keeps it at most 48 KB).
 #define DR_STAGES 4
 template <typename T, int HD, int R>
 __device__ void decode_rows(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads, int rot,
-                            float base, int page_size, int max_pages, float scale, int gh) {
+                            float base, int page_size, int max_pages, float scale) {
   constexpr int G = HD / 8;  // lanes (pieces) per head
   extern __shared__ __align__(16) unsigned char dsm[];
-  const int groups = heads / gh, i = blockIdx.x / groups, h0 = blockIdx.x % groups * gh;
+  const int i = blockIdx.x;
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int pieces = gh * G;         // 16-byte pieces of the group's K (and of its V) in a slot
-  const int slot16 = 2 * pieces;     // 16-byte pieces a key brings in
+  const int pieces = heads * G;      // 16-byte pieces of one slot's K (and of its V)
+  const int slot16 = 2 * pieces;     // 16-byte pieces of a whole slot
   const int pos = index[3 * i + 1], row = index[3 * i + 2];
   const uint32_t* table = index + 3 * (size_t)n + (size_t)row * max_pages;
   const int nkeys = pos + 1;
@@ -609,7 +607,7 @@ __device__ void decode_rows(T* out, const T* qkv, const T* pool, const uint32_t*
 #pragma unroll
   for (int r = 0; r < R; r++) {
     const int c = lane + 32 * r;
-    const T* qp = qkv + ((size_t)i * heads + h0 + c / G) * 3 * HD;
+    const T* qp = qkv + ((size_t)i * heads + c / G) * 3 * HD;
 #pragma unroll
     for (int e = 0; e < 8; e++) {
       q[r][e] = c < pieces ? rope_at(qp, (c % G) * 8 + e, rot, pos, base) * scale : 0.f;
@@ -624,10 +622,9 @@ __device__ void decode_rows(T* out, const T* qkv, const T* pool, const uint32_t*
     const int key = warp + t * warps;
     if (key < nkeys) {
       const size_t slot = (size_t)table[key / page_size] * page_size + key % page_size;
-      const uint4* k = reinterpret_cast<const uint4*>(pool + (slot * 2 * heads + h0) * HD);
-      const uint4* v = k + heads * HD / 8;
+      const uint4* src = reinterpret_cast<const uint4*>(pool + slot * 2 * heads * HD);
       uint4* dst = ring + (t % DR_STAGES) * slot16;
-      for (int c = lane; c < slot16; c += 32) cp_async16(dst + c, c < pieces ? k + c : v + (c - pieces), 16);
+      for (int c = lane; c < slot16; c += 32) cp_async16(dst + c, src + c, 16);
     }
     cp_async_commit();
   };
@@ -690,7 +687,7 @@ __device__ void decode_rows(T* out, const T* qkv, const T* pool, const uint32_t*
 #pragma unroll
       for (int e = 0; e < 8; e++) num[e] += sacc[(w * pieces + c) * 8 + e] * f;
     }
-    T* o = out + ((size_t)i * heads + h0 + c / G) * HD + (c % G) * 8;
+    T* o = out + ((size_t)i * heads + c / G) * HD + (c % G) * 8;
 #pragma unroll
     for (int e = 0; e < 8; e++) o[e] = from_f<T>(num[e] / den);
   }
@@ -698,9 +695,8 @@ __device__ void decode_rows(T* out, const T* qkv, const T* pool, const uint32_t*
 
 #define DECODE(NAME, T, HD, R)                                                                         \
   extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n,     \
-                                  int heads, int rot, float base, int page_size, int max_pages, float scale, \
-                                  int gh) {                                                               \
-    decode_rows<T, HD, R>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, scale, gh);  \
+                                  int heads, int rot, float base, int page_size, int max_pages, float scale) { \
+    decode_rows<T, HD, R>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, scale);      \
   }
 #define DECODE_R(HD, R)                                      \
   DECODE(decode_rows_bf16_##HD##_##R, __nv_bfloat16, HD, R) \

@@ -6,7 +6,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Shape};
 
-use super::ops::{short_rows, HeadShape, KvWrite, PagedAttention};
+use super::ops::{short_rows, KvWrite, PagedAttention};
 use crate::cuda_util::{dispatch_float, range as offsets, suffix, view};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
@@ -114,10 +114,13 @@ pub(super) fn attend(
             return Ok(CudaStorage::wrap_cuda_slice(out, dev));
         }
         // Decode passes over long rows in 2-byte dtypes, in batches that fill
-        // a wave of CTAs: a CTA per token and group of heads (see the kernel).
-        if op.max_group <= 1 && T::DTYPE != DType::F32 && matches!(s.head_dim, 64 | 128) && decode_attention() != DecodeAttention::PerHead {
-            if let Some(launch) = decode_rows_launch::<T>(&dev, s, n)? {
-                return decode_rows(op, &dev, launch, out, &q, &p, &idx);
+        // a wave of CTAs: a CTA per token over all heads (see the kernel).
+        if op.max_group <= 1 && T::DTYPE != DType::F32 && matches!(s.head_dim, 64 | 128) && s.heads * s.head_dim <= 1024 {
+            let fill = n >= decode_rows_wave(&dev, s.heads * s.head_dim)?;
+            match decode_attention() {
+                DecodeAttention::Rows => return decode_rows::<T>(op, &dev, out, &q, &p, &idx),
+                DecodeAttention::Auto if fill => return decode_rows::<T>(op, &dev, out, &q, &p, &idx),
+                _ => {}
             }
         }
         // Prefill groups in 2-byte dtypes over 16-position pages take the
@@ -174,13 +177,6 @@ fn decode_attention() -> DecodeAttention {
     })
 }
 
-/// `BLOCKSERVE_DECODE_GROUPS=k`: `decode_rows` with k head groups a token
-/// whenever that is possible (for sweeps on the device).
-fn forced_groups() -> Option<usize> {
-    static GROUPS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    *GROUPS.get_or_init(|| std::env::var("BLOCKSERVE_DECODE_GROUPS").ok().and_then(|v| v.parse().ok()))
-}
-
 /// The device's multiprocessor count (one device per process; read once).
 fn multiprocessors(dev: &candle_core::CudaDevice) -> Result<usize> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
@@ -192,82 +188,46 @@ fn multiprocessors(dev: &candle_core::CudaDevice) -> Result<usize> {
     Ok(*SMS.get_or_init(|| n))
 }
 
-/// How `decode_rows` covers a pass: heads per CTA, warps and shared memory.
-struct RowsLaunch {
-    func: candle_core::cuda_backend::cudarc::driver::CudaFunction,
-    group_heads: usize,
-    warps: usize,
-    smem: usize,
+/// `decode_rows`' launch shape for `width` = heads * head_dim channels: warps
+/// a CTA and bytes of shared memory. Four warps with `DR_STAGES` (4) slots each,
+/// fewer when a slot is large, within 48 KB.
+fn decode_rows_shape(width: usize) -> (usize, usize) {
+    const STAGES: usize = 4;
+    let slot_bytes = 2 * width * 2;
+    let warps = (48 * 1024 / (STAGES * slot_bytes)).clamp(1, 4);
+    (warps, warps * STAGES * slot_bytes)
 }
 
-/// The fewest head groups a token (the most heads per CTA) with which `n`
-/// tokens fill a wave of `decode_rows` CTAs; None when even the smallest
-/// groups that keep a warp's lanes busy (8-channel pieces, 32 a warp) leave
-/// the GPU short, and the per-head kernel takes the pass.
-/// `BLOCKSERVE_DECODE_ATTENTION=rows` takes the smallest groups then instead.
-fn decode_rows_launch<T: CudaDType + candle_core::WithDType>(dev: &candle_core::CudaDevice, s: HeadShape, n: usize) -> Result<Option<RowsLaunch>> {
-    const STAGES: usize = 4;
-    let sms = multiprocessors(dev)?;
-    let mut last = None;
-    for groups in (1..=s.heads).filter(|g| s.heads.is_multiple_of(*g)) {
-        let group_heads = s.heads / groups;
-        let pieces = group_heads * s.head_dim / 8;
-        if pieces > 128 {
-            continue;
-        }
-        if pieces < 32 && last.is_some() && forced_groups().is_none() {
-            break;
-        }
-        let key_bytes = 2 * pieces * 16;
-        let warps = (48 * 1024 / (STAGES * key_bytes)).clamp(1, 4);
-        let smem = warps * STAGES * key_bytes;
-        let func = dev.get_or_load_custom_func(&format!("decode_rows_{}_{}_{}", suffix(T::DTYPE)?, s.head_dim, pieces.div_ceil(32)), MODULE, PTX)?;
-        let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(32 * warps as u32, smem, None).w()? as usize;
-        let launch = RowsLaunch { func: func.into_cuda_function(), group_heads, warps, smem };
-        if forced_groups() == Some(groups) {
-            return Ok(Some(launch));
-        }
-        if forced_groups().is_none() && n * groups >= sms * per_sm.max(1) {
-            return Ok(Some(launch));
-        }
-        last = Some(launch);
-    }
-    Ok(last.filter(|_| decode_attention() == DecodeAttention::Rows))
+/// Tokens that fill one wave of `decode_rows` CTAs (as many as the
+/// multiprocessors hold at once, limited by shared memory).
+fn decode_rows_wave(dev: &candle_core::CudaDevice, width: usize) -> Result<usize> {
+    let (_, smem) = decode_rows_shape(width);
+    Ok(multiprocessors(dev)? * (227 * 1024 / (smem + 1024)).max(1))
 }
 
 /// Decode passes over long rows in 2-byte dtypes (`decode_rows` in the .cu
-/// file): a CTA per token and group of heads.
+/// file): a CTA per token over all heads.
 fn decode_rows<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     op: &PagedAttention,
     dev: &candle_core::CudaDevice,
-    launch: RowsLaunch,
     out: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
     q: &candle_core::cuda_backend::cudarc::driver::CudaView<T>,
     p: &candle_core::cuda_backend::cudarc::driver::CudaView<T>,
     idx: &candle_core::cuda_backend::cudarc::driver::CudaView<u32>,
 ) -> Result<CudaStorage> {
     let (s, n) = (op.shape, op.tokens);
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&launch.func);
+    let (warps, smem) = decode_rows_shape(s.heads * s.head_dim);
+    let name = format!("decode_rows_{}_{}_{}", suffix(T::DTYPE)?, s.head_dim, (s.heads * s.head_dim / 8).div_ceil(32));
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let mut b = func.builder();
     b.arg(&out);
     b.arg(q);
     b.arg(p);
     b.arg(idx);
-    candle_core::builder_arg!(
-        b,
-        n as i32,
-        s.heads as i32,
-        s.rot as i32,
-        s.rope_base,
-        op.page_size as i32,
-        op.max_pages as i32,
-        op.scale,
-        launch.group_heads as i32
-    );
-    let grid = n * s.heads / launch.group_heads;
-    let cfg = LaunchConfig { grid_dim: (grid as u32, 1, 1), block_dim: (32 * launch.warps as u32, 1, 1), shared_mem_bytes: launch.smem as u32 };
+    candle_core::builder_arg!(b, n as i32, s.heads as i32, s.rot as i32, s.rope_base, op.page_size as i32, op.max_pages as i32, op.scale);
+    let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: smem as u32 };
     // SAFETY: every token's keys lie in pages its row's table names (planned by
-    // the pool); a CTA writes only its own token's group of heads.
+    // the pool); a CTA writes only its own token's heads * head_dim outputs.
     unsafe { b.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
