@@ -584,7 +584,9 @@ ATTN_ALL(256)
 // batch 1024 against the per-head kernel's 3,974 (torch's sum reads 4,176).
 // Below a full wave of CTAs it loses: at batch 256 it read 3,247 GB/s, and
 // 3,421 at best with a row's keys split over CTAs and merged by a second
-// kernel, against 3,650 per head; so small batches stay per head.
+// kernel, against 3,650 per head; and 3,583 at best with a CTA per group of
+// heads (three groups of four), against 3,721 per head in the same call. So
+// small batches stay per head.
 //
 // Grid n, block 32 * warps; dynamic shared memory warps * DR_STAGES * slot
 // bytes (the host keeps it at most 48 KB).
