@@ -73,8 +73,9 @@ fn check_decode(heads: usize, head_dim: usize, page_size: usize, dtype: DType, t
 }
 
 /// A decode pass of 600 rows fills a wave of the CUDA build's CTA-per-token
-/// kernel on an H200 (528 CTAs at vanilla_160's heads), which smaller
-/// batches do not take.
+/// kernel on an H200 (528 CTAs at 12 heads of 64, 15 of 64 or 8 of 128), which
+/// smaller batches do not take. At 15 heads of 64 a lane's V pieces were
+/// copied in by other lanes (120 pieces a slot's K, not a multiple of 32).
 fn check_decode_full_wave(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32) {
     let totals: Vec<usize> = (0..600).map(|r| 9 + r % 8).collect();
     let prior: Vec<usize> = totals.iter().map(|t| t - 1).collect();
@@ -163,7 +164,7 @@ fn decode_passes_over_long_rows_match_dense_reference() {
     check_decode(12, 64, 16, DType::BF16, 2e-2);
     check_decode_full_wave(12, 64, 16, DType::BF16, 2e-2);
     check_decode_full_wave(8, 128, 16, DType::F16, 1e-2);
-    check_decode_full_wave(5, 64, 8, DType::BF16, 2e-2);
+    check_decode_full_wave(15, 64, 8, DType::BF16, 2e-2);
     check_decode(2, 128, 16, DType::BF16, 2e-2);
     check_decode(8, 128, 16, DType::F16, 1e-2);
     check_decode(5, 64, 8, DType::BF16, 2e-2);
