@@ -174,6 +174,8 @@ impl Router {
                     return;
                 }
                 _ = &mut deadline => {
+                    // (Closed first: the reader could still hand the client chunks.)
+                    r.events.close();
                     r.events.cancel();
                     let msg = "the call's deadline (grpc-timeout) passed; the session was cancelled";
                     let outcome = Outcome { state: SessionState::Cancelled, finish_reason: "cancelled".into(), error: Some(msg.into()) };

@@ -128,6 +128,12 @@ impl SessionStream {
         }
     }
 
+    /// Take no more events for this session: the reader drops them from now
+    /// on, so nothing reaches the client after the event its task sends last.
+    pub(crate) fn close(&self) {
+        self.link.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
+
     /// Stop the session on its token decoder (best effort).
     pub fn cancel(&self) {
         let _ = self.link.up.send(RelayUp { cancels: vec![self.id.clone()], ..Default::default() });
@@ -136,7 +142,7 @@ impl SessionStream {
 
 impl Drop for SessionStream {
     fn drop(&mut self) {
-        self.link.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+        self.close();
     }
 }
 
