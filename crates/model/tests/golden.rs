@@ -85,6 +85,40 @@ fn pythia_forward_and_greedy_match_transformers() {
     }
 }
 
+/// Plain greedy sessions without logits take the vanilla driver's pipelined
+/// path (each step's tokens read while the next step runs, stops seen a step
+/// late): in one batch, sessions of every prompt stop on EOS, on a stop id and
+/// on length exactly where a loop that reads every step would.
+#[test]
+fn pythia_greedy_without_logits_stops_where_the_reference_does() {
+    let model = load(PYTHIA, DType::F32);
+    let g = golden(PYTHIA);
+    let (mut reqs, mut want) = (vec![], vec![]);
+    for p in prompts(PYTHIA) {
+        let prompt = ids(&g[&format!("greedy.{p}.prompt")]);
+        let tokens = ids(&g[&format!("greedy.{p}.tokens")]);
+        reqs.push(greedy(prompt.clone(), tokens.len()));
+        want.push((tokens.clone(), FinishReason::Length));
+        reqs.push(greedy(prompt.clone(), tokens.len() - 3));
+        want.push((tokens[..tokens.len() - 3].to_vec(), FinishReason::Length));
+        // The token at index 2 as EOS, and the one at index 5 as a stop id:
+        // each stops at its first occurrence.
+        let first = |t: u32| tokens.iter().position(|&x| x == t).unwrap();
+        let mut eos = greedy(prompt.clone(), tokens.len());
+        eos.stop.eos_token_id = Some(tokens[2]);
+        reqs.push(eos);
+        want.push((tokens[..=first(tokens[2])].to_vec(), FinishReason::Eos));
+        let mut stop = greedy(prompt, tokens.len());
+        stop.stop.stop_token_ids = vec![tokens[5]];
+        reqs.push(stop);
+        want.push((tokens[..=first(tokens[5])].to_vec(), FinishReason::StopToken));
+    }
+    let out = model.generate(&reqs, false).unwrap();
+    for (i, (o, (tokens, reason))) in out.iter().zip(&want).enumerate() {
+        assert_eq!((&o.tokens, o.finish_reason), (tokens, *reason), "request {i}");
+    }
+}
+
 #[test]
 fn stops_on_eos_and_stop_ids_with_reason() {
     let model = load(BLOCK, DType::F32);

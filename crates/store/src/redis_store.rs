@@ -196,9 +196,30 @@ fn dropped<T>(r: &redis::RedisResult<T>) -> bool {
 
 /// A restarted Redis that reads its data back (an append-only file) answers
 /// LOADING, having run nothing, until it is done: the command is sent again
-/// every LOADING_POLL for up to LOADING_WAIT.
-fn loading<T>(r: &redis::RedisResult<T>) -> bool {
-    r.as_ref().is_err_and(|e| e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading))
+/// every LOADING_POLL for up to LOADING_WAIT. The answer comes as an error,
+/// or, for a pipeline, as error values among the replies (which the pipeline
+/// turns into an error only after this layer).
+fn loading<T: Replies>(r: &redis::RedisResult<T>) -> bool {
+    match r {
+        Err(e) => e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading),
+        Ok(v) => v.any_loading(),
+    }
+}
+
+trait Replies {
+    fn any_loading(&self) -> bool;
+}
+
+impl Replies for Value {
+    fn any_loading(&self) -> bool {
+        matches!(self, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::BusyLoading))
+    }
+}
+
+impl Replies for Vec<Value> {
+    fn any_loading(&self) -> bool {
+        self.iter().any(Value::any_loading)
+    }
 }
 const LOADING_WAIT: Duration = Duration::from_secs(10);
 const LOADING_POLL: Duration = Duration::from_millis(50);
@@ -206,7 +227,7 @@ const LOADING_POLL: Duration = Duration::from_millis(50);
 impl Retrying {
     /// `send` once, again if the connection was dropped, and again while
     /// Redis is loading. (Clones of the manager share its connection.)
-    async fn send<T, F>(&self, send: impl Fn(ConnectionManager) -> F) -> redis::RedisResult<T>
+    async fn send<T: Replies, F>(&self, send: impl Fn(ConnectionManager) -> F) -> redis::RedisResult<T>
     where
         F: std::future::Future<Output = redis::RedisResult<T>>,
     {
