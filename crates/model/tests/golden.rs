@@ -85,10 +85,11 @@ fn pythia_forward_and_greedy_match_transformers() {
     }
 }
 
-/// Plain greedy sessions without logits take the vanilla driver's pipelined
-/// path (each step's tokens read while the next step runs, stops seen a step
-/// late): in one batch, sessions of every prompt stop on EOS, on a stop id and
-/// on length exactly where a loop that reads every step would.
+/// Plain greedy vanilla sessions without logits (the argmax on the device,
+/// only token ids read back): in one batch, sessions of every prompt stop on
+/// EOS, on a stop id and on length exactly where the reference's tokens say.
+/// (Branch `wip/greedy-readback` reads each step's tokens while the next step
+/// runs; this is the test it has to pass.)
 #[test]
 fn pythia_greedy_without_logits_stops_where_the_reference_does() {
     let model = load(PYTHIA, DType::F32);
