@@ -116,11 +116,13 @@ pub(super) fn attend(
         // Decode passes over long rows in 2-byte dtypes, in batches that fill
         // a wave of CTAs: a CTA per token over all heads (see the kernel).
         if op.max_group <= 1 && T::DTYPE != DType::F32 && matches!(s.head_dim, 64 | 128) && s.heads * s.head_dim <= 1024 {
-            let fill = n >= decode_rows_wave(&dev, s.heads * s.head_dim)?;
-            match decode_attention() {
-                DecodeAttention::Rows => return decode_rows::<T>(op, &dev, out, &q, &p, &idx),
-                DecodeAttention::Auto if fill => return decode_rows::<T>(op, &dev, out, &q, &p, &idx),
-                _ => {}
+            let rows = match decode_attention() {
+                DecodeAttention::Rows => true,
+                DecodeAttention::PerHead => false,
+                DecodeAttention::Auto => n >= decode_rows_wave(&dev, s.heads * s.head_dim)?,
+            };
+            if rows {
+                return decode_rows::<T>(op, &dev, out, &q, &p, &idx);
             }
         }
         // Prefill groups in 2-byte dtypes over 16-position pages take the
