@@ -61,6 +61,15 @@ impl GreedyGraphs {
     /// ids on the device. Captures the bucket's graph on first use.
     pub fn decode(&mut self, contexts: &Tensor, max_rows: usize, block: &mut dyn FnMut(&Tensor) -> Result<Tensor>) -> Result<Vec<Vec<u32>>> {
         let b = contexts.dim(0)?;
+        let ids = self.launch(contexts, max_rows, block)?;
+        Ok(blockserve_model::settled(&ids.narrow(0, 0, b)?, |t| t.to_vec2::<u32>())?)
+    }
+
+    /// Queue the block (replay its bucket's graph) without waiting for it; the
+    /// returned `[rows, L]` ids (rows padded to the bucket) are valid until
+    /// the same graph is launched again.
+    pub fn launch(&mut self, contexts: &Tensor, max_rows: usize, block: &mut dyn FnMut(&Tensor) -> Result<Tensor>) -> Result<&Tensor> {
+        let b = contexts.dim(0)?;
         let rows = bucket(b, max_rows);
         let Device::Cuda(dev) = contexts.device() else {
             return Err(ModelError::Input("CUDA graphs need a CUDA device".into()));
@@ -85,7 +94,7 @@ impl GreedyGraphs {
         };
         c.input.slice_set(contexts, 0, 0)?;
         c.graph.launch().map_err(|e| driver_err("launch", e))?;
-        Ok(blockserve_model::settled(&c.ids.narrow(0, 0, b)?, |t| t.to_vec2::<u32>())?)
+        Ok(&c.ids)
     }
 
     /// How many graphs are held (one per bucket used so far).

@@ -12,6 +12,8 @@
 //!   preallocated local cache, with per-row sampling.
 //! - `cuda_graph` (CUDA builds): the token batcher's greedy blocks captured
 //!   once per batch shape and replayed as CUDA graphs.
+//! - `ahead` (CUDA builds): the token decoder's greedy rounds queued behind
+//!   the one the GPU is running, two lanes used alternately.
 //! - [`download`]: a pass's contexts to the host without waiting for the
 //!   next pass, which the block decoder launches behind it.
 //! - [`token_thread`]: a token batcher on a thread (and so a CUDA stream) of
@@ -19,6 +21,8 @@
 //! - [`pipeline`]: both in one process, driving requests to completion with
 //!   per-session timings (what `blockserve bench` measures).
 
+#[cfg(feature = "cuda")]
+pub mod ahead;
 pub mod block_scheduler;
 #[cfg(feature = "cuda")]
 pub mod cuda_graph;
@@ -32,5 +36,5 @@ pub mod token_thread;
 
 pub use block_scheduler::{BlockScheduler, Contexts, SchedulerConfig};
 pub use error::EngineError;
-pub use token_batcher::{BlockJob, TokenBatcher};
+pub use token_batcher::{BlockJob, DoneSignal, HostContexts, Launched, TokenBatcher};
 pub use token_thread::TokenThread;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use blockserve_model::argmax::argmax_rows;
 use blockserve_model::sampling::{read_rows, sample, Row};
 use blockserve_model::{BlockTransformer, LocalKv, ModelError, SamplingParams};
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
 type Result<T> = std::result::Result<T, ModelError>;
 
@@ -35,7 +35,7 @@ impl BlockJob {
     }
 
     /// Whether the block is the device's plain argmax all through.
-    fn is_plain_greedy(&self) -> bool {
+    pub fn is_plain_greedy(&self) -> bool {
         self.sampling.is_plain_greedy() && self.forced.is_empty()
     }
 }
@@ -47,6 +47,68 @@ pub struct TokenBatcher {
     /// Greedy blocks replayed from CUDA graphs (None: launched op by op).
     #[cfg(feature = "cuda")]
     graphs: Option<crate::cuda_graph::GreedyGraphs>,
+    /// Rounds launched ahead ([`Self::launch`]), made on first use.
+    #[cfg(feature = "cuda")]
+    ahead: Option<crate::ahead::Lanes>,
+}
+
+/// A round's contexts as they came over the wire: `rows` rows of `dtype`,
+/// row-major little-endian bytes.
+pub struct HostContexts<'a> {
+    pub bytes: &'a [u8],
+    pub dtype: DType,
+    pub rows: usize,
+}
+
+/// A round of plain greedy blocks started by [`TokenBatcher::launch`]; its
+/// blocks come from [`TokenBatcher::finish`].
+pub struct Launched {
+    state: LaunchState,
+}
+
+enum LaunchState {
+    /// Decoded at launch (no CUDA graphs): the blocks.
+    Decoded(Vec<Vec<u32>>),
+    /// Queued on the device in one of the launched-ahead lanes.
+    #[cfg(feature = "cuda")]
+    InFlight(crate::ahead::Ticket),
+}
+
+impl Launched {
+    /// What another thread can block on until the round's blocks are on the
+    /// host (already so for a round decoded at launch).
+    pub fn done(&self) -> DoneSignal {
+        match &self.state {
+            LaunchState::Decoded(_) => DoneSignal {
+                #[cfg(feature = "cuda")]
+                inner: None,
+            },
+            #[cfg(feature = "cuda")]
+            LaunchState::InFlight(t) => DoneSignal { inner: Some(t.done()) },
+        }
+    }
+
+    /// Whether the blocks were decoded at launch (nothing to wait for).
+    pub fn is_decoded(&self) -> bool {
+        matches!(self.state, LaunchState::Decoded(_))
+    }
+}
+
+/// Blocks until a launched round's blocks are on the host; `Send`, so that a
+/// helper thread can wait while the engine thread goes on.
+pub struct DoneSignal {
+    #[cfg(feature = "cuda")]
+    inner: Option<blockserve_model::pinned::Done>,
+}
+
+impl DoneSignal {
+    pub fn wait(&self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.inner {
+            d.wait()?;
+        }
+        Ok(())
+    }
 }
 
 impl TokenBatcher {
@@ -61,6 +123,8 @@ impl TokenBatcher {
             max_batch,
             #[cfg(feature = "cuda")]
             graphs,
+            #[cfg(feature = "cuda")]
+            ahead: None,
         })
     }
 
@@ -102,6 +166,40 @@ impl TokenBatcher {
             out.extend(self.decode_chunk(&contexts.narrow(0, start, n)?, &jobs[start..start + n])?);
         }
         Ok(out)
+    }
+
+    /// Start a round of plain greedy blocks for `contexts` (at most
+    /// `max_batch` rows) without waiting for it. With CUDA graphs the round
+    /// is queued behind whatever the device is running, and the host is free
+    /// until [`Self::finish`]; at most two rounds may be launched and not yet
+    /// finished, and they finish in launch order. Otherwise it is decoded
+    /// here.
+    pub fn launch(&mut self, contexts: HostContexts) -> Result<Launched> {
+        let m = &self.model;
+        let d = m.config.block_decoder.hidden_size;
+        if contexts.rows > self.max_batch || contexts.bytes.len() != contexts.rows * d * contexts.dtype.size_in_bytes() {
+            return Err(ModelError::Input(format!("{} bytes of {} rows of {d} for a batcher of {} rows", contexts.bytes.len(), contexts.rows, self.max_batch)));
+        }
+        #[cfg(feature = "cuda")]
+        if self.graphs.is_some() && m.device().is_cuda() && contexts.dtype == m.dtype() {
+            let lanes = match &mut self.ahead {
+                Some(l) => l,
+                None => self.ahead.insert(crate::ahead::Lanes::new(m, self.max_batch)?),
+            };
+            return Ok(Launched { state: LaunchState::InFlight(lanes.launch(m, contexts)?) });
+        }
+        let ctx = Tensor::from_raw_buffer(contexts.bytes, contexts.dtype, &[contexts.rows, d], &Device::Cpu)?.to_dtype(m.dtype())?.to_device(m.device())?;
+        let jobs = vec![BlockJob::greedy(0); contexts.rows];
+        Ok(Launched { state: LaunchState::Decoded(self.decode(&ctx, &jobs)?) })
+    }
+
+    /// The blocks of a launched round (waiting for them if need be).
+    pub fn finish(&mut self, launched: Launched) -> Result<Vec<Vec<u32>>> {
+        match launched.state {
+            LaunchState::Decoded(blocks) => Ok(blocks),
+            #[cfg(feature = "cuda")]
+            LaunchState::InFlight(t) => self.ahead.as_mut().expect("a launched round's lanes").finish(t, self.model.block_length()),
+        }
     }
 
     fn decode_chunk(&mut self, ctx: &Tensor, jobs: &[BlockJob]) -> Result<Vec<Vec<u32>>> {
@@ -158,7 +256,7 @@ impl TokenBatcher {
 /// The `[b, L]` ids of a plain greedy block over `ctx` `[b, D_b]`, left on the
 /// device. A fixed sequence of kernels with no host reads, so that it can be
 /// captured as a CUDA graph.
-fn greedy_block(m: &BlockTransformer, local: &mut LocalKv, ctx: &Tensor) -> Result<Tensor> {
+pub(crate) fn greedy_block(m: &BlockTransformer, local: &mut LocalKv, ctx: &Tensor) -> Result<Tensor> {
     let l = m.block_length();
     let mut ids = Vec::with_capacity(l);
     let logits = m.token_decoder().begin_block(ctx, local)?;

@@ -28,6 +28,8 @@ pub mod loader;
 #[cfg(feature = "cuda")]
 mod lt_linear;
 pub mod paged;
+#[cfg(feature = "cuda")]
+pub mod pinned;
 pub mod prompt;
 pub mod sampling;
 pub mod weights;

@@ -54,6 +54,12 @@ pub struct Args {
     /// (CUDA only; `false` launches every kernel, e.g. to compare).
     #[arg(long, env = "BLOCKSERVE_CUDA_GRAPHS", default_value_t = true, action = clap::ArgAction::Set)]
     pub cuda_graphs: bool,
+    /// Launch a round of greedy blocks behind the one the GPU is running and
+    /// settle the earlier round (stop checks, blocks up, session events) while
+    /// the later one computes (CUDA graphs only; `false` decodes and settles
+    /// each round before the next, e.g. to compare).
+    #[arg(long, env = "BLOCKSERVE_LAUNCH_AHEAD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub launch_ahead: bool,
     /// Session-store writes (state changes, blocks of tokens) that may wait
     /// while the store is unreachable. Sessions go on generating meanwhile;
     /// when the buffer is full they pause until the store is back.
@@ -115,7 +121,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     let model = Arc::new(args.model.load_part(Parts::Local, "token decoder")?);
     let tokenizer = Tokenizer::load(&args.model.model, args.model.tokenizer.as_deref())?;
     let dialer = Arc::new(Dialer::from_args(&args.dial)?);
-    let engine = model_thread::ModelThread::start(model.clone(), args.max_batch, args.max_unread_blocks, args.cuda_graphs)?;
+    let engine = model_thread::ModelThread::start(model.clone(), args.max_batch, args.max_unread_blocks, args.cuda_graphs, args.launch_ahead)?;
     blockserve_worker::model_args::log_device_memory(&args.model.device, "the weights and the local cache");
     let shared = Arc::new(Shared {
         engine: engine.clone(),

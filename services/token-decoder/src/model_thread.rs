@@ -7,12 +7,12 @@
 //! Session tasks only see the result (to record and relay it), so neither a
 //! session task nor a per-session message stands between two passes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockserve_engine::{BlockJob, EngineError, TokenBatcher};
+use blockserve_engine::{BlockJob, DoneSignal, EngineError, HostContexts, Launched, TokenBatcher};
 use blockserve_model::{BlockTransformer, FinishReason, SamplingParams, StopCriteria};
 use blockserve_proto::v1::{BlockBatch, LinkDown, LinkUp, OpenBlocks};
 use blockserve_runtime::metrics::METRICS;
@@ -75,11 +75,31 @@ pub const TIER: &str = "token_decoder";
 
 enum Command {
     Open(OpenRequest, Arc<AtomicU32>),
-    Close { key: u64 },
-    Resume { key: u64 },
-    Down { link: u64, msg: LinkDown, at: Instant },
-    LinkLost { link: u64, status: Status },
-    Score { contexts: Tensor, blocks: Vec<u32>, reply: oneshot::Sender<Result<Vec<f32>, EngineError>> },
+    Close {
+        key: u64,
+    },
+    Resume {
+        key: u64,
+    },
+    Down {
+        link: u64,
+        msg: LinkDown,
+        at: Instant,
+    },
+    LinkLost {
+        link: u64,
+        status: Status,
+    },
+    Score {
+        contexts: Tensor,
+        blocks: Vec<u32>,
+        reply: oneshot::Sender<Result<Vec<f32>, EngineError>>,
+    },
+    /// The blocks of launched round `id` (and of every round before it) are
+    /// on the host.
+    RoundDone {
+        id: u64,
+    },
     Stop,
 }
 
@@ -117,12 +137,15 @@ impl Drop for OpenSession {
 
 impl ModelThread {
     /// Start the model thread; blocks are decoded in batches of at most
-    /// `max_batch` (greedy ones replayed from CUDA graphs when `cuda_graphs`),
-    /// and a session is held back at `max_unread` unread blocks.
-    pub fn start(model: Arc<BlockTransformer>, max_batch: usize, max_unread: u32, cuda_graphs: bool) -> Result<Self, EngineError> {
+    /// `max_batch` (greedy ones replayed from CUDA graphs when `cuda_graphs`,
+    /// and launched behind the round in flight when `launch_ahead`), and a
+    /// session is held back at `max_unread` unread blocks.
+    pub fn start(model: Arc<BlockTransformer>, max_batch: usize, max_unread: u32, cuda_graphs: bool, launch_ahead: bool) -> Result<Self, EngineError> {
         let max_unread = max_unread.max(1);
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicU32::new(0));
+        // The waiter signals through the command channel without keeping it open.
+        let signals = waiter(tx.downgrade(), queued.clone());
         let q = queued.clone();
         // The batcher lives on the engine thread: CUDA graphs are not Send.
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
@@ -139,9 +162,26 @@ impl ModelThread {
                     Err(e) => return drop(ready_tx.send(Err(e))),
                 };
                 let _ = ready_tx.send(Ok(()));
-                let phases = Phases::default();
-                let dispatch = dispatcher();
-                Thread { model, batcher, sessions: HashMap::new(), outbox: HashMap::new(), queued: q, max_unread, held_back: 0, phases, dispatch }.run(rx)
+                Thread {
+                    model,
+                    batcher,
+                    sessions: HashMap::new(),
+                    outbox: HashMap::new(),
+                    events: vec![],
+                    queued: q,
+                    max_unread,
+                    held_back: 0,
+                    phases: Phases::default(),
+                    dispatch: dispatcher(),
+                    pending: Rows::default(),
+                    rounds: VecDeque::new(),
+                    next_round: 0,
+                    done_upto: None,
+                    signals,
+                    busy_until: None,
+                    launch_ahead,
+                }
+                .run(rx)
             })
             .expect("spawn engine thread");
         ready_rx.recv().map_err(|_| EngineError::Stopped("token decoder"))??;
@@ -217,6 +257,29 @@ struct Rows {
     bytes: Vec<u8>,
     dtype: Option<DType>,
     row_bytes: u64,
+    /// When the first message with contexts among them arrived.
+    first_at: Option<Instant>,
+}
+
+impl Rows {
+    /// The first `n` rows, leaving the rest here.
+    fn split_front(&mut self, n: usize) -> Rows {
+        let n = n.min(self.keys.len());
+        let rest_keys = self.keys.split_off(n);
+        let rest_bytes = self.bytes.split_off(n * self.row_bytes as usize);
+        let rest = Rows { keys: rest_keys, bytes: rest_bytes, dtype: self.dtype, row_bytes: self.row_bytes, first_at: self.first_at };
+        std::mem::replace(self, rest)
+    }
+}
+
+/// A round launched on the batcher and not yet settled.
+struct Round {
+    id: u64,
+    keys: Vec<u64>,
+    row_bytes: u64,
+    launched: Launched,
+    first_at: Option<Instant>,
+    launched_at: Instant,
 }
 
 struct Thread {
@@ -225,6 +288,8 @@ struct Thread {
     sessions: HashMap<u64, Session>,
     /// Messages to send up, one per link, flushed after each round.
     outbox: HashMap<u64, (Arc<Link>, LinkUp)>,
+    /// Session events of settled rounds, handed to the dispatcher with the flush.
+    events: Vec<(mpsc::UnboundedSender<Event>, Event)>,
     queued: Arc<AtomicU32>,
     max_unread: u32,
     /// Blocks held back because their session's task was behind.
@@ -232,6 +297,42 @@ struct Thread {
     phases: Phases,
     /// Hands each round's events to the session tasks (see [`dispatcher`]).
     dispatch: std::sync::mpsc::Sender<Vec<(mpsc::UnboundedSender<Event>, Event)>>,
+    /// Contexts not yet launched.
+    pending: Rows,
+    /// Rounds launched and not yet settled, in launch order (at most two).
+    rounds: VecDeque<Round>,
+    next_round: u64,
+    /// The last round whose blocks are known to be on the host.
+    done_upto: Option<u64>,
+    /// Rounds for the waiter to watch (see [`waiter`]).
+    signals: std::sync::mpsc::Sender<(u64, DoneSignal)>,
+    /// The end of the busy time counted so far (rounds overlap).
+    busy_until: Option<Instant>,
+    /// Launch greedy rounds behind the one in flight (else each round is
+    /// decoded and settled before the next).
+    launch_ahead: bool,
+}
+
+/// A thread that waits (sleeping) for each launched round's blocks to reach
+/// the host and tells the engine thread, which meanwhile settles the round
+/// before it and launches the next.
+fn waiter(engine: mpsc::WeakUnboundedSender<Command>, queued: Arc<AtomicU32>) -> std::sync::mpsc::Sender<(u64, DoneSignal)> {
+    let (tx, rx) = std::sync::mpsc::channel::<(u64, DoneSignal)>();
+    std::thread::Builder::new()
+        .name("token-decoder-waiter".into())
+        .spawn(move || {
+            for (id, done) in rx {
+                // A failed wait is reported by the engine's own read of the round.
+                let _ = done.wait();
+                let Some(tx) = engine.upgrade() else { return };
+                queued.fetch_add(1, Ordering::Relaxed);
+                if tx.send(Command::RoundDone { id }).is_err() {
+                    return;
+                }
+            }
+        })
+        .expect("spawn the round waiter");
+    tx
 }
 
 /// A thread that hands a round's events to the session tasks. Waking
@@ -256,9 +357,14 @@ fn dispatcher() -> std::sync::mpsc::Sender<Vec<(mpsc::UnboundedSender<Event>, Ev
 /// Where the engine thread's busy time goes, logged when it stops.
 #[derive(Default, Debug)]
 struct Phases {
-    /// Contexts to the device (one host-to-device copy per batch).
+    /// Contexts to the device (one host-to-device copy per batch), for
+    /// rounds decoded in place.
     upload: Duration,
-    /// The token decoder's forward passes and the read of the tokens.
+    /// Host time staging and queueing rounds launched ahead.
+    launch: Duration,
+    /// The token decoder's forward passes and the read of the tokens: for
+    /// rounds launched ahead, from the launch until the blocks are on the host
+    /// (overlapping rounds each count their own).
     compute: Duration,
     /// Stop checks, events and the blocks going up.
     bookkeeping: Duration,
@@ -285,6 +391,7 @@ impl Thread {
                 let ms = |d: Duration| mean_ms(d, p.rounds);
                 tracing::info!(
                     upload_s = s(p.upload),
+                    launch_s = s(p.launch),
                     compute_s = s(p.compute),
                     bookkeeping_s = s(p.bookkeeping),
                     rounds = p.rounds,
@@ -294,61 +401,136 @@ impl Thread {
                 );
                 return;
             }
-            let mut rows = Rows::default();
             let first_context =
                 cmds.iter().filter_map(|c| if let Command::Down { at, msg, .. } = c { msg.contexts.is_some().then_some(*at) } else { None }).min();
             if let Some(at) = first_context {
-                self.phases.rounds += 1;
-                self.phases.waited += at.elapsed();
+                self.pending.first_at.get_or_insert(at);
             }
             for c in cmds {
-                self.apply(c, &mut rows);
+                self.apply(c);
             }
-            let mut events = vec![];
-            if !rows.keys.is_empty() {
-                let (t, n) = (Instant::now(), rows.keys.len());
-                // A batch of n rows holds min(n, max_batch) rows of the local cache.
-                let used = n.min(self.batcher.max_batch());
-                METRICS.local_kv_rows.with_label_values(&["used"]).set(used as i64);
-                METRICS.local_kv_rows.with_label_values(&["free"]).set((self.batcher.max_batch() - used) as i64);
-                let span = busy.iteration_span();
-                events = self.decode(rows);
-                drop(span);
-                busy.add(t.elapsed(), n);
-            }
+            self.progress(&mut busy);
             if self.sessions.is_empty() {
                 // Idle: no row of the local cache is in use.
                 METRICS.local_kv_rows.with_label_values(&["used"]).set(0);
                 METRICS.local_kv_rows.with_label_values(&["free"]).set(self.batcher.max_batch() as i64);
             }
             METRICS.queue_depth.with_label_values(&[TIER]).set(self.queued.load(Ordering::Relaxed) as i64);
-            // The blocks up are the critical path; waking the session tasks
-            // (thousands of them) comes after.
-            let mut outbox: Vec<_> = self.outbox.drain().collect();
-            // Counted only once some session has ever been held back: until
-            // then every count is 0 and the sessions need not be walked.
-            if !outbox.is_empty() && self.held_back > 0 {
-                let mut held: HashMap<u64, u32> = HashMap::new();
-                for s in self.sessions.values().filter(|s| s.parked.is_some()) {
-                    *held.entry(s.link.id).or_default() += 1;
+            self.flush();
+        }
+    }
+
+    /// Launch the contexts that arrived and settle the rounds whose blocks
+    /// are back, in the order that keeps the device busy: a round is launched
+    /// before the one ahead of it is settled, so the settling (stop checks,
+    /// the blocks up, the session events) overlaps the device's work.
+    fn progress(&mut self, busy: &mut blockserve_runtime::busy::Busy) {
+        loop {
+            let front_done = self.rounds.front().is_some_and(|r| self.done_upto.is_some_and(|d| r.id <= d));
+            if front_done && self.rounds.len() == 2 {
+                // Both lanes are taken: settle the first to free its lane.
+                self.settle_front(busy);
+            } else if !self.pending.keys.is_empty() && self.rounds.len() < 2 {
+                self.launch_pending(busy);
+            } else if front_done {
+                self.settle_front(busy);
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// Launch up to a batch of the pending contexts; rows that need their
+    /// logits on the host (sampling, forced tokens) are decoded here, after
+    /// the rounds in flight.
+    fn launch_pending(&mut self, busy: &mut blockserve_runtime::busy::Busy) {
+        let rows = self.pending.split_front(self.batcher.max_batch());
+        let jobs = self.jobs(&rows.keys);
+        if !self.launch_ahead || !jobs.iter().all(BlockJob::is_plain_greedy) {
+            while !self.rounds.is_empty() {
+                self.settle_front(busy);
+            }
+            let t = Instant::now();
+            let n = rows.keys.len();
+            let span = busy.iteration_span();
+            self.decode_in_place(rows, &jobs);
+            drop(span);
+            busy.add(t.elapsed(), n);
+            return;
+        }
+        let n = rows.keys.len();
+        METRICS.local_kv_rows.with_label_values(&["used"]).set(n as i64);
+        METRICS.local_kv_rows.with_label_values(&["free"]).set((self.batcher.max_batch() - n) as i64);
+        let t = Instant::now();
+        let dtype = rows.dtype.expect("set with the first row");
+        let launched = self.batcher.launch(HostContexts { bytes: &rows.bytes, dtype, rows: n });
+        self.phases.launch += t.elapsed();
+        if let Some(at) = rows.first_at {
+            self.phases.rounds += 1;
+            self.phases.waited += t.saturating_duration_since(at);
+        }
+        match launched {
+            Ok(launched) => {
+                let id = self.next_round;
+                self.next_round += 1;
+                if launched.is_decoded() {
+                    self.done_upto = Some(id);
+                } else {
+                    let _ = self.signals.send((id, launched.done()));
                 }
-                for (id, (_, msg)) in &mut outbox {
-                    msg.held_back = held.get(id).copied().unwrap_or(0);
-                }
+                self.rounds.push_back(Round { id, keys: rows.keys, row_bytes: rows.row_bytes, launched, first_at: rows.first_at, launched_at: t });
             }
-            if let Some(at) = first_context {
-                self.phases.turnaround += at.elapsed();
+            Err(e) => self.fail_round(rows.keys, &e),
+        }
+    }
+
+    /// Take the first round's blocks and settle them; its blocks go up and its
+    /// events out at once.
+    fn settle_front(&mut self, busy: &mut blockserve_runtime::busy::Busy) {
+        let r = self.rounds.pop_front().expect("a round to settle");
+        let blocks = self.batcher.finish(r.launched);
+        self.phases.compute += r.launched_at.elapsed();
+        let n = r.keys.len();
+        match blocks {
+            Ok(blocks) => self.settle(r.keys, r.row_bytes, blocks),
+            Err(e) => self.fail_round(r.keys, &e),
+        }
+        if let Some(at) = r.first_at {
+            self.phases.turnaround += at.elapsed();
+        }
+        // Busy from the launch (or the end of the time already counted) to now.
+        let now = Instant::now();
+        let from = self.busy_until.map_or(r.launched_at, |u| u.max(r.launched_at));
+        busy.add(now.saturating_duration_since(from), n);
+        self.busy_until = Some(now);
+        self.flush();
+    }
+
+    /// Send what is in the outbox up, then hand the settled events out.
+    fn flush(&mut self) {
+        // The blocks up are the critical path; waking the session tasks
+        // (thousands of them) comes after.
+        let mut outbox: Vec<_> = self.outbox.drain().collect();
+        // Counted only once some session has ever been held back: until
+        // then every count is 0 and the sessions need not be walked.
+        if !outbox.is_empty() && self.held_back > 0 {
+            let mut held: HashMap<u64, u32> = HashMap::new();
+            for s in self.sessions.values().filter(|s| s.parked.is_some()) {
+                *held.entry(s.link.id).or_default() += 1;
             }
-            for (id, (link, msg)) in outbox {
-                if !link.send(msg) {
-                    // The link ended (its loss may have been handled before these
-                    // sessions joined it): they fail instead of waiting forever.
-                    self.fail_link(id, Status::unavailable(format!("link to block decoder {} is closed", link.address)));
-                }
+            for (id, (_, msg)) in &mut outbox {
+                msg.held_back = held.get(id).copied().unwrap_or(0);
             }
-            if !events.is_empty() {
-                let _ = self.dispatch.send(events);
+        }
+        for (id, (link, msg)) in outbox {
+            if !link.send(msg) {
+                // The link ended (its loss may have been handled before these
+                // sessions joined it): they fail instead of waiting forever.
+                self.fail_link(id, Status::unavailable(format!("link to block decoder {} is closed", link.address)));
             }
+        }
+        if !self.events.is_empty() {
+            let _ = self.dispatch.send(std::mem::take(&mut self.events));
         }
     }
 
@@ -377,7 +559,7 @@ impl Thread {
         }
     }
 
-    fn apply(&mut self, c: Command, rows: &mut Rows) {
+    fn apply(&mut self, c: Command) {
         match c {
             Command::Open(o, unread) => {
                 let prompt_blocks = (o.prompt.len() / self.model.block_length()) as u32;
@@ -407,7 +589,8 @@ impl Thread {
                     self.send_block(&link, key, index, &block);
                 }
             }
-            Command::Down { link, msg, .. } => self.receive(link, msg, rows),
+            Command::Down { link, msg, .. } => self.receive(link, msg),
+            Command::RoundDone { id } => self.done_upto = Some(self.done_upto.map_or(id, |d| d.max(id))),
             Command::LinkLost { link, status } => self.fail_link(link, status),
             Command::Score { contexts, blocks, reply } => {
                 let _ = reply.send(self.model.score_blocks(&contexts, &blocks).map_err(EngineError::from));
@@ -418,7 +601,7 @@ impl Thread {
 
     /// Sort one link message: failures end their sessions, contexts of live
     /// sessions join this round's batch (a session that ended meanwhile is skipped).
-    fn receive(&mut self, link: u64, msg: LinkDown, rows: &mut Rows) {
+    fn receive(&mut self, link: u64, msg: LinkDown) {
         for e in msg.errors {
             // Only this link's sessions: a block decoder cannot end another's.
             if self.sessions.get(&e.key).is_none_or(|s| s.link.id != link) {
@@ -448,7 +631,7 @@ impl Thread {
             if msg.keys.len() != ctx.rows as usize || msg.block_indices.len() != msg.keys.len() {
                 return Err(format!("{} keys, {} block indices and {} context rows differ", msg.keys.len(), msg.block_indices.len(), ctx.rows));
             }
-            match rows.dtype {
+            match self.pending.dtype {
                 Some(have) if have != dt => Err(format!("contexts in {dt:?} after contexts in {have:?}")),
                 _ => Ok(dt),
             }
@@ -464,75 +647,96 @@ impl Thread {
                 return;
             }
         };
-        rows.dtype = Some(dtype);
         let n = wire::row_bytes(&ctx);
-        rows.row_bytes = n as u64;
-        let taken = rows.keys.len();
-        for (i, (&key, &block)) in msg.keys.iter().zip(&msg.block_indices).enumerate() {
-            let Some(s) = self.sessions.get(&key).filter(|s| s.link.id == link) else { continue };
-            if block != s.next_context {
-                let st = Status::internal(format!("block decoder sent the context of block {block}, expected {}", s.next_context));
-                self.fail_and_close(key, st);
-                continue;
+        let taken = self.pending.keys.len();
+        let mut wrong = vec![];
+        {
+            let rows = &mut self.pending;
+            rows.dtype = Some(dtype);
+            rows.row_bytes = n as u64;
+            for (i, (&key, &block)) in msg.keys.iter().zip(&msg.block_indices).enumerate() {
+                let Some(s) = self.sessions.get(&key).filter(|s| s.link.id == link) else { continue };
+                if block != s.next_context {
+                    wrong.push((key, Status::internal(format!("block decoder sent the context of block {block}, expected {}", s.next_context))));
+                    continue;
+                }
+                rows.keys.push(key);
+                rows.bytes.extend_from_slice(&ctx.data[i * n..(i + 1) * n]);
             }
-            rows.keys.push(key);
-            rows.bytes.extend_from_slice(&ctx.data[i * n..(i + 1) * n]);
+        }
+        for (key, st) in wrong {
+            self.fail_and_close(key, st);
         }
         // Counted once per message, not per row (this loop is on the critical path).
-        METRICS.context_bytes.with_label_values(&[TIER, "received"]).inc_by(((rows.keys.len() - taken) * n) as u64);
+        METRICS.context_bytes.with_label_values(&[TIER, "received"]).inc_by(((self.pending.keys.len() - taken) * n) as u64);
     }
 
-    /// Decode this round's rows; returns each session's event, to be sent
-    /// once the blocks are on their way up.
-    fn decode(&mut self, rows: Rows) -> Vec<(mpsc::UnboundedSender<Event>, Event)> {
-        let m = &self.model;
-        let (k, d) = (rows.keys.len(), m.config.block_decoder.hidden_size);
-        // A session closed later in the same round still has its row in the
-        // buffer; it is decoded as a greedy row and its block dropped.
-        let jobs: Vec<BlockJob> = rows
-            .keys
-            .iter()
+    /// How each row's block is decoded. A session closed since its context
+    /// arrived still has its row; it is decoded as a greedy row and its block
+    /// dropped.
+    fn jobs(&self, keys: &[u64]) -> Vec<BlockJob> {
+        keys.iter()
             .map(|key| match self.sessions.get(key) {
                 Some(s) => {
                     BlockJob { sampling: s.spec.sampling.clone(), history: s.spec.history.clone(), generated: s.tokens.len() as u64, forced: s.forced.clone() }
                 }
                 None => BlockJob::greedy(0),
             })
-            .collect();
+            .collect()
+    }
+
+    /// Decode rows here and now (rows that sample on the host) and settle them.
+    fn decode_in_place(&mut self, rows: Rows, jobs: &[BlockJob]) {
+        let m = &self.model;
+        let (k, d) = (rows.keys.len(), m.config.block_decoder.hidden_size);
         let dtype = rows.dtype.expect("set with the first row");
         let t = Instant::now();
         let uploaded =
             Tensor::from_raw_buffer(&rows.bytes, dtype, &[k, d], &Device::Cpu).and_then(|t| t.to_dtype(m.dtype())).and_then(|t| t.to_device(m.device()));
         self.phases.upload += t.elapsed();
         let t = Instant::now();
-        let decoded = uploaded.map_err(blockserve_model::ModelError::from).and_then(|ctx| self.batcher.decode(&ctx, &jobs));
+        let decoded = uploaded.map_err(blockserve_model::ModelError::from).and_then(|ctx| self.batcher.decode(&ctx, jobs));
         self.phases.compute += t.elapsed();
-        let t = Instant::now();
-        let blocks = match decoded {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "token decoder batch failed");
-                let st = Status::internal(format!("token decoder batch failed: {e}"));
-                for key in rows.keys {
-                    if let Some(s) = self.sessions.remove(&key) {
-                        self.up(&s.link).closes.push(key);
-                        let _ = s.events.send(Event::Failed(st.clone()));
-                    }
-                }
-                return vec![];
+        if let Some(at) = rows.first_at {
+            self.phases.rounds += 1;
+            self.phases.waited += t.saturating_duration_since(at);
+        }
+        match decoded {
+            Ok(blocks) => self.settle(rows.keys, rows.row_bytes, blocks),
+            Err(e) => self.fail_round(rows.keys, &e),
+        }
+        if let Some(at) = rows.first_at {
+            self.phases.turnaround += at.elapsed();
+        }
+    }
+
+    /// A batch failed on the device: its sessions end here and on the block decoder.
+    fn fail_round(&mut self, keys: Vec<u64>, e: &blockserve_model::ModelError) {
+        tracing::error!(error = %e, "token decoder batch failed");
+        let st = Status::internal(format!("token decoder batch failed: {e}"));
+        for key in keys {
+            if let Some(s) = self.sessions.remove(&key) {
+                self.up(&s.link).closes.push(key);
+                self.events.push((s.events.clone(), Event::Failed(st.clone())));
             }
-        };
-        let mut events = Vec::with_capacity(blocks.len());
-        let l = m.block_length() as u64;
+        }
+    }
+
+    /// Settle a round's blocks: stop checks, each session's event (handed out
+    /// with the next flush) and its block up to the block decoder.
+    fn settle(&mut self, keys: Vec<u64>, row_bytes: u64, blocks: Vec<Vec<u32>>) {
+        let t = Instant::now();
+        let l = self.model.block_length() as u64;
         let mut generated = 0u64;
-        for (key, block) in rows.keys.into_iter().zip(blocks) {
+        self.events.reserve(blocks.len());
+        for (key, block) in keys.into_iter().zip(blocks) {
             let Some(s) = self.sessions.get_mut(&key) else { continue };
             let start = s.tokens.len();
             let chosen = &block[std::mem::take(&mut s.forced).len()..];
             let finish = s.spec.stop.extend(&mut s.tokens, chosen);
             let new = s.tokens[start..].to_vec();
             generated += new.len() as u64;
-            let mut wire_bytes = rows.row_bytes;
+            let mut wire_bytes = row_bytes;
             if finish.is_none() {
                 if s.spec.sampling.uses_history() {
                     s.spec.history.extend_from_slice(chosen);
@@ -544,7 +748,7 @@ impl Thread {
             // zero; a task that catches up after this sees the limit and
             // resumes the session (see `consumed`), after this round parks it.
             let behind = s.unread.fetch_add(1, Ordering::SeqCst) + 1 >= self.max_unread;
-            events.push((s.events.clone(), Event::Block { tokens: new, finish, wire_bytes, reused: s.reused.take() }));
+            self.events.push((s.events.clone(), Event::Block { tokens: new, finish, wire_bytes, reused: s.reused.take() }));
             let (link, index) = (s.link.clone(), s.next_context);
             if finish.is_some() {
                 self.sessions.remove(&key);
@@ -560,7 +764,6 @@ impl Thread {
         }
         METRICS.generated_tokens.with_label_values(&[TIER]).inc_by(generated);
         self.phases.bookkeeping += t.elapsed();
-        events
     }
 
     fn send_block(&mut self, link: &Arc<Link>, key: u64, index: u32, block: &[u32]) {
@@ -613,7 +816,7 @@ mod tests {
     /// UNAVAILABLE instead of waiting for a context that never comes.
     #[tokio::test]
     async fn a_session_on_a_closed_link_fails() {
-        let engine = ModelThread::start(fixture(), 4, MAX_UNREAD, true).unwrap();
+        let engine = ModelThread::start(fixture(), 4, MAX_UNREAD, true, true).unwrap();
         let (up_tx, up) = mpsc::unbounded_channel();
         drop(up);
         let link = Arc::new(Link::new(1, "http://gone:1".into(), up_tx));
@@ -633,7 +836,7 @@ mod tests {
         let d = m.config.block_decoder.hidden_size;
         let zero = Tensor::zeros((1, d), DType::F32, &Device::Cpu).unwrap();
         let want = TokenBatcher::new(m.clone(), 1).unwrap().decode(&zero, &[BlockJob::greedy(0)]).unwrap().remove(0);
-        let engine = ModelThread::start(m.clone(), 4, MAX_UNREAD, true).unwrap();
+        let engine = ModelThread::start(m.clone(), 4, MAX_UNREAD, true, true).unwrap();
         let (up_tx, mut up) = mpsc::unbounded_channel();
         let link = Arc::new(Link::new(7, "test".into(), up_tx));
         let (events_tx, mut events) = mpsc::unbounded_channel();
