@@ -84,7 +84,14 @@ impl CausalLm {
     /// prompt chunks and single tokens alike) and return the logits after the
     /// tokens at positions `rows` of `ids` `[rows.len(), V]`.
     pub fn forward_paged(&self, ids: &[u32], pool: &KvPool, pass: &PagedPass, rows: &[u32]) -> Result<Tensor> {
-        let x = self.embed(ids, (1, ids.len()))?.squeeze(0)?;
+        check_ids(ids, self.config.stack.vocab_size, "input_ids")?;
+        self.forward_paged_ids(&Tensor::from_slice(ids, ids.len(), self.device())?, pool, pass, rows)
+    }
+
+    /// [`Self::forward_paged`] with the ids already on the model's device, as
+    /// the previous step's argmax left them (they are not checked).
+    pub fn forward_paged_ids(&self, ids: &Tensor, pool: &KvPool, pass: &PagedPass, rows: &[u32]) -> Result<Tensor> {
+        let x = self.embed_in.embedding(ids)?;
         let h = self.stack.forward_paged(&x, pool, pass)?;
         let pick = Tensor::from_slice(rows, rows.len(), h.device())?;
         Ok(self.lm_head.forward(&h.index_select(&pick, 0)?)?)

@@ -246,6 +246,13 @@ fn generate_tokens(m: &CausalLm, reqs: &[GenerationRequest], record: bool) -> Re
     }
     let mut live: Vec<usize> = (0..sessions.len()).filter(|&i| !sessions[i].done).collect();
     let mut logits: Vec<Row> = live.iter().map(|&i| std::mem::replace(&mut logits[i], Row::Token(0))).collect();
+    // (`BLOCKSERVE_GREEDY_READBACK=sync` keeps the loop below for them too:
+    // A/B measurements on the device.)
+    if live.iter().all(|&i| !sessions[i].on_host(record)) && std::env::var("BLOCKSERVE_GREEDY_READBACK").as_deref() != Ok("sync") {
+        let first: Vec<u32> = live.iter().zip(logits).map(|(&i, r)| sessions[i].push(r, false)).collect();
+        decode_greedy(m, &mut sessions, &mut pool, live, &first)?;
+        return Ok(sessions.into_iter().map(|s| s.out).collect());
+    }
     while !live.is_empty() {
         let toks: Vec<u32> = live.iter().zip(std::mem::take(&mut logits)).map(|(&i, r)| sessions[i].push(r, record)).collect();
         let keep: Vec<usize> = (0..live.len()).filter(|&j| !sessions[live[j]].done).collect();
@@ -261,6 +268,122 @@ fn generate_tokens(m: &CausalLm, reqs: &[GenerationRequest], record: bool) -> Re
         logits = read_rows(&m.forward_paged(&toks, &pool, &pass, &rows)?, &on_host)?;
     }
     Ok(sessions.into_iter().map(|s| s.out).collect())
+}
+
+/// The decode steps of plain greedy sessions (`live`, whose first tokens
+/// `first` are already taken). Each step's argmax stays on the device as the
+/// next step's input, and the host reads a step's tokens while the next step
+/// runs, so the GPU does not wait on the host between steps. A session that
+/// stops on a token (EOS, a stop id) is seen one step late: the step already
+/// launched computes one more token for it, which is dropped, in a slot its
+/// pages already hold (it stopped before `max_new_tokens`).
+fn decode_greedy(m: &CausalLm, sessions: &mut [Session], pool: &mut crate::paged::KvPool, mut live: Vec<usize>, first: &[u32]) -> Result<()> {
+    let device = m.device();
+    // Who needs another step, after the tokens taken so far and `ahead` more.
+    let wants = |s: &Session, ahead: usize| !s.done && s.out.tokens.len() + ahead < s.req.stop.max_new_tokens;
+    let keep: Vec<usize> = (0..live.len()).filter(|&j| wants(&sessions[live[j]], 0)).collect();
+    let toks: Vec<u32> = keep.iter().map(|&j| first[j]).collect();
+    live = keep.iter().map(|&j| live[j]).collect();
+    let mut ids = Tensor::from_slice(&toks, toks.len(), device)?;
+    let mut readbacks = Readbacks::new(device, live.len())?;
+    // The step in flight: its sessions, and which readback holds its tokens.
+    let mut in_flight: Option<(Vec<usize>, usize)> = None;
+    let mut step = 0;
+    while !live.is_empty() {
+        // (`live` is ascending, so the filter yields the sessions in its order.)
+        let mut seqs: Vec<&mut SeqKv> = sessions.iter_mut().enumerate().filter(|(i, _)| live.binary_search(i).is_ok()).map(|(_, s)| &mut s.kv).collect();
+        let pass = pool.plan(&mut seqs, &vec![1; live.len()], device)?;
+        let rows: Vec<u32> = (0..live.len() as u32).collect();
+        let next = crate::argmax::argmax_rows(&m.forward_paged_ids(&ids, pool, &pass, &rows)?)?;
+        readbacks.start(step % 2, &next)?;
+        // Settle the step before this one (done once this one is queued).
+        if let Some((was, slot)) = in_flight.replace((live.clone(), step % 2)) {
+            settle(sessions, &was, readbacks.finish(slot)?);
+        }
+        let keep: Vec<usize> = (0..live.len()).filter(|&j| wants(&sessions[live[j]], 1)).collect();
+        ids = if keep.len() == live.len() {
+            next
+        } else {
+            let rows: Vec<u32> = keep.iter().map(|&j| j as u32).collect();
+            next.index_select(&Tensor::from_slice(&rows, rows.len(), device)?, 0)?
+        };
+        live = keep.iter().map(|&j| live[j]).collect();
+        step += 1;
+    }
+    if let Some((was, slot)) = in_flight {
+        settle(sessions, &was, readbacks.finish(slot)?);
+    }
+    Ok(())
+}
+
+/// Hand a step's tokens to its sessions (those that stopped ignore theirs).
+fn settle(sessions: &mut [Session], live: &[usize], tokens: Vec<u32>) {
+    for (&i, t) in live.iter().zip(tokens) {
+        sessions[i].push(Row::Token(t), false);
+    }
+}
+
+/// Two host buffers that steps' tokens are copied into while the next step
+/// runs: page-locked memory and an asynchronous copy on CUDA; on the CPU the
+/// tokens are simply read.
+enum Readbacks {
+    Host([Vec<u32>; 2]),
+    #[cfg(feature = "cuda")]
+    Pinned {
+        stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+        bufs: [candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>; 2],
+        lens: [usize; 2],
+    },
+}
+
+impl Readbacks {
+    fn new(device: &candle_core::Device, capacity: usize) -> Result<Self> {
+        match device {
+            #[cfg(feature = "cuda")]
+            candle_core::Device::Cuda(d) => {
+                let stream = d.cuda_stream();
+                let alloc = || {
+                    // SAFETY: the buffers are only read after the copies into them completed (`finish`).
+                    unsafe { stream.context().alloc_pinned_with_flags::<u32>(capacity.max(1), 0) }
+                        .map_err(|e| candle_core::Error::Msg(format!("page-locked buffer for tokens: {e:?}")))
+                };
+                Ok(Self::Pinned { bufs: [alloc()?, alloc()?], lens: [0; 2], stream })
+            }
+            _ => {
+                let _ = capacity;
+                Ok(Self::Host([vec![], vec![]]))
+            }
+        }
+    }
+
+    /// Start copying `ids` (u32 `[n]`, n at most the capacity) into buffer `slot`.
+    fn start(&mut self, slot: usize, ids: &Tensor) -> Result<()> {
+        match self {
+            Self::Host(bufs) => bufs[slot] = ids.to_vec1::<u32>()?,
+            #[cfg(feature = "cuda")]
+            Self::Pinned { stream, bufs, lens } => {
+                let (storage, layout) = ids.storage_and_layout();
+                let candle_core::Storage::Cuda(c) = &*storage else { unreachable!("a CUDA model's argmax is on its device") };
+                let (a, b) = layout.contiguous_offsets().expect("argmax output is contiguous");
+                let src = c.as_cuda_slice::<u32>()?.slice(a..b);
+                stream.memcpy_dtoh(&src, &mut bufs[slot]).map_err(|e| candle_core::Error::Msg(format!("token readback: {e:?}")))?;
+                lens[slot] = b - a;
+            }
+        }
+        Ok(())
+    }
+
+    /// The tokens of buffer `slot`, once its copy is done.
+    fn finish(&mut self, slot: usize) -> Result<Vec<u32>> {
+        match self {
+            Self::Host(bufs) => Ok(std::mem::take(&mut bufs[slot])),
+            #[cfg(feature = "cuda")]
+            Self::Pinned { bufs, lens, .. } => {
+                let host = bufs[slot].as_slice().map_err(|e| candle_core::Error::Msg(format!("token readback: {e:?}")))?;
+                Ok(host[..lens[slot]].to_vec())
+            }
+        }
+    }
 }
 
 #[cfg(test)]
