@@ -365,8 +365,16 @@ impl Readbacks {
                 let (storage, layout) = ids.storage_and_layout();
                 let candle_core::Storage::Cuda(c) = &*storage else { unreachable!("a CUDA model's argmax is on its device") };
                 let (a, b) = layout.contiguous_offsets().expect("argmax output is contiguous");
+                use candle_core::cuda_backend::cudarc::driver::{result, DevicePtr, HostSlice};
                 let src = c.as_cuda_slice::<u32>()?.slice(a..b);
-                stream.memcpy_dtoh(&src, &mut bufs[slot]).map_err(|e| candle_core::Error::Msg(format!("token readback: {e:?}")))?;
+                // Exactly b - a tokens: the stream's own copy would fill the whole buffer.
+                let (from, _read) = src.device_ptr(stream);
+                // SAFETY: the buffer holds `capacity` >= b - a tokens (a step never
+                // has more rows than the first), and is read only in `finish`, after
+                // the event recorded when `_written` drops.
+                let (to, _written) = unsafe { bufs[slot].stream_synced_mut_slice(stream) };
+                unsafe { result::memcpy_dtoh_async(&mut to[..b - a], from, stream.cu_stream()) }
+                    .map_err(|e| candle_core::Error::Msg(format!("token readback: {e:?}")))?;
                 lens[slot] = b - a;
             }
         }
