@@ -284,6 +284,10 @@ fn decode_greedy(m: &CausalLm, sessions: &mut [Session], pool: &mut crate::paged
     let keep: Vec<usize> = (0..live.len()).filter(|&j| wants(&sessions[live[j]], 0)).collect();
     let toks: Vec<u32> = keep.iter().map(|&j| first[j]).collect();
     live = keep.iter().map(|&j| live[j]).collect();
+    if live.is_empty() {
+        // (Nothing to decode: and a CUDA tensor of no elements is an error.)
+        return Ok(());
+    }
     let mut ids = Tensor::from_slice(&toks, toks.len(), device)?;
     let mut readbacks = Readbacks::new(device, live.len())?;
     // The step in flight: its sessions, and which readback holds its tokens.
