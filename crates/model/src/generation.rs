@@ -328,16 +328,12 @@ fn settle(sessions: &mut [Session], live: &[usize], tokens: Vec<u32>) {
 }
 
 /// Two host buffers that steps' tokens are copied into while the next step
-/// runs: page-locked memory and an asynchronous copy on CUDA; on the CPU the
-/// tokens are simply read.
+/// runs: page-locked memory and an asynchronous copy on CUDA
+/// ([`crate::pinned`]); on the CPU the tokens are simply read.
 enum Readbacks {
     Host([Vec<u32>; 2]),
     #[cfg(feature = "cuda")]
-    Pinned {
-        stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-        bufs: [candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>; 2],
-        lens: [usize; 2],
-    },
+    Pinned(Box<[crate::pinned::Pinned; 2]>),
 }
 
 impl Readbacks {
@@ -345,13 +341,8 @@ impl Readbacks {
         match device {
             #[cfg(feature = "cuda")]
             candle_core::Device::Cuda(d) => {
-                let stream = d.cuda_stream();
-                let alloc = || {
-                    // SAFETY: the buffers are only read after the copies into them completed (`finish`).
-                    unsafe { stream.context().alloc_pinned_with_flags::<u32>(capacity.max(1), 0) }
-                        .map_err(|e| candle_core::Error::Msg(format!("page-locked buffer for tokens: {e:?}")))
-                };
-                Ok(Self::Pinned { bufs: [alloc()?, alloc()?], lens: [0; 2], stream })
+                let buf = || crate::pinned::Pinned::new(d, 4 * capacity);
+                Ok(Self::Pinned(Box::new([buf()?, buf()?])))
             }
             _ => {
                 let _ = capacity;
@@ -365,22 +356,7 @@ impl Readbacks {
         match self {
             Self::Host(bufs) => bufs[slot] = ids.to_vec1::<u32>()?,
             #[cfg(feature = "cuda")]
-            Self::Pinned { stream, bufs, lens } => {
-                let (storage, layout) = ids.storage_and_layout();
-                let candle_core::Storage::Cuda(c) = &*storage else { unreachable!("a CUDA model's argmax is on its device") };
-                let (a, b) = layout.contiguous_offsets().expect("argmax output is contiguous");
-                use candle_core::cuda_backend::cudarc::driver::{result, DevicePtr, HostSlice};
-                let src = c.as_cuda_slice::<u32>()?.slice(a..b);
-                // Exactly b - a tokens: the stream's own copy would fill the whole buffer.
-                let (from, _read) = src.device_ptr(stream);
-                // SAFETY: the buffer holds `capacity` >= b - a tokens (a step never
-                // has more rows than the first), and is read only in `finish`, after
-                // the event recorded when `_written` drops.
-                let (to, _written) = unsafe { bufs[slot].stream_synced_mut_slice(stream) };
-                unsafe { result::memcpy_dtoh_async(&mut to[..b - a], from, stream.cu_stream()) }
-                    .map_err(|e| candle_core::Error::Msg(format!("token readback: {e:?}")))?;
-                lens[slot] = b - a;
-            }
+            Self::Pinned(bufs) => bufs[slot].read(ids)?,
         }
         Ok(())
     }
@@ -390,32 +366,7 @@ impl Readbacks {
         match self {
             Self::Host(bufs) => Ok(std::mem::take(&mut bufs[slot])),
             #[cfg(feature = "cuda")]
-            Self::Pinned { bufs, lens, .. } => {
-                let host = bufs[slot].as_slice().map_err(|e| candle_core::Error::Msg(format!("token readback: {e:?}")))?;
-                Ok(host[..lens[slot]].to_vec())
-            }
+            Self::Pinned(bufs) => bufs[slot].take_u32(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn extend_stops_at_the_first_stopping_token() {
-        let stop = StopCriteria { max_new_tokens: 6, eos_token_id: Some(0), stop_token_ids: vec![7] };
-        let mut out = vec![1, 2];
-        assert_eq!(stop.extend(&mut out, &[3, 7, 4, 5]), Some(FinishReason::StopToken));
-        assert_eq!(out, vec![1, 2, 3, 7]);
-        let mut out = vec![];
-        assert_eq!(stop.extend(&mut out, &[1, 0, 4]), Some(FinishReason::Eos));
-        assert_eq!(out, vec![1, 0]);
-        let mut out = vec![1, 2, 3];
-        assert_eq!(stop.extend(&mut out, &[4, 5, 6, 8]), Some(FinishReason::Length));
-        assert_eq!(out, vec![1, 2, 3, 4, 5, 6]);
-        let mut out = vec![];
-        assert_eq!(stop.extend(&mut out, &[4, 5]), None);
-        assert_eq!(out, vec![4, 5]);
     }
 }

@@ -488,6 +488,8 @@ impl Thread {
     /// events out at once.
     fn settle_front(&mut self, busy: &mut blockserve_runtime::busy::Busy) {
         let r = self.rounds.pop_front().expect("a round to settle");
+        // The round's trace span (one round in TRACE_EVERY) covers its settling.
+        let span = busy.iteration_span();
         let blocks = self.batcher.finish(r.launched);
         self.phases.compute += r.launched_at.elapsed();
         let n = r.keys.len();
@@ -498,6 +500,7 @@ impl Thread {
         if let Some(at) = r.first_at {
             self.phases.turnaround += at.elapsed();
         }
+        drop(span);
         // Busy from the launch (or the end of the time already counted) to now.
         let now = Instant::now();
         let from = self.busy_until.map_or(r.launched_at, |u| u.max(r.launched_at));

@@ -130,6 +130,7 @@ pub async fn run(args: Args) -> Result<()> {
             max_batch: args.max_batch,
             max_unread_blocks: blockserve_token_decoder::model_thread::MAX_UNREAD,
             cuda_graphs: true,
+            launch_ahead: true,
             store_buffer: blockserve_token_decoder::recorder::DEFAULT_CAPACITY,
             session_ttl_s: 3600,
             block_timeout_s: 60.0,
