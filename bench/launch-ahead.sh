@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# On a 2-GPU machine (nvidia-h200-x2), one device call: the CUDA checks of
+# the build, then A/B runs of the token decoder's launched-ahead rounds
+# (--launch-ahead true|false) in the split (block decoder on GPU 0, one token
+# decoder on GPU 1) next to the in-process engine on GPU 0, and the vanilla
+# driver's greedy readback (BLOCKSERVE_GREEDY_READBACK=async|sync).
+#   Here:   TAR=1 bash scripts/pack-cuda.sh
+#   Device: carry .dev/pack; bash bench/launch-ahead.sh "$OUT" > "$OUT/launch-ahead.log" 2>&1
+# STEPS narrows it (checks, vanilla, baseline, split); AB_ROUNDS: how many
+# on/off pairs of the split decode-heavy run.
+set -uo pipefail
+OUT=${1:-/tmp/launch-ahead}
+mkdir -p "$OUT" .dev
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export BLOCKSERVE_FIXTURES=$PWD/crates/model/tests/fixtures
+tar xJf .dev/pack/bin.tar.xz -C .dev && chmod +x .dev/bin/*
+STEPS=",${STEPS:-checks,vanilla,baseline,split},"
+has() { [[ $STEPS == *",$1,"* ]]; }
+log() { printf '[%s +%4ds] %s\n' "$(date -u +%H:%M:%S)" "$SECONDS" "$*"; }
+status=0
+
+if has checks; then
+  log "== CUDA checks: CUDA graphs and rounds launched ahead, golden (f32, bf16)"
+  for t in cuda_graph golden; do
+    BLOCKSERVE_TEST_DEVICE=cuda CUDA_VISIBLE_DEVICES=0 .dev/bin/$t --test-threads 1 > "$OUT/$t.out" 2>&1 || status=1
+    grep -E "^test |test result" "$OUT/$t.out"
+  done
+  [ $status = 0 ] || { log "checks failed: stopping"; grep -B2 -A12 "panicked" "$OUT"/*.out | head -60; exit 1; }
+fi
+
+if has vanilla; then
+  for mode in async sync async sync; do
+    log "== vanilla_160 decode-heavy 256, BLOCKSERVE_GREEDY_READBACK=$mode"
+    BLOCKSERVE_GREEDY_READBACK=$mode CUDA_VISIBLE_DEVICES=0 .dev/bin/blockserve bench --preset vanilla_160 --setting decode-heavy --batch 256,256 \
+      --device cuda --dtype bf16 2>&1 | grep -E "^\||rror" || status=1
+  done
+fi
+
+if has baseline; then
+  log "== in-process engine, GPU 0"
+  BIN=.dev/bin STEPS=baseline BASELINE_BUDGETS=65536 bash bench/disagg.sh 2>&1 | grep -v "^Traceback\|^  \|^FileNotFound" || status=1
+fi
+
+if has split; then
+  for i in $(seq 1 "${AB_ROUNDS:-2}"); do
+    for ahead in true false; do
+      log "== split decode-heavy 4096, token decoder --launch-ahead $ahead"
+      TD_ARGS="--launch-ahead $ahead" BIN=.dev/bin STEPS=split SPLIT_RUNS="1:2:decode-heavy:4096" bash bench/disagg.sh 2>&1 |
+        grep -E "^\||lifetime|phases|held back" || status=1
+    done
+  done
+  log "== split prefill-heavy 3072 (budget 65536), --launch-ahead true"
+  BIN=.dev/bin STEPS=split SPLIT_RUNS="1:2:prefill-heavy:3072::65536" bash bench/disagg.sh 2>&1 | grep -E "^\||lifetime|phases" || status=1
+fi
+log "done (status $status)"
+exit $status
