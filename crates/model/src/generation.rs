@@ -307,6 +307,11 @@ fn decode_greedy(m: &CausalLm, sessions: &mut [Session], pool: &mut crate::paged
         let keep: Vec<usize> = (0..live.len()).filter(|&j| wants(&sessions[live[j]], 1)).collect();
         ids = if keep.len() == live.len() {
             next
+        } else if keep.is_empty() {
+            // The loop ends: no rows to select (and a CUDA tensor of no
+            // elements fails to allocate: the H200's CUDA_ERROR_INVALID_VALUE
+            // when every session stopped at the same step).
+            next
         } else {
             let rows: Vec<u32> = keep.iter().map(|&j| j as u32).collect();
             next.index_select(&Tensor::from_slice(&rows, rows.len(), device)?, 0)?

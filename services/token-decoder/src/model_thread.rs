@@ -267,7 +267,9 @@ impl Rows {
         let n = n.min(self.keys.len());
         let rest_keys = self.keys.split_off(n);
         let rest_bytes = self.bytes.split_off(n * self.row_bytes as usize);
-        let rest = Rows { keys: rest_keys, bytes: rest_bytes, dtype: self.dtype, row_bytes: self.row_bytes, first_at: self.first_at };
+        // Rows left behind wait from the same first arrival; none left, none waits.
+        let first_at = if rest_keys.is_empty() { None } else { self.first_at };
+        let rest = Rows { keys: rest_keys, bytes: rest_bytes, dtype: self.dtype, row_bytes: self.row_bytes, first_at };
         std::mem::replace(self, rest)
     }
 }
