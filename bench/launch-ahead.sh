@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # On a 2-GPU machine (nvidia-h200-x2), one device call: the CUDA checks of
-# the build, then A/B runs of the token decoder's launched-ahead rounds
-# (--launch-ahead true|false) in the split (block decoder on GPU 0, one token
-# decoder on GPU 1) next to the in-process engine on GPU 0, and the vanilla
-# driver's greedy readback (BLOCKSERVE_GREEDY_READBACK=async|sync).
+# the build, the vanilla driver's greedy readback (BLOCKSERVE_GREEDY_READBACK
+# =async|sync), the in-process engine on GPU 0, then the split (block decoder
+# on GPU 0, one token decoder on GPU 1) with the token decoder's rounds
+# launched ahead (--launch-ahead) and more block-decoder micro-batches, next
+# to the old settings, and through the latency proxy.
 #   Here:   TAR=1 bash scripts/pack-cuda.sh
 #   Device: carry .dev/pack; bash bench/launch-ahead.sh "$OUT" > "$OUT/launch-ahead.log" 2>&1
-# STEPS narrows it (checks, vanilla, baseline, split); AB_ROUNDS: how many
-# on/off pairs of the split decode-heavy run.
+# STEPS narrows it (checks, vanilla, baseline, split, proxy).
+# SPLITS: runs as micro-batches:launch-ahead:max-unread-blocks:setting:concurrency[:token budget].
 set -uo pipefail
 OUT=${1:-/tmp/launch-ahead}
 mkdir -p "$OUT" .dev
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export BLOCKSERVE_FIXTURES=$PWD/crates/model/tests/fixtures
 tar xJf .dev/pack/bin.tar.xz -C .dev && chmod +x .dev/bin/*
-STEPS=",${STEPS:-checks,vanilla,baseline,split},"
+STEPS=",${STEPS:-checks,vanilla,baseline,split,proxy},"
 has() { [[ $STEPS == *",$1,"* ]]; }
 log() { printf '[%s +%4ds] %s\n' "$(date -u +%H:%M:%S)" "$SECONDS" "$*"; }
 status=0
@@ -25,11 +26,11 @@ if has checks; then
     BLOCKSERVE_TEST_DEVICE=cuda CUDA_VISIBLE_DEVICES=0 .dev/bin/$t --test-threads 1 > "$OUT/$t.out" 2>&1 || status=1
     grep -E "^test |test result" "$OUT/$t.out"
   done
-  [ $status = 0 ] || { log "checks failed: stopping"; grep -B2 -A12 "panicked" "$OUT"/*.out | head -60; exit 1; }
+  [ $status = 0 ] || { log "checks failed: stopping"; grep -B2 -A6 "panicked" "$OUT"/*.out | head -40; exit 1; }
 fi
 
 if has vanilla; then
-  for mode in async sync async sync; do
+  for mode in ${READBACKS:-async sync}; do
     log "== vanilla_160 decode-heavy 256, BLOCKSERVE_GREEDY_READBACK=$mode"
     BLOCKSERVE_GREEDY_READBACK=$mode CUDA_VISIBLE_DEVICES=0 .dev/bin/blockserve bench --preset vanilla_160 --setting decode-heavy --batch 256,256 \
       --device cuda --dtype bf16 2>&1 | grep -E "^\||rror" || status=1
@@ -38,19 +39,22 @@ fi
 
 if has baseline; then
   log "== in-process engine, GPU 0"
-  BIN=.dev/bin STEPS=baseline BASELINE_BUDGETS=65536 bash bench/disagg.sh 2>&1 | grep -v "^Traceback\|^  \|^FileNotFound" || status=1
+  BIN=.dev/bin STEPS=baseline BASELINE_BUDGETS=65536 bash bench/disagg.sh 2>&1 | grep -E "^\||passes" || status=1
 fi
 
 if has split; then
-  for i in $(seq 1 "${AB_ROUNDS:-2}"); do
-    for ahead in true false; do
-      log "== split decode-heavy 4096, token decoder --launch-ahead $ahead"
-      TD_ARGS="--launch-ahead $ahead" BIN=.dev/bin STEPS=split SPLIT_RUNS="1:2:decode-heavy:4096" bash bench/disagg.sh 2>&1 |
-        grep -E "^\||lifetime|phases|held back" || status=1
-    done
+  for r in ${SPLITS:-4:true:8:decode-heavy:4096 2:false:8:decode-heavy:4096 4:true:32:decode-heavy:4096 4:true:8:decode-heavy:4096 \
+    4:true:8:prefill-heavy:3072:65536 2:false:8:prefill-heavy:3072:65536}; do
+    IFS=: read -r mb ahead unread setting c tb <<< "$r"
+    log "== split $setting $c: --micro-batches $mb, token decoder --launch-ahead $ahead --max-unread-blocks $unread"
+    MAX_UNREAD=$unread TD_ARGS="--launch-ahead $ahead" BIN=.dev/bin STEPS=split SPLIT_RUNS="1:$mb:$setting:$c::$tb" timeout 120 bash bench/disagg.sh 2>&1 |
+      grep -E "^\||lifetime|phases|held back" || status=1
   done
-  log "== split prefill-heavy 3072 (budget 65536), --launch-ahead true"
-  BIN=.dev/bin STEPS=split SPLIT_RUNS="1:2:prefill-heavy:3072::65536" bash bench/disagg.sh 2>&1 | grep -E "^\||lifetime|phases" || status=1
+fi
+
+if has proxy; then
+  log "== the split decode-heavy 4096 (--micro-batches 4, --launch-ahead true) with a round trip added between the tiers"
+  MICRO_BATCHES=4 BIN=.dev/bin STEPS=proxy RTTS="${RTTS:-0.5 1 2}" timeout 240 bash bench/disagg.sh 2>&1 | grep -E "^\||^-- |lifetime|held back" || status=1
 fi
 log "done (status $status)"
 exit $status
