@@ -8,7 +8,7 @@
 #   Here:   TAR=1 bash scripts/pack-cuda.sh
 #   Device: carry .dev/pack; bash bench/launch-ahead.sh "$OUT" > "$OUT/launch-ahead.log" 2>&1
 # STEPS narrows it (checks, vanilla, baseline, split, proxy).
-# SPLITS: runs as micro-batches:launch-ahead:max-unread-blocks:setting:concurrency[:token budget].
+# SPLITS: runs as micro-batches:launch-ahead:max-unread-blocks:setting:concurrency[:token budget[:worker threads]].
 set -uo pipefail
 OUT=${1:-/tmp/launch-ahead}
 mkdir -p "$OUT" .dev
@@ -21,8 +21,8 @@ log() { printf '[%s +%4ds] %s\n' "$(date -u +%H:%M:%S)" "$SECONDS" "$*"; }
 status=0
 
 if has checks; then
-  log "== CUDA checks: CUDA graphs and rounds launched ahead, golden (f32, bf16)"
-  for t in cuda_graph golden; do
+  log "== CUDA checks: CUDA graphs and rounds launched ahead, golden (f32, bf16), downloads"
+  for t in cuda_graph golden download; do
     BLOCKSERVE_TEST_DEVICE=cuda CUDA_VISIBLE_DEVICES=0 .dev/bin/$t --test-threads 1 > "$OUT/$t.out" 2>&1 || status=1
     grep -E "^test |test result" "$OUT/$t.out"
   done
@@ -44,10 +44,10 @@ fi
 
 if has split; then
   for r in ${SPLITS:-4:true:8:decode-heavy:4096 2:false:8:decode-heavy:4096 4:true:32:decode-heavy:4096 4:true:8:decode-heavy:4096 \
-    4:true:8:prefill-heavy:3072:65536 2:false:8:prefill-heavy:3072:65536}; do
-    IFS=: read -r mb ahead unread setting c tb <<< "$r"
-    log "== split $setting $c: --micro-batches $mb, token decoder --launch-ahead $ahead --max-unread-blocks $unread"
-    MAX_UNREAD=$unread TD_ARGS="--launch-ahead $ahead" BIN=.dev/bin STEPS=split SPLIT_RUNS="1:$mb:$setting:$c::$tb" timeout 120 bash bench/disagg.sh 2>&1 |
+    4:true:8:decode-heavy:4096::4 4:true:8:prefill-heavy:3072:65536 2:false:8:prefill-heavy:3072:65536}; do
+    IFS=: read -r mb ahead unread setting c tb wt <<< "$r"
+    log "== split $setting $c: --micro-batches $mb, token decoder --launch-ahead $ahead --max-unread-blocks $unread${wt:+, $wt worker threads}"
+    MAX_UNREAD=$unread TD_ARGS="--launch-ahead $ahead" BIN=.dev/bin STEPS=split SPLIT_RUNS="1:$mb:$setting:$c:$wt:$tb" timeout 120 bash bench/disagg.sh 2>&1 |
       grep -E "^\||lifetime|phases|held back" || status=1
   done
 fi
