@@ -375,3 +375,25 @@ impl Readbacks {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extend_stops_at_the_first_stopping_token() {
+        let stop = StopCriteria { max_new_tokens: 6, eos_token_id: Some(0), stop_token_ids: vec![7] };
+        let mut out = vec![1, 2];
+        assert_eq!(stop.extend(&mut out, &[3, 7, 4, 5]), Some(FinishReason::StopToken));
+        assert_eq!(out, vec![1, 2, 3, 7]);
+        let mut out = vec![];
+        assert_eq!(stop.extend(&mut out, &[1, 0, 4]), Some(FinishReason::Eos));
+        assert_eq!(out, vec![1, 0]);
+        let mut out = vec![1, 2, 3];
+        assert_eq!(stop.extend(&mut out, &[4, 5, 6, 8]), Some(FinishReason::Length));
+        assert_eq!(out, vec![1, 2, 3, 4, 5, 6]);
+        let mut out = vec![];
+        assert_eq!(stop.extend(&mut out, &[4, 5]), None);
+        assert_eq!(out, vec![4, 5]);
+    }
+}
