@@ -442,27 +442,28 @@ impl Thread {
         }
     }
 
-    /// Launch up to a batch of the pending contexts; rows that need their
-    /// logits on the host (sampling, forced tokens) are decoded here, after
-    /// the rounds in flight.
+    /// Launch up to a batch of the pending contexts. Rows that need their
+    /// logits on the host (sampling, forced tokens), and every row with
+    /// `--launch-ahead false`, are decoded and settled here, after the rounds
+    /// in flight.
     fn launch_pending(&mut self, busy: &mut blockserve_runtime::busy::Busy) {
         let rows = self.pending.split_front(self.batcher.max_batch());
         let jobs = self.jobs(&rows.keys);
+        // A batch of n rows holds n rows of a local cache.
+        let n = rows.keys.len();
+        METRICS.local_kv_rows.with_label_values(&["used"]).set(n as i64);
+        METRICS.local_kv_rows.with_label_values(&["free"]).set((self.batcher.max_batch() - n) as i64);
         if !self.launch_ahead || !jobs.iter().all(BlockJob::is_plain_greedy) {
             while !self.rounds.is_empty() {
                 self.settle_front(busy);
             }
             let t = Instant::now();
-            let n = rows.keys.len();
             let span = busy.iteration_span();
             self.decode_in_place(rows, &jobs);
             drop(span);
             busy.add(t.elapsed(), n);
             return;
         }
-        let n = rows.keys.len();
-        METRICS.local_kv_rows.with_label_values(&["used"]).set(n as i64);
-        METRICS.local_kv_rows.with_label_values(&["free"]).set((self.batcher.max_batch() - n) as i64);
         let t = Instant::now();
         let dtype = rows.dtype.expect("set with the first row");
         let launched = self.batcher.launch(HostContexts { bytes: &rows.bytes, dtype, rows: n });
