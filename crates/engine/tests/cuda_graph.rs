@@ -14,7 +14,7 @@ use std::sync::Arc;
 use blockserve_engine::token_batcher::bucket;
 use blockserve_engine::{BlockJob, HostContexts, TokenBatcher};
 use blockserve_model::loader::load_model;
-use blockserve_model::Model;
+use blockserve_model::{BlockTransformer, Model};
 use candle_core::{DType, Tensor};
 
 fn fixture() -> PathBuf {
@@ -23,10 +23,15 @@ fn fixture() -> PathBuf {
     root.join("official-tiny-b4")
 }
 
-fn graphs_match_launches(dtype: DType) {
+/// The fixture model on the first CUDA device, in `dtype`.
+fn fixture_model(dtype: DType) -> (candle_core::Device, Arc<BlockTransformer>) {
     let device = blockserve_model::cuda_device(0).expect("a CUDA device");
     let Model::Block(m) = load_model(&fixture(), None, dtype, &device).expect("fixture loads") else { panic!("a block model") };
-    let m = Arc::new(m);
+    (device, Arc::new(m))
+}
+
+fn graphs_match_launches(dtype: DType) {
+    let (device, m) = fixture_model(dtype);
     let d = m.config.block_decoder.hidden_size;
     let mut graphs = TokenBatcher::new(m.clone(), 1024).unwrap();
     let mut launches = TokenBatcher::new(m.clone(), 1024).unwrap();
@@ -68,9 +73,7 @@ fn graphs_match_launches_bf16() {
 /// before the first is finished is refused; a round's done signal can be
 /// waited on from another thread.
 fn rounds_launched_ahead_match(dtype: DType) {
-    let device = blockserve_model::cuda_device(0).expect("a CUDA device");
-    let Model::Block(m) = load_model(&fixture(), None, dtype, &device).expect("fixture loads") else { panic!("a block model") };
-    let m = Arc::new(m);
+    let (device, m) = fixture_model(dtype);
     let d = m.config.block_decoder.hidden_size;
     let mut sync = TokenBatcher::new(m.clone(), 1024).unwrap();
     let mut ahead = TokenBatcher::new(m.clone(), 1024).unwrap();
