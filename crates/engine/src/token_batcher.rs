@@ -193,6 +193,17 @@ impl TokenBatcher {
         Ok(Launched { state: LaunchState::Decoded(self.decode(&ctx, &jobs)?) })
     }
 
+    /// Make the lanes that launched rounds use now rather than at the first
+    /// launch, so that the memory they hold (two more local caches) is in
+    /// use from the start. Does nothing without CUDA graphs.
+    pub fn prepare_launches(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if self.graphs.is_some() && self.model.device().is_cuda() && self.ahead.is_none() {
+            self.ahead = Some(crate::ahead::Lanes::new(&self.model, self.max_batch)?);
+        }
+        Ok(())
+    }
+
     /// The blocks of a launched round (waiting for them if need be).
     pub fn finish(&mut self, launched: Launched) -> Result<Vec<Vec<u32>>> {
         match launched.state {

@@ -155,6 +155,9 @@ impl ModelThread {
                 let batcher = TokenBatcher::new(model.clone(), max_batch).and_then(|mut b| {
                     b.set_cuda_graphs(cuda_graphs);
                     b.warm_up()?;
+                    if launch_ahead {
+                        b.prepare_launches()?;
+                    }
                     Ok(b)
                 });
                 let batcher = match batcher {
