@@ -87,11 +87,6 @@ impl Launched {
             LaunchState::InFlight(t) => DoneSignal { inner: Some(t.done()) },
         }
     }
-
-    /// Whether the blocks were decoded at launch (nothing to wait for).
-    pub fn is_decoded(&self) -> bool {
-        matches!(self.state, LaunchState::Decoded(_))
-    }
 }
 
 /// Blocks until a launched round's blocks are on the host; `Send`, so that a
