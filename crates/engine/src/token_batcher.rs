@@ -170,22 +170,40 @@ impl TokenBatcher {
     /// finished, and they finish in launch order. Otherwise it is decoded
     /// here.
     pub fn launch(&mut self, contexts: HostContexts) -> Result<Launched> {
-        let m = &self.model;
+        let m = self.model.clone();
         let d = m.config.block_decoder.hidden_size;
         if contexts.rows > self.max_batch || contexts.bytes.len() != contexts.rows * d * contexts.dtype.size_in_bytes() {
             return Err(ModelError::Input(format!("{} bytes of {} rows of {d} for a batcher of {} rows", contexts.bytes.len(), contexts.rows, self.max_batch)));
         }
         #[cfg(feature = "cuda")]
-        if self.graphs.is_some() && m.device().is_cuda() && contexts.dtype == m.dtype() {
-            let lanes = match &mut self.ahead {
-                Some(l) => l,
-                None => self.ahead.insert(crate::ahead::Lanes::new(m, self.max_batch)?),
-            };
-            return Ok(Launched { state: LaunchState::InFlight(lanes.launch(m, contexts)?) });
+        if contexts.dtype == m.dtype() {
+            if let Some(lanes) = self.lanes()? {
+                return Ok(Launched { state: LaunchState::InFlight(lanes.launch(&m, contexts)?) });
+            }
         }
-        let ctx = Tensor::from_raw_buffer(contexts.bytes, contexts.dtype, &[contexts.rows, d], &Device::Cpu)?.to_dtype(m.dtype())?.to_device(m.device())?;
+        let ctx = self.upload(&contexts)?;
         let jobs = vec![BlockJob::greedy(0); contexts.rows];
         Ok(Launched { state: LaunchState::Decoded(self.decode(&ctx, &jobs)?) })
+    }
+
+    /// Contexts from the host onto the model's device, in its dtype.
+    pub fn upload(&self, contexts: &HostContexts) -> Result<Tensor> {
+        let m = &self.model;
+        let shape = [contexts.rows, m.config.block_decoder.hidden_size];
+        Ok(Tensor::from_raw_buffer(contexts.bytes, contexts.dtype, &shape, &Device::Cpu)?.to_dtype(m.dtype())?.to_device(m.device())?)
+    }
+
+    /// The lanes of rounds launched ahead, made on first use; None without
+    /// CUDA graphs.
+    #[cfg(feature = "cuda")]
+    fn lanes(&mut self) -> Result<Option<&mut crate::ahead::Lanes>> {
+        if self.graphs.is_none() || !self.model.device().is_cuda() {
+            return Ok(None);
+        }
+        if self.ahead.is_none() {
+            self.ahead = Some(crate::ahead::Lanes::new(&self.model, self.max_batch)?);
+        }
+        Ok(self.ahead.as_mut())
     }
 
     /// Make the lanes that launched rounds use now rather than at the first
@@ -193,9 +211,7 @@ impl TokenBatcher {
     /// use from the start. Does nothing without CUDA graphs.
     pub fn prepare_launches(&mut self) -> Result<()> {
         #[cfg(feature = "cuda")]
-        if self.graphs.is_some() && self.model.device().is_cuda() && self.ahead.is_none() {
-            self.ahead = Some(crate::ahead::Lanes::new(&self.model, self.max_batch)?);
-        }
+        self.lanes()?;
         Ok(())
     }
 

@@ -17,7 +17,7 @@ use blockserve_model::{BlockTransformer, FinishReason, SamplingParams, StopCrite
 use blockserve_proto::v1::{BlockBatch, LinkDown, LinkUp, OpenBlocks};
 use blockserve_runtime::metrics::METRICS;
 use blockserve_worker::wire;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Status};
 
@@ -381,6 +381,16 @@ struct Phases {
     turnaround: Duration,
 }
 
+impl Phases {
+    /// A round started at `t` whose first context arrived at `first_at`.
+    fn started(&mut self, first_at: Option<Instant>, t: Instant) {
+        if let Some(at) = first_at {
+            self.rounds += 1;
+            self.waited += t.saturating_duration_since(at);
+        }
+    }
+}
+
 impl Thread {
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         blockserve_runtime::thread::make_critical("token-decoder-engine");
@@ -451,15 +461,18 @@ impl Thread {
     /// in flight.
     fn launch_pending(&mut self, busy: &mut blockserve_runtime::busy::Busy) {
         let rows = self.pending.split_front(self.batcher.max_batch());
-        let jobs = self.jobs(&rows.keys);
         // A batch of n rows holds n rows of a local cache.
         let n = rows.keys.len();
         METRICS.local_kv_rows.with_label_values(&["used"]).set(n as i64);
         METRICS.local_kv_rows.with_label_values(&["free"]).set((self.batcher.max_batch() - n) as i64);
-        if !self.launch_ahead || !jobs.iter().all(BlockJob::is_plain_greedy) {
+        // (Asked of the sessions directly: the jobs, with their clones of each
+        // session's sampling, are built only for rows decoded in place.)
+        let greedy = rows.keys.iter().all(|k| self.sessions.get(k).is_none_or(|s| s.spec.sampling.is_plain_greedy() && s.forced.is_empty()));
+        if !self.launch_ahead || !greedy {
             while !self.rounds.is_empty() {
                 self.settle_front(busy);
             }
+            let jobs = self.jobs(&rows.keys);
             let t = Instant::now();
             let span = busy.iteration_span();
             self.decode_in_place(rows, &jobs);
@@ -471,10 +484,7 @@ impl Thread {
         let dtype = rows.dtype.expect("set with the first row");
         let launched = self.batcher.launch(HostContexts { bytes: &rows.bytes, dtype, rows: n });
         self.phases.launch += t.elapsed();
-        if let Some(at) = rows.first_at {
-            self.phases.rounds += 1;
-            self.phases.waited += t.saturating_duration_since(at);
-        }
+        self.phases.started(rows.first_at, t);
         match launched {
             Ok(launched) => {
                 let id = self.next_round;
@@ -697,20 +707,14 @@ impl Thread {
 
     /// Decode rows here and now (rows that sample on the host) and settle them.
     fn decode_in_place(&mut self, rows: Rows, jobs: &[BlockJob]) {
-        let m = &self.model;
-        let (k, d) = (rows.keys.len(), m.config.block_decoder.hidden_size);
         let dtype = rows.dtype.expect("set with the first row");
         let t = Instant::now();
-        let uploaded =
-            Tensor::from_raw_buffer(&rows.bytes, dtype, &[k, d], &Device::Cpu).and_then(|t| t.to_dtype(m.dtype())).and_then(|t| t.to_device(m.device()));
+        let uploaded = self.batcher.upload(&HostContexts { bytes: &rows.bytes, dtype, rows: rows.keys.len() });
         self.phases.upload += t.elapsed();
         let t = Instant::now();
-        let decoded = uploaded.map_err(blockserve_model::ModelError::from).and_then(|ctx| self.batcher.decode(&ctx, jobs));
+        let decoded = uploaded.and_then(|ctx| self.batcher.decode(&ctx, jobs));
         self.phases.compute += t.elapsed();
-        if let Some(at) = rows.first_at {
-            self.phases.rounds += 1;
-            self.phases.waited += t.saturating_duration_since(at);
-        }
+        self.phases.started(rows.first_at, t);
         match decoded {
             Ok(blocks) => self.settle(rows.keys, rows.row_bytes, blocks),
             Err(e) => self.fail_round(rows.keys, &e),
@@ -792,6 +796,7 @@ mod tests {
     use blockserve_proto::v1::{DType as WireDType, Embeddings};
 
     use super::*;
+    use candle_core::Device;
 
     fn fixture() -> Arc<BlockTransformer> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crates/model/tests/fixtures/official-tiny-b4");
