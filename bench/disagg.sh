@@ -33,7 +33,7 @@ STEPS=${STEPS:-baseline,split,proxy,synthetic}
 step() { [[ ",$STEPS," == *",$1,"* ]]; }
 status=0
 # The engines' busy share and round-trip phases from a run's logs.
-phases() { grep -h "lifetime\|held_back\|phases\|tier's weights\|GPU memory" "$1"/*.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/^[^ ]* *INFO [^:]*: /  /'; }
+phases() { grep -h "lifetime\|held_back\|phases\|task lag\|tier's weights\|GPU memory" "$1"/*.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/^[^ ]* *INFO [^:]*: /  /'; }
 
 if step baseline; then
   # Each batch twice: a process's first full-size run is slower (15-20% for

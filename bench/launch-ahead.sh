@@ -9,6 +9,7 @@
 #   Device: carry .dev/pack; bash bench/launch-ahead.sh "$OUT" > "$OUT/launch-ahead.log" 2>&1
 # STEPS narrows it (checks, vanilla, baseline, split, proxy).
 # SPLITS: runs as micro-batches:launch-ahead:max-unread-blocks:setting:concurrency[:token budget[:worker threads]].
+# PROXY_MB: the block decoder's micro-batches in the proxy runs (a list; default 4), RTTS their round trips.
 set -uo pipefail
 OUT=${1:-/tmp/launch-ahead}
 mkdir -p "$OUT" .dev
@@ -48,13 +49,16 @@ if has split; then
     IFS=: read -r mb ahead unread setting c tb wt <<< "$r"
     log "== split $setting $c: --micro-batches $mb, token decoder --launch-ahead $ahead --max-unread-blocks $unread${wt:+, $wt worker threads}"
     MAX_UNREAD=$unread TD_ARGS="--launch-ahead $ahead" BIN=.dev/bin STEPS=split SPLIT_RUNS="1:$mb:$setting:$c:$wt:$tb" timeout 120 bash bench/disagg.sh 2>&1 |
-      grep -E "^\||lifetime|phases|held back" || status=1
+      grep -E "^\||lifetime|phases|held back|task lag|load generator|CPU seconds" || status=1
   done
 fi
 
 if has proxy; then
-  log "== the split decode-heavy 4096 (--micro-batches 4, --launch-ahead true) with a round trip added between the tiers"
-  MICRO_BATCHES=4 BIN=.dev/bin STEPS=proxy RTTS="${RTTS:-0.5 1 2}" timeout 240 bash bench/disagg.sh 2>&1 | grep -E "^\||^-- |lifetime|held back" || status=1
+  for mb in ${PROXY_MB:-4}; do
+    log "== the split decode-heavy 4096 (--micro-batches $mb, --launch-ahead true) with a round trip added between the tiers"
+    MICRO_BATCHES=$mb BIN=.dev/bin STEPS=proxy RTTS="${RTTS:-0.5 1 2}" timeout 240 bash bench/disagg.sh 2>&1 |
+      grep -E "^\||^-- |lifetime|held back|task lag|load generator|CPU seconds" || status=1
+  done
 fi
 log "done (status $status)"
 exit $status

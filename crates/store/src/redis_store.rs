@@ -5,7 +5,10 @@
 //! - `sess:{id}`: hash with `spec` (JSON), `state`, the assignment (`td`,
 //!   `td_id`, `bd`), its fencing `epoch`, `migrations`, `finish_reason`, `error`,
 //!   `updated_at_ms`, `first_token_at_ms`, `finished_at_ms`, `reused_blocks`;
-//!   `sess:{id}:tokens`: list of generated token ids.
+//!   `sess:{id}:out`: the generated token ids, packed as 4-byte little-endian
+//!   words in one string (an append is one `APPEND` of one argument however
+//!   many tokens it carries: Redis does constant work per session and batch,
+//!   where a list took one element, and one argument to parse, per token).
 //!
 //! State changes run as Lua scripts so a final state is never overwritten, whichever
 //! tier gets there first, and a write of a stale epoch is refused.
@@ -28,11 +31,11 @@ const WRITABLE: &str = "local function writable(key, e) \
     return e == '' or h[2] == e end ";
 
 /// Appends of a batch: KEYS are (session, tokens) pairs; ARGV is `now`, then
-/// per entry its epoch, offset, token count and tokens. Returns per entry 1
-/// (applied, now or by an earlier try), 0 (fenced), or -1-n for a gap (n
-/// tokens recorded, fewer than the offset). It runs for every session's every
-/// block, so it does the least it can: the fencing check, the length check
-/// and the push; the first append also stamps the first token's time.
+/// per entry its epoch, offset (in tokens) and tokens (packed). Returns per
+/// entry 1 (applied, now or by an earlier try), 0 (fenced), or -1-n for a gap
+/// (n tokens recorded, fewer than the offset). It runs for every session's
+/// every block, so it does the least it can: the fencing check, the length
+/// check and the append; the first append also stamps the first token's time.
 /// (`updated_at_ms` moves with state changes, the first token and the end,
 /// not with every block.)
 static APPEND: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
@@ -40,19 +43,31 @@ static APPEND: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| 
         "{WRITABLE} local out = {{}} local a = 2 \
         for i = 1, #KEYS, 2 do \
           local sk, tk = KEYS[i], KEYS[i + 1] \
-          local e, off, k = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]) \
-          local first = a + 3 a = first + k \
+          local e, off, packed = ARGV[a], 4 * tonumber(ARGV[a + 1]), ARGV[a + 2] \
+          a = a + 3 \
           if not writable(sk, e) then out[#out + 1] = 0 else \
-            local n = redis.call('LLEN', tk) \
-            if n >= off + k then out[#out + 1] = 1 \
-            elseif n ~= off then out[#out + 1] = -1 - n \
+            local n = redis.call('STRLEN', tk) \
+            if n >= off + #packed then out[#out + 1] = 1 \
+            elseif n ~= off then out[#out + 1] = -1 - n / 4 \
             else \
-              for j = first, first + k - 1, 1000 do redis.call('RPUSH', tk, unpack(ARGV, j, math.min(j + 999, first + k - 1))) end \
-              if off == 0 and k > 0 then redis.call('HSET', sk, 'first_token_at_ms', ARGV[1], 'updated_at_ms', ARGV[1]) end \
+              redis.call('APPEND', tk, packed) \
+              if off == 0 and #packed > 0 then redis.call('HSET', sk, 'first_token_at_ms', ARGV[1], 'updated_at_ms', ARGV[1]) end \
               out[#out + 1] = 1 end end end \
         return out"
     ))
 });
+
+/// Token ids as the store keeps them (4-byte little-endian words).
+fn pack(tokens: &[u32]) -> Vec<u8> {
+    tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
+}
+
+fn unpack(bytes: &[u8]) -> Result<Vec<u32>> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(corrupt(format!("a session's output is {} bytes, not whole 4-byte tokens", bytes.len())));
+    }
+    Ok(bytes.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect())
+}
 
 static PROGRESS: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(&format!(
@@ -100,7 +115,7 @@ static UNFINISHED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new
 });
 
 /// KEYS: session, tokens, unfinished. ARGV: expected epoch, td, td_id, bd,
-/// now, id, then the known output. Returns
+/// now, id, the known output (packed). Returns
 /// {1, epoch, migrations} when moved, {0} final, {-1} stale, {-2} missing.
 static REASSIGN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
@@ -108,8 +123,8 @@ static REASSIGN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|
         if h[1] == false then return {-2} end \
         if h[1] == 'finished' or h[1] == 'cancelled' or h[1] == 'failed' then return {0} end \
         if h[2] ~= ARGV[1] then return {-1} end \
-        local n = redis.call('LLEN', KEYS[2]) \
-        for j = 7 + n, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[j]) end \
+        local n = redis.call('STRLEN', KEYS[2]) \
+        if #ARGV[7] > n then redis.call('APPEND', KEYS[2], string.sub(ARGV[7], n + 1)) end \
         local e = tonumber(h[2]) + 1 local m = tonumber(h[3] or '0') + 1 \
         redis.call('HSET', KEYS[1], 'epoch', e, 'migrations', m, 'td', ARGV[2], 'td_id', ARGV[3], 'bd', ARGV[4], 'updated_at_ms', ARGV[5]) \
         redis.call('HSET', KEYS[3], ARGV[6], ARGV[3]) \
@@ -161,7 +176,7 @@ impl RedisStore {
         format!("{}sess:{id}", self.prefix)
     }
     fn tokens_key(&self, id: &str) -> String {
-        format!("{}sess:{id}:tokens", self.prefix)
+        format!("{}sess:{id}:out", self.prefix)
     }
     /// Sessions not final yet: id -> token decoder's instance id.
     fn unfinished_key(&self) -> String {
@@ -326,8 +341,9 @@ impl SessionStore for RedisStore {
 
     async fn session(&self, id: &str) -> Result<Option<SessionRecord>> {
         let mut c = self.conn();
-        let (h, generated): (std::collections::HashMap<String, String>, usize) =
-            redis::pipe().hgetall(self.sess_key(id)).llen(self.tokens_key(id)).query_async(&mut c).await?;
+        let (h, bytes): (std::collections::HashMap<String, String>, usize) =
+            redis::pipe().hgetall(self.sess_key(id)).strlen(self.tokens_key(id)).query_async(&mut c).await?;
+        let generated = bytes / 4;
         let Some(spec) = h.get("spec") else {
             return Ok(None);
         };
@@ -375,7 +391,7 @@ impl SessionStore for RedisStore {
         inv.arg(now_ms());
         for a in batch {
             inv.key(self.sess_key(&a.id)).key(self.tokens_key(&a.id));
-            inv.arg(a.epoch.to_string()).arg(a.offset).arg(a.tokens.len()).arg(&a.tokens);
+            inv.arg(a.epoch.to_string()).arg(a.offset).arg(pack(&a.tokens));
         }
         let codes: Vec<i64> = inv.invoke_async(&mut self.conn()).await?;
         batch
@@ -391,7 +407,8 @@ impl SessionStore for RedisStore {
 
     async fn tokens(&self, id: &str, from: usize) -> Result<Vec<u32>> {
         let mut c = self.conn();
-        Ok(c.lrange(self.tokens_key(id), from as isize, -1).await?)
+        let bytes: Vec<u8> = c.getrange(self.tokens_key(id), 4 * from as isize, -1).await?;
+        unpack(&bytes)
     }
 
     async fn finish(&self, id: &str, epoch: Option<Epoch>, outcome: &Outcome, ttl: Duration) -> Result<bool> {
@@ -424,7 +441,7 @@ impl SessionStore for RedisStore {
             .arg(&to.block_decoder)
             .arg(now_ms())
             .arg(id)
-            .arg(known)
+            .arg(pack(known))
             .invoke_async(&mut c)
             .await?;
         Ok(match reply.as_slice() {

@@ -2,6 +2,7 @@
 //! decoder among its sessions and holds only the local R+L-1-position cache of
 //! the blocks being decoded.
 
+pub mod lag;
 pub mod link;
 pub mod model_thread;
 pub mod recorder;
@@ -155,6 +156,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
     let idle = Box::new(move || shared.running.lock().unwrap_or_else(|p| p.into_inner()).is_empty());
     let served = serve(router, &["blockserve.v1.TokenDecoder"], listening, stop, Duration::from_secs(args.serve.grace_period_s), Some(idle)).await;
     engine.stop();
+    lag::LAG.log();
     served?;
     let _ = lease_task.await;
     Ok(())

@@ -37,7 +37,8 @@ pub enum Event {
     /// the session is over here and on the block decoder).
     /// `reused`: with the first block after an open, the prompt blocks the
     /// block decoder found in its prefix cache.
-    Block { tokens: Vec<u32>, finish: Option<FinishReason>, wire_bytes: u64, reused: Option<u32> },
+    /// `settled_at`: when the model thread settled it (for [`crate::lag`]).
+    Block { tokens: Vec<u32>, finish: Option<FinishReason>, wire_bytes: u64, reused: Option<u32>, settled_at: Instant },
     /// The session ended with an error; nothing of it is left.
     Failed(Status),
 }
@@ -762,7 +763,7 @@ impl Thread {
             // zero; a task that catches up after this sees the limit and
             // resumes the session (see `consumed`), after this round parks it.
             let behind = s.unread.fetch_add(1, Ordering::SeqCst) + 1 >= self.max_unread;
-            self.events.push((s.events.clone(), Event::Block { tokens: new, finish, wire_bytes, reused: s.reused.take() }));
+            self.events.push((s.events.clone(), Event::Block { tokens: new, finish, wire_bytes, reused: s.reused.take(), settled_at: t }));
             let (link, index) = (s.link.clone(), s.next_context);
             if finish.is_some() {
                 self.sessions.remove(&key);
@@ -880,7 +881,7 @@ mod tests {
         assert!(tokio::time::timeout(Duration::from_millis(300), up.recv()).await.is_err(), "nothing more goes up while it is held");
         for _ in 0..MAX_UNREAD {
             match events.recv().await.unwrap() {
-                Event::Block { tokens, finish, wire_bytes, reused } => {
+                Event::Block { tokens, finish, wire_bytes, reused, .. } => {
                     assert_eq!((tokens, finish, wire_bytes, reused), (want.clone(), None, (4 * d + 4 * 4) as u64, None))
                 }
                 Event::Failed(st) => panic!("{st}"),

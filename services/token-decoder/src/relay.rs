@@ -63,7 +63,10 @@ pub fn serve(shared: Arc<Shared>, mut inbound: Streaming<RelayUp>) -> ReceiverSt
             while let Ok(e) = outbox.try_recv() {
                 events.push(e);
             }
-            if down_tx.send(Ok(RelayDown { events })).await.is_err() {
+            let t = std::time::Instant::now();
+            let sent = down_tx.send(Ok(RelayDown { events })).await;
+            crate::lag::LAG.router_wait(t);
+            if sent.is_err() {
                 // The router is gone: sessions see a closed outbox and run on.
                 return;
             }

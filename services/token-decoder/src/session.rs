@@ -30,6 +30,7 @@ use blockserve_text::{find_stop, IncrementalDecoder};
 use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
+use crate::lag::LAG;
 use crate::model_thread::{Event, OpenRequest, Spec, TIER};
 use crate::recorder::SessionWrites;
 use crate::Shared;
@@ -260,7 +261,8 @@ async fn decode_on(
             }
         };
         let (mut new, mut finish, mut wire_bytes) = match next.await? {
-            Some(Event::Block { tokens, finish, wire_bytes, reused }) => {
+            Some(Event::Block { tokens, finish, wire_bytes, reused, settled_at }) => {
+                LAG.taken(settled_at);
                 if let Some(n) = reused {
                     writes.reused(n).await.map_err(blockserve_runtime::status::from_store)?;
                 }
@@ -275,7 +277,8 @@ async fn decode_on(
         let mut blocks = 1;
         while finish.is_none() && p.stop_sequences.is_empty() {
             match events.try_recv() {
-                Ok(Event::Block { tokens, finish: f, wire_bytes: w, .. }) => {
+                Ok(Event::Block { tokens, finish: f, wire_bytes: w, settled_at, .. }) => {
+                    LAG.taken(settled_at);
                     new.extend_from_slice(&tokens);
                     (finish, wire_bytes, blocks) = (f, wire_bytes + w, blocks + 1);
                 }
@@ -316,9 +319,13 @@ async fn decode_on(
         let now = Instant::now();
         out.first_at.get_or_insert(now);
         out.last_at = Some(now);
+        let t = Instant::now();
         writes.append(offset, &new).await.map_err(blockserve_runtime::status::from_store)?;
+        LAG.store_wait(t);
         let chunk = TokenChunk { offset: offset as u64, token_ids: new, text: delta };
+        let t = Instant::now();
         relay.send(Ok(RunEvent { kind: Some(run_event::Kind::Tokens(chunk)) })).await;
+        LAG.relay_wait(t);
         open.consumed(blocks);
         if let Some(end) = end {
             return Ok(end);
