@@ -16,7 +16,10 @@
 #   proxy      the same decode-heavy run with 0.5, 1, 2 and 5 ms of added round
 #              trip between the token decoder and the block decoder
 #   synthetic  the block decoder alone on GPU 0, driven by synthetic token
-#              decoders over the real link (blocks/s)
+#              decoders over the real link (blocks/s); SYNTHETIC (links:sessions
+#              list), SYNTHETIC_PROMPT (prompt tokens, 128), SYNTHETIC_BLOCKS
+#              (blocks a session generates before a new one replaces it, 1024),
+#              SYNTHETIC_WARMUP_S / SYNTHETIC_DURATION_S (8 / 15)
 #   bundled    the bundled model (models/code-block): the split decode-heavy
 #              run and the block decoder alone
 # The CUDA builds travel xz-compressed in .dev/bin (scripts/pack-cuda.sh).
@@ -56,12 +59,13 @@ run() { # name, then run-stack.sh's arguments; environment as set by the caller
 if step split; then
   echo "== block decoder on GPU 0, token decoder(s) on GPU 1"
   # token decoders on GPU 1 : block-decoder micro-batches : setting : concurrency
-  # [: worker threads of the token decoder and router [: block-decoder token budget]]
+  # [: worker threads of the token decoder and router [: block-decoder token budget [: the router's own worker threads]]]
   for r in ${SPLIT_RUNS:-1:2:decode-heavy:${DECODE_BATCH:-4096} 1:2:prefill-heavy:${PREFILL_BATCH:-3072}}; do
-    IFS=: read -r td mb setting c wt tb <<< "$r"
+    IFS=: read -r td mb setting c wt tb rwt <<< "$r"
     env=${wt:+BLOCKSERVE_WORKER_THREADS=$wt}
-    DEVICE=cuda:0 TD_DEVICE=cuda:1 TOKEN_DECODERS=$td MICRO_BATCHES=$mb TD_ENV=$env ROUTER_ENV=$env TOKEN_BUDGET=${tb:-$TOKEN_BUDGET} \
-      run split-$td-$mb-$setting${wt:+-wt$wt}${tb:+-tb$tb} --setting "$setting" --concurrency "$c"
+    renv=${rwt:+BLOCKSERVE_WORKER_THREADS=$rwt}
+    DEVICE=cuda:0 TD_DEVICE=cuda:1 TOKEN_DECODERS=$td MICRO_BATCHES=$mb TD_ENV=$env ROUTER_ENV=${renv:-$env} TOKEN_BUDGET=${tb:-$TOKEN_BUDGET} \
+      run split-$td-$mb-$setting${wt:+-wt$wt}${tb:+-tb$tb}${rwt:+-rwt$rwt} --setting "$setting" --concurrency "$c"
   done
 fi
 
@@ -83,8 +87,8 @@ synthetic() {
   for _ in $(seq 1 600); do (echo > /dev/tcp/127.0.0.1/7001) 2>/dev/null && break; sleep 0.2; done
   for links_sessions in ${SYNTHETIC:-1:4096 2:8192}; do
     IFS=: read -r links sessions <<< "$links_sessions"
-    $LT --synthetic-block-decoder http://127.0.0.1:7001 --links "$links" --concurrency "$sessions" --prompt-len 128 \
-      --warmup-s 8 --duration-s 15 ${2:+--td-tokens-per-s $2} || status=1
+    $LT --synthetic-block-decoder http://127.0.0.1:7001 --links "$links" --concurrency "$sessions" --prompt-len "${SYNTHETIC_PROMPT:-128}" \
+      --session-blocks "${SYNTHETIC_BLOCKS:-1024}" --warmup-s "${SYNTHETIC_WARMUP_S:-8}" --duration-s "${SYNTHETIC_DURATION_S:-15}" ${2:+--td-tokens-per-s $2} || status=1
   done
   kill $bd $redis 2>/dev/null; wait $bd $redis 2>/dev/null
   grep -h "lifetime" /tmp/bd-synthetic.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/^[^ ]* *INFO [^:]*: /  /'

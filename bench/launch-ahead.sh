@@ -7,8 +7,8 @@
 # to the old settings, and through the latency proxy.
 #   Here:   TAR=1 bash scripts/pack-cuda.sh
 #   Device: carry .dev/pack; bash bench/launch-ahead.sh "$OUT" > "$OUT/launch-ahead.log" 2>&1
-# STEPS narrows it (checks, vanilla, baseline, split, proxy).
-# SPLITS: runs as micro-batches:launch-ahead:max-unread-blocks:setting:concurrency[:token budget[:worker threads]].
+# STEPS narrows it (checks, vanilla, baseline, split, proxy, synthetic).
+# SPLITS: runs as micro-batches:launch-ahead:max-unread-blocks:setting:concurrency[:token budget[:worker threads[:router worker threads]]].
 # PROXY_MB: the block decoder's micro-batches in the proxy runs (a list; default 4), RTTS their round trips.
 set -uo pipefail
 OUT=${1:-/tmp/launch-ahead}
@@ -46,9 +46,9 @@ fi
 if has split; then
   for r in ${SPLITS:-4:true:8:decode-heavy:4096 2:false:8:decode-heavy:4096 4:true:32:decode-heavy:4096 4:true:8:decode-heavy:4096 \
     4:true:8:decode-heavy:4096::4 4:true:8:prefill-heavy:3072:65536 2:false:8:prefill-heavy:3072:65536}; do
-    IFS=: read -r mb ahead unread setting c tb wt <<< "$r"
-    log "== split $setting $c: --micro-batches $mb, token decoder --launch-ahead $ahead --max-unread-blocks $unread${wt:+, $wt worker threads}"
-    MAX_UNREAD=$unread TD_ARGS="--launch-ahead $ahead" BIN=.dev/bin STEPS=split SPLIT_RUNS="1:$mb:$setting:$c:$wt:$tb" timeout 120 bash bench/disagg.sh 2>&1 |
+    IFS=: read -r mb ahead unread setting c tb wt rwt <<< "$r"
+    log "== split $setting $c: --micro-batches $mb, token decoder --launch-ahead $ahead --max-unread-blocks $unread${tb:+, block-decoder budget $tb}${wt:+, $wt worker threads}${rwt:+, router $rwt worker threads}"
+    MAX_UNREAD=$unread TD_ARGS="--launch-ahead $ahead" BIN=.dev/bin STEPS=split SPLIT_RUNS="1:$mb:$setting:$c:$wt:$tb:$rwt" timeout 120 bash bench/disagg.sh 2>&1 |
       grep -E "^\||lifetime|phases|held back|task lag|load generator|CPU seconds" || status=1
   done
 fi
@@ -59,6 +59,14 @@ if has proxy; then
     MICRO_BATCHES=$mb BIN=.dev/bin STEPS=proxy RTTS="${RTTS:-0.5 1 2}" timeout 240 bash bench/disagg.sh 2>&1 |
       grep -E "^\||^-- |lifetime|held back|task lag|load generator|CPU seconds" || status=1
   done
+fi
+if has synthetic; then
+  # The block decoder alone with instant token decoders, sessions of a
+  # prefill-heavy request (2048-token prompt, 32 blocks of output) replacing
+  # each other: what the split's prefill-heavy rate can be at most.
+  log "== the block decoder alone, prefill-heavy sessions (prompt 2048, 32 blocks), budget 65536"
+  BIN=.dev/bin STEPS=synthetic TOKEN_BUDGET=65536 SYNTHETIC="1:3072" SYNTHETIC_PROMPT=2048 SYNTHETIC_BLOCKS=32 SYNTHETIC_WARMUP_S=3 SYNTHETIC_DURATION_S=10 \
+    timeout 120 bash bench/disagg.sh 2>&1 | grep -vE "^test |^\s*$" | tail -12 || status=1
 fi
 log "done (status $status)"
 exit $status
