@@ -61,7 +61,7 @@ fn main() {
     // at the engine's priority.
     let critical = matches!(cli.command, Command::BlockDecoder(_)).then_some("block-decoder-worker");
     let threads = match &cli.command {
-        Command::Router(a) => a.args.serve.worker_threads.unwrap_or(blockserve_runtime::server::DEFAULT_WORKER_THREADS),
+        Command::Router(a) => a.args.serve.worker_threads.unwrap_or(blockserve_router::DEFAULT_WORKER_THREADS),
         Command::BlockDecoder(a) => a.args.serve.worker_threads.unwrap_or(blockserve_runtime::server::DEFAULT_WORKER_THREADS),
         Command::TokenDecoder(a) => a.args.serve.worker_threads.unwrap_or(blockserve_token_decoder::DEFAULT_WORKER_THREADS),
         Command::Up(a) => a.worker_threads,

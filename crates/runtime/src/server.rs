@@ -13,8 +13,8 @@ use crate::coalesce::Coalesce;
 use crate::guard::{GuardLayer, HTTP2_MAX_HEADER_LIST};
 use crate::tls::{ServerTls, ServerTlsArgs};
 
-/// Default of `--worker-threads` for the router and the block decoder (the
-/// token decoder's is its own).
+/// Default of `--worker-threads` for the block decoder (the token decoder's
+/// and the router's are their own).
 pub const DEFAULT_WORKER_THREADS: u16 = 4;
 
 /// The multi-threaded runtime a tier runs on, with `worker_threads` threads;
@@ -81,12 +81,15 @@ pub struct ServeArgs {
     #[arg(long, env = "BLOCKSERVE_LEASE_TTL_S", default_value_t = 6)]
     pub lease_ttl_s: u64,
     /// Threads of the async runtime that serves calls and runs sessions
-    /// (default: 2 for a token decoder, 4 for a router or block decoder). A
+    /// (default: 2 for a token decoder or router, 4 for a block decoder). A
     /// few busy threads hand work to each other far more cheaply than many
     /// that keep parking and waking: at 750-800k tokens/s on two H200s, 4
     /// threads instead of one per core took the token decoder from 12.1 to 3.3
     /// us of CPU per token and the router from 4.7 to 2.5; 2 threads took the
-    /// token decoder to 2.9 at the same throughput (docs/performance.md).
+    /// token decoder to 2.9 at the same throughput. At 1.27M tokens/s the
+    /// router used 1.30 us per token with 2 threads, 1.9 with 4 and 2.6 with 8
+    /// (docs/performance.md). A router that needs more cores is better
+    /// scaled out (it is stateless) than given more threads.
     #[arg(long, env = "BLOCKSERVE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
     #[command(flatten)]

@@ -27,6 +27,10 @@ use blockserve_store::SessionStore;
 use blockserve_text::Tokenizer;
 use tokio::sync::watch;
 
+/// Default of `--worker-threads` for a router: relaying every session's
+/// chunks costs least CPU per token on few threads (docs/performance.md).
+pub const DEFAULT_WORKER_THREADS: u16 = 2;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
