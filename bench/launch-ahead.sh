@@ -10,6 +10,8 @@
 # STEPS narrows it (checks, vanilla, baseline, split, proxy, synthetic).
 # SPLITS: runs as micro-batches:launch-ahead:max-unread-blocks:setting:concurrency[:token budget[:worker threads[:router worker threads]]].
 # PROXY_MB: the block decoder's micro-batches in the proxy runs (a list; default 4), RTTS their round trips.
+# BASELINE_BUDGETS: the in-process engine's token budgets for prefill-heavy (default 65536);
+# SYNTHETIC_BUDGETS: the block decoder's budgets in the synthetic step (default 65536).
 set -uo pipefail
 OUT=${1:-/tmp/launch-ahead}
 mkdir -p "$OUT" .dev
@@ -40,7 +42,7 @@ fi
 
 if has baseline; then
   log "== in-process engine, GPU 0"
-  BIN=.dev/bin STEPS=baseline BASELINE_BUDGETS=65536 bash bench/disagg.sh 2>&1 | grep -E "^\||passes" || status=1
+  BIN=.dev/bin STEPS=baseline BASELINE_BUDGETS="${BASELINE_BUDGETS:-65536}" bash bench/disagg.sh 2>&1 | grep -E "^\||passes" || status=1
 fi
 
 if has split; then
@@ -64,9 +66,11 @@ if has synthetic; then
   # The block decoder alone with instant token decoders, sessions of a
   # prefill-heavy request (2048-token prompt, 32 blocks of output) replacing
   # each other: what the split's prefill-heavy rate can be at most.
-  log "== the block decoder alone, prefill-heavy sessions (prompt 2048, 32 blocks), budget 65536"
-  BIN=.dev/bin STEPS=synthetic TOKEN_BUDGET=65536 SYNTHETIC="1:3072" SYNTHETIC_PROMPT=2048 SYNTHETIC_BLOCKS=32 SYNTHETIC_WARMUP_S=3 SYNTHETIC_DURATION_S=10 \
-    timeout 120 bash bench/disagg.sh 2>&1 | grep -vE "^test |^\s*$" | tail -12 || status=1
+  for tb in ${SYNTHETIC_BUDGETS:-65536}; do
+    log "== the block decoder alone, prefill-heavy sessions (prompt 2048, 32 blocks), budget $tb"
+    BIN=.dev/bin STEPS=synthetic TOKEN_BUDGET=$tb SYNTHETIC="1:3072" SYNTHETIC_PROMPT=2048 SYNTHETIC_BLOCKS=32 SYNTHETIC_WARMUP_S=3 SYNTHETIC_DURATION_S=10 \
+      timeout 120 bash bench/disagg.sh 2>&1 | grep -E "^\| [0-9]|lifetime" || status=1
+  done
 fi
 log "done (status $status)"
 exit $status
