@@ -4,7 +4,9 @@
 //! task's lag. Lag that grows to `--max-unread-blocks` holds the session's
 //! next block back, so these figures say why blocks were held back: the tasks'
 //! share of the runtime's threads (lag without waits), the store's write
-//! queue (`store`), or a router reading slowly (`relay`, `router`).
+//! queue (`store`), or a router reading slowly (`relay`, `router`). The
+//! counts are the process's: the token decoders of one `blockserve up` share
+//! them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
