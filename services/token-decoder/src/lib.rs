@@ -66,6 +66,12 @@ pub struct Args {
     /// when the buffer is full they pause until the store is back.
     #[arg(long, env = "BLOCKSERVE_STORE_BUFFER", default_value_t = recorder::DEFAULT_CAPACITY)]
     pub store_buffer: usize,
+    /// Least milliseconds from one batch of session-store appends to the next
+    /// (state changes and ends go at once). Longer pauses put more tokens in
+    /// each of the store's entries and cut its work per token, while the
+    /// store runs further behind the streams (0: write back to back).
+    #[arg(long, env = "BLOCKSERVE_STORE_APPEND_EVERY_MS", default_value_t = recorder::DEFAULT_APPEND_EVERY_MS)]
+    pub store_append_every_ms: u64,
     /// Seconds a finished session stays in the store.
     #[arg(long, env = "BLOCKSERVE_SESSION_TTL_S", default_value_t = 3600)]
     pub session_ttl_s: u64,
@@ -128,7 +134,7 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
         engine: engine.clone(),
         model,
         store: store.clone(),
-        recorder: recorder::Recorder::start(store.clone(), args.store_buffer),
+        recorder: recorder::Recorder::start(store.clone(), args.store_buffer, Duration::from_millis(args.store_append_every_ms)),
         tokenizer,
         dtype: parse_dtype(&args.model.dtype)?,
         device: parse_device(&args.model.device)?,

@@ -3,7 +3,8 @@
 //! Sessions queue their writes (state changes, each block's tokens, the final
 //! state). A block's tokens are queued and the session goes on at once: its
 //! stream runs ahead of the store by at most the batch being written and the
-//! pause between batches of appends ([`APPEND_EVERY`]; tens of milliseconds),
+//! pause between batches of appends (`--store-append-every-ms`; tens of
+//! milliseconds),
 //! and writing never sets the pace of generation. A state change
 //! and the final state wait for their write while the store answers promptly,
 //! so a session recorded as finished has all its tokens recorded. Once a batch
@@ -76,13 +77,14 @@ impl<'a> Appends<'a> {
 /// A queued write, its room in the queue, and who waits for it.
 type Queued = (Op, OwnedSemaphorePermit, oneshot::Sender<()>);
 
-/// Batches of appends alone start at most this often. Each entry costs the
-/// store a fencing check and an append whatever it carries, so a store fed
-/// back to back does work per session and batch: at 4,096 sessions and 1.3M
-/// tokens/s that kept a Redis 70-80% busy for one token decoder. Paced, an
-/// entry carries a few blocks and the store's work shrinks with it; the
-/// store runs behind the streams by at most this much more.
-const APPEND_EVERY: Duration = Duration::from_millis(20);
+/// Default of the pause between batches of appends, in milliseconds: batches
+/// of appends alone start at most this often. Each entry costs the store a
+/// fencing check and an append whatever it carries, so a store fed back to
+/// back does work per session and batch: at 4,096 sessions and 1.3M tokens/s
+/// that kept a Redis 70-80% busy for one token decoder. Paced, an entry
+/// carries more blocks and the store's work shrinks with it; the store runs
+/// behind the streams by at most this much more.
+pub const DEFAULT_APPEND_EVERY_MS: u64 = 20;
 
 /// A batch still unanswered after this long marks the store unhealthy: an
 /// outage shows as calls that hang (while the connection is rebuilt) before
@@ -97,6 +99,8 @@ pub struct Recorder {
     healthy: Arc<watch::Sender<bool>>,
     /// Sessions whose writes are refused from now on, and the flag each watches.
     fenced: Arc<std::sync::Mutex<HashMap<String, watch::Sender<bool>>>>,
+    /// Least time from one batch of appends alone to the next.
+    append_every: Duration,
 }
 
 /// A session's handle on the recorder. `fenced` turns true when the store
@@ -109,10 +113,13 @@ pub struct SessionWrites {
 }
 
 impl Recorder {
-    /// Start the writer task (on the current runtime).
-    pub fn start(store: Arc<dyn SessionStore>, capacity: usize) -> Self {
+    /// Start the writer task (on the current runtime): at most `capacity`
+    /// writes wait, and batches of appends alone start at most every
+    /// `append_every`.
+    pub fn start(store: Arc<dyn SessionStore>, capacity: usize, append_every: Duration) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let r = Self { tx, room: Arc::new(Semaphore::new(capacity.max(1))), healthy: Arc::new(watch::channel(true).0), fenced: Default::default() };
+        let room = Arc::new(Semaphore::new(capacity.max(1)));
+        let r = Self { tx, room, healthy: Arc::new(watch::channel(true).0), fenced: Default::default(), append_every };
         tokio::spawn(r.clone().write(store, rx));
         r
     }
@@ -151,10 +158,10 @@ impl Recorder {
             while let Ok(e) = rx.try_recv() {
                 batch.push(e);
             }
-            // Appends alone wait until APPEND_EVERY after the last batch began,
+            // Appends alone wait until `append_every` after the last batch began,
             // gathering more blocks per session; a write someone waits for (a
             // state change, an end) ends the wait.
-            if let Some(due) = last.map(|t| t + APPEND_EVERY).filter(|_| batch.iter().all(|q| matches!(q.0, Op::Append(_)))) {
+            if let Some(due) = last.map(|t| t + self.append_every).filter(|_| batch.iter().all(|q| matches!(q.0, Op::Append(_)))) {
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep_until(due) => break,

@@ -132,6 +132,7 @@ pub async fn run(args: Args) -> Result<()> {
             cuda_graphs: true,
             launch_ahead: true,
             store_buffer: blockserve_token_decoder::recorder::DEFAULT_CAPACITY,
+            store_append_every_ms: blockserve_token_decoder::recorder::DEFAULT_APPEND_EVERY_MS,
             session_ttl_s: 3600,
             block_timeout_s: 60.0,
         };
