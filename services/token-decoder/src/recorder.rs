@@ -3,8 +3,8 @@
 //! Sessions queue their writes (state changes, each block's tokens, the final
 //! state). A block's tokens are queued and the session goes on at once: its
 //! stream runs ahead of the store by at most the batch being written and the
-//! pause between batches of appends (`--store-append-every-ms`; tens of
-//! milliseconds),
+//! pause between batches of appends (`--store-append-every-ms`, 100 ms by
+//! default),
 //! and writing never sets the pace of generation. A state change
 //! and the final state wait for their write while the store answers promptly,
 //! so a session recorded as finished has all its tokens recorded. Once a batch
@@ -82,9 +82,11 @@ type Queued = (Op, OwnedSemaphorePermit, oneshot::Sender<()>);
 /// fencing check and an append whatever it carries, so a store fed back to
 /// back does work per session and batch: at 4,096 sessions and 1.3M tokens/s
 /// that kept a Redis 70-80% busy for one token decoder. Paced, an entry
-/// carries more blocks and the store's work shrinks with it; the store runs
-/// behind the streams by at most this much more.
-pub const DEFAULT_APPEND_EVERY_MS: u64 = 20;
+/// carries more blocks and the store's work shrinks with it (at 100 ms that
+/// Redis used 2.7-2.9 CPU s per run against 4.8-5.2 at 0 and 20 ms, at the
+/// same throughput and latency; docs/performance.md); the store runs behind
+/// the streams by at most this much more.
+pub const DEFAULT_APPEND_EVERY_MS: u64 = 100;
 
 /// A batch still unanswered after this long marks the store unhealthy: an
 /// outage shows as calls that hang (while the connection is rebuilt) before
