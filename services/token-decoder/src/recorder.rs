@@ -103,6 +103,8 @@ pub struct Recorder {
     fenced: Arc<std::sync::Mutex<HashMap<String, watch::Sender<bool>>>>,
     /// Least time from one batch of appends alone to the next.
     append_every: Duration,
+    /// Most writes that may wait (the room's permits).
+    capacity: usize,
 }
 
 /// A session's handle on the recorder. `fenced` turns true when the store
@@ -120,8 +122,9 @@ impl Recorder {
     /// `append_every`.
     pub fn start(store: Arc<dyn SessionStore>, capacity: usize, append_every: Duration) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let room = Arc::new(Semaphore::new(capacity.max(1)));
-        let r = Self { tx, room, healthy: Arc::new(watch::channel(true).0), fenced: Default::default(), append_every };
+        let capacity = capacity.max(1);
+        let room = Arc::new(Semaphore::new(capacity));
+        let r = Self { tx, room, healthy: Arc::new(watch::channel(true).0), fenced: Default::default(), append_every, capacity };
         tokio::spawn(r.clone().write(store, rx));
         r
     }
@@ -162,8 +165,9 @@ impl Recorder {
             }
             // Appends alone wait until `append_every` after the last batch began,
             // gathering more blocks per session; a write someone waits for (a
-            // state change, an end) ends the wait.
-            if let Some(due) = last.map(|t| t + self.append_every).filter(|_| batch.iter().all(|q| matches!(q.0, Op::Append(_)))) {
+            // state change, an end), or a queue half full, ends the wait.
+            let may_wait = batch.len() < self.capacity / 2 && batch.iter().all(|q| matches!(q.0, Op::Append(_)));
+            if let Some(due) = last.map(|t| t + self.append_every).filter(|_| may_wait) {
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep_until(due) => break,
@@ -171,7 +175,7 @@ impl Recorder {
                             Some(q) => {
                                 let waited_for = !matches!(q.0, Op::Append(_));
                                 batch.push(q);
-                                if waited_for {
+                                if waited_for || batch.len() >= self.capacity / 2 {
                                     break;
                                 }
                             }
