@@ -67,7 +67,8 @@ pub struct Args {
     #[arg(long, env = "BLOCKSERVE_STORE_BUFFER", default_value_t = recorder::DEFAULT_CAPACITY)]
     pub store_buffer: usize,
     /// Least milliseconds from one batch of session-store appends to the next
-    /// (state changes and ends go at once). Longer pauses put more tokens in
+    /// (state changes and ends go at once, and so does a batch once half of
+    /// `--store-buffer` waits). Longer pauses put more tokens in
     /// each of the store's entries and cut its work per token, while the
     /// store runs further behind the streams (0: write back to back).
     #[arg(long, env = "BLOCKSERVE_STORE_APPEND_EVERY_MS", default_value_t = recorder::DEFAULT_APPEND_EVERY_MS)]
