@@ -36,8 +36,15 @@ impl BlockJob {
 
     /// Whether the block is the device's plain argmax all through.
     pub fn is_plain_greedy(&self) -> bool {
-        self.sampling.is_plain_greedy() && self.forced.is_empty()
+        plain_greedy(&self.sampling, &self.forced)
     }
+}
+
+/// Whether a block drawn with `sampling`, starting with `forced` tokens, is
+/// the device's plain argmax all through (what CUDA graphs and rounds
+/// launched ahead decode); a caller that has no job yet asks this directly.
+pub fn plain_greedy(sampling: &SamplingParams, forced: &[u32]) -> bool {
+    sampling.is_plain_greedy() && forced.is_empty()
 }
 
 pub struct TokenBatcher {

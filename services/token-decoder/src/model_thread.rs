@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blockserve_engine::token_batcher::plain_greedy;
 use blockserve_engine::{BlockJob, DoneSignal, EngineError, HostContexts, Launched, TokenBatcher};
 use blockserve_model::{BlockTransformer, FinishReason, SamplingParams, StopCriteria};
 use blockserve_proto::v1::{BlockBatch, LinkDown, LinkUp, OpenBlocks};
@@ -468,7 +469,7 @@ impl Thread {
         METRICS.local_kv_rows.with_label_values(&["free"]).set((self.batcher.max_batch() - n) as i64);
         // (Asked of the sessions directly: the jobs, with their clones of each
         // session's sampling, are built only for rows decoded in place.)
-        let greedy = rows.keys.iter().all(|k| self.sessions.get(k).is_none_or(|s| s.spec.sampling.is_plain_greedy() && s.forced.is_empty()));
+        let greedy = rows.keys.iter().all(|k| self.sessions.get(k).is_none_or(|s| plain_greedy(&s.spec.sampling, &s.forced)));
         if !self.launch_ahead || !greedy {
             while !self.rounds.is_empty() {
                 self.settle_front(busy);

@@ -160,32 +160,9 @@ impl Recorder {
         let mut last: Option<tokio::time::Instant> = None;
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
-            while let Ok(e) = rx.try_recv() {
-                batch.push(e);
-            }
-            // Appends alone wait until `append_every` after the last batch began,
-            // gathering more blocks per session; a write someone waits for (a
-            // state change, an end), or a queue half full, ends the wait.
-            let may_wait = batch.len() < self.capacity / 2 && batch.iter().all(|q| matches!(q.0, Op::Append(_)));
-            if let Some(due) = last.map(|t| t + self.append_every).filter(|_| may_wait) {
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(due) => break,
-                        next = rx.recv() => match next {
-                            Some(q) => {
-                                let waited_for = !matches!(q.0, Op::Append(_));
-                                batch.push(q);
-                                if waited_for || batch.len() >= self.capacity / 2 {
-                                    break;
-                                }
-                            }
-                            None => break,
-                        },
-                    }
-                }
-                while let Ok(e) = rx.try_recv() {
-                    batch.push(e);
-                }
+            drain(&mut rx, &mut batch);
+            if let Some(t) = last {
+                self.pause(&mut rx, &mut batch, t + self.append_every).await;
             }
             last = Some(tokio::time::Instant::now());
             let n = batch.len();
@@ -223,6 +200,27 @@ impl Recorder {
                 let _ = done.send(());
             }
         }
+    }
+
+    /// Appends alone wait until `due`, gathering more blocks per session; a
+    /// write someone waits for (a state change, an end), or a queue half
+    /// full, ends the wait.
+    async fn pause(&self, rx: &mut mpsc::UnboundedReceiver<Queued>, batch: &mut Vec<Queued>, due: tokio::time::Instant) {
+        let is_append = |q: &Queued| matches!(q.0, Op::Append(_));
+        let mut appends_only = batch.iter().all(is_append);
+        while appends_only && batch.len() < self.capacity / 2 {
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => break,
+                next = rx.recv() => match next {
+                    Some(q) => {
+                        appends_only = is_append(&q);
+                        batch.push(q);
+                    }
+                    None => break,
+                },
+            }
+        }
+        drain(rx, batch);
     }
 
     /// One batch, in an order that keeps each session's writes in order: its
@@ -277,6 +275,13 @@ impl Recorder {
         if let Some(flag) = self.fenced.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
             let _ = flag.send(true);
         }
+    }
+}
+
+/// Everything queued now, onto `batch`.
+fn drain(rx: &mut mpsc::UnboundedReceiver<Queued>, batch: &mut Vec<Queued>) {
+    while let Ok(e) = rx.try_recv() {
+        batch.push(e);
     }
 }
 
