@@ -7,7 +7,8 @@
 # to the old settings, and through the latency proxy.
 #   Here:   TAR=1 bash scripts/pack-cuda.sh
 #   Device: carry .dev/pack; bash bench/launch-ahead.sh "$OUT" > "$OUT/launch-ahead.log" 2>&1
-# STEPS narrows it (checks, vanilla, baseline, split, proxy, synthetic).
+# STEPS narrows it (checks, kernels, vanilla, baseline, split, proxy, synthetic);
+# CHECKS lists the check binaries (default cuda_graph golden download).
 # SPLITS: runs as micro-batches:launch-ahead:max-unread-blocks:setting:concurrency[:token budget[:worker threads[:router worker threads]]].
 # PROXY_MB: the block decoder's micro-batches in the proxy runs (a list; default 4), RTTS their round trips.
 # BASELINE_BUDGETS: the in-process engine's token budgets for prefill-heavy (default 65536);
@@ -25,11 +26,23 @@ status=0
 
 if has checks; then
   log "== CUDA checks: CUDA graphs and rounds launched ahead, golden (f32, bf16), downloads"
-  for t in cuda_graph golden download; do
+  for t in ${CHECKS:-cuda_graph golden download}; do
     BLOCKSERVE_TEST_DEVICE=cuda CUDA_VISIBLE_DEVICES=0 .dev/bin/$t --test-threads 1 > "$OUT/$t.out" 2>&1 || status=1
     grep -E "^test |test result" "$OUT/$t.out"
   done
   [ $status = 0 ] || { log "checks failed: stopping"; grep -B2 -A6 "panicked" "$OUT"/*.out | head -40; exit 1; }
+fi
+
+if has kernels; then
+  # The prefill pass and one layer's prefill attention (step_profile), the
+  # baseline build in .dev/base (when packed with WITH=.dev/base) against this
+  # one, whose tensor-core kernel also runs as the compiler sizes it (tc3).
+  for b in base:tc bin:tc bin:tc3; do
+    IFS=: read -r dir variant <<< "$b"
+    [ -x .dev/$dir/step_profile ] || continue
+    log "== step_profile, .dev/$dir, BLOCKSERVE_PREFILL_ATTENTION=$variant"
+    BLOCKSERVE_PREFILL_ATTENTION=$variant CUDA_VISIBLE_DEVICES=0 .dev/$dir/step_profile cuda bf16 2048 288 2>&1 | grep -E "prefill|step|rror" || status=1
+  done
 fi
 
 if has vanilla; then
@@ -51,7 +64,7 @@ if has split; then
     IFS=: read -r mb ahead unread setting c tb wt rwt <<< "$r"
     log "== split $setting $c: --micro-batches $mb, token decoder --launch-ahead $ahead --max-unread-blocks $unread${tb:+, block-decoder budget $tb}${wt:+, $wt worker threads}${rwt:+, router $rwt worker threads}"
     MAX_UNREAD=$unread TD_ARGS="--launch-ahead $ahead" BIN=.dev/bin STEPS=split SPLIT_RUNS="1:$mb:$setting:$c:$wt:$tb:$rwt" timeout 120 bash bench/disagg.sh 2>&1 |
-      grep -E "^\||lifetime|phases|held back|task lag|load generator|CPU seconds" || status=1
+      grep -E "^\||^warm-up|lifetime|phases|held back|task lag|load generator|CPU seconds" || status=1
   done
 fi
 

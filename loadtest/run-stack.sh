@@ -24,7 +24,10 @@
 # BD_DEVICES (a space-separated list, default $DEVICE for each); LINK_RTT_MS
 # then applies to the first only], TD_DEVICES [unset; a space-separated list:
 # token decoder i runs on its (i mod length)-th device instead of TD_DEVICE], ROUTER_BS
-# [$BS; another build for the router alone, for A/B runs of the router].
+# [$BS; another build for the router alone, for A/B runs of the router], WARMUP
+# [0; that many runs of the same load first, their table rows printed as
+# "warm-up": a process's first full-size wave pays for allocations and first
+# launches, which the in-process bench leaves out by timing its second run].
 set -euo pipefail
 BS=${BS:-target/release/blockserve}
 LT=${LT:-target/release/blockserve-loadtest}
@@ -124,6 +127,9 @@ fi
 # CPU seconds each process used (the machine's load is part of the result:
 # every tier, Redis and the load generator share its cores here).
 cpu_of() { awk -v t="$(getconf CLK_TCK)" '{ printf "%.1f", ($14 + $15) / t }' "/proc/$1/stat" 2>/dev/null; }
+for i in $(seq 1 "${WARMUP:-0}"); do
+  "$LT" --target "http://127.0.0.1:$rtp" "$@" 2>&1 | grep -E "^\| [0-9]" | sed "s/^/warm-up $i: /" || true
+done
 TIMEFORMAT="load generator: %R s wall, %U s user + %S s system CPU"
 time $NICE "$LT" --target "http://127.0.0.1:$rtp" "$@"
 # Block decoders' prefix caches and the router's choices, when used.

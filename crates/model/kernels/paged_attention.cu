@@ -30,17 +30,30 @@ template <typename T> struct Raw8 {
   }
 };
 
-// Channel c of a rotated head vector x (first `rot` channels rotate-half).
+// Rotary frequency of pair i (of rot / 2), as the host's table computes it.
+__device__ __forceinline__ float rope_freq(int i, int rot, float base) {
+  return 1.0f / powf(base, (float)(2 * i) / (float)rot);
+}
+
+// Channel c of a rotated head vector x (first `rot` channels rotate-half),
+// with the frequencies from `inv` (rope_table) when given, else computed here.
 template <typename T>
-__device__ __forceinline__ float rope_at(const T* x, int c, int rot, int pos, float base) {
+__device__ __forceinline__ float rope_at(const T* x, int c, int rot, int pos, float base, const float* inv = nullptr) {
   float v = to_f(x[c]);
   if (c >= rot) return v;
   int half = rot / 2;
   int i = c < half ? c : c - half;
-  float inv_freq = 1.0f / powf(base, (float)(2 * i) / (float)rot);
   float s, co;
-  sincosf((float)pos * inv_freq, &s, &co);
+  sincosf((float)pos * (inv ? inv[i] : rope_freq(i, rot, base)), &s, &co);
   return c < half ? v * co - to_f(x[c + half]) * s : v * co + to_f(x[c - half]) * s;
+}
+
+// The CTA's table of rotary frequencies (rot / 2 <= HD / 2 entries): one powf
+// per pair per CTA instead of one per rotated element (the powf dominated the
+// prefill KV write and the tensor-core kernel's query loads). The caller
+// synchronises before reading it.
+__device__ __forceinline__ void rope_table(float* inv, int rot, float base) {
+  for (int i = threadIdx.x; i < rot / 2; i += blockDim.x) inv[i] = rope_freq(i, rot, base);
 }
 
 // Grid (n, ceil(heads * hd / 8 / blockDim.x)), one thread per eight channels of
@@ -50,6 +63,9 @@ __device__ __forceinline__ float rope_at(const T* x, int c, int rot, int pos, fl
 template <typename T>
 __device__ void kv_write(T* pool, const T* qkv, const uint32_t* meta, int heads, int hd, int rot, float base) {
   constexpr int N = VecOf<T>::N;
+  __shared__ float inv[128];  // head_dim <= 256
+  rope_table(inv, rot, base);
+  __syncthreads();
   const int i = blockIdx.x, e = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
   if (e >= heads * hd) return;
   const int h = e / hd, c0 = e % hd;
@@ -61,7 +77,7 @@ __device__ void kv_write(T* pool, const T* qkv, const uint32_t* meta, int heads,
     Vec<T> kv = load_vec(k + c0 + v * N);
     if (c0 < rot) {
 #pragma unroll
-      for (int j = 0; j < N; j++) kv.e[j] = from_f<T>(rope_at(k, c0 + v * N + j, rot, pos, base));
+      for (int j = 0; j < N; j++) kv.e[j] = from_f<T>(rope_at(k, c0 + v * N + j, rot, pos, base, inv));
     }
     store_vec(dst + c0 + v * N, kv);
     store_vec(dst + (size_t)heads * hd + c0 + v * N, load_vec(k + hd + c0 + v * N));
@@ -371,6 +387,13 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi, __half) {
 }
 
 #define TC_WARPS 4
+// At head_dim 64, four CTAs a multiprocessor (at most 128 registers a thread;
+// 37 KB of shared memory each): with three, as the compiler chose (136
+// registers), warps waited on each other's loads most of the time (Nsight
+// Compute on an H200: no eligible warp 61% of cycles). The `tc3` kernels keep
+// the compiler's choice, for A/B runs (BLOCKSERVE_PREFILL_ATTENTION=tc3). At
+// head_dim 128 a bound of four spills about 1 KB a thread, so it has none.
+#define TC_MIN_CTAS 4
 template <typename T, int HD>
 __device__ void paged_attn_tc(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads, int rot,
                               float base, int max_pages, int rows, float scale) {
@@ -380,6 +403,7 @@ __device__ void paged_attn_tc(T* out, const T* qkv, const T* pool, const uint32_
   constexpr float LOG2E = 1.4426950408889634f;
   __shared__ __align__(16) T ks[2][KT * LD];
   __shared__ __align__(16) T vs[2][KT * LD];
+  __shared__ float inv[HD / 2];
   const T tag{};
   // Heads vary fastest across the grid (as in paged_attn).
   const int h = blockIdx.x % heads, gi = blockIdx.x / heads, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -393,18 +417,25 @@ __device__ void paged_attn_tc(T* out, const T* qkv, const T* pool, const uint32_
   const int tiles = last / KT + 1;
 
   // Keys and values of tile `tile` into buffer `buf`; positions past `last`
-  // are zero-filled (their page may not exist).
+  // are zero-filled (their page may not exist). A thread copies the same 16
+  // bytes (channels ch..ch+7) of keys key0, key0 + KPI, ...
+  constexpr int CPK = HD / 8, KPI = 32 * TC_WARPS / CPK;
+  const int key0 = tid / CPK, ch = (tid % CPK) * 8;
+  const T* col = pool + (size_t)h * HD + ch;
   auto load_tile = [&](int tile, int buf) {
-    for (int c = tid; c < KT * HD / 8; c += 32 * TC_WARPS) {
-      const int key = c / (HD / 8), ch = (c % (HD / 8)) * 8, pos = tile * KT + key;
+#pragma unroll
+    for (int key = key0; key < KT; key += KPI) {
+      const int pos = tile * KT + key;
       const bool ok = pos <= last;
-      const T* k = ok ? pool + ((size_t)table[pos / 16] * 16 + pos % 16) * ld + (size_t)h * HD + ch : pool;
+      const T* k = col + (ok ? ((size_t)table[pos >> 4] * 16 + (pos & 15)) * ld : 0);
       cp_async16(&ks[buf][key * LD + ch], k, ok ? 16 : 0);
-      cp_async16(&vs[buf][key * LD + ch], ok ? k + (size_t)heads * HD : pool, ok ? 16 : 0);
+      cp_async16(&vs[buf][key * LD + ch], k + (ok ? (size_t)heads * HD : 0), ok ? 16 : 0);
     }
     cp_async_commit();
   };
   load_tile(0, 0);
+  rope_table(inv, rot, base);
+  __syncthreads();
 
   // This warp's query rows: qa and qb = qa + 8 of the group (fragment rows g, g + 8).
   const int q0 = warp * 16, qa = q0 + g, qb = qa + 8;
@@ -422,8 +453,8 @@ __device__ void paged_attn_tc(T* out, const T* qkv, const T* pool, const uint32_
       float x0 = 0.f, x1 = 0.f;
       if (j < count) {
         const T* q = qkv + ((size_t)(first + j) * heads + h) * 3 * HD;
-        x0 = rope_at(q, ch, rot, pos0 + j, base) * scale;
-        x1 = rope_at(q, ch + 1, rot, pos0 + j, base) * scale;
+        x0 = rope_at(q, ch, rot, pos0 + j, base, inv) * scale;
+        x1 = rope_at(q, ch + 1, rot, pos0 + j, base, inv) * scale;
       }
       qf[kk][r] = pack2(x0, x1, tag);
     }
@@ -458,16 +489,24 @@ __device__ void paged_attn_tc(T* out, const T* qkv, const T* pool, const uint32_
           mma16816(s[2 * t2 + 1], qf[kk], b[2], b[3], tag);
         }
       // Causal mask and the online softmax (rows qa: elements 0, 1; qb: 2, 3;
-      // a row's values are spread over the four lanes of a quad).
+      // a row's values are spread over the four lanes of a quad). Only a tile
+      // with keys past the warp's first row needs the mask: every earlier key
+      // is visible to all its rows. (Rows past the group's end then see
+      // finite scores of a zero query; their output is not written.)
       float mx[2] = {-INFINITY, -INFINITY};
+      if (tile * KT + KT - 1 > pos0 + q0) {
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int key = tile * KT + t * 8 + 2 * t4 + (e & 1);
+            if (key > ((e >> 1) ? lim_b : lim_a)) s[t][e] = -INFINITY;
+          }
+      }
 #pragma unroll
       for (int t = 0; t < NT; t++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int key = tile * KT + t * 8 + 2 * t4 + (e & 1);
-          if (key > ((e >> 1) ? lim_b : lim_a)) s[t][e] = -INFINITY;
-          mx[e >> 1] = fmaxf(mx[e >> 1], s[t][e]);
-        }
+        for (int e = 0; e < 4; e++) mx[e >> 1] = fmaxf(mx[e >> 1], s[t][e]);
       float corr[2], ml[2];
 #pragma unroll
       for (int r = 0; r < 2; r++) {
@@ -515,27 +554,32 @@ __device__ void paged_attn_tc(T* out, const T* qkv, const T* pool, const uint32_
   for (int r = 0; r < 2; r++) {
     l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
+    l[r] = 1.f / l[r];
   }
 #pragma unroll
   for (int t = 0; t < OT; t++) {
     const int ch = t * 8 + 2 * t4;
     if (qa < count)
-      *reinterpret_cast<uint32_t*>(out + ((size_t)(first + qa) * heads + h) * HD + ch) = pack2(o[t][0] / l[0], o[t][1] / l[0], tag);
+      *reinterpret_cast<uint32_t*>(out + ((size_t)(first + qa) * heads + h) * HD + ch) = pack2(o[t][0] * l[0], o[t][1] * l[0], tag);
     if (qb < count)
-      *reinterpret_cast<uint32_t*>(out + ((size_t)(first + qb) * heads + h) * HD + ch) = pack2(o[t][2] / l[1], o[t][3] / l[1], tag);
+      *reinterpret_cast<uint32_t*>(out + ((size_t)(first + qb) * heads + h) * HD + ch) = pack2(o[t][2] * l[1], o[t][3] * l[1], tag);
   }
 }
 
-#define ATTN_TC(NAME, T, HD)                                                                             \
-  extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n,     \
-                                  int heads, int rot, float base, int page_size, int max_pages, int rows, \
-                                  float scale, int subs) {                                               \
-    paged_attn_tc<T, HD>(out, qkv, pool, index, n, heads, rot, base, max_pages, rows, scale);            \
+// BOUNDS: TC_BOUNDS, or nothing for the compiler's own choice.
+#define TC_BOUNDS __launch_bounds__(32 * TC_WARPS, TC_MIN_CTAS)
+#define ATTN_TC(NAME, T, HD, BOUNDS)                                                                      \
+  extern "C" __global__ void BOUNDS NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, \
+                                         int heads, int rot, float base, int page_size, int max_pages,    \
+                                         int rows, float scale, int subs) {                               \
+    paged_attn_tc<T, HD>(out, qkv, pool, index, n, heads, rot, base, max_pages, rows, scale);             \
   }
-ATTN_TC(paged_attn_tc_bf16_64, __nv_bfloat16, 64)
-ATTN_TC(paged_attn_tc_f16_64, __half, 64)
-ATTN_TC(paged_attn_tc_bf16_128, __nv_bfloat16, 128)
-ATTN_TC(paged_attn_tc_f16_128, __half, 128)
+ATTN_TC(paged_attn_tc_bf16_64, __nv_bfloat16, 64, TC_BOUNDS)
+ATTN_TC(paged_attn_tc_f16_64, __half, 64, TC_BOUNDS)
+ATTN_TC(paged_attn_tc3_bf16_64, __nv_bfloat16, 64, )
+ATTN_TC(paged_attn_tc3_f16_64, __half, 64, )
+ATTN_TC(paged_attn_tc_bf16_128, __nv_bfloat16, 128, )
+ATTN_TC(paged_attn_tc_f16_128, __half, 128, )
 
 #define KV_WRITE(NAME, T)                                                                          \
   extern "C" __global__ void NAME(T* pool, const T* qkv, const uint32_t* meta, int heads, int hd, \

@@ -50,8 +50,8 @@ pub(super) fn kv_write(op: &KvWrite, pool: &mut CudaStorage, pl: &Layout, qkv: &
     if pl.start_offset() != 0 {
         candle_core::bail!("the KV pool must be a whole tensor");
     }
-    if !op.shape.head_dim.is_multiple_of(8) {
-        candle_core::bail!("the KV write kernel needs head_dim a multiple of 8, not {}", op.shape.head_dim);
+    if !op.shape.head_dim.is_multiple_of(8) || op.shape.head_dim > 256 {
+        candle_core::bail!("the KV write kernel needs head_dim a multiple of 8 and at most 256, not {}", op.shape.head_dim);
     }
     dispatch_float!(qkv.dtype(), go(op, pool, qkv, ql, index, il))
 }
@@ -136,7 +136,8 @@ pub(super) fn attend(
             _ => 4,
         };
         let name = if tensor_cores {
-            format!("paged_attn_tc_{}_{}", suffix(T::DTYPE)?, s.head_dim)
+            let variant = if s.head_dim == 64 && prefill_attention_tc3() { "tc3" } else { "tc" };
+            format!("paged_attn_{variant}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
         } else {
             format!("paged_attn{group_cta}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
         };
@@ -177,6 +178,14 @@ fn decode_attention() -> DecodeAttention {
         Ok("rows") => DecodeAttention::Rows,
         _ => DecodeAttention::Auto,
     })
+}
+
+/// `BLOCKSERVE_PREFILL_ATTENTION=tc3` runs prefill attention at head_dim 64
+/// on the tensor-core kernel as the compiler sizes it (three CTAs a
+/// multiprocessor) instead of the default bound of four, for A/B runs.
+fn prefill_attention_tc3() -> bool {
+    static TC3: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TC3.get_or_init(|| std::env::var("BLOCKSERVE_PREFILL_ATTENTION").as_deref() == Ok("tc3"))
 }
 
 /// The device's multiprocessor count (one device per process; read once).
