@@ -63,7 +63,15 @@ fn check(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32
 /// the tensor-core kernel's shared key tiles, its causal mask inside a tile and
 /// its zero-filled positions past a row's end.
 fn check_long(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32) {
-    check_rows(heads, head_dim, page_size, dtype, tol, &[200, 151, 2, 71, 131], &[130, 64, 1, 70, 3]);
+    check_long_rot(heads, head_dim, page_size, dtype, tol, head_dim / 4);
+}
+
+/// check_long with `rot` rotated channels: the tensor-core kernel rotates its
+/// queries 8 channels at a time when rot / 2 is a multiple of 8, element by
+/// element otherwise.
+fn check_long_rot(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32, rot: usize) {
+    let shape = HeadShape { heads, head_dim, rot, rope_base: 10000.0 };
+    check_rows_shape(shape, page_size, dtype, tol, &[200, 151, 2, 71, 131], &[130, 64, 1, 70, 3]);
 }
 
 /// Decode passes over long rows: every row adds exactly one token.
@@ -92,8 +100,12 @@ fn check_short(heads: usize, head_dim: usize, page_size: usize, dtype: DType, to
 }
 
 fn check_rows(heads: usize, head_dim: usize, page_size: usize, dtype: DType, tol: f32, lens: &[usize], first: &[usize]) {
+    check_rows_shape(HeadShape { heads, head_dim, rot: head_dim / 4, rope_base: 10000.0 }, page_size, dtype, tol, lens, first);
+}
+
+fn check_rows_shape(shape: HeadShape, page_size: usize, dtype: DType, tol: f32, lens: &[usize], first: &[usize]) {
     let device = common::device();
-    let shape = HeadShape { heads, head_dim, rot: head_dim / 4, rope_base: 10000.0 };
+    let (heads, head_dim) = (shape.heads, shape.head_dim);
     let mut rng = rand::rngs::StdRng::seed_from_u64((heads * 1000 + head_dim * 10 + page_size + lens[0]) as u64);
     let width = heads * 3 * head_dim;
     let rows: Vec<Vec<f32>> = lens.iter().map(|&n| (0..n * width).map(|_| rng.gen_range(-2.0f32..2.0)).collect()).collect();
@@ -156,6 +168,12 @@ fn long_prompts_match_dense_reference() {
     check_long(2, 128, 16, DType::BF16, 2e-2);
     check_long(2, 128, 16, DType::F16, 1e-2);
     check_long(2, 64, 8, DType::BF16, 2e-2);
+    // Rotary widths other than a quarter of the head: 12 channels (pairs 6
+    // apart, element by element), the whole head (pairs 32 apart).
+    check_long_rot(4, 64, 16, DType::BF16, 2e-2, 12);
+    check_long_rot(4, 64, 16, DType::BF16, 2e-2, 64);
+    check_long_rot(2, 128, 16, DType::F16, 1e-2, 128);
+    check_long_rot(2, 64, 16, DType::F32, 1e-5, 12);
 }
 
 #[test]
