@@ -36,7 +36,7 @@ STEPS=${STEPS:-baseline,split,proxy,synthetic}
 step() { [[ ",$STEPS," == *",$1,"* ]]; }
 status=0
 # The engines' busy share and round-trip phases from a run's logs.
-phases() { grep -h "lifetime\|held_back\|phases\|task lag\|tier's weights\|GPU memory" "$1"/*.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/^[^ ]* *INFO [^:]*: /  /'; }
+phases() { grep -h "lifetime\|held_back\|phases\|block-decoder passes\|task lag\|tier's weights\|GPU memory" "$1"/*.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/^[^ ]* *INFO [^:]*: /  /'; }
 
 if step baseline; then
   # Each batch twice: a process's first full-size run is slower (15-20% for
@@ -91,7 +91,7 @@ synthetic() {
       --session-blocks "${SYNTHETIC_BLOCKS:-1024}" --warmup-s "${SYNTHETIC_WARMUP_S:-8}" --duration-s "${SYNTHETIC_DURATION_S:-15}" ${2:+--td-tokens-per-s $2} || status=1
   done
   kill $bd $redis 2>/dev/null; wait $bd $redis 2>/dev/null
-  grep -h "lifetime" /tmp/bd-synthetic.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/^[^ ]* *INFO [^:]*: /  /'
+  grep -h "lifetime\|block-decoder passes\|phases" /tmp/bd-synthetic.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/^[^ ]* *INFO [^:]*: /  /'
 }
 
 if step synthetic; then

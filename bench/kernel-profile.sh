@@ -42,6 +42,7 @@ if [ -n "${DETAIL:-}" ]; then
   PROFILE=prefill ncu --clock-control none --profile-from-start off -k "regex:$DETAIL" -c 2 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section InstructionStats --section SourceCounters \
     /tmp/kp/step_profile cuda bf16 "$B" "$K" > "$OUTD/ncu-detail.txt" 2> "$OUTD/ncu-detail.err" || tail -5 "$OUTD/ncu-detail.err"
-  grep -v "^==PROF==" "$OUTD/ncu-detail.txt" | grep -E "^  [A-Za-z]|^    [A-Z][A-Za-z /%-]+ +[A-Za-z/%]* +[0-9]|WRN|OPT" | head -150
+  grep -v "^==PROF==" "$OUTD/ncu-detail.txt" | grep -E "^  [A-Za-z]|^    [A-Z][A-Za-z /%-]+ +[A-Za-z/%]* +[0-9]|WRN|OPT" | head -${DETAIL_LINES:-150}
 fi

@@ -64,7 +64,7 @@ if has split; then
     IFS=: read -r mb ahead unread setting c tb wt rwt <<< "$r"
     log "== split $setting $c: --micro-batches $mb, token decoder --launch-ahead $ahead --max-unread-blocks $unread${tb:+, block-decoder budget $tb}${wt:+, $wt worker threads}${rwt:+, router $rwt worker threads}"
     MAX_UNREAD=$unread TD_ARGS="--launch-ahead $ahead" BIN=.dev/bin STEPS=split SPLIT_RUNS="1:$mb:$setting:$c:$wt:$tb:$rwt" timeout 120 bash bench/disagg.sh 2>&1 |
-      grep -E "^\||^warm-up|lifetime|phases|held back|task lag|load generator|CPU seconds" || status=1
+      grep -E "^\||^warm-up|lifetime|phases|passes|held back|task lag|load generator|CPU seconds" || status=1
   done
 fi
 
@@ -82,7 +82,7 @@ if has synthetic; then
   for tb in ${SYNTHETIC_BUDGETS:-65536}; do
     log "== the block decoder alone, prefill-heavy sessions (prompt 2048, 32 blocks), budget $tb"
     BIN=.dev/bin STEPS=synthetic TOKEN_BUDGET=$tb SYNTHETIC="1:3072" SYNTHETIC_PROMPT=2048 SYNTHETIC_BLOCKS=32 SYNTHETIC_WARMUP_S=3 SYNTHETIC_DURATION_S=10 \
-      timeout 120 bash bench/disagg.sh 2>&1 | grep -E "^\| [0-9]|lifetime" || status=1
+      timeout 120 bash bench/disagg.sh 2>&1 | grep -E "^\| [0-9]|lifetime|passes|phases" || status=1
   done
 fi
 log "done (status $status)"

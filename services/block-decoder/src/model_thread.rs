@@ -201,6 +201,8 @@ const GATHER_TICK: Duration = Duration::from_micros(500);
 struct Launched {
     rows: Vec<(u64, u32)>,
     download: Download,
+    /// The pass held prompt blocks (for the phase counts).
+    prompt: bool,
 }
 
 /// A launched pass (or its failure) and the host time spent launching it.
@@ -229,6 +231,39 @@ struct Phases {
     round_trips: u32,
     to_arrival: Duration,
     to_engine: Duration,
+    /// Passes with prompt blocks, and passes of decode rows alone.
+    prompt_passes: PassKind,
+    decode_passes: PassKind,
+    /// Waiting for commands or for a micro-batch to gather, with nothing in flight.
+    idle: Duration,
+}
+
+/// One kind of pass: how many, what they held, and their host time launching
+/// and then waiting for the device. A launch longer than the device's pass
+/// before it leaves the device idle; a long wait means the device is the limit.
+#[derive(Default, Debug)]
+struct PassKind {
+    passes: u32,
+    decode_rows: usize,
+    prompt_blocks: usize,
+    launch: Duration,
+    finish: Duration,
+}
+
+impl PassKind {
+    fn log(&self, kind: &str) {
+        use blockserve_runtime::busy::mean_ms;
+        let n = self.passes.max(1) as usize;
+        tracing::info!(
+            kind,
+            passes = self.passes,
+            mean_decode_rows = self.decode_rows / n,
+            mean_prompt_blocks = self.prompt_blocks / n,
+            mean_launch_ms = mean_ms(self.launch, self.passes),
+            mean_finish_ms = mean_ms(self.finish, self.passes),
+            "block-decoder passes"
+        );
+    }
 }
 
 impl Thread {
@@ -242,7 +277,10 @@ impl Thread {
         loop {
             // Block for commands only when there is nothing to compute.
             if !self.sched.has_work() && in_flight.is_none() {
-                match rx.recv().ok() {
+                let t = Instant::now();
+                let cmd = rx.recv().ok();
+                self.phases.idle += t.elapsed();
+                match cmd {
                     Some(c) => self.apply(vec![c]),
                     None => {
                         let p = &self.phases;
@@ -255,8 +293,11 @@ impl Thread {
                             link_round_trips = p.round_trips,
                             mean_round_trip_ms = ms(p.to_arrival),
                             mean_round_trip_to_engine_ms = ms(p.to_engine),
+                            idle_s = s(p.idle),
                             "block-decoder engine phases"
                         );
+                        p.prompt_passes.log("with prompt blocks");
+                        p.decode_passes.log("decode rows only");
                         return;
                     }
                 }
@@ -272,7 +313,10 @@ impl Thread {
                 }
                 // Wait for the next command, or for the gather's deadline to come
                 // closer (it is checked again either way).
-                match rx.recv_timeout(GATHER_TICK) {
+                let t = Instant::now();
+                let cmd = rx.recv_timeout(GATHER_TICK);
+                self.phases.idle += t.elapsed();
+                match cmd {
                     Ok(c) => {
                         self.apply(vec![c]);
                         self.drain(&rx);
@@ -413,7 +457,13 @@ impl Thread {
         let launched = match self.sched.iterate_with(rows) {
             Ok(Some(c)) => {
                 self.count(&c.rows, c.decode_rows);
-                self.downloads.start(&c.tensor).map(|download| Some(Launched { rows: c.rows, download }))
+                let prompt = c.prefill_blocks > 0;
+                let kind = if prompt { &mut self.phases.prompt_passes } else { &mut self.phases.decode_passes };
+                kind.passes += 1;
+                kind.decode_rows += c.decode_rows;
+                kind.prompt_blocks += c.prefill_blocks;
+                kind.launch += t.elapsed();
+                self.downloads.start(&c.tensor).map(|download| Some(Launched { rows: c.rows, download, prompt }))
             }
             other => other.map(|_| None).map_err(EngineError::from),
         };
@@ -425,11 +475,16 @@ impl Thread {
     /// sessions. Returns the rows computed.
     fn finish(&mut self, launched: Result<Option<Launched>, EngineError>) -> usize {
         let t = Instant::now();
+        let prompt = matches!(&launched, Ok(Some(l)) if l.prompt);
         let out: PassOut = launched.and_then(|l| match l {
             Some(l) => Ok(Some((l.rows, self.wire_form(l.download)?))),
             None => Ok(None),
         });
         self.phases.finish += t.elapsed();
+        if matches!(&out, Ok(Some(_))) {
+            let kind = if prompt { &mut self.phases.prompt_passes } else { &mut self.phases.decode_passes };
+            kind.finish += t.elapsed();
+        }
         if let Ok(Some((_, e))) = &out {
             METRICS.context_bytes.with_label_values(&["block_decoder", "sent"]).inc_by(e.data.len() as u64);
         }
