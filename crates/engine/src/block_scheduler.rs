@@ -21,7 +21,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use blockserve_model::upload::Uploads;
 use blockserve_model::{BlockTransformer, KvPool, ModelError, SeqKv};
 use candle_core::Tensor;
 
@@ -122,14 +121,7 @@ pub struct BlockScheduler {
     /// Pages admitted sessions are writing and will offer to the cache, by
     /// hash, with the session writing each.
     inflight: HashMap<u64, u64>,
-    /// A pass's index, ids and picked rows go to the device through these
-    /// (slots INDEX, IDS, PICKS), without waiting for the pass before it.
-    uploads: Uploads,
 }
-
-const INDEX: usize = 0;
-const IDS: usize = 1;
-const PICKS: usize = 2;
 
 impl BlockScheduler {
     pub fn new(model: Arc<BlockTransformer>, config: SchedulerConfig) -> Result<Self> {
@@ -144,7 +136,6 @@ impl BlockScheduler {
             pending: vec![],
             cache: PrefixCache::default(),
             inflight: HashMap::new(),
-            uploads: Uploads::new(3),
         })
     }
 
@@ -450,11 +441,9 @@ impl BlockScheduler {
         // Growth past a reservation may take idle cached pages.
         let grow: usize = seqs.iter().zip(&counts).map(|(kv, c)| self.pool.pages_for(kv.len() + c).saturating_sub(kv.pages().len())).sum();
         self.make_room(grow);
-        let device = self.model.device().clone();
         let planned = {
             let mut refs: Vec<&mut SeqKv> = seqs.iter_mut().collect();
-            let uploads = &mut self.uploads;
-            self.pool.plan_with(&mut refs, &counts, |index| uploads.u32(INDEX, index, index.len(), &device))
+            self.pool.plan(&mut refs, &counts, self.model.device())
         };
         let mut out_rows = vec![];
         let mut picks = vec![];
@@ -482,11 +471,8 @@ impl BlockScheduler {
         let sessions = &self.sessions;
         self.prefilling.retain(|k| sessions[k].prefilled < sessions[k].prompt_blocks);
         let m = self.model.clone();
-        let uploads = &mut self.uploads;
-        let embedded = m.embed_ids_with(&ids, |ids, shape| uploads.u32(IDS, ids, shape, &device))?;
-        let contexts = m.block_decoder().forward_paged(&embedded, &self.pool, &pass)?;
-        let picks = self.uploads.u32(PICKS, &picks, picks.len(), &device)?;
-        let tensor = contexts.index_select(&picks, 0)?;
+        let contexts = m.block_decoder().forward_paged(&m.embed_ids(&ids)?, &self.pool, &pass)?;
+        let tensor = contexts.index_select(&Tensor::new(picks, m.device())?, 0)?;
         self.offer_pages(&filled);
         Ok(Some(Contexts { tensor, rows: out_rows, decode_rows, prefill_blocks }))
     }

@@ -326,18 +326,13 @@ impl BlockTransformer {
 
     /// Embed whole blocks given as flat ids (a multiple of L) -> `[n_blocks, D_b]`.
     pub fn embed_ids(&self, ids: &[u32]) -> Result<Tensor> {
-        self.embed_ids_with(ids, |ids, shape| Ok(Tensor::from_slice(ids, shape, &self.device)?))
-    }
-
-    /// [`Self::embed_ids`] with the ids copied to the device by `upload`
-    /// (given the ids and their `[blocks, L]` shape).
-    pub fn embed_ids_with(&self, ids: &[u32], upload: impl FnOnce(&[u32], (usize, usize)) -> Result<Tensor>) -> Result<Tensor> {
         let l = self.block_length();
         if ids.is_empty() || !ids.len().is_multiple_of(l) {
             return input_err(format!("{} ids is not a positive whole number of {l}-token blocks", ids.len()));
         }
         check_ids(ids, self.config.vocab_size, "input_ids")?;
-        self.embedder().embed_blocks(&upload(ids, (ids.len() / l, l))?)
+        let t = Tensor::from_slice(ids, (ids.len() / l, l), &self.device)?;
+        self.embedder().embed_blocks(&t)
     }
 
     /// What the Score RPC computes: log p of each token of blocks 1..n given

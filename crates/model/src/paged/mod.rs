@@ -187,11 +187,6 @@ impl KvPool {
     /// (tokens in row order, each row's in position order). Takes pages as needed
     /// and advances every sequence's length.
     pub fn plan(&mut self, seqs: &mut [&mut SeqKv], counts: &[usize], device: &Device) -> Result<PagedPass> {
-        self.plan_with(seqs, counts, |index| Ok(Tensor::from_vec(index.to_vec(), index.len(), device)?))
-    }
-
-    /// [`Self::plan`] with the index copied to the device by `upload`.
-    pub fn plan_with(&mut self, seqs: &mut [&mut SeqKv], counts: &[usize], upload: impl FnOnce(&[u32]) -> Result<Tensor>) -> Result<PagedPass> {
         if seqs.len() != counts.len() {
             return crate::error::input_err(format!("{} sequences but {} counts", seqs.len(), counts.len()));
         }
@@ -238,6 +233,7 @@ impl KvPool {
         for (s, &c) in seqs.iter_mut().zip(counts) {
             s.len += c;
         }
-        Ok(PagedPass { index: upload(&index)?, tokens, max_pages, max_keys, rows: seqs.len(), groups, page_size: ps, max_group })
+        let n = index.len();
+        Ok(PagedPass { index: Tensor::from_vec(index, n, device)?, tokens, max_pages, max_keys, rows: seqs.len(), groups, page_size: ps, max_group })
     }
 }
