@@ -250,6 +250,16 @@ struct PassKind {
     finish: Duration,
 }
 
+impl Phases {
+    fn kind(&mut self, prompt: bool) -> &mut PassKind {
+        if prompt {
+            &mut self.prompt_passes
+        } else {
+            &mut self.decode_passes
+        }
+    }
+}
+
 impl PassKind {
     fn log(&self, kind: &str) {
         use blockserve_runtime::busy::mean_ms;
@@ -454,20 +464,24 @@ impl Thread {
                 self.sched.put_first(|s| owner.get(&s).is_some_and(|o| picked.contains(&o.link)))
             }
         };
+        let mut held = None;
         let launched = match self.sched.iterate_with(rows) {
             Ok(Some(c)) => {
                 self.count(&c.rows, c.decode_rows);
                 let prompt = c.prefill_blocks > 0;
-                let kind = if prompt { &mut self.phases.prompt_passes } else { &mut self.phases.decode_passes };
-                kind.passes += 1;
-                kind.decode_rows += c.decode_rows;
-                kind.prompt_blocks += c.prefill_blocks;
-                kind.launch += t.elapsed();
+                held = Some((prompt, c.decode_rows, c.prefill_blocks));
                 self.downloads.start(&c.tensor).map(|download| Some(Launched { rows: c.rows, download, prompt }))
             }
             other => other.map(|_| None).map_err(EngineError::from),
         };
         self.phases.launch += t.elapsed();
+        if let Some((prompt, decode_rows, prompt_blocks)) = held {
+            let kind = self.phases.kind(prompt);
+            kind.passes += 1;
+            kind.decode_rows += decode_rows;
+            kind.prompt_blocks += prompt_blocks;
+            kind.launch += t.elapsed();
+        }
         launched
     }
 
@@ -482,8 +496,7 @@ impl Thread {
         });
         self.phases.finish += t.elapsed();
         if matches!(&out, Ok(Some(_))) {
-            let kind = if prompt { &mut self.phases.prompt_passes } else { &mut self.phases.decode_passes };
-            kind.finish += t.elapsed();
+            self.phases.kind(prompt).finish += t.elapsed();
         }
         if let Ok(Some((_, e))) = &out {
             METRICS.context_bytes.with_label_values(&["block_decoder", "sent"]).inc_by(e.data.len() as u64);
