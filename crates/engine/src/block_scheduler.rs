@@ -170,11 +170,6 @@ impl BlockScheduler {
         self.sessions.len() - self.waiting.len() - self.prefilling.len()
     }
 
-    /// Most new blocks (decode rows and prompt blocks) in one pass.
-    pub fn token_budget(&self) -> usize {
-        self.config.token_budget
-    }
-
     /// Blocks queued for the next pass.
     pub fn pending_blocks(&self) -> usize {
         self.pending.len()

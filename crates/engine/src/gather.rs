@@ -35,20 +35,6 @@ pub struct Gather {
     pub micro_batches: usize,
     /// Form passes from whole links when two or more links have decoding sessions.
     pub by_link: bool,
-    /// Which pending blocks a pass with prompt work takes.
-    pub with_prompts: WithPrompts,
-}
-
-/// The decode blocks a pass that also prefills takes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WithPrompts {
-    /// One micro-batch's share of the decoding sessions, as a decode pass.
-    MicroBatch,
-    /// Every pending block, up to half the token budget (the rest stays for
-    /// the prompts), as vLLM's chunked prefill puts running sequences first:
-    /// sessions keep decoding while a long prefill goes on, in passes that
-    /// are long anyway, instead of waiting for small decode passes after it.
-    All,
 }
 
 /// Which pending blocks the next pass takes.
@@ -58,26 +44,6 @@ pub enum Take {
     Oldest(usize),
     /// Every pending block of these links.
     Links(Vec<LinkId>),
-}
-
-impl std::str::FromStr for WithPrompts {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "micro-batch" => Ok(Self::MicroBatch),
-            "all" => Ok(Self::All),
-            _ => Err(format!("{s:?}: expected micro-batch or all")),
-        }
-    }
-}
-
-impl std::fmt::Display for WithPrompts {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::MicroBatch => "micro-batch",
-            Self::All => "all",
-        })
-    }
 }
 
 /// One link's decoding sessions and how many of them have a block pending.
@@ -179,10 +145,7 @@ impl Gather {
         let rows = self.rows(sched);
         let pending = sched.pending_blocks();
         if sched.has_prefill() {
-            return Some(Take::Oldest(match self.with_prompts {
-                WithPrompts::MicroBatch => rows,
-                WithPrompts::All => rows.max(sched.token_budget() / 2),
-            }));
+            return Some(Take::Oldest(rows));
         }
         if pending == 0 {
             return None;

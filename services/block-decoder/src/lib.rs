@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use blockserve_engine::gather::WithPrompts;
 use blockserve_engine::SchedulerConfig;
 use blockserve_model::Parts;
 use blockserve_proto::v1::block_decoder_server::BlockDecoderServer;
@@ -52,12 +51,6 @@ pub struct Args {
     /// per cycle; false splits the sessions by arrival only.
     #[arg(long, env = "BLOCKSERVE_MICRO_BATCH_BY_LINK", default_value_t = true, action = clap::ArgAction::Set)]
     pub micro_batch_by_link: bool,
-    /// Decode blocks a pass that also prefills takes: `micro-batch` (one
-    /// micro-batch's share of the decoding sessions) or `all` (every pending
-    /// block, up to half of --token-budget, so sessions keep decoding during
-    /// a long prefill instead of catching up in small passes after it).
-    #[arg(long, env = "BLOCKSERVE_DECODE_WITH_PROMPTS", default_value_t = WithPrompts::MicroBatch)]
-    pub decode_with_prompts: WithPrompts,
     /// Keep the KV pages of whole prompt pages (16 blocks each) in a cache
     /// shared by later sessions whose prompt starts the same way: they prefill
     /// only the rest. Idle cached pages are evicted, least recently used
@@ -98,7 +91,6 @@ pub async fn run(args: Args, store: Arc<dyn SessionStore>, stop: watch::Receiver
             max_wait: Duration::from_micros(args.max_batch_wait_us),
             micro_batches: args.micro_batches as usize,
             by_link: args.micro_batch_by_link,
-            with_prompts: args.decode_with_prompts,
         },
     )?;
     blockserve_worker::model_args::log_device_memory(&args.model.device, "the weights and the KV pool");

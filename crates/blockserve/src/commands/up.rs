@@ -116,7 +116,6 @@ pub async fn run(args: Args) -> Result<()> {
         max_batch_wait_us: 2000,
         micro_batches: args.micro_batches,
         micro_batch_by_link: true,
-        decode_with_prompts: blockserve_engine::gather::WithPrompts::MicroBatch,
         prefix_cache: args.prefix_cache,
     };
     tasks.spawn(blockserve_block_decoder::run(bd, store.clone(), stop.clone(), Some(ready)));
