@@ -345,7 +345,10 @@ LOCAL_ALL(128)
 // scores, the online softmax and the output stay in registers (the layout of
 // an S accumulator pair is the layout of P as the A operand of P V). The
 // earlier one-warp WMMA kernel reloaded its output from shared memory on every
-// 16-key page and ran prefill attention at about 15 TFLOP/s.
+// 16-key page and ran prefill attention at about 15 TFLOP/s. One layer over 32
+// prompts of 512 positions, with its KV write, takes 0.165 ms on an H200
+// (0.288 before the shared query and output staging, the per-CTA rotary
+// table, the mask on diagonal tiles only and four CTAs a multiprocessor).
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
