@@ -474,13 +474,14 @@ impl Thread {
             }
             other => other.map(|_| None).map_err(EngineError::from),
         };
-        self.phases.launch += t.elapsed();
+        let took = t.elapsed();
+        self.phases.launch += took;
         if let Some((prompt, decode_rows, prompt_blocks)) = held {
             let kind = self.phases.kind(prompt);
             kind.passes += 1;
             kind.decode_rows += decode_rows;
             kind.prompt_blocks += prompt_blocks;
-            kind.launch += t.elapsed();
+            kind.launch += took;
         }
         launched
     }
@@ -494,11 +495,10 @@ impl Thread {
             Some(l) => Ok(Some((l.rows, self.wire_form(l.download)?))),
             None => Ok(None),
         });
-        self.phases.finish += t.elapsed();
-        if matches!(&out, Ok(Some(_))) {
-            self.phases.kind(prompt).finish += t.elapsed();
-        }
+        let took = t.elapsed();
+        self.phases.finish += took;
         if let Ok(Some((_, e))) = &out {
+            self.phases.kind(prompt).finish += took;
             METRICS.context_bytes.with_label_values(&["block_decoder", "sent"]).inc_by(e.data.len() as u64);
         }
         self.report_kv();

@@ -4,8 +4,7 @@
 //! state). A block's tokens are queued and the session goes on at once: its
 //! stream runs ahead of the store by at most the batch being written and the
 //! pause between batches of appends (`--store-append-every-ms`, 100 ms by
-//! default),
-//! and writing never sets the pace of generation. A state change
+//! default), and writing never sets the pace of generation. A state change
 //! and the final state wait for their write while the store answers promptly,
 //! so a session recorded as finished has all its tokens recorded. Once a batch
 //! fails, or takes longer than [`STALLED`], the store counts as unhealthy
