@@ -9,6 +9,7 @@ use candle_nn::Linear;
 use crate::block_transformer::check_ids;
 use crate::config::CausalLmConfig;
 use crate::error::{input_err, Result};
+use crate::fused::Epilogue;
 use crate::gpt_neox::{linear, GptNeoX};
 use crate::paged::{KvPool, PagedPass};
 use crate::weights::Weights;
@@ -94,6 +95,22 @@ impl CausalLm {
         let x = self.embed_in.embedding(ids)?;
         let h = self.stack.forward_paged(&x, pool, pass)?;
         let pick = Tensor::from_slice(rows, rows.len(), h.device())?;
-        Ok(self.lm_head.forward(&h.index_select(&pick, 0)?)?)
+        // (Through the fused linear: on CUDA in bf16/f16 the cuBLASLt path,
+        // whose handles are per thread; see `generate_in_groups`.)
+        crate::fused::linear(&self.lm_head, &h.index_select(&pick, 0)?, Epilogue::Bias)
+    }
+
+    /// Whether every linear layer's dimensions are multiples of 8: in bf16/f16
+    /// on CUDA they then all take the per-thread cuBLASLt path (`lt_linear`)
+    /// and none uses candle's cuBLAS handle, which all threads share.
+    pub fn linears_on_lt(&self) -> bool {
+        let c = &self.config.stack;
+        [c.hidden_size, c.intermediate_size, c.vocab_size].iter().all(|d| d.is_multiple_of(8))
+    }
+
+    /// Whether on CUDA every matmul takes a per-thread cuBLASLt handle: bf16
+    /// or f16, and [`Self::linears_on_lt`].
+    pub fn matmuls_per_thread(&self) -> bool {
+        matches!(self.dtype(), DType::BF16 | DType::F16) && self.linears_on_lt()
     }
 }
