@@ -92,7 +92,8 @@ pub struct Args {
     token_batch: usize,
     /// Run the token decoder on a thread of its own, so that on CUDA its blocks
     /// (on that thread's stream) overlap the block decoder's passes; for
-    /// vanilla presets, drive the sessions as two groups on two threads, so
+    /// vanilla presets, drive the sessions as groups on threads of their own
+    /// (`--vanilla-groups`), so
     /// that one group's decode attention overlaps the other's matmuls: on,
     /// off, or auto (on for CUDA in bf16/f16 when every layer dimension is a
     /// multiple of 8: the matmuls then go through per-thread cuBLASLt handles;
@@ -100,6 +101,9 @@ pub struct Args {
     /// cuBLAS handle).
     #[arg(long, env = "BENCH_OVERLAP", default_value = "auto")]
     overlap: String,
+    /// Vanilla presets with the overlap on: how many session groups (threads).
+    #[arg(long, env = "BENCH_VANILLA_GROUPS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    vanilla_groups: u64,
     /// Replay the token decoder's greedy blocks from CUDA graphs (CUDA only).
     #[arg(long, env = "BLOCKSERVE_CUDA_GRAPHS", default_value_t = true, action = clap::ArgAction::Set)]
     cuda_graphs: bool,
@@ -399,7 +403,8 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// Vanilla presets: the model's paged driver, all requests together. With
-/// the overlap on, the sessions are driven as two groups on two threads
+/// the overlap on, the sessions are driven as `--vanilla-groups` groups on as
+/// many threads
 /// ([`CausalLm::generate_in_groups`]): on CUDA each group's decode attention
 /// (bound by its KV reads) overlaps the other's matmuls.
 #[allow(clippy::too_many_arguments)]
@@ -409,8 +414,8 @@ fn bench_vanilla(a: &Args, name: &str, model: &CausalLm, device: &Device, overla
         bail!("--overlap on: on CUDA the vanilla driver's two threads need --dtype bf16 or f16 and layer dimensions that are multiples of 8 (other matmuls share one cuBLAS handle)");
     }
     let overlap = overlap.unwrap_or(device.is_cuda() && lt_matmuls);
-    eprintln!("vanilla driver: {}", if overlap { "two session groups on two threads (--overlap on)" } else { "one session group (--overlap off)" });
-    let groups = if overlap { 2 } else { 1 };
+    let groups = if overlap { a.vanilla_groups as usize } else { 1 };
+    eprintln!("vanilla driver: {groups} session group(s), each on a thread of its own (--overlap {overlap}, --vanilla-groups {})", a.vanilla_groups);
     model.generate_in_groups(&requests(1, 8, 8, vocab, a.seed), false, groups)?;
     device.synchronize()?;
     for &b in &a.batch {
