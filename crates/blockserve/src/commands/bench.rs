@@ -93,9 +93,8 @@ pub struct Args {
     /// Run the token decoder on a thread of its own, so that on CUDA its blocks
     /// (on that thread's stream) overlap the block decoder's passes; for
     /// vanilla presets, drive the sessions as groups on threads of their own
-    /// (`--vanilla-groups`), so
-    /// that one group's decode attention overlaps the other's matmuls: on,
-    /// off, or auto (on for CUDA in bf16/f16 when every layer dimension is a
+    /// (`--vanilla-groups`), so that one group's decode attention overlaps
+    /// the other's matmuls: on, off, or auto (on for CUDA in bf16/f16 when every layer dimension is a
     /// multiple of 8: the matmuls then go through per-thread cuBLASLt handles;
     /// on CUDA other runs cannot overlap, their matmuls sharing candle's one
     /// cuBLAS handle).
