@@ -95,22 +95,8 @@ impl CausalLm {
         let x = self.embed_in.embedding(ids)?;
         let h = self.stack.forward_paged(&x, pool, pass)?;
         let pick = Tensor::from_slice(rows, rows.len(), h.device())?;
-        // (Through the fused linear: on CUDA in bf16/f16 the cuBLASLt path,
-        // whose handles are per thread; see `generate_in_groups`.)
+        // (Through the fused linear: on CUDA in bf16/f16 the cuBLASLt path
+        // that every other layer takes.)
         crate::fused::linear(&self.lm_head, &h.index_select(&pick, 0)?, Epilogue::Bias)
-    }
-
-    /// Whether every linear layer's dimensions are multiples of 8: in bf16/f16
-    /// on CUDA they then all take the per-thread cuBLASLt path (`lt_linear`)
-    /// and none uses candle's cuBLAS handle, which all threads share.
-    pub fn linears_on_lt(&self) -> bool {
-        let c = &self.config.stack;
-        [c.hidden_size, c.intermediate_size, c.vocab_size].iter().all(|d| d.is_multiple_of(8))
-    }
-
-    /// Whether on CUDA every matmul takes a per-thread cuBLASLt handle: bf16
-    /// or f16, and [`Self::linears_on_lt`].
-    pub fn matmuls_per_thread(&self) -> bool {
-        matches!(self.dtype(), DType::BF16 | DType::F16) && self.linears_on_lt()
     }
 }

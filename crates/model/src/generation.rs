@@ -218,35 +218,6 @@ fn generate_blocks(m: &BlockTransformer, reqs: &[GenerationRequest], record: boo
     Ok(sessions.into_iter().map(|s| s.out).collect())
 }
 
-impl CausalLm {
-    /// [`Model::generate`] with the sessions cut into `groups` consecutive
-    /// groups, each driven by a host thread of its own with its own KV pool;
-    /// outputs are in request order. On CUDA each thread launches on its own
-    /// stream (candle's per-thread default stream), so one group's decode
-    /// attention, bound by its KV reads, runs beside the other group's
-    /// matmuls and small kernels instead of after them. On CUDA that needs
-    /// every matmul on the per-thread cuBLASLt path (bf16/f16 and
-    /// [`CausalLm::linears_on_lt`]): candle's one cuBLAS handle is shared by
-    /// all threads, so other CUDA models run as one group.
-    pub fn generate_in_groups(&self, reqs: &[GenerationRequest], record_logits: bool, groups: usize) -> Result<Vec<GenerationOutput>> {
-        let size = reqs.len().div_ceil(groups.max(1)).max(1);
-        if size >= reqs.len() || (self.device().is_cuda() && !self.matmuls_per_thread()) {
-            return generate_tokens(self, reqs, record_logits);
-        }
-        // The weights were written on this thread's stream: the other threads'
-        // streams do not wait for it.
-        self.device().synchronize()?;
-        std::thread::scope(|scope| {
-            let threads: Vec<_> = reqs.chunks(size).map(|part| scope.spawn(move || generate_tokens(self, part, record_logits))).collect();
-            let mut outs = Vec::with_capacity(reqs.len());
-            for t in threads {
-                outs.extend(t.join().expect("a session group's thread panicked")?);
-            }
-            Ok(outs)
-        })
-    }
-}
-
 fn generate_tokens(m: &CausalLm, reqs: &[GenerationRequest], record: bool) -> Result<Vec<GenerationOutput>> {
     let vocab = m.config.stack.vocab_size;
     let (device, dtype) = (m.device(), m.dtype());

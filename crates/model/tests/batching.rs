@@ -109,36 +109,3 @@ fn the_aligned_layout_reads_the_prompt_tail_as_if_it_had_chosen_it() {
     }
     assert!(differs_from_reference, "the layout changed no output");
 }
-
-/// The vanilla driver's session groups (`CausalLm::generate_in_groups`), each
-/// on a host thread of its own, give exactly what each group gives run alone:
-/// on CUDA in bf16 the threads launch on streams of their own at the same
-/// time, and a race between them (a shared handle, a read before another
-/// stream's write) would show here. Greedy sessions without logits (the
-/// device-side argmax loop) and greedy with seeded sessions with logits.
-#[test]
-fn vanilla_session_groups_on_threads_match_each_group_alone() {
-    for dtype in [DType::F32, DType::BF16] {
-        let model = load(PYTHIA, dtype);
-        let Model::Vanilla(m) = &model else { panic!("fixture is GPT-NeoX") };
-        let prompts = prompts_of(PYTHIA);
-        let greedy: Vec<_> = prompts.iter().chain(&prompts).enumerate().map(|(i, p)| request(p.clone(), 6 + 3 * i, SamplingParams::greedy())).collect();
-        let sampled = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.9, repetition_penalty: 1.0, seed: 7 };
-        let mixed: Vec<_> = greedy
-            .iter()
-            .enumerate()
-            .map(|(i, r)| if i % 2 == 0 { r.clone() } else { request(r.prompt.clone(), r.stop.max_new_tokens, sampled.clone()) })
-            .collect();
-        for (reqs, record) in [(&greedy, false), (&mixed, true)] {
-            let grouped = m.generate_in_groups(reqs, record, 2).unwrap();
-            let alone: Vec<GenerationOutput> = reqs.chunks(reqs.len() / 2).flat_map(|g| model.generate(g, record).unwrap()).collect();
-            if record {
-                assert_same(&alone, &grouped, 0.0);
-            }
-            let tokens = |o: &[GenerationOutput]| o.iter().map(|o| (o.tokens.clone(), o.finish_reason)).collect::<Vec<_>>();
-            assert_eq!(tokens(&grouped), tokens(&alone), "{dtype:?}, record {record}");
-            let lens: Vec<usize> = grouped.iter().map(|o| o.tokens.len()).collect();
-            assert_eq!(lens, (0..reqs.len()).map(|i| 6 + 3 * i).collect::<Vec<_>>(), "{dtype:?}");
-        }
-    }
-}

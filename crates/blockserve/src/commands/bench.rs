@@ -23,7 +23,7 @@ use blockserve_engine::{BlockScheduler, SchedulerConfig, TokenBatcher, TokenThre
 use blockserve_model::init::random_weights;
 use blockserve_model::loader::build;
 use blockserve_model::weights::Weights;
-use blockserve_model::{device_memory, presets, BlockTransformer, CausalLm, GenerationRequest, Model, ModelConfig, PromptLayout, SamplingParams, StopCriteria};
+use blockserve_model::{device_memory, presets, BlockTransformer, GenerationRequest, Model, ModelConfig, PromptLayout, SamplingParams, StopCriteria};
 use blockserve_worker::model_args::{parse_device, parse_dtype};
 use candle_core::{DType, Device, Tensor};
 
@@ -91,18 +91,13 @@ pub struct Args {
     #[arg(long, env = "BLOCKSERVE_TOKEN_BATCH", default_value_t = 0)]
     token_batch: usize,
     /// Run the token decoder on a thread of its own, so that on CUDA its blocks
-    /// (on that thread's stream) overlap the block decoder's passes; for
-    /// vanilla presets, drive the sessions as groups on threads of their own
-    /// (`--vanilla-groups`), so that one group's decode attention overlaps
-    /// the other's matmuls: on, off, or auto (on for CUDA in bf16/f16 when every layer dimension is a
+    /// (on that thread's stream) overlap the block decoder's passes: on, off,
+    /// or auto (on for CUDA in bf16/f16 when every layer dimension is a
     /// multiple of 8: the matmuls then go through per-thread cuBLASLt handles;
     /// on CUDA other runs cannot overlap, their matmuls sharing candle's one
     /// cuBLAS handle).
     #[arg(long, env = "BENCH_OVERLAP", default_value = "auto")]
     overlap: String,
-    /// Vanilla presets with the overlap on: how many session groups (threads).
-    #[arg(long, env = "BENCH_VANILLA_GROUPS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
-    vanilla_groups: u64,
     /// Replay the token decoder's greedy blocks from CUDA graphs (CUDA only).
     #[arg(long, env = "BLOCKSERVE_CUDA_GRAPHS", default_value_t = true, action = clap::ArgAction::Set)]
     cuda_graphs: bool,
@@ -289,7 +284,7 @@ pub fn run(a: Args) -> Result<()> {
     println!("|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let model = match model {
         Model::Block(m) => Arc::new(m),
-        Model::Vanilla(m) => return bench_vanilla(&a, &name, &m, &device, overlap_choice, prompt_len, gen_len, vocab),
+        Model::Vanilla(_) => return bench_vanilla(&a, &name, &model, &device, prompt_len, gen_len, vocab),
     };
     // On CUDA the overlap needs every matmul on per-thread cuBLASLt handles:
     // bf16/f16, and layer dimensions that are multiples of 8. Other matmuls
@@ -401,21 +396,9 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// Vanilla presets: the model's paged driver, all requests together. With
-/// the overlap on, the sessions are driven as `--vanilla-groups` groups on as
-/// many threads
-/// ([`CausalLm::generate_in_groups`]): on CUDA each group's decode attention
-/// (bound by its KV reads) overlaps the other's matmuls.
-#[allow(clippy::too_many_arguments)]
-fn bench_vanilla(a: &Args, name: &str, model: &CausalLm, device: &Device, overlap: Option<bool>, prompt_len: usize, gen_len: usize, vocab: u32) -> Result<()> {
-    let lt_matmuls = model.matmuls_per_thread();
-    if overlap == Some(true) && device.is_cuda() && !lt_matmuls {
-        bail!("--overlap on: on CUDA the vanilla driver's two threads need --dtype bf16 or f16 and layer dimensions that are multiples of 8 (other matmuls share one cuBLAS handle)");
-    }
-    let overlap = overlap.unwrap_or(device.is_cuda() && lt_matmuls);
-    let groups = if overlap { a.vanilla_groups as usize } else { 1 };
-    eprintln!("vanilla driver: {groups} session group(s), each on a thread of its own (--overlap {overlap}, --vanilla-groups {})", a.vanilla_groups);
-    model.generate_in_groups(&requests(1, 8, 8, vocab, a.seed), false, groups)?;
+/// Vanilla presets: the model's paged driver (all requests together).
+fn bench_vanilla(a: &Args, name: &str, model: &Model, device: &Device, prompt_len: usize, gen_len: usize, vocab: u32) -> Result<()> {
+    model.generate(&requests(1, 8, 8, vocab, a.seed), false)?;
     device.synchronize()?;
     for &b in &a.batch {
         let reqs = requests(b, prompt_len, gen_len, vocab, a.seed);
@@ -423,11 +406,11 @@ fn bench_vanilla(a: &Args, name: &str, model: &CausalLm, device: &Device, overla
         let first: Vec<GenerationRequest> =
             reqs.iter().map(|r| GenerationRequest { stop: StopCriteria { max_new_tokens: 1, ..r.stop.clone() }, ..r.clone() }).collect();
         let t = Instant::now();
-        model.generate_in_groups(&first, false, groups)?;
+        model.generate(&first, false)?;
         device.synchronize()?;
         let ttft = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let out = model.generate_in_groups(&reqs, false, groups)?;
+        let out = model.generate(&reqs, false)?;
         device.synchronize()?;
         let wall = t.elapsed().as_secs_f64();
         let generated: usize = out.iter().map(|o| o.tokens.len()).sum();
