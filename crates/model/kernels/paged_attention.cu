@@ -95,7 +95,7 @@ __device__ void kv_write(T* pool, const T* qkv, const uint32_t* meta, int heads,
 // groups of G = HD / 8, one key per group and eight channels per lane; each group
 // keeps an online softmax per query, merged across groups by shuffles and across
 // warps in shared memory. Scores and softmax in f32.
-template <typename T, int HD, int QB>
+template <typename T, int HD, int QB, int PF = 1>
 __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads,
                            int rot, float base, int page_size, int max_pages, int rows, float scale, int subs) {
   constexpr int G = HD / 8;
@@ -138,48 +138,56 @@ __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
 #pragma unroll
     for (int c = 0; c < 8; c++) acc[j][c] = 0.f;
   }
-  // The next round's key and value are loaded before this round's scores:
-  // two rounds of loads in flight per lane (one left decode attention waiting
-  // on memory at about 3.5 TB/s on an H200).
+  // The key and value of the next PF rounds are loaded before this round's
+  // scores: PF + 1 rounds of loads in flight per lane (one left decode
+  // attention waiting on memory at about 3.5 TB/s on an H200; two, PF = 1,
+  // at about 3.65). Round r's loads live in buffer r % PF, so the rounds are
+  // unrolled PF at a time to keep the buffers in registers.
   const int stride = warps * KP;
-  Raw8<T> kn, vn;
-  auto fetch = [&](int key) {
+  Raw8<T> kn[PF], vn[PF];
+  auto fetch = [&](Raw8<T>& kb, Raw8<T>& vb, int key) {
     if (key < nkeys) {
       uint32_t slot = table[key / page_size] * (uint32_t)page_size + key % page_size;
       const T* kp = pool + ((size_t)slot * 2 * heads + h) * HD + gl * 8;
-      kn.load(kp);
-      vn.load(kp + (size_t)heads * HD);
+      kb.load(kp);
+      vb.load(kp + (size_t)heads * HD);
     }
   };
-  fetch(warp * KP + g);
-  for (int base_key = warp * KP; base_key < nkeys; base_key += stride) {
-    const int key = base_key + g;
-    const bool valid = key < nkeys;
-    float s[QB];
-    float kf[8], vf[8];
-    kn.to_float(kf);
-    vn.to_float(vf);
-    fetch(key + stride);
 #pragma unroll
-    for (int j = 0; j < QB; j++) {
-      s[j] = 0.f;
-      if (valid) {
+  for (int p = 0; p < PF; p++) fetch(kn[p], vn[p], warp * KP + p * stride + g);
+  for (int round0 = warp * KP; round0 < nkeys; round0 += PF * stride) {
 #pragma unroll
-        for (int c = 0; c < 8; c++) s[j] += qr[j][c] * kf[c];
+    for (int p = 0; p < PF; p++) {
+      const int base_key = round0 + p * stride;  // the same in every lane of the warp
+      if (base_key >= nkeys) break;
+      const int key = base_key + g;
+      const bool valid = key < nkeys;
+      float s[QB];
+      float kf[8], vf[8];
+      kn[p].to_float(kf);
+      vn[p].to_float(vf);
+      fetch(kn[p], vn[p], key + PF * stride);
+#pragma unroll
+      for (int j = 0; j < QB; j++) {
+        s[j] = 0.f;
+        if (valid) {
+#pragma unroll
+          for (int c = 0; c < 8; c++) s[j] += qr[j][c] * kf[c];
+        }
+#pragma unroll
+        for (int o = G / 2; o > 0; o /= 2) s[j] += __shfl_xor_sync(0xffffffff, s[j], o);
       }
 #pragma unroll
-      for (int o = G / 2; o > 0; o /= 2) s[j] += __shfl_xor_sync(0xffffffff, s[j], o);
-    }
+      for (int j = 0; j < QB; j++) {
+        // Query j (position pos0 + j) sees keys 0..=pos0 + j.
+        if (valid && j < count && key <= (int)pos0 + j) {
+          float mn = fmaxf(m[j], s[j]);
+          float corr = __expf(m[j] - mn), e = __expf(s[j] - mn);
+          l[j] = l[j] * corr + e;
 #pragma unroll
-    for (int j = 0; j < QB; j++) {
-      // Query j (position pos0 + j) sees keys 0..=pos0 + j.
-      if (valid && j < count && key <= (int)pos0 + j) {
-        float mn = fmaxf(m[j], s[j]);
-        float corr = __expf(m[j] - mn), p = __expf(s[j] - mn);
-        l[j] = l[j] * corr + p;
-#pragma unroll
-        for (int c = 0; c < 8; c++) acc[j][c] = acc[j][c] * corr + p * vf[c];
-        m[j] = mn;
+          for (int c = 0; c < 8; c++) acc[j][c] = acc[j][c] * corr + e * vf[c];
+          m[j] = mn;
+        }
       }
     }
   }
@@ -651,13 +659,14 @@ KV_WRITE(kv_write_f32, float)
 KV_WRITE(kv_write_bf16, __nv_bfloat16)
 KV_WRITE(kv_write_f16, __half)
 
-#define ATTN(NAME, T, HD, QB)                                                                       \
+#define ATTN_PF(NAME, T, HD, QB, PF)                                                                \
   extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, \
                                   int heads, int rot, float base, int page_size, int max_pages,     \
                                   int rows, float scale, int subs) {                                \
-    paged_attn<T, HD, QB>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, rows,   \
-                          scale, subs);                                                             \
+    paged_attn<T, HD, QB, PF>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages,     \
+                              rows, scale, subs);                                                   \
   }
+#define ATTN(NAME, T, HD, QB) ATTN_PF(NAME, T, HD, QB, 1)
 #define ATTN_ALL(HD)                                  \
   ATTN(paged_attn1_f32_##HD, float, HD, 1)            \
   ATTN(paged_attn1_bf16_##HD, __nv_bfloat16, HD, 1)   \
@@ -673,6 +682,15 @@ ATTN_ALL(32)
 ATTN_ALL(64)
 ATTN_ALL(128)
 ATTN_ALL(256)
+// Decode passes (one query a row) with deeper prefetch, in 2-byte dtypes:
+// paged_attn1p<PF>, picked on the host.
+#define ATTN_DEEP(HD, PF)                                      \
+  ATTN_PF(paged_attn1p##PF##_bf16_##HD, __nv_bfloat16, HD, 1, PF) \
+  ATTN_PF(paged_attn1p##PF##_f16_##HD, __half, HD, 1, PF)
+ATTN_DEEP(64, 2)
+ATTN_DEEP(64, 3)
+ATTN_DEEP(128, 2)
+ATTN_DEEP(128, 3)
 
 // Decode passes over long rows (every row adds one token, 2-byte dtypes) in
 // batches that fill the GPU. The per-head kernel above reads each key as

@@ -138,6 +138,8 @@ pub(super) fn attend(
         let name = if tensor_cores {
             let variant = if s.head_dim == 64 && prefill_attention_tc3() { "tc3" } else { "tc" };
             format!("paged_attn_{variant}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
+        } else if op.max_group <= 1 && T::DTYPE != DType::F32 && matches!(s.head_dim, 64 | 128) && decode_prefetch() > 1 {
+            format!("paged_attn1p{}_{}_{}", decode_prefetch(), suffix(T::DTYPE)?, s.head_dim)
         } else {
             format!("paged_attn{group_cta}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
         };
@@ -177,6 +179,17 @@ fn decode_attention() -> DecodeAttention {
         Ok("per-head") => DecodeAttention::PerHead,
         Ok("rows") => DecodeAttention::Rows,
         _ => DecodeAttention::Auto,
+    })
+}
+
+/// Rounds of keys a lane of the per-head decode kernel loads ahead of the one
+/// it scores: `BLOCKSERVE_DECODE_PREFETCH` 1 (default), 2 or 3, for A/B runs.
+fn decode_prefetch() -> usize {
+    static PF: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PF.get_or_init(|| match std::env::var("BLOCKSERVE_DECODE_PREFETCH").as_deref() {
+        Ok("2") => 2,
+        Ok("3") => 3,
+        _ => 1,
     })
 }
 

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# On the GPU machine: A/B runs of decode settings that the build reads from
+# the environment, in one device call, alternating in the same process kind.
+#   BLOCKSERVE_DECODE_PREFETCH  rounds of keys the per-head decode attention
+#                               loads ahead (1, 2, 3)
+#   BLOCKSERVE_SIDE_STREAM      0 runs the parallel residual's MLP in line
+#                               instead of on a side stream beside attention
+# Here:   TAR=1 bash scripts/pack-cuda.sh        Device: carry .dev/pack
+#   STEPS=checks,profile,vanilla,engine MODES="1:0 1:1 2:1" bash bench/decode-ab.sh
+# MODES: prefetch:side pairs. PROFILE_ARGS: step_profile's batch and keys.
+set -uo pipefail
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export BLOCKSERVE_FIXTURES=$PWD/crates/model/tests/fixtures
+STEPS=",${STEPS:-checks,profile,vanilla,engine},"
+has() { [[ $STEPS == *",$1,"* ]]; }
+log() { printf '[%s +%4ds] %s\n' "$(date -u +%H:%M:%S)" "$SECONDS" "$*"; }
+for t in .dev/pack/*.tar.xz; do [ -e "$t" ] && tar xJf "$t" -C .dev; done
+chmod +x .dev/bin/* 2>/dev/null
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+status=0
+MODES=${MODES:-1:0 1:1 2:1 3:1}
+mode_env() { echo "BLOCKSERVE_DECODE_PREFETCH=${1%%:*} BLOCKSERVE_SIDE_STREAM=${1#*:}"; }
+
+if has checks; then
+  # The defaults first, then the kernels of every prefetch depth against the
+  # CPU reference (the paged attention tests include decode passes).
+  for m in $MODES; do
+    log "== CUDA checks, $(mode_env "$m")"
+    for t in ${CHECKS:-golden batching paged_attention cuda_graph}; do
+      env $(mode_env "$m") BLOCKSERVE_TEST_DEVICE=cuda .dev/bin/$t --test-threads 1 2>&1 |
+        grep -E "^test |test result|panicked|assert" | grep -v " ok$" || status=1
+    done
+  done
+  [ $status = 0 ] || { log "CUDA checks failed: stopping"; exit 1; }
+fi
+
+if has profile; then
+  for m in $MODES; do
+    log "== step_profile ${PROFILE_ARGS:-256 1152}, $(mode_env "$m")"
+    env $(mode_env "$m") .dev/bin/step_profile cuda bf16 ${PROFILE_ARGS:-256 1152} 2>&1 | grep -E "block-decoder step|paged attention, one|rror" || status=1
+  done
+fi
+
+if has vanilla; then
+  for m in $MODES; do
+    log "== vanilla_160 decode-heavy ${VANILLA_DECODE:-256,256}, $(mode_env "$m")"
+    env $(mode_env "$m") .dev/bin/blockserve bench --preset vanilla_160 --setting decode-heavy --batch "${VANILLA_DECODE:-256,256}" \
+      --device cuda --dtype bf16 2>&1 | grep -E "^\|" || status=1
+  done
+fi
+
+if has engine; then
+  for setting in ${ENGINE_RUNS:-decode-heavy:4096,4096 prefill-heavy:3072,3072}; do
+    for m in $MODES; do
+      log "== block_main_b4_85 ${setting%%:*} ${setting#*:}, overlap on, budget 196608, $(mode_env "$m")"
+      env $(mode_env "$m") .dev/bin/blockserve bench --preset block_main_b4_85 --setting "${setting%%:*}" --batch "${setting#*:}" \
+        --device cuda --dtype bf16 --overlap on --token-budget 196608 2>&1 | grep -E "^\|" || status=1
+    done
+  done
+fi
+log "done (status $status)"
+exit $status
