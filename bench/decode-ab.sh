@@ -7,7 +7,8 @@
 #                               instead of on a side stream beside attention
 # Here:   TAR=1 bash scripts/pack-cuda.sh        Device: carry .dev/pack
 #   STEPS=checks,profile,vanilla,engine MODES="1:0 1:1 2:1" bash bench/decode-ab.sh
-# MODES: prefetch:side pairs. PROFILE_ARGS: step_profile's batch and keys.
+# MODES: prefetch:side pairs (CHECK_MODES for the checks, default MODES).
+# PROFILE_ARGS: step_profile's batch and keys.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export BLOCKSERVE_FIXTURES=$PWD/crates/model/tests/fixtures
@@ -24,7 +25,7 @@ mode_env() { echo "BLOCKSERVE_DECODE_PREFETCH=${1%%:*} BLOCKSERVE_SIDE_STREAM=${
 if has checks; then
   # The defaults first, then the kernels of every prefetch depth against the
   # CPU reference (the paged attention tests include decode passes).
-  for m in $MODES; do
+  for m in ${CHECK_MODES:-$MODES}; do
     log "== CUDA checks, $(mode_env "$m")"
     for t in ${CHECKS:-golden batching paged_attention cuda_graph}; do
       env $(mode_env "$m") BLOCKSERVE_TEST_DEVICE=cuda .dev/bin/$t --test-threads 1 2>&1 |
