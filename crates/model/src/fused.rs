@@ -48,27 +48,6 @@ pub fn linear(lin: &Linear, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
     })
 }
 
-/// The GELU MLP `down(gelu(up(x)))` on the thread's side stream (CUDA, bf16
-/// and f16 through cuBLASLt), to run beside the attention of a parallel
-/// residual; None where that does not apply, and the caller runs it in line.
-#[cfg(feature = "cuda")]
-pub(crate) fn mlp_beside(up: &Linear, down: &Linear, x: &Tensor) -> Result<Option<crate::side_stream::Beside>> {
-    let (Some(up_bias), Some(down_bias)) = (up.bias(), down.bias()) else { return Ok(None) };
-    // The hidden activations are contiguous rows of x's dtype.
-    let applies = ![x, up.weight(), down.weight()].iter().any(|t| differentiable(t))
-        && crate::lt_linear::usable(x, up.weight(), Some(up_bias))
-        && crate::lt_linear::usable_weight(down.weight(), Some(down_bias), x.dtype());
-    if !applies {
-        return Ok(None);
-    }
-    crate::side_stream::beside(x, || {
-        let h = crate::lt_linear::linear(x, up.weight(), None)?.expect("checked");
-        h.inplace_op2(up_bias, &cuda::BiasAct { gelu: true })?;
-        let out = crate::lt_linear::linear(&h, down.weight(), Some(down_bias))?.expect("checked");
-        Ok((out, vec![h]))
-    })
-}
-
 /// `norms[i](x)` for each norm (one or two) of the same rows `x` `[.., d]`.
 pub(crate) fn layer_norms(norms: &[&LayerNorm], x: &Tensor) -> Result<Vec<Tensor>> {
     #[cfg(feature = "cuda")]
@@ -159,9 +138,7 @@ mod cuda {
                 let func = dev.get_or_load_custom_func(&format!("{name}_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
                 let b = bias.as_cuda_slice::<T>()?.slice(ba..bb);
                 let mut yv = y.as_cuda_slice_mut::<T>()?.slice_mut(ya..yb);
-                // The side stream's when the MLP runs beside attention.
-                let stream = crate::side_stream::launch_stream(&dev)?;
-                let mut builder = stream.launch_builder(&func);
+                let mut builder = func.builder();
                 builder.arg(&mut yv);
                 builder.arg(&b);
                 let width = vec_width::<T>();

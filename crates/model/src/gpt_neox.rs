@@ -185,16 +185,6 @@ impl Layer {
         if self.parallel {
             // Both norms of x from one kernel.
             let [n1, n2]: [Tensor; 2] = fused::layer_norms(&[&self.ln1, &self.ln2], x)?.try_into().expect("two norms");
-            // The branches are independent: on CUDA the MLP runs on a side
-            // stream while the attention (KV reads, in decode) runs here.
-            #[cfg(feature = "cuda")]
-            if self.mlp.act == Activation::GeluErf {
-                if let Some(mlp) = fused::mlp_beside(&self.mlp.up, &self.mlp.down, &n2)? {
-                    let attn = attn(&self.attn, &n1);
-                    let mlp = mlp.join()?;
-                    return fused::add3(&mlp, &attn?, x);
-                }
-            }
             let attn = attn(&self.attn, &n1)?;
             let mlp = self.mlp.forward(&n2)?;
             fused::add3(&mlp, &attn, x)

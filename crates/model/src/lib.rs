@@ -32,8 +32,6 @@ pub mod paged;
 pub mod pinned;
 pub mod prompt;
 pub mod sampling;
-#[cfg(feature = "cuda")]
-mod side_stream;
 pub mod weights;
 
 pub use blockserve_config::{model as config, presets, reference_yaml, ConfigError};

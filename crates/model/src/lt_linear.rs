@@ -35,29 +35,22 @@ use crate::cuda_util::view;
 /// epilogue if given, or None where this path does not apply (not CUDA, not
 /// bf16/f16, not contiguous, rows that are not whole 16-byte vectors).
 pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-    if !usable(x, w, bias) {
+    let usable = x.device().is_cuda()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && x.rank() == 2
+        && w.rank() == 2
+        && w.dims().iter().all(|d| d.is_multiple_of(8))
+        && x.is_contiguous()
+        && w.is_contiguous()
+        && w.dtype() == x.dtype()
+        && bias.is_none_or(|b| b.is_contiguous() && b.dtype() == x.dtype());
+    if !usable {
         return Ok(None);
     }
     Ok(Some(match bias {
         Some(bias) => x.apply_op3_no_bwd(w, bias, &LinearBias)?,
         None => x.apply_op2_no_bwd(w, &LinearBias)?,
     }))
-}
-
-/// Whether [`linear`] takes this path for these operands.
-pub(crate) fn usable(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
-    x.device().is_cuda() && x.rank() == 2 && x.is_contiguous() && usable_weight(w, bias, x.dtype())
-}
-
-/// Whether a layer's weight and bias take this path for inputs of `dtype`
-/// (contiguous, on CUDA).
-pub(crate) fn usable_weight(w: &Tensor, bias: Option<&Tensor>, dtype: DType) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16)
-        && w.rank() == 2
-        && w.dims().iter().all(|d| d.is_multiple_of(8))
-        && w.is_contiguous()
-        && w.dtype() == dtype
-        && bias.is_none_or(|b| b.is_contiguous() && b.dtype() == dtype)
 }
 
 /// The cuBLASLt linear as a candle op: two operands without a bias, three with.
@@ -83,7 +76,7 @@ impl LinearBias {
             }
             let (xv, wv) = (view::<T>(x.0, x.1)?, view::<T>(w.0, w.1)?);
             let bv = b.map(|b| view::<T>(b.0, b.1)).transpose()?;
-            let stream = crate::side_stream::launch_stream(&dev)?;
+            let stream = dev.cuda_stream();
             {
                 let (xp, _rx) = xv.device_ptr(&stream);
                 let (wp, _rw) = wv.device_ptr(&stream);
@@ -97,9 +90,7 @@ impl LinearBias {
                 }
                 LT.with(|lt| -> Result<()> {
                     let mut lt = lt.borrow_mut();
-                    // A handle and workspace per stream: the side stream's
-                    // matmuls run while the thread's own do.
-                    let ctx = match lt.entry((dev.id(), crate::side_stream::active())) {
+                    let ctx = match lt.entry(dev.id()) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(v) => v.insert(Lt::new(&dev)?),
                     };
@@ -146,8 +137,7 @@ impl CustomOp3 for LinearBias {
 }
 
 thread_local! {
-    /// By device, and whether for the thread's side stream.
-    static LT: RefCell<HashMap<(candle_core::cuda_backend::DeviceId, bool), Lt>> = RefCell::new(HashMap::new());
+    static LT: RefCell<HashMap<candle_core::cuda_backend::DeviceId, Lt>> = RefCell::new(HashMap::new());
 }
 
 /// One thread's cuBLASLt handle and workspace on one device, and its plans.

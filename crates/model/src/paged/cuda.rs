@@ -138,8 +138,8 @@ pub(super) fn attend(
         let name = if tensor_cores {
             let variant = if s.head_dim == 64 && prefill_attention_tc3() { "tc3" } else { "tc" };
             format!("paged_attn_{variant}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
-        } else if op.max_group <= 1 && T::DTYPE != DType::F32 && matches!(s.head_dim, 64 | 128) && decode_prefetch() > 1 {
-            format!("paged_attn1p{}_{}_{}", decode_prefetch(), suffix(T::DTYPE)?, s.head_dim)
+        } else if let Some(variant) = decode_prefetch().filter(|_| op.max_group <= 1 && T::DTYPE != DType::F32 && matches!(s.head_dim, 64 | 128)) {
+            format!("paged_attn1{variant}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
         } else {
             format!("paged_attn{group_cta}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
         };
@@ -182,14 +182,15 @@ fn decode_attention() -> DecodeAttention {
     })
 }
 
-/// Rounds of keys a lane of the per-head decode kernel loads ahead of the one
-/// it scores: `BLOCKSERVE_DECODE_PREFETCH` 1 (default), 2 or 3, for A/B runs.
-fn decode_prefetch() -> usize {
-    static PF: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *PF.get_or_init(|| match std::env::var("BLOCKSERVE_DECODE_PREFETCH").as_deref() {
-        Ok("2") => 2,
-        Ok("3") => 3,
-        _ => 1,
+/// How the per-head decode kernel loads keys ahead of the round it scores,
+/// for A/B runs: `BLOCKSERVE_DECODE_PREFETCH` `p2`, `p3`, `p5` (that many
+/// rounds, in registers), `a2`, `a3`, `a5` (by cp.async into shared memory);
+/// unset, one round in registers.
+fn decode_prefetch() -> Option<&'static str> {
+    static PF: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
+    *PF.get_or_init(|| {
+        let v = std::env::var("BLOCKSERVE_DECODE_PREFETCH").ok()?;
+        ["p2", "p3", "p5", "a2", "a3", "a5"].into_iter().find(|k| *k == v)
     })
 }
 
