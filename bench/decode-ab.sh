@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# On the GPU machine: A/B runs of decode settings that the build reads from
-# the environment, in one device call, alternating in the same process kind.
-#   BLOCKSERVE_DECODE_PREFETCH  rounds of keys the per-head decode attention
-#                               loads ahead (1, 2, 3)
-#   BLOCKSERVE_SIDE_STREAM      0 runs the parallel residual's MLP in line
-#                               instead of on a side stream beside attention
+# On the GPU machine: A/B runs of the decode attention's loads ahead
+# (BLOCKSERVE_DECODE_PREFETCH: 1, the default, one round in registers; p2, p3,
+# p5 that many in registers; a2, a3, a5 by cp.async into shared memory), in
+# one device call, alternating in the same process kind.
 # Here:   TAR=1 bash scripts/pack-cuda.sh        Device: carry .dev/pack
-#   STEPS=checks,profile,vanilla,engine MODES="1:0 1:1 2:1" bash bench/decode-ab.sh
-# MODES: prefetch:side pairs (CHECK_MODES for the checks, default MODES).
-# PROFILE_ARGS: step_profile's batch and keys.
+#   STEPS=checks,profile,vanilla,engine MODES="1 p2 a3" bash bench/decode-ab.sh
+# CHECK_MODES for the checks (default MODES); PROFILE_ARGS: step_profile's
+# batch and keys; ENGINE_RUNS: setting:batches of block_main_b4_85.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export BLOCKSERVE_FIXTURES=$PWD/crates/model/tests/fixtures
@@ -19,8 +17,8 @@ for t in .dev/pack/*.tar.xz; do [ -e "$t" ] && tar xJf "$t" -C .dev; done
 chmod +x .dev/bin/* 2>/dev/null
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 status=0
-MODES=${MODES:-1:0 1:1 2:1 3:1}
-mode_env() { echo "BLOCKSERVE_DECODE_PREFETCH=${1%%:*} BLOCKSERVE_SIDE_STREAM=${1#*:}"; }
+MODES=${MODES:-1 p2 a3}
+mode_env() { echo "BLOCKSERVE_DECODE_PREFETCH=$1"; }
 
 if has checks; then
   # The defaults first, then the kernels of every prefetch depth against the
