@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# On the GPU machine: A/B runs of the decode attention's loads ahead
-# (BLOCKSERVE_DECODE_PREFETCH: 1, the default, one round in registers; p2, p3,
-# p5 that many in registers; a2, a3, a5 by cp.async into shared memory), in
-# one device call, alternating in the same process kind.
+# On the GPU machine: A/B runs of the per-head decode attention's keys loaded
+# ahead (BLOCKSERVE_DECODE_PREFETCH: 1 = one round, the kernel before
+# 2026-12-01; anything else = two, the default), in one device call,
+# alternating in the same process kind.
 # Here:   TAR=1 bash scripts/pack-cuda.sh        Device: carry .dev/pack
-#   STEPS=checks,profile,vanilla,engine MODES="1 p2 a3" bash bench/decode-ab.sh
+#   STEPS=checks,profile,vanilla,engine MODES="2 1 2 1" bash bench/decode-ab.sh
 # CHECK_MODES for the checks (default MODES); PROFILE_ARGS: step_profile's
 # batch and keys; ENGINE_RUNS: setting:batches of block_main_b4_85.
 set -uo pipefail
@@ -17,7 +17,7 @@ for t in .dev/pack/*.tar.xz; do [ -e "$t" ] && tar xJf "$t" -C .dev; done
 chmod +x .dev/bin/* 2>/dev/null
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 status=0
-MODES=${MODES:-1 p2 a3}
+MODES=${MODES:-2 1 2 1}
 mode_env() { echo "BLOCKSERVE_DECODE_PREFETCH=$1"; }
 
 if has checks; then

@@ -30,16 +30,6 @@ template <typename T> struct Raw8 {
   }
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16 bytes global -> shared; `bytes` 0 fills the 16 bytes with zeros.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 // Rotary frequency of pair i (of rot / 2), as the host's table computes it.
 __device__ __forceinline__ float rope_freq(int i, int rot, float base) {
   return 1.0f / powf(base, (float)(2 * i) / (float)rot);
@@ -105,7 +95,7 @@ __device__ void kv_write(T* pool, const T* qkv, const uint32_t* meta, int heads,
 // groups of G = HD / 8, one key per group and eight channels per lane; each group
 // keeps an online softmax per query, merged across groups by shuffles and across
 // warps in shared memory. Scores and softmax in f32.
-template <typename T, int HD, int QB, int PF = 1, bool ASYNC = false>
+template <typename T, int HD, int QB, int PF = 1>
 __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads,
                            int rot, float base, int page_size, int max_pages, int rows, float scale, int subs) {
   constexpr int G = HD / 8;
@@ -148,100 +138,59 @@ __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
 #pragma unroll
     for (int c = 0; c < 8; c++) acc[j][c] = 0.f;
   }
-  // Scores and the online softmax for this lane's key of a round.
-  auto consume = [&](int key, const float (&kf)[8], const float (&vf)[8]) {
-    const bool valid = key < nkeys;
-    float s[QB];
-#pragma unroll
-    for (int j = 0; j < QB; j++) {
-      s[j] = 0.f;
-      if (valid) {
-#pragma unroll
-        for (int c = 0; c < 8; c++) s[j] += qr[j][c] * kf[c];
-      }
-#pragma unroll
-      for (int o = G / 2; o > 0; o /= 2) s[j] += __shfl_xor_sync(0xffffffff, s[j], o);
-    }
-#pragma unroll
-    for (int j = 0; j < QB; j++) {
-      // Query j (position pos0 + j) sees keys 0..=pos0 + j.
-      if (valid && j < count && key <= (int)pos0 + j) {
-        float mn = fmaxf(m[j], s[j]);
-        float corr = __expf(m[j] - mn), e = __expf(s[j] - mn);
-        l[j] = l[j] * corr + e;
-#pragma unroll
-        for (int c = 0; c < 8; c++) acc[j][c] = acc[j][c] * corr + e * vf[c];
-        m[j] = mn;
-      }
+  // The key and value of the next PF rounds are loaded before this round's
+  // scores, into registers: round r's in buffer r % PF, the rounds unrolled
+  // PF at a time to keep the buffers in registers. One layer's decode
+  // attention at batch 256 over 1,152 keys (vanilla_160's heads) on an H200
+  // read about 3.5 TB/s with no round ahead, 3.58-3.62 with PF = 1 and
+  // 3.84-3.86 with PF = 2 (64 registers, 8 CTAs a multiprocessor); PF = 3
+  // takes 79 registers, 6 CTAs, and read 3.69. A ring in shared memory
+  // filled by cp.async instead of registers read about 2.0.
+  const int stride = warps * KP;
+  Raw8<T> kn[PF], vn[PF];
+  auto fetch = [&](Raw8<T>& kb, Raw8<T>& vb, int key) {
+    if (key < nkeys) {
+      uint32_t slot = table[key / page_size] * (uint32_t)page_size + key % page_size;
+      const T* kp = pool + ((size_t)slot * 2 * heads + h) * HD + gl * 8;
+      kb.load(kp);
+      vb.load(kp + (size_t)heads * HD);
     }
   };
-  const int stride = warps * KP;
-  if constexpr (ASYNC) {
-    // Decode (2-byte types): each lane's 16 bytes of K and of V for the next
-    // PF rounds go by cp.async into its own slots of a ring of PF + 1 rounds
-    // in shared memory, so the loads in flight hold no registers. Only the
-    // lane that copies a slot reads it (after its own wait), so no barrier.
-    static_assert(sizeof(T) == 2, "the ring holds 16 bytes a lane of K and of V");
-    constexpr int S = PF + 1;
-    __shared__ __align__(16) uint4 ring[MAX_WARPS][S][32][2];
-    auto issue = [&](int stage, int key) {
-      const bool ok = key < nkeys;
-      const T* kp = pool;
-      if (ok) {
-        const uint32_t slot = table[key / page_size] * (uint32_t)page_size + key % page_size;
-        kp = pool + ((size_t)slot * 2 * heads + h) * HD + gl * 8;
+#pragma unroll
+  for (int p = 0; p < PF; p++) fetch(kn[p], vn[p], warp * KP + p * stride + g);
+  for (int round0 = warp * KP; round0 < nkeys; round0 += PF * stride) {
+#pragma unroll
+    for (int p = 0; p < PF; p++) {
+      const int base_key = round0 + p * stride;  // the same in every lane of the warp
+      if (base_key >= nkeys) break;
+      const int key = base_key + g;
+      const bool valid = key < nkeys;
+      float s[QB];
+      float kf[8], vf[8];
+      kn[p].to_float(kf);
+      vn[p].to_float(vf);
+      fetch(kn[p], vn[p], key + PF * stride);
+#pragma unroll
+      for (int j = 0; j < QB; j++) {
+        s[j] = 0.f;
+        if (valid) {
+#pragma unroll
+          for (int c = 0; c < 8; c++) s[j] += qr[j][c] * kf[c];
+        }
+#pragma unroll
+        for (int o = G / 2; o > 0; o /= 2) s[j] += __shfl_xor_sync(0xffffffff, s[j], o);
       }
-      cp_async16(&ring[warp][stage][lane][0], kp, ok ? 16 : 0);
-      cp_async16(&ring[warp][stage][lane][1], kp + (ok ? (size_t)heads * HD : 0), ok ? 16 : 0);
-      cp_async_commit();
-    };
 #pragma unroll
-    for (int p = 0; p < PF; p++) issue(p, warp * KP + p * stride + g);
-    for (int round0 = warp * KP; round0 < nkeys; round0 += S * stride) {
+      for (int j = 0; j < QB; j++) {
+        // Query j (position pos0 + j) sees keys 0..=pos0 + j.
+        if (valid && j < count && key <= (int)pos0 + j) {
+          float mn = fmaxf(m[j], s[j]);
+          float corr = __expf(m[j] - mn), e = __expf(s[j] - mn);
+          l[j] = l[j] * corr + e;
 #pragma unroll
-      for (int p = 0; p < S; p++) {
-        const int base_key = round0 + p * stride;  // the same in every lane of the warp
-        if (base_key >= nkeys) break;
-        issue((p + PF) % S, base_key + g + PF * stride);
-        cp_async_wait<PF>();  // all but the newest PF groups: this round's
-        Raw8<T> kb, vb;
-        kb.r[0] = ring[warp][p][lane][0];
-        vb.r[0] = ring[warp][p][lane][1];
-        float kf[8], vf[8];
-        kb.to_float(kf);
-        vb.to_float(vf);
-        consume(base_key + g, kf, vf);
-      }
-    }
-    cp_async_wait<0>();
-  } else {
-    // The key and value of the next PF rounds are loaded into registers
-    // before this round's scores: round r's in buffer r % PF, the rounds
-    // unrolled PF at a time to keep the buffers in registers. (With one
-    // round in flight per lane decode attention waited on memory at about
-    // 3.5 TB/s on an H200; PF = 1 read 3.60 TB/s, PF = 2 3.85, PF = 3, at
-    // 79 registers and so 6 CTAs a multiprocessor instead of 8, 3.69.)
-    Raw8<T> kn[PF], vn[PF];
-    auto fetch = [&](Raw8<T>& kb, Raw8<T>& vb, int key) {
-      if (key < nkeys) {
-        uint32_t slot = table[key / page_size] * (uint32_t)page_size + key % page_size;
-        const T* kp = pool + ((size_t)slot * 2 * heads + h) * HD + gl * 8;
-        kb.load(kp);
-        vb.load(kp + (size_t)heads * HD);
-      }
-    };
-#pragma unroll
-    for (int p = 0; p < PF; p++) fetch(kn[p], vn[p], warp * KP + p * stride + g);
-    for (int round0 = warp * KP; round0 < nkeys; round0 += PF * stride) {
-#pragma unroll
-      for (int p = 0; p < PF; p++) {
-        const int base_key = round0 + p * stride;  // the same in every lane of the warp
-        if (base_key >= nkeys) break;
-        float kf[8], vf[8];
-        kn[p].to_float(kf);
-        vn[p].to_float(vf);
-        fetch(kn[p], vn[p], base_key + g + PF * stride);
-        consume(base_key + g, kf, vf);
+          for (int c = 0; c < 8; c++) acc[j][c] = acc[j][c] * corr + e * vf[c];
+          m[j] = mn;
+        }
       }
     }
   }
@@ -411,6 +360,15 @@ LOCAL_ALL(128)
 // prompts of 512 positions, with its KV write, takes 0.165 ms on an H200
 // (0.288 before the shared query and output staging, the per-CTA rotary
 // table, the mask on diagonal tiles only and four CTAs a multiprocessor).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16 bytes global -> shared; `bytes` 0 fills the 16 bytes with zeros.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -704,14 +662,14 @@ KV_WRITE(kv_write_f32, float)
 KV_WRITE(kv_write_bf16, __nv_bfloat16)
 KV_WRITE(kv_write_f16, __half)
 
-#define ATTN_PF(NAME, T, HD, QB, PF, ASYNC, ...)                                                    \
-  extern "C" __global__ void __VA_ARGS__ NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, \
+#define ATTN_PF(NAME, T, HD, QB, PF)                                                                \
+  extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, \
                                   int heads, int rot, float base, int page_size, int max_pages,     \
                                   int rows, float scale, int subs) {                                \
-    paged_attn<T, HD, QB, PF, ASYNC>(out, qkv, pool, index, n, heads, rot, base, page_size,         \
-                                     max_pages, rows, scale, subs);                                 \
+    paged_attn<T, HD, QB, PF>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages,     \
+                              rows, scale, subs);                                                   \
   }
-#define ATTN(NAME, T, HD, QB) ATTN_PF(NAME, T, HD, QB, 1, false)
+#define ATTN(NAME, T, HD, QB) ATTN_PF(NAME, T, HD, QB, 1)
 #define ATTN_ALL(HD)                                  \
   ATTN(paged_attn1_f32_##HD, float, HD, 1)            \
   ATTN(paged_attn1_bf16_##HD, __nv_bfloat16, HD, 1)   \
@@ -727,21 +685,12 @@ ATTN_ALL(32)
 ATTN_ALL(64)
 ATTN_ALL(128)
 ATTN_ALL(256)
-// Decode passes (one query a row) with deeper prefetch, in 2-byte dtypes,
-// picked on the host: paged_attn1p<PF> in registers, paged_attn1a<PF> by
-// cp.async into shared memory.
-// The register variants are held to 64 registers (8 CTAs a multiprocessor).
-#define ATTN_DEEP(HD, PF)                                                                        \
-  ATTN_PF(paged_attn1p##PF##_bf16_##HD, __nv_bfloat16, HD, 1, PF, false, __launch_bounds__(128, 8)) \
-  ATTN_PF(paged_attn1p##PF##_f16_##HD, __half, HD, 1, PF, false, __launch_bounds__(128, 8))         \
-  ATTN_PF(paged_attn1a##PF##_bf16_##HD, __nv_bfloat16, HD, 1, PF, true)        \
-  ATTN_PF(paged_attn1a##PF##_f16_##HD, __half, HD, 1, PF, true)
-ATTN_DEEP(64, 2)
-ATTN_DEEP(64, 3)
-ATTN_DEEP(64, 5)
-ATTN_DEEP(128, 2)
-ATTN_DEEP(128, 3)
-ATTN_DEEP(128, 5)
+// Decode passes (one query a row) in 2-byte dtypes, two rounds ahead.
+#define ATTN_DECODE(HD)                                          \
+  ATTN_PF(paged_attn1p2_bf16_##HD, __nv_bfloat16, HD, 1, 2)      \
+  ATTN_PF(paged_attn1p2_f16_##HD, __half, HD, 1, 2)
+ATTN_DECODE(64)
+ATTN_DECODE(128)
 
 // Decode passes over long rows (every row adds one token, 2-byte dtypes) in
 // batches that fill the GPU. The per-head kernel above reads each key as

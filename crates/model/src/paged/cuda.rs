@@ -138,8 +138,9 @@ pub(super) fn attend(
         let name = if tensor_cores {
             let variant = if s.head_dim == 64 && prefill_attention_tc3() { "tc3" } else { "tc" };
             format!("paged_attn_{variant}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
-        } else if let Some(variant) = decode_prefetch().filter(|_| op.max_group <= 1 && T::DTYPE != DType::F32 && matches!(s.head_dim, 64 | 128)) {
-            format!("paged_attn1{variant}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
+        } else if op.max_group <= 1 && T::DTYPE != DType::F32 && matches!(s.head_dim, 64 | 128) && !decode_one_ahead() {
+            // Decode rows, two rounds of keys loaded ahead (see the kernel).
+            format!("paged_attn1p2_{}_{}", suffix(T::DTYPE)?, s.head_dim)
         } else {
             format!("paged_attn{group_cta}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
         };
@@ -182,16 +183,11 @@ fn decode_attention() -> DecodeAttention {
     })
 }
 
-/// How the per-head decode kernel loads keys ahead of the round it scores,
-/// for A/B runs: `BLOCKSERVE_DECODE_PREFETCH` `p2`, `p3`, `p5` (that many
-/// rounds, in registers), `a2`, `a3`, `a5` (by cp.async into shared memory);
-/// unset, one round in registers.
-fn decode_prefetch() -> Option<&'static str> {
-    static PF: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
-    *PF.get_or_init(|| {
-        let v = std::env::var("BLOCKSERVE_DECODE_PREFETCH").ok()?;
-        ["p2", "p3", "p5", "a2", "a3", "a5"].into_iter().find(|k| *k == v)
-    })
+/// `BLOCKSERVE_DECODE_PREFETCH=1` runs the per-head decode kernel with one
+/// round of keys loaded ahead, as before two (for A/B runs).
+fn decode_one_ahead() -> bool {
+    static ONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ONE.get_or_init(|| std::env::var("BLOCKSERVE_DECODE_PREFETCH").as_deref() == Ok("1"))
 }
 
 /// `BLOCKSERVE_PREFILL_ATTENTION=tc3` runs prefill attention at head_dim 64
