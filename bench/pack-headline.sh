@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pack what bench/headline.sh needs into .dev/pack, small enough to travel with
-# the working tree (the device call carries 64 MiB in all): the engine binary
-# and the CUDA check binaries from .dev/bin (bash scripts/pack-cuda.sh first),
+# the working tree (the device call carries 64 MiB in all): the engine binary,
+# the CUDA check binaries and step_profile from .dev/bin (bash scripts/pack-cuda.sh first),
 # and ../shared/anchor-kit with its wheels (fetched here) unzipped, which xz
 # packs to 6 MB instead of 15.
 #
@@ -18,7 +18,7 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p .dev/pack "$work/bin"
 rm -f .dev/pack/*.tar.xz
 # scripts/pack-cuda.sh leaves the binaries plain (TAR=1) or xz-compressed.
-for b in blockserve golden batching paged_attention cuda_graph; do
+for b in blockserve golden batching paged_attention cuda_graph step_profile; do
   if [ -e ".dev/bin/$b" ]; then cp ".dev/bin/$b" "$work/bin/"; else xz -dc ".dev/bin/$b.xz" > "$work/bin/$b"; fi
   chmod +x "$work/bin/$b"
 done
