@@ -97,7 +97,8 @@ __device__ void kv_write(T* pool, const T* qkv, const uint32_t* meta, int heads,
 // warps in shared memory. Scores and softmax in f32.
 template <typename T, int HD, int QB, int PF = 1>
 __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads,
-                           int rot, float base, int page_size, int max_pages, int rows, float scale, int subs) {
+                           int rot, float base, int page_size, int max_pages, int rows, float scale, int subs,
+                           int write = 0) {
   constexpr int G = HD / 8;
   constexpr int KP = 32 / G;
   // Heads vary fastest across the grid: the CTAs resident together read all
@@ -122,6 +123,19 @@ __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
     int j = e / HD, c = e % HD;
     const T* q = qkv + ((size_t)(first + j) * heads + h) * 3 * HD;
     qs[j][c] = j < count ? rope_at(q, c, rot, pos0 + j, base) * scale : 0.f;
+  }
+  if (write) {
+    // Decode (one token a CTA): store this head's rotated key and value of
+    // the token into its slot, as kv_write does, instead of a launch of its
+    // own; the barrier below puts the stores before any warp reads the
+    // row's keys. (The pool is written through the const pointer every
+    // kernel of the family takes.)
+    T* slot = const_cast<T*>(pool) + ((size_t)index[3 * first] * 2 * heads + h) * HD;
+    const T* k = qkv + ((size_t)first * heads + h) * 3 * HD + HD;
+    for (int c = threadIdx.x; c < HD; c += blockDim.x) {
+      slot[c] = from_f<T>(rope_at(k, c, rot, pos0, base));
+      slot[(size_t)heads * HD + c] = k[HD + c];
+    }
   }
   __syncthreads();
   float qr[QB][8];
@@ -685,10 +699,18 @@ ATTN_ALL(32)
 ATTN_ALL(64)
 ATTN_ALL(128)
 ATTN_ALL(256)
-// Decode passes (one query a row) in 2-byte dtypes, two rounds ahead.
-#define ATTN_DECODE(HD)                                          \
-  ATTN_PF(paged_attn1p2_bf16_##HD, __nv_bfloat16, HD, 1, 2)      \
-  ATTN_PF(paged_attn1p2_f16_##HD, __half, HD, 1, 2)
+// Decode passes (one query a row) in 2-byte dtypes, two rounds ahead; with
+// `write`, each CTA also stores its token's key and value of its head.
+#define ATTN_DECODE1(NAME, T, HD)                                                                    \
+  extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, \
+                                  int heads, int rot, float base, int page_size, int max_pages,     \
+                                  int rows, float scale, int subs, int write) {                     \
+    paged_attn<T, HD, 1, 2>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, rows, \
+                            scale, subs, write);                                                    \
+  }
+#define ATTN_DECODE(HD)                                    \
+  ATTN_DECODE1(paged_attn1p2_bf16_##HD, __nv_bfloat16, HD) \
+  ATTN_DECODE1(paged_attn1p2_f16_##HD, __half, HD)
 ATTN_DECODE(64)
 ATTN_DECODE(128)
 

@@ -6,7 +6,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Shape};
 
-use super::ops::{short_rows, KvWrite, PagedAttention};
+use super::ops::{HeadShape, KvWrite, PagedAttention};
 use crate::cuda_util::{dispatch_float, range as offsets, suffix, view};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
@@ -115,15 +115,8 @@ pub(super) fn attend(
         }
         // Decode passes over long rows in 2-byte dtypes, in batches that fill
         // a wave of CTAs: a CTA per token over all heads (see the kernel).
-        if op.max_group <= 1 && T::DTYPE != DType::F32 && matches!(s.head_dim, 64 | 128) && s.heads * s.head_dim <= 1024 {
-            let rows = match decode_attention() {
-                DecodeAttention::Rows => true,
-                DecodeAttention::PerHead => false,
-                DecodeAttention::Auto => n >= decode_rows_wave(&dev, s.heads * s.head_dim)?,
-            };
-            if rows {
-                return decode_rows::<T>(op, &dev, out, &q, &p, &idx);
-            }
+        if op.max_group <= 1 && takes_decode_rows(&s, T::DTYPE, n, &dev)? {
+            return decode_rows::<T>(op, &dev, out, &q, &p, &idx);
         }
         // Prefill groups in 2-byte dtypes over 16-position pages take the
         // tensor-core kernel (a CTA of four warps per group of up to 64
@@ -138,8 +131,9 @@ pub(super) fn attend(
         let name = if tensor_cores {
             let variant = if s.head_dim == 64 && prefill_attention_tc3() { "tc3" } else { "tc" };
             format!("paged_attn_{variant}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
-        } else if op.max_group <= 1 && T::DTYPE != DType::F32 && matches!(s.head_dim, 64 | 128) && !decode_one_ahead() {
-            // Decode rows, two rounds of keys loaded ahead (see the kernel).
+        } else if op.max_group <= 1 && two_ahead(&s, T::DTYPE) {
+            // Decode rows, two rounds of keys loaded ahead (see the kernel),
+            // writing the new keys and values too.
             format!("paged_attn1p2_{}_{}", suffix(T::DTYPE)?, s.head_dim)
         } else {
             format!("paged_attn{group_cta}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
@@ -150,18 +144,60 @@ pub(super) fn attend(
         let warps = if tensor_cores { 4 } else { op.max_keys.div_ceil(keys_per_warp).clamp(1, 4) };
         let subs = if tensor_cores { 1 } else { op.max_group.div_ceil(group_cta) };
         let ctas = op.groups * subs;
+        let write = op.write_kv as i32;
         let mut b = func.builder();
         leading_args!(b);
         candle_core::builder_arg!(b, op.rows as i32, op.scale, subs as i32);
+        if op.max_group <= 1 && two_ahead(&s, T::DTYPE) {
+            b.arg(&write);
+        }
         // Heads vary fastest: blockIdx.x = cta * heads + head.
         let cfg = LaunchConfig { grid_dim: ((ctas * s.heads) as u32, 1, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: every token's keys lie in pages its row's table names, which the
-        // pool planned; the output holds n * heads * head_dim elements.
+        // pool planned; the output holds n * heads * head_dim elements. With
+        // write_kv each (token, head) CTA also stores into the token's own
+        // slot, reserved for it by the pass, before it reads any key.
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
     let out = dispatch_float!(qkv.dtype(), go(op, qkv, ql, pool, pl, index, il))?;
     Ok((out, Shape::from((op.tokens, op.shape.heads * op.shape.head_dim))))
+}
+
+/// Whether rows of at most `max_keys` positions take the short-row kernel (a
+/// warp per token and head; the lanes' channels must split the rotary half
+/// evenly, which 25% rotary over 32, 64 or 128 does).
+fn short_rows(s: &HeadShape, max_keys: usize) -> bool {
+    max_keys <= 8 && matches!(s.head_dim, 32 | 64 | 128) && (s.rot / 2).is_multiple_of(s.head_dim / 32)
+}
+
+/// Whether the attention kernel of a pass (`tokens` new tokens, groups of at
+/// most `max_group`, rows of at most `max_keys` positions) also stores the new
+/// keys and values, so that no KV-write launch goes before it: short rows
+/// (the token decoder's) and decode passes on the per-head kernel.
+pub(super) fn attention_writes_kv(s: &HeadShape, dtype: DType, tokens: usize, max_group: usize, max_keys: usize, dev: &candle_core::CudaDevice) -> Result<bool> {
+    if max_group > 1 {
+        return Ok(false);
+    }
+    Ok(short_rows(s, max_keys) || (two_ahead(s, dtype) && !takes_decode_rows(s, dtype, tokens, dev)?))
+}
+
+/// Whether decode passes on the per-head kernel take its two-rounds-ahead
+/// form (which can also write the new keys and values).
+fn two_ahead(s: &HeadShape, dtype: DType) -> bool {
+    dtype != DType::F32 && matches!(s.head_dim, 64 | 128) && !decode_one_ahead()
+}
+
+/// Whether a decode pass of `n` tokens takes `decode_rows` (a CTA per token).
+fn takes_decode_rows(s: &HeadShape, dtype: DType, n: usize, dev: &candle_core::CudaDevice) -> Result<bool> {
+    if dtype == DType::F32 || !matches!(s.head_dim, 64 | 128) || s.heads * s.head_dim > 1024 {
+        return Ok(false);
+    }
+    Ok(match decode_attention() {
+        DecodeAttention::Rows => true,
+        DecodeAttention::PerHead => false,
+        DecodeAttention::Auto => n >= decode_rows_wave(dev, s.heads * s.head_dim)?,
+    })
 }
 
 /// Which kernel decode passes take: `BLOCKSERVE_DECODE_ATTENTION=per-head` or

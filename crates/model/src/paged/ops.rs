@@ -39,20 +39,20 @@ pub(crate) struct PagedAttention {
     pub(crate) write_kv: bool,
 }
 
-/// Whether rows of at most `max_keys` positions take the short-row kernel (a
-/// warp per token and head; the lanes' channels must split the rotary half
-/// evenly, which 25% rotary over 32, 64 or 128 does).
-pub(crate) fn short_rows(s: &HeadShape, max_keys: usize) -> bool {
-    max_keys <= 8 && matches!(s.head_dim, 32 | 64 | 128) && (s.rot / 2).is_multiple_of(s.head_dim / 32)
-}
-
 /// `qkv` `[n, heads * 3 * head_dim]`: store keys/values in `pool` (one layer's
 /// pool tensor), then return the attention output `[n, heads * head_dim]`.
 pub fn attend_paged(shape: HeadShape, qkv: &Tensor, pool: &Tensor, pass: &PagedPass) -> Result<Tensor> {
     let qkv = qkv.contiguous()?;
-    // The token decoder's steps (short rows, one new token each) write and
-    // attend in one CUDA kernel; everything else writes first.
-    let write_kv = qkv.device().is_cuda() && pass.max_group <= 1 && short_rows(&shape, pass.max_keys);
+    // On CUDA the token decoder's steps (short rows, one new token each) and
+    // decode passes on the per-head kernel write and attend in one kernel;
+    // everything else writes first.
+    #[cfg(feature = "cuda")]
+    let write_kv = match qkv.device() {
+        candle_core::Device::Cuda(dev) => super::cuda::attention_writes_kv(&shape, qkv.dtype(), pass.tokens, pass.max_group, pass.max_keys, dev)?,
+        _ => false,
+    };
+    #[cfg(not(feature = "cuda"))]
+    let write_kv = false;
     if !write_kv {
         pool.inplace_op3(&qkv, &pass.index, &KvWrite { shape })?;
     }
