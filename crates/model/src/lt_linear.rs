@@ -14,26 +14,19 @@
 //! untouched; bf16 results move within one rounding.
 //!
 //! Each thread keeps one cuBLASLt handle and workspace per device and one plan
-//! (descriptors and the algorithm) per shape, so a call costs a descriptor
-//! update and the launch: the block decoder's steps are not captured in CUDA
-//! graphs and pay the host time of every call.
-//!
-//! The algorithm: the heuristic's first pick, until a shape's second call;
-//! then, for shapes small enough to time cheaply, the fastest of the
-//! heuristic's candidates timed on that call's operands (a decode step's
-//! shapes recur every step, and the heuristic's pick for their few hundred
-//! rows was not always the fastest).
+//! (descriptors and the heuristic's algorithm) per shape, so a call costs a
+//! descriptor update and the launch: the block decoder's steps are not
+//! captured in CUDA graphs and pay the host time of every call.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::mem::size_of;
-use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublaslt::{result, sys};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
-use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use crate::cuda_util::view;
@@ -101,7 +94,7 @@ impl LinearBias {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(v) => v.insert(Lt::new(&dev)?),
                     };
-                    ctx.matmul(T::DTYPE, (m, n, k), [xp, wp, op], bias, &stream)
+                    ctx.matmul(T::DTYPE, (m, n, k), [xp, wp, op], bias, stream.cu_stream() as sys::cudaStream_t)
                 })?;
             }
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
@@ -157,31 +150,11 @@ struct Lt {
     _device: CudaDevice,
 }
 
-/// The descriptors of one shape, the heuristic's candidate algorithms (best
-/// first) and the one in use.
+/// The descriptors of one shape and the algorithm the heuristic chose for it.
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     layouts: [sys::cublasLtMatrixLayout_t; 3],
-    candidates: Vec<sys::cublasLtMatmulAlgo_t>,
     algo: sys::cublasLtMatmulAlgo_t,
-    /// Calls so far, and whether the candidates have been timed.
-    calls: u32,
-    tuned: bool,
-}
-
-/// Candidates the heuristic is asked for.
-const CANDIDATES: usize = 8;
-/// Problems up to this many multiply-adds (m n k) are timed: at the shapes a
-/// decode step repeats (256 to 4096 rows of 768-3072 wide layers) the
-/// heuristic's first pick was the slower choice more often than not, while
-/// timing a prefill pass's large matmuls would cost milliseconds for little.
-const TUNE_MAX_MACS: usize = 16 << 30;
-
-/// Whether shapes are timed (`BLOCKSERVE_GEMM_TUNE=0` keeps the heuristic's
-/// first pick, for A/B runs).
-fn tuning() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("BLOCKSERVE_GEMM_TUNE").as_deref() != Ok("0"))
 }
 
 /// Hopper's recommended workspace (cuBLAS documentation).
@@ -201,69 +174,39 @@ impl Lt {
     /// `out` `[m, n]` (row-major) = `x` `[m, k]` `w^T` (+ `bias`). In cuBLASLt's
     /// column-major terms: D `[n, m]` = op_T(W stored `[k, n]`) X (stored
     /// `[k, m]`), the bias broadcast along D's rows.
-    fn matmul(&mut self, dtype: DType, (m, n, k): (usize, usize, usize), [x, w, out]: [u64; 3], bias: Option<u64>, stream: &Arc<CudaStream>) -> Result<()> {
+    fn matmul(&mut self, dtype: DType, (m, n, k): (usize, usize, usize), [x, w, out]: [u64; 3], bias: Option<u64>, stream: sys::cudaStream_t) -> Result<()> {
         let key = (dtype, m, n, k, bias.is_some());
         if !self.plans.contains_key(&key) {
             let plan = unsafe { self.plan(dtype, (m, n, k), bias)? };
             self.plans.insert(key, plan);
         }
+        let plan = &self.plans[&key];
+        let (alpha, beta) = (1f32, 0f32);
         let (ws, _rws) = self.workspace.device_ptr(self.workspace.stream());
-        let plan = self.plans.get_mut(&key).expect("inserted above");
-        if let Some(bias) = bias {
-            unsafe { set_desc(plan.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)? };
-        }
-        let raw = stream.cu_stream() as sys::cudaStream_t;
-        let run = |plan: &Plan, algo: &sys::cublasLtMatmulAlgo_t| -> Result<()> {
-            let (alpha, beta) = (1f32, 0f32);
-            unsafe {
-                result::matmul(
-                    self.handle,
-                    plan.desc,
-                    &alpha as *const f32 as *const c_void,
-                    &beta as *const f32 as *const c_void,
-                    w as *const c_void,
-                    plan.layouts[0],
-                    x as *const c_void,
-                    plan.layouts[1],
-                    out as *const c_void,
-                    plan.layouts[2],
-                    out as *mut c_void,
-                    plan.layouts[2],
-                    algo,
-                    ws as *mut c_void,
-                    WORKSPACE,
-                    raw,
-                )
-                .map_err(lt_err)
+        unsafe {
+            if let Some(bias) = bias {
+                set_desc(plan.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
             }
-        };
-        // A shape seen a second time is likely to recur (a decode step's
-        // shapes repeat for every step): time the candidates on the real
-        // operands once and keep the fastest. Not while the stream is being
-        // captured into a graph, where nothing may wait for the device.
-        plan.calls += 1;
-        if !plan.tuned && plan.calls >= 2 && tuning() && plan.candidates.len() > 1 && m * n * k <= TUNE_MAX_MACS && !capturing(stream)? {
-            let timing = Some(candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-            let mut best = (f32::INFINITY, plan.algo);
-            for algo in &plan.candidates {
-                // One untimed call, then ten.
-                if run(plan, algo).is_err() {
-                    continue;
-                }
-                let start = stream.record_event(timing).w()?;
-                for _ in 0..10 {
-                    run(plan, algo)?;
-                }
-                let ms = start.elapsed_ms(&stream.record_event(timing).w()?).w()?;
-                if ms < best.0 {
-                    best = (ms, *algo);
-                }
-            }
-            plan.algo = best.1;
-            plan.tuned = true;
+            result::matmul(
+                self.handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                w as *const c_void,
+                plan.layouts[0],
+                x as *const c_void,
+                plan.layouts[1],
+                out as *const c_void,
+                plan.layouts[2],
+                out as *mut c_void,
+                plan.layouts[2],
+                &plan.algo,
+                ws as *mut c_void,
+                WORKSPACE,
+                stream,
+            )
+            .map_err(lt_err)
         }
-        let algo = plan.algo;
-        run(plan, &algo)
     }
 
     unsafe fn plan(&self, dtype: DType, (m, n, k): (usize, usize, usize), bias: Option<u64>) -> Result<Plan> {
@@ -298,38 +241,10 @@ impl Lt {
         ] {
             set_pref(pref, attr, 16u32)?;
         }
-        let mut found: [sys::cublasLtMatmulHeuristicResult_t; CANDIDATES] = std::mem::zeroed();
-        let mut count = 0i32;
-        let status = sys::cublasLtMatmulAlgoGetHeuristic(
-            self.handle,
-            desc,
-            layouts[0],
-            layouts[1],
-            layouts[2],
-            layouts[2],
-            pref,
-            CANDIDATES as i32,
-            found.as_mut_ptr(),
-            &mut count,
-        );
+        let heuristic = result::get_matmul_algo_heuristic(self.handle, desc, layouts[0], layouts[1], layouts[2], layouts[2], pref);
         result::destroy_matmul_pref(pref).map_err(lt_err)?;
-        status.result().map_err(lt_err)?;
-        let candidates: Vec<_> = found[..count.max(0) as usize]
-            .iter()
-            .filter(|h| h.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && h.workspaceSize <= WORKSPACE)
-            .map(|h| h.algo)
-            .collect();
-        let Some(&algo) = candidates.first() else {
-            return Err(lt_err(format!("no algorithm for a [{m}, {k}] x [{k}, {n}] matmul")));
-        };
-        Ok(Plan { desc, layouts, candidates, algo, calls: 0, tuned: false })
+        Ok(Plan { desc, layouts, algo: heuristic.map_err(lt_err)?.algo })
     }
-}
-
-/// Whether `stream` is being captured into a CUDA graph.
-fn capturing(stream: &CudaStream) -> Result<bool> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
-    Ok(stream.capture_status().w()? != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }
 
 unsafe fn set_desc<V>(desc: sys::cublasLtMatmulDesc_t, attr: sys::cublasLtMatmulDescAttributes_t, v: &V) -> Result<()> {
