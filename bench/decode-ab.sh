@@ -5,10 +5,10 @@
 #   BLOCKSERVE_DECODE_PREFETCH=1   per-head decode attention one round of keys
 #                                  ahead (the kernel before 2026-12-01; also
 #                                  a KV-write launch before it)
-#   BLOCKSERVE_GEMM_TUNE=0         cuBLASLt's first pick for every shape
+#   BLOCKSERVE_DECODE_ATTENTION=per-head|rows   which decode kernel
 # Here:   TAR=1 bash scripts/pack-cuda.sh (or bench/pack-headline.sh)
 # Device: carry .dev/pack;
-#   STEPS=checks,profile,vanilla,engine MODES="default BLOCKSERVE_GEMM_TUNE=0" bash bench/decode-ab.sh
+#   STEPS=checks,profile,vanilla,engine MODES="default BLOCKSERVE_DECODE_PREFETCH=1" bash bench/decode-ab.sh
 # CHECK_MODES and ENGINE_MODES for the checks and the engine (default MODES); PROFILE_ARGS: step_profile's
 # batch and keys; ENGINE_RUNS: setting:batches of block_main_b4_85.
 set -uo pipefail
@@ -21,7 +21,7 @@ for t in .dev/pack/*.tar.xz; do [ -e "$t" ] && tar xJf "$t" -C .dev; done
 chmod +x .dev/bin/* 2>/dev/null
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 status=0
-MODES=${MODES:-default BLOCKSERVE_GEMM_TUNE=0 default BLOCKSERVE_GEMM_TUNE=0}
+MODES=${MODES:-default BLOCKSERVE_DECODE_PREFETCH=1 default BLOCKSERVE_DECODE_PREFETCH=1}
 mode_env() { [ "$1" = default ] || echo "${1//+/ }"; }
 
 if has checks; then
