@@ -175,7 +175,14 @@ fn short_rows(s: &HeadShape, max_keys: usize) -> bool {
 /// most `max_group`, rows of at most `max_keys` positions) also stores the new
 /// keys and values, so that no KV-write launch goes before it: short rows
 /// (the token decoder's) and decode passes on the per-head kernel.
-pub(super) fn attention_writes_kv(s: &HeadShape, dtype: DType, tokens: usize, max_group: usize, max_keys: usize, dev: &candle_core::CudaDevice) -> Result<bool> {
+pub(super) fn attention_writes_kv(
+    s: &HeadShape,
+    dtype: DType,
+    tokens: usize,
+    max_group: usize,
+    max_keys: usize,
+    dev: &candle_core::CudaDevice,
+) -> Result<bool> {
     if max_group > 1 {
         return Ok(false);
     }
