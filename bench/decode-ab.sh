@@ -25,8 +25,8 @@ MODES=${MODES:-default BLOCKSERVE_DECODE_PREFETCH=1 default BLOCKSERVE_DECODE_PR
 mode_env() { [ "$1" = default ] || echo "${1//+/ }"; }
 
 if has checks; then
-  # The defaults first, then the kernels of every prefetch depth against the
-  # CPU reference (the paged attention tests include decode passes).
+  # Each mode's kernels against the CPU reference and the golden fixtures
+  # (the paged attention tests include decode passes).
   for m in ${CHECK_MODES:-$MODES}; do
     log "== CUDA checks, $m"
     for t in ${CHECKS:-golden batching paged_attention cuda_graph}; do

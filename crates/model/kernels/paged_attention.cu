@@ -699,14 +699,14 @@ ATTN_ALL(32)
 ATTN_ALL(64)
 ATTN_ALL(128)
 ATTN_ALL(256)
-// Decode passes (one query a row) in 2-byte dtypes, two rounds ahead; with
-// `write`, each CTA also stores its token's key and value of its head.
+// Decode passes (one query a row) in 2-byte dtypes, two rounds ahead; each
+// CTA also stores its token's key and value of its head.
 #define ATTN_DECODE1(NAME, T, HD)                                                                    \
   extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, \
                                   int heads, int rot, float base, int page_size, int max_pages,     \
-                                  int rows, float scale, int subs, int write) {                     \
+                                  int rows, float scale, int subs) {                                \
     paged_attn<T, HD, 1, 2>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, rows, \
-                            scale, subs, write);                                                    \
+                            scale, subs, 1);                                                        \
   }
 #define ATTN_DECODE(HD)                                    \
   ATTN_DECODE1(paged_attn1p2_bf16_##HD, __nv_bfloat16, HD) \

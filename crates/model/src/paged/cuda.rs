@@ -131,9 +131,11 @@ pub(super) fn attend(
         let name = if tensor_cores {
             let variant = if s.head_dim == 64 && prefill_attention_tc3() { "tc3" } else { "tc" };
             format!("paged_attn_{variant}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
-        } else if op.max_group <= 1 && two_ahead(&s, T::DTYPE) {
-            // Decode rows, two rounds of keys loaded ahead (see the kernel),
-            // writing the new keys and values too.
+        } else if op.write_kv {
+            // Decode rows on the per-head kernel (what `attention_writes_kv`
+            // told the caller, past the short-row and `decode_rows` returns
+            // above): two rounds of keys loaded ahead, writing the new keys
+            // and values too.
             format!("paged_attn1p2_{}_{}", suffix(T::DTYPE)?, s.head_dim)
         } else {
             format!("paged_attn{group_cta}_{}_{}", suffix(T::DTYPE)?, s.head_dim)
@@ -144,13 +146,9 @@ pub(super) fn attend(
         let warps = if tensor_cores { 4 } else { op.max_keys.div_ceil(keys_per_warp).clamp(1, 4) };
         let subs = if tensor_cores { 1 } else { op.max_group.div_ceil(group_cta) };
         let ctas = op.groups * subs;
-        let write = op.write_kv as i32;
         let mut b = func.builder();
         leading_args!(b);
         candle_core::builder_arg!(b, op.rows as i32, op.scale, subs as i32);
-        if op.max_group <= 1 && two_ahead(&s, T::DTYPE) {
-            b.arg(&write);
-        }
         // Heads vary fastest: blockIdx.x = cta * heads + head.
         let cfg = LaunchConfig { grid_dim: ((ctas * s.heads) as u32, 1, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: every token's keys lie in pages its row's table names, which the
@@ -190,7 +188,7 @@ pub(super) fn attention_writes_kv(
 }
 
 /// Whether decode passes on the per-head kernel take its two-rounds-ahead
-/// form (which can also write the new keys and values).
+/// form (which also writes the new keys and values).
 fn two_ahead(s: &HeadShape, dtype: DType) -> bool {
     dtype != DType::F32 && matches!(s.head_dim, 64 | 128) && !decode_one_ahead()
 }
