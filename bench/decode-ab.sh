@@ -29,7 +29,7 @@ if has checks; then
   # (the paged attention tests include decode passes).
   for m in ${CHECK_MODES:-$MODES}; do
     log "== CUDA checks, $m"
-    for t in ${CHECKS:-golden batching paged_attention cuda_graph}; do
+    for t in ${CHECKS:-golden batching paged_attention cuda_graph fused_layer}; do
       env $(mode_env "$m") BLOCKSERVE_TEST_DEVICE=cuda .dev/bin/$t --test-threads 1 2>&1 |
         grep -E "^test |test result|panicked|assert" | grep -v " ok$" || status=1
     done

@@ -42,8 +42,8 @@ status=0
 bs=.dev/bin/blockserve
 
 if has checks; then
-  log "== CUDA checks (golden in f32 and bf16, batching, paged attention, CUDA graphs)"
-  for t in golden batching paged_attention cuda_graph; do
+  log "== CUDA checks (golden in f32 and bf16, batching, paged attention, CUDA graphs, fused layer)"
+  for t in golden batching paged_attention cuda_graph fused_layer; do
     if [ -x .dev/bin/$t ]; then
       BLOCKSERVE_TEST_DEVICE=cuda .dev/bin/$t --test-threads 1 2>&1 | grep -E "^test |test result|panicked|assert" | grep -v " ok$" || status=1
     else

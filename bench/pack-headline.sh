@@ -18,7 +18,7 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p .dev/pack "$work/bin"
 rm -f .dev/pack/*.tar.xz
 # scripts/pack-cuda.sh leaves the binaries plain (TAR=1) or xz-compressed.
-for b in blockserve golden batching paged_attention cuda_graph step_profile; do
+for b in blockserve golden batching paged_attention cuda_graph fused_layer step_profile; do
   if [ -e ".dev/bin/$b" ]; then cp ".dev/bin/$b" "$work/bin/"; else xz -dc ".dev/bin/$b.xz" > "$work/bin/$b"; fi
   chmod +x "$work/bin/$b"
 done

@@ -17,7 +17,7 @@ tests=$(cargo test --release -p blockserve-model -p blockserve-engine --features
   python3 -c "import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get('reason') == 'compiler-artifact' and m.get('executable') and m['target']['name'] in ('golden', 'batching', 'paged_attention', 'cuda_graph', 'download'):
+    if m.get('reason') == 'compiler-artifact' and m.get('executable') and m['target']['name'] in ('golden', 'batching', 'paged_attention', 'cuda_graph', 'download', 'fused_layer'):
         print(m['target']['name'], m['executable'])")
 mkdir -p .dev/bin && rm -f .dev/bin/*
 strip -o .dev/bin/blockserve "$CARGO_TARGET_DIR/release/blockserve"

@@ -35,6 +35,25 @@ __device__ void bias_act_v(T* y, const T* bias, unsigned nv, unsigned cv, int ge
   }
 }
 
+// GELU (exact erf) in place over a column range of rows (the fused layer's
+// MLP half of its projection buffer, whose bias the GEMM added): `rows` rows
+// of `cv` vectors, row starts `ldv` vectors apart, from `y`.
+template <typename T>
+__device__ void gelu_rows_v(T* y, unsigned rows, unsigned cv, unsigned ldv) {
+  constexpr int N = VecOf<T>::N;
+  const unsigned nv = rows * cv;
+  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < nv; i += gridDim.x * blockDim.x) {
+    T* p = y + ((size_t)(i / cv) * ldv + i % cv) * N;
+    Vec<T> a = load_vec(p);
+#pragma unroll
+    for (int j = 0; j < N; j++) {
+      const float v = to_f(a.e[j]);
+      a.e[j] = from_f<T>(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
+    }
+    store_vec(p, a);
+  }
+}
+
 // out = a + b + c (the parallel residual), rounding after each add like candle.
 template <typename T>
 __device__ __forceinline__ T add3_1(T a, T b, T c) {
@@ -65,6 +84,9 @@ __device__ void add3_v(T* out, const T* a, const T* b, const T* c, unsigned nv) 
   }                                                                                                    \
   extern "C" __global__ void bias_act_v_##S(T* y, const T* bias, unsigned nv, unsigned cv, int g) {    \
     bias_act_v<T>(y, bias, nv, cv, g);                                                                 \
+  }                                                                                                    \
+  extern "C" __global__ void gelu_rows_v_##S(T* y, unsigned rows, unsigned cv, unsigned ldv) {        \
+    gelu_rows_v<T>(y, rows, cv, ldv);                                                                  \
   }                                                                                                    \
   extern "C" __global__ void add3_##S(T* out, const T* a, const T* b, const T* c, unsigned long long n) { \
     add3<T>(out, a, b, c, n);                                                                          \

@@ -61,7 +61,7 @@ __device__ __forceinline__ void rope_table(float* inv, int rot, float base) {
 // made the token decoder's writes, a few KB each, 24k tiny CTAs: 22 us a layer
 // on an H200.) head_dim is a multiple of 8, rows start 16-byte aligned.
 template <typename T>
-__device__ void kv_write(T* pool, const T* qkv, const uint32_t* meta, int heads, int hd, int rot, float base) {
+__device__ void kv_write(T* pool, const T* qkv, const uint32_t* meta, int heads, int hd, int rot, float base, int qld) {
   constexpr int N = VecOf<T>::N;
   __shared__ float inv[128];  // head_dim <= 256
   rope_table(inv, rot, base);
@@ -70,7 +70,7 @@ __device__ void kv_write(T* pool, const T* qkv, const uint32_t* meta, int heads,
   if (e >= heads * hd) return;
   const int h = e / hd, c0 = e % hd;
   const uint32_t slot = meta[3 * i], pos = meta[3 * i + 1];
-  const T* k = qkv + ((size_t)i * heads + h) * 3 * hd + hd;
+  const T* k = qkv + (size_t)i * qld + h * 3 * hd + hd;
   T* dst = pool + ((size_t)slot * 2 * heads + h) * hd;
 #pragma unroll
   for (int v = 0; v < 8 / N; v++) {
@@ -98,7 +98,7 @@ __device__ void kv_write(T* pool, const T* qkv, const uint32_t* meta, int heads,
 template <typename T, int HD, int QB, int PF = 1>
 __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads,
                            int rot, float base, int page_size, int max_pages, int rows, float scale, int subs,
-                           int write = 0) {
+                           int qld, int old, int write = 0) {
   constexpr int G = HD / 8;
   constexpr int KP = 32 / G;
   // Heads vary fastest across the grid: the CTAs resident together read all
@@ -121,7 +121,7 @@ __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
   __shared__ float sacc[MAX_WARPS][QB][HD];
   for (int e = threadIdx.x; e < QB * HD; e += blockDim.x) {
     int j = e / HD, c = e % HD;
-    const T* q = qkv + ((size_t)(first + j) * heads + h) * 3 * HD;
+    const T* q = qkv + (size_t)(first + j) * qld + h * 3 * HD;
     qs[j][c] = j < count ? rope_at(q, c, rot, pos0 + j, base) * scale : 0.f;
   }
   if (write) {
@@ -131,7 +131,7 @@ __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
     // row's keys. (The pool is written through the const pointer every
     // kernel of the family takes.)
     T* slot = const_cast<T*>(pool) + ((size_t)index[3 * first] * 2 * heads + h) * HD;
-    const T* k = qkv + ((size_t)first * heads + h) * 3 * HD + HD;
+    const T* k = qkv + (size_t)first * qld + h * 3 * HD + HD;
     for (int c = threadIdx.x; c < HD; c += blockDim.x) {
       slot[c] = from_f<T>(rope_at(k, c, rot, pos0, base));
       slot[(size_t)heads * HD + c] = k[HD + c];
@@ -247,7 +247,7 @@ __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
       num += sacc[w][j][c] * f;
       den += sl[w][j] * f;
     }
-    out[((size_t)(first + j) * heads + h) * HD + c] = from_f<T>(num / den);
+    out[(size_t)(first + j) * old + h * HD + c] = from_f<T>(num / den);
   }
 }
 
@@ -266,14 +266,14 @@ __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
 // that slot in the launch.
 template <typename T, int HD>
 __device__ void local_attn(T* out, const T* qkv, T* pool, const uint32_t* index, int n, int heads, int rot,
-                           float base, int page_size, int max_pages, float scale, int write) {
+                           float base, int page_size, int max_pages, float scale, int write, int qld, int old) {
   constexpr int C = HD / 32;
   const int item = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (item >= n * heads) return;  // whole warps: n * heads is the warp count
   const int i = item / heads, h = item % heads;
   const int pos = index[3 * i + 1], row = index[3 * i + 2];
   const uint32_t* table = index + 3 * (size_t)n + (size_t)row * max_pages;
-  const T* q = qkv + ((size_t)i * heads + h) * 3 * HD;
+  const T* q = qkv + (size_t)i * qld + h * 3 * HD;
   float qv[C];
 #pragma unroll
   for (int c = 0; c < C; c++) qv[c] = to_f(q[lane * C + c]);
@@ -343,15 +343,16 @@ __device__ void local_attn(T* out, const T* qkv, T* pool, const uint32_t* index,
       for (int c = 0; c < C; c++) acc[c] += p * vf[j][c];
     }
   }
-  T* o = out + ((size_t)i * heads + h) * HD + lane * C;
+  T* o = out + (size_t)i * old + h * HD + lane * C;
 #pragma unroll
   for (int c = 0; c < C; c++) o[c] = from_f<T>(acc[c] / l);
 }
 
 #define LOCAL(NAME, T, HD)                                                                                   \
   extern "C" __global__ void NAME(T* out, const T* qkv, T* pool, const uint32_t* index, int n, int heads,   \
-                                  int rot, float base, int page_size, int max_pages, float scale, int write) { \
-    local_attn<T, HD>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, scale, write);         \
+                                  int rot, float base, int page_size, int max_pages, float scale, int write,  \
+                                  int qld, int old) {                                                         \
+    local_attn<T, HD>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, scale, write, qld, old); \
   }
 #define LOCAL_ALL(HD)                                \
   LOCAL(local_attn_f32_##HD, float, HD)              \
@@ -424,7 +425,7 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi, __half) {
 #define TC_MIN_CTAS 4
 template <typename T, int HD>
 __device__ void paged_attn_tc(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads, int rot,
-                              float base, int max_pages, int rows, float scale) {
+                              float base, int max_pages, int rows, float scale, int qld, int old) {
   constexpr int KT = HD == 64 ? 64 : 32;  // keys per tile: 36 KB of double-buffered K and V
   constexpr int LD = HD + 8;              // padded shared row: ldmatrix rows fall in distinct banks
   constexpr int NT = KT / 8, OT = HD / 8, KS = HD / 16;
@@ -472,7 +473,7 @@ __device__ void paged_attn_tc(T* out, const T* qkv, const T* pool, const uint32_
   for (int c = tid; c < 64 * CPK; c += 32 * TC_WARPS) {
     const int j = c / CPK, cc = (c % CPK) * 8;
     const bool ok = j < count;
-    cp_async16(qs + j * LD + cc, qkv + ((size_t)(first + (ok ? j : 0)) * heads + h) * 3 * HD + cc, ok ? 16 : 0);
+    cp_async16(qs + j * LD + cc, qkv + (size_t)(first + (ok ? j : 0)) * qld + h * 3 * HD + cc, ok ? 16 : 0);
   }
   cp_async_commit();
   load_tile(0, 0);
@@ -648,7 +649,7 @@ __device__ void paged_attn_tc(T* out, const T* qkv, const T* pool, const uint32_
   for (int c = lane; c < 16 * CPK; c += 32) {
     const int r = c / CPK, cc = (c % CPK) * 8;
     if (q0 + r < count)
-      *reinterpret_cast<uint4*>(out + ((size_t)(first + q0 + r) * heads + h) * HD + cc) = *reinterpret_cast<const uint4*>(os + r * LD + cc);
+      *reinterpret_cast<uint4*>(out + (size_t)(first + q0 + r) * old + h * HD + cc) = *reinterpret_cast<const uint4*>(os + r * LD + cc);
   }
 }
 
@@ -657,8 +658,8 @@ __device__ void paged_attn_tc(T* out, const T* qkv, const T* pool, const uint32_
 #define ATTN_TC(NAME, T, HD, BOUNDS)                                                                      \
   extern "C" __global__ void BOUNDS NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, \
                                          int heads, int rot, float base, int page_size, int max_pages,    \
-                                         int rows, float scale, int subs) {                               \
-    paged_attn_tc<T, HD>(out, qkv, pool, index, n, heads, rot, base, max_pages, rows, scale);             \
+                                         int rows, float scale, int subs, int qld, int old) {             \
+    paged_attn_tc<T, HD>(out, qkv, pool, index, n, heads, rot, base, max_pages, rows, scale, qld, old);   \
   }
 ATTN_TC(paged_attn_tc_bf16_64, __nv_bfloat16, 64, TC_BOUNDS)
 ATTN_TC(paged_attn_tc_f16_64, __half, 64, TC_BOUNDS)
@@ -669,8 +670,8 @@ ATTN_TC(paged_attn_tc_f16_128, __half, 128, )
 
 #define KV_WRITE(NAME, T)                                                                          \
   extern "C" __global__ void NAME(T* pool, const T* qkv, const uint32_t* meta, int heads, int hd, \
-                                  int rot, float base) {                                           \
-    kv_write<T>(pool, qkv, meta, heads, hd, rot, base);                                            \
+                                  int rot, float base, int qld) {                                  \
+    kv_write<T>(pool, qkv, meta, heads, hd, rot, base, qld);                                       \
   }
 KV_WRITE(kv_write_f32, float)
 KV_WRITE(kv_write_bf16, __nv_bfloat16)
@@ -679,9 +680,9 @@ KV_WRITE(kv_write_f16, __half)
 #define ATTN_PF(NAME, T, HD, QB, PF)                                                                \
   extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, \
                                   int heads, int rot, float base, int page_size, int max_pages,     \
-                                  int rows, float scale, int subs) {                                \
+                                  int rows, float scale, int subs, int qld, int old) {              \
     paged_attn<T, HD, QB, PF>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages,     \
-                              rows, scale, subs);                                                   \
+                              rows, scale, subs, qld, old);                                         \
   }
 #define ATTN(NAME, T, HD, QB) ATTN_PF(NAME, T, HD, QB, 1)
 #define ATTN_ALL(HD)                                  \
@@ -704,9 +705,9 @@ ATTN_ALL(256)
 #define ATTN_DECODE1(NAME, T, HD)                                                                    \
   extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, \
                                   int heads, int rot, float base, int page_size, int max_pages,     \
-                                  int rows, float scale, int subs) {                                \
+                                  int rows, float scale, int subs, int qld, int old) {              \
     paged_attn<T, HD, 1, 2>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, rows, \
-                            scale, subs, 1);                                                        \
+                            scale, subs, qld, old, 1);                                              \
   }
 #define ATTN_DECODE(HD)                                    \
   ATTN_DECODE1(paged_attn1p2_bf16_##HD, __nv_bfloat16, HD) \
@@ -738,7 +739,7 @@ ATTN_DECODE(128)
 #define DR_STAGES 4
 template <typename T, int HD, int R>
 __device__ void decode_rows(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads, int rot,
-                            float base, int page_size, int max_pages, float scale) {
+                            float base, int page_size, int max_pages, float scale, int qld, int old) {
   constexpr int G = HD / 8;  // lanes (pieces) per head
   extern __shared__ __align__(16) unsigned char dsm[];
   const int i = blockIdx.x;
@@ -754,7 +755,7 @@ __device__ void decode_rows(T* out, const T* qkv, const T* pool, const uint32_t*
 #pragma unroll
   for (int r = 0; r < R; r++) {
     const int c = lane + 32 * r;
-    const T* qp = qkv + ((size_t)i * heads + c / G) * 3 * HD;
+    const T* qp = qkv + (size_t)i * qld + (c / G) * 3 * HD;
 #pragma unroll
     for (int e = 0; e < 8; e++) {
       q[r][e] = c < pieces ? rope_at(qp, (c % G) * 8 + e, rot, pos, base) * scale : 0.f;
@@ -834,7 +835,7 @@ __device__ void decode_rows(T* out, const T* qkv, const T* pool, const uint32_t*
 #pragma unroll
       for (int e = 0; e < 8; e++) num[e] += sacc[(w * pieces + c) * 8 + e] * f;
     }
-    T* o = out + ((size_t)i * heads + c / G) * HD + (c % G) * 8;
+    T* o = out + (size_t)i * old + (c / G) * HD + (c % G) * 8;
 #pragma unroll
     for (int e = 0; e < 8; e++) o[e] = from_f<T>(num[e] / den);
   }
@@ -842,8 +843,9 @@ __device__ void decode_rows(T* out, const T* qkv, const T* pool, const uint32_t*
 
 #define DECODE(NAME, T, HD, R)                                                                         \
   extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n,     \
-                                  int heads, int rot, float base, int page_size, int max_pages, float scale) { \
-    decode_rows<T, HD, R>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, scale);      \
+                                  int heads, int rot, float base, int page_size, int max_pages, float scale,   \
+                                  int qld, int old) {                                                          \
+    decode_rows<T, HD, R>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, scale, qld, old); \
   }
 #define DECODE_R(HD, R)                                      \
   DECODE(decode_rows_bf16_##HD##_##R, __nv_bfloat16, HD, R) \

@@ -39,3 +39,33 @@ macro_rules! dispatch_float {
     };
 }
 pub(crate) use dispatch_float;
+
+/// A 2-D input whose rows are contiguous but may lie further apart than their
+/// length (a column range of a wider buffer): start element, rows, columns,
+/// elements from one row's start to the next, and the element range spanned.
+pub(crate) struct Rows {
+    pub start: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+}
+
+impl Rows {
+    pub(crate) fn of(l: &Layout) -> Result<Self> {
+        let (dims, stride) = (l.dims(), l.stride());
+        if dims.len() != 2 || (dims[1] > 1 && stride[1] != 1) {
+            candle_core::bail!("blockserve's CUDA kernels need rows of contiguous elements, not dims {dims:?} strides {stride:?}");
+        }
+        // One row (or none) may carry any stride: its own length serves.
+        let ld = if dims[0] > 1 { stride[0] } else { dims[1] };
+        if ld < dims[1] {
+            candle_core::bail!("rows {ld} elements apart overlap rows of {}", dims[1]);
+        }
+        Ok(Self { start: l.start_offset(), rows: dims[0], cols: dims[1], ld })
+    }
+
+    /// The elements from the first row's start to the last row's end.
+    pub(crate) fn span(&self) -> std::ops::Range<usize> {
+        self.start..self.start + if self.rows == 0 { 0 } else { (self.rows - 1) * self.ld + self.cols }
+    }
+}

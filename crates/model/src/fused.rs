@@ -76,6 +76,9 @@ pub(crate) fn add3(a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(feature = "cuda")]
+pub(crate) use cuda::GeluRows;
+
+#[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -160,6 +163,48 @@ mod cuda {
                 candle_core::bail!("bias-act: bias {:?} does not match rows of {:?}", bl.dims(), yl.dims());
             }
             dispatch_float!(y.dtype(), go(self.gelu, y, yl, bias, bl))
+        }
+    }
+
+    /// GELU (exact) in place over rows that may lie further apart than their
+    /// length (a column range of the fused layer's projection buffer).
+    /// Every size and offset must divide into 16-byte vectors (the fused
+    /// layer's gate checks).
+    pub(crate) struct GeluRows;
+
+    impl candle_core::InplaceOp1 for GeluRows {
+        fn name(&self) -> &'static str {
+            "gelu-rows"
+        }
+
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+            candle_core::bail!("gelu-rows runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, y: &mut CudaStorage, yl: &Layout) -> Result<()> {
+            fn go<T: CudaDType + DeviceRepr + WithDType>(y: &mut CudaStorage, yl: &Layout) -> Result<()> {
+                let r = crate::cuda_util::Rows::of(yl)?;
+                let w = vec_width::<T>();
+                if r.rows == 0 || r.cols == 0 {
+                    return Ok(());
+                }
+                if ![r.start, r.cols, r.ld].iter().all(|s| s.is_multiple_of(w)) || r.rows * r.cols / w > u32::MAX as usize {
+                    candle_core::bail!("gelu-rows: rows of {} elements {} apart at {} do not divide into 16-byte vectors", r.cols, r.ld, r.start);
+                }
+                let dev = y.device().clone();
+                let func = dev.get_or_load_custom_func(&format!("gelu_rows_v_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+                let mut yv = y.as_cuda_slice_mut::<T>()?.slice_mut(r.span());
+                let (rows, cv, ldv) = (r.rows as u32, (r.cols / w) as u32, (r.ld / w) as u32);
+                let mut builder = func.builder();
+                builder.arg(&mut yv);
+                builder.arg(&rows);
+                builder.arg(&cv);
+                builder.arg(&ldv);
+                // SAFETY: rows x cv vectors, rows ldv vectors apart, all inside the span.
+                unsafe { builder.launch(cfg(r.rows * r.cols / w)) }.w()?;
+                Ok(())
+            }
+            dispatch_float!(y.dtype(), go(y, yl))
         }
     }
 

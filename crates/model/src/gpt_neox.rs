@@ -177,6 +177,9 @@ struct Layer {
     attn: Attention,
     mlp: Mlp,
     parallel: bool,
+    /// The same layer in fewer launches for paged passes on CUDA, where it applies.
+    #[cfg(feature = "cuda")]
+    fused: Option<crate::fused_layer::FusedLayer>,
 }
 
 impl Layer {
@@ -222,7 +225,8 @@ impl GptNeoX {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let lw = w.pp(&format!("layers.{i}"));
-                Ok(Layer {
+                #[allow(unused_mut)]
+                let mut layer = Layer {
                     ln1: layer_norm(&lw.pp("input_layernorm"), d, cfg.layer_norm_eps)?,
                     ln2: layer_norm(&lw.pp("post_attention_layernorm"), d, cfg.layer_norm_eps)?,
                     attn: Attention::load(&lw.pp("attention"), cfg)?,
@@ -232,7 +236,22 @@ impl GptNeoX {
                         act: cfg.hidden_act,
                     },
                     parallel: cfg.use_parallel_residual,
-                })
+                    #[cfg(feature = "cuda")]
+                    fused: None,
+                };
+                #[cfg(feature = "cuda")]
+                if layer.parallel && layer.mlp.act == Activation::GeluErf {
+                    let parts = crate::fused_layer::LayerParts {
+                        ln1: &layer.ln1,
+                        ln2: &layer.ln2,
+                        qkv: &layer.attn.qkv,
+                        dense: &layer.attn.dense,
+                        up: &layer.mlp.up,
+                        down: &layer.mlp.down,
+                    };
+                    layer.fused = crate::fused_layer::FusedLayer::new(&parts)?;
+                }
+                Ok(layer)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -281,6 +300,13 @@ impl GptNeoX {
         let shape = self.head_shape();
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
+            #[cfg(feature = "cuda")]
+            if let Some(f) = &layer.fused {
+                if !differentiable(&h) {
+                    h = f.forward_paged(&h, shape, pool.layer(i), pass)?;
+                    continue;
+                }
+            }
             h = layer.forward(&h, |a, x| a.forward_paged(x, shape, pool.layer(i), pass))?;
         }
         norm(&self.final_ln, &h)

@@ -21,6 +21,8 @@ mod causal_lm;
 mod cuda_util;
 mod error;
 mod fused;
+#[cfg(feature = "cuda")]
+mod fused_layer;
 mod generation;
 mod gpt_neox;
 pub mod init;

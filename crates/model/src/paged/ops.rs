@@ -43,6 +43,24 @@ pub(crate) struct PagedAttention {
 /// pool tensor), then return the attention output `[n, heads * head_dim]`.
 pub fn attend_paged(shape: HeadShape, qkv: &Tensor, pool: &Tensor, pass: &PagedPass) -> Result<Tensor> {
     let qkv = qkv.contiguous()?;
+    let op = write_then_plan(shape, &qkv, pool, pass)?;
+    qkv.apply_op3_no_bwd(pool, &pass.index, &op)
+}
+
+/// The attention of a pass whose projections and output are column ranges of
+/// one row buffer `buf` `[n, width]` (the fused layer's, CUDA only): qkv at
+/// columns `qkv_col..qkv_col + 3 * heads * head_dim`, the output written in
+/// place to columns `out_col..out_col + heads * head_dim`.
+#[cfg(feature = "cuda")]
+pub(crate) fn attend_paged_into(shape: HeadShape, buf: &Tensor, (qkv_col, out_col): (usize, usize), pool: &Tensor, pass: &PagedPass) -> Result<()> {
+    let qkv = buf.narrow(1, qkv_col, 3 * shape.heads * shape.head_dim)?;
+    let op = write_then_plan(shape, &qkv, pool, pass)?;
+    buf.inplace_op3(pool, &pass.index, &AttendInto { op, cols: (qkv_col, out_col) })
+}
+
+/// Store the new keys and values unless the attention kernel will, and the
+/// attention op of the pass.
+fn write_then_plan(shape: HeadShape, qkv: &Tensor, pool: &Tensor, pass: &PagedPass) -> Result<PagedAttention> {
     // On CUDA the token decoder's steps (short rows, one new token each) and
     // decode passes on the per-head kernel write and attend in one kernel;
     // everything else writes first.
@@ -54,9 +72,9 @@ pub fn attend_paged(shape: HeadShape, qkv: &Tensor, pool: &Tensor, pass: &PagedP
     #[cfg(not(feature = "cuda"))]
     let write_kv = false;
     if !write_kv {
-        pool.inplace_op3(&qkv, &pass.index, &KvWrite { shape })?;
+        pool.inplace_op3(qkv, &pass.index, &KvWrite { shape })?;
     }
-    let op = PagedAttention {
+    Ok(PagedAttention {
         write_kv,
         shape,
         tokens: pass.tokens,
@@ -67,8 +85,38 @@ pub fn attend_paged(shape: HeadShape, qkv: &Tensor, pool: &Tensor, pass: &PagedP
         groups: pass.groups,
         max_group: pass.max_group,
         scale: (shape.head_dim as f32).powf(-0.5),
-    };
-    qkv.apply_op3_no_bwd(pool, &pass.index, &op)
+    })
+}
+
+/// [`PagedAttention`] in place in a row buffer (see [`attend_paged_into`]).
+#[cfg(feature = "cuda")]
+struct AttendInto {
+    op: PagedAttention,
+    /// Columns of the projections and of the output.
+    cols: (usize, usize),
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::InplaceOp3 for AttendInto {
+    fn name(&self) -> &'static str {
+        "paged-attention-into"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("paged attention into a row buffer runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        buf: &mut candle_core::CudaStorage,
+        bl: &Layout,
+        pool: &candle_core::CudaStorage,
+        pl: &Layout,
+        index: &candle_core::CudaStorage,
+        il: &Layout,
+    ) -> Result<()> {
+        super::cuda::attend_into(&self.op, self.cols, buf, bl, pool, pl, index, il)
+    }
 }
 
 /// The contiguous elements of a CPU storage as a slice of `T`.
