@@ -14,6 +14,9 @@ template <> __device__ __forceinline__ __half from_f<__half>(float x) { return _
 
 // 16 bytes of one dtype, moved with one access: 8 bf16/f16 or 4 f32. Callers
 // guarantee 16-byte alignment.
+// GELU, exact (erf), as the reference's "gelu".
+__device__ __forceinline__ float gelu_erf(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
+
 template <typename T> struct VecOf { static constexpr int N = 16 / sizeof(T); };
 template <typename T> struct __align__(16) Vec { T e[VecOf<T>::N]; };
 template <typename T> __device__ __forceinline__ Vec<T> load_vec(const T* p) {
@@ -21,4 +24,10 @@ template <typename T> __device__ __forceinline__ Vec<T> load_vec(const T* p) {
 }
 template <typename T> __device__ __forceinline__ void store_vec(T* p, const Vec<T>& v) {
   *reinterpret_cast<Vec<T>*>(p) = v;
+}
+template <typename T> __device__ __forceinline__ void gelu_vec(T* p) {
+  Vec<T> a = load_vec(p);
+#pragma unroll
+  for (int j = 0; j < VecOf<T>::N; j++) a.e[j] = from_f<T>(gelu_erf(to_f(a.e[j])));
+  store_vec(p, a);
 }

@@ -13,8 +13,7 @@
 template <typename T>
 __device__ __forceinline__ float bias_act1(T y, T bias, int gelu) {
   float v = to_f(from_f<T>(to_f(y) + to_f(bias)));
-  if (gelu) v = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-  return v;
+  return gelu ? gelu_erf(v) : v;
 }
 
 template <typename T>
@@ -42,16 +41,8 @@ template <typename T>
 __device__ void gelu_rows_v(T* y, unsigned rows, unsigned cv, unsigned ldv) {
   constexpr int N = VecOf<T>::N;
   const unsigned nv = rows * cv;
-  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < nv; i += gridDim.x * blockDim.x) {
-    T* p = y + ((size_t)(i / cv) * ldv + i % cv) * N;
-    Vec<T> a = load_vec(p);
-#pragma unroll
-    for (int j = 0; j < N; j++) {
-      const float v = to_f(a.e[j]);
-      a.e[j] = from_f<T>(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
-    }
-    store_vec(p, a);
-  }
+  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < nv; i += gridDim.x * blockDim.x)
+    gelu_vec(y + ((size_t)(i / cv) * ldv + i % cv) * N);
 }
 
 // out = a + b + c (the parallel residual), rounding after each add like candle.

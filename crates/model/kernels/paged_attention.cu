@@ -98,7 +98,7 @@ __device__ void kv_write(T* pool, const T* qkv, const uint32_t* meta, int heads,
 template <typename T, int HD, int QB, int PF = 1>
 __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, int heads,
                            int rot, float base, int page_size, int max_pages, int rows, float scale, int subs,
-                           int qld, int old, int write = 0) {
+                           int qld, int old, int write = 0, T* act = nullptr, int act_w = 0) {
   constexpr int G = HD / 8;
   constexpr int KP = 32 / G;
   // Heads vary fastest across the grid: the CTAs resident together read all
@@ -123,6 +123,14 @@ __device__ void paged_attn(T* out, const T* qkv, const T* pool, const uint32_t* 
     int j = e / HD, c = e % HD;
     const T* q = qkv + (size_t)(first + j) * qld + h * 3 * HD;
     qs[j][c] = j < count ? rope_at(q, c, rot, pos0 + j, base) * scale : 0.f;
+  }
+  if (act) {
+    // The fused layer's decode passes: GELU in place on this head's share
+    // (act_w columns) of the token's MLP hidden row, which lies in the same
+    // row buffer as qkv, so that no launch of its own runs between the
+    // projection GEMM and attention (a few microseconds and a gap a layer).
+    T* a = act + (size_t)first * qld + (size_t)h * act_w;
+    for (int c = threadIdx.x * VecOf<T>::N; c < act_w; c += blockDim.x * VecOf<T>::N) gelu_vec(a + c);
   }
   if (write) {
     // Decode (one token a CTA): store this head's rotated key and value of
@@ -701,13 +709,15 @@ ATTN_ALL(64)
 ATTN_ALL(128)
 ATTN_ALL(256)
 // Decode passes (one query a row) in 2-byte dtypes, two rounds ahead; each
-// CTA also stores its token's key and value of its head.
+// CTA also stores its token's key and value of its head, and with `act` runs
+// GELU over its head's share of the token's MLP hidden row (the fused layer's).
 #define ATTN_DECODE1(NAME, T, HD)                                                                    \
   extern "C" __global__ void NAME(T* out, const T* qkv, const T* pool, const uint32_t* index, int n, \
                                   int heads, int rot, float base, int page_size, int max_pages,     \
-                                  int rows, float scale, int subs, int qld, int old) {              \
+                                  int rows, float scale, int subs, int qld, int old, T* act,        \
+                                  int act_w) {                                                      \
     paged_attn<T, HD, 1, 2>(out, qkv, pool, index, n, heads, rot, base, page_size, max_pages, rows, \
-                            scale, subs, qld, old, 1);                                              \
+                            scale, subs, qld, old, 1, act, act_w);                                  \
   }
 #define ATTN_DECODE(HD)                                    \
   ATTN_DECODE1(paged_attn1p2_bf16_##HD, __nv_bfloat16, HD) \

@@ -60,7 +60,8 @@ impl CustomOp1 for ArgmaxRows {
             let name = format!("argmax_{}", crate::cuda_util::suffix(T::DTYPE)?);
             let func = dev.get_or_load_custom_func(&name, "blockserve_argmax", PTX)?;
             let x = s.as_cuda_slice::<T>()?.slice(o1..o2);
-            let out = dev.alloc_zeros::<u32>(b)?;
+            // Every row's CTA writes its id: no zero-fill launch first.
+            let out = unsafe { dev.alloc::<u32>(b)? };
             if b > 0 {
                 let mut builder = func.builder();
                 builder.arg(&x);

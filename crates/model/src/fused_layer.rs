@@ -7,7 +7,8 @@
 //! cache at the card's read rate, and what is left of a layer's 260 us is
 //! small launches, each a few microseconds plus about 1.3 us between
 //! kernels (Nsight Compute, `docs/performance.md`). This form drops the
-//! second norm's output, one GEMM launch of each pair and the residual add.
+//! second norm's output, one GEMM launch of each pair and the residual add
+//! (and, in decode passes on the per-head kernel, GELU's own launch).
 //!
 //! How, per layer, with `d` the hidden size and `i` the MLP's width:
 //! - Both norms share `x̂ = (x - mean) / std`; each norm's scale and shift
@@ -16,7 +17,8 @@
 //!   both halves.
 //! - Its output goes into a row buffer `[n, d + i + 3d]` laid out as
 //!   `[attention out | MLP hidden | qkv]`: GELU runs in place on the hidden
-//!   columns, attention reads the qkv columns and writes its output into the
+//!   columns (in decode passes on the per-head attention kernel, inside that
+//!   launch), attention reads the qkv columns and writes its output into the
 //!   first `d` columns, so the first `d + i` columns are the concatenated
 //!   inputs of the output projections.
 //! - One GEMM over them, `[attn | gelu(h)] [W_dense | W_down]^T + (b_dense +
@@ -65,10 +67,10 @@ pub(crate) struct LayerParts<'a> {
     pub down: &'a Linear,
 }
 
-/// `BLOCKSERVE_FUSED_LAYER=0` keeps the unfused layer (for A/B runs).
+/// `BLOCKSERVE_FUSED_LAYER=0` keeps the unfused layer (for A/B runs; read at
+/// each load, so that a test can build both).
 fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("BLOCKSERVE_FUSED_LAYER").as_deref() != Ok("0"))
+    std::env::var("BLOCKSERVE_FUSED_LAYER").as_deref() != Ok("0")
 }
 
 impl FusedLayer {
@@ -120,8 +122,12 @@ impl FusedLayer {
         let xn = fused::layer_norms(&[&self.norm], &x)?.remove(0);
         // [attention out | MLP hidden | qkv]
         let buf = lt_linear::linear_into_cols(&xn, &self.w_in, &self.b_in, d + i + 3 * d, d)?;
-        buf.narrow(1, d, i)?.inplace_op1(&fused::GeluRows)?;
-        attend_paged_into(shape, &buf, (d + i, 0), pool, pass)?;
+        // GELU over the hidden columns: inside the attention launch where its
+        // kernel takes it (decode passes on the per-head kernel), else alone.
+        // Attention does not read those columns, so either order is right.
+        if !attend_paged_into(shape, &buf, (d + i, 0), (d, i), pool, pass)? {
+            buf.narrow(1, d, i)?.inplace_op1(&fused::GeluRows)?;
+        }
         Ok(lt_linear::linear_add(&buf.narrow(1, 0, d + i)?, &self.w_out, &self.b_out, &x)?)
     }
 }

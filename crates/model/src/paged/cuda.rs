@@ -74,6 +74,10 @@ struct AttnIo {
     qkv_ld: i32,
     pool: u64,
     index: u64,
+    /// Columns of the row buffer (`qkv_ld` apart) that the per-head decode
+    /// kernel runs GELU over in place, `act_w` a head (0: none).
+    act: u64,
+    act_w: i32,
 }
 
 /// The attention of `op` into a new `[tokens, heads * head_dim]` tensor.
@@ -102,7 +106,16 @@ pub(super) fn attend(
         let stream = dev.cuda_stream();
         {
             let ((o, _ro), (qp, _rq), (pp, _rp), (ip, _ri)) = (out.device_ptr(&stream), q.device_ptr(&stream), p.device_ptr(&stream), idx.device_ptr(&stream));
-            let io = AttnIo { out: o, out_ld: (s.heads * s.head_dim) as i32, qkv: qp, qkv_ld: (3 * s.heads * s.head_dim) as i32, pool: pp, index: ip };
+            let io = AttnIo {
+                out: o,
+                out_ld: (s.heads * s.head_dim) as i32,
+                qkv: qp,
+                qkv_ld: (3 * s.heads * s.head_dim) as i32,
+                pool: pp,
+                index: ip,
+                act: 0,
+                act_w: 0,
+            };
             launch::<T>(op, &dev, &io)?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
@@ -113,10 +126,14 @@ pub(super) fn attend(
 
 /// The attention of `op` in place in a row buffer `buf` `[tokens, width]`
 /// (the fused layer's): projections at columns `qkv_col..`, output written
-/// to columns `out_col..`.
+/// to columns `out_col..`; with `gelu` (first column, count), GELU in place
+/// over those columns too, which only the per-head decode kernel does
+/// ([`gelu_in_attention`]).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attend_into(
     op: &PagedAttention,
     (qkv_col, out_col): (usize, usize),
+    gelu: Option<(usize, usize)>,
     buf: &mut CudaStorage,
     bl: &Layout,
     pool: &CudaStorage,
@@ -124,9 +141,11 @@ pub(super) fn attend_into(
     index: &CudaStorage,
     il: &Layout,
 ) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
     fn go<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         op: &PagedAttention,
         (qkv_col, out_col): (usize, usize),
+        gelu: Option<(usize, usize)>,
         buf: &mut CudaStorage,
         bl: &Layout,
         pool: &CudaStorage,
@@ -137,7 +156,8 @@ pub(super) fn attend_into(
         let s = op.shape;
         let rows = Rows::of(bl)?;
         let width = s.heads * s.head_dim;
-        if rows.rows != op.tokens || qkv_col + 3 * width > rows.cols || out_col + width > rows.cols {
+        let gelu_fits = gelu.is_none_or(|(col, cols)| col + cols <= rows.cols && cols.is_multiple_of(s.heads * 16 / std::mem::size_of::<T>()));
+        if rows.rows != op.tokens || qkv_col + 3 * width > rows.cols || out_col + width > rows.cols || !gelu_fits {
             candle_core::bail!("attend-into: a [{}, {}] buffer for {} tokens, qkv at {qkv_col}, output at {out_col}", rows.rows, rows.cols, op.tokens);
         }
         let dev = pool.device().clone();
@@ -146,10 +166,11 @@ pub(super) fn attend_into(
         let stream = dev.cuda_stream();
         let ((base, _rb), (pp, _rp), (ip, _ri)) = (b.device_ptr_mut(&stream), p.device_ptr(&stream), idx.device_ptr(&stream));
         let at = |col: usize| base + ((rows.start + col) * std::mem::size_of::<T>()) as u64;
-        let io = AttnIo { out: at(out_col), out_ld: rows.ld as i32, qkv: at(qkv_col), qkv_ld: rows.ld as i32, pool: pp, index: ip };
+        let (act, act_w) = gelu.map_or((0, 0), |(col, cols)| (at(col), (cols / s.heads) as i32));
+        let io = AttnIo { out: at(out_col), out_ld: rows.ld as i32, qkv: at(qkv_col), qkv_ld: rows.ld as i32, pool: pp, index: ip, act, act_w };
         launch::<T>(op, &dev, &io)
     }
-    dispatch_float!(pool.dtype(), go(op, (qkv_col, out_col), buf, bl, pool, pl, index, il))
+    dispatch_float!(pool.dtype(), go(op, (qkv_col, out_col), gelu, buf, bl, pool, pl, index, il))
 }
 
 /// Launch the attention kernel that `op`'s pass takes.
@@ -161,6 +182,9 @@ fn launch<T: CudaDType + DeviceRepr + candle_core::WithDType>(op: &PagedAttentio
     let n = op.tokens;
     if n == 0 {
         return Ok(());
+    }
+    if io.act != 0 && !gelu_in_attention(op) {
+        candle_core::bail!("paged attention: GELU in the attention launch needs the per-head decode kernel");
     }
     // Rows of at most MAX_LOCAL_KEYS (8) positions, the token decoder's,
     // take a warp per token and head.
@@ -230,6 +254,10 @@ fn launch<T: CudaDType + DeviceRepr + candle_core::WithDType>(op: &PagedAttentio
     candle_core::builder_arg!(b, op.rows as i32, op.scale, subs as i32);
     b.arg(&io.qkv_ld);
     b.arg(&io.out_ld);
+    if op.write_kv {
+        b.arg(&io.act);
+        b.arg(&io.act_w);
+    }
     // Heads vary fastest: blockIdx.x = cta * heads + head.
     let cfg = LaunchConfig { grid_dim: ((ctas * s.heads) as u32, 1, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: every token's keys lie in pages its row's table names, which the
@@ -239,6 +267,13 @@ fn launch<T: CudaDType + DeviceRepr + candle_core::WithDType>(op: &PagedAttentio
     // reserved for it by the pass, before it reads any key.
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
+}
+
+/// Whether the attention launch of `op` takes the per-head decode kernel,
+/// which can also run the fused layer's GELU (`attend_into`): the decode
+/// passes whose kernel writes the new keys and values, other than short rows.
+pub(super) fn gelu_in_attention(op: &PagedAttention) -> bool {
+    op.write_kv && !short_rows(&op.shape, op.max_keys)
 }
 
 /// Whether rows of at most `max_keys` positions take the short-row kernel (a

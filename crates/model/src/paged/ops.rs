@@ -50,12 +50,26 @@ pub fn attend_paged(shape: HeadShape, qkv: &Tensor, pool: &Tensor, pass: &PagedP
 /// The attention of a pass whose projections and output are column ranges of
 /// one row buffer `buf` `[n, width]` (the fused layer's, CUDA only): qkv at
 /// columns `qkv_col..qkv_col + 3 * heads * head_dim`, the output written in
-/// place to columns `out_col..out_col + heads * head_dim`.
+/// place to columns `out_col..out_col + heads * head_dim`. `gelu` (first
+/// column, count) asks for GELU in place over those columns in the same
+/// launch; the result says whether it ran (only the per-head decode kernel
+/// runs it, on column counts that split into 16-byte pieces per head), and
+/// where not, the caller runs it.
 #[cfg(feature = "cuda")]
-pub(crate) fn attend_paged_into(shape: HeadShape, buf: &Tensor, (qkv_col, out_col): (usize, usize), pool: &Tensor, pass: &PagedPass) -> Result<()> {
+pub(crate) fn attend_paged_into(
+    shape: HeadShape,
+    buf: &Tensor,
+    (qkv_col, out_col): (usize, usize),
+    gelu: (usize, usize),
+    pool: &Tensor,
+    pass: &PagedPass,
+) -> Result<bool> {
     let qkv = buf.narrow(1, qkv_col, 3 * shape.heads * shape.head_dim)?;
     let op = write_then_plan(shape, &qkv, pool, pass)?;
-    buf.inplace_op3(pool, &pass.index, &AttendInto { op, cols: (qkv_col, out_col) })
+    let piece = shape.heads * 16 / buf.dtype().size_in_bytes();
+    let gelu = Some(gelu).filter(|&(_, cols)| super::cuda::gelu_in_attention(&op) && cols.is_multiple_of(piece));
+    buf.inplace_op3(pool, &pass.index, &AttendInto { op, cols: (qkv_col, out_col), gelu })?;
+    Ok(gelu.is_some())
 }
 
 /// Store the new keys and values unless the attention kernel will, and the
@@ -94,6 +108,8 @@ struct AttendInto {
     op: PagedAttention,
     /// Columns of the projections and of the output.
     cols: (usize, usize),
+    /// Columns to run GELU over in the same launch.
+    gelu: Option<(usize, usize)>,
 }
 
 #[cfg(feature = "cuda")]
@@ -115,7 +131,7 @@ impl candle_core::InplaceOp3 for AttendInto {
         index: &candle_core::CudaStorage,
         il: &Layout,
     ) -> Result<()> {
-        super::cuda::attend_into(&self.op, self.cols, buf, bl, pool, pl, index, il)
+        super::cuda::attend_into(&self.op, self.cols, self.gelu, buf, bl, pool, pl, index, il)
     }
 }
 
