@@ -290,14 +290,6 @@ mod cuda {
         Ok(Some((0..norms.len()).map(|i| both.get(i)?.reshape(shape)).collect::<candle_core::Result<Vec<_>>>()?))
     }
 
-    /// Rows (warps) a CTA of the norm kernel takes: `BLOCKSERVE_LN_ROWS`
-    /// overrides (A/B runs).
-    fn ln_rows_per_cta(rows: usize) -> usize {
-        static FIXED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-        let fixed = *FIXED.get_or_init(|| std::env::var("BLOCKSERVE_LN_ROWS").ok().and_then(|v| v.parse().ok()).filter(|&r| (1..=32).contains(&r)));
-        fixed.unwrap_or(if rows <= 1024 { 2 } else { 8 })
-    }
-
     /// `x` with the first norm's weight and bias as the op's three inputs; the
     /// second norm's (if any) read from their tensors inside the launch.
     struct LayerNorms {
@@ -365,11 +357,8 @@ mod cuda {
                 builder.arg(&cols32);
                 builder.arg(&k32);
                 builder.arg(&eps);
-                // One warp per row; eight rows a CTA, or two for a decode
-                // step's few hundred rows, which then spread over four times
-                // the multiprocessors (a norm of 256 rows took 6 us on 32).
-                let per_cta = ln_rows_per_cta(rows);
-                let cfg = LaunchConfig { grid_dim: (rows.div_ceil(per_cta) as u32, 1, 1), block_dim: (32 * per_cta as u32, 1, 1), shared_mem_bytes: 0 };
+                // One warp per row, eight rows per CTA.
+                let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
                 // SAFETY: rows x cols of x, cols of each weight and bias (checked
                 // above), and k x rows x cols of output.
                 unsafe { builder.launch(cfg) }.w()?;

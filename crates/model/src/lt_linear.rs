@@ -9,21 +9,14 @@
 //! while the in-process pipeline runs the two tiers on two threads at once.
 //!
 //! Numerics: the epilogue adds the bias to the f32 accumulator and rounds
-//! once, where matmul-then-add rounds twice; bf16 results move within one
-//! rounding. Plain f32 linears keep candle's matmul; the fused layer's two
-//! GEMMs (`linear_into_cols`, `linear_add`) also run here in f32, in full f32
-//! (CUBLAS_COMPUTE_32F, not its TF32 fast mode), held to the f32 fixtures.
+//! once, where matmul-then-add rounds twice. f32 runs keep candle's matmul
+//! (cuBLASLt's f32 path would use TF32), so the f32 fixture tests are
+//! untouched; bf16 results move within one rounding.
 //!
 //! Each thread keeps one cuBLASLt handle and workspace per device and one plan
-//! (descriptors and the algorithm) per shape, so a call costs a descriptor
-//! update and the launch: the block decoder's steps are not captured in CUDA
-//! graphs and pay the host time of every call.
-//!
-//! The algorithm is the heuristic's first pick, except for decode shapes (at
-//! most `TUNE_MAX_ROWS` rows) that recur: their `TUNE_AFTER`-th call times
-//! the heuristic's candidates on that call's operands and keeps the fastest.
-//! (Timing every shape's second call cost a one-wave prefill run more than it
-//! won; a decode step's shapes repeat every step.)
+//! (descriptors and the heuristic's algorithm) per shape, so a call costs a
+//! descriptor update and the launch: the block decoder's steps are not
+//! captured in CUDA graphs and pay the host time of every call.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -32,8 +25,8 @@ use std::mem::size_of;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublaslt::{result, sys};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
-use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use crate::cuda_util::{view, Rows};
@@ -97,7 +90,7 @@ impl LinearBias {
                 }
                 with_lt(&dev, |ctx| {
                     let g = Gemm { x: xp, ldx: k, w: wp, out: op, ldo: n, bias, residual: None };
-                    ctx.matmul(T::DTYPE, (m, n, k), &g, &stream)
+                    ctx.matmul(T::DTYPE, (m, n, k), &g, stream.cu_stream() as sys::cudaStream_t)
                 })?;
             }
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
@@ -227,7 +220,7 @@ impl CustomOp3 for RowGemm {
                 if !aligned {
                     candle_core::bail!("lt-row-gemm: an operand or row is not 16-byte aligned");
                 }
-                with_lt(&dev, |ctx| ctx.matmul(T::DTYPE, (m, n, k), &g, &stream))?;
+                with_lt(&dev, |ctx| ctx.matmul(T::DTYPE, (m, n, k), &g, stream.cu_stream() as sys::cudaStream_t))?;
             }
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
@@ -281,32 +274,7 @@ type PlanKey = (DType, usize, usize, usize, usize, usize, bool, bool);
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     layouts: [sys::cublasLtMatrixLayout_t; 3],
-    /// The heuristic's candidates, best first, and the one in use.
-    candidates: Vec<sys::cublasLtMatmulAlgo_t>,
     algo: sys::cublasLtMatmulAlgo_t,
-    calls: u32,
-}
-
-/// Candidates the heuristic is asked for.
-const CANDIDATES: usize = 8;
-/// Shapes of at most this many rows are timed (decode steps; a prefill
-/// pass's shapes vary from pass to pass).
-const TUNE_MAX_ROWS: usize = 512;
-/// The call of a shape that times its candidates: one that has recurred.
-const TUNE_AFTER: u32 = 16;
-
-/// Whether recurring decode shapes are timed (`BLOCKSERVE_GEMM_TUNE=0` keeps
-/// the heuristic's first pick, for A/B runs).
-fn tuning() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("BLOCKSERVE_GEMM_TUNE").as_deref() != Ok("0"))
-}
-
-/// Whether `stream` is being captured into a CUDA graph (nothing may wait
-/// for the device then).
-fn capturing(stream: &CudaStream) -> Result<bool> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
-    Ok(stream.capture_status().w()? != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }
 
 /// Hopper's recommended workspace (cuBLAS documentation).
@@ -327,66 +295,39 @@ impl Lt {
     /// `residual`). In cuBLASLt's column-major terms: D `[n, m]` = op_T(W
     /// stored `[k, n]`) X (stored `[k, m]`) + beta C, the bias broadcast along
     /// D's rows; C is the residual (beta 1) or unused (beta 0).
-    fn matmul(&mut self, dtype: DType, (m, n, k): (usize, usize, usize), g: &Gemm, stream: &std::sync::Arc<CudaStream>) -> Result<()> {
+    fn matmul(&mut self, dtype: DType, (m, n, k): (usize, usize, usize), g: &Gemm, stream: sys::cudaStream_t) -> Result<()> {
         let key = (dtype, m, n, k, g.ldx, g.ldo, g.bias.is_some(), g.residual.is_some());
         if !self.plans.contains_key(&key) {
             let plan = unsafe { self.plan(dtype, (m, n, k), (g.ldx, g.ldo), g.bias)? };
             self.plans.insert(key, plan);
         }
+        let plan = &self.plans[&key];
+        let (alpha, beta) = (1f32, if g.residual.is_some() { 1f32 } else { 0f32 });
         let (ws, _rws) = self.workspace.device_ptr(self.workspace.stream());
-        let handle = self.handle;
-        let plan = self.plans.get_mut(&key).expect("inserted above");
-        if let Some(bias) = g.bias {
-            unsafe { set_desc(plan.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)? };
-        }
-        let raw = stream.cu_stream() as sys::cudaStream_t;
-        // (Every form computes the same output from the same operands, so a
-        // call may run more than once: D = A B + C leaves C as it was.)
-        let run = |plan: &Plan, algo: &sys::cublasLtMatmulAlgo_t| -> Result<()> {
-            let (alpha, beta) = (1f32, if g.residual.is_some() { 1f32 } else { 0f32 });
-            unsafe {
-                result::matmul(
-                    handle,
-                    plan.desc,
-                    &alpha as *const f32 as *const c_void,
-                    &beta as *const f32 as *const c_void,
-                    g.w as *const c_void,
-                    plan.layouts[0],
-                    g.x as *const c_void,
-                    plan.layouts[1],
-                    g.residual.unwrap_or(g.out) as *const c_void,
-                    plan.layouts[2],
-                    g.out as *mut c_void,
-                    plan.layouts[2],
-                    algo,
-                    ws as *mut c_void,
-                    WORKSPACE,
-                    raw,
-                )
-                .map_err(lt_err)
+        unsafe {
+            if let Some(bias) = g.bias {
+                set_desc(plan.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
             }
-        };
-        plan.calls += 1;
-        if plan.calls == TUNE_AFTER && m <= TUNE_MAX_ROWS && plan.candidates.len() > 1 && tuning() && !capturing(stream)? {
-            let timing = Some(candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-            let mut best = (f32::INFINITY, plan.algo);
-            for algo in &plan.candidates {
-                // One untimed call (a candidate may refuse the operands), then ten.
-                if run(plan, algo).is_err() {
-                    continue;
-                }
-                let start = stream.record_event(timing).w()?;
-                for _ in 0..10 {
-                    run(plan, algo)?;
-                }
-                let ms = start.elapsed_ms(&stream.record_event(timing).w()?).w()?;
-                if ms < best.0 {
-                    best = (ms, *algo);
-                }
-            }
-            plan.algo = best.1;
+            result::matmul(
+                self.handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                g.w as *const c_void,
+                plan.layouts[0],
+                g.x as *const c_void,
+                plan.layouts[1],
+                g.residual.unwrap_or(g.out) as *const c_void,
+                plan.layouts[2],
+                g.out as *mut c_void,
+                plan.layouts[2],
+                &plan.algo,
+                ws as *mut c_void,
+                WORKSPACE,
+                stream,
+            )
+            .map_err(lt_err)
         }
-        run(plan, &plan.algo)
     }
 
     unsafe fn plan(&self, dtype: DType, (m, n, k): (usize, usize, usize), (ldx, ldo): (usize, usize), bias: Option<u64>) -> Result<Plan> {
@@ -427,31 +368,9 @@ impl Lt {
         ] {
             set_pref(pref, attr, 16u32)?;
         }
-        let mut found: [sys::cublasLtMatmulHeuristicResult_t; CANDIDATES] = std::mem::zeroed();
-        let mut count = 0i32;
-        let status = sys::cublasLtMatmulAlgoGetHeuristic(
-            self.handle,
-            desc,
-            layouts[0],
-            layouts[1],
-            layouts[2],
-            layouts[2],
-            pref,
-            CANDIDATES as i32,
-            found.as_mut_ptr(),
-            &mut count,
-        );
+        let heuristic = result::get_matmul_algo_heuristic(self.handle, desc, layouts[0], layouts[1], layouts[2], layouts[2], pref);
         result::destroy_matmul_pref(pref).map_err(lt_err)?;
-        status.result().map_err(lt_err)?;
-        let candidates: Vec<_> = found[..count.max(0) as usize]
-            .iter()
-            .filter(|h| h.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && h.workspaceSize <= WORKSPACE)
-            .map(|h| h.algo)
-            .collect();
-        let Some(&algo) = candidates.first() else {
-            return Err(lt_err(format!("no algorithm for a [{m}, {k}] x [{k}, {n}] matmul")));
-        };
-        Ok(Plan { desc, layouts, candidates, algo, calls: 0 })
+        Ok(Plan { desc, layouts, algo: heuristic.map_err(lt_err)?.algo })
     }
 }
 
