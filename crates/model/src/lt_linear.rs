@@ -9,9 +9,10 @@
 //! while the in-process pipeline runs the two tiers on two threads at once.
 //!
 //! Numerics: the epilogue adds the bias to the f32 accumulator and rounds
-//! once, where matmul-then-add rounds twice. f32 runs keep candle's matmul
-//! (cuBLASLt's f32 path would use TF32), so the f32 fixture tests are
-//! untouched; bf16 results move within one rounding.
+//! once, where matmul-then-add rounds twice; bf16 results move within one
+//! rounding. Plain f32 linears keep candle's matmul; the fused layer's two
+//! GEMMs (`linear_into_cols`, `linear_add`) also run here in f32, in full f32
+//! (CUBLAS_COMPUTE_32F, not its TF32 fast mode), held to the f32 fixtures.
 //!
 //! Each thread keeps one cuBLASLt handle and workspace per device and one plan
 //! (descriptors and the heuristic's algorithm) per shape, so a call costs a
