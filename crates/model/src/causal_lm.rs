@@ -92,11 +92,16 @@ impl CausalLm {
     /// [`Self::forward_paged`] with the ids already on the model's device, as
     /// the previous step's argmax left them (they are not checked).
     pub fn forward_paged_ids(&self, ids: &Tensor, pool: &KvPool, pass: &PagedPass, rows: &[u32]) -> Result<Tensor> {
+        self.forward_paged_pick(ids, pool, pass, &Tensor::from_slice(rows, rows.len(), ids.device())?)
+    }
+
+    /// [`Self::forward_paged_ids`] with the rows to pick as a device tensor:
+    /// no host-to-device copy, so a CUDA graph can capture it.
+    pub(crate) fn forward_paged_pick(&self, ids: &Tensor, pool: &KvPool, pass: &PagedPass, pick: &Tensor) -> Result<Tensor> {
         let x = self.embed_in.embedding(ids)?;
         let h = self.stack.forward_paged(&x, pool, pass)?;
-        let pick = Tensor::from_slice(rows, rows.len(), h.device())?;
         // (Through the fused linear: on CUDA in bf16/f16 the cuBLASLt path
         // that every other layer takes.)
-        crate::fused::linear(&self.lm_head, &h.index_select(&pick, 0)?, Epilogue::Bias)
+        crate::fused::linear(&self.lm_head, &h.index_select(pick, 0)?, Epilogue::Bias)
     }
 }

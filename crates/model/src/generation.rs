@@ -288,33 +288,63 @@ fn decode_greedy(m: &CausalLm, sessions: &mut [Session], pool: &mut crate::paged
         // (Nothing to decode: and a CUDA tensor of no elements is an error.)
         return Ok(());
     }
-    let mut ids = Tensor::from_slice(&toks, toks.len(), device)?;
+    // The step's input ids: always on the eager path; with step graphs only
+    // when the batch changed (a replay otherwise feeds itself).
+    let mut ids = Some(Tensor::from_slice(&toks, toks.len(), device)?);
     let mut readbacks = Readbacks::new(device, live.len())?;
+    #[cfg(feature = "cuda")]
+    let mut graphs = match device {
+        candle_core::Device::Cuda(dev) if crate::step_graph::enabled() => {
+            let positions = live.iter().map(|&i| sessions[i].req.prompt.len() + sessions[i].req.stop.max_new_tokens).max().unwrap_or(1);
+            Some(crate::step_graph::StepGraphs::new(dev, live.len(), pool.pages_for(positions))?)
+        }
+        _ => None,
+    };
+    // Whether each step's graph feeds its output to the next replay itself.
+    #[cfg(feature = "cuda")]
+    let fed_back = graphs.is_some();
+    #[cfg(not(feature = "cuda"))]
+    let fed_back = false;
     // The step in flight: its sessions, and which readback holds its tokens.
     let mut in_flight: Option<(Vec<usize>, usize)> = None;
     let mut step = 0;
     while !live.is_empty() {
         // (`live` is ascending, so the filter yields the sessions in its order.)
         let mut seqs: Vec<&mut SeqKv> = sessions.iter_mut().enumerate().filter(|(i, _)| live.binary_search(i).is_ok()).map(|(_, s)| &mut s.kv).collect();
-        let pass = pool.plan(&mut seqs, &vec![1; live.len()], device)?;
-        let rows: Vec<u32> = (0..live.len() as u32).collect();
-        let next = crate::argmax::argmax_rows(&m.forward_paged_ids(&ids, pool, &pass, &rows)?)?;
-        readbacks.start(step % 2, &next)?;
+        let eager;
+        #[allow(unused_mut)]
+        let mut next: Option<&Tensor> = None;
+        #[cfg(feature = "cuda")]
+        if let Some(g) = graphs.as_mut() {
+            next = Some(g.step(m, pool, &mut seqs, ids.take())?);
+        }
+        let next = match next {
+            Some(next) => next,
+            None => {
+                let pass = pool.plan(&mut seqs, &vec![1; live.len()], device)?;
+                let rows: Vec<u32> = (0..live.len() as u32).collect();
+                let input = ids.take().expect("the eager path always has its input");
+                eager = crate::argmax::argmax_rows(&m.forward_paged_ids(&input, pool, &pass, &rows)?)?;
+                &eager
+            }
+        };
+        readbacks.start(step % 2, next)?;
         // Settle the step before this one (done once this one is queued).
         if let Some((was, slot)) = in_flight.replace((live.clone(), step % 2)) {
             settle(sessions, &was, readbacks.finish(slot)?);
         }
         let keep: Vec<usize> = (0..live.len()).filter(|&j| wants(&sessions[live[j]], 1)).collect();
-        ids = if keep.len() == live.len() {
-            next
-        } else if keep.is_empty() {
+        ids = if keep.is_empty() {
             // The loop ends: no rows to select (and a CUDA tensor of no
             // elements fails to allocate: the H200's CUDA_ERROR_INVALID_VALUE
             // when every session stopped at the same step).
-            next
+            None
+        } else if keep.len() == live.len() {
+            // (A graph's replay reads its own last output.)
+            (!fed_back).then(|| next.clone())
         } else {
             let rows: Vec<u32> = keep.iter().map(|&j| j as u32).collect();
-            next.index_select(&Tensor::from_slice(&rows, rows.len(), device)?, 0)?
+            Some(next.index_select(&Tensor::from_slice(&rows, rows.len(), device)?, 0)?)
         };
         live = keep.iter().map(|&j| live[j]).collect();
         step += 1;

@@ -34,6 +34,8 @@ pub mod paged;
 pub mod pinned;
 pub mod prompt;
 pub mod sampling;
+#[cfg(feature = "cuda")]
+mod step_graph;
 pub mod weights;
 
 pub use blockserve_config::{model as config, presets, reference_yaml, ConfigError};

@@ -208,6 +208,25 @@ impl Pinned {
     }
 }
 
+impl Pinned {
+    /// Copy `bytes` into the existing contiguous tensor `t` (of exactly that
+    /// many bytes) on this buffer's stream, staged here: the host does not
+    /// wait for the work queued before the copy, only for this buffer's
+    /// previous copy to have left it.
+    pub fn upload_into(&mut self, bytes: &[u8], t: &Tensor) -> Result<()> {
+        let (to, n) = device_bytes(t)?;
+        if bytes.len() != n || n > self.bytes {
+            return Err(ModelError::Input(format!("{} bytes into a tensor of {n} through a page-locked buffer of {}", bytes.len(), self.bytes)));
+        }
+        self.event.wait()?;
+        // SAFETY: `n` fits the buffer, which no pending copy reads.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, n) }.copy_from_slice(bytes);
+        let from = unsafe { std::slice::from_raw_parts(self.ptr, n) };
+        unsafe { result::memcpy_htod_async(to, from, self.stream) }.map_err(|e| driver_err("cuMemcpyHtoDAsync", e))?;
+        self.record()
+    }
+}
+
 impl Drop for Pinned {
     fn drop(&mut self) {
         // Nothing may still copy into or out of the buffer when it is freed.

@@ -187,6 +187,17 @@ impl KvPool {
     /// (tokens in row order, each row's in position order). Takes pages as needed
     /// and advances every sequence's length.
     pub fn plan(&mut self, seqs: &mut [&mut SeqKv], counts: &[usize], device: &Device) -> Result<PagedPass> {
+        let (index, mut pass) = self.plan_host(seqs, counts, 0)?;
+        let n = index.len();
+        pass.index = Tensor::from_vec(index, n, device)?;
+        Ok(pass)
+    }
+
+    /// [`Self::plan`] without the upload: the index on the host, and the pass
+    /// whose `index` the caller fills in (an empty placeholder here). Page
+    /// tables are at least `min_pages` wide, so that passes of different
+    /// lengths can share one layout (a captured decode step's).
+    pub(crate) fn plan_host(&mut self, seqs: &mut [&mut SeqKv], counts: &[usize], min_pages: usize) -> Result<(Vec<u32>, PagedPass)> {
         if seqs.len() != counts.len() {
             return crate::error::input_err(format!("{} sequences but {} counts", seqs.len(), counts.len()));
         }
@@ -207,7 +218,7 @@ impl KvPool {
             max_keys = max_keys.max(end);
         }
         let tokens: usize = counts.iter().sum();
-        let max_pages = seqs.iter().map(|s| s.pages.len()).max().unwrap_or(0).max(1);
+        let max_pages = seqs.iter().map(|s| s.pages.len()).max().unwrap_or(0).max(min_pages).max(1);
         let ps = self.page_size;
         let mut index = Vec::with_capacity(3 * tokens + seqs.len() * max_pages);
         for (row, (s, &c)) in seqs.iter().zip(counts).enumerate() {
@@ -233,7 +244,7 @@ impl KvPool {
         for (s, &c) in seqs.iter_mut().zip(counts) {
             s.len += c;
         }
-        let n = index.len();
-        Ok(PagedPass { index: Tensor::from_vec(index, n, device)?, tokens, max_pages, max_keys, rows: seqs.len(), groups, page_size: ps, max_group })
+        let placeholder = Tensor::zeros(0, candle_core::DType::U32, &Device::Cpu)?;
+        Ok((index, PagedPass { index: placeholder, tokens, max_pages, max_keys, rows: seqs.len(), groups, page_size: ps, max_group }))
     }
 }
