@@ -141,17 +141,13 @@ pub(super) fn attend_into(
     index: &CudaStorage,
     il: &Layout,
 ) -> Result<()> {
-    #[allow(clippy::too_many_arguments)]
+    // (The storages as (storage, layout) pairs: the buffer written, then the
+    // pool and the index read.)
     fn go<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         op: &PagedAttention,
-        (qkv_col, out_col): (usize, usize),
-        gelu: Option<(usize, usize)>,
-        buf: &mut CudaStorage,
-        bl: &Layout,
-        pool: &CudaStorage,
-        pl: &Layout,
-        index: &CudaStorage,
-        il: &Layout,
+        ((qkv_col, out_col), gelu): ((usize, usize), Option<(usize, usize)>),
+        (buf, bl): (&mut CudaStorage, &Layout),
+        [(pool, pl), (index, il)]: [(&CudaStorage, &Layout); 2],
     ) -> Result<()> {
         let s = op.shape;
         let rows = Rows::of(bl)?;
@@ -170,7 +166,7 @@ pub(super) fn attend_into(
         let io = AttnIo { out: at(out_col), out_ld: rows.ld as i32, qkv: at(qkv_col), qkv_ld: rows.ld as i32, pool: pp, index: ip, act, act_w };
         launch::<T>(op, &dev, &io)
     }
-    dispatch_float!(pool.dtype(), go(op, (qkv_col, out_col), gelu, buf, bl, pool, pl, index, il))
+    dispatch_float!(pool.dtype(), go(op, ((qkv_col, out_col), gelu), (buf, bl), [(pool, pl), (index, il)]))
 }
 
 /// Launch the attention kernel that `op`'s pass takes.
