@@ -2,7 +2,9 @@
 // decoder, vanilla LM). The CPU versions in src/paged/cpu.rs compute the same
 // functions; the fixture tests hold both to the reference.
 //
-// Layouts (all contiguous):
+// Layouts (contiguous within a row; the rows of qkv and out lie `qld` and
+// `old` elements apart, more than their length when both are column ranges
+// of the fused layer's row buffer, src/fused_layer.rs):
 //   qkv   [n, heads, 3, head_dim]   the fused projection, per head [q|k|v]
 //   pool  [slots, 2, heads, head_dim] slot = page * page_size + offset; K then V
 //   index u32: meta [n, 3] = (slot, position, table row) of each new token,
