@@ -137,7 +137,7 @@ impl CustomOp3 for LinearBias {
 /// buffer (its other columns left for other kernels to fill), for the fused
 /// GPT-NeoX layer (`crate::fused_layer`). `x` `[m, k]` may be a column range
 /// of a wider buffer (rows further apart than `k`). CUDA, f32/bf16/f16,
-/// 16-byte aligned rows: the caller checks (`fused_layer::usable`).
+/// 16-byte aligned rows: the caller checks (`FusedLayer::new`'s gate).
 pub(crate) fn linear_into_cols(x: &Tensor, w: &Tensor, bias: &Tensor, width: usize, col: usize) -> Result<Tensor> {
     x.apply_op3_no_bwd(w, bias, &RowGemm { width, col, residual: None })
 }

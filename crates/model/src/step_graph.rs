@@ -91,11 +91,10 @@ impl StepGraphs {
             return Err(ModelError::Input(format!("a session needs {} pages, more than the {} its graph was sized for", pass.max_pages, self.max_pages)));
         }
         pass.max_keys = self.max_pages * pool.page_size();
-        let bytes: Vec<u8> = index.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.warm = None;
         match (&self.current, fresh) {
             (Some(c), None) if c.rows == rows => {
-                self.upload.upload_into(&bytes, &c.index)?;
+                self.upload.upload_into(bytemuck::cast_slice(&index), &c.index)?;
             }
             (_, Some(ids)) => {
                 // A new batch: drop the old graph first (its memory), then a
