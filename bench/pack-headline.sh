@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Pack what bench/headline.sh needs into .dev/pack, small enough to travel with
 # the working tree (the device call carries 64 MiB in all): the engine binary,
-# the CUDA check binaries and step_profile from .dev/bin (bash scripts/pack-cuda.sh first),
+# the CUDA check binaries and step_profile from .dev/bin (bash scripts/pack-cuda.sh first; the
+# load generator and redis-server too when it built them),
 # and ../shared/anchor-kit with its wheels (fetched here) unzipped, which xz
 # packs to 6 MB instead of 15.
 #
@@ -21,6 +22,11 @@ rm -f .dev/pack/*.tar.xz
 for b in blockserve golden batching paged_attention cuda_graph fused_layer step_profile; do
   if [ -e ".dev/bin/$b" ]; then cp ".dev/bin/$b" "$work/bin/"; else xz -dc ".dev/bin/$b.xz" > "$work/bin/$b"; fi
   chmod +x "$work/bin/$b"
+done
+# The load generator and a portable redis-server, when scripts/pack-cuda.sh built them: bench/disagg.sh's
+# one-GPU steps (the block decoder alone, driven over the real link) run from the same pack.
+for b in blockserve-loadtest blockserve-latency-proxy redis-server; do
+  if [ -e ".dev/bin/$b" ]; then cp ".dev/bin/$b" "$work/bin/"; fi
 done
 tar cf - -C "$work" bin | xz -T2 -6 --lzma2=preset=6,dict=384MiB > .dev/pack/bin.tar.xz &
 kit=../shared/anchor-kit
