@@ -26,7 +26,7 @@
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 BIN=${BIN:-.dev/bin}
-for f in "$BIN"/*.xz; do python3 -c "import lzma,sys; open(sys.argv[1][:-3],'wb').write(lzma.open(sys.argv[1]).read())" "$f"; chmod +x "${f%.xz}"; done
+bash bench/unxz-bins.sh "$BIN"
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
 echo "$(nproc) cores"; date -u
 export BS=$PWD/$BIN/blockserve LT=$PWD/$BIN/blockserve-loadtest LP=$PWD/$BIN/blockserve-latency-proxy REDIS_SERVER=$PWD/$BIN/redis-server

@@ -14,7 +14,7 @@
 set -uo pipefail
 BIN=${BIN:-.dev/min}
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-for f in "$BIN"/*.xz; do [ -x "${f%.xz}" ] || { python3 -c "import lzma,sys; open(sys.argv[1][:-3],'wb').write(lzma.open(sys.argv[1]).read())" "$f"; chmod +x "${f%.xz}"; }; done
+bash bench/unxz-bins.sh "$BIN"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 PARTS=${PARTS:-engine routing}
 if [[ " $PARTS " == *" engine "* ]]; then

@@ -17,7 +17,7 @@
 set -uo pipefail
 if [ -n "${BIN:-}" ]; then
   export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-  for f in "$BIN"/*.xz; do [ -x "${f%.xz}" ] || { python3 -c "import lzma,sys; open(sys.argv[1][:-3],'wb').write(lzma.open(sys.argv[1]).read())" "$f"; chmod +x "${f%.xz}"; }; done
+  bash bench/unxz-bins.sh "$BIN"
   export BS=$PWD/$BIN/blockserve LT=$PWD/$BIN/blockserve-loadtest REDIS_SERVER=$PWD/$BIN/redis-server
 fi
 export BLOCK_DECODERS=${BLOCK_DECODERS:-2} BD_ARGS="--prefix-cache true ${BD_ARGS:-}"
