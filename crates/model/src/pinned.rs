@@ -181,10 +181,6 @@ impl Pinned {
                 self.bytes
             )));
         }
-        // The previous upload must have left the buffer.
-        self.event.wait()?;
-        // SAFETY: `bytes.len()` fits the buffer, which no pending copy reads.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, bytes.len()) }.copy_from_slice(bytes);
         let n = shape.elem_count();
         macro_rules! alloc {
             ($t:ty) => {
@@ -200,15 +196,10 @@ impl Pinned {
             d => return Err(ModelError::Input(format!("no page-locked upload for {d:?}"))),
         };
         let t = Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false);
-        let (to, _) = device_bytes(&t)?;
-        let from = unsafe { std::slice::from_raw_parts(self.ptr, bytes.len()) };
-        unsafe { result::memcpy_htod_async(to, from, self.stream) }.map_err(|e| driver_err("cuMemcpyHtoDAsync", e))?;
-        self.record()?;
+        self.upload_into(bytes, &t)?;
         Ok(t)
     }
-}
 
-impl Pinned {
     /// Copy `bytes` into the existing contiguous tensor `t` (of exactly that
     /// many bytes) on this buffer's stream, staged here: the host does not
     /// wait for the work queued before the copy, only for this buffer's
